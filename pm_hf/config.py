@@ -1,0 +1,186 @@
+"""Configuration dataclasses: `PMConfig` (a `TrainingArguments` with the perturbation knobs) and the small
+argument groups for LoRA, the Fisher estimate and the merge. Every field has help text; every check names the
+field, the bad value and the fix, and runs in `__post_init__` (before anything is trained or written)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+PERTURBATIONS = ("task_vector", "gaussian", "none")
+FISHER_MODES = ("per_sample", "batch")
+FISHER_LABELS = ("empirical", "sampled")
+FISHER_NORMALIZE = ("none", "mean")
+ALPHA_GRANULARITIES = ("global", "module")
+
+
+def _bad(name: str, value, fix: str) -> ValueError:
+    return ValueError(f"`{name}` = {value!r} is invalid: {fix}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise _bad(name, value, f"use one of {list(choices)}.")
+
+
+def _check_device(name: str, value) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(name, value, "use a device string such as 'cpu' or 'cuda', or null for the model's device.")
+
+
+@dataclass
+class PMConfig(TrainingArguments):
+    """`TrainingArguments` plus the Perturb-and-Merge perturbation of METHOD.md (stage 1).
+
+    At every optimizer step one branch b in {-1, 0, +1} is drawn with probabilities `perturb_probs` from
+    (seed, task index, step), and the forward/backward runs with the active LoRA adapter's scaling multiplied by
+    (1 + b * perturb_eps). In expectation this trains on L + p * eps^2 * Delta^T H Delta.
+    """
+
+    perturbation: str = field(
+        default="task_vector",
+        metadata={
+            "help": "Perturbation during training: 'task_vector' (P&M: scale the active adapter's delta by 1+b*eps), "
+            "'gaussian' (isotropic noise on the adapter's output delta with the same expected norm, an ablation) "
+            "or 'none' (plain Trainer).",
+            "choices": list(PERTURBATIONS),
+        },
+    )
+    perturb_eps: float = field(
+        default=0.5, metadata={"help": "Perturbation size eps: the branch b runs at theta + b*eps*Delta. >= 0."}
+    )
+    perturb_probs: list[float] = field(
+        default_factory=lambda: [1 / 3, 1 / 3, 1 / 3],
+        metadata={"help": "Probabilities of the branches (b=-1, b=0, b=+1); three non-negative numbers summing to 1."},
+    )
+
+    def __post_init__(self):
+        _check_choice("perturbation", self.perturbation, PERTURBATIONS)
+        if not isinstance(self.perturb_eps, (int, float)) or not math.isfinite(self.perturb_eps) or self.perturb_eps < 0:
+            raise _bad("perturb_eps", self.perturb_eps, "use a finite number >= 0 (METHOD.md default 0.5).")
+        if self.perturb_eps >= 1:
+            raise _bad("perturb_eps", self.perturb_eps, "use eps < 1, otherwise the b=-1 branch flips the adapter's sign.")
+        probs = list(self.perturb_probs) if self.perturb_probs is not None else None
+        if (
+            probs is None
+            or len(probs) != 3
+            or any((not isinstance(p, (int, float))) or p < 0 or not math.isfinite(p) for p in probs)
+            or abs(sum(probs) - 1.0) > 1e-6
+        ):
+            raise _bad(
+                "perturb_probs", self.perturb_probs, "give three non-negative probabilities for (-1, 0, +1) summing to 1."
+            )
+        self.perturb_probs = [float(p) for p in probs]
+        super().__post_init__()
+
+
+@dataclass
+class LoraArguments:
+    """The LoRA adapter trained for every task (a fresh one per task)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the scaling is alpha/r (alpha/sqrt(r) with rsLoRA)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to adapt (suffix match, as in PEFT). null: detected from the model "
+            "(query/value, q_proj/v_proj or c_attn)."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Extra modules trained in full and merged with the same alpha (e.g. ['pooler']). "
+            "The classification head is handled separately and need not be listed."
+        },
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling alpha/sqrt(r)."})
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise _bad("r", self.r, "use a positive integer rank such as 8.")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise _bad("lora_alpha", self.lora_alpha, "use a positive number such as 16.")
+        if not (0 <= self.lora_dropout < 1):
+            raise _bad("lora_dropout", self.lora_dropout, "use a value in [0, 1).")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise _bad(name, value, "give a list of module names, e.g. ['query', 'value'].")
+
+
+@dataclass
+class FisherArguments:
+    """How the diagonal Fisher F_t is estimated at theta*_t (METHOD.md, 'Fisher estimator')."""
+
+    fisher_mode: str = field(
+        default="per_sample",
+        metadata={
+            "help": "'per_sample': mean over samples of the squared per-sample gradient (the empirical Fisher). "
+            "'batch': squared mini-batch gradients times the batch size (cheaper, coarser).",
+            "choices": list(FISHER_MODES),
+        },
+    )
+    fisher_max_samples: int | None = field(
+        default=None, metadata={"help": "Cap on the number of training samples used; null uses the whole task."}
+    )
+    fisher_batch_size: int = field(default=16, metadata={"help": "Batch size of the Fisher pass."})
+    fisher_labels: str = field(
+        default="empirical",
+        metadata={
+            "help": "'empirical': the true labels (default). 'sampled': labels drawn from the model's predictive "
+            "distribution (the true Fisher; keeps curvature on tasks fit to near-zero loss).",
+            "choices": list(FISHER_LABELS),
+        },
+    )
+    fisher_normalize: str = field(
+        default="none",
+        metadata={"help": "'none' or 'mean': rescale each task's Fisher to unit mean before it enters S, G and alpha."},
+    )
+    fisher_device: str | None = field(
+        default=None, metadata={"help": "Where the Fisher is accumulated ('cpu' for large models); null: the model's."}
+    )
+
+    def __post_init__(self):
+        _check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
+        _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
+        _check_choice("fisher_normalize", self.fisher_normalize, FISHER_NORMALIZE)
+        if self.fisher_max_samples is not None and (not isinstance(self.fisher_max_samples, int) or self.fisher_max_samples < 1):
+            raise _bad("fisher_max_samples", self.fisher_max_samples, "use a positive integer, or null for all samples.")
+        if not isinstance(self.fisher_batch_size, int) or self.fisher_batch_size < 1:
+            raise _bad("fisher_batch_size", self.fisher_batch_size, "use a positive integer such as 16.")
+        _check_device("fisher_device", self.fisher_device)
+
+
+@dataclass
+class MergeArguments:
+    """How the new task's adapter is merged into the running model (METHOD.md, stage 2)."""
+
+    merge_method: str = field(
+        default="pm",
+        metadata={"help": "Merge rule from the registry: 'pm' (closed-form alpha) or 'fixed' (alpha = `alpha`)."},
+    )
+    alpha: float = field(default=1.0, metadata={"help": "The alpha of the 'fixed' rule, in [0, 1]."})
+    alpha_clip: bool = field(default=True, metadata={"help": "Clamp the closed-form alpha to [alpha_min, 1]."})
+    alpha_min: float = field(default=0.0, metadata={"help": "Lower bound of alpha when clipping, in [0, 1]."})
+    alpha_granularity: str = field(
+        default="global",
+        metadata={"help": "'global': one alpha per task (default); 'module': one per merged module (ablation)."},
+    )
+    accumulator_device: str | None = field(
+        default=None, metadata={"help": "Where S, G and the fp32 master weights live ('cpu' for large models)."}
+    )
+
+    def __post_init__(self):
+        from .merge import MERGE_RULES  # local: the registry is filled when pm_hf.merge is imported
+
+        _check_choice("merge_method", self.merge_method, sorted(MERGE_RULES))
+        _check_choice("alpha_granularity", self.alpha_granularity, ALPHA_GRANULARITIES)
+        for name in ("alpha", "alpha_min"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
+                raise _bad(name, value, "use a number in [0, 1].")
+        _check_device("accumulator_device", self.accumulator_device)

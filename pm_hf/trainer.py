@@ -1,0 +1,67 @@
+"""`PMTrainer`: a `transformers.Trainer` whose `training_step` runs inside the P&M perturbation.
+
+The override is thin: it draws the step's branch, rescales the active LoRA adapter (or adds the Gaussian-noise
+ablation) and calls `super().training_step`, which does the one forward and one backward. The scaling is restored
+before `training_step` returns, so the optimizer step always sees the unperturbed adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+from transformers import Trainer
+
+from .adapters import gaussian_adapter_noise, scale_active_adapter, task_vector_norm
+from .config import PMConfig
+from .perturb import noise_seed, sample_branch
+
+
+class PMTrainer(Trainer):
+    """`Trainer` with Perturb-and-Merge training (METHOD.md, stage 1).
+
+    Args:
+        *args, **kwargs: as `transformers.Trainer`; `args` must be a `PMConfig`.
+        task_index: 0-based index of the task in the continual sequence (seeds the branch draws).
+    """
+
+    def __init__(self, *args, task_index: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, PMConfig):
+            raise TypeError(f"PMTrainer needs `args` to be a PMConfig, got {type(self.args).__name__}.")
+        if not isinstance(task_index, int) or task_index < 0:
+            raise ValueError(f"`task_index` = {task_index!r} is invalid: use the 0-based index of the task.")
+        self.task_index = task_index
+        self.branch_counts: Counter[int] = Counter()
+        self._counted_step = -1
+
+    def current_branch(self) -> int:
+        """The branch of the current optimizer step (0 when perturbation is off)."""
+        if self.args.perturbation == "none" or self.args.perturb_eps == 0:
+            return 0
+        return sample_branch(self.args.seed, self.task_index, self.state.global_step, self.args.perturb_probs)
+
+    def perturbation(self, branch: int):
+        """Context in which the model is evaluated at the step's perturbed point."""
+        if branch == 0:
+            return contextlib.nullcontext()
+        if self.args.perturbation == "gaussian":
+            seed = noise_seed(self.args.seed, self.task_index, self.state.global_step)
+            return gaussian_adapter_noise(self.model, self.args.perturb_eps, branch, seed)
+        return scale_active_adapter(self.model, 1.0 + branch * self.args.perturb_eps)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        branch = self.current_branch()
+        if self.state.global_step != self._counted_step:  # count once per optimizer step, not per micro-batch
+            self._counted_step = self.state.global_step
+            self.branch_counts[branch] += 1
+        with self.perturbation(branch):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.args.perturbation != "none":
+            logs = dict(logs)
+            for branch, label in ((-1, "minus"), (0, "zero"), (1, "plus")):
+                logs[f"pm/branch_{label}"] = self.branch_counts[branch]
+            logs["pm/delta_norm"] = task_vector_norm(self.model)
+        super().log(logs, *args, **kwargs)
