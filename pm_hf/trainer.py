@@ -8,11 +8,12 @@ before `training_step` returns, so the optimizer step always sees the unperturbe
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 
 from transformers import Trainer
 
-from .adapters import gaussian_adapter_noise, scale_active_adapter, task_vector_norm
+from .adapters import gaussian_adapter_noise, scale_active_adapter, task_vector_norm, unwrap
 from .config import PMConfig
 from .perturb import noise_seed, sample_branch
 
@@ -32,6 +33,11 @@ class PMTrainer(Trainer):
         if not isinstance(task_index, int) or task_index < 0:
             raise ValueError(f"`task_index` = {task_index!r} is invalid: use the 0-based index of the task.")
         self.task_index = task_index
+        if self.model_accepts_loss_kwargs and not _loss_uses_num_items(self.model):
+            # transformers#47688: heads that take **kwargs but compute a plain mean loss (BERT/ViT classifiers)
+            # would otherwise skip the 1/gradient_accumulation_steps normalisation, making batch 4 x accumulation 2
+            # train with twice the gradient of batch 8 x accumulation 1.
+            self.model_accepts_loss_kwargs = False
         self.branch_counts: Counter[int] = Counter()
         self._counted_step = -1
 
@@ -65,3 +71,14 @@ class PMTrainer(Trainer):
                 logs[f"pm/branch_{label}"] = self.branch_counts[branch]
             logs["pm/delta_norm"] = task_vector_norm(self.model)
         super().log(logs, *args, **kwargs)
+
+
+def _loss_uses_num_items(model) -> bool:
+    """Whether the wrapped model's forward passes `num_items_in_batch` on to its loss (via `self.loss_function`)."""
+    base = unwrap(model)
+    base = getattr(base, "get_base_model", lambda: base)()
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return True  # cannot tell: keep the Trainer's own decision
+    return "loss_function" in source or "num_items_in_batch" in source
