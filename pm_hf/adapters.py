@@ -274,15 +274,22 @@ class MergedWeights:
                 raise ValueError(f"merge key {key!r} is neither a LoRA layer nor a parameter of the model.")
         return out
 
-    def apply(self, model: nn.Module, base: Mapping[str, torch.Tensor] | None, deltas: Mapping[str, torch.Tensor],
-              alpha: Mapping[str, float]) -> None:
+    def apply(
+        self,
+        model: nn.Module,
+        base: Mapping[str, torch.Tensor] | None,
+        deltas: Mapping[str, torch.Tensor],
+        alpha: Mapping[str, float],
+    ) -> None:
         """Set each key to base + alpha * delta (base=None: the current model value, or its master copy)."""
         targets = self.targets(model, deltas)  # validate every key before writing any
         for key, delta in deltas.items():
             if key not in alpha or not math.isfinite(alpha[key]):
                 raise ValueError(f"no finite alpha for merge key {key!r}")
             if targets[key].shape != delta.shape:
-                raise ValueError(f"delta for {key!r} has shape {tuple(delta.shape)}, weight {tuple(targets[key].shape)}")
+                raise ValueError(
+                    f"delta for {key!r} has shape {tuple(delta.shape)}, weight {tuple(targets[key].shape)}"
+                )
         with torch.no_grad():
             for key, delta in deltas.items():
                 weight = targets[key]

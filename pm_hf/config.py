@@ -58,10 +58,16 @@ class PMConfig(TrainingArguments):
 
     def __post_init__(self):
         _check_choice("perturbation", self.perturbation, PERTURBATIONS)
-        if not isinstance(self.perturb_eps, (int, float)) or not math.isfinite(self.perturb_eps) or self.perturb_eps < 0:
+        if (
+            not isinstance(self.perturb_eps, (int, float))
+            or not math.isfinite(self.perturb_eps)
+            or self.perturb_eps < 0
+        ):
             raise _bad("perturb_eps", self.perturb_eps, "use a finite number >= 0 (METHOD.md default 0.5).")
         if self.perturb_eps >= 1:
-            raise _bad("perturb_eps", self.perturb_eps, "use eps < 1, otherwise the b=-1 branch flips the adapter's sign.")
+            raise _bad(
+                "perturb_eps", self.perturb_eps, "use eps < 1, otherwise the b=-1 branch flips the adapter's sign."
+            )
         probs = list(self.perturb_probs) if self.perturb_probs is not None else None
         if (
             probs is None
@@ -70,7 +76,9 @@ class PMConfig(TrainingArguments):
             or abs(sum(probs) - 1.0) > 1e-6
         ):
             raise _bad(
-                "perturb_probs", self.perturb_probs, "give three non-negative probabilities for (-1, 0, +1) summing to 1."
+                "perturb_probs",
+                self.perturb_probs,
+                "give three non-negative probabilities for (-1, 0, +1) summing to 1.",
             )
         self.perturb_probs = [float(p) for p in probs]
         super().__post_init__()
@@ -81,7 +89,9 @@ class LoraArguments:
     """The LoRA adapter trained for every task (a fresh one per task)."""
 
     r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the scaling is alpha/r (alpha/sqrt(r) with rsLoRA)."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "LoRA alpha; the scaling is alpha/r (alpha/sqrt(r) with rsLoRA)."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1)."})
     target_modules: list[str] | None = field(
         default=None,
@@ -148,8 +158,12 @@ class FisherArguments:
         _check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
         _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         _check_choice("fisher_normalize", self.fisher_normalize, FISHER_NORMALIZE)
-        if self.fisher_max_samples is not None and (not isinstance(self.fisher_max_samples, int) or self.fisher_max_samples < 1):
-            raise _bad("fisher_max_samples", self.fisher_max_samples, "use a positive integer, or null for all samples.")
+        if self.fisher_max_samples is not None and (
+            not isinstance(self.fisher_max_samples, int) or self.fisher_max_samples < 1
+        ):
+            raise _bad(
+                "fisher_max_samples", self.fisher_max_samples, "use a positive integer, or null for all samples."
+            )
         if not isinstance(self.fisher_batch_size, int) or self.fisher_batch_size < 1:
             raise _bad("fisher_batch_size", self.fisher_batch_size, "use a positive integer such as 16.")
         _check_device("fisher_device", self.fisher_device)
@@ -184,3 +198,90 @@ class MergeArguments:
             if not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
                 raise _bad(name, value, "use a number in [0, 1].")
         _check_device("accumulator_device", self.accumulator_device)
+
+
+SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
+MODEL_TASKS = ("auto", "sequence_classification", "image_classification")
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to fine-tune continually."""
+
+    model_name_or_path: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={"help": "Hub model id or local folder (e.g. 'google/vit-base-patch16-224', a saved model dir)."},
+    )
+    model_task: str = field(
+        default="auto",
+        metadata={"help": "'sequence_classification', 'image_classification' or 'auto' (from the data columns)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Model weights dtype: 'float32' or 'bfloat16'."})
+
+    def __post_init__(self):
+        if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path:
+            raise _bad("model_name_or_path", self.model_name_or_path, "give a Hub model id or a local model folder.")
+        _check_choice("model_task", self.model_task, MODEL_TASKS)
+        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class DataArguments:
+    """The task stream: one dataset split into class groups (class/task-incremental) or one dataset per task."""
+
+    dataset_name: str = field(
+        default="parquet",
+        metadata={
+            "help": "`datasets.load_dataset` path: a Hub id ('cifar100') or a builder ('parquet', 'csv', 'json', "
+            "'imagefolder') used with `data_files`."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
+    data_files: dict[str, str] | None = field(
+        default=None, metadata={"help": "Local files per split, e.g. {train: a.parquet, test: b.parquet}."}
+    )
+    task_datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "One dataset per task (domain/task-incremental): a list of {dataset_name, data_files, "
+            "dataset_config_name} mappings. Overrides class splitting."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Split used for training and the Fisher."})
+    eval_split: str = field(default="test", metadata={"help": "Split used for the accuracy matrix."})
+    text_column: str = field(default="text", metadata={"help": "Text column (sequence classification)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Optional second text column."})
+    image_column: str = field(default="image", metadata={"help": "Image column (image classification)."})
+    label_column: str = field(default="label", metadata={"help": "Integer class label column."})
+    scenario: str = field(
+        default="class_incremental",
+        metadata={
+            "help": "'class_incremental' (predict over all seen classes), 'task_incremental' (task id known: "
+            "predict within the task's classes) or 'domain_incremental' (same labels, new domain per task)."
+        },
+    )
+    num_tasks: int = field(default=5, metadata={"help": "Number of tasks when splitting one dataset by class."})
+    class_groups: list[list[int]] | None = field(
+        default=None, metadata={"help": "Explicit class ids per task, e.g. [[0, 1], [2, 3]]. Overrides num_tasks."}
+    )
+    class_order_seed: int | None = field(
+        default=None, metadata={"help": "Shuffle the class order with this seed before splitting; null: label order."}
+    )
+    max_train_samples_per_class: int | None = field(default=None, metadata={"help": "Cap per class (train)."})
+    max_eval_samples_per_class: int | None = field(default=None, metadata={"help": "Cap per class (eval)."})
+    max_length: int = field(default=128, metadata={"help": "Tokenizer truncation length (text)."})
+
+    def __post_init__(self):
+        _check_choice("scenario", self.scenario, SCENARIOS)
+        if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
+            raise _bad("num_tasks", self.num_tasks, "use a positive integer.")
+        if self.class_groups is not None:
+            flat = [c for group in self.class_groups for c in group]
+            if not self.class_groups or any(not g for g in self.class_groups) or len(flat) != len(set(flat)):
+                raise _bad("class_groups", self.class_groups, "give non-empty, disjoint lists of class ids per task.")
+        for name in ("max_train_samples_per_class", "max_eval_samples_per_class"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise _bad(name, value, "use a positive integer or null.")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise _bad("max_length", self.max_length, "use an integer >= 2, e.g. 128.")

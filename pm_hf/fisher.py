@@ -30,8 +30,12 @@ from .config import FisherArguments
 PerSampleLoss = Callable[[nn.Module, dict], torch.Tensor]
 
 
-def per_sample_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], sample_labels: bool = False,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def per_sample_loss(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    sample_labels: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Loss of every sample in `batch` (shape [B]): CE for classifiers (labels [B]); for causal LMs (labels [B, T],
     -100 = unsupervised) the mean token CE over that sample's supervised tokens, after the usual one-token shift.
     With `sample_labels`, labels are drawn from the model's own predictive distribution at the supervised places."""
@@ -66,8 +70,10 @@ class _Probe:
 
     def _hook(self, module, args, output):
         if self.y is not None:
-            raise ValueError("a module probed for the Fisher ran twice in one forward pass (shared weights); "
-                             "use fisher_mode='batch' or leave that module out of the merge.")
+            raise ValueError(
+                "a module probed for the Fisher ran twice in one forward pass (shared weights); "
+                "use fisher_mode='batch' or leave that module out of the merge."
+            )
         self.x, self.y = args[0], output
 
     def clear(self):
@@ -85,12 +91,16 @@ def _build_probes(model: nn.Module, keys: Sequence[str]) -> dict[str, _Probe]:
         module = lora.get(key) if key in lora else modules.get(mod_name)
         linear_like = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or key in lora
         if module is None or role not in ("weight", "bias") or not linear_like:
-            raise ValueError(f"Fisher key {key!r} is not the weight or bias of a linear (or Conv1D) module; "
-                             "leave it out of the merged parameters.")
+            raise ValueError(
+                f"Fisher key {key!r} is not the weight or bias of a linear (or Conv1D) module; "
+                "leave it out of the merged parameters."
+            )
         wanted.setdefault(mod_name, {})[role] = key
         transpose[mod_name] = bool(getattr(module, "fan_in_fan_out", False)) or type(module).__name__ == "Conv1D"
-    return {name: _Probe(lora.get(f"{name}.weight") or modules[name], roles, transpose[name])
-            for name, roles in wanted.items()}
+    return {
+        name: _Probe(lora.get(f"{name}.weight") or modules[name], roles, transpose[name])
+        for name, roles in wanted.items()
+    }
 
 
 def default_fisher_keys(model: nn.Module) -> list[str]:
@@ -98,8 +108,9 @@ def default_fisher_keys(model: nn.Module) -> list[str]:
     return list(lora_layers(model)) + list(full_trainable_params(model))
 
 
-def _accumulate(probes: dict[str, _Probe], loss_terms: torch.Tensor, per_sample: bool,
-                sums: dict[str, torch.Tensor]) -> None:
+def _accumulate(
+    probes: dict[str, _Probe], loss_terms: torch.Tensor, per_sample: bool, sums: dict[str, torch.Tensor]
+) -> None:
     ys = [p.y for p in probes.values()]
     grads = torch.autograd.grad(loss_terms.sum(), ys, allow_unused=True)
     for probe, g in zip(probes.values(), grads):

