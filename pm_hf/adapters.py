@@ -81,19 +81,17 @@ def attach_lora(model: nn.Module, lora_args: LoraArguments, trainable_modules: l
         use_rslora=lora_args.use_rslora,
         fan_in_fan_out=_uses_conv1d(model, targets),
     )
-    peft_model = get_peft_model(model, config)
     patterns = list(lora_args.modules_to_save or []) + list(trainable_modules or [])
-    if patterns:
-        found = set()
-        for name, module in peft_model.named_modules():
-            rel = strip_prefix(name)
-            if _matches(rel, patterns) and not isinstance(module, LoraLayer):
-                found.update(p for p in patterns if _matches(rel, [p]))
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        missing = [p for p in patterns if p not in found]
-        if missing:
-            raise ValueError(f"`modules_to_save` = {missing} match no module of the model; check the module names.")
+    names = [strip_prefix(n) for n, _ in model.named_modules()]
+    missing = [p for p in patterns if not any(_matches(n, [p]) for n in names)]
+    if missing:  # checked before the model is wrapped, so a bad name changes nothing
+        raise ValueError(f"`modules_to_save` / trainable modules {missing} match no module of the model; "
+                         "check the module names (suffix match, e.g. 'pooler' or 'classifier').")
+    peft_model = get_peft_model(model, config)
+    for name, module in peft_model.named_modules():
+        if patterns and _matches(strip_prefix(name), patterns) and not isinstance(module, LoraLayer):
+            for p in module.parameters():
+                p.requires_grad_(True)
     return peft_model
 
 
