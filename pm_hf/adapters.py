@@ -301,3 +301,62 @@ class MergedWeights:
                 if weight.dtype != torch.float32:
                     self.master[key] = new.to(self.device or weight.device)
                 weight.copy_(new.to(weight.device, weight.dtype))
+
+
+def export_merged_adapter(
+    base_model: nn.Module,
+    history: list[TaskRecord],
+    full_params: Mapping[str, torch.Tensor],
+    save_modules: list[str],
+    out_dir: str,
+) -> PeftModel:
+    """Save sum_i alpha_i s_i B_i A_i as ONE PEFT LoRA adapter of rank sum_i r_i (exact: B = [alpha_i s_i B_i],
+    A = [A_i], scaling 1), with the merged fully trained modules (head, pooler) as `modules_to_save`.
+
+    Args:
+        base_model: a pristine copy of the pretrained model (same architecture and head size).
+        history: the per-task records.
+        full_params: merged values of the fully trained parameters, by merge key.
+        save_modules: module names for `modules_to_save` (they must own every key of `full_params`).
+        out_dir: where `save_pretrained` writes; `PeftModel.from_pretrained(base, out_dir)` loads it.
+    """
+    if not history:
+        raise ValueError("the history is empty: train at least one task before exporting.")
+    keys = list(history[0].A)
+    rank = sum(rec.A[keys[0]].shape[0] for rec in history)
+    targets = sorted({k[: -len(".weight")] for k in keys})
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=targets,
+        modules_to_save=save_modules or None,
+        fan_in_fan_out=history[0].fan_in_fan_out,
+        init_lora_weights=False,
+    )
+    model = get_peft_model(base_model, config)
+    layers = lora_layers(model)
+    if set(layers) != set(keys):
+        raise ValueError(f"the base model's LoRA layers {sorted(layers)[:3]}... differ from the history's keys.")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, layer in layers.items():
+            layer.lora_A["default"].weight.copy_(torch.cat([rec.A[key] for rec in history], 0))
+            layer.lora_B["default"].weight.copy_(
+                torch.cat([rec.alpha[key] * rec.scaling[key] * rec.B[key] for rec in history], 1)
+            )
+        for key, value in full_params.items():
+            matches = [n for n in params if _wrapped_name(n, key)]
+            if len(matches) != 1:
+                raise ValueError(f"fully trained parameter {key!r} is not covered by `modules_to_save`={save_modules}.")
+            params[matches[0]].copy_(value)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def _wrapped_name(param_name: str, key: str) -> bool:
+    """Whether `param_name` is the modules_to_save copy of merge key `key` (wrapper inserted at any depth)."""
+    parts = strip_prefix(param_name).split(".")
+    if "modules_to_save" not in parts:
+        return False
+    i = parts.index("modules_to_save")
+    return ".".join(parts[:i] + parts[i + 2 :]) == key

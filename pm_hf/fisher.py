@@ -169,6 +169,9 @@ def estimate_fisher(
     acc_device = torch.device(args.fisher_device) if args.fisher_device else device
     params = {strip_prefix(n): p for n, p in unwrap(model).named_parameters()}
     lora = lora_layers(model)
+    unknown = [k for k in keys if k not in lora and k not in params]
+    if unknown:
+        raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
     shapes = {k: (lora[k].get_base_layer().weight.shape if k in lora else params[k].shape) for k in keys}
     sums = {k: torch.zeros(shape, dtype=torch.float32, device=acc_device) for k, shape in shapes.items()}
     loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))

@@ -74,3 +74,20 @@ def bert_factory():
 @pytest.fixture
 def llama_factory():
     return tiny_llama
+
+
+def tiny_tokenizer(tmp_dir, texts, max_words: int = 400):
+    """A BERT WordPiece tokenizer whose vocab is the specials, a-z/0-9 and the most frequent words of `texts`."""
+    import re
+    from collections import Counter
+    from pathlib import Path
+
+    from transformers import BertTokenizerFast
+
+    counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower()))
+    chars = [*"abcdefghijklmnopqrstuvwxyz0123456789"]
+    words = [w for w, _ in counts.most_common(max_words) if w not in chars]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,;:()'-", *words]
+    path = Path(tmp_dir) / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab=str(path))  # transformers 5 ignores `vocab_file=`
