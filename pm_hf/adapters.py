@@ -85,8 +85,10 @@ def attach_lora(model: nn.Module, lora_args: LoraArguments, trainable_modules: l
     names = [strip_prefix(n) for n, _ in model.named_modules()]
     missing = [p for p in patterns if not any(_matches(n, [p]) for n in names)]
     if missing:  # checked before the model is wrapped, so a bad name changes nothing
-        raise ValueError(f"`modules_to_save` / trainable modules {missing} match no module of the model; "
-                         "check the module names (suffix match, e.g. 'pooler' or 'classifier').")
+        raise ValueError(
+            f"`modules_to_save` / trainable modules {missing} match no module of the model; "
+            "check the module names (suffix match, e.g. 'pooler' or 'classifier')."
+        )
     peft_model = get_peft_model(model, config)
     for name, module in peft_model.named_modules():
         if patterns and _matches(strip_prefix(name), patterns) and not isinstance(module, LoraLayer):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import set_seed
 
 from . import metrics
 from .adapters import (
@@ -71,7 +72,6 @@ class Run:
 def _task_args(args: PMConfig, out: Path, t: int) -> PMConfig:
     task_args = copy.deepcopy(args)
     task_args.output_dir = str(out / "tasks" / f"task_{t}")
-    task_args.logging_dir = str(out / "runs")
     task_args.save_strategy = "no"
     task_args.eval_strategy = "no"
     return task_args
@@ -304,6 +304,7 @@ def build_run(model_args, data_args, training_args, lora_args, fisher_args, merg
     stream = build_task_stream(
         data_args, processor, seed=training_args.seed, main_process_first=training_args.main_process_first
     )
+    set_seed(training_args.seed)  # the new head's initialisation must not depend on what ran before in the process
     model = load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
     head_name, head = find_head(model, stream.num_classes)
     mask = ClassMask(head, stream.num_classes)
@@ -414,7 +415,12 @@ def evaluate_run(run_dir: str) -> dict:
         raise ValueError(f"`run_dir` = {run_dir!r} has no checkpoint (latest.json); was the run saved?")
     state, weights, _ = loaded
     _restore_weights(run, weights)
-    trainer = PMTrainer(model=run.model, args=_task_args(run.args, out / "evaluate", 0), task_index=0)
+    trainer = PMTrainer(
+        model=run.model,
+        args=_task_args(run.args, out / "evaluate", 0),
+        task_index=0,
+        data_collator=run.stream.collate_fn,
+    )
     t = state.completed - 1
     seen = _eval_classes(run, t)
     row = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]

@@ -91,15 +91,21 @@ def _source_specs(data_args: DataArguments) -> list[dict]:
         specs = []
         for i, entry in enumerate(data_args.task_datasets):
             if not isinstance(entry, dict):
-                raise ValueError(f"`task_datasets[{i}]` = {entry!r} is invalid: give a mapping with keys "
-                                 f"{list(TASK_DATASET_KEYS)}.")
+                raise ValueError(
+                    f"`task_datasets[{i}]` = {entry!r} is invalid: give a mapping with keys {list(TASK_DATASET_KEYS)}."
+                )
             unknown = sorted(set(entry) - set(TASK_DATASET_KEYS))
             if unknown:
-                raise ValueError(f"`task_datasets[{i}]` has unknown keys {unknown}: allowed keys are "
-                                 f"{list(TASK_DATASET_KEYS)}.")
-            specs.append({"dataset_name": entry.get("dataset_name", data_args.dataset_name),
-                          "data_files": entry.get("data_files"),
-                          "dataset_config_name": entry.get("dataset_config_name")})
+                raise ValueError(
+                    f"`task_datasets[{i}]` has unknown keys {unknown}: allowed keys are {list(TASK_DATASET_KEYS)}."
+                )
+            specs.append(
+                {
+                    "dataset_name": entry.get("dataset_name", data_args.dataset_name),
+                    "data_files": entry.get("data_files"),
+                    "dataset_config_name": entry.get("dataset_config_name"),
+                }
+            )
         if data_args.class_groups is not None:
             logger.warning("`class_groups` is ignored: `task_datasets` defines the tasks.")
     for i, spec in enumerate(specs):
@@ -108,8 +114,10 @@ def _source_specs(data_args: DataArguments) -> list[dict]:
             raise ValueError(f"`{name}` = {spec['dataset_name']!r} is invalid: give a Hub id or a builder name.")
         if spec["dataset_name"] in FILE_BUILDERS and not spec["data_files"]:
             files = "data_files" if data_args.task_datasets is None else f"task_datasets[{i}].data_files"
-            raise ValueError(f"`{files}` is missing: the '{spec['dataset_name']}' builder needs local files, "
-                             "e.g. {train: a.parquet, test: b.parquet}.")
+            raise ValueError(
+                f"`{files}` is missing: the '{spec['dataset_name']}' builder needs local files, "
+                "e.g. {train: a.parquet, test: b.parquet}."
+            )
     return specs
 
 
@@ -130,21 +138,27 @@ def _short_name(spec: dict, train_split: str) -> str:
 def _check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str, where: str) -> None:
     for arg, column in names.items():
         if column is not None and column not in ds.column_names:
-            raise ValueError(f"`{arg}` = {column!r} is not a column of the '{split}' split of {where}; columns found: "
-                             f"{ds.column_names}. Set `{arg}` to one of them.")
+            raise ValueError(
+                f"`{arg}` = {column!r} is not a column of the '{split}' split of {where}; columns found: "
+                f"{ds.column_names}. Set `{arg}` to one of them."
+            )
 
 
 def _labels(ds: datasets.Dataset, column: str, split: str, where: str) -> np.ndarray:
     feature = ds.features[column]
     dtype = getattr(feature, "dtype", "")
     if not isinstance(feature, datasets.ClassLabel) and not str(dtype).startswith(("int", "uint")):
-        raise ValueError(f"`label_column` = {column!r} of the '{split}' split of {where} has type {feature}: "
-                         "it must hold integer class ids (an int or ClassLabel column).")
+        raise ValueError(
+            f"`label_column` = {column!r} of the '{split}' split of {where} has type {feature}: "
+            "it must hold integer class ids (an int or ClassLabel column)."
+        )
     labels = np.asarray(ds[column], dtype=np.int64)
     if labels.size and labels.min() < 0:
-        raise ValueError(f"`label_column` = {column!r} of the '{split}' split of {where} holds negative ids "
-                         f"(min {labels.min()}); class ids must lie in [0, num_classes). Unlabelled splits cannot "
-                         "be used as `eval_split`.")
+        raise ValueError(
+            f"`label_column` = {column!r} of the '{split}' split of {where} holds negative ids "
+            f"(min {labels.min()}); class ids must lie in [0, num_classes). Unlabelled splits cannot "
+            "be used as `eval_split`."
+        )
     return labels
 
 
@@ -162,8 +176,10 @@ def _load_source(spec: dict, data_args: DataArguments) -> _Source:
     for arg in ("train_split", "eval_split"):
         split = getattr(data_args, arg)
         if split not in loaded:
-            raise ValueError(f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
-                             f"Set `{arg}` to one of them.")
+            raise ValueError(
+                f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
+                f"Set `{arg}` to one of them."
+            )
         splits[arg] = loaded[split]
     train, evl = splits["train_split"], splits["eval_split"]
     if data_args.text_column in train.column_names:
@@ -172,9 +188,11 @@ def _load_source(spec: dict, data_args: DataArguments) -> _Source:
     elif data_args.image_column in train.column_names:
         modality, inputs = "image", {"image_column": data_args.image_column}
     else:
-        raise ValueError(f"Neither `text_column` = {data_args.text_column!r} nor `image_column` = "
-                         f"{data_args.image_column!r} is a column of the '{data_args.train_split}' split of {where}; "
-                         f"columns found: {train.column_names}. Set `text_column` (text) or `image_column` (images).")
+        raise ValueError(
+            f"Neither `text_column` = {data_args.text_column!r} nor `image_column` = "
+            f"{data_args.image_column!r} is a column of the '{data_args.train_split}' split of {where}; "
+            f"columns found: {train.column_names}. Set `text_column` (text) or `image_column` (images)."
+        )
     for ds, split in ((train, data_args.train_split), (evl, data_args.eval_split)):
         _check_columns(ds, {**inputs, "label_column": data_args.label_column}, split, where)
     train_labels = _labels(train, data_args.label_column, data_args.train_split, where)
@@ -208,15 +226,19 @@ def _class_groups(data_args: DataArguments, present: list[int], where: str) -> l
             raise ValueError(f"`class_groups` = {groups!r} is invalid: class ids must be integers.")
         missing = sorted(set(flat) - set(present))
         if missing:
-            raise ValueError(f"`class_groups` = {groups!r} names class ids {missing} that are not in the "
-                             f"'{data_args.train_split}' split of {where}; classes found: {present}.")
+            raise ValueError(
+                f"`class_groups` = {groups!r} names class ids {missing} that are not in the "
+                f"'{data_args.train_split}' split of {where}; classes found: {present}."
+            )
         return [sorted(int(c) for c in group) for group in groups]
     order = np.asarray(present)
     if data_args.class_order_seed is not None:
         order = np.random.default_rng(data_args.class_order_seed).permutation(order)
     if data_args.num_tasks > len(order):
-        raise ValueError(f"`num_tasks` = {data_args.num_tasks} is larger than the {len(order)} classes of {where}: "
-                         "use at most one task per class.")
+        raise ValueError(
+            f"`num_tasks` = {data_args.num_tasks} is larger than the {len(order)} classes of {where}: "
+            "use at most one task per class."
+        )
     return [sorted(g.tolist()) for g in np.array_split(order, data_args.num_tasks)]
 
 
@@ -323,11 +345,15 @@ def _check_processor(processor, modality: str) -> None:
         if processor is None or not callable(processor):
             raise ValueError("Text data needs a tokenizer as `processor` (got None).")
         if getattr(processor, "pad_token", None) is None:
-            raise ValueError("The tokenizer has no pad token, so batches cannot be padded: set "
-                             "`tokenizer.pad_token` (e.g. to `tokenizer.eos_token`) before building the stream.")
+            raise ValueError(
+                "The tokenizer has no pad token, so batches cannot be padded: set "
+                "`tokenizer.pad_token` (e.g. to `tokenizer.eos_token`) before building the stream."
+            )
     elif processor is not None and not callable(processor):
-        raise ValueError(f"`processor` = {processor!r} is not an image processor: give one, or None for the "
-                         "built-in [0, 1] float transform.")
+        raise ValueError(
+            f"`processor` = {processor!r} is not an image processor: give one, or None for the "
+            "built-in [0, 1] float transform."
+        )
 
 
 def build_task_stream(
@@ -364,8 +390,10 @@ def build_task_stream(
             src = sources[plan.source_index]
             splits = {}
             for code, (ds, labels, cap) in enumerate(
-                ((src.train, src.train_labels, data_args.max_train_samples_per_class),
-                 (src.eval, src.eval_labels, data_args.max_eval_samples_per_class))
+                (
+                    (src.train, src.train_labels, data_args.max_train_samples_per_class),
+                    (src.eval, src.eval_labels, data_args.max_eval_samples_per_class),
+                )
             ):
                 rows = _select(labels, plan.local_classes, cap, [seed, plan.source_index, code])
                 desc = f"Preparing task {t} ({'train' if code == 0 else 'eval'})"

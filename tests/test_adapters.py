@@ -196,8 +196,9 @@ def test_scale_active_adapter_scales_delta_and_restores_exactly():
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_task_vector_norm_matches_dense_frobenius(family):
     model = _wrapped(family, scale=0.3)
-    dense = math.sqrt(sum(float(lora_delta(layer, "default").double().pow(2).sum())
-                          for layer in lora_layers(model).values()))
+    dense = math.sqrt(
+        sum(float(lora_delta(layer, "default").double().pow(2).sum()) for layer in lora_layers(model).values())
+    )
     assert dense > 0
     assert task_vector_norm(model) == pytest.approx(dense, rel=1e-6)
     reset_adapter(model)

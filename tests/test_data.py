@@ -23,8 +23,11 @@ def write_text(folder: Path, n_classes: int, n_train: int = 6, n_test: int = 3, 
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        rows = [{"text": " ".join(rng.choice(WORDS, size=rng.integers(1, 9))), "label": c}
-                for c in range(n_classes) for _ in range(n)]
+        rows = [
+            {"text": " ".join(rng.choice(WORDS, size=rng.integers(1, 9))), "label": c}
+            for c in range(n_classes)
+            for _ in range(n)
+        ]
         if names is not None:
             rows = [{**r, "label_name": names[r["label"]]} for r in rows]
         files[split] = str(folder / f"{split}.parquet")
@@ -44,8 +47,9 @@ def labels_of(ds) -> np.ndarray:
 
 def test_wordnet_class_split_caps_and_global_labels(tok):
     files = {s: str(WORDNET / f"{s}.parquet") for s in ("train", "test")}
-    args = DataArguments(data_files=files, num_tasks=5, max_train_samples_per_class=8, max_eval_samples_per_class=4,
-                         max_length=24)
+    args = DataArguments(
+        data_files=files, num_tasks=5, max_train_samples_per_class=8, max_eval_samples_per_class=4, max_length=24
+    )
     stream = build_task_stream(args, tok, seed=0)
     assert stream.modality == "text" and stream.num_classes == 10
     assert stream.label_names[:3] == ["act", "animal", "artifact"]
@@ -60,8 +64,11 @@ def test_wordnet_class_split_caps_and_global_labels(tok):
         assert max(len(x) for x in task.train["input_ids"]) <= 24
     # rows are the raw rows with their own labels: re-tokenizing the raw text of the selected rows matches
     first = stream.tasks[3].train[0]
-    match = [i for i, text in enumerate(raw.text) if tok(text, truncation=True, max_length=24)["input_ids"]
-             == first["input_ids"].tolist()]
+    match = [
+        i
+        for i, text in enumerate(raw.text)
+        if tok(text, truncation=True, max_length=24)["input_ids"] == first["input_ids"].tolist()
+    ]
     assert match and raw.label[match[0]] == first["labels"].item() == 6
     again = build_task_stream(args, tok, seed=0)
     other = build_task_stream(args, tok, seed=1)
@@ -78,7 +85,10 @@ def test_class_order_seed_and_explicit_groups(tok, tmp_path):
     assert sorted(c for g in groups for c in g) == list(range(7))
     assert groups != [[0, 1, 2], [3, 4], [5, 6]]
     assert [t.classes for t in build_task_stream(DataArguments(data_files=files, num_tasks=3), tok).tasks] == [
-        [0, 1, 2], [3, 4], [5, 6]]
+        [0, 1, 2],
+        [3, 4],
+        [5, 6],
+    ]
     stream = build_task_stream(DataArguments(data_files=files, class_groups=[[5, 1], [3]]), tok)
     assert stream.num_classes == 7 and stream.label_names == [str(c) for c in range(7)]
     assert [t.classes for t in stream.tasks] == [[1, 5], [3]]
@@ -95,10 +105,18 @@ def test_task_incremental_offsets_and_domain_incremental_keeps(tok, tmp_path):
     assert [t.classes for t in stream.tasks] == [[0, 1, 2], [3, 4]]
     assert stream.tasks[1].name == "task_1: 0, 1"
     assert sorted(set(labels_of(stream.tasks[1].train))) == [3, 4] and sorted(set(labels_of(stream.tasks[1].eval))) == [
-        3, 4]
+        3,
+        4,
+    ]
     c = write_text(tmp_path / "c", 3, seed=2)
-    domain = build_task_stream(DataArguments(task_datasets=[{"data_files": a}, {"data_files": c}],
-                                             scenario="domain_incremental", max_train_samples_per_class=2), tok)
+    domain = build_task_stream(
+        DataArguments(
+            task_datasets=[{"data_files": a}, {"data_files": c}],
+            scenario="domain_incremental",
+            max_train_samples_per_class=2,
+        ),
+        tok,
+    )
     assert domain.num_classes == 3 and domain.label_names == ["red", "green", "blue"]
     assert [t.classes for t in domain.tasks] == [[0, 1, 2], [0, 1, 2]]
     assert domain.tasks[1].name == f"task_1: {c['train']}"
@@ -142,8 +160,9 @@ def test_image_parquet_and_imagefolder(tmp_path):
     assert torch.allclose(batch["pixel_values"][0, 0], torch.from_numpy(raw))
     assert batch["labels"].tolist() == [2, 2, 2, 3, 3, 3] == labels_of(task.train).tolist()
     folder = {s: str(tmp_path / "imf" / s / "**") for s in ("train", "test")}
-    stream = build_task_stream(DataArguments(dataset_name="imagefolder", data_files=folder, class_groups=[[2], [0, 1]]),
-                               None)
+    stream = build_task_stream(
+        DataArguments(dataset_name="imagefolder", data_files=folder, class_groups=[[2], [0, 1]]), None
+    )
     assert stream.label_names == ["cat", "dog", "owl"] and stream.tasks[0].name == "task_0: owl"
     batch = stream.collate_fn([stream.tasks[1].eval[i] for i in range(4)])
     pixels = batch["pixel_values"]

@@ -25,14 +25,28 @@ def make_model(seed=0, random_lora=True):
 def make_data(n=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return Dataset.from_dict(
-        {"input_ids": torch.randint(3, 64, (n, 8), generator=g).tolist(), "labels": torch.randint(0, 3, (n,), generator=g).tolist()}
+        {
+            "input_ids": torch.randint(3, 64, (n, 8), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (n,), generator=g).tolist(),
+        }
     )
 
 
 def make_args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-2,
-                report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1, seed=7,
-                data_seed=7, dataloader_num_workers=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=7,
+        data_seed=7,
+        dataloader_num_workers=0,
+    )
     base.update(kw)
     return PMConfig(**base)
 
@@ -56,7 +70,9 @@ def test_one_forward_one_backward_per_micro_batch(tmp_path):
     model.register_forward_hook(lambda *a: counts.update(["forward"]))
     classifier = model.base_model.model.classifier
     classifier.register_full_backward_hook(lambda *a: counts.update(["backward"]))
-    args = make_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, perturb_probs=[0.5, 0, 0.5])
+    args = make_args(
+        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, perturb_probs=[0.5, 0, 0.5]
+    )
     PMTrainer(model=model, args=args, train_dataset=make_data(16)).train()
     assert counts["forward"] == 8 and counts["backward"] == 8  # 16 samples / batch 2 = 8 micro-batches
 
@@ -85,14 +101,17 @@ class CheckingTrainer(PMTrainer):
         out = super().training_step(model, inputs, num_items_in_batch)
         after = trainable_state(self.model)
         self.violations += [n for n in before if not torch.equal(before[n], after[n])]
-        self.violations += ["scaling"] * (scalings != [dict(layer.scaling) for layer in lora_layers(self.model).values()])
+        self.violations += ["scaling"] * (
+            scalings != [dict(layer.scaling) for layer in lora_layers(self.model).values()]
+        )
         return out
 
 
 def test_weights_and_scaling_untouched_by_training_step(tmp_path):
     model = make_model()
-    trainer = CheckingTrainer(model=model, args=make_args(tmp_path, perturb_probs=[0.5, 0.0, 0.5]),
-                              train_dataset=make_data())
+    trainer = CheckingTrainer(
+        model=model, args=make_args(tmp_path, perturb_probs=[0.5, 0.0, 0.5]), train_dataset=make_data()
+    )
     trainer.violations = []
     start = trainable_state(model)
     trainer.train()
@@ -105,8 +124,9 @@ def test_weights_and_scaling_untouched_by_training_step(tmp_path):
 def test_gradient_equals_hand_scaled_loss(tmp_path, branch, probs):
     eps = 0.5
     model = make_model()
-    trainer = PMTrainer(model=model, args=make_args(tmp_path, perturb_eps=eps, perturb_probs=probs),
-                        train_dataset=make_data())
+    trainer = PMTrainer(
+        model=model, args=make_args(tmp_path, perturb_eps=eps, perturb_probs=probs), train_dataset=make_data()
+    )
     batch = {"input_ids": torch.tensor(make_data(4)["input_ids"]), "labels": torch.tensor(make_data(4)["labels"])}
     assert trainer.current_branch() == branch
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; training_step is called directly here
@@ -136,8 +156,13 @@ def test_gradient_accumulation_matches_larger_batch(tmp_path):
     finals = []
     for bs, ga in ((8, 1), (4, 2)):
         model = make_model()
-        args = make_args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, num_train_epochs=3,
-                         perturb_probs=[0.4, 0.2, 0.4])
+        args = make_args(
+            tmp_path,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            num_train_epochs=3,
+            perturb_probs=[0.4, 0.2, 0.4],
+        )
         trainer = PMTrainer(model=model, args=args, train_dataset=make_data(16))
         trainer.train()
         finals.append((trainable_state(model), dict(trainer.branch_counts)))
@@ -161,8 +186,11 @@ def test_branch_frequencies_and_determinism():
 
 def test_gaussian_ablation_trains_and_restores(tmp_path):
     model = make_model()
-    trainer = CheckingTrainer(model=model, args=make_args(tmp_path, perturbation="gaussian", perturb_probs=[0.5, 0, 0.5]),
-                              train_dataset=make_data())
+    trainer = CheckingTrainer(
+        model=model,
+        args=make_args(tmp_path, perturbation="gaussian", perturb_probs=[0.5, 0, 0.5]),
+        train_dataset=make_data(),
+    )
     trainer.violations = []
     trainer.train()
     assert trainer.violations == []

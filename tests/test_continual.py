@@ -1,0 +1,230 @@
+"""The continual loop end to end on a tiny BERT and the real WordNet data: outputs, head invariants, the exported
+adapter, resume after a stop and after a crash mid-task, TensorBoard logging and re-evaluation."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_tokenizer
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, TrainerCallback
+
+from pm_hf.adapters import full_trainable_params
+from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from pm_hf.continual import build_run, evaluate_run, run_continual
+
+DATA = Path(__file__).parent.parent / "data" / "wordnet_supersense10"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny_bert")
+    tok = tiny_tokenizer(tmp, pd.read_parquet(DATA / "train.parquet")["text"].tolist()[:2000])
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    return str(tmp / "model")
+
+
+def groups(model_dir, out, **kw):
+    data = dict(
+        dataset_name="parquet",
+        data_files={"train": str(DATA / "train.parquet"), "test": str(DATA / "test.parquet")},
+        class_groups=[[0, 1], [2, 3], [4, 5]],
+        max_train_samples_per_class=16,
+        max_eval_samples_per_class=8,
+        max_length=24,
+    )
+    train = dict(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=2,
+        seed=3,
+    )
+    merge = {}
+    for key in list(kw):
+        if key in ("merge_method", "alpha"):
+            merge[key] = kw.pop(key)
+        elif key in DataArguments.__dataclass_fields__:
+            data[key] = kw.pop(key)
+    train.update(kw)
+    return (
+        ModelArguments(model_name_or_path=model_dir),
+        DataArguments(**data),
+        PMConfig(**train),
+        LoraArguments(r=4, modules_to_save=["pooler"]),
+        FisherArguments(fisher_max_samples=24),
+        MergeArguments(**merge),
+    )
+
+
+def numbers(results):
+    return {k: results[k] for k in ("accuracy_matrix", "alphas", "alphas_raw", "pre_merge_acc", "acc", "aaa")}
+
+
+def saved_weights(out):
+    latest = json.loads((Path(out) / "latest.json").read_text())["checkpoint"]
+    return {
+        k: v for k, v in load_file(str(Path(out) / latest / "state.safetensors")).items() if k.startswith("weights/")
+    }
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    return out, run_continual(*groups(model_dir, out)), None
+
+
+def test_outputs_and_alpha(full_run):
+    out, results, _ = full_run
+    for key in (
+        "tasks",
+        "accuracy_matrix",
+        "acc",
+        "aaa",
+        "bwt",
+        "forgetting",
+        "alphas",
+        "alphas_raw",
+        "pre_merge_acc",
+        "timings",
+        "config",
+    ):
+        assert key in results
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["accuracy_matrix"] == results["accuracy_matrix"]
+    assert results["alphas"][0] == 1.0 and results["alphas_raw"][0] == pytest.approx(1.0, abs=1e-9)
+    assert all(0.0 <= a <= 1.0 for a in results["alphas"])
+    assert [len([v for v in row if v is not None]) for row in results["accuracy_matrix"]] == [1, 2, 3]
+    assert set(results["timings"][0]) == {"train", "fisher", "merge", "eval"}
+    for name in ("accuracy_matrix.png", "accuracy_curve.png", "merged_adapter/adapter_config.json"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_old_head_rows_bit_identical_and_adapter_roundtrip(model_dir, tmp_path):
+    args = groups(model_dir, tmp_path / "run")
+    rows_after = []
+
+    def snapshot(t, entry):
+        params = full_trainable_params(run_holder["run"].model)
+        rows_after.append({k: v.detach().clone() for k, v in params.items() if k.startswith("classifier")})
+
+    run_holder = {}
+    import pm_hf.continual as continual
+
+    original = continual.build_run
+    continual.build_run = lambda *a: run_holder.setdefault("run", original(*a))
+    try:
+        run_continual(*args, task_callbacks=[snapshot])
+    finally:
+        continual.build_run = original
+    for t in range(1, 3):  # rows of classes of earlier tasks never change afterwards
+        old = [c for g in ([0, 1], [2, 3], [4, 5])[:t] for c in g]
+        for key in rows_after[0]:
+            assert torch.equal(rows_after[t][key][old], rows_after[t - 1][key][old]), (t, key)
+        new = ([0, 1], [2, 3], [4, 5])[t]
+        assert not torch.equal(rows_after[t]["classifier.weight"][new], rows_after[t - 1]["classifier.weight"][new])
+
+    # the exported adapter reproduces the merged model's logits
+    run = run_holder["run"]
+    run.mask.set_active(None)
+    batch = run.stream.collate_fn([run.stream.tasks[0].eval[i] for i in range(4)])
+    batch.pop("labels")
+    run.model.eval()
+    expected = run.model(**batch).logits
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=run.stream.num_classes, ignore_mismatched_sizes=True
+    )
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "merged_adapter")).eval()
+    torch.testing.assert_close(loaded(**batch).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+class CrashAt(TrainerCallback):
+    """Raises in the middle of the given task's training (simulates a kill)."""
+
+    def __init__(self, trainer_count_to_crash: int):
+        self.calls, self.target = 0, trainer_count_to_crash
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.calls += 1
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.calls == self.target and state.global_step == 2:
+            raise KeyboardInterrupt("simulated kill in the middle of task 3")
+
+
+def test_resume_after_stop_and_after_crash_matches_uninterrupted(model_dir, tmp_path, full_run):
+    ref_out, ref, _ = full_run
+    ref_weights = saved_weights(ref_out)
+
+    out = tmp_path / "stopped"
+    run_continual(*groups(model_dir, out), stop_after=2)
+    assert json.loads((out / "latest.json").read_text())["completed"] == 2
+    resumed = run_continual(*groups(model_dir, out), resume=True)
+    assert numbers(resumed) == numbers(ref)
+
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(*groups(model_dir, out), callbacks=[CrashAt(3)])
+    assert json.loads((out / "latest.json").read_text())["completed"] == 2  # task 3's state never half-written
+    resumed = run_continual(*groups(model_dir, out), resume=True)
+    assert numbers(resumed) == numbers(ref)
+    for key, value in saved_weights(out).items():
+        assert torch.equal(value, ref_weights[key]), key
+
+
+def test_evaluate_run_reproduces_last_row(full_run):
+    out, results, _ = full_run
+    again = evaluate_run(str(out))
+    assert again["last_row"] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-9)
+    assert again["acc"] == pytest.approx(results["acc"], abs=1e-9)
+
+
+def test_fixed_alpha_and_tensorboard(model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = groups(
+        model_dir,
+        tmp_path,
+        merge_method="fixed",
+        alpha=1.0,
+        perturbation="none",
+        report_to=["tensorboard"],
+        class_groups=[[0, 1], [2, 3]],
+    )
+    results = run_continual(*args)
+    assert results["alphas"] == [1.0, 1.0]
+    assert results["branch_counts"][0] == {"0": 4}  # 32 samples / batch 8, every step unperturbed
+    tags = set()
+    for events in tmp_path.rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/continual/alpha", "train/continual/acc_seen", "train/loss"} <= tags, sorted(tags)
+
+
+def test_build_run_rejects_bad_modules(model_dir, tmp_path):
+    args = list(groups(model_dir, tmp_path))
+    args[3] = LoraArguments(r=4, modules_to_save=["no_such_module"])
+    with pytest.raises(ValueError, match="no_such_module"):
+        build_run(*args)
+    assert not (tmp_path / "latest.json").exists()
