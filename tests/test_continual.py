@@ -228,3 +228,72 @@ def test_build_run_rejects_bad_modules(model_dir, tmp_path):
     with pytest.raises(ValueError, match="no_such_module"):
         build_run(*args)
     assert not (tmp_path / "latest.json").exists()
+
+
+def test_cli_train_then_evaluate(model_dir, tmp_path, capsys):
+    from pm_hf.cli import main
+
+    config = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
+    files = json.dumps({"train": str(DATA / "train.parquet"), "test": str(DATA / "test.parquet")})
+    out = tmp_path / "cli_run"
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--model_name_or_path",
+            model_dir,
+            "--data_files",
+            files,
+            "--output_dir",
+            str(out),
+            "--disable_tqdm",
+            "true",
+        ]
+    )
+    assert code in (0, None)
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["accuracy_matrix"]) == 2 and "ACC" in printed and "alpha" in printed.lower()
+    assert main(["evaluate", str(out)]) in (0, None)
+    assert f"{100 * results['acc']:.1f}" in capsys.readouterr().out
+
+
+def test_image_classification_loop_on_digits(tmp_path):
+    """A tiny ViT through the whole loop on scikit-learn's digits (8x8, real data shipped with scikit-learn)."""
+    from sklearn.datasets import load_digits
+    from transformers import ViTConfig, ViTForImageClassification
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype("float32")[:, None]  # [N, 1, 8, 8] in [0, 1]
+    frame = pd.DataFrame({"image": [img.tolist() for img in images], "label": digits.target})
+    frame.iloc[::5].to_parquet(tmp_path / "test.parquet")
+    frame.drop(frame.index[::5]).to_parquet(tmp_path / "train.parquet")
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        num_labels=2,
+    )
+    ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    args = list(
+        groups(
+            str(tmp_path / "vit"),
+            tmp_path / "out",
+            class_groups=[[0, 1], [2, 3]],
+            num_train_epochs=4,
+            max_train_samples_per_class=64,
+            learning_rate=5e-2,
+            data_files={"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")},
+        )
+    )
+    args[0] = ModelArguments(model_name_or_path=str(tmp_path / "vit"), model_task="image_classification")
+    args[3] = LoraArguments(r=2)
+    results = run_continual(*args)
+    assert results["alphas"][0] == 1.0 and len(results["accuracy_matrix"]) == 2
+    assert results["pre_merge_acc"][0] > 0.5  # 2 digit classes are easy: the adapter and head learned something
