@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -349,6 +350,13 @@ def run_continual(
     Returns:
         The results dict written to `output_dir/results.json`.
     """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise ValueError(
+            f"launched with WORLD_SIZE={launched} processes but the training arguments see world_size="
+            f"{training_args.world_size}: every process would train alone and write the same files. On a machine "
+            "without a GPU set `use_cpu: true` (gloo backend)."
+        )
     run = build_run(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
     config = config_dict(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
     state = ContinualState()

@@ -297,3 +297,11 @@ def test_image_classification_loop_on_digits(tmp_path):
     results = run_continual(*args)
     assert results["alphas"][0] == 1.0 and len(results["accuracy_matrix"]) == 2
     assert results["pre_merge_acc"][0] > 0.5  # 2 digit classes are easy: the adapter and head learned something
+
+
+def test_multi_process_launch_without_distributed_args_fails_before_writing(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = groups(model_dir, tmp_path / "out")
+    with pytest.raises(ValueError, match="use_cpu"):
+        run_continual(*args)
+    assert not (tmp_path / "out").exists()
