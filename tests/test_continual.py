@@ -300,8 +300,9 @@ def test_image_classification_loop_on_digits(tmp_path):
 
 
 def test_multi_process_launch_without_distributed_args_fails_before_writing(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
     args = groups(model_dir, tmp_path / "out")
+    assert args[2].world_size == 1  # the arguments resolved their devices as one process...
+    monkeypatch.setenv("WORLD_SIZE", "2")  # ...but the launcher started two
     with pytest.raises(ValueError, match="use_cpu"):
         run_continual(*args)
     assert not (tmp_path / "out").exists()
