@@ -238,3 +238,25 @@ def _pm_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
 def _fixed_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
     choice = AlphaChoice(float(ctx.alpha), float(ctx.alpha))
     return {k: choice for k in ctx.deltas}
+
+
+@register_merge_rule(
+    "seq-merge", needs_fisher=False, reference="sequential LoRA merged with alpha=1 (the paper's 'LoRA' row)"
+)
+def _seq_merge_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
+    return {k: AlphaChoice(1.0, 1.0) for k in ctx.deltas}
+
+
+@register_merge_rule(
+    "average", needs_fisher=False, reference="model averaging: theta_hat_t = mean of theta*_i (alpha_t = 1/t)"
+)
+def _average_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
+    a = 1.0 / ctx.task_index
+    return {k: AlphaChoice(a, a) for k in ctx.deltas}
+
+
+@register_merge_rule(
+    "coma", needs_fisher=False, reference="CoMA (Marouf et al. 2023): fixed-weight interpolation, alpha = `alpha`"
+)
+def _coma_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
+    return _fixed_rule(ctx)
