@@ -137,6 +137,8 @@ def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: T
         )
         fisher = normalize_fisher(fisher, run.fisher_args.fisher_normalize)
         seconds = time.perf_counter() - start
+    start = time.perf_counter()  # alpha selection counts as merge time (results.json `timings.merge`)
+    if rule.needs_fisher:
         if not state.S:
             device = run.merge_args.accumulator_device
             state.S, state.G = zeros_like_dict(deltas, device), zeros_like_dict(deltas, device)
@@ -153,7 +155,7 @@ def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: T
         run.merge_args.alpha_granularity,
     )
     choices = rule.fn(ctx)
-    return fisher, terms, choices, seconds
+    return fisher, terms, choices, seconds, time.perf_counter() - start
 
 
 def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
@@ -184,7 +186,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     full_deltas = _full_deltas(run, before, task, seen_before)
     deltas = {**lora_deltas, **full_deltas}
     merge_s0 = time.perf_counter() - start
-    fisher, terms, choices, fisher_s = _choose_alpha(run, state, deltas, t, task, trainer)
+    fisher, terms, choices, fisher_s, alpha_s = _choose_alpha(run, state, deltas, t, task, trainer)
     start = time.perf_counter()
     alpha = {k: c.alpha for k, c in choices.items()}
     if fisher is not None:
@@ -197,7 +199,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         for layer in lora_layers(run.model).values():
             for name in layer.active_adapters:
                 layer.lora_B[name].weight.zero_()
-    merge_s = merge_s0 + time.perf_counter() - start
+    merge_s = merge_s0 + alpha_s + time.perf_counter() - start
 
     start = time.perf_counter()
     seen = _eval_classes(run, t)
