@@ -1,6 +1,8 @@
 """Continual state and its atomic checkpoint: everything needed to continue after task t (merged weights of the
-adapted modules, fully trained parameters and head, S and G, the (alpha, A, B, s) history, the score matrices, RNG
-states and the config). Tensors go to safetensors, the rest to JSON; a checkpoint folder is written under a temporary
+adapted modules, fully trained parameters and head, S and G, the score matrices, RNG states and the config). Its
+size does not grow with the number of tasks. Each task's (alpha, A, B, s) record, needed only for the exact
+rank-sum(r) export, is written once to `adapters/task_<t>.safetensors` (an append-only log, never held in memory).
+Tensors go to safetensors, the rest to JSON; a checkpoint folder is written under a temporary
 name and renamed, then `latest.json` is replaced atomically, so an interruption never leaves a half-written state."""
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ class ContinualState:
     completed: int = 0
     S: dict[str, torch.Tensor] = field(default_factory=dict)
     G: dict[str, torch.Tensor] = field(default_factory=dict)
-    history: list[TaskRecord] = field(default_factory=list)
     log: dict[str, list] = field(default_factory=dict)  # per-task lists: R, R_til, alphas, timings, ...
 
 
@@ -57,16 +58,10 @@ def save_checkpoint(out_dir: Path, state: ContinualState, weights: dict[str, tor
     tensors = {f"weights/{k}": v.detach().float().cpu().contiguous() for k, v in weights.items()}
     tensors.update({f"S/{k}": v.cpu().contiguous() for k, v in state.S.items()})
     tensors.update({f"G/{k}": v.cpu().contiguous() for k, v in state.G.items()})
-    meta_history = []
-    for i, rec in enumerate(state.history):
-        tensors.update({f"history/{i}/A/{k}": v.contiguous() for k, v in rec.A.items()})
-        tensors.update({f"history/{i}/B/{k}": v.contiguous() for k, v in rec.B.items()})
-        meta_history.append({"alpha": rec.alpha, "scaling": rec.scaling, "fan_in_fan_out": rec.fan_in_fan_out})
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {
         "completed": state.completed,
         "log": state.log,
-        "history": meta_history,
         "rng": _rng_state(),
         "config": config,
     }
@@ -93,14 +88,7 @@ def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict[str, torch.Tens
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    history = []
-    for i, rec in enumerate(meta["history"]):
-        history.append(
-            TaskRecord(
-                rec["alpha"], rec["scaling"], group(f"history/{i}/A/"), group(f"history/{i}/B/"), rec["fan_in_fan_out"]
-            )
-        )
-    state = ContinualState(meta["completed"], group("S/"), group("G/"), history, meta["log"])
+    state = ContinualState(meta["completed"], group("S/"), group("G/"), meta["log"])
     _restore_rng(meta["rng"])
     return state, group("weights/"), meta["config"]
 
@@ -138,3 +126,43 @@ def dataclasses_from_config(config: dict) -> tuple:
             }
         out.append(cls(**values))
     return tuple(out)
+
+
+def save_task_record(out_dir: Path, t: int, rec: TaskRecord) -> Path:
+    """Write task t's adapter record once (atomically) to `out_dir/adapters/task_<t>.safetensors`."""
+    folder = out_dir / "adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"task_{t}.safetensors"
+    tmp = folder / f".task_{t}.safetensors.tmp-{os.getpid()}"
+    tensors = {f"A/{k}": v.contiguous() for k, v in rec.A.items()}
+    tensors.update({f"B/{k}": v.contiguous() for k, v in rec.B.items()})
+    meta = {
+        "alpha": json.dumps(rec.alpha),
+        "scaling": json.dumps(rec.scaling),
+        "fan_in_fan_out": str(rec.fan_in_fan_out),
+    }
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_task_records(out_dir: Path, count: int) -> list[TaskRecord]:
+    """The records of tasks 0..count-1 (files of tasks not yet completed are ignored)."""
+    from safetensors import safe_open
+
+    records = []
+    for t in range(count):
+        path = out_dir / "adapters" / f"task_{t}.safetensors"
+        if not path.exists():
+            raise ValueError(
+                f"{path} is missing: the run's adapter log is incomplete, so it cannot be exported exactly."
+            )
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        A = {k[2:]: v for k, v in tensors.items() if k.startswith("A/")}
+        B = {k[2:]: v for k, v in tensors.items() if k.startswith("B/")}
+        records.append(
+            TaskRecord(json.loads(meta["alpha"]), json.loads(meta["scaling"]), A, B, meta["fan_in_fan_out"] == "True")
+        )
+    return records

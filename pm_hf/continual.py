@@ -39,7 +39,9 @@ from .checkpoint import (
     config_dict,
     dataclasses_from_config,
     load_checkpoint,
+    load_task_records,
     save_checkpoint,
+    save_task_record,
 )
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, build_task_stream
@@ -191,7 +193,8 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     alpha = {k: c.alpha for k, c in choices.items()}
     if fisher is not None:
         state.S, state.G = update_accumulators(deltas, fisher, state.S, state.G, alpha)
-    state.history.append(record_task(run.model, alpha))
+    if run.args.should_save:
+        save_task_record(run.out, t, record_task(run.model, alpha))
     run.merged.apply(run.model, None, lora_deltas, alpha)
     run.merged.apply(run.model, before, full_deltas, alpha)
     _fix_head(run, before, task, seen_before)
@@ -402,7 +405,13 @@ def export_run_adapter(run: Run, state: ContinualState) -> Path:
     full = {k: p.detach().float() for k, p in full_trainable_params(run.model).items()}
     final, tmp = run.out / "merged_adapter", run.out / ".merged_adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    export_merged_adapter(base, state.history, full, [run.head_name, *(run.lora_args.modules_to_save or [])], str(tmp))
+    export_merged_adapter(
+        base,
+        load_task_records(run.out, state.completed),
+        full,
+        [run.head_name, *(run.lora_args.modules_to_save or [])],
+        str(tmp),
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

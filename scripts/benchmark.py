@@ -236,6 +236,8 @@ def _snapshot(folder: Path) -> dict:
     return {
         "checkpoint_bytes": sum(f.stat().st_size for f in files),
         "parts": _checkpoint_breakdown(folder),
+        # the append-only per-task adapter log (adapters/task_<t>.safetensors) used only for the exact export
+        "adapter_log_bytes": sum(f.stat().st_size for f in (folder.parent / "adapters").glob("*.safetensors")),
         "vm_rss": _proc_status("VmRSS"),
         "vm_hwm": _proc_status("VmHWM"),
     }
@@ -270,7 +272,8 @@ def growth_analysis(a2: dict, a10: dict, model) -> dict:
     """How much of the checkpoint growth from task 2 to 10 is the per-task history; the same for this model."""
     grow = a10["checkpoint_bytes"] - a2["checkpoint_bytes"]
     by_part = {k: a10["parts"].get(k, 0) - a2["parts"].get(k, 0) for k in a10["parts"]}
-    no_hist = (a10["checkpoint_bytes"] - a10["parts"]["history"]) / (a2["checkpoint_bytes"] - a2["parts"]["history"])
+    hist = lambda a: a["parts"].get("history", 0)  # noqa: E731 - 0 since the history left the checkpoint
+    no_hist = (a10["checkpoint_bytes"] - hist(a10)) / (a2["checkpoint_bytes"] - hist(a2))
     layers = lora_layers(model).values()
     fixed = 3 * 4 * sum(layer.get_base_layer().weight.numel() for layer in layers)  # weights, S, G in fp32
     fixed += 3 * 4 * sum(p.numel() for p in full_trainable_params(model).values())
