@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import tiny_tokenizer, tiny_vit
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, TrainerCallback
@@ -262,25 +262,13 @@ def test_cli_train_then_evaluate(model_dir, tmp_path, capsys):
 def test_image_classification_loop_on_digits(tmp_path):
     """A tiny ViT through the whole loop on scikit-learn's digits (8x8, real data shipped with scikit-learn)."""
     from sklearn.datasets import load_digits
-    from transformers import ViTConfig, ViTForImageClassification
 
     digits = load_digits()
     images = (digits.images / 16.0).astype("float32")[:, None]  # [N, 1, 8, 8] in [0, 1]
     frame = pd.DataFrame({"image": [img.tolist() for img in images], "label": digits.target})
     frame.iloc[::5].to_parquet(tmp_path / "test.parquet")
     frame.drop(frame.index[::5]).to_parquet(tmp_path / "train.parquet")
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        num_labels=2,
-    )
-    ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    tiny_vit(num_labels=2).save_pretrained(tmp_path / "vit")
     args = list(
         groups(
             str(tmp_path / "vit"),

@@ -261,3 +261,17 @@ def test_errors():
         with pytest.raises(ValueError):
             estimate_fisher(model, data, collate, keys=[lora_key, bad], show_progress=False)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_fisher_device_places_the_result_without_changing_it():
+    """`fisher_device` accumulates the result on that device (on a CPU-only machine this checks the placement path and
+    that the values are unchanged, not a real cross-device move)."""
+    model, data = _bert(), _data(6, causal=False)
+    default = estimate_fisher(model, data, collate_fn=collate, args=FisherArguments(fisher_batch_size=3))
+    placed = estimate_fisher(
+        model, data, collate_fn=collate, args=FisherArguments(fisher_batch_size=3, fisher_device="cpu")
+    )
+    assert set(placed) == set(default)
+    for key, value in placed.items():
+        assert value.device == torch.device("cpu") and value.dtype == torch.float32
+        torch.testing.assert_close(value, default[key], rtol=0, atol=0)
