@@ -213,6 +213,43 @@ def reset_adapter(model: nn.Module) -> None:
         layer.reset_lora_parameters(name, True)
 
 
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The active adapter's factors (fp32 CPU copies), keyed '<merge key>/A' and '<merge key>/B'."""
+    name = active_adapter(model)
+    out = {}
+    for key, layer in lora_layers(model).items():
+        out[f"{key}/A"] = layer.lora_A[name].weight.detach().float().cpu().clone()
+        out[f"{key}/B"] = layer.lora_B[name].weight.detach().float().cpu().clone()
+    return out
+
+
+def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Write factors saved by `adapter_state` back into the active adapter (exact for fp32 factors)."""
+    name = active_adapter(model)
+    with torch.no_grad():
+        for key, layer in lora_layers(model).items():
+            for part, module in (("A", layer.lora_A[name]), ("B", layer.lora_B[name])):
+                module.weight.copy_(state[f"{key}/{part}"].to(module.weight.device, module.weight.dtype))
+
+
+def zero_adapter(model: nn.Module) -> None:
+    """B = 0 in the active adapter: its contribution vanishes (after its delta has been merged into the base)."""
+    name = active_adapter(model)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B[name].weight.zero_()
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model without the adapter's contribution (base weights only)."""
+    peft_model = unwrap(model)
+    if not isinstance(peft_model, PeftModel):
+        raise ValueError("`adapter_disabled` needs the PeftModel returned by `attach_lora`.")
+    with peft_model.disable_adapter():
+        yield
+
+
 @dataclass
 class TaskRecord:
     """One task's adapter, enough to rebuild its merged contribution alpha * s * B @ A exactly."""
@@ -279,12 +316,17 @@ class MergedWeights:
         model: nn.Module,
         base: Mapping[str, torch.Tensor] | None,
         deltas: Mapping[str, torch.Tensor],
-        alpha: Mapping[str, float],
+        alpha: Mapping[str, float | torch.Tensor],
     ) -> None:
-        """Set each key to base + alpha * delta (base=None: the current model value, or its master copy)."""
+        """Set each key to base + alpha * delta (base=None: the current model value, or its master copy); alpha is a
+        float or a per-parameter tensor per key."""
         targets = self.targets(model, deltas)  # validate every key before writing any
         for key, delta in deltas.items():
-            if key not in alpha or not math.isfinite(alpha[key]):
+            a = alpha.get(key)
+            finite = a is not None and (
+                bool(torch.isfinite(a).all()) if isinstance(a, torch.Tensor) else math.isfinite(a)
+            )
+            if not finite:
                 raise ValueError(f"no finite alpha for merge key {key!r}")
             if targets[key].shape != delta.shape:
                 raise ValueError(
@@ -299,10 +341,30 @@ class MergedWeights:
                     start = self.master[key]
                 else:
                     start = weight.detach().float()
-                new = start.to(delta.device) + alpha[key] * delta.float()
+                a = alpha[key].to(delta.device) if isinstance(alpha[key], torch.Tensor) else alpha[key]
+                new = start.to(delta.device) + a * delta.float()
                 if weight.dtype != torch.float32:
                     self.master[key] = new.to(self.device or weight.device)
                 weight.copy_(new.to(weight.device, weight.dtype))
+
+
+def dense_record(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> TaskRecord:
+    """A `TaskRecord` whose factors reproduce dense deltas (base-weight layout) exactly: B = U diag(S), A = V^T from the
+    SVD, zero-padded to one common rank (the largest min(out, in)); alpha = scaling = 1."""
+    layers = lora_layers(model)
+    fan = any(layer.fan_in_fan_out for layer in layers.values())
+    rank = max(min(d.shape) for d in deltas.values())
+    rec = TaskRecord({}, {}, {}, {}, fan)
+    for key, delta in deltas.items():
+        d = delta.double().T if fan else delta.double()
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+        k = S.shape[0]
+        B = torch.zeros(d.shape[0], rank, dtype=torch.float64)
+        A = torch.zeros(rank, d.shape[1], dtype=torch.float64)
+        B[:, :k], A[:k] = U * S, Vh
+        rec.A[key], rec.B[key] = A.float(), B.float()
+        rec.alpha[key], rec.scaling[key] = 1.0, 1.0
+    return rec
 
 
 def export_merged_adapter(

@@ -31,6 +31,7 @@ class ContinualState:
     S: dict[str, torch.Tensor] = field(default_factory=dict)
     G: dict[str, torch.Tensor] = field(default_factory=dict)
     log: dict[str, list] = field(default_factory=dict)  # per-task lists: R, R_til, alphas, timings, ...
+    rule: dict[str, torch.Tensor] = field(default_factory=dict)  # what a merge rule keeps across tasks (see merge.py)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,6 +59,7 @@ def save_checkpoint(out_dir: Path, state: ContinualState, weights: dict[str, tor
     tensors = {f"weights/{k}": v.detach().float().cpu().contiguous() for k, v in weights.items()}
     tensors.update({f"S/{k}": v.cpu().contiguous() for k, v in state.S.items()})
     tensors.update({f"G/{k}": v.cpu().contiguous() for k, v in state.G.items()})
+    tensors.update({f"rule/{k}": v.cpu().contiguous() for k, v in state.rule.items()})
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {
         "completed": state.completed,
@@ -88,7 +90,7 @@ def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict[str, torch.Tens
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    state = ContinualState(meta["completed"], group("S/"), group("G/"), meta["log"])
+    state = ContinualState(meta["completed"], group("S/"), group("G/"), meta["log"], group("rule/"))
     _restore_rng(meta["rng"])
     return state, group("weights/"), meta["config"]
 

@@ -14,6 +14,7 @@ FISHER_MODES = ("per_sample", "batch")
 FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
 ALPHA_GRANULARITIES = ("global", "module")
+HEAD_ALIGN = ("none", "task", "seen")
 
 
 def _bad(name: str, value, fix: str) -> ValueError:
@@ -175,9 +176,19 @@ class MergeArguments:
 
     merge_method: str = field(
         default="pm",
-        metadata={"help": "Merge rule from the registry: 'pm' (closed-form alpha) or 'fixed' (alpha = `alpha`)."},
+        metadata={
+            "help": "Merge rule from the registry (`pm_hf.merge.MERGE_RULES`): 'pm' (closed-form alpha), 'fixed', "
+            "'seq', 'seq-merge', 'average', 'coma', 'cofima', 'task-arithmetic', 'ties', 'magmax', 'oracle-alpha', "
+            "'joint'."
+        },
     )
-    alpha: float = field(default=1.0, metadata={"help": "The alpha of the 'fixed' rule, in [0, 1]."})
+    alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "The fixed weight of 'fixed'/'coma' (alpha), 'cofima' (new task's weight), 'task-arithmetic', "
+            "'ties' and 'magmax' (scaling lambda), in [0, 1]."
+        },
+    )
     alpha_clip: bool = field(default=True, metadata={"help": "Clamp the closed-form alpha to [alpha_min, 1]."})
     alpha_min: float = field(default=0.0, metadata={"help": "Lower bound of alpha when clipping, in [0, 1]."})
     alpha_granularity: str = field(
@@ -187,12 +198,37 @@ class MergeArguments:
     accumulator_device: str | None = field(
         default=None, metadata={"help": "Where S, G and the fp32 master weights live ('cpu' for large models)."}
     )
+    ties_density: float = field(default=0.2, metadata={"help": "'ties': fraction of each task vector kept, (0, 1]."})
+    oracle_grid: list[float] = field(
+        default_factory=lambda: [i / 10 for i in range(11)],
+        metadata={"help": "'oracle-alpha': the alphas tried per task (held-out accuracy on all seen tasks)."},
+    )
+    head_align: str = field(
+        default="none",
+        metadata={
+            "help": "After the merge, refit the new classes' head rows on the merged model's features: 'none', "
+            "'task' (cross-entropy over the task's classes) or 'seen' (over all seen classes, old rows frozen).",
+            "choices": list(HEAD_ALIGN),
+        },
+    )
+    head_align_steps: int = field(default=100, metadata={"help": "Full-batch Adam steps of the head alignment."})
+    head_align_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the head alignment."})
 
     def __post_init__(self):
         from .merge import MERGE_RULES  # local: the registry is filled when pm_hf.merge is imported
 
         _check_choice("merge_method", self.merge_method, sorted(MERGE_RULES))
         _check_choice("alpha_granularity", self.alpha_granularity, ALPHA_GRANULARITIES)
+        _check_choice("head_align", self.head_align, HEAD_ALIGN)
+        if not isinstance(self.ties_density, (int, float)) or not (0.0 < self.ties_density <= 1.0):
+            raise _bad("ties_density", self.ties_density, "use a number in (0, 1], e.g. 0.2.")
+        grid = self.oracle_grid
+        if not isinstance(grid, list) or not grid or any(not isinstance(a, (int, float)) or a < 0 for a in grid):
+            raise _bad("oracle_grid", grid, "use a non-empty list of non-negative numbers, e.g. [0, 0.1, ..., 1].")
+        if not isinstance(self.head_align_steps, int) or self.head_align_steps < 1:
+            raise _bad("head_align_steps", self.head_align_steps, "use a positive integer, e.g. 100.")
+        if not isinstance(self.head_align_lr, (int, float)) or not self.head_align_lr > 0:
+            raise _bad("head_align_lr", self.head_align_lr, "use a positive number, e.g. 0.01.")
         for name in ("alpha", "alpha_min"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
@@ -270,6 +306,32 @@ class DataArguments:
     max_train_samples_per_class: int | None = field(default=None, metadata={"help": "Cap per class (train)."})
     max_eval_samples_per_class: int | None = field(default=None, metadata={"help": "Cap per class (eval)."})
     max_length: int = field(default=128, metadata={"help": "Tokenizer truncation length (text)."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Prompt (user turn) column of instruction-tuning data (causal LMs)."}
+    )
+    response_column: str = field(
+        default="response", metadata={"help": "Response (assistant turn) column of instruction-tuning data."}
+    )
+    max_length_per_task: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Instruction tuning: truncation length (prompt + response tokens) of each task, one per entry of "
+            "`task_datasets`; null: `max_length` for every task."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Instruction tuning: cap on training samples per task (seeded subset)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Instruction tuning: cap on eval samples per task (seeded subset)."}
+    )
+    use_chat_template: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Instruction tuning: format pairs with the tokenizer's chat template (true), as "
+            "'prompt\\nresponse<eos>' (false), or null: the chat template when the tokenizer has one."
+        },
+    )
 
     def __post_init__(self):
         _check_choice("scenario", self.scenario, SCENARIOS)
@@ -285,3 +347,28 @@ class DataArguments:
                 raise _bad(name, value, "use a positive integer or null.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise _bad("max_length", self.max_length, "use an integer >= 2, e.g. 128.")
+        for name in ("prompt_column", "response_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise _bad(name, getattr(self, name), "give the name of a text column, e.g. 'prompt'.")
+        if self.prompt_column == self.response_column:
+            raise _bad("response_column", self.response_column, "use a different column than `prompt_column`.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise _bad(name, value, "use a positive integer or null.")
+        lengths = self.max_length_per_task
+        if lengths is not None:
+            if (
+                isinstance(lengths, (str, bytes))
+                or not lengths
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths)
+            ):
+                raise _bad("max_length_per_task", lengths, "give one integer >= 2 per task, or null for `max_length`.")
+            if isinstance(self.task_datasets, (list, tuple)) and len(lengths) != len(self.task_datasets):
+                raise _bad(
+                    "max_length_per_task",
+                    lengths,
+                    f"give one length per entry of `task_datasets` ({len(self.task_datasets)}), or null.",
+                )
+        if self.use_chat_template is not None and not isinstance(self.use_chat_template, bool):
+            raise _bad("use_chat_template", self.use_chat_template, "use true, false or null (auto).")

@@ -24,14 +24,19 @@ from transformers import set_seed
 from . import metrics
 from .adapters import (
     MergedWeights,
+    adapter_disabled,
+    adapter_state,
     attach_lora,
+    dense_record,
     export_merged_adapter,
     full_trainable_params,
+    load_adapter_state,
     lora_layers,
     lora_task_vector,
     record_task,
     reset_adapter,
     task_vector_norm,
+    zero_adapter,
 )
 from .checkpoint import (
     ContinualState,
@@ -46,8 +51,8 @@ from .checkpoint import (
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, build_task_stream
 from .fisher import estimate_fisher, normalize_fisher
-from .merge import MergeContext, alpha_terms, get_merge_rule, update_accumulators, zeros_like_dict
-from .models import ClassMask, find_head, load_model, load_processor
+from .merge import AlphaChoice, MergeContext, alpha_terms, get_merge_rule, update_accumulators, zeros_like_dict
+from .models import ClassMask, find_head, fit_head_rows, load_model, load_processor
 from .trainer import PMTrainer
 
 logger = logging.getLogger(__name__)
@@ -70,6 +75,7 @@ class Run:
     lora_args: LoraArguments
     out: Path
     merged: MergedWeights
+    theta0: dict[str, torch.Tensor] | None = None  # pretrained values of merged keys (rules not starting "merged")
 
 
 def _task_args(args: PMConfig, out: Path, t: int) -> PMConfig:
@@ -122,7 +128,37 @@ def _fix_head(run: Run, before: dict, task: Task, seen_before: set[int]) -> None
                 param[untouched] = before[key][untouched].to(param.dtype)
 
 
-def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: Task, trainer: PMTrainer) -> tuple:
+def _seen_accuracy(trainer: PMTrainer, run: Run, t: int) -> float:
+    """Sample-weighted accuracy over the eval sets of tasks 0..t, predicting over all seen classes (ACC after t)."""
+    seen = _eval_classes(run, t)
+    accs = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
+    sizes = np.asarray([len(run.stream.tasks[j].eval) for j in range(t + 1)], dtype=float)
+    return float(np.dot(accs, sizes) / sizes.sum())
+
+
+def _oracle_score(run: Run, trainer: PMTrainer, t: int, lora_deltas: dict, full_deltas: dict, before: dict):
+    """score(alpha): held-out accuracy on all seen tasks of theta_hat_{t-1} + alpha * Delta (the adapter off)."""
+    layers = lora_layers(run.model)
+    lora_start = {
+        k: run.merged.master.get(k, layers[k].get_base_layer().weight.detach()).float().clone() for k in lora_deltas
+    }
+
+    def score(a: float) -> float:
+        alpha = {k: a for k in (*lora_deltas, *full_deltas)}
+        run.merged.apply(run.model, lora_start, lora_deltas, alpha)
+        run.merged.apply(run.model, before, full_deltas, alpha)
+        try:
+            with adapter_disabled(run.model):
+                return _seen_accuracy(trainer, run, t)
+        finally:  # back to theta_hat_{t-1} exactly (start + 0 * delta)
+            zero = {k: 0.0 for k in alpha}
+            run.merged.apply(run.model, lora_start, lora_deltas, zero)
+            run.merged.apply(run.model, before, full_deltas, zero)
+
+    return score
+
+
+def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: Task, extra: dict) -> tuple:
     rule = get_merge_rule(run.merge_args.merge_method)
     fisher, terms, seconds = None, None, 0.0
     if rule.needs_fisher:
@@ -145,27 +181,103 @@ def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: T
             device = run.merge_args.accumulator_device
             state.S, state.G = zeros_like_dict(deltas, device), zeros_like_dict(deltas, device)
         terms = alpha_terms(deltas, fisher, state.S, state.G)
+    ma = run.merge_args
     ctx = MergeContext(
         deltas,
         t + 1,
         fisher,
         state.S or None,
         state.G or None,
-        run.merge_args.alpha,
-        run.merge_args.alpha_clip,
-        run.merge_args.alpha_min,
-        run.merge_args.alpha_granularity,
+        ma.alpha,
+        ma.alpha_clip,
+        ma.alpha_min,
+        ma.alpha_granularity,
+        taus=extra.get("taus"),
+        state=state.rule,
+        score=extra.get("score"),
+        grid=tuple(float(a) for a in ma.oracle_grid),
+        density=float(ma.ties_density),
     )
     choices = rule.fn(ctx)
     return fisher, terms, choices, seconds, time.perf_counter() - start
 
 
+def _non_head(run: Run, keys) -> list[str]:
+    return [k for k in keys if not _head_rows(run, k)]
+
+
+def capture_theta0(run: Run) -> dict[str, torch.Tensor]:
+    """Pretrained values (fp32 copies) of the LoRA-adapted weights and the non-head fully trained parameters."""
+    out = {k: layer.get_base_layer().weight.detach().float().clone() for k, layer in lora_layers(run.model).items()}
+    params = full_trainable_params(run.model)
+    out.update({k: params[k].detach().float().clone() for k in _non_head(run, params)})
+    return out
+
+
+def _start_weights(run: Run, state: ContinualState, t: int) -> None:
+    """Put the weights task t trains from in place, for rules that do not start from the merged model."""
+    rule = get_merge_rule(run.merge_args.merge_method)
+    start = dict(run.theta0)
+    if rule.start == "chain" and t > 0:  # the previous task's fine-tuned values: same adapter, same full params
+        load_adapter_state(
+            run.model, {k[len("adapter/") :]: v for k, v in state.rule.items() if k.startswith("adapter/")}
+        )
+        start.update({k[len("chain/") :]: v for k, v in state.rule.items() if k.startswith("chain/")})
+    _restore_weights(run, start)
+
+
+def _align_head(run: Run, task: Task, t: int) -> None:
+    """Refit the new classes' head rows on the merged model's features (METHOD.md remedy; old rows frozen)."""
+    mode = run.merge_args.head_align
+    head = find_head(run.model, run.stream.num_classes)[1]
+    feats, labels = [], []
+
+    def grab(module, args):
+        feats.append(args[0].detach().float().reshape(args[0].shape[0], -1))
+
+    handle = head.register_forward_pre_hook(grab)
+    loader = torch.utils.data.DataLoader(
+        task.train, batch_size=run.args.per_device_eval_batch_size, collate_fn=run.stream.collate_fn
+    )
+    was_training = run.model.training
+    run.model.eval()
+    device = next(run.model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                labels.append(batch.pop("labels"))
+                run.model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        handle.remove()
+        run.model.train(was_training)
+    classes = task.classes if mode == "task" else _eval_classes(run, t)
+    weight, bias = fit_head_rows(
+        torch.cat(feats),
+        torch.cat(labels).to(device),
+        head.weight.detach(),
+        None if head.bias is None else head.bias.detach(),
+        rows=task.classes,
+        classes=classes,
+        steps=run.merge_args.head_align_steps,
+        lr=run.merge_args.head_align_lr,
+        seed=run.args.seed + t,
+    )
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            head.bias.copy_(bias)
+
+
 def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     """Train, merge and evaluate task t; returns its log entry."""
+    rule = get_merge_rule(run.merge_args.merge_method)
     task = run.stream.tasks[t]
     seen_before = {c for prev in run.stream.tasks[:t] for c in prev.classes}
     torch.manual_seed(run.args.seed + 7919 * t)  # the fresh adapter's A depends only on (seed, task)
-    reset_adapter(run.model)
+    if rule.start != "chain" or t == 0:
+        reset_adapter(run.model)
+    if rule.start != "merged":
+        _start_weights(run, state, t)
     before = {k: p.detach().float().clone() for k, p in full_trainable_params(run.model).items()}
     run.mask.set_active(task.classes if run.data_args.scenario != "domain_incremental" else None)
 
@@ -186,23 +298,47 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     start = time.perf_counter()
     lora_deltas = lora_task_vector(run.model)
     full_deltas = _full_deltas(run, before, task, seen_before)
-    deltas = {**lora_deltas, **full_deltas}
-    merge_s0 = time.perf_counter() - start
-    fisher, terms, choices, fisher_s, alpha_s = _choose_alpha(run, state, deltas, t, task, trainer)
-    start = time.perf_counter()
-    alpha = {k: c.alpha for k, c in choices.items()}
-    if fisher is not None:
-        state.S, state.G = update_accumulators(deltas, fisher, state.S, state.G, alpha)
-    if run.args.should_save:
-        save_task_record(run.out, t, record_task(run.model, alpha))
-    run.merged.apply(run.model, None, lora_deltas, alpha)
-    run.merged.apply(run.model, before, full_deltas, alpha)
     _fix_head(run, before, task, seen_before)
-    with torch.no_grad():  # theta_hat_t is now in the base weights: zero the adapter's contribution
-        for layer in lora_layers(run.model).values():
-            for name in layer.active_adapters:
-                layer.lora_B[name].weight.zero_()
+    deltas = {**lora_deltas, **full_deltas}
+    extra = {}
+    if rule.output == "delta":
+        params = full_trainable_params(run.model)
+        extra["taus"] = {
+            **lora_deltas,
+            **{k: params[k].detach().float() - run.theta0[k] for k in _non_head(run, params)},
+        }
+        if rule.start == "chain":  # what the next task continues from
+            state.rule.update({f"adapter/{k}": v for k, v in adapter_state(run.model).items()})
+            state.rule.update({f"chain/{k}": params[k].detach().float().clone() for k in _non_head(run, params)})
+    scores: dict[str, float] = {}
+    if rule.needs_eval:
+        score = _oracle_score(run, trainer, t, lora_deltas, full_deltas, before)
+        extra["score"] = lambda a: scores.setdefault(str(a), score(a))
+    merge_s0 = time.perf_counter() - start
+    fisher, terms, choices, fisher_s, alpha_s = _choose_alpha(run, state, deltas, t, task, extra)
+    start = time.perf_counter()
+    if rule.output == "delta":  # theta_hat_t = theta_0 + D_t
+        ones = {k: 1.0 for k in choices}
+        lora_d = {k: v for k, v in choices.items() if k in lora_deltas}
+        run.merged.apply(run.model, run.theta0, lora_d, ones)
+        run.merged.apply(run.model, run.theta0, {k: v for k, v in choices.items() if k not in lora_d}, ones)
+        a = 1.0 if rule.name == "seq" else float(run.merge_args.alpha)
+        choices = {k: AlphaChoice(a, a) for k in deltas}
+    else:
+        alpha = {k: c.value for k, c in choices.items()}
+        if fisher is not None:
+            state.S, state.G = update_accumulators(deltas, fisher, state.S, state.G, alpha)
+        if run.args.should_save and all(c.weight is None for c in choices.values()):
+            save_task_record(run.out, t, record_task(run.model, alpha))
+        run.merged.apply(run.model, None, lora_deltas, alpha)
+        run.merged.apply(run.model, before, full_deltas, alpha)
+    zero_adapter(run.model)  # theta_hat_t is now in the base weights: zero the adapter's contribution
     merge_s = merge_s0 + alpha_s + time.perf_counter() - start
+    align_s = 0.0
+    if run.merge_args.head_align != "none":
+        start = time.perf_counter()
+        _align_head(run, task, t)
+        align_s = time.perf_counter() - start
 
     start = time.perf_counter()
     seen = _eval_classes(run, t)
@@ -224,9 +360,10 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         "terms": None
         if terms is None
         else {"fisher_delta_sq": terms.fisher_delta_sq, "g_delta": terms.g_delta, "denominator": terms.denominator},
+        "oracle_scores": scores or None,
         "delta_norm": delta_norm,
         "branch_counts": {str(b): n for b, n in trainer.branch_counts.items()},
-        "timings": {"train": train_s, "fisher": fisher_s, "merge": merge_s, "eval": eval_s},
+        "timings": {"train": train_s, "fisher": fisher_s, "merge": merge_s, "head_align": align_s, "eval": eval_s},
     }
     trainer.log(
         {
@@ -264,6 +401,7 @@ def results_dict(run: Run, state: ContinualState, config: dict) -> dict:
         "alphas": [e["alpha"] for e in entries],
         "alphas_raw": [e["alpha_raw"] for e in entries],
         "pre_merge_acc": [e["pre_merge_acc"] for e in entries],
+        "oracle_scores": [e.get("oracle_scores") for e in entries],
         "alpha_terms": [e["terms"] for e in entries],
         "delta_norms": [e["delta_norm"] for e in entries],
         "branch_counts": [e["branch_counts"] for e in entries],
@@ -305,17 +443,40 @@ def _restore_weights(run: Run, weights: dict[str, torch.Tensor]) -> None:
             targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
 
 
+def joint_stream(stream: TaskStream) -> TaskStream:
+    """The whole sequence as ONE task (all classes, all training data): the `joint` upper bound."""
+    import datasets
+
+    tasks = stream.tasks
+    task = Task(
+        f"joint: {len(tasks)} tasks",
+        sorted({c for t in tasks for c in t.classes}),
+        datasets.concatenate_datasets([t.train for t in tasks]),
+        datasets.concatenate_datasets([t.eval for t in tasks]),
+    )
+    return TaskStream([task], stream.num_classes, stream.label_names, stream.modality, stream.collate_fn)
+
+
 def build_run(model_args, data_args, training_args, lora_args, fisher_args, merge_args) -> Run:
+    rule = get_merge_rule(merge_args.merge_method)
+    if rule.start != "merged" and data_args.scenario == "domain_incremental":
+        raise ValueError(
+            f"`merge_method` = {rule.name!r} merges task vectors relative to the pretrained weights and is implemented "
+            "for class- and task-incremental streams only; with `scenario: domain_incremental` use an alpha rule "
+            "('pm', 'average', 'coma', 'cofima', ...)."
+        )
     processor = load_processor(model_args)
     stream = build_task_stream(
         data_args, processor, seed=training_args.seed, main_process_first=training_args.main_process_first
     )
+    if rule.name == "joint":
+        stream = joint_stream(stream)
     set_seed(training_args.seed)  # the new head's initialisation must not depend on what ran before in the process
     model = load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
     head_name, head = find_head(model, stream.num_classes)
     mask = ClassMask(head, stream.num_classes)
     peft_model = attach_lora(model, lora_args, trainable_modules=[head_name])
-    return Run(
+    run = Run(
         peft_model,
         stream,
         mask,
@@ -329,6 +490,9 @@ def build_run(model_args, data_args, training_args, lora_args, fisher_args, merg
         Path(training_args.output_dir),
         MergedWeights(merge_args.accumulator_device),
     )
+    if rule.start != "merged":
+        run.theta0 = capture_theta0(run)
+    return run
 
 
 def run_continual(
@@ -398,20 +562,29 @@ def run_continual(
 
 
 def export_run_adapter(run: Run, state: ContinualState) -> Path:
-    """Write output_dir/merged_adapter (PEFT format, atomically): the merged LoRA delta plus head and full modules."""
+    """Write output_dir/merged_adapter (PEFT format, atomically): the merged LoRA delta plus head and full modules.
+
+    alpha rules with one alpha per key: exactly sum_i alpha_i s_i B_i A_i (rank sum r_i, from the adapters/ log).
+    Other rules (per-parameter weights, delta rules): the merged delta theta_hat - theta_0 of each adapted weight,
+    factored exactly by SVD (rank = its numerical rank)."""
     import shutil
 
     base = load_model(run.model_args, run.stream.modality, run.stream.num_classes, run.stream.label_names)
     full = {k: p.detach().float() for k, p in full_trainable_params(run.model).items()}
     final, tmp = run.out / "merged_adapter", run.out / ".merged_adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    export_merged_adapter(
-        base,
-        load_task_records(run.out, state.completed),
-        full,
-        [run.head_name, *(run.lora_args.modules_to_save or [])],
-        str(tmp),
-    )
+    logged = all((run.out / "adapters" / f"task_{t}.safetensors").exists() for t in range(state.completed))
+    if logged:
+        history = load_task_records(run.out, state.completed)
+    else:
+        pretrained = attach_lora(copy.deepcopy(base), run.lora_args, trainable_modules=[run.head_name])
+        layers, pre_layers = lora_layers(run.model), lora_layers(pretrained)
+        merged = {
+            k: run.merged.master.get(k, layer.get_base_layer().weight.detach()).float() for k, layer in layers.items()
+        }
+        deltas = {k: merged[k] - pre_layers[k].get_base_layer().weight.detach().float() for k in layers}
+        history = [dense_record(run.model, deltas)]
+    export_merged_adapter(base, history, full, [run.head_name, *(run.lora_args.modules_to_save or [])], str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final

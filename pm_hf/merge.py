@@ -113,7 +113,7 @@ def update_accumulators(
 
     Args:
         deltas, fisher, S, G: as `alpha_terms`.
-        alpha: the alpha actually applied (after clamping), one float or one per key.
+        alpha: the alpha actually applied (after clamping): one float, or one float or per-parameter tensor per key.
 
     Returns:
         New `(S, G)` dicts (inputs are not modified), in the dtype and device of `S` and `G`.
@@ -121,10 +121,16 @@ def update_accumulators(
     _check_same_keys(deltas, fisher=fisher, S=S, G=G)
     new_S, new_G = {}, {}
     for key, delta in deltas.items():
-        a = float(alpha[key]) if isinstance(alpha, Mapping) else float(alpha)
-        if not math.isfinite(a):
-            raise ValueError(f"`alpha` for {key!r} is {a}; pass the finite alpha that was applied.")
+        a = alpha[key] if isinstance(alpha, Mapping) else alpha
         s, g = S[key], G[key]
+        if isinstance(a, torch.Tensor):  # per-parameter alpha: the same identity holds elementwise
+            if not torch.isfinite(a).all():
+                raise ValueError(f"`alpha` for {key!r} has non-finite entries; pass the finite alpha that was applied.")
+            a = a.to(s.device, s.dtype)
+        else:
+            a = float(a)
+            if not math.isfinite(a):
+                raise ValueError(f"`alpha` for {key!r} is {a}; pass the finite alpha that was applied.")
         d = delta.to(s.device, s.dtype)
         f = fisher[key].to(s.device, s.dtype)
         new_G[key] = g + a * s * d + (a - 1.0) * f * d
@@ -139,11 +145,21 @@ def zeros_like_dict(tensors: TensorDict, device: torch.device | str | None = Non
 
 @dataclass(frozen=True)
 class AlphaChoice:
-    """The alpha applied, the raw value and why (for logging)."""
+    """The alpha applied, the raw value and why (for logging).
+
+    `weight`, when set, is a per-parameter alpha (same shape as the delta, e.g. CoFiMA's Fisher weights); `alpha` is
+    then its effective value along the task vector, sum(w Delta^2) / sum(Delta^2), for logging.
+    """
 
     alpha: float
     raw: float
     fallback: bool = False  # True when the degenerate-denominator rule chose alpha = 1
+    weight: torch.Tensor | None = None
+
+    @property
+    def value(self) -> float | torch.Tensor:
+        """What multiplies the delta: the tensor `weight` if set, else the float `alpha`."""
+        return self.alpha if self.weight is None else self.weight
 
 
 def select_alpha(terms: AlphaTerms, clip: bool = True, alpha_min: float = 0.0) -> AlphaChoice:
@@ -165,9 +181,17 @@ def select_alpha(terms: AlphaTerms, clip: bool = True, alpha_min: float = 0.0) -
 
 
 # ----------------------------------------------------------------------------------------------- registry
+STARTS = ("merged", "pretrained", "chain")
+
+
 @dataclass
 class MergeContext:
-    """What a merge rule may look at. `task_index` is 1-based (t); fisher/S/G are None for rules that skip them."""
+    """What a merge rule may look at. `task_index` is 1-based (t); fisher/S/G are None for rules that skip them.
+
+    Delta rules (`MergeRule.output == "delta"`) read `taus` (task vectors relative to the pretrained weights theta_0)
+    and keep what they need across tasks in `state` (a dict of tensors the loop checkpoints); `score(alpha)` (rules
+    with `needs_eval`) returns the held-out accuracy of the model merged with that alpha.
+    """
 
     deltas: TensorDict
     task_index: int
@@ -179,28 +203,46 @@ class MergeContext:
     alpha_min: float = 0.0
     granularity: str = "global"
     module_of: Callable[[str], str] | None = None  # parameter key -> module name (per-module alpha)
+    taus: TensorDict | None = None
+    state: dict[str, torch.Tensor] | None = None
+    score: Callable[[float], float] | None = None
+    grid: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    density: float = 0.2  # TIES: fraction of each task vector kept
 
 
 @dataclass
 class MergeRule:
-    """A named way to choose alpha. `needs_fisher` tells the loop whether a Fisher pass is required."""
+    """A named merge rule.
+
+    - `output == "alpha"`: `fn(ctx) -> {key: AlphaChoice}`; the loop sets theta_hat_t = theta_hat_{t-1} + alpha * Delta.
+    - `output == "delta"`: `fn(ctx) -> {key: D_t}`; the loop sets theta_hat_t = theta_0 + D_t.
+    `start` says where task t trains from: "merged" (theta_hat_{t-1}, a fresh adapter), "pretrained" (theta_0, a fresh
+    adapter: independent fine-tunes) or "chain" (the previous task's fine-tuned weights: one adapter continued).
+    """
 
     name: str
-    fn: Callable[[MergeContext], dict[str, AlphaChoice]]
+    fn: Callable[[MergeContext], dict]
     needs_fisher: bool
     reference: str
+    output: str = "alpha"
+    start: str = "merged"
+    needs_eval: bool = False
 
 
 MERGE_RULES: dict[str, MergeRule] = {}
 
 
-def register_merge_rule(name: str, needs_fisher: bool, reference: str):
-    """Decorator: register `fn(ctx) -> {key: AlphaChoice}` (one entry per delta key) under `name`."""
+def register_merge_rule(
+    name: str, needs_fisher: bool, reference: str, output: str = "alpha", start: str = "merged", needs_eval=False
+):
+    """Decorator: register a merge rule under `name` (see `MergeRule` for what `fn` returns)."""
+    if output not in ("alpha", "delta") or start not in STARTS:
+        raise ValueError(f"merge rule {name!r}: output must be 'alpha' or 'delta' and start one of {STARTS}")
 
     def wrap(fn):
         if name in MERGE_RULES:
             raise ValueError(f"merge rule {name!r} is already registered")
-        MERGE_RULES[name] = MergeRule(name, fn, needs_fisher, reference)
+        MERGE_RULES[name] = MergeRule(name, fn, needs_fisher, reference, output, start, needs_eval)
         return fn
 
     return wrap
@@ -222,6 +264,11 @@ def _groups(ctx: MergeContext) -> dict[str, list[str]]:
     return groups
 
 
+def _constant(ctx: MergeContext, a: float) -> dict[str, AlphaChoice]:
+    choice = AlphaChoice(float(a), float(a))
+    return {k: choice for k in ctx.deltas}
+
+
 @register_merge_rule("pm", needs_fisher=True, reference="Qiu et al. 2025, P&M closed-form alpha (METHOD.md)")
 def _pm_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
     if ctx.fisher is None or ctx.S is None or ctx.G is None:
@@ -236,27 +283,168 @@ def _pm_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
 
 @register_merge_rule("fixed", needs_fisher=False, reference="constant alpha; alpha=1 is sequential LoRA with merging")
 def _fixed_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    choice = AlphaChoice(float(ctx.alpha), float(ctx.alpha))
-    return {k: choice for k in ctx.deltas}
+    return _constant(ctx, ctx.alpha)
 
 
 @register_merge_rule(
     "seq-merge", needs_fisher=False, reference="sequential LoRA merged with alpha=1 (the paper's 'LoRA' row)"
 )
 def _seq_merge_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return {k: AlphaChoice(1.0, 1.0) for k in ctx.deltas}
+    return _constant(ctx, 1.0)
 
 
 @register_merge_rule(
     "average", needs_fisher=False, reference="model averaging: theta_hat_t = mean of theta*_i (alpha_t = 1/t)"
 )
 def _average_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    a = 1.0 / ctx.task_index
-    return {k: AlphaChoice(a, a) for k in ctx.deltas}
+    return _constant(ctx, 1.0 / ctx.task_index)
 
 
 @register_merge_rule(
     "coma", needs_fisher=False, reference="CoMA (Marouf et al. 2023): fixed-weight interpolation, alpha = `alpha`"
 )
 def _coma_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return _fixed_rule(ctx)
+    return _constant(ctx, ctx.alpha)
+
+
+def cofima_weights(fisher: torch.Tensor, S: torch.Tensor, alpha: float) -> torch.Tensor:
+    """CoFiMA's per-parameter weight of the new task: w = a F / ((1 - a) S + a F); w = a where both are 0."""
+    num = alpha * fisher.double()
+    den = (1.0 - alpha) * S.double() + num
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, alpha)).float()
+
+
+@register_merge_rule(
+    "cofima",
+    needs_fisher=True,
+    reference="CoFiMA (Marouf et al. 2024): theta_t = ((1-a) S theta_{t-1} + a F_t theta*_t) / ((1-a) S + a F_t), "
+    "S = sum of past Fishers, a = `alpha`",
+)
+def _cofima_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
+    if ctx.fisher is None or ctx.S is None:
+        raise ValueError("merge rule 'cofima' needs the Fisher and the S accumulator")
+    weights = {k: cofima_weights(ctx.fisher[k], ctx.S[k].to(ctx.fisher[k].device), ctx.alpha) for k in ctx.deltas}
+    num = sum(float((weights[k].double() * ctx.deltas[k].double() ** 2).sum()) for k in ctx.deltas)
+    den = sum(float((ctx.deltas[k].double() ** 2).sum()) for k in ctx.deltas)
+    effective = num / den if den > 0 else float(ctx.alpha)
+    return {k: AlphaChoice(effective, effective, weight=weights[k]) for k in ctx.deltas}
+
+
+@register_merge_rule(
+    "oracle-alpha",
+    needs_fisher=False,
+    needs_eval=True,
+    reference="upper bound of the closed form: per task, the grid alpha with the best held-out accuracy on all seen "
+    "tasks (first best on ties)",
+)
+def _oracle_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
+    if ctx.score is None:
+        raise ValueError("merge rule 'oracle-alpha' needs a score(alpha) function")
+    if ctx.task_index == 1:
+        return _constant(ctx, 1.0)  # nothing to trade off yet
+    scores = [(ctx.score(a), a) for a in ctx.grid]
+    best = max(scores, key=lambda sa: sa[0])[1]
+    return _constant(ctx, best)
+
+
+@register_merge_rule(
+    "joint", needs_fisher=False, reference="joint training on all tasks' data at once (the upper bound of the sequence)"
+)
+def _joint_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
+    return _constant(ctx, 1.0)  # the loop turns the stream into one task
+
+
+# Delta rules: theta_hat_t = theta_0 + D_t, over task vectors tau relative to theta_0.
+def ties_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest magnitude (at least one), zero the rest."""
+    k = max(1, int(round(density * tau.numel())))
+    if k >= tau.numel():
+        return tau.clone()
+    threshold = tau.abs().flatten().kthvalue(tau.numel() - k + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def ties_merge(taus: list[torch.Tensor]) -> torch.Tensor:
+    """TIES elect + disjoint mean over already trimmed task vectors: sign = sign(sum), mean over agreeing entries."""
+    stacked = torch.stack([t.float() for t in taus])
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0).clamp_min(1)
+    return (stacked * agree).sum(0) / count
+
+
+def magmax_update(current: torch.Tensor | None, tau: torch.Tensor) -> torch.Tensor:
+    """Per parameter, keep the entry of largest magnitude seen so far (earlier tasks win exact ties)."""
+    if current is None:
+        return tau.float().clone()
+    return torch.where(tau.abs() > current.abs(), tau.float(), current)
+
+
+def _need_taus(ctx: MergeContext, name: str) -> tuple[TensorDict, dict[str, torch.Tensor]]:
+    if ctx.taus is None or ctx.state is None:
+        raise ValueError(f"merge rule {name!r} needs the task vectors `taus` and a `state` dict")
+    return ctx.taus, ctx.state
+
+
+@register_merge_rule(
+    "seq",
+    needs_fisher=False,
+    output="delta",
+    start="chain",
+    reference="sequential fine-tuning: one LoRA continued through all tasks, never merged (theta_hat_t = theta*_t)",
+)
+def _seq_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
+    taus, _ = _need_taus(ctx, "seq")
+    return {k: v.float() for k, v in taus.items()}
+
+
+@register_merge_rule(
+    "task-arithmetic",
+    needs_fisher=False,
+    output="delta",
+    start="pretrained",
+    reference="Task arithmetic (Ilharco et al. 2023): independent fine-tunes, theta_0 + alpha * sum_i tau_i",
+)
+def _task_arithmetic_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
+    taus, state = _need_taus(ctx, "task-arithmetic")
+    out = {}
+    for k, tau in taus.items():
+        total = state.get(f"sum/{k}")
+        state[f"sum/{k}"] = tau.float().clone() if total is None else total + tau.float()
+        out[k] = ctx.alpha * state[f"sum/{k}"]
+    return out
+
+
+@register_merge_rule(
+    "ties",
+    needs_fisher=False,
+    output="delta",
+    start="pretrained",
+    reference="TIES-merging (Yadav et al. 2023): trim to `density` per tensor, elect sign, disjoint mean, times alpha; "
+    "keeps every trimmed task vector (memory grows with t)",
+)
+def _ties_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
+    taus, state = _need_taus(ctx, "ties")
+    t = ctx.task_index
+    out = {}
+    for k, tau in taus.items():
+        state[f"tau{t}/{k}"] = ties_trim(tau.float(), ctx.density)
+        out[k] = ctx.alpha * ties_merge([state[f"tau{i}/{k}"] for i in range(1, t + 1)])
+    return out
+
+
+@register_merge_rule(
+    "magmax",
+    needs_fisher=False,
+    output="delta",
+    start="chain",
+    reference="MagMax (Marczak et al. 2024): sequential fine-tuning, per parameter the cumulative task vector entry "
+    "of largest magnitude, times alpha",
+)
+def _magmax_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
+    taus, state = _need_taus(ctx, "magmax")
+    out = {}
+    for k, tau in taus.items():
+        state[f"max/{k}"] = magmax_update(state.get(f"max/{k}"), tau)
+        out[k] = ctx.alpha * state[f"max/{k}"]
+    return out

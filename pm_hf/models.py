@@ -105,3 +105,52 @@ class ClassMask:
         if self.mask is None:
             return output
         return output.masked_fill(~self.mask.to(output.device), torch.finfo(output.dtype).min)
+
+
+def fit_head_rows(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: list[int],
+    classes: list[int],
+    steps: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refit head rows `rows` (weight and bias) by full-batch Adam on cross-entropy over the logits of `classes`,
+    starting from their current values; every other row is returned unchanged (head alignment, METHOD.md).
+
+    Args:
+        features: [N, d] inputs of the head; labels: [N] global class ids (each in `classes`).
+        weight: [C, d] and bias: [C] (or None) of the head.
+        rows: the rows to refit (the new classes); classes: the logits the loss runs over (task or all seen).
+
+    Returns:
+        New (weight, bias) tensors (inputs are not modified).
+    """
+    if not set(rows) <= set(classes):
+        raise ValueError(f"head alignment: rows {rows} must be among the classes {classes} the loss runs over.")
+    torch.manual_seed(seed)
+    cls = torch.tensor(sorted(classes), device=weight.device)
+    position = {c: i for i, c in enumerate(cls.tolist())}
+    target = torch.tensor([position[int(y)] for y in labels.tolist()], device=weight.device)
+    x = features.float().to(weight.device)
+    row_idx = torch.tensor(sorted(rows), device=weight.device)
+    w_new = weight.detach().float()[row_idx].clone().requires_grad_(True)
+    b_new = None if bias is None else bias.detach().float()[row_idx].clone().requires_grad_(True)
+    w_all, b_all = weight.detach().float().clone(), None if bias is None else bias.detach().float().clone()
+    opt = torch.optim.Adam([p for p in (w_new, b_new) if p is not None], lr=lr)
+    for _ in range(steps):
+        w = w_all.index_copy(0, row_idx, w_new)
+        logits = x @ w[cls].T
+        if b_all is not None:
+            logits = logits + b_all.index_copy(0, row_idx, b_new)[cls]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        w_out = w_all.index_copy(0, row_idx, w_new.detach()).to(weight.dtype)
+        b_out = None if b_all is None else b_all.index_copy(0, row_idx, b_new.detach()).to(bias.dtype)
+    return w_out, b_out

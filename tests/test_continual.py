@@ -61,7 +61,7 @@ def groups(model_dir, out, **kw):
     )
     merge = {}
     for key in list(kw):
-        if key in ("merge_method", "alpha"):
+        if key in MergeArguments.__dataclass_fields__:
             merge[key] = kw.pop(key)
         elif key in DataArguments.__dataclass_fields__:
             data[key] = kw.pop(key)
@@ -114,7 +114,7 @@ def test_outputs_and_alpha(full_run):
     assert results["alphas"][0] == 1.0 and results["alphas_raw"][0] == pytest.approx(1.0, abs=1e-9)
     assert all(0.0 <= a <= 1.0 for a in results["alphas"])
     assert [len([v for v in row if v is not None]) for row in results["accuracy_matrix"]] == [1, 2, 3]
-    assert set(results["timings"][0]) == {"train", "fisher", "merge", "eval"}
+    assert set(results["timings"][0]) == {"train", "fisher", "merge", "head_align", "eval"}
     for name in ("accuracy_matrix.png", "accuracy_curve.png", "merged_adapter/adapter_config.json"):
         assert (out / name).stat().st_size > 0
 

@@ -217,7 +217,7 @@ def test_registry():
     assert {"pm", "fixed"} <= set(MERGE_RULES)
     assert MERGE_RULES["pm"].needs_fisher and not MERGE_RULES["fixed"].needs_fisher
     assert get_merge_rule("pm") is MERGE_RULES["pm"]
-    with pytest.raises(ValueError, match=r"'nope'.*\[.*'fixed', 'pm'") as err:
+    with pytest.raises(ValueError, match=r"'nope'.*\[.*'fixed'.*'pm'") as err:
         get_merge_rule("nope")
     assert all(name in str(err.value) for name in MERGE_RULES)
     with pytest.raises(ValueError, match="already registered"):
@@ -274,3 +274,89 @@ def test_alpha_only_baselines_by_hand():
         theta = theta + a * (opt - theta)
     torch.testing.assert_close(theta, torch.stack(optima).mean(0))
     assert not any(MERGE_RULES[n].needs_fisher for n in ("seq-merge", "average", "coma"))
+
+
+def test_per_parameter_alpha_accumulators_match_the_direct_sum():
+    """G = sum_{i<t} F_i (theta_hat_{t-1} - theta*_i) stays exact when alpha is a tensor (CoFiMA), by brute force."""
+    from pm_hf.merge import cofima_weights
+
+    gen = torch.Generator().manual_seed(5)
+    theta = torch.zeros(7, dtype=torch.float64)
+    S, G = {"w": torch.zeros(7, dtype=torch.float64)}, {"w": torch.zeros(7, dtype=torch.float64)}
+    optima, fishers = [], []
+    for _ in range(4):
+        star = theta + torch.randn(7, generator=gen, dtype=torch.float64)
+        fisher = torch.rand(7, generator=gen, dtype=torch.float64)
+        delta = {"w": star - theta}
+        w = cofima_weights(fisher, S["w"], 0.4).double()
+        S, G = update_accumulators(delta, {"w": fisher}, S, G, {"w": w})
+        theta = theta + w * delta["w"]
+        optima.append(star)
+        fishers.append(fisher)
+        direct = sum(f * (theta - s) for f, s in zip(fishers, optima))
+        assert torch.allclose(G["w"], direct, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(S["w"], sum(fishers), rtol=1e-12)
+
+
+def test_cofima_weights_by_hand():
+    from pm_hf.merge import cofima_weights
+
+    F = torch.tensor([1.0, 0.0, 3.0, 0.0])
+    S = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    # a=0.5: w = F / (S + F); F=S=0 -> a
+    assert torch.allclose(cofima_weights(F, S, 0.5), torch.tensor([0.5, 0.0, 1.0, 0.5]))
+    # a=0.25: w = 0.25 F / (0.75 S + 0.25 F): first entry 0.25 / (0.75 + 0.25) = 0.25
+    assert torch.allclose(cofima_weights(F, S, 0.25), torch.tensor([0.25, 0.0, 1.0, 0.25]))
+    ctx = MergeContext({"w": torch.tensor([1.0, 1.0, 0.0, 0.0])}, 2, {"w": F}, {"w": S}, {"w": torch.zeros(4)}, 0.5)
+    out = get_merge_rule("cofima").fn(ctx)
+    # effective alpha = sum w d^2 / sum d^2 = (0.5 + 0) / 2
+    assert out["w"].alpha == pytest.approx(0.25) and torch.allclose(out["w"].weight, cofima_weights(F, S, 0.5))
+
+
+def test_ties_trim_and_merge_by_hand():
+    from pm_hf.merge import ties_merge, ties_trim
+
+    tau = torch.tensor([0.1, -3.0, 2.0, 0.5, -0.2])
+    assert torch.equal(ties_trim(tau, 0.4), torch.tensor([0.0, -3.0, 2.0, 0.0, 0.0]))
+    assert torch.equal(ties_trim(tau, 1.0), tau)
+    assert ties_trim(tau, 0.01).count_nonzero() == 1  # at least one entry survives
+    a = torch.tensor([1.0, -2.0, 0.0, 4.0])
+    b = torch.tensor([3.0, 1.0, -1.0, -1.0])
+    # signs of the sum: +, -, -, +; agreeing entries averaged: [2, -2, -1, 4]
+    assert torch.equal(ties_merge([a, b]), torch.tensor([2.0, -2.0, -1.0, 4.0]))
+    ctx = MergeContext({"w": a}, 1, alpha=0.5, taus={"w": a}, state={}, density=1.0)
+    assert torch.equal(get_merge_rule("ties").fn(ctx)["w"], 0.5 * a)
+    ctx = MergeContext({"w": b}, 2, alpha=0.5, taus={"w": b}, state=ctx.state, density=1.0)
+    assert torch.equal(get_merge_rule("ties").fn(ctx)["w"], 0.5 * torch.tensor([2.0, -2.0, -1.0, 4.0]))
+
+
+def test_magmax_task_arithmetic_and_seq_rules_by_hand():
+    from pm_hf.merge import magmax_update
+
+    a = torch.tensor([1.0, -2.0, 0.5])
+    b = torch.tensor([-3.0, 1.0, 0.5])
+    assert torch.equal(magmax_update(magmax_update(None, a), b), torch.tensor([-3.0, -2.0, 0.5]))
+    state: dict = {}
+    for t, tau in enumerate((a, b), start=1):
+        out_ta = get_merge_rule("task-arithmetic").fn(
+            MergeContext({"w": tau}, t, alpha=0.5, taus={"w": tau}, state=state)
+        )
+    assert torch.equal(out_ta["w"], 0.5 * (a + b))
+    state = {}
+    for t, tau in enumerate((a, b), start=1):
+        out_mm = get_merge_rule("magmax").fn(MergeContext({"w": tau}, t, alpha=1.0, taus={"w": tau}, state=state))
+    assert torch.equal(out_mm["w"], torch.tensor([-3.0, -2.0, 0.5]))
+    out_seq = get_merge_rule("seq").fn(MergeContext({"w": b}, 2, taus={"w": b}, state={}))
+    assert torch.equal(out_seq["w"], b)
+    assert get_merge_rule("seq").start == "chain" and get_merge_rule("magmax").start == "chain"
+    assert get_merge_rule("task-arithmetic").start == "pretrained" and get_merge_rule("ties").start == "pretrained"
+    with pytest.raises(ValueError, match="taus"):
+        get_merge_rule("magmax").fn(MergeContext({"w": a}, 1))
+
+
+def test_oracle_rule_takes_the_first_best_grid_point():
+    scores = {0.0: 0.2, 0.5: 0.7, 1.0: 0.7}
+    ctx = MergeContext({"w": torch.ones(2)}, 2, score=scores.__getitem__, grid=(0.0, 0.5, 1.0))
+    assert get_merge_rule("oracle-alpha").fn(ctx)["w"].alpha == 0.5
+    first = MergeContext({"w": torch.ones(2)}, 1, score=lambda a: 1 / 0)
+    assert get_merge_rule("oracle-alpha").fn(first)["w"].alpha == 1.0  # task 1: nothing to trade off, not scored
