@@ -1,6 +1,13 @@
 """Benchmarks of pm_hf (../shared/docs/BENCHMARKS.md). Ratios are measured side by side in one run; medians.
 
     python scripts/benchmark.py cost [--quick] [--out results/cost]
+    python scripts/benchmark.py text-cil|vision-cil [--methods pm seq ...] [--seeds 3] [--out results/<suite>]
+
+Accuracy suites: every (method, seed) is one `pm-hf train` run of `configs/bench_<suite>.yaml` plus the method's
+overrides (`METHODS`); finished runs are skipped (the suite is resumable, an interrupted run resumes from its last
+task). Per run a compact JSON goes to `<out>/runs/<method>/seed<k>.json` (committed); checkpoints and adapters stay
+in `outputs/bench/<suite>/` (not committed). `<out>/summary.json`, `<out>/table.md` (mean +- std over seeds of ACC,
+AAA, BWT, forgetting, within-task ACC, alpha per task) and `<out>/curves.png` are rebuilt from all finished runs.
 
 `cost`: PM / plain Trainer step rate, Fisher pass / one epoch, alpha + merge / task training, and the growth of the
 saved continual state and of RSS from task 2 to task 10. The last stdout line is one JSON object with the figures;
@@ -332,14 +339,223 @@ def write_reports(out: Path, figures: dict, raw: dict) -> None:
     (out / "cost.md").write_text("\n".join(lines) + "\n")
 
 
+# ------------------------------------------------------------------------------------------ accuracy suites
+SUITES = {
+    "text-cil": ROOT / "configs" / "bench_text_cil.yaml",
+    "vision-cil": ROOT / "configs" / "bench_vision_cil.yaml",
+}
+_NO_PERTURB = {"perturbation": "none"}
+# method -> (overrides of the suite config, one-line description). Baselines train without perturbation (as in the
+# paper's tables); P&M variants and the oracle train with it.
+METHODS: dict[str, tuple[dict, str]] = {
+    "seq": ({"merge_method": "seq", **_NO_PERTURB}, "one LoRA continued through all tasks, no merge"),
+    "seq-merge": ({"merge_method": "seq-merge", **_NO_PERTURB}, "new LoRA per task, merged with alpha = 1"),
+    "average": ({"merge_method": "average", **_NO_PERTURB}, "alpha_t = 1/t (model averaging)"),
+    "coma": ({"merge_method": "coma", "alpha": 0.5, **_NO_PERTURB}, "fixed alpha = 0.5"),
+    "cofima": ({"merge_method": "cofima", "alpha": 0.5, **_NO_PERTURB}, "Fisher-weighted per parameter, a = 0.5"),
+    "task-arithmetic": (
+        {"merge_method": "task-arithmetic", "alpha": 0.5, **_NO_PERTURB},
+        "independent fine-tunes from theta_0, theta_0 + 0.5 sum tau",
+    ),
+    "ties": (
+        {"merge_method": "ties", "alpha": 1.0, "ties_density": 0.2, **_NO_PERTURB},
+        "independent fine-tunes, TIES (density 0.2, lambda 1)",
+    ),
+    "magmax": ({"merge_method": "magmax", "alpha": 1.0, **_NO_PERTURB}, "sequential fine-tuning, max-magnitude merge"),
+    "merge-only": ({"merge_method": "pm", **_NO_PERTURB}, "closed-form alpha, no perturbation"),
+    "pm": ({"merge_method": "pm", "perturbation": "task_vector"}, "P&M as specified (closed form + task-vector eps)"),
+    "pm-gaussian": ({"merge_method": "pm", "perturbation": "gaussian"}, "closed form + isotropic noise"),
+    "oracle-alpha": (
+        {"merge_method": "oracle-alpha", "perturbation": "task_vector"},
+        "P&M training, alpha per task from a 0.1 grid by accuracy on the eval sets (upper bound)",
+    ),
+    "joint": ({"merge_method": "joint", **_NO_PERTURB}, "all tasks' data at once (upper bound)"),
+    # remedies for alpha collapse (METHOD.md): P&M + one change each
+    "pm-fisher-mean": ({"merge_method": "pm", "fisher_normalize": "mean"}, "P&M, each F_t scaled to unit mean"),
+    "pm-sampled": ({"merge_method": "pm", "fisher_labels": "sampled"}, "P&M, Fisher with sampled labels"),
+    "pm-align": ({"merge_method": "pm", "head_align": "seen"}, "P&M + head alignment over all seen classes"),
+    "pm-floor": ({"merge_method": "pm", "alpha_min": 0.2}, "P&M with alpha >= 0.2"),
+}
+COMPACT_KEYS = (
+    "tasks",
+    "accuracy_matrix",
+    "til_accuracy_matrix",
+    "acc",
+    "aaa",
+    "bwt",
+    "forgetting",
+    "til_acc",
+    "alphas",
+    "alphas_raw",
+    "pre_merge_acc",
+    "oracle_scores",
+    "delta_norms",
+    "timings",
+    "eval_sizes",
+)
+
+
+def _overrides(values: dict) -> list[str]:
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return out
+
+
+def run_accuracy(
+    config: Path,
+    methods: list[str],
+    seeds: list[int],
+    out: Path,
+    work: Path,
+    extra: dict | None = None,
+    method_table: dict | None = None,
+) -> list[Path]:
+    """Run every unfinished (method, seed) of one suite; returns the per-run JSON paths written now."""
+    from pm_hf.cli import parse_config
+    from pm_hf.continual import run_continual
+
+    table = method_table or METHODS
+    written = []
+    for method in methods:
+        for seed in seeds:
+            target = out / "runs" / method / f"seed{seed}.json"
+            if target.exists():
+                print(f"[skip] {method} seed {seed}: {target.relative_to(out)} exists", flush=True)
+                continue
+            run_dir = work / method / f"seed{seed}"
+            values = {**(extra or {}), **table[method][0], "seed": seed, "output_dir": str(run_dir)}
+            groups = parse_config(config, _overrides(values))
+            resume = (run_dir / "latest.json").exists()
+            print(f"[run] {method} seed {seed}{' (resuming)' if resume else ''}", flush=True)
+            start = time.perf_counter()
+            results = run_continual(*groups, resume=resume)
+            compact = {k: results.get(k) for k in COMPACT_KEYS}
+            compact.update(
+                method=method,
+                seed=seed,
+                overrides=table[method][0],
+                description=table[method][1],
+                config=str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
+                wall_s=time.perf_counter() - start,
+            )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(compact, indent=1, default=float))
+            os.replace(tmp, target)
+            written.append(target)
+            print(f"[done] {method} seed {seed}: ACC {compact['acc']:.4f} in {compact['wall_s']:.0f}s", flush=True)
+    return written
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _seen_curve(run: dict) -> list[float]:
+    sizes = run["eval_sizes"]
+    curve = []
+    for t, row in enumerate(run["accuracy_matrix"]):
+        w = sizes[: t + 1]
+        curve.append(sum(a * n for a, n in zip(row[: t + 1], w)) / sum(w))
+    return curve
+
+
+def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
+    """Aggregate every finished run under `out/runs` into summary.json, table.md and curves.png."""
+    runs: dict[str, list[dict]] = {}
+    for path in sorted((out / "runs").glob("*/seed*.json")):
+        run = json.loads(path.read_text())
+        runs.setdefault(run["method"], []).append(run)
+    names = [m for m in (order or METHODS) if m in runs] + sorted(set(runs) - set(order or METHODS))
+    summary = {}
+    for m in names:
+        rs = runs[m]
+        row = {"seeds": sorted(r["seed"] for r in rs), "description": rs[0]["description"]}
+        single = len(rs[0]["accuracy_matrix"]) == 1  # joint: one task, no per-task trajectory
+        for key in ("acc", "aaa", "bwt", "forgetting", "til_acc"):
+            mean, std = _mean_std([r.get(key) for r in rs])
+            row[key] = None if (single and key in ("aaa", "bwt", "forgetting")) else {"mean": mean, "std": std}
+        T = max(len(r["alphas"]) for r in rs)
+        row["alphas"] = [_mean_std([r["alphas"][t] for r in rs if len(r["alphas"]) > t])[0] for t in range(T)]
+        row["curve"] = [_mean_std([_seen_curve(r)[t] for r in rs if len(r["alphas"]) > t])[0] for t in range(T)]
+        row["wall_s"] = _mean_std([r["wall_s"] for r in rs])[0]
+        summary[m] = row
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    def cell(v):
+        return "—" if v is None or not math.isfinite(v["mean"]) else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
+
+    lines = [
+        "| method | ACC | AAA | BWT | forgetting | within-task ACC | α per task (mean) | seeds | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, row in summary.items():
+        alphas = ", ".join(f"{a:.2f}" for a in row["alphas"])
+        lines.append(
+            f"| {m} | {cell(row['acc'])} | {cell(row['aaa'])} | {cell(row['bwt'])} | {cell(row['forgetting'])} | "
+            f"{cell(row['til_acc'])} | {alphas} | {len(row['seeds'])} | {row['wall_s']:.0f} |"
+        )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plot_curves(summary, out / "curves.png", out.name)
+    return summary
+
+
+def _plot_curves(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m, row in summary.items():
+        xs = list(range(1, len(row["curve"]) + 1))
+        if len(xs) == 1:
+            ax.axhline(100 * row["curve"][0], ls=":", color="gray", label=f"{m} (final)")
+            continue
+        style = "-" if m.startswith("pm") else "--"
+        ax.plot(xs, [100 * v for v in row["curve"]], style, marker="o", ms=3, label=m)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("accuracy over all seen classes (%)")
+    ax.set_title(f"{title}: mean over seeds")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["cost"], help="which benchmark suite to run")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (< 3 min on 2 CPU cores)")
+    parser.add_argument("suite", choices=["cost", *SUITES], help="which benchmark suite to run")
+    parser.add_argument("--quick", action="store_true", help="cost: fewer steps and rounds (< 3 min on 2 CPU cores)")
     parser.add_argument("--out", default=None, help="output folder (default: results/<suite>)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"accuracy suites: subset of {list(METHODS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="accuracy suites: seeds 0..N-1")
+    parser.add_argument("--work", default=None, help="run folders (default: outputs/bench/<suite>)")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild table/plot from finished runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     transformers.logging.set_verbosity_error()
+    out = Path(args.out or ROOT / "results" / args.suite)
+    if args.suite in SUITES:
+        methods = args.methods or list(METHODS)
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        if not args.summary_only:
+            work = Path(args.work or ROOT / "outputs" / "bench" / args.suite)
+            run_accuracy(SUITES[args.suite], methods, list(range(args.seeds)), out, work, {"disable_tqdm": True})
+        summary = summarize_accuracy(out)
+        print((out / "table.md").read_text())
+        print(json.dumps({m: round(r["acc"]["mean"], 4) for m, r in summary.items()}))
+        return
     start = time.perf_counter()
     figures, raw = run_cost(args.quick)
     raw["wall_s"] = time.perf_counter() - start

@@ -1,0 +1,56 @@
+"""The accuracy-suite runner of scripts/benchmark.py on a tiny BERT: per-run JSON, resumability, the table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from test_continual import DATA, model_dir  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_method_of_the_suites_is_a_registered_config(bench):
+    from pm_hf.cli import parse_config
+
+    for name, (overrides, _) in bench.METHODS.items():
+        groups = parse_config(bench.SUITES["text-cil"], bench._overrides({**overrides, "output_dir": "/tmp/x"}))
+        assert groups[5].merge_method == overrides["merge_method"], name
+
+
+def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):  # noqa: F811
+    config = ROOT / "configs" / "ci_tiny.yaml"
+    extra = {
+        "model_name_or_path": model_dir,
+        "data_files": {"train": str(DATA / "train.parquet"), "test": str(DATA / "test.parquet")},
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    table = {"seq-merge": bench.METHODS["seq-merge"], "average": bench.METHODS["average"]}
+    out, work = tmp_path / "results", tmp_path / "work"
+    written = bench.run_accuracy(config, list(table), [0, 1], out, work, extra, table)
+    assert [p.relative_to(out).as_posix() for p in written] == [
+        "runs/seq-merge/seed0.json",
+        "runs/seq-merge/seed1.json",
+        "runs/average/seed0.json",
+        "runs/average/seed1.json",
+    ]
+    run = json.loads(written[2].read_text())
+    assert run["method"] == "average" and run["alphas"] == [1.0, 0.5]
+    assert "config" in run and len(json.dumps(run)) < 20_000  # compact: no weights, no full config dump
+    assert bench.run_accuracy(config, list(table), [0, 1], out, work, extra, table) == []  # all finished: skipped
+    summary = bench.summarize_accuracy(out, order=list(table))
+    assert list(summary) == ["seq-merge", "average"]
+    accs = [json.loads((out / "runs" / "average" / f"seed{s}.json").read_text())["acc"] for s in (0, 1)]
+    assert summary["average"]["acc"]["mean"] == pytest.approx(sum(accs) / 2)
+    table_md = (out / "table.md").read_text()
+    assert table_md.count("\n") == 4 and "| average |" in table_md
+    assert (out / "curves.png").stat().st_size > 1000
