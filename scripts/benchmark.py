@@ -540,8 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="accuracy suites: seeds 0..N-1")
     parser.add_argument("--work", default=None, help="run folders (default: outputs/bench/<suite>)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild table/plot from finished runs")
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help="torch threads (1 when sharing 2 cores with another job)"
+    )
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     out = Path(args.out or ROOT / "results" / args.suite)
     if args.suite in SUITES:

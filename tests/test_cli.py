@@ -218,7 +218,11 @@ def test_committed_configs_parse(path):
     # bf16 needs a GPU in TrainingArguments' own check; the paper configs ask for it on purpose.
     overrides = ["--bf16", "false"] if raw.get("bf16") and not torch.cuda.is_available() else []
     _, data, train, lora, _, merge = parse_config(path, overrides)
-    assert train.output_dir == raw["output_dir"] and data.num_tasks == raw["num_tasks"]
+    assert train.output_dir == raw["output_dir"]
+    if "task_datasets" in raw:  # one dataset per task (instruction streams)
+        assert data.task_datasets == raw["task_datasets"]
+    else:
+        assert data.num_tasks == raw["num_tasks"]
     if path.name.startswith("paper_"):
         assert lora.r == 10 and lora.lora_alpha == 10 and lora.target_modules == ["k_proj", "v_proj"]
         assert train.learning_rate == 1e-3 and train.num_train_epochs == 10 and train.perturb_eps == 0.5

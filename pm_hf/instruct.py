@@ -1,0 +1,505 @@
+"""Continual instruction tuning of causal LMs: task streams of prompt/response pairs, collators, generation, scores.
+
+Conventions (relied on by the continual loop):
+- one task per dataset: `task_datasets` (a list of {dataset_name, data_files, dataset_config_name}, as for
+  classification: Hub ids or local json/jsonl/csv/parquet files), or the top-level `dataset_name`/`data_files` as a
+  single task. Text comes from `prompt_column` and `response_column`. `TaskStream.modality` is "instruction",
+  `num_classes` = 0, `label_names` = [] and `Task.classes` = [];
+- formatting: with a chat template (`use_chat_template` true, or null and `tokenizer.chat_template` set) the prompt
+  part is the rendered user turn with `add_generation_prompt=True`, and the response part is what the rendered
+  user + assistant conversation adds after it (for ChatML: "response<|im_end|>\\n"); an end-of-sequence id is
+  appended when that part holds none. Without a template: bos (if the tokenizer has one) + "prompt\\n" and
+  "response" + eos. Both parts are tokenized separately with `add_special_tokens=False`, so the prompt ids of
+  training are exactly the ids generation starts from;
+- the end-of-sequence id is `tokenizer.eos_token_id`, else `sep_token_id` (BERT-style tokenizers); the padding id
+  is `tokenizer.pad_token_id`, else that end-of-sequence id. The tokenizer is never modified: the ids are passed
+  to the collators and to `generate` explicitly (`resolve_pad_token_id`);
+- labels are the input ids with -100 on every prompt position (padding gets -100 in the collator): the loss is the
+  token CE on the response tokens (+ eos), after the usual one-token shift inside the model;
+- truncation to the task's max length L (`max_length_per_task[t]`, else `max_length`): the prompt is kept whole
+  and the response is cut at its end (the eos is then lost); a prompt of L tokens or more keeps its last L - 1
+  tokens (the end of the question and the assistant header) and one response token (logged);
+- caps (`max_train_samples`, `max_eval_samples`, per task) pick a seeded subset
+  (`np.random.default_rng([seed, task, split])`, split 0 = train, 1 = eval) in dataset order; nothing is shuffled;
+- columns (plain python lists, no torch format): train = input_ids, attention_mask, labels; eval = the same plus
+  `prompt_input_ids` (the prompt ids, where generation starts), `prompt_text` (the raw prompt) and `reference`
+  (the raw, untruncated response). The collators read only the keys they need, and the Trainer's
+  `remove_unused_columns` drops the extra ones, so `Trainer.evaluate`/`predict` and the Fisher pass work on either
+  split; `generate_responses` and `score_generations` use the extra ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DataArguments
+from .data import Task, TaskStream, _check_columns, _short_name, _source_specs, _where
+
+logger = logging.getLogger(__name__)
+
+MODALITY = "instruction"
+PROMPT_IDS_COLUMN = "prompt_input_ids"
+PROMPT_TEXT_COLUMN = "prompt_text"
+REFERENCE_COLUMN = "reference"
+TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels")
+EVAL_COLUMNS = (*TRAIN_COLUMNS, PROMPT_IDS_COLUMN, PROMPT_TEXT_COLUMN, REFERENCE_COLUMN)
+METRICS_DIR = Path(__file__).resolve().parent / "eval_metrics"
+
+
+# ----------------------------------------------------------------------------------------------- special ids
+
+
+def resolve_eos_token_id(tokenizer) -> int:
+    """`eos_token_id`, else `sep_token_id`; raises if the tokenizer has neither."""
+    for name in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        "The tokenizer has neither an eos nor a sep token, so responses cannot be terminated: set "
+        "`tokenizer.eos_token` before building the stream."
+    )
+
+
+def resolve_pad_token_id(tokenizer) -> int:
+    """`pad_token_id`, else the end-of-sequence id (`resolve_eos_token_id`). The tokenizer is not modified."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else resolve_eos_token_id(tokenizer)
+
+
+def _stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
+    ids = [resolve_eos_token_id(tokenizer)]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in [config_eos] if isinstance(config_eos, int) else list(config_eos or []):
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+
+
+def uses_chat_template(tokenizer, use_chat_template: bool | None = None) -> bool:
+    """Whether pairs are rendered with the chat template: `use_chat_template`, or (None) whether there is one."""
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if use_chat_template and not has:
+        raise ValueError(
+            "`use_chat_template` = True but the tokenizer has no chat template: set `tokenizer.chat_template`, or "
+            "use `use_chat_template` = false (plain 'prompt\\nresponse<eos>' format) or null (auto)."
+        )
+    return has if use_chat_template is None else bool(use_chat_template)
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], use_chat_template: bool | None = None) -> list[list[int]]:
+    """Token ids generation starts from for raw `prompts` (the same prompt part as in training)."""
+    if uses_chat_template(tokenizer, use_chat_template):
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        return _encode(tokenizer, texts)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [([int(bos)] if bos is not None else []) + ids for ids in _encode(tokenizer, [f"{p}\n" for p in prompts])]
+
+
+def encode_pairs(
+    tokenizer, prompts: Sequence[str], responses: Sequence[str], use_chat_template: bool | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, response ids) per pair, untruncated; every response ends with the end-of-sequence id."""
+    eos = resolve_eos_token_id(tokenizer)
+    prompt_ids = encode_prompts(tokenizer, prompts, use_chat_template)
+    if uses_chat_template(tokenizer, use_chat_template):
+        tails = []
+        for p, r in zip(prompts, responses):
+            user = [{"role": "user", "content": p}]
+            head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": r}], tokenize=False)
+            if not full.startswith(head):
+                raise ValueError(
+                    "The chat template renders the user turn with `add_generation_prompt=True` differently from the "
+                    "start of the user + assistant conversation, so the response tokens cannot be located; set "
+                    "`use_chat_template` = false or use a template whose generation prompt is a prefix."
+                )
+            tails.append(full[len(head) :])
+        response_ids = _encode(tokenizer, tails)
+        response_ids = [ids if eos in ids else [*ids, eos] for ids in response_ids]
+    else:
+        response_ids = [[*ids, eos] for ids in _encode(tokenizer, list(responses))]
+    return prompt_ids, response_ids
+
+
+def truncate_pair(prompt: list[int], response: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Fit prompt + response into `max_length` (>= 2): keep the prompt, cut the response end; a prompt that leaves
+    no room keeps its last `max_length - 1` tokens and one response token."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt, response
+    if len(prompt) < max_length:
+        return prompt, response[: max_length - len(prompt)]
+    return prompt[len(prompt) - (max_length - 1) :], response[:1]
+
+
+# ------------------------------------------------------------------------------------------------- the stream
+
+
+def _texts(ds: datasets.Dataset, column: str, arg: str, split: str, where: str) -> list[str]:
+    values = ds[column]
+    values = list(values) if not isinstance(values, list) else values
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise ValueError(
+                f"`{arg}` = {column!r}: row {i} of the '{split}' split of {where} holds {v!r}, not a string; "
+                f"drop or fill such rows, or set `{arg}` to a text column."
+            )
+    return values
+
+
+def _subset(n: int, cap: int | None, key: list[int]) -> list[int]:
+    if cap is None or n <= cap:
+        return list(range(n))
+    return np.sort(np.random.default_rng(key).choice(n, size=cap, replace=False)).tolist()
+
+
+def _tokenize_split(
+    ds: datasets.Dataset,
+    tokenizer,
+    data_args: DataArguments,
+    max_length: int,
+    keep_generation_columns: bool,
+    where: str,
+    split: str,
+    desc: str,
+) -> datasets.Dataset:
+    prompts = _texts(ds, data_args.prompt_column, "prompt_column", split, where)
+    responses = _texts(ds, data_args.response_column, "response_column", split, where)
+    prompt_ids, response_ids = encode_pairs(tokenizer, prompts, responses, data_args.use_chat_template)
+    rows: dict[str, list] = {c: [] for c in (EVAL_COLUMNS if keep_generation_columns else TRAIN_COLUMNS)}
+    cut_prompts = cut_responses = 0
+    for p_text, r_text, p, r in zip(prompts, responses, prompt_ids, response_ids):
+        p2, r2 = truncate_pair(p, r, max_length)
+        cut_prompts += len(p2) < len(p)
+        cut_responses += len(r2) < len(r)
+        rows["input_ids"].append(p2 + r2)
+        rows["attention_mask"].append([1] * (len(p2) + len(r2)))
+        rows["labels"].append([-100] * len(p2) + r2)
+        if keep_generation_columns:
+            rows[PROMPT_IDS_COLUMN].append(p2)
+            rows[PROMPT_TEXT_COLUMN].append(p_text)
+            rows[REFERENCE_COLUMN].append(r_text)
+    if cut_responses:
+        logger.info("%s: %d of %d responses cut to max_length=%d.", desc, cut_responses, len(prompts), max_length)
+    if cut_prompts:
+        logger.warning(
+            "%s: %d of %d prompts are longer than max_length=%d - 1 and keep only their last tokens; raise "
+            "`max_length` (or `max_length_per_task`).",
+            desc,
+            cut_prompts,
+            len(prompts),
+            max_length,
+        )
+    features = {
+        "input_ids": datasets.List(datasets.Value("int64")),
+        "attention_mask": datasets.List(datasets.Value("int64")),
+        "labels": datasets.List(datasets.Value("int64")),
+    }
+    if keep_generation_columns:
+        features[PROMPT_IDS_COLUMN] = datasets.List(datasets.Value("int64"))
+        features[PROMPT_TEXT_COLUMN] = datasets.Value("string")
+        features[REFERENCE_COLUMN] = datasets.Value("string")
+    return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+
+
+def _task_lengths(data_args: DataArguments, num_tasks: int) -> list[int]:
+    lengths = data_args.max_length_per_task
+    if lengths is None:
+        return [data_args.max_length] * num_tasks
+    if len(lengths) != num_tasks:
+        raise ValueError(
+            f"`max_length_per_task` = {lengths!r} has {len(lengths)} entries for {num_tasks} task(s): give one "
+            "length per task, or null to use `max_length` for all."
+        )
+    return list(lengths)
+
+
+def build_instruction_stream(
+    data_args: DataArguments, tokenizer, seed: int = 0, main_process_first: Callable | None = None
+) -> TaskStream:
+    """Load one prompt/response dataset per task, tokenize it for causal-LM training and generation evaluation.
+
+    Args:
+        data_args: `task_datasets` (or the top-level dataset as one task), `train_split`/`eval_split`,
+            `prompt_column`/`response_column`, `max_length`/`max_length_per_task`, `max_train_samples`/
+            `max_eval_samples` (per task) and `use_chat_template`.
+        tokenizer: a (fast or slow) HF tokenizer; not modified.
+        seed: seeds the per-task caps.
+        main_process_first: e.g. `training_args.main_process_first`; loading runs inside it.
+
+    Returns:
+        `TaskStream(tasks, num_classes=0, label_names=[], modality="instruction", collate_fn=CausalLMCollator)`;
+        column layout in the module docstring.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"`seed` = {seed!r} is invalid: use a non-negative integer.")
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError("Instruction data needs a tokenizer (got None).")
+    resolve_eos_token_id(tokenizer)  # fail early
+    uses_chat_template(tokenizer, data_args.use_chat_template)
+    specs = _source_specs(data_args)
+    lengths = _task_lengths(data_args, len(specs))
+    first = main_process_first or contextlib.nullcontext
+    tasks = []
+    for t, spec in enumerate(specs):
+        where = _where(spec)
+        with first():
+            loaded = datasets.load_dataset(
+                spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"]
+            )
+        splits = []
+        for code, (arg, cap) in enumerate(
+            (("train_split", data_args.max_train_samples), ("eval_split", data_args.max_eval_samples))
+        ):
+            split = getattr(data_args, arg)
+            if split not in loaded:
+                raise ValueError(
+                    f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
+                    f"Set `{arg}` to one of them."
+                )
+            ds = loaded[split]
+            _check_columns(
+                ds,
+                {"prompt_column": data_args.prompt_column, "response_column": data_args.response_column},
+                split,
+                where,
+            )
+            if len(ds) == 0:
+                raise ValueError(f"The '{split}' split of {where} is empty.")
+            ds = ds.select(_subset(len(ds), cap, [seed, t, code]))
+            desc = f"task {t} ({'train' if code == 0 else 'eval'})"
+            splits.append(_tokenize_split(ds, tokenizer, data_args, lengths[t], code == 1, where, split, desc))
+        tasks.append(Task(f"task_{t}: {_short_name(spec, data_args.train_split)}", [], splits[0], splits[1]))
+    return TaskStream(tasks, 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(tokenizer)))
+
+
+# ------------------------------------------------------------------------------------------------- collators
+
+
+def _ids(value) -> list[int]:
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
+
+
+@dataclass
+class CausalLMCollator:
+    """Right-pads `input_ids` (with `pad_token_id`), `attention_mask` (0) and `labels` (-100) to the longest row.
+
+    Reads only those keys (other columns, e.g. `reference`, are ignored); `attention_mask` defaults to ones and
+    `labels` is emitted only when the rows have it. Rows may hold lists or 1-D tensors. Returns int64 tensors.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        ids = [_ids(f["input_ids"]) for f in features]
+        width = max(len(x) for x in ids)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        masks = [_ids(f["attention_mask"]) if "attention_mask" in f else [1] * len(x) for f, x in zip(features, ids)]
+        batch = {
+            "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids], dtype=torch.long),
+            "attention_mask": torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long),
+        }
+        if all("labels" in f for f in features):
+            labels = [_ids(f["labels"]) for f in features]
+            batch["labels"] = torch.tensor([y + [-100] * (width - len(y)) for y in labels], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class PromptCollator:
+    """Left-pads prompts for generation: `input_ids` from `key` (default `prompt_input_ids`, falling back to
+    `input_ids`), `attention_mask` 0 on the padding. Other keys are ignored."""
+
+    pad_token_id: int
+    key: str = PROMPT_IDS_COLUMN
+
+    def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        ids = [_ids(f[self.key] if self.key in f else f["input_ids"]) for f in features]
+        width = max(len(x) for x in ids)
+        return {
+            "input_ids": torch.tensor([[self.pad_token_id] * (width - len(x)) + x for x in ids], dtype=torch.long),
+            "attention_mask": torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long),
+        }
+
+
+def causal_lm_collator(tokenizer, pad_to_multiple_of: int | None = None) -> CausalLMCollator:
+    return CausalLMCollator(resolve_pad_token_id(tokenizer), pad_to_multiple_of)
+
+
+# --------------------------------------------------------------------------------------- generation and loss
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _prompt_ids(tokenizer, prompts_or_dataset, use_chat_template: bool | None) -> list[list[int]]:
+    items = prompts_or_dataset
+    if isinstance(items, datasets.Dataset):
+        column = PROMPT_IDS_COLUMN if PROMPT_IDS_COLUMN in items.column_names else None
+        if column is None:
+            raise ValueError(
+                f"The dataset has no `{PROMPT_IDS_COLUMN}` column (columns: {items.column_names}); pass an eval "
+                "split of `build_instruction_stream`, or a list of prompt strings."
+            )
+        return [_ids(x) for x in items[column]]
+    items = list(items)
+    if all(isinstance(x, str) for x in items):
+        return encode_prompts(tokenizer, items, use_chat_template)
+    if all(isinstance(x, Mapping) for x in items):
+        return [_ids(x[PROMPT_IDS_COLUMN] if PROMPT_IDS_COLUMN in x else x["input_ids"]) for x in items]
+    if all(isinstance(x, (list, tuple, torch.Tensor)) for x in items):
+        return [_ids(x) for x in items]
+    raise ValueError(
+        "`prompts_or_dataset` must be a list of prompt strings, a list of token-id lists, rows with "
+        f"`{PROMPT_IDS_COLUMN}`, or an eval split of `build_instruction_stream`."
+    )
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    tokenizer,
+    prompts_or_dataset,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    use_chat_template: bool | None = None,
+) -> list[str]:
+    """Greedy responses, one per prompt, in input order.
+
+    `prompts_or_dataset`: raw prompt strings (formatted like training, `encode_prompts`), token-id lists, rows or an
+    eval split holding `prompt_input_ids`. Prompts are sorted by length, left-padded (`PromptCollator`) in batches of
+    `batch_size` and generated with `do_sample=False, num_beams=1`, stopping at the end-of-sequence id(s); only the
+    new tokens are decoded (`skip_special_tokens=True`, stripped). Works on plain and PEFT-wrapped models; the
+    model's train/eval mode is restored afterwards.
+    """
+    from transformers import GenerationConfig
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` = {batch_size!r} is invalid: use a positive integer.")
+    prompt_ids = _prompt_ids(tokenizer, prompts_or_dataset, use_chat_template)
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("An empty prompt (0 tokens) cannot be continued; give every prompt at least one token.")
+    pad = resolve_pad_token_id(tokenizer)
+    stop = _stop_token_ids(tokenizer, model)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=stop if len(stop) > 1 else stop[0],
+    )
+    collate = PromptCollator(pad)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+    out: list[str | None] = [None] * len(prompt_ids)
+    device = _device(model)
+    with _eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([{PROMPT_IDS_COLUMN: prompt_ids[i]} for i in rows]).items()}
+            generated = model.generate(**batch, generation_config=config)
+            new = generated[:, batch["input_ids"].shape[1] :]
+            for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                out[i] = text.strip()
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def instruction_eval_loss(
+    model: nn.Module, dataset, collate_fn: Callable | None = None, batch_size: int = 8, tokenizer=None
+) -> float:
+    """Mean token cross-entropy over all response tokens of `dataset` (token-weighted across samples), in nats.
+
+    `collate_fn` defaults to `causal_lm_collator(tokenizer)`. Returns NaN when no token is supervised.
+    """
+    from torch.utils.data import DataLoader
+
+    if collate_fn is None:
+        if tokenizer is None:
+            raise ValueError("Give `collate_fn` (e.g. `TaskStream.collate_fn`) or a `tokenizer` to build one.")
+        collate_fn = causal_lm_collator(tokenizer)
+    device = _device(model)
+    total, count = 0.0, 0
+    with _eval_mode(model):
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False):
+            labels = batch["labels"].to(device)[:, 1:]
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            logits = model(**inputs).logits[:, :-1].float()
+            ce = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total += float(ce)
+            count += int((labels != -100).sum())
+    return total / count if count else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------------ scores
+
+
+def metric_path(name: str) -> str:
+    """Folder of a metric module shipped in the package (`exact_match` or `rouge`), for `evaluate.load`."""
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        available = sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+        raise ValueError(f"No metric module {name!r} in {METRICS_DIR}; available: {available}.")
+    return str(path)
+
+
+@functools.cache
+def load_metric(name: str):
+    """`evaluate.load` of a shipped metric module (offline; cached per process)."""
+    import evaluate
+
+    return evaluate.load(metric_path(name))
+
+
+def score_generations(
+    predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True
+) -> dict[str, float]:
+    """{"exact_match", "rougeL"}: fractions in [0, 1] from the shipped metric modules (see their docstrings for the
+    normalisation); ROUGE-L is the mean F-measure (Porter stemming when `use_stemmer`)."""
+    predictions, references = list(predictions), list(references)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references: give one per reference.")
+    if not predictions:
+        raise ValueError("No predictions to score.")
+    em = load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
+    rouge = load_metric("rouge").compute(predictions=predictions, references=references, use_stemmer=use_stemmer)
+    return {"exact_match": float(em), "rougeL": float(rouge["rougeL"])}

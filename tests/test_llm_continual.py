@@ -1,0 +1,183 @@
+"""Continual instruction tuning end to end with a tiny random Llama and a locally built tokenizer (seconds, offline):
+the loop, the Fisher on response tokens, the merge, the generalised score matrices, resume, export and the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import pm_hf.continual as continual
+from pm_hf.cli import main as cli_main
+from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from pm_hf.continual import run_continual
+from pm_hf.instruct import generate_responses
+
+INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "wordnet_instruct"
+TASKS = ("define", "category")
+
+
+def _rows(task):
+    return [json.loads(line) for line in (INSTRUCT / task / "train.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    texts = [r[k] for t in TASKS for r in _rows(t) for k in ("prompt", "response")]
+    tok = tiny_tokenizer(folder, texts, max_words=150)
+    model = tiny_llama(0)
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.sep_token_id
+    model.config.bos_token_id = tok.cls_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.sep_token_id
+    model.generation_config.bos_token_id = tok.cls_token_id
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return str(folder / "model")
+
+
+def llm_groups(model_dir, out, merge_method="pm", **kw):
+    data = dict(
+        task_datasets=[
+            {"dataset_name": "json", "data_files": {s: str(INSTRUCT / t / f"{s}.jsonl") for s in ("train", "test")}}
+            for t in TASKS
+        ],
+        max_train_samples=12,
+        max_eval_samples=6,
+        max_length=48,
+    )
+    data.update({k: kw.pop(k) for k in list(kw) if k in DataArguments.__dataclass_fields__})
+    merge = {k: kw.pop(k) for k in list(kw) if k in MergeArguments.__dataclass_fields__}
+    model = {k: kw.pop(k) for k in list(kw) if k in ("dtype", "max_new_tokens", "primary_metric")}
+    train = dict(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=1,
+        **kw,
+    )
+    return (
+        ModelArguments(model_name_or_path=model_dir, max_new_tokens=4, **model),
+        DataArguments(**data),
+        PMConfig(**train),
+        LoraArguments(r=2, lora_alpha=4),
+        FisherArguments(fisher_max_samples=8),
+        MergeArguments(merge_method=merge_method, **merge),
+    )
+
+
+def _with_run(holder):
+    original = continual.build_run
+    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
+    return original
+
+
+def test_pm_on_a_tiny_llama_writes_score_matrices(llm_dir, tmp_path):
+    holder = {}
+    original = _with_run(holder)
+    try:
+        results = run_continual(*llm_groups(llm_dir, tmp_path / "pm"))
+    finally:
+        continual.build_run = original
+    run = holder["run"]
+    # q/k/v/o detected for the Llama family when target_modules is not set
+    assert {k.rsplit(".", 2)[-2] for k in continual.lora_layers(run.model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert results["primary_metric"] == "rougeL"
+    assert set(results["score_matrices"]) == {"exact_match", "rougeL", "eval_loss"}
+    assert results["accuracy_matrix"] == results["score_matrices"]["rougeL"]
+    loss = results["score_matrices"]["eval_loss"]
+    assert loss[0][1] is None and all(v > 0 for v in (loss[0][0], loss[1][0], loss[1][1]))
+    # forgetting of a loss: how much task 0's loss went up after task 1
+    summary = results["score_summaries"]["eval_loss"]
+    assert summary["forgetting"] == pytest.approx(max(0.0, loss[1][0] - loss[0][0]), abs=1e-9)
+    assert summary["bwt"] == pytest.approx(loss[0][0] - loss[1][0], abs=1e-9)  # < 0: the loss went up (forgetting)
+    assert results["alphas"][0] == 1.0 and 0.0 <= results["alphas"][1] <= 1.0
+    assert results["alpha_terms"][1]["denominator"] > 0  # a real Fisher on response tokens
+    assert "til_accuracy_matrix" not in results
+    out = tmp_path / "pm"
+    assert (out / "score_matrix_eval_loss.png").exists() and (out / "accuracy_matrix.png").exists()
+
+    # the exported adapter reproduces the merged model's logits and generations
+    batch = run.stream.collate_fn([run.stream.tasks[0].eval[i] for i in range(3)])
+    batch.pop("labels")
+    run.model.eval()
+    with torch.no_grad():
+        expected = run.model(**batch).logits
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llm_dir), str(out / "merged_adapter"))
+        got = loaded.eval()(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    eval_ds = run.stream.tasks[1].eval
+    assert generate_responses(loaded, run.tokenizer, eval_ds, max_new_tokens=4) == generate_responses(
+        run.model, run.tokenizer, eval_ds, max_new_tokens=4
+    )
+
+
+def test_llm_resume_and_sequential_baseline(llm_dir, tmp_path):
+    full = run_continual(*llm_groups(llm_dir, tmp_path / "a", merge_method="seq"))
+    run_continual(*llm_groups(llm_dir, tmp_path / "b", merge_method="seq"), stop_after=1)
+    resumed = run_continual(*llm_groups(llm_dir, tmp_path / "b", merge_method="seq"), resume=True)
+    assert resumed["score_matrices"] == full["score_matrices"]
+    # seq: the deployed model after each task is that task's fine-tuned model
+    assert full["accuracy_matrix"][1][1] == pytest.approx(full["pre_merge_acc"][1], abs=1e-12)
+
+
+def test_bf16_keeps_an_fp32_master(llm_dir, tmp_path):
+    holder = {}
+    original = _with_run(holder)
+    try:
+        results = run_continual(*llm_groups(llm_dir, tmp_path / "bf16", dtype="bfloat16", merge_method="average"))
+    finally:
+        continual.build_run = original
+    run = holder["run"]
+    assert results["alphas"] == [1.0, 0.5]
+    assert run.merged.master and all(v.dtype == torch.float32 for v in run.merged.master.values())
+    for key, layer in continual.lora_layers(run.model).items():
+        weight = layer.get_base_layer().weight
+        assert weight.dtype == torch.bfloat16
+        assert torch.equal(weight, run.merged.master[key].to(torch.bfloat16))
+
+
+def test_cli_trains_an_instruction_config(llm_dir, tmp_path, capsys):
+    tasks = [
+        {"dataset_name": "json", "data_files": {s: str(INSTRUCT / t / f"{s}.jsonl") for s in ("train", "test")}}
+        for t in TASKS
+    ]
+    argv = [
+        "train",
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "llm_wordnet.yaml"),
+        "--model_name_or_path",
+        llm_dir,
+        "--task_datasets",
+        json.dumps(tasks),
+        "--max_train_samples",
+        "8",
+        "--max_eval_samples",
+        "4",
+        "--max_new_tokens",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--dtype",
+        "float32",
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--disable_tqdm",
+        "true",
+    ]
+    assert cli_main(argv) == 0
+    saved = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert len(saved["score_matrices"]["rougeL"]) == 2
+    assert "rougeL" in capsys.readouterr().out
