@@ -291,7 +291,9 @@ def format_results(results: Mapping[str, Any]) -> str:
     tasks += [f"task {j + 1}" for j in range(len(tasks), T)]
     percent = _is_percent([v for row in R for v in row])
     unit = " (%)" if percent else ""
-    lines = [f"Accuracy matrix{unit}: R[t][j] = accuracy on task j after training task t"]
+    score = results.get("primary_metric") or "accuracy"
+    title = "Accuracy matrix" if score == "accuracy" else f"Score matrix ({score})"
+    lines = [f"{title}{unit}: R[t][j] = {score} on task j after training task t"]
     if T:
         width = max(7, min(14, max(len(str(n)) for n in tasks[:T])))
         label = len(f"after task {T}")
@@ -309,6 +311,12 @@ def format_results(results: Mapping[str, Any]) -> str:
     for name, key, what, signed in metrics:
         if key in results:
             lines.append(f"{name + unit:<16}{_fmt(results[key], percent, signed):>8}   {what}")
+    for name, summary in (results.get("score_summaries") or {}).items():
+        if name in ("accuracy", score):
+            continue
+        lines.append(
+            f"{name:<16}final {summary['final']:.4g}  BWT {summary['bwt']:+.4g}  forgetting {summary['forgetting']:.4g}"
+        )
     alphas, raw = list(results.get("alphas") or []), list(results.get("alphas_raw") or [])
     if alphas or raw:
         lines += ["", "alpha per task (merge coefficient: clamped, raw)"]

@@ -363,10 +363,10 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         if rule.start == "chain":  # what the next task continues from
             state.rule.update({f"adapter/{k}": v for k, v in adapter_state(run.model).items()})
             state.rule.update({f"chain/{k}": params[k].detach().float().clone() for k in _non_head(run, params)})
-    scores: dict[str, float] = {}
+    oracle_scores: dict[str, float] = {}
     if rule.needs_eval:
         score = _oracle_score(run, trainer, t, lora_deltas, full_deltas, before)
-        extra["score"] = lambda a: scores.setdefault(str(a), score(a))
+        extra["score"] = lambda a: oracle_scores.setdefault(str(a), score(a))
     merge_s0 = time.perf_counter() - start
     fisher, terms, choices, fisher_s, alpha_s = _choose_alpha(run, state, deltas, t, task, extra)
     start = time.perf_counter()
@@ -415,7 +415,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         "terms": None
         if terms is None
         else {"fisher_delta_sq": terms.fisher_delta_sq, "g_delta": terms.g_delta, "denominator": terms.denominator},
-        "oracle_scores": scores or None,
+        "oracle_scores": oracle_scores or None,
         "delta_norm": delta_norm,
         "branch_counts": {str(b): n for b, n in trainer.branch_counts.items()},
         "timings": {"train": train_s, "fisher": fisher_s, "merge": merge_s, "head_align": align_s, "eval": eval_s},

@@ -376,6 +376,11 @@ METHODS: dict[str, tuple[dict, str]] = {
     "pm-sampled": ({"merge_method": "pm", "fisher_labels": "sampled"}, "P&M, Fisher with sampled labels"),
     "pm-align": ({"merge_method": "pm", "head_align": "seen"}, "P&M + head alignment over all seen classes"),
     "pm-floor": ({"merge_method": "pm", "alpha_min": 0.2}, "P&M with alpha >= 0.2"),
+    "pm-floor-0.5": ({"merge_method": "pm", "alpha_min": 0.5}, "P&M with alpha >= 0.5"),
+    "pm-align-task": (
+        {"merge_method": "pm", "head_align": "task"},
+        "P&M + head alignment within the task's classes",
+    ),
 }
 COMPACT_KEYS = (
     "tasks",
