@@ -57,8 +57,21 @@ class PMConfig(TrainingArguments):
         metadata={"help": "Probabilities of the branches (b=-1, b=0, b=+1); three non-negative numbers summing to 1."},
     )
 
+    head_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the class head (the paper: 1e-2 with LoRA at 1e-3); null: `learning_rate`."
+        },
+    )
+
     def __post_init__(self):
         _check_choice("perturbation", self.perturbation, PERTURBATIONS)
+        if self.head_learning_rate is not None and (
+            isinstance(self.head_learning_rate, bool)
+            or not isinstance(self.head_learning_rate, (int, float))
+            or not self.head_learning_rate >= 0
+        ):
+            raise _bad("head_learning_rate", self.head_learning_rate, "use a non-negative number or null.")
         if (
             not isinstance(self.perturb_eps, (int, float))
             or not math.isfinite(self.perturb_eps)

@@ -337,6 +337,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         data_collator=run.stream.collate_fn,
         task_index=t,
         callbacks=callbacks,
+        head_modules=_heads(run),
     )
     start = time.perf_counter()
     trainer.train()
@@ -582,6 +583,11 @@ def build_run(model_args, data_args, training_args, lora_args, fisher_args, merg
         )
     set_seed(training_args.seed)
     if is_causal_lm(model_args):
+        if merge_args.head_align != "none":
+            raise ValueError(
+                f"`head_align` = {merge_args.head_align!r} refits a class head, but a causal LM has none; "
+                "set `head_align: none` for instruction tuning."
+            )
         model_args = dataclasses.replace(model_args, model_task="causal_lm")
         tokenizer = load_processor(model_args)
         stream = build_instruction_stream(

@@ -13,7 +13,7 @@ from collections import Counter
 
 from transformers import Trainer
 
-from .adapters import gaussian_adapter_noise, scale_active_adapter, task_vector_norm, unwrap
+from .adapters import gaussian_adapter_noise, scale_active_adapter, strip_prefix, task_vector_norm, unwrap
 from .config import PMConfig
 from .perturb import noise_seed, sample_branch
 
@@ -24,9 +24,12 @@ class PMTrainer(Trainer):
     Args:
         *args, **kwargs: as `transformers.Trainer`; `args` must be a `PMConfig`.
         task_index: 0-based index of the task in the continual sequence (seeds the branch draws).
+        head_modules: names (relative to the base model) of the class head(s); with `args.head_learning_rate` set,
+            their parameters train at that learning rate (the paper's protocol: LoRA 1e-3, head 1e-2).
     """
 
-    def __init__(self, *args, task_index: int = 0, **kwargs):
+    def __init__(self, *args, task_index: int = 0, head_modules: list[str] | None = None, **kwargs):
+        self.head_modules = list(head_modules or [])
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PMConfig):
             raise TypeError(f"PMTrainer needs `args` to be a PMConfig, got {type(self.args).__name__}.")
@@ -40,6 +43,28 @@ class PMTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
         self.branch_counts: Counter[int] = Counter()
         self._counted_step = -1
+
+    def create_optimizer(self, *args, **kwargs):
+        """`Trainer.create_optimizer`, then the head parameters moved to their own group at `head_learning_rate`."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        lr = self.args.head_learning_rate
+        if lr is None or not self.head_modules:
+            return optimizer
+        head = {
+            id(p)
+            for n, p in self.model.named_parameters()
+            if p.requires_grad and any(strip_prefix(n).startswith(h + ".") for h in self.head_modules)
+        }
+        moved = []
+        for group in optimizer.param_groups:
+            params = [p for p in group["params"] if id(p) in head]
+            if params:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                moved.append({**{k: v for k, v in group.items() if k != "params"}, "params": params, "lr": lr})
+        optimizer.param_groups = [g for g in optimizer.param_groups if g["params"]]
+        for group in moved:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def current_branch(self) -> int:
         """The branch of the current optimizer step (0 when perturbation is off)."""

@@ -181,3 +181,9 @@ def test_cli_trains_an_instruction_config(llm_dir, tmp_path, capsys):
     saved = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert len(saved["score_matrices"]["rougeL"]) == 2
     assert "rougeL" in capsys.readouterr().out
+
+
+def test_head_alignment_is_refused_for_causal_lms(llm_dir, tmp_path):
+    with pytest.raises(ValueError, match="head_align"):
+        run_continual(*llm_groups(llm_dir, tmp_path / "x", head_align="seen"))
+    assert not (tmp_path / "x").exists()

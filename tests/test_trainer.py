@@ -217,3 +217,21 @@ def test_trainer_requires_pmconfig(tmp_path):
 
     with pytest.raises(TypeError, match="PMConfig"):
         PMTrainer(model=make_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+
+
+@pytest.mark.parametrize("head_lr", [None, 0.5])
+def test_head_learning_rate_moves_only_the_head(tmp_path, head_lr):
+    """learning_rate 0 with head_learning_rate 0.5: the head trains, LoRA stays put; without it nothing moves."""
+    model = make_model()
+    before = trainable_state(model)
+    args = make_args(tmp_path, learning_rate=0.0, head_learning_rate=head_lr, perturbation="none", weight_decay=0.0)
+    trainer = PMTrainer(model=model, args=args, train_dataset=make_data(), head_modules=["classifier"])
+    trainer.train()
+    after = trainable_state(model)
+    head = [n for n in before if ".classifier." in n]
+    assert head and len(head) < len(before)
+    for name in before:
+        moved = not torch.equal(before[name], after[name])
+        assert moved == (head_lr is not None and name in head), name
+    groups = trainer.optimizer.param_groups
+    assert sum(len(g["params"]) for g in groups) == len(before)
