@@ -466,12 +466,15 @@ def results_dict(run: Run, state: ContinualState, config: dict) -> dict:
     """results.json: the score matrices (R[t][j] = score of task j after task t) and their summaries, alpha per task,
     timings and the config. `accuracy_matrix` and acc/aaa/bwt/forgetting are those of the primary score ('accuracy'
     over all seen classes for classifiers, `primary_metric` for causal LMs); `score_matrices` holds every score."""
-    entries = [dict(zip(state.log, values)) for values in zip(*state.log.values())] if state.log else []
-    T = len(entries)
+    T = state.completed
+    # keys added by a newer version are missing for tasks logged before: pad them with None at the front
+    log = {k: [None] * (T - len(v)) + list(v) for k, v in state.log.items()}
+    entries = [{k: v[i] for k, v in log.items()} for i in range(T)]
     R = _matrix(entries, lambda e: e["R"])
     sizes = [len(run.stream.tasks[j].eval) for j in range(T)]
     summary = metrics.summarize(_as_nan(R), sizes=sizes) if T else {}
-    names = list(entries[0].get("scores") or {}) if T else []
+    complete = T and all(e.get("scores") for e in entries)  # runs resumed from an older version may lack them
+    names = list(entries[0]["scores"]) if complete else []
     score_matrices = {n: _matrix(entries, lambda e, n=n: e["scores"][n]) for n in names}
     out = {
         "tasks": [e["task"] for e in entries],
@@ -684,8 +687,8 @@ def run_continual(
     )
     for t in bar:
         entry = run_task(run, state, t, callbacks or [])
-        for key, value in entry.items():
-            state.log.setdefault(key, []).append(value)
+        for key, value in entry.items():  # a key new to this version is None for tasks logged before it existed
+            state.log.setdefault(key, [None] * t).append(value)
         state.completed = t + 1
         if training_args.should_save:
             save_checkpoint(run.out, state, _model_weights(run), config)

@@ -211,3 +211,32 @@ def test_joint_stream_keeps_lazy_image_transforms():
     assert len(joint.tasks) == 1 and joint.tasks[0].classes == [0, 1]
     row = joint.tasks[0].train[1]
     assert torch.equal(row["pixel_values"], torch.full((4,), 2.0)) and row["labels"] == 1
+
+
+def test_results_of_a_run_resumed_across_versions_pad_missing_log_keys():
+    """A checkpoint written before a log key existed (e.g. `scores`) still summarises: the key is None for the
+    early tasks, never shifted onto the wrong task."""
+    from types import SimpleNamespace
+
+    from pm_hf.checkpoint import ContinualState
+    from pm_hf.continual import results_dict
+
+    log = {
+        "task": ["a", "b"],
+        "R": [[0.9], [0.8, 0.7]],
+        "R_til": [[0.9], [0.9, 0.8]],
+        "alpha": [1.0, 0.5],
+        "alpha_raw": [1.0, 0.5],
+        "pre_merge_acc": [0.9, 0.7],
+        "terms": [None, None],
+        "delta_norm": [1.0, 1.0],
+        "branch_counts": [{}, {}],
+        "timings": [{}, {}],
+        "scores": [{"accuracy": [0.8, 0.7], "til_accuracy": [0.9, 0.8]}],  # logged for the second task only
+    }
+    tasks = [SimpleNamespace(eval=[0] * 10), SimpleNamespace(eval=[0] * 10)]
+    run = SimpleNamespace(stream=SimpleNamespace(tasks=tasks), primary="accuracy", is_lm=False, out="x")
+    out = results_dict(run, ContinualState(completed=2, log=log), {})
+    assert out["accuracy_matrix"] == [[0.9, None], [0.8, 0.7]]
+    assert out["score_matrices"] == {} and out["acc"] == pytest.approx(0.75)
+    assert out["oracle_scores"] == [None, None]
