@@ -492,7 +492,8 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
         T = max(len(r["alphas"]) for r in rs)
         row["alphas"] = [_mean_std([r["alphas"][t] for r in rs if len(r["alphas"]) > t])[0] for t in range(T)]
         row["curve"] = [_mean_std([_seen_curve(r)[t] for r in rs if len(r["alphas"]) > t])[0] for t in range(T)]
-        row["wall_s"] = _mean_std([r["wall_s"] for r in rs])[0]
+        # seconds of the run's own work (train, Fisher, merge, eval per task): robust to resumed runs
+        row["wall_s"] = _mean_std([sum(sum(t.values()) for t in r["timings"]) for r in rs])[0]
         summary[m] = row
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -501,7 +502,7 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
         return "—" if v is None or not math.isfinite(v["mean"]) else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
 
     lines = [
-        "| method | ACC | AAA | BWT | forgetting | within-task ACC | α per task (mean) | seeds | s/run |",
+        "| method | ACC | AAA | BWT | forgetting | within-task ACC | α per task (mean) | seeds | task s/run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, row in summary.items():
@@ -528,6 +529,21 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plot_curves(summary, out / "curves.png", out.name)
     return summary
+
+
+def update_readme(suite: str, out: Path, readme: Path = ROOT / "README.md") -> bool:
+    """Replace the README block between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->` by table.md."""
+    start, end = f"<!-- results:{suite} -->", f"<!-- /results:{suite} -->"
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    table = (out / "table.md").read_text(encoding="utf-8").strip()
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
+    os.replace(tmp, readme)
+    return True
 
 
 def _plot_curves(summary: dict, path: Path, title: str) -> None:
@@ -565,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="accuracy suites: seeds 0..N-1")
     parser.add_argument("--work", default=None, help="run folders (default: outputs/bench/<suite>)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild table/plot from finished runs")
+    parser.add_argument("--readme", action="store_true", help="also write the table into README.md's results block")
     parser.add_argument(
         "--threads", type=int, default=THREADS, help="torch threads (1 when sharing 2 cores with another job)"
     )
@@ -581,6 +598,8 @@ def main(argv: list[str] | None = None) -> None:
             work = Path(args.work or ROOT / "outputs" / "bench" / args.suite)
             run_accuracy(SUITES[args.suite], methods, list(range(args.seeds)), out, work, {"disable_tqdm": True})
         summary = summarize_accuracy(out)
+        if args.readme and not update_readme(args.suite, out):
+            print(f"README.md has no <!-- results:{args.suite} --> block; not updated")
         print((out / "table.md").read_text())
         print(json.dumps({m: round(r["acc"]["mean"], 4) for m, r in summary.items()}))
         return
