@@ -303,8 +303,8 @@ def format_results(results: Mapping[str, Any]) -> str:
             lines.append(f"{f'after task {t + 1}':<{label}}{cells}")
     lines.append("")
     metrics = [
-        ("ACC", "acc", "accuracy on all tasks after the last one", False),
-        ("AAA", "aaa", "mean over t of the accuracy on tasks 1..t", False),
+        ("ACC", "acc", f"{score} on all tasks after the last one", False),
+        ("AAA", "aaa", f"mean over t of the {score} on tasks 1..t", False),
         ("BWT", "bwt", "backward transfer, negative = forgetting", True),
         ("Forgetting", "forgetting", "mean drop from each task's best score", False),
     ]

@@ -21,6 +21,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -132,7 +133,12 @@ def _short_name(spec: dict, train_split: str) -> str:
     if spec["dataset_name"] not in FILE_BUILDERS or not files:
         return spec["dataset_name"] + (f"/{spec['dataset_config_name']}" if spec["dataset_config_name"] else "")
     files = files.get(train_split, files) if isinstance(files, dict) else files
-    return str(files[0] if isinstance(files, (list, tuple)) and len(files) == 1 else files)
+    path = str(files[0] if isinstance(files, (list, tuple)) and len(files) == 1 else files)
+    if isinstance(files, str) or isinstance(files, (list, tuple)) and len(files) == 1:
+        stem = Path(path).name.split(".")[0]
+        if stem in (train_split, "train", "training") and Path(path).parent.name:
+            return Path(path).parent.name  # data/wordnet_instruct/define/train.jsonl -> "define"
+    return path
 
 
 def _check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str, where: str) -> None:

@@ -119,7 +119,7 @@ def test_task_incremental_offsets_and_domain_incremental_keeps(tok, tmp_path):
     )
     assert domain.num_classes == 3 and domain.label_names == ["red", "green", "blue"]
     assert [t.classes for t in domain.tasks] == [[0, 1, 2], [0, 1, 2]]
-    assert domain.tasks[1].name == f"task_1: {c['train']}"
+    assert domain.tasks[1].name == "task_1: c"  # a generic train file is named by its folder
     for task in domain.tasks:
         assert np.unique(labels_of(task.train), return_counts=True)[1].tolist() == [2, 2, 2]
 
