@@ -405,7 +405,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         "task": task.name,
         "R": row,
         "R_til": row_til,
-        "scores": scores,
+        "scores": scores if run.is_lm else None,  # classifiers: R and R_til already hold them
         "pre_merge_acc": pre,
         "alpha": first.alpha,
         "alpha_raw": first.raw,
@@ -473,9 +473,12 @@ def results_dict(run: Run, state: ContinualState, config: dict) -> dict:
     R = _matrix(entries, lambda e: e["R"])
     sizes = [len(run.stream.tasks[j].eval) for j in range(T)]
     summary = metrics.summarize(_as_nan(R), sizes=sizes) if T else {}
-    complete = T and all(e.get("scores") for e in entries)  # runs resumed from an older version may lack them
-    names = list(entries[0]["scores"]) if complete else []
-    score_matrices = {n: _matrix(entries, lambda e, n=n: e["scores"][n]) for n in names}
+    if run.is_lm:
+        complete = T and all(e.get("scores") for e in entries)  # runs resumed from an older version may lack them
+        names = list(entries[0]["scores"]) if complete else []
+        score_matrices = {n: _matrix(entries, lambda e, n=n: e["scores"][n]) for n in names}
+    else:
+        score_matrices = {"accuracy": R, "til_accuracy": _matrix(entries, lambda e: e["R_til"])} if T else {}
     out = {
         "tasks": [e["task"] for e in entries],
         "primary_metric": run.primary,

@@ -232,10 +232,10 @@ def test_results_of_a_run_resumed_across_versions_pad_missing_log_keys():
         "delta_norm": [1.0, 1.0],
         "branch_counts": [{}, {}],
         "timings": [{}, {}],
-        "scores": [{"accuracy": [0.8, 0.7], "til_accuracy": [0.9, 0.8]}],  # logged for the second task only
+        "scores": [{"rougeL": [0.8, 0.7], "exact_match": [0.5, 0.5]}],  # logged for the second task only
     }
     tasks = [SimpleNamespace(eval=[0] * 10), SimpleNamespace(eval=[0] * 10)]
-    run = SimpleNamespace(stream=SimpleNamespace(tasks=tasks), primary="accuracy", is_lm=False, out="x")
+    run = SimpleNamespace(stream=SimpleNamespace(tasks=tasks), primary="rougeL", is_lm=True, out="x")
     out = results_dict(run, ContinualState(completed=2, log=log), {})
     assert out["accuracy_matrix"] == [[0.9, None], [0.8, 0.7]]
     assert out["score_matrices"] == {} and out["acc"] == pytest.approx(0.75)
