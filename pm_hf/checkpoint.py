@@ -34,6 +34,19 @@ class ContinualState:
     rule: dict[str, torch.Tensor] = field(default_factory=dict)  # what a merge rule keeps across tasks (see merge.py)
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`, replacing any old `final` with two renames (never half-written)."""
+    import tempfile
+
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "model")
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)

