@@ -14,7 +14,7 @@ FISHER_MODES = ("per_sample", "batch")
 FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
 ALPHA_GRANULARITIES = ("global", "module")
-HEAD_ALIGN = ("none", "task", "seen")
+HEAD_ALIGN = ("none", "task", "seen", "prototypes")
 
 
 def _bad(name: str, value, fix: str) -> ValueError:
@@ -220,12 +220,17 @@ class MergeArguments:
         default="none",
         metadata={
             "help": "After the merge, refit the new classes' head rows on the merged model's features: 'none', "
-            "'task' (cross-entropy over the task's classes) or 'seen' (over all seen classes, old rows frozen).",
+            "'task' (cross-entropy over the task's classes), 'seen' (over all seen classes, old rows frozen) or "
+            "'prototypes' (refit every seen row on class-balanced features drawn from stored per-class means and "
+            "a shared covariance: no old data kept, fixed-size state).",
             "choices": list(HEAD_ALIGN),
         },
     )
     head_align_steps: int = field(default=100, metadata={"help": "Full-batch Adam steps of the head alignment."})
     head_align_lr: float = field(default=1e-2, metadata={"help": "Learning rate of the head alignment."})
+    head_align_samples: int = field(
+        default=256, metadata={"help": "'prototypes': pseudo-features drawn per seen class for the head alignment."}
+    )
 
     def __post_init__(self):
         from .merge import MERGE_RULES  # local: the registry is filled when pm_hf.merge is imported
@@ -240,6 +245,8 @@ class MergeArguments:
             raise _bad("oracle_grid", grid, "use a non-empty list of non-negative numbers, e.g. [0, 0.1, ..., 1].")
         if not isinstance(self.head_align_steps, int) or self.head_align_steps < 1:
             raise _bad("head_align_steps", self.head_align_steps, "use a positive integer, e.g. 100.")
+        if not isinstance(self.head_align_samples, int) or self.head_align_samples < 1:
+            raise _bad("head_align_samples", self.head_align_samples, "use a positive integer, e.g. 256.")
         if not isinstance(self.head_align_lr, (int, float)) or not self.head_align_lr > 0:
             raise _bad("head_align_lr", self.head_align_lr, "use a positive number, e.g. 0.01.")
         for name in ("alpha", "alpha_min"):

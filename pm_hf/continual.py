@@ -62,7 +62,17 @@ from .instruct import (
     score_generations,
 )
 from .merge import AlphaChoice, MergeContext, alpha_terms, get_merge_rule, update_accumulators, zeros_like_dict
-from .models import ClassMask, find_head, fit_head_rows, is_causal_lm, load_causal_lm, load_model, load_processor
+from .models import (
+    ClassMask,
+    find_head,
+    fit_head_rows,
+    is_causal_lm,
+    load_causal_lm,
+    load_model,
+    load_processor,
+    sample_class_features,
+    update_class_stats,
+)
 from .trainer import PMTrainer
 
 logger = logging.getLogger(__name__)
@@ -275,8 +285,10 @@ def _start_weights(run: Run, state: ContinualState, t: int) -> None:
     _restore_weights(run, start)
 
 
-def _align_head(run: Run, task: Task, t: int) -> None:
-    """Refit the new classes' head rows on the merged model's features (METHOD.md remedy; old rows frozen)."""
+def _align_head(run: Run, state: ContinualState, task: Task, t: int) -> None:
+    """Refit head rows on the merged model's features (METHOD.md remedies). 'task' / 'seen': the new classes' rows
+    on the task's data, old rows frozen. 'prototypes': add the task's features to the per-class statistics kept in
+    the state (`classstats/*`, fixed size), then refit every seen row on class-balanced pseudo-features."""
     mode = run.merge_args.head_align
     head = find_head(run.model, run.stream.num_classes)[1]
     feats, labels = [], []
@@ -300,12 +312,20 @@ def _align_head(run: Run, task: Task, t: int) -> None:
         handle.remove()
         run.model.train(was_training)
     classes = task.classes if mode == "task" else _eval_classes(run, t)
+    x, y, rows = torch.cat(feats), torch.cat(labels), task.classes
+    if mode == "prototypes":
+        prefix = "classstats/"
+        stats = {k[len(prefix) :]: v for k, v in state.rule.items() if k.startswith(prefix)}
+        stats = update_class_stats(stats, x.cpu(), y.cpu(), head.weight.shape[0])
+        state.rule.update({prefix + k: v for k, v in stats.items()})
+        x, y = sample_class_features(stats, classes, run.merge_args.head_align_samples, seed=run.args.seed + t)
+        rows = classes
     weight, bias = fit_head_rows(
-        torch.cat(feats),
-        torch.cat(labels).to(device),
+        x,
+        y.to(device),
         head.weight.detach(),
         None if head.bias is None else head.bias.detach(),
-        rows=task.classes,
+        rows=rows,
         classes=classes,
         steps=run.merge_args.head_align_steps,
         lr=run.merge_args.head_align_lr,
@@ -391,7 +411,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     align_s = 0.0
     if run.merge_args.head_align != "none":
         start = time.perf_counter()
-        _align_head(run, task, t)
+        _align_head(run, state, task, t)
         align_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -186,3 +186,53 @@ def fit_head_rows(
         w_out = w_all.index_copy(0, row_idx, w_new.detach()).to(weight.dtype)
         b_out = None if b_all is None else b_all.index_copy(0, row_idx, b_new.detach()).to(bias.dtype)
     return w_out, b_out
+
+
+def update_class_stats(
+    stats: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> dict[str, torch.Tensor]:
+    """Add a batch of head inputs to per-class feature statistics (exact, order-independent; Chan et al.'s update).
+
+    `stats` holds `mean` [C, d], `count` [C] and `scatter` [d, d], the pooled within-class scatter
+    sum_c sum_i (x_i - mu_c)(x_i - mu_c)^T; all of fixed size (C = the head's classes), so they do not grow with
+    the number of tasks. Returns a new dict (the input is not modified); an empty dict starts from zero.
+    """
+    x = features.detach().double().reshape(features.shape[0], -1)
+    d = x.shape[1]
+    mean = stats["mean"].double().clone() if stats else torch.zeros(num_classes, d, dtype=torch.float64)
+    count = stats["count"].double().clone() if stats else torch.zeros(num_classes, dtype=torch.float64)
+    scatter = stats["scatter"].double().clone() if stats else torch.zeros(d, d, dtype=torch.float64)
+    for c in labels.unique().tolist():
+        xc = x[labels.cpu() == c]
+        n_b, mu_b = xc.shape[0], xc.mean(0)
+        centred = xc - mu_b
+        n_a, mu_a = count[c].item(), mean[c]
+        n = n_a + n_b
+        gap = (mu_b - mu_a).unsqueeze(1)
+        scatter += centred.T @ centred + (n_a * n_b / n) * (gap @ gap.T)
+        mean[c] = mu_a + (n_b / n) * (mu_b - mu_a)
+        count[c] = n
+    return {"mean": mean.float(), "count": count.float(), "scatter": scatter.float()}
+
+
+def sample_class_features(
+    stats: dict[str, torch.Tensor], classes: list[int], n_per_class: int, seed: int = 0, shrinkage: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `n_per_class` features for each class from N(mu_c, Sigma), Sigma the pooled within-class covariance
+    (scatter / (N - C), shrunk towards its mean variance by `shrinkage` so it is positive definite): the class-
+    balanced pseudo-features of the prototype head alignment (classifier alignment as in SLCA, with one shared
+    covariance). Returns (features [n_per_class * len(classes), d], labels)."""
+    missing = [c for c in classes if stats["count"][c] <= 0]
+    if missing:
+        raise ValueError(f"head alignment: no feature statistics for classes {missing}; they were never trained.")
+    counts = stats["count"][classes].double()
+    dof = max(float(counts.sum()) - len(classes), 1.0)
+    cov = stats["scatter"].double() / dof
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d) * torch.eye(d, dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov + 1e-10 * torch.eye(d, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(classes) * n_per_class, d, generator=gen, dtype=torch.float64)
+    labels = torch.tensor(classes).repeat_interleave(n_per_class)
+    feats = stats["mean"].double()[labels] + z @ chol.T
+    return feats.float(), labels

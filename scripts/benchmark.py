@@ -381,6 +381,19 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "pm", "head_align": "task"},
         "P&M + head alignment within the task's classes",
     ),
+    "pm-proto": (
+        {"merge_method": "pm", "head_align": "prototypes"},
+        "P&M + class-balanced head alignment on stored class prototypes (no old data)",
+    ),
+    # the same head alignment on two baselines: how much of pm-proto's gain is the alignment alone
+    "coma-proto": (
+        {"merge_method": "coma", "alpha": 0.5, "head_align": "prototypes", **_NO_PERTURB},
+        "fixed alpha = 0.5 + the prototype head alignment",
+    ),
+    "merge-only-proto": (
+        {"merge_method": "pm", "head_align": "prototypes", **_NO_PERTURB},
+        "closed-form alpha, no perturbation + the prototype head alignment",
+    ),
 }
 COMPACT_KEYS = (
     "tasks",

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 import pm_hf.continual as continual
 from pm_hf.adapters import full_trainable_params, lora_layers
 from pm_hf.continual import run_continual
-from pm_hf.models import fit_head_rows
+from pm_hf.models import fit_head_rows, sample_class_features, update_class_stats
 
 
 def _run(model_dir, out, holder=None, **kw):
@@ -186,6 +186,76 @@ def test_head_alignment_in_the_loop_keeps_old_rows(model_dir, tmp_path):
     finally:
         continual.build_run = original
     assert torch.equal(rows[0][[0, 1]], rows[1][[0, 1]])
+    assert results["timings"][1]["head_align"] > 0
+
+
+def _class_stats_by_hand(x, y, num_classes):
+    mean = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    count = torch.zeros(num_classes, dtype=torch.float64)
+    scatter = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for c in range(num_classes):
+        xc = x[y == c].double()
+        if len(xc):
+            mean[c], count[c] = xc.mean(0), len(xc)
+            for row in xc:  # one outer product per sample
+                scatter += torch.outer(row - mean[c], row - mean[c])
+    return mean, count, scatter
+
+
+def test_class_stats_merge_batches_exactly():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=gen, dtype=torch.float64) * 2 + 1
+    y = torch.tensor([0] * 10 + [1] * 12 + [2] * 8 + [1] * 6 + [4] * 4)  # class 1 spans two batches; 3 never seen
+    stats = {}
+    for lo, hi in ((0, 17), (17, 30), (30, 40)):
+        stats = update_class_stats(stats, x[lo:hi], y[lo:hi], num_classes=5)
+    mean, count, scatter = _class_stats_by_hand(x, y, 5)
+    assert torch.equal(stats["count"], count.float())
+    torch.testing.assert_close(stats["mean"], mean.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats["scatter"], scatter.float(), atol=1e-5, rtol=1e-6)
+    assert stats["mean"].shape == (5, 3) and stats["scatter"].shape == (3, 3)  # fixed size, whatever the tasks
+
+
+def test_sampled_class_features_follow_the_stored_gaussians():
+    means = torch.tensor([[0.0, 0.0], [5.0, -5.0], [9.0, 9.0]])
+    cov = torch.tensor([[2.0, 0.6], [0.6, 1.0]])
+    counts = torch.tensor([50.0, 50.0, 0.0])
+    stats = {"mean": means, "count": counts, "scatter": cov * (counts.sum() - 2)}  # pooled over classes 0, 1
+    x, y = sample_class_features(stats, [0, 1], n_per_class=20000, seed=1, shrinkage=0.0)
+    assert x.shape == (40000, 2) and torch.equal(torch.bincount(y), torch.tensor([20000, 20000]))
+    for c in (0, 1):
+        xc = x[y == c]
+        torch.testing.assert_close(xc.mean(0), means[c], atol=0.05, rtol=0)
+        torch.testing.assert_close(torch.cov(xc.T), cov, atol=0.05, rtol=0)
+    x1, _ = sample_class_features(stats, [0, 1], n_per_class=5, seed=1)
+    x2, _ = sample_class_features(stats, [0, 1], n_per_class=5, seed=1)
+    assert torch.equal(x1, x2)  # seeded
+    with pytest.raises(ValueError, match=r"classes \[2\]"):
+        sample_class_features(stats, [0, 2], n_per_class=2)
+
+
+def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_dir, tmp_path):
+    rows = []
+    holder = {}
+
+    def snapshot(t, entry):
+        rows.append(full_trainable_params(holder["run"].model)["classifier.weight"].detach().clone())
+
+    args = groups(
+        model_dir, tmp_path / "pr", merge_method="average", class_groups=[[0, 1], [2, 3]], head_align="prototypes"
+    )
+    original = continual.build_run
+    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
+    try:
+        results = run_continual(*args, task_callbacks=[snapshot])
+    finally:
+        continual.build_run = original
+    assert not torch.equal(rows[0][[0, 1]], rows[1][[0, 1]])  # old classes' rows are refitted too
+    assert torch.equal(rows[0][4:], rows[1][4:])  # unseen classes' rows untouched
+    state = _checkpoint(tmp_path / "pr")
+    counts = state["rule/classstats/count"]
+    assert counts[:4].tolist() == [16.0] * 4 and counts[4:].sum() == 0  # 16 training samples per class, seen once
+    assert state["rule/classstats/mean"].shape[0] == rows[0].shape[0]
     assert results["timings"][1]["head_align"] > 0
 
 
