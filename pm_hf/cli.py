@@ -22,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from .presets import PRESETS, RECOMMENDED_PRESET, get_preset
 
 DATACLASSES = (ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments)
 ParsedArgs = tuple[ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments]
@@ -29,7 +30,7 @@ HELP_HINT = "run `pm-hf train --help` to list every field"
 USAGE = """usage: pm-hf <command> [options]
 
 commands:
-  train     --config FILE.yaml [--resume] [--<field> value ...]
+  train     --config FILE.yaml [--preset NAME] [--resume] [--<field> value ...]
             continual LoRA fine-tuning with Perturb-and-Merge (`pm-hf train --help` lists every field)
   evaluate  RUN_DIR
             re-evaluate a saved run on every task and print the last row of the accuracy matrix and ACC
@@ -131,7 +132,7 @@ def build_parser(cli_options: bool = False, prog: str = "pm-hf train") -> HfArgu
         An `HfArgumentParser` whose `error` raises `ValueError`, with `allow_abbrev=False` (a typo is never silently
         taken for a longer flag) and mapping/nested-list fields reading one YAML/JSON string from the command line.
     """
-    usage = f"{prog} [-h] [--config FILE.yaml] [--resume] [--<field> VALUE ...]"
+    usage = f"{prog} [-h] [--config FILE.yaml] [--preset NAME] [--resume] [--<field> VALUE ...]"
     parser = _Parser(DATACLASSES, prog=prog, usage=usage, description=TRAIN_DESCRIPTION, allow_abbrev=False)
     for dtype in DATACLASSES:
         for name, hint in typing.get_type_hints(dtype).items():
@@ -148,6 +149,13 @@ def build_parser(cli_options: bool = False, prog: str = "pm-hf train") -> HfArgu
             metavar="FILE.yaml",
             default=None,
             help="YAML config: a flat mapping `field: value` of any fields below; flags given after it override it.",
+        )
+        parser.add_argument(
+            "--preset",
+            metavar="NAME",
+            default=None,
+            help=f"Named defaults applied first (config and flags override them): {sorted(PRESETS)}; "
+            f"{RECOMMENDED_PRESET!r} is the recommended one for class-incremental classifiers.",
         )
         parser.add_argument(
             "--resume",
@@ -225,8 +233,10 @@ def parse_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
     """YAML first, then command-line flags override it; every dataclass validates its own fields.
 
     Args:
-        config_path: a flat YAML mapping `field: value` over the fields of the six dataclasses, or None (flags only).
-        overrides: command-line tokens such as `["--perturb_eps", "0.25", "--output_dir", "out"]`.
+        config_path: a flat YAML mapping `field: value` over the fields of the six dataclasses, or None (flags only);
+            it may name a `preset` (see `pm_hf.presets`), whose fields it and the flags override.
+        overrides: command-line tokens such as `["--perturb_eps", "0.25", "--output_dir", "out"]` (and
+            `--preset NAME`, which wins over the file's `preset`).
 
     Returns:
         `(ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments)`.
@@ -237,9 +247,16 @@ def parse_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
             Nothing is written to disk.
     """
     config = load_yaml_config(config_path) if config_path is not None else {}
+    pre = _Parser(None, add_help=False, allow_abbrev=False)
+    pre.add_argument("--preset", default=None)
+    flags, overrides = pre.parse_known_args(list(overrides))
+    preset = flags.preset if flags.preset is not None else config.pop("preset", None)
+    config.pop("preset", None)
     parser = build_parser()
     valid = sorted({a.dest for a in parser._actions if a.dest != "help"})
     _check_keys(config, valid, os.fspath(config_path) if config_path is not None else "the config")
+    if preset is not None:
+        config = {**get_preset(str(preset)), **config}  # the file's own fields override the preset's
     parser.set_defaults(**config)  # argparse converts string defaults with the field's type, e.g. "5e-3" -> 0.005
     namespace, remaining = parser.parse_known_args(list(overrides))
     _check_remaining(remaining, valid)

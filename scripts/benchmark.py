@@ -49,6 +49,7 @@ from pm_hf import FisherArguments, LoraArguments, PMConfig, PMTrainer, estimate_
 from pm_hf.adapters import MergedWeights, attach_lora, full_trainable_params, lora_layers, lora_task_vector, record_task
 from pm_hf.config import DataArguments, MergeArguments, ModelArguments
 from pm_hf.merge import closed_form_alpha, update_accumulators, zeros_like_dict
+from pm_hf.presets import get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "wordnet_supersense20"
@@ -382,7 +383,7 @@ METHODS: dict[str, tuple[dict, str]] = {
         "P&M + head alignment within the task's classes",
     ),
     "pm-proto": (
-        {"merge_method": "pm", "head_align": "prototypes"},
+        get_preset("pm-proto"),  # the shipped, recommended preset itself
         "P&M + class-balanced head alignment on stored class prototypes (no old data)",
     ),
     # the same head alignment on two baselines: how much of pm-proto's gain is the alignment alone

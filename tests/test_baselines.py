@@ -257,6 +257,13 @@ def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_d
     assert counts[:4].tolist() == [16.0] * 4 and counts[4:].sum() == 0  # 16 training samples per class, seen once
     assert state["rule/classstats/mean"].shape[0] == rows[0].shape[0]
     assert results["timings"][1]["head_align"] > 0
+    # only the head moves: the merged backbone is exactly the one of the same run without alignment
+    plain = _run(model_dir, tmp_path / "plain", merge_method="average")
+    base = _checkpoint(tmp_path / "plain")
+    backbone = [k for k in base if k.startswith("weights/") and "classifier" not in k]
+    assert backbone and all(torch.equal(state[k], base[k]) for k in backbone)
+    assert any(not torch.equal(state[k], base[k]) for k in base if "classifier" in k)
+    assert plain["alphas"] == results["alphas"]
 
 
 def test_domain_incremental_rejects_pretrained_start_rules(model_dir, tmp_path):

@@ -187,6 +187,32 @@ def test_flags_override_yaml_and_types_are_converted(tmp_path):
         parse_config(path, ["--data_files", "[a.parquet]"])
 
 
+def test_preset_fills_fields_that_the_file_and_flags_override(tmp_path):
+    from pm_hf.presets import PRESETS, RECOMMENDED_PRESET
+
+    assert RECOMMENDED_PRESET in PRESETS
+    path = write_config(tmp_path, "preset: pm-proto\nperturb_eps: 0.25\n")
+    *_, train, _, _, merge = parse_config(path, [])
+    assert merge.head_align == "prototypes" and merge.merge_method == "pm" and train.perturbation == "task_vector"
+    assert train.perturb_eps == 0.25
+    path = write_config(tmp_path, "preset: pm-proto\nhead_align: task\n")
+    assert parse_config(path, [])[-1].head_align == "task"  # the file's own field wins over the preset
+    assert parse_config(path, ["--head_align", "seen"])[-1].head_align == "seen"  # a flag wins over both
+    assert parse_config(path, ["--preset", "pm"])[-1].head_align == "task"  # --preset replaces the file's preset
+    plain = write_config(tmp_path, "merge_method: average\n")
+    assert parse_config(plain, ["--preset", "pm"])[-1].merge_method == "average"
+    assert parse_config(plain, ["--preset=pm-proto"])[-1].head_align == "prototypes"
+
+
+def test_unknown_preset_names_the_valid_ones(tmp_path, capsys, fake_continual):
+    path = write_config(tmp_path, "preset: pm-best\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert "preset" in err and "'pm-best'" in err and "pm-proto" in err
+    assert "train" not in fake_continual and not (tmp_path / "out").exists()
+
+
 def test_flags_alone_work_without_a_config(tmp_path):
     _, _, train, lora, _, _ = parse_config(None, ["--output_dir", str(tmp_path / "o"), "--r", "2"])
     assert lora.r == 2 and train.perturb_eps == 0.5
