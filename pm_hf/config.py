@@ -231,6 +231,14 @@ class MergeArguments:
     head_align_samples: int = field(
         default=256, metadata={"help": "'prototypes': pseudo-features drawn per seen class for the head alignment."}
     )
+    head_align_drift: str = field(
+        default="none",
+        metadata={
+            "help": "'prototypes': 'sdc' moves the stored old-class means along the feature drift measured on each "
+            "new task's data (one extra forward pass over it, under the previous model); 'none' keeps them as stored.",
+            "choices": ["none", "sdc"],
+        },
+    )
 
     def __post_init__(self):
         from .merge import MERGE_RULES  # local: the registry is filled when pm_hf.merge is imported
@@ -238,6 +246,7 @@ class MergeArguments:
         _check_choice("merge_method", self.merge_method, sorted(MERGE_RULES))
         _check_choice("alpha_granularity", self.alpha_granularity, ALPHA_GRANULARITIES)
         _check_choice("head_align", self.head_align, HEAD_ALIGN)
+        _check_choice("head_align_drift", self.head_align_drift, ("none", "sdc"))
         if not isinstance(self.ties_density, (int, float)) or not (0.0 < self.ties_density <= 1.0):
             raise _bad("ties_density", self.ties_density, "use a number in (0, 1], e.g. 0.2.")
         grid = self.oracle_grid

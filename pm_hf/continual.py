@@ -64,6 +64,7 @@ from .instruct import (
 from .merge import AlphaChoice, MergeContext, alpha_terms, get_merge_rule, update_accumulators, zeros_like_dict
 from .models import (
     ClassMask,
+    compensate_drift,
     find_head,
     fit_head_rows,
     is_causal_lm,
@@ -285,11 +286,8 @@ def _start_weights(run: Run, state: ContinualState, t: int) -> None:
     _restore_weights(run, start)
 
 
-def _align_head(run: Run, state: ContinualState, task: Task, t: int) -> None:
-    """Refit head rows on the merged model's features (METHOD.md remedies). 'task' / 'seen': the new classes' rows
-    on the task's data, old rows frozen. 'prototypes': add the task's features to the per-class statistics kept in
-    the state (`classstats/*`, fixed size), then refit every seen row on class-balanced pseudo-features."""
-    mode = run.merge_args.head_align
+def _head_features(run: Run, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs (features) and labels of `dataset` under the current model, in dataset order."""
     head = find_head(run.model, run.stream.num_classes)[1]
     feats, labels = [], []
 
@@ -298,7 +296,7 @@ def _align_head(run: Run, state: ContinualState, task: Task, t: int) -> None:
 
     handle = head.register_forward_pre_hook(grab)
     loader = torch.utils.data.DataLoader(
-        task.train, batch_size=run.args.per_device_eval_batch_size, collate_fn=run.stream.collate_fn
+        dataset, batch_size=run.args.per_device_eval_batch_size, collate_fn=run.stream.collate_fn
     )
     was_training = run.model.training
     run.model.eval()
@@ -311,11 +309,27 @@ def _align_head(run: Run, state: ContinualState, task: Task, t: int) -> None:
     finally:
         handle.remove()
         run.model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _align_head(run: Run, state: ContinualState, task: Task, t: int, before: torch.Tensor | None = None) -> None:
+    """Refit head rows on the merged model's features (METHOD.md remedies). 'task' / 'seen': the new classes' rows
+    on the task's data, old rows frozen. 'prototypes': add the task's features to the per-class statistics kept in
+    the state (`classstats/*`, fixed size; with `head_align_drift: sdc` the old classes' means first follow the
+    drift measured on this task's data, `before` = its features under the previous model), then refit every seen
+    row on class-balanced pseudo-features."""
+    mode = run.merge_args.head_align
+    head = find_head(run.model, run.stream.num_classes)[1]
+    device = head.weight.device
+    x, y = _head_features(run, task.train)
     classes = task.classes if mode == "task" else _eval_classes(run, t)
-    x, y, rows = torch.cat(feats), torch.cat(labels), task.classes
+    rows = task.classes
     if mode == "prototypes":
         prefix = "classstats/"
         stats = {k[len(prefix) :]: v for k, v in state.rule.items() if k.startswith(prefix)}
+        if stats and before is not None:
+            old = [c for c in classes if c not in task.classes and stats["count"][c] > 0]
+            stats["mean"] = compensate_drift(stats["mean"], old, before.cpu(), x.cpu())
         stats = update_class_stats(stats, x.cpu(), y.cpu(), head.weight.shape[0])
         state.rule.update({prefix + k: v for k, v in stats.items()})
         x, y = sample_class_features(stats, classes, run.merge_args.head_align_samples, seed=run.args.seed + t)
@@ -342,6 +356,9 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     rule = get_merge_rule(run.merge_args.merge_method)
     task = run.stream.tasks[t]
     seen_before = {c for prev in run.stream.tasks[:t] for c in prev.classes}
+    drift_before = None
+    if run.merge_args.head_align == "prototypes" and run.merge_args.head_align_drift == "sdc" and t > 0:
+        drift_before = _head_features(run, task.train)[0]  # under theta_hat_{t-1}, for the drift of old means
     torch.manual_seed(run.args.seed + 7919 * t)  # the fresh adapter's A depends only on (seed, task)
     if rule.start != "chain" or t == 0:
         reset_adapter(run.model)
@@ -411,7 +428,7 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     align_s = 0.0
     if run.merge_args.head_align != "none":
         start = time.perf_counter()
-        _align_head(run, state, task, t)
+        _align_head(run, state, task, t, drift_before)
         align_s = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -236,3 +236,27 @@ def sample_class_features(
     labels = torch.tensor(classes).repeat_interleave(n_per_class)
     feats = stats["mean"].double()[labels] + z @ chol.T
     return feats.float(), labels
+
+
+def compensate_drift(
+    means: torch.Tensor, classes: list[int], before: torch.Tensor, after: torch.Tensor
+) -> torch.Tensor:
+    """Move stored class means along the feature drift measured on the current task's data (semantic drift
+    compensation, Yu et al. 2020): for each class c in `classes`, mu_c += sum_i w_i (after_i - before_i) / sum_i w_i,
+    w_i = exp(-||before_i - mu_c||^2 / (2 s_c^2)), s_c^2 = the median of those squared distances (so the samples
+    nearest to the class count most, whatever the feature scale). Returns new means (the input is not modified).
+
+    Args:
+        means: [C, d] stored means (computed under the previous model).
+        before, after: [N, d] the same samples' head inputs under the previous and the new model.
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"drift compensation: before {tuple(before.shape)} and after {tuple(after.shape)} differ.")
+    out = means.clone()
+    b, drift = before.double(), (after - before).double()
+    for c in classes:
+        dist = ((b - means[c].double()) ** 2).sum(1)
+        scale = dist.median().clamp_min(1e-12)
+        w = torch.softmax(-dist / (2 * scale), dim=0)
+        out[c] = (means[c].double() + w @ drift).to(means.dtype)
+    return out

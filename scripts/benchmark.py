@@ -386,6 +386,10 @@ METHODS: dict[str, tuple[dict, str]] = {
         get_preset("pm-proto"),  # the shipped, recommended preset itself
         "P&M + class-balanced head alignment on stored class prototypes (no old data)",
     ),
+    "pm-proto-sdc": (
+        {**get_preset("pm-proto"), "head_align_drift": "sdc"},
+        "pm-proto + drift compensation of the stored class means",
+    ),
     # the same head alignment on two baselines: how much of pm-proto's gain is the alignment alone
     "coma-proto": (
         {"merge_method": "coma", "alpha": 0.5, "head_align": "prototypes", **_NO_PERTURB},

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 import pm_hf.continual as continual
 from pm_hf.adapters import full_trainable_params, lora_layers
 from pm_hf.continual import run_continual
-from pm_hf.models import fit_head_rows, sample_class_features, update_class_stats
+from pm_hf.models import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
 
 
 def _run(model_dir, out, holder=None, **kw):
@@ -234,6 +234,29 @@ def test_sampled_class_features_follow_the_stored_gaussians():
         sample_class_features(stats, [0, 2], n_per_class=2)
 
 
+def test_drift_compensation_by_hand():
+    import math
+
+    means = torch.tensor([[0.0], [10.0], [-4.0]])
+    before, after = torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [3.0]])  # drifts 1 and 0
+    out = compensate_drift(means, [0, 1], before, after)
+    # class 0: squared distances 1, 9; scale = median = 1 (torch takes the lower middle); w = softmax(-[1, 9] / 2)
+    assert out[0].item() == pytest.approx(1 / (1 + math.exp(-4)), abs=1e-6)
+    # class 1: distances 81, 49, scale 49: w = softmax(-[81, 49] / 98), drift of the nearer sample (0) weighs more
+    w = 1 / (1 + math.exp((81 - 49) / 98))
+    assert out[1].item() == pytest.approx(10 + w * 1.0, abs=1e-6)
+    assert out[2].item() == -4.0 and means[0].item() == 0.0  # unlisted class and the input untouched
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(30, 4, generator=gen)
+    m = torch.randn(3, 4, generator=gen)
+    assert torch.equal(compensate_drift(m, [], b, b + 1), m)  # no class listed: nothing moves
+    torch.testing.assert_close(compensate_drift(m, [0, 1, 2], b, b), m)  # no drift: nothing moves
+    uniform = compensate_drift(torch.zeros(2, 4), [0, 1], b, b + torch.tensor([1.0, -2, 0, 3]))
+    torch.testing.assert_close(uniform, torch.tensor([[1.0, -2, 0, 3]] * 2))  # a uniform drift moves every mean by it
+    with pytest.raises(ValueError, match="before"):
+        compensate_drift(means, [0], before, after[:1])
+
+
 def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_dir, tmp_path):
     rows = []
     holder = {}
@@ -264,6 +287,11 @@ def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_d
     assert backbone and all(torch.equal(state[k], base[k]) for k in backbone)
     assert any(not torch.equal(state[k], base[k]) for k in base if "classifier" in k)
     assert plain["alphas"] == results["alphas"]
+    # drift compensation moves only the old classes' stored means (the new ones are measured, not moved)
+    _run(model_dir, tmp_path / "sdc", merge_method="average", head_align="prototypes", head_align_drift="sdc")
+    sdc = _checkpoint(tmp_path / "sdc")
+    mean, mean_sdc = state["rule/classstats/mean"], sdc["rule/classstats/mean"]
+    assert not torch.allclose(mean[[0, 1]], mean_sdc[[0, 1]]) and torch.equal(mean[2:], mean_sdc[2:])
 
 
 def test_domain_incremental_rejects_pretrained_start_rules(model_dir, tmp_path):
