@@ -232,7 +232,7 @@ class MergeArguments:
         default=256, metadata={"help": "'prototypes': pseudo-features drawn per seen class for the head alignment."}
     )
     head_align_drift: str = field(
-        default="none",
+        default="sdc",
         metadata={
             "help": "'prototypes': 'sdc' moves the stored old-class means along the feature drift measured on each "
             "new task's data (one extra forward pass over it, under the previous model); 'none' keeps them as stored.",

@@ -3,9 +3,10 @@
 
 - `pm`: P&M exactly as specified (METHOD.md): closed-form alpha, task-vector perturbation, no head refit.
 - `pm-proto` (recommended for class-incremental classifiers): `pm` plus the class-balanced head alignment
-  (`head_align: prototypes`). After each merge every seen class's head row is refitted on pseudo-features drawn
-  from per-class feature means and one shared covariance kept in the continual state (fixed size, no old data).
-  The merged backbone is exactly `pm`'s; only the head changes. See the README's Results for the measurements.
+  (`head_align: prototypes`, `head_align_drift: sdc`). After each merge every seen class's head row is refitted on
+  pseudo-features drawn from per-class feature means (moved along the feature drift measured on the new task's
+  data) and one shared covariance, kept in the continual state (fixed size, no old data). The merged backbone is
+  exactly `pm`'s; only the head changes. See the README's Results for the measurements.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Any
 
 PRESETS: dict[str, dict[str, Any]] = {
     "pm": {"merge_method": "pm", "perturbation": "task_vector", "head_align": "none"},
-    "pm-proto": {"merge_method": "pm", "perturbation": "task_vector", "head_align": "prototypes"},
+    "pm-proto": {
+        "merge_method": "pm",
+        "perturbation": "task_vector",
+        "head_align": "prototypes",
+        "head_align_drift": "sdc",
+    },
 }
 RECOMMENDED_PRESET = "pm-proto"
 

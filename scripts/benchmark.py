@@ -384,20 +384,20 @@ METHODS: dict[str, tuple[dict, str]] = {
     ),
     "pm-proto": (
         get_preset("pm-proto"),  # the shipped, recommended preset itself
-        "P&M + class-balanced head alignment on stored class prototypes (no old data)",
+        "P&M + class-balanced head alignment on stored class prototypes, drift-compensated (no old data)",
     ),
-    "pm-proto-sdc": (
-        {**get_preset("pm-proto"), "head_align_drift": "sdc"},
-        "pm-proto + drift compensation of the stored class means",
+    "pm-proto-nodrift": (
+        {**get_preset("pm-proto"), "head_align_drift": "none"},
+        "pm-proto without the drift compensation of the stored class means",
     ),
-    # the same head alignment on two baselines: how much of pm-proto's gain is the alignment alone
+    # the preset's head alignment on two baselines: how much of pm-proto's gain is the alignment alone
     "coma-proto": (
-        {"merge_method": "coma", "alpha": 0.5, "head_align": "prototypes", **_NO_PERTURB},
-        "fixed alpha = 0.5 + the prototype head alignment",
+        {"merge_method": "coma", "alpha": 0.5, "head_align": "prototypes", "head_align_drift": "sdc", **_NO_PERTURB},
+        "fixed alpha = 0.5 + the prototype head alignment of pm-proto",
     ),
     "merge-only-proto": (
-        {"merge_method": "pm", "head_align": "prototypes", **_NO_PERTURB},
-        "closed-form alpha, no perturbation + the prototype head alignment",
+        {"merge_method": "pm", "head_align": "prototypes", "head_align_drift": "sdc", **_NO_PERTURB},
+        "closed-form alpha, no perturbation + the prototype head alignment of pm-proto",
     ),
 }
 COMPACT_KEYS = (
