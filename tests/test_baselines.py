@@ -265,7 +265,12 @@ def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_d
         rows.append(full_trainable_params(holder["run"].model)["classifier.weight"].detach().clone())
 
     args = groups(
-        model_dir, tmp_path / "pr", merge_method="average", class_groups=[[0, 1], [2, 3]], head_align="prototypes"
+        model_dir,
+        tmp_path / "pr",
+        merge_method="average",
+        class_groups=[[0, 1], [2, 3]],
+        head_align="prototypes",
+        head_align_drift="none",
     )
     original = continual.build_run
     continual.build_run = lambda *a: holder.setdefault("run", original(*a))

@@ -193,7 +193,8 @@ def test_preset_fills_fields_that_the_file_and_flags_override(tmp_path):
     assert RECOMMENDED_PRESET in PRESETS
     path = write_config(tmp_path, "preset: pm-proto\nperturb_eps: 0.25\n")
     *_, train, _, _, merge = parse_config(path, [])
-    assert merge.head_align == "prototypes" and merge.merge_method == "pm" and train.perturbation == "task_vector"
+    assert merge.head_align == "prototypes" and merge.head_align_drift == "sdc" and merge.merge_method == "pm"
+    assert train.perturbation == "task_vector"
     assert train.perturb_eps == 0.25
     path = write_config(tmp_path, "preset: pm-proto\nhead_align: task\n")
     assert parse_config(path, [])[-1].head_align == "task"  # the file's own field wins over the preset
