@@ -356,9 +356,11 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
     rule = get_merge_rule(run.merge_args.merge_method)
     task = run.stream.tasks[t]
     seen_before = {c for prev in run.stream.tasks[:t] for c in prev.classes}
-    drift_before = None
+    drift_before, drift_s = None, 0.0
     if run.merge_args.head_align == "prototypes" and run.merge_args.head_align_drift == "sdc" and t > 0:
+        start = time.perf_counter()
         drift_before = _head_features(run, task.train)[0]  # under theta_hat_{t-1}, for the drift of old means
+        drift_s = time.perf_counter() - start
     torch.manual_seed(run.args.seed + 7919 * t)  # the fresh adapter's A depends only on (seed, task)
     if rule.start != "chain" or t == 0:
         reset_adapter(run.model)
@@ -425,11 +427,11 @@ def run_task(run: Run, state: ContinualState, t: int, callbacks: list) -> dict:
         run.merged.apply(run.model, before, full_deltas, alpha)
     zero_adapter(run.model)  # theta_hat_t is now in the base weights: zero the adapter's contribution
     merge_s = merge_s0 + alpha_s + time.perf_counter() - start
-    align_s = 0.0
+    align_s = drift_s  # the head alignment's time includes the drift pass made before training
     if run.merge_args.head_align != "none":
         start = time.perf_counter()
         _align_head(run, state, task, t, drift_before)
-        align_s = time.perf_counter() - start
+        align_s += time.perf_counter() - start
 
     start = time.perf_counter()
     per_task = [_scores(trainer, run, j, t) for j in range(t + 1)]

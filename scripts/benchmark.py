@@ -512,6 +512,9 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
         row["curve"] = [_mean_std([_seen_curve(r)[t] for r in rs if len(r["alphas"]) > t])[0] for t in range(T)]
         # seconds of the run's own work (train, Fisher, merge, eval per task): robust to resumed runs
         row["wall_s"] = _mean_std([sum(sum(t.values()) for t in r["timings"]) for r in rs])[0]
+        row["align_over_train"] = _mean_std(
+            [sum(t.get("head_align", 0.0) for t in r["timings"]) / sum(t["train"] for t in r["timings"]) for r in rs]
+        )[0]
         summary[m] = row
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -520,14 +523,16 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
         return "—" if v is None or not math.isfinite(v["mean"]) else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
 
     lines = [
-        "| method | ACC | AAA | BWT | forgetting | within-task ACC | α per task (mean) | seeds | task s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | ACC | AAA | BWT | forgetting | within-task ACC | α per task (mean) | seeds | s/run "
+        "| head align / train |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, row in summary.items():
         alphas = ", ".join(f"{a:.2f}" for a in row["alphas"])
+        align = f"{100 * row['align_over_train']:.0f}%" if row["align_over_train"] > 0 else "—"
         lines.append(
             f"| {m} | {cell(row['acc'])} | {cell(row['aaa'])} | {cell(row['bwt'])} | {cell(row['forgetting'])} | "
-            f"{cell(row['til_acc'])} | {alphas} | {len(row['seeds'])} | {row['wall_s']:.0f} |"
+            f"{cell(row['til_acc'])} | {alphas} | {len(row['seeds'])} | {row['wall_s']:.0f} | {align} |"
         )
     metric_names = [n for n in (runs[names[0]][0].get("score_summaries") or {}) if n not in ("accuracy",)]
     if names and runs[names[0]][0].get("primary_metric") not in (None, "accuracy"):
