@@ -602,6 +602,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: results/<suite>)")
     parser.add_argument("--methods", nargs="+", default=None, help=f"accuracy suites: subset of {list(METHODS)}")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy suites: seeds 0..N-1")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="accuracy suites: start at this seed (split a grid over processes)"
+    )
     parser.add_argument("--work", default=None, help="run folders (default: outputs/bench/<suite>)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild table/plot from finished runs")
     parser.add_argument("--readme", action="store_true", help="also write the table into README.md's results block")
@@ -619,7 +622,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         if not args.summary_only:
             work = Path(args.work or ROOT / "outputs" / "bench" / args.suite)
-            run_accuracy(SUITES[args.suite], methods, list(range(args.seeds)), out, work, {"disable_tqdm": True})
+            run_accuracy(
+                SUITES[args.suite], methods, list(range(args.first_seed, args.seeds)), out, work, {"disable_tqdm": True}
+            )
         summary = summarize_accuracy(out)
         if args.readme and not update_readme(args.suite, out):
             print(f"README.md has no <!-- results:{args.suite} --> block; not updated")
