@@ -30,6 +30,22 @@ def _run(model_dir, out, holder=None, **kw):
         continual.build_run = original
 
 
+def _run_with_head_rows(model_dir, out, **kw):
+    """Run the loop and return (results, [the classifier's weight after each task])."""
+    rows, holder = [], {}
+
+    def snapshot(t, entry):
+        rows.append(full_trainable_params(holder["run"].model)["classifier.weight"].detach().clone())
+
+    original = continual.build_run
+    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
+    try:
+        results = run_continual(*groups(model_dir, out, class_groups=[[0, 1], [2, 3]], **kw), task_callbacks=[snapshot])
+    finally:
+        continual.build_run = original
+    return results, rows
+
+
 def _checkpoint(out):
     name = json.loads((out / "latest.json").read_text())["checkpoint"]
     return load_file(str(out / name / "state.safetensors"))
@@ -171,20 +187,7 @@ def test_fit_head_rows_moves_only_the_given_rows_and_lowers_the_loss():
 
 
 def test_head_alignment_in_the_loop_keeps_old_rows(model_dir, tmp_path):
-    rows = []
-    holder = {}
-
-    def snapshot(t, entry):
-        head = full_trainable_params(holder["run"].model)
-        rows.append(head["classifier.weight"].detach().clone())
-
-    args = groups(model_dir, tmp_path / "al", merge_method="average", class_groups=[[0, 1], [2, 3]], head_align="seen")
-    original = continual.build_run
-    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
-    try:
-        results = run_continual(*args, task_callbacks=[snapshot])
-    finally:
-        continual.build_run = original
+    results, rows = _run_with_head_rows(model_dir, tmp_path / "al", merge_method="average", head_align="seen")
     assert torch.equal(rows[0][[0, 1]], rows[1][[0, 1]])
     assert results["timings"][1]["head_align"] > 0
 
@@ -258,26 +261,9 @@ def test_drift_compensation_by_hand():
 
 
 def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_dir, tmp_path):
-    rows = []
-    holder = {}
-
-    def snapshot(t, entry):
-        rows.append(full_trainable_params(holder["run"].model)["classifier.weight"].detach().clone())
-
-    args = groups(
-        model_dir,
-        tmp_path / "pr",
-        merge_method="average",
-        class_groups=[[0, 1], [2, 3]],
-        head_align="prototypes",
-        head_align_drift="none",
+    results, rows = _run_with_head_rows(
+        model_dir, tmp_path / "pr", merge_method="average", head_align="prototypes", head_align_drift="none"
     )
-    original = continual.build_run
-    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
-    try:
-        results = run_continual(*args, task_callbacks=[snapshot])
-    finally:
-        continual.build_run = original
     assert not torch.equal(rows[0][[0, 1]], rows[1][[0, 1]])  # old classes' rows are refitted too
     assert torch.equal(rows[0][4:], rows[1][4:])  # unseen classes' rows untouched
     state = _checkpoint(tmp_path / "pr")
