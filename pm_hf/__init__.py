@@ -1,12 +1,37 @@
 """pm_hf: Perturb-and-Merge (P&M) continual LoRA fine-tuning on the Hugging Face stack.
 
 Public API: `PMConfig` and `PMTrainer` (train with perturbation), `estimate_fisher` (diagonal Fisher at the trained
-weights), `pm_hf.merge` (closed-form alpha and the S/G accumulators) and `pm_hf.adapters` (PEFT-side plumbing).
+weights), `merge_task` with a strategy from `pm_hf.strategies` (closed-form alpha and the baselines),
+`ContinualCallback` (hooks of the loop) and `run_continual` (the whole sequence). The math is in `pm_hf.merge`,
+the PEFT plumbing in `pm_hf.adapters`; docs/method.md is the specification.
 """
 
-from .config import FisherArguments, LoraArguments, MergeArguments, PMConfig
+from .callbacks import ContinualCallback
+from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .fisher import estimate_fisher
+from .strategies import build_strategy, merge_task
 from .trainer import PMTrainer
 
-__version__ = "0.1.0"
-__all__ = ["FisherArguments", "LoraArguments", "MergeArguments", "PMConfig", "PMTrainer", "estimate_fisher"]
+__version__ = "0.2.0"
+__all__ = [
+    "ContinualCallback",
+    "DataArguments",
+    "FisherArguments",
+    "LoraArguments",
+    "MergeArguments",
+    "ModelArguments",
+    "PMConfig",
+    "PMTrainer",
+    "build_strategy",
+    "estimate_fisher",
+    "merge_task",
+    "run_continual",
+]
+
+
+def __getattr__(name: str):
+    if name == "run_continual":  # the loop imports datasets and the evaluation stack: only when asked for
+        from .continual import run_continual
+
+        return run_continual
+    raise AttributeError(f"module 'pm_hf' has no attribute {name!r}")

@@ -1,6 +1,6 @@
-"""The only module that knows PEFT internals: attaching LoRA, the temporary adapter rescale, task vectors in
+"""The only module that knows PEFT layer internals: attaching LoRA, the temporary adapter rescale, task vectors in
 effective-weight space (Delta W = s * B @ A, in the base weight's layout), writing merged weights through an fp32
-master copy, starting a fresh adapter, the per-task (alpha, A, B, s) history and export as one PEFT adapter.
+master copy (`ModelWeights`), starting a fresh adapter and reading or writing adapter factors.
 
 Keys of every tensor dict ("merge keys") are parameter names relative to the wrapped base model, e.g.
 `bert.encoder.layer.0.attention.self.query.weight` for a LoRA-adapted layer (its effective weight) and
@@ -10,9 +10,8 @@ Keys of every tensor dict ("merge keys") are parameter names relative to the wra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .config import LoraArguments
+from .merge import LoraFactors, TaskVector
 
 _PREFIXES = ("base_model.model.", "module.")
 # Known attention projection names per family, in detection order (transformers 5.x: ViT/Llama q_proj..., BERT query).
@@ -107,6 +107,11 @@ def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """LoRA layers keyed by the merge key of their effective weight (`<module>.weight`)."""
     return {strip_prefix(n) + ".weight": m for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+def uses_fan_in_fan_out(model: nn.Module) -> bool:
+    """Whether the adapted layers store their weight transposed (GPT-2's Conv1D)."""
+    return any(layer.fan_in_fan_out for layer in lora_layers(model).values())
 
 
 def active_adapter(model: nn.Module) -> str:
@@ -206,30 +211,50 @@ def gaussian_adapter_noise(model: nn.Module, eps: float, sign: int, seed: int) -
             h.remove()
 
 
-def reset_adapter(model: nn.Module) -> None:
-    """Start a fresh adapter for the next task: A re-initialised (Kaiming, global RNG), B = 0."""
+def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Start a fresh adapter for the next task, as PEFT initialises one: A Kaiming-uniform (drawn on the CPU from
+    `generator`, else the global RNG), B = 0."""
     name = active_adapter(model)
-    for layer in lora_layers(model).values():
-        layer.reset_lora_parameters(name, True)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+            fresh = torch.empty(A.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            A.copy_(fresh)
+            B.zero_()
+            if getattr(layer.lora_B[name], "bias", None) is not None:
+                layer.lora_B[name].bias.zero_()
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The active adapter's factors (fp32 CPU copies), keyed '<merge key>/A' and '<merge key>/B'."""
+def adapter_factors(model: nn.Module) -> dict[str, LoraFactors]:
+    """The active adapter's factors (fp32 CPU copies) and scaling, by merge key."""
     name = active_adapter(model)
     out = {}
     for key, layer in lora_layers(model).items():
-        out[f"{key}/A"] = layer.lora_A[name].weight.detach().float().cpu().clone()
-        out[f"{key}/B"] = layer.lora_B[name].weight.detach().float().cpu().clone()
+        A, B, s = _factors(layer, name)
+        out[key] = LoraFactors(
+            A.detach().float().cpu().clone(), B.detach().float().cpu().clone(), s, bool(layer.fan_in_fan_out)
+        )
     return out
 
 
-def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Write factors saved by `adapter_state` back into the active adapter (exact for fp32 factors)."""
-    name = active_adapter(model)
+def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], adapter: str | None = None) -> None:
+    """Write A and B of `factors` into an adapter (default: the active one); every layer must be given."""
+    name = adapter or active_adapter(model)
+    layers = lora_layers(model)
+    if set(layers) != set(factors):
+        missing, extra = sorted(set(layers) - set(factors)), sorted(set(factors) - set(layers))
+        raise ValueError(
+            f"adapter factors do not match the model's LoRA layers: missing {missing[:3]}, extra {extra[:3]}"
+        )
     with torch.no_grad():
-        for key, layer in lora_layers(model).items():
-            for part, module in (("A", layer.lora_A[name]), ("B", layer.lora_B[name])):
-                module.weight.copy_(state[f"{key}/{part}"].to(module.weight.device, module.weight.dtype))
+        for key, layer in layers.items():
+            for module, value in ((layer.lora_A[name], factors[key].A), (layer.lora_B[name], factors[key].B)):
+                if module.weight.shape != value.shape:
+                    raise ValueError(
+                        f"{key}: factor of shape {tuple(value.shape)}, adapter {tuple(module.weight.shape)}"
+                    )
+                module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
 
 
 def zero_adapter(model: nn.Module) -> None:
@@ -250,77 +275,77 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
-@dataclass
-class TaskRecord:
-    """One task's adapter, enough to rebuild its merged contribution alpha * s * B @ A exactly."""
-
-    alpha: dict[str, float]
-    scaling: dict[str, float]
-    A: dict[str, torch.Tensor]
-    B: dict[str, torch.Tensor]
-    fan_in_fan_out: bool
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen base weight of every LoRA-adapted layer (the tensor a merge writes), by merge key."""
+    return {key: layer.get_base_layer().weight for key, layer in lora_layers(model).items()}
 
 
-def record_task(model: nn.Module, alpha: Mapping[str, float]) -> TaskRecord:
-    """Snapshot the active adapter's factors (fp32, CPU) with the alpha applied to each layer."""
-    name = active_adapter(model)
-    layers = lora_layers(model)
-    rec = TaskRecord({}, {}, {}, {}, False)
-    for key, layer in layers.items():
-        A, B, s = _factors(layer, name)
-        rec.alpha[key], rec.scaling[key] = float(alpha[key]), s
-        rec.A[key], rec.B[key] = A.detach().float().cpu().clone(), B.detach().float().cpu().clone()
-        rec.fan_in_fan_out = bool(layer.fan_in_fan_out)
-    return rec
+class ModelWeights:
+    """theta_hat as the model holds it, and the only writer of merged weights: LoRA keys live in the adapted layers'
+    base weights, the other keys are the fully trained parameters (heads, `modules_to_save`).
 
-
-def history_delta(history: list[TaskRecord]) -> dict[str, torch.Tensor]:
-    """sum_i alpha_i * s_i * B_i @ A_i per LoRA key, in the base weight's layout (fp32)."""
-    total: dict[str, torch.Tensor] = {}
-    for rec in history:
-        for key in rec.A:
-            d = rec.alpha[key] * rec.scaling[key] * (rec.B[key] @ rec.A[key])
-            d = d.T if rec.fan_in_fan_out else d
-            total[key] = total[key] + d if key in total else d
-    return total
-
-
-class MergedWeights:
-    """Writes theta_hat_t into the model: LoRA keys into the base layer weight, full keys into the parameter.
-
-    When the model's weights are not fp32, an fp32 master copy of every merged tensor is kept (on `device`) and the
-    model's weight is re-cast from it after every merge, so many merges do not accumulate rounding.
+    When the model's weights are not fp32, an fp32 master copy of every written tensor is kept (on `device`) and the
+    model's weight is re-cast from it after every write, so many merges do not accumulate rounding.
     """
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, model: nn.Module, device: str | None = None):
+        self.model = model
         self.device = device
         self.master: dict[str, torch.Tensor] = {}
 
-    @staticmethod
-    def targets(model: nn.Module, keys) -> dict[str, torch.Tensor]:
+    def full(self) -> dict[str, nn.Parameter]:
+        """The fully trained parameters, by merge key."""
+        return full_trainable_params(self.model)
+
+    def targets(self, keys) -> dict[str, torch.Tensor]:
         """The tensor each merge key writes to (LoRA key: the base layer's weight)."""
-        layers = lora_layers(model)
-        params = {strip_prefix(n): p for n, p in unwrap(model).named_parameters()}
+        layers = base_weights(self.model)
+        params = {strip_prefix(n): p for n, p in unwrap(self.model).named_parameters()}
         out = {}
         for key in keys:
-            if key in layers:
-                out[key] = layers[key].get_base_layer().weight
-            elif key in params:
-                out[key] = params[key]
-            else:
+            if key not in layers and key not in params:
                 raise ValueError(f"merge key {key!r} is neither a LoRA layer nor a parameter of the model.")
+            out[key] = layers[key] if key in layers else params[key]
         return out
+
+    def value(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The exact value of a written tensor: its fp32 master copy if one is kept, else the tensor itself."""
+        return self.master.get(key, tensor.detach())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """theta_hat as checkpointed: every adapted layer's merged weight and every fully trained parameter."""
+        out = {k: self.value(k, w) for k, w in base_weights(self.model).items()}
+        out.update({k: p.detach() for k, p in self.full().items()})
+        return out
+
+    def snapshot(self, exclude: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+        """fp32 copies of the adapted layers' weights and the fully trained parameters (keys `exclude` rejects are
+        left out): the pretrained theta_0 when taken right after loading."""
+        out = {k: self.value(k, w).float().clone() for k, w in base_weights(self.model).items() if not exclude(k)}
+        out.update({k: p.detach().float().clone() for k, p in self.full().items() if not exclude(k)})
+        return out
+
+    def restore(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write `weights` (merge key -> value) into the model exactly; master copies follow."""
+        targets = self.targets(weights)
+        for key, value in weights.items():
+            if targets[key].shape != value.shape:
+                raise ValueError(f"{key!r}: value of shape {tuple(value.shape)}, weight {tuple(targets[key].shape)}")
+        with torch.no_grad():
+            for key, value in weights.items():
+                if targets[key].dtype != torch.float32:
+                    self.master[key] = value.float().to(self.device or targets[key].device)
+                targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
 
     def apply(
         self,
-        model: nn.Module,
-        base: Mapping[str, torch.Tensor] | None,
         deltas: Mapping[str, torch.Tensor],
         alpha: Mapping[str, float | torch.Tensor],
+        base: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
-        """Set each key to base + alpha * delta (base=None: the current model value, or its master copy); alpha is a
-        float or a per-parameter tensor per key."""
-        targets = self.targets(model, deltas)  # validate every key before writing any
+        """Set each key to base + alpha * delta; `base` defaults per key to the current value (its master copy if
+        any); alpha is a float or a per-parameter tensor per key. Every key is checked before any is written."""
+        targets = self.targets(deltas)
         for key, delta in deltas.items():
             a = alpha.get(key)
             finite = a is not None and (
@@ -335,92 +360,42 @@ class MergedWeights:
         with torch.no_grad():
             for key, delta in deltas.items():
                 weight = targets[key]
-                if base is not None:
-                    start = base[key].float()
-                elif key in self.master:
-                    start = self.master[key]
-                else:
-                    start = weight.detach().float()
+                start = base[key].float() if base is not None and key in base else self.value(key, weight).float()
                 a = alpha[key].to(delta.device) if isinstance(alpha[key], torch.Tensor) else alpha[key]
                 new = start.to(delta.device) + a * delta.float()
                 if weight.dtype != torch.float32:
                     self.master[key] = new.to(self.device or weight.device)
                 weight.copy_(new.to(weight.device, weight.dtype))
 
+    def task_vector(
+        self,
+        before: Mapping[str, torch.Tensor],
+        is_head: Callable[[str], bool] = lambda key: False,
+        head_delta: Callable[[str, torch.Tensor], torch.Tensor | None] = lambda key, delta: None,
+    ) -> TaskVector:
+        """The trained adapter's Delta W and the fully trained parameters' change since `before`.
 
-def dense_record(model: nn.Module, deltas: Mapping[str, torch.Tensor]) -> TaskRecord:
-    """A `TaskRecord` whose factors reproduce dense deltas (base-weight layout) exactly: B = U diag(S), A = V^T from the
-    SVD, zero-padded to one common rank (the largest min(out, in)); alpha = scaling = 1."""
-    layers = lora_layers(model)
-    fan = any(layer.fan_in_fan_out for layer in layers.values())
-    rank = max(min(d.shape) for d in deltas.values())
-    rec = TaskRecord({}, {}, {}, {}, fan)
-    for key, delta in deltas.items():
-        d = delta.double().T if fan else delta.double()
-        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
-        k = S.shape[0]
-        B = torch.zeros(d.shape[0], rank, dtype=torch.float64)
-        A = torch.zeros(rank, d.shape[1], dtype=torch.float64)
-        B[:, :k], A[:k] = U * S, Vh
-        rec.A[key], rec.B[key] = A.float(), B.float()
-        rec.alpha[key], rec.scaling[key] = 1.0, 1.0
-    return rec
+        Args:
+            before: fp32 values of the fully trained parameters when the task started (`snapshot`).
+            is_head: whether a key belongs to the class head (left out of `trained`).
+            head_delta: the merged part of a head key's change, or None when nothing of it is merged.
+        """
+        lora = lora_task_vector(self.model)
+        full, trained = {}, {}
+        for key, param in self.full().items():
+            delta = param.detach().float() - before[key]
+            if is_head(key):
+                delta = head_delta(key, delta)
+            else:
+                trained[key] = param.detach().float().clone()
+            if delta is not None:
+                full[key] = delta
+        return TaskVector(lora, full, trained, adapter_factors(self.model))
 
 
-def export_merged_adapter(
-    base_model: nn.Module,
-    history: list[TaskRecord],
-    full_params: Mapping[str, torch.Tensor],
-    save_modules: list[str],
-    out_dir: str,
-) -> PeftModel:
-    """Save sum_i alpha_i s_i B_i A_i as ONE PEFT LoRA adapter of rank sum_i r_i (exact: B = [alpha_i s_i B_i],
-    A = [A_i], scaling 1), with the merged fully trained modules (head, pooler) as `modules_to_save`.
-
-    Args:
-        base_model: a pristine copy of the pretrained model (same architecture and head size).
-        history: the per-task records.
-        full_params: merged values of the fully trained parameters, by merge key.
-        save_modules: module names for `modules_to_save` (they must own every key of `full_params`).
-        out_dir: where `save_pretrained` writes; `PeftModel.from_pretrained(base, out_dir)` loads it.
-    """
-    if not history:
-        raise ValueError("the history is empty: train at least one task before exporting.")
-    keys = list(history[0].A)
-    rank = sum(rec.A[keys[0]].shape[0] for rec in history)
-    targets = sorted({k[: -len(".weight")] for k in keys})
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=targets,
-        modules_to_save=save_modules or None,
-        fan_in_fan_out=history[0].fan_in_fan_out,
-        init_lora_weights=False,
-    )
-    model = get_peft_model(base_model, config)
-    layers = lora_layers(model)
-    if set(layers) != set(keys):
-        raise ValueError(f"the base model's LoRA layers {sorted(layers)[:3]}... differ from the history's keys.")
-    params = dict(model.named_parameters())
+def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], name: str) -> None:
+    """Copy full A and B matrices into adapter `name` of every LoRA layer (export of a merged adapter)."""
     with torch.no_grad():
-        for key, layer in layers.items():
-            layer.lora_A["default"].weight.copy_(torch.cat([rec.A[key] for rec in history], 0))
-            layer.lora_B["default"].weight.copy_(
-                torch.cat([rec.alpha[key] * rec.scaling[key] * rec.B[key] for rec in history], 1)
-            )
-        for key, value in full_params.items():
-            matches = [n for n in params if _wrapped_name(n, key)]
-            if len(matches) != 1:
-                raise ValueError(f"fully trained parameter {key!r} is not covered by `modules_to_save`={save_modules}.")
-            params[matches[0]].copy_(value)
-    model.save_pretrained(out_dir)
-    return model
-
-
-def _wrapped_name(param_name: str, key: str) -> bool:
-    """Whether `param_name` is the modules_to_save copy of merge key `key` (wrapper inserted at any depth)."""
-    parts = strip_prefix(param_name).split(".")
-    if "modules_to_save" not in parts:
-        return False
-    i = parts.index("modules_to_save")
-    return ".".join(parts[:i] + parts[i + 2 :]) == key
+        for key, layer in lora_layers(model).items():
+            layer.lora_A[name].weight.copy_(A[key])
+            layer.lora_B[name].weight.copy_(B[key])

@@ -17,23 +17,30 @@ ALPHA_GRANULARITIES = ("global", "module")
 HEAD_ALIGN = ("none", "task", "seen", "prototypes")
 
 
-def _bad(name: str, value, fix: str) -> ValueError:
+# Fields that were renamed: old name -> what to use instead (a config or flag with the old name is an error).
+RENAMED_FIELDS = {
+    "alpha": "`alpha` had three meanings and was split: use `fixed_alpha` (coma), `cofima_weight` (cofima) or "
+    "`merge_scale` (task-arithmetic, ties, magmax)",
+}
+
+
+def invalid(name: str, value, fix: str) -> ValueError:
     return ValueError(f"`{name}` = {value!r} is invalid: {fix}")
 
 
-def _check_choice(name: str, value, choices) -> None:
+def check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise _bad(name, value, f"use one of {list(choices)}.")
+        raise invalid(name, value, f"use one of {list(choices)}.")
 
 
 def _check_device(name: str, value) -> None:
     if value is not None and not isinstance(value, str):
-        raise _bad(name, value, "use a device string such as 'cpu' or 'cuda', or null for the model's device.")
+        raise invalid(name, value, "use a device string such as 'cpu' or 'cuda', or null for the model's device.")
 
 
 @dataclass
 class PMConfig(TrainingArguments):
-    """`TrainingArguments` plus the Perturb-and-Merge perturbation of METHOD.md (stage 1).
+    """`TrainingArguments` plus the Perturb-and-Merge perturbation of docs/method.md (stage 1).
 
     At every optimizer step one branch b in {-1, 0, +1} is drawn with probabilities `perturb_probs` from
     (seed, task index, step), and the forward/backward runs with the active LoRA adapter's scaling multiplied by
@@ -65,21 +72,21 @@ class PMConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        _check_choice("perturbation", self.perturbation, PERTURBATIONS)
+        check_choice("perturbation", self.perturbation, PERTURBATIONS)
         if self.head_learning_rate is not None and (
             isinstance(self.head_learning_rate, bool)
             or not isinstance(self.head_learning_rate, (int, float))
             or not self.head_learning_rate >= 0
         ):
-            raise _bad("head_learning_rate", self.head_learning_rate, "use a non-negative number or null.")
+            raise invalid("head_learning_rate", self.head_learning_rate, "use a non-negative number or null.")
         if (
             not isinstance(self.perturb_eps, (int, float))
             or not math.isfinite(self.perturb_eps)
             or self.perturb_eps < 0
         ):
-            raise _bad("perturb_eps", self.perturb_eps, "use a finite number >= 0 (METHOD.md default 0.5).")
+            raise invalid("perturb_eps", self.perturb_eps, "use a finite number >= 0 (docs/method.md default 0.5).")
         if self.perturb_eps >= 1:
-            raise _bad(
+            raise invalid(
                 "perturb_eps", self.perturb_eps, "use eps < 1, otherwise the b=-1 branch flips the adapter's sign."
             )
         probs = list(self.perturb_probs) if self.perturb_probs is not None else None
@@ -89,7 +96,7 @@ class PMConfig(TrainingArguments):
             or any((not isinstance(p, (int, float))) or p < 0 or not math.isfinite(p) for p in probs)
             or abs(sum(probs) - 1.0) > 1e-6
         ):
-            raise _bad(
+            raise invalid(
                 "perturb_probs",
                 self.perturb_probs,
                 "give three non-negative probabilities for (-1, 0, +1) summing to 1.",
@@ -125,20 +132,20 @@ class LoraArguments:
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
-            raise _bad("r", self.r, "use a positive integer rank such as 8.")
+            raise invalid("r", self.r, "use a positive integer rank such as 8.")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise _bad("lora_alpha", self.lora_alpha, "use a positive number such as 16.")
+            raise invalid("lora_alpha", self.lora_alpha, "use a positive number such as 16.")
         if not (0 <= self.lora_dropout < 1):
-            raise _bad("lora_dropout", self.lora_dropout, "use a value in [0, 1).")
+            raise invalid("lora_dropout", self.lora_dropout, "use a value in [0, 1).")
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
-                raise _bad(name, value, "give a list of module names, e.g. ['query', 'value'].")
+                raise invalid(name, value, "give a list of module names, e.g. ['query', 'value'].")
 
 
 @dataclass
 class FisherArguments:
-    """How the diagonal Fisher F_t is estimated at theta*_t (METHOD.md, 'Fisher estimator')."""
+    """How the diagonal Fisher F_t is estimated at theta*_t (docs/method.md, 'Fisher estimator')."""
 
     fisher_mode: str = field(
         default="per_sample",
@@ -169,37 +176,41 @@ class FisherArguments:
     )
 
     def __post_init__(self):
-        _check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
-        _check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
-        _check_choice("fisher_normalize", self.fisher_normalize, FISHER_NORMALIZE)
+        check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
+        check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
+        check_choice("fisher_normalize", self.fisher_normalize, FISHER_NORMALIZE)
         if self.fisher_max_samples is not None and (
             not isinstance(self.fisher_max_samples, int) or self.fisher_max_samples < 1
         ):
-            raise _bad(
+            raise invalid(
                 "fisher_max_samples", self.fisher_max_samples, "use a positive integer, or null for all samples."
             )
         if not isinstance(self.fisher_batch_size, int) or self.fisher_batch_size < 1:
-            raise _bad("fisher_batch_size", self.fisher_batch_size, "use a positive integer such as 16.")
+            raise invalid("fisher_batch_size", self.fisher_batch_size, "use a positive integer such as 16.")
         _check_device("fisher_device", self.fisher_device)
 
 
 @dataclass
 class MergeArguments:
-    """How the new task's adapter is merged into the running model (METHOD.md, stage 2)."""
+    """How the new task's adapter is merged into the running model (docs/method.md, stage 2)."""
 
     merge_method: str = field(
         default="pm",
         metadata={
-            "help": "Merge rule from the registry (`pm_hf.merge.MERGE_RULES`): 'pm' (closed-form alpha), 'fixed', "
-            "'seq', 'seq-merge', 'average', 'coma', 'cofima', 'task-arithmetic', 'ties', 'magmax', 'oracle-alpha', "
-            "'joint'."
+            "help": "Merge strategy (`pm_hf.strategies.STRATEGIES`): 'pm' (closed-form alpha), 'seq', 'seq-merge', "
+            "'average', 'coma', 'cofima', 'task-arithmetic', 'ties', 'magmax', 'oracle-alpha', 'joint'."
         },
     )
-    alpha: float = field(
+    fixed_alpha: float = field(default=0.5, metadata={"help": "'coma': the constant alpha of every merge, in [0, 1]."})
+    cofima_weight: float = field(
+        default=0.5,
+        metadata={"help": "'cofima': the new task's weight a in w = aF / ((1 - a)S + aF), in [0, 1]."},
+    )
+    merge_scale: float = field(
         default=1.0,
         metadata={
-            "help": "The fixed weight of 'fixed'/'coma' (alpha), 'cofima' (new task's weight), 'task-arithmetic', "
-            "'ties' and 'magmax' (scaling lambda), in [0, 1]."
+            "help": "'task-arithmetic', 'ties', 'magmax': the scaling lambda of the merged task vectors, "
+            "theta_0 + lambda * merge(tau_1..tau_t), in [0, 1]."
         },
     )
     alpha_clip: bool = field(default=True, metadata={"help": "Clamp the closed-form alpha to [alpha_min, 1]."})
@@ -241,27 +252,10 @@ class MergeArguments:
     )
 
     def __post_init__(self):
-        from .merge import MERGE_RULES  # local: the registry is filled when pm_hf.merge is imported
-
-        _check_choice("merge_method", self.merge_method, sorted(MERGE_RULES))
-        _check_choice("alpha_granularity", self.alpha_granularity, ALPHA_GRANULARITIES)
-        _check_choice("head_align", self.head_align, HEAD_ALIGN)
-        _check_choice("head_align_drift", self.head_align_drift, ("none", "sdc"))
-        if not isinstance(self.ties_density, (int, float)) or not (0.0 < self.ties_density <= 1.0):
-            raise _bad("ties_density", self.ties_density, "use a number in (0, 1], e.g. 0.2.")
-        grid = self.oracle_grid
-        if not isinstance(grid, list) or not grid or any(not isinstance(a, (int, float)) or a < 0 for a in grid):
-            raise _bad("oracle_grid", grid, "use a non-empty list of non-negative numbers, e.g. [0, 0.1, ..., 1].")
-        if not isinstance(self.head_align_steps, int) or self.head_align_steps < 1:
-            raise _bad("head_align_steps", self.head_align_steps, "use a positive integer, e.g. 100.")
-        if not isinstance(self.head_align_samples, int) or self.head_align_samples < 1:
-            raise _bad("head_align_samples", self.head_align_samples, "use a positive integer, e.g. 256.")
-        if not isinstance(self.head_align_lr, (int, float)) or not self.head_align_lr > 0:
-            raise _bad("head_align_lr", self.head_align_lr, "use a positive number, e.g. 0.01.")
-        for name in ("alpha", "alpha_min"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
-                raise _bad(name, value, "use a number in [0, 1].")
+        # Each strategy's knobs are checked by the strategy that owns them (`pm_hf.strategies.check_merge_args`),
+        # the head-alignment knobs by `pm_hf.heads.HeadAlignment.check_args`; both run before anything is written.
+        if not isinstance(self.merge_method, str) or not self.merge_method:
+            raise invalid("merge_method", self.merge_method, "name a merge strategy, e.g. 'pm'.")
         _check_device("accumulator_device", self.accumulator_device)
 
 
@@ -300,12 +294,12 @@ class ModelArguments:
 
     def __post_init__(self):
         if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path:
-            raise _bad("model_name_or_path", self.model_name_or_path, "give a Hub model id or a local model folder.")
-        _check_choice("model_task", self.model_task, MODEL_TASKS)
-        _check_choice("dtype", self.dtype, ("float32", "bfloat16"))
-        _check_choice("primary_metric", self.primary_metric, LM_METRICS)
+            raise invalid("model_name_or_path", self.model_name_or_path, "give a Hub model id or a local model folder.")
+        check_choice("model_task", self.model_task, MODEL_TASKS)
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("primary_metric", self.primary_metric, LM_METRICS)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise _bad("max_new_tokens", self.max_new_tokens, "use a positive integer, e.g. 32.")
+            raise invalid("max_new_tokens", self.max_new_tokens, "use a positive integer, e.g. 32.")
 
 
 @dataclass
@@ -381,28 +375,30 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        _check_choice("scenario", self.scenario, SCENARIOS)
+        check_choice("scenario", self.scenario, SCENARIOS)
         if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
-            raise _bad("num_tasks", self.num_tasks, "use a positive integer.")
+            raise invalid("num_tasks", self.num_tasks, "use a positive integer.")
         if self.class_groups is not None:
             flat = [c for group in self.class_groups for c in group]
             if not self.class_groups or any(not g for g in self.class_groups) or len(flat) != len(set(flat)):
-                raise _bad("class_groups", self.class_groups, "give non-empty, disjoint lists of class ids per task.")
+                raise invalid(
+                    "class_groups", self.class_groups, "give non-empty, disjoint lists of class ids per task."
+                )
         for name in ("max_train_samples_per_class", "max_eval_samples_per_class"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise _bad(name, value, "use a positive integer or null.")
+                raise invalid(name, value, "use a positive integer or null.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise _bad("max_length", self.max_length, "use an integer >= 2, e.g. 128.")
+            raise invalid("max_length", self.max_length, "use an integer >= 2, e.g. 128.")
         for name in ("prompt_column", "response_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise _bad(name, getattr(self, name), "give the name of a text column, e.g. 'prompt'.")
+                raise invalid(name, getattr(self, name), "give the name of a text column, e.g. 'prompt'.")
         if self.prompt_column == self.response_column:
-            raise _bad("response_column", self.response_column, "use a different column than `prompt_column`.")
+            raise invalid("response_column", self.response_column, "use a different column than `prompt_column`.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise _bad(name, value, "use a positive integer or null.")
+                raise invalid(name, value, "use a positive integer or null.")
         lengths = self.max_length_per_task
         if lengths is not None:
             if (
@@ -410,12 +406,14 @@ class DataArguments:
                 or not lengths
                 or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths)
             ):
-                raise _bad("max_length_per_task", lengths, "give one integer >= 2 per task, or null for `max_length`.")
+                raise invalid(
+                    "max_length_per_task", lengths, "give one integer >= 2 per task, or null for `max_length`."
+                )
             if isinstance(self.task_datasets, (list, tuple)) and len(lengths) != len(self.task_datasets):
-                raise _bad(
+                raise invalid(
                     "max_length_per_task",
                     lengths,
                     f"give one length per entry of `task_datasets` ({len(self.task_datasets)}), or null.",
                 )
         if self.use_chat_template is not None and not isinstance(self.use_chat_template, bool):
-            raise _bad("use_chat_template", self.use_chat_template, "use true, false or null (auto).")
+            raise invalid("use_chat_template", self.use_chat_template, "use true, false or null (auto).")

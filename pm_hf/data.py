@@ -78,7 +78,7 @@ class _Plan:
     offset: int  # global id = local + offset
 
 
-def _source_specs(data_args: DataArguments) -> list[dict]:
+def source_specs(data_args: DataArguments) -> list[dict]:
     if data_args.task_datasets is None:
         if data_args.scenario == "domain_incremental":
             raise ValueError(
@@ -122,12 +122,12 @@ def _source_specs(data_args: DataArguments) -> list[dict]:
     return specs
 
 
-def _where(spec: dict) -> str:
+def describe_source(spec: dict) -> str:
     name = spec["dataset_name"] + (f"/{spec['dataset_config_name']}" if spec["dataset_config_name"] else "")
     return f"dataset '{name}'" + (f" (data_files={spec['data_files']})" if spec["data_files"] else "")
 
 
-def _short_name(spec: dict, train_split: str) -> str:
+def short_name(spec: dict, train_split: str) -> str:
     """The dataset name, or for file builders the training file(s) (a domain-incremental task's name)."""
     files = spec["data_files"]
     if spec["dataset_name"] not in FILE_BUILDERS or not files:
@@ -141,7 +141,7 @@ def _short_name(spec: dict, train_split: str) -> str:
     return path
 
 
-def _check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str, where: str) -> None:
+def check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str, where: str) -> None:
     for arg, column in names.items():
         if column is not None and column not in ds.column_names:
             raise ValueError(
@@ -176,7 +176,7 @@ def _first_names(ds: datasets.Dataset, labels: np.ndarray, names: dict[int, str]
 
 
 def _load_source(spec: dict, data_args: DataArguments) -> _Source:
-    where = _where(spec)
+    where = describe_source(spec)
     loaded = datasets.load_dataset(spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"])
     splits = {}
     for arg in ("train_split", "eval_split"):
@@ -200,7 +200,7 @@ def _load_source(spec: dict, data_args: DataArguments) -> _Source:
             f"columns found: {train.column_names}. Set `text_column` (text) or `image_column` (images)."
         )
     for ds, split in ((train, data_args.train_split), (evl, data_args.eval_split)):
-        _check_columns(ds, {**inputs, "label_column": data_args.label_column}, split, where)
+        check_columns(ds, {**inputs, "label_column": data_args.label_column}, split, where)
     train_labels = _labels(train, data_args.label_column, data_args.train_split, where)
     eval_labels = _labels(evl, data_args.label_column, data_args.eval_split, where)
     num_classes = int(max(train_labels.max(initial=-1), eval_labels.max(initial=-1))) + 1
@@ -215,7 +215,7 @@ def _load_source(spec: dict, data_args: DataArguments) -> _Source:
             names.setdefault(c, name)
     if num_classes == 0:
         raise ValueError(f"The '{data_args.train_split}' split of {where} is empty.")
-    short = _short_name(spec, data_args.train_split)
+    short = short_name(spec, data_args.train_split)
     return _Source(where, short, modality, train, evl, train_labels, eval_labels, num_classes, names)
 
 
@@ -379,7 +379,7 @@ def build_task_stream(
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"`seed` = {seed!r} is invalid: use a non-negative integer.")
-    specs = _source_specs(data_args)
+    specs = source_specs(data_args)
     first = main_process_first or contextlib.nullcontext
     with first():
         sources = [_load_source(spec, data_args) for spec in specs]
@@ -408,3 +408,25 @@ def build_task_stream(
             tasks.append(Task(plan.name, classes, splits[0], splits[1]))
     collate = DataCollatorWithPadding(processor) if modality == "text" else default_data_collator
     return TaskStream(tasks, num_classes, label_names, modality, collate)
+
+
+def joint_stream(stream: TaskStream) -> TaskStream:
+    """The whole sequence as ONE task (all classes, all training data): the `joint` upper bound."""
+
+    def concat(parts: list) -> datasets.Dataset:
+        joined = datasets.concatenate_datasets(parts)
+        fmt = parts[0].format
+        if fmt.get("type") == "custom":  # lazy image transforms are not carried by concatenation: re-attach
+            joined.set_transform(
+                fmt["format_kwargs"]["transform"], columns=fmt["columns"], output_all_columns=fmt["output_all_columns"]
+            )
+        return joined
+
+    tasks = stream.tasks
+    task = Task(
+        f"joint: {len(tasks)} tasks",
+        sorted({c for t in tasks for c in t.classes}),
+        concat([t.train for t in tasks]),
+        concat([t.eval for t in tasks]),
+    )
+    return TaskStream([task], stream.num_classes, stream.label_names, stream.modality, stream.collate_fn)

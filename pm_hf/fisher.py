@@ -1,4 +1,4 @@
-"""Diagonal Fisher estimation at theta*_t (METHOD.md, 'Fisher estimator').
+"""Diagonal Fisher estimation at theta*_t (docs/method.md, 'Fisher estimator').
 
 What is squared and what is averaged, named once:
 - `per_sample` (default, the empirical Fisher): F = (1/N) sum_n (d l_n / d theta)^2, l_n = the training loss of
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import full_trainable_params, lora_layers, strip_prefix, unwrap
+from .adapters import base_weights, full_trainable_params, lora_layers, strip_prefix, unwrap
 from .config import FisherArguments
 
 PerSampleLoss = Callable[[nn.Module, dict], torch.Tensor]
@@ -172,7 +172,8 @@ def estimate_fisher(
     unknown = [k for k in keys if k not in lora and k not in params]
     if unknown:
         raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
-    shapes = {k: (lora[k].get_base_layer().weight.shape if k in lora else params[k].shape) for k in keys}
+    bases = base_weights(model)
+    shapes = {k: (bases[k].shape if k in lora else params[k].shape) for k in keys}
     sums = {k: torch.zeros(shape, dtype=torch.float32, device=acc_device) for k, shape in shapes.items()}
     loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))
     generator = torch.Generator().manual_seed(seed + 1 + rank)

@@ -31,20 +31,16 @@ Conventions (relied on by the continual loop):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .config import DataArguments
-from .data import Task, TaskStream, _check_columns, _short_name, _source_specs, _where
+from .data import Task, TaskStream, check_columns, describe_source, short_name, source_specs
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +50,6 @@ PROMPT_TEXT_COLUMN = "prompt_text"
 REFERENCE_COLUMN = "reference"
 TRAIN_COLUMNS = ("input_ids", "attention_mask", "labels")
 EVAL_COLUMNS = (*TRAIN_COLUMNS, PROMPT_IDS_COLUMN, PROMPT_TEXT_COLUMN, REFERENCE_COLUMN)
-METRICS_DIR = Path(__file__).resolve().parent / "eval_metrics"
 
 
 # ----------------------------------------------------------------------------------------------- special ids
@@ -76,15 +71,6 @@ def resolve_pad_token_id(tokenizer) -> int:
     """`pad_token_id`, else the end-of-sequence id (`resolve_eos_token_id`). The tokenizer is not modified."""
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else resolve_eos_token_id(tokenizer)
-
-
-def _stop_token_ids(tokenizer, model: nn.Module | None = None) -> list[int]:
-    ids = [resolve_eos_token_id(tokenizer)]
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in [config_eos] if isinstance(config_eos, int) else list(config_eos or []):
-        if value is not None and int(value) not in ids:
-            ids.append(int(value))
-    return ids
 
 
 # ---------------------------------------------------------------------------------------------- formatting
@@ -260,12 +246,12 @@ def build_instruction_stream(
         raise ValueError("Instruction data needs a tokenizer (got None).")
     resolve_eos_token_id(tokenizer)  # fail early
     uses_chat_template(tokenizer, data_args.use_chat_template)
-    specs = _source_specs(data_args)
+    specs = source_specs(data_args)
     lengths = _task_lengths(data_args, len(specs))
     first = main_process_first or contextlib.nullcontext
     tasks = []
     for t, spec in enumerate(specs):
-        where = _where(spec)
+        where = describe_source(spec)
         with first():
             loaded = datasets.load_dataset(
                 spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"]
@@ -281,7 +267,7 @@ def build_instruction_stream(
                     f"Set `{arg}` to one of them."
                 )
             ds = loaded[split]
-            _check_columns(
+            check_columns(
                 ds,
                 {"prompt_column": data_args.prompt_column, "response_column": data_args.response_column},
                 split,
@@ -292,14 +278,14 @@ def build_instruction_stream(
             ds = ds.select(_subset(len(ds), cap, [seed, t, code]))
             desc = f"task {t} ({'train' if code == 0 else 'eval'})"
             splits.append(_tokenize_split(ds, tokenizer, data_args, lengths[t], code == 1, where, split, desc))
-        tasks.append(Task(f"task_{t}: {_short_name(spec, data_args.train_split)}", [], splits[0], splits[1]))
+        tasks.append(Task(f"task_{t}: {short_name(spec, data_args.train_split)}", [], splits[0], splits[1]))
     return TaskStream(tasks, 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(tokenizer)))
 
 
 # ------------------------------------------------------------------------------------------------- collators
 
 
-def _ids(value) -> list[int]:
+def token_ids(value) -> list[int]:
     return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
@@ -315,17 +301,19 @@ class CausalLMCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        ids = [_ids(f["input_ids"]) for f in features]
+        ids = [token_ids(f["input_ids"]) for f in features]
         width = max(len(x) for x in ids)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        masks = [_ids(f["attention_mask"]) if "attention_mask" in f else [1] * len(x) for f, x in zip(features, ids)]
+        masks = [
+            token_ids(f["attention_mask"]) if "attention_mask" in f else [1] * len(x) for f, x in zip(features, ids)
+        ]
         batch = {
             "input_ids": torch.tensor([x + [self.pad_token_id] * (width - len(x)) for x in ids], dtype=torch.long),
             "attention_mask": torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long),
         }
         if all("labels" in f for f in features):
-            labels = [_ids(f["labels"]) for f in features]
+            labels = [token_ids(f["labels"]) for f in features]
             batch["labels"] = torch.tensor([y + [-100] * (width - len(y)) for y in labels], dtype=torch.long)
         return batch
 
@@ -339,7 +327,7 @@ class PromptCollator:
     key: str = PROMPT_IDS_COLUMN
 
     def __call__(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        ids = [_ids(f[self.key] if self.key in f else f["input_ids"]) for f in features]
+        ids = [token_ids(f[self.key] if self.key in f else f["input_ids"]) for f in features]
         width = max(len(x) for x in ids)
         return {
             "input_ids": torch.tensor([[self.pad_token_id] * (width - len(x)) + x for x in ids], dtype=torch.long),
@@ -349,157 +337,3 @@ class PromptCollator:
 
 def causal_lm_collator(tokenizer, pad_to_multiple_of: int | None = None) -> CausalLMCollator:
     return CausalLMCollator(resolve_pad_token_id(tokenizer), pad_to_multiple_of)
-
-
-# --------------------------------------------------------------------------------------- generation and loss
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _prompt_ids(tokenizer, prompts_or_dataset, use_chat_template: bool | None) -> list[list[int]]:
-    items = prompts_or_dataset
-    if isinstance(items, datasets.Dataset):
-        column = PROMPT_IDS_COLUMN if PROMPT_IDS_COLUMN in items.column_names else None
-        if column is None:
-            raise ValueError(
-                f"The dataset has no `{PROMPT_IDS_COLUMN}` column (columns: {items.column_names}); pass an eval "
-                "split of `build_instruction_stream`, or a list of prompt strings."
-            )
-        return [_ids(x) for x in items[column]]
-    items = list(items)
-    if all(isinstance(x, str) for x in items):
-        return encode_prompts(tokenizer, items, use_chat_template)
-    if all(isinstance(x, Mapping) for x in items):
-        return [_ids(x[PROMPT_IDS_COLUMN] if PROMPT_IDS_COLUMN in x else x["input_ids"]) for x in items]
-    if all(isinstance(x, (list, tuple, torch.Tensor)) for x in items):
-        return [_ids(x) for x in items]
-    raise ValueError(
-        "`prompts_or_dataset` must be a list of prompt strings, a list of token-id lists, rows with "
-        f"`{PROMPT_IDS_COLUMN}`, or an eval split of `build_instruction_stream`."
-    )
-
-
-@torch.no_grad()
-def generate_responses(
-    model: nn.Module,
-    tokenizer,
-    prompts_or_dataset,
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    use_chat_template: bool | None = None,
-) -> list[str]:
-    """Greedy responses, one per prompt, in input order.
-
-    `prompts_or_dataset`: raw prompt strings (formatted like training, `encode_prompts`), token-id lists, rows or an
-    eval split holding `prompt_input_ids`. Prompts are sorted by length, left-padded (`PromptCollator`) in batches of
-    `batch_size` and generated with `do_sample=False, num_beams=1`, stopping at the end-of-sequence id(s); only the
-    new tokens are decoded (`skip_special_tokens=True`, stripped). Works on plain and PEFT-wrapped models; the
-    model's train/eval mode is restored afterwards.
-    """
-    from transformers import GenerationConfig
-
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` = {batch_size!r} is invalid: use a positive integer.")
-    prompt_ids = _prompt_ids(tokenizer, prompts_or_dataset, use_chat_template)
-    if not prompt_ids:
-        return []
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("An empty prompt (0 tokens) cannot be continued; give every prompt at least one token.")
-    pad = resolve_pad_token_id(tokenizer)
-    stop = _stop_token_ids(tokenizer, model)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad,
-        eos_token_id=stop if len(stop) > 1 else stop[0],
-    )
-    collate = PromptCollator(pad)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    out: list[str | None] = [None] * len(prompt_ids)
-    device = _device(model)
-    with _eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([{PROMPT_IDS_COLUMN: prompt_ids[i]} for i in rows]).items()}
-            generated = model.generate(**batch, generation_config=config)
-            new = generated[:, batch["input_ids"].shape[1] :]
-            for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text.strip()
-    return out  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def instruction_eval_loss(
-    model: nn.Module, dataset, collate_fn: Callable | None = None, batch_size: int = 8, tokenizer=None
-) -> float:
-    """Mean token cross-entropy over all response tokens of `dataset` (token-weighted across samples), in nats.
-
-    `collate_fn` defaults to `causal_lm_collator(tokenizer)`. Returns NaN when no token is supervised.
-    """
-    from torch.utils.data import DataLoader
-
-    if collate_fn is None:
-        if tokenizer is None:
-            raise ValueError("Give `collate_fn` (e.g. `TaskStream.collate_fn`) or a `tokenizer` to build one.")
-        collate_fn = causal_lm_collator(tokenizer)
-    device = _device(model)
-    total, count = 0.0, 0
-    with _eval_mode(model):
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, shuffle=False):
-            labels = batch["labels"].to(device)[:, 1:]
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs).logits[:, :-1].float()
-            ce = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += float(ce)
-            count += int((labels != -100).sum())
-    return total / count if count else float("nan")
-
-
-# ------------------------------------------------------------------------------------------------------ scores
-
-
-def metric_path(name: str) -> str:
-    """Folder of a metric module shipped in the package (`exact_match` or `rouge`), for `evaluate.load`."""
-    path = METRICS_DIR / name
-    if not (path / f"{name}.py").is_file():
-        available = sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
-        raise ValueError(f"No metric module {name!r} in {METRICS_DIR}; available: {available}.")
-    return str(path)
-
-
-@functools.cache
-def load_metric(name: str):
-    """`evaluate.load` of a shipped metric module (offline; cached per process)."""
-    import evaluate
-
-    return evaluate.load(metric_path(name))
-
-
-def score_generations(
-    predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True
-) -> dict[str, float]:
-    """{"exact_match", "rougeL"}: fractions in [0, 1] from the shipped metric modules (see their docstrings for the
-    normalisation); ROUGE-L is the mean F-measure (Porter stemming when `use_stemmer`)."""
-    predictions, references = list(predictions), list(references)
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references: give one per reference.")
-    if not predictions:
-        raise ValueError("No predictions to score.")
-    em = load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
-    rouge = load_metric("rouge").compute(predictions=predictions, references=references, use_stemmer=use_stemmer)
-    return {"exact_match": float(em), "rougeL": float(rouge["rougeL"])}

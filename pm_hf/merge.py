@@ -1,6 +1,6 @@
 """Merge math as pure functions over `dict[str, Tensor]` (no model in sight).
 
-Conventions (METHOD.md, stage 2). For task t with task vector Delta = theta*_t - theta_hat_{t-1} and diagonal
+Conventions (docs/method.md, stage 2). For task t with task vector Delta = theta*_t - theta_hat_{t-1} and diagonal
 Fisher F_t, the two fp32 accumulators are
 
     S = sum_{i<t} F_i                 G = sum_{i<t} F_i * (theta_hat_{t-1} - theta*_i)
@@ -10,13 +10,14 @@ theta_hat_t = theta_hat_{t-1} + alpha * Delta is
 
     alpha_t = (sum F_t Delta^2 - sum G Delta) / sum (S + F_t) Delta^2.
 
-All sums run over every key of `deltas`. Merge rules are registered by name in `MERGE_RULES`.
+All sums run over every key of `deltas`. The merge strategies that use these pieces are in `pm_hf.strategies`;
+`TaskVector` and `LoraFactors` are the plain tensor containers they exchange with the model side.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +97,7 @@ def alpha_terms(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: Tensor
 
 
 def closed_form_alpha(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: TensorDict) -> float:
-    """The raw (unclamped) closed-form alpha of METHOD.md: (sum F Delta^2 - sum G Delta) / sum (S + F) Delta^2.
+    """The raw (unclamped) closed-form alpha of docs/method.md: (sum F Delta^2 - sum G Delta) / sum (S + F) Delta^2.
 
     Args: as `alpha_terms`. Returns: a float; nan when the denominator is exactly zero (see `select_alpha`).
     For the first task (S = G = 0) this is exactly 1.
@@ -180,133 +181,7 @@ def select_alpha(terms: AlphaTerms, clip: bool = True, alpha_min: float = 0.0) -
     return AlphaChoice(alpha, raw)
 
 
-# ----------------------------------------------------------------------------------------------- registry
-STARTS = ("merged", "pretrained", "chain")
-
-
-@dataclass
-class MergeContext:
-    """What a merge rule may look at. `task_index` is 1-based (t); fisher/S/G are None for rules that skip them.
-
-    Delta rules (`MergeRule.output == "delta"`) read `taus` (task vectors relative to the pretrained weights theta_0)
-    and keep what they need across tasks in `state` (a dict of tensors the loop checkpoints); `score(alpha)` (rules
-    with `needs_eval`) returns the held-out accuracy of the model merged with that alpha.
-    """
-
-    deltas: TensorDict
-    task_index: int
-    fisher: TensorDict | None = None
-    S: TensorDict | None = None
-    G: TensorDict | None = None
-    alpha: float = 1.0  # the configured fixed alpha
-    clip: bool = True
-    alpha_min: float = 0.0
-    granularity: str = "global"
-    module_of: Callable[[str], str] | None = None  # parameter key -> module name (per-module alpha)
-    taus: TensorDict | None = None
-    state: dict[str, torch.Tensor] | None = None
-    score: Callable[[float], float] | None = None
-    grid: tuple[float, ...] = tuple(i / 10 for i in range(11))
-    density: float = 0.2  # TIES: fraction of each task vector kept
-
-
-@dataclass
-class MergeRule:
-    """A named merge rule.
-
-    - `output == "alpha"`: `fn(ctx) -> {key: AlphaChoice}`; the loop sets theta_hat_t = theta_hat_{t-1} + alpha * Delta.
-    - `output == "delta"`: `fn(ctx) -> {key: D_t}`; the loop sets theta_hat_t = theta_0 + D_t.
-    `start` says where task t trains from: "merged" (theta_hat_{t-1}, a fresh adapter), "pretrained" (theta_0, a fresh
-    adapter: independent fine-tunes) or "chain" (the previous task's fine-tuned weights: one adapter continued).
-    """
-
-    name: str
-    fn: Callable[[MergeContext], dict]
-    needs_fisher: bool
-    reference: str
-    output: str = "alpha"
-    start: str = "merged"
-    needs_eval: bool = False
-
-
-MERGE_RULES: dict[str, MergeRule] = {}
-
-
-def register_merge_rule(
-    name: str, needs_fisher: bool, reference: str, output: str = "alpha", start: str = "merged", needs_eval=False
-):
-    """Decorator: register a merge rule under `name` (see `MergeRule` for what `fn` returns)."""
-    if output not in ("alpha", "delta") or start not in STARTS:
-        raise ValueError(f"merge rule {name!r}: output must be 'alpha' or 'delta' and start one of {STARTS}")
-
-    def wrap(fn):
-        if name in MERGE_RULES:
-            raise ValueError(f"merge rule {name!r} is already registered")
-        MERGE_RULES[name] = MergeRule(name, fn, needs_fisher, reference, output, start, needs_eval)
-        return fn
-
-    return wrap
-
-
-def get_merge_rule(name: str) -> MergeRule:
-    if name not in MERGE_RULES:
-        raise ValueError(f"`merge_method` = {name!r} is not a registered merge rule; use one of {sorted(MERGE_RULES)}.")
-    return MERGE_RULES[name]
-
-
-def _groups(ctx: MergeContext) -> dict[str, list[str]]:
-    if ctx.granularity == "global":
-        return {"all": list(ctx.deltas)}
-    module_of = ctx.module_of or (lambda key: key.rsplit(".", 1)[0])
-    groups: dict[str, list[str]] = {}
-    for key in ctx.deltas:
-        groups.setdefault(module_of(key), []).append(key)
-    return groups
-
-
-def _constant(ctx: MergeContext, a: float) -> dict[str, AlphaChoice]:
-    choice = AlphaChoice(float(a), float(a))
-    return {k: choice for k in ctx.deltas}
-
-
-@register_merge_rule("pm", needs_fisher=True, reference="Qiu et al. 2025, P&M closed-form alpha (METHOD.md)")
-def _pm_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    if ctx.fisher is None or ctx.S is None or ctx.G is None:
-        raise ValueError("merge rule 'pm' needs the Fisher and the S/G accumulators")
-    out = {}
-    for keys in _groups(ctx).values():
-        terms = alpha_terms(*({k: d[k] for k in keys} for d in (ctx.deltas, ctx.fisher, ctx.S, ctx.G)))
-        choice = select_alpha(terms, ctx.clip, ctx.alpha_min)
-        out.update({k: choice for k in keys})
-    return out
-
-
-@register_merge_rule("fixed", needs_fisher=False, reference="constant alpha; alpha=1 is sequential LoRA with merging")
-def _fixed_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return _constant(ctx, ctx.alpha)
-
-
-@register_merge_rule(
-    "seq-merge", needs_fisher=False, reference="sequential LoRA merged with alpha=1 (the paper's 'LoRA' row)"
-)
-def _seq_merge_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return _constant(ctx, 1.0)
-
-
-@register_merge_rule(
-    "average", needs_fisher=False, reference="model averaging: theta_hat_t = mean of theta*_i (alpha_t = 1/t)"
-)
-def _average_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return _constant(ctx, 1.0 / ctx.task_index)
-
-
-@register_merge_rule(
-    "coma", needs_fisher=False, reference="CoMA (Marouf et al. 2023): fixed-weight interpolation, alpha = `alpha`"
-)
-def _coma_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return _constant(ctx, ctx.alpha)
-
-
+# ------------------------------------------------------------------- per-parameter pieces of the baselines
 def cofima_weights(fisher: torch.Tensor, S: torch.Tensor, alpha: float) -> torch.Tensor:
     """CoFiMA's per-parameter weight of the new task: w = a F / ((1 - a) S + a F); w = a where both are 0."""
     num = alpha * fisher.double()
@@ -314,47 +189,6 @@ def cofima_weights(fisher: torch.Tensor, S: torch.Tensor, alpha: float) -> torch
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(den, alpha)).float()
 
 
-@register_merge_rule(
-    "cofima",
-    needs_fisher=True,
-    reference="CoFiMA (Marouf et al. 2024): theta_t = ((1-a) S theta_{t-1} + a F_t theta*_t) / ((1-a) S + a F_t), "
-    "S = sum of past Fishers, a = `alpha`",
-)
-def _cofima_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    if ctx.fisher is None or ctx.S is None:
-        raise ValueError("merge rule 'cofima' needs the Fisher and the S accumulator")
-    weights = {k: cofima_weights(ctx.fisher[k], ctx.S[k].to(ctx.fisher[k].device), ctx.alpha) for k in ctx.deltas}
-    num = sum(float((weights[k].double() * ctx.deltas[k].double() ** 2).sum()) for k in ctx.deltas)
-    den = sum(float((ctx.deltas[k].double() ** 2).sum()) for k in ctx.deltas)
-    effective = num / den if den > 0 else float(ctx.alpha)
-    return {k: AlphaChoice(effective, effective, weight=weights[k]) for k in ctx.deltas}
-
-
-@register_merge_rule(
-    "oracle-alpha",
-    needs_fisher=False,
-    needs_eval=True,
-    reference="upper bound of the closed form: per task, the grid alpha with the best held-out accuracy on all seen "
-    "tasks (first best on ties)",
-)
-def _oracle_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    if ctx.score is None:
-        raise ValueError("merge rule 'oracle-alpha' needs a score(alpha) function")
-    if ctx.task_index == 1:
-        return _constant(ctx, 1.0)  # nothing to trade off yet
-    scores = [(ctx.score(a), a) for a in ctx.grid]
-    best = max(scores, key=lambda sa: sa[0])[1]
-    return _constant(ctx, best)
-
-
-@register_merge_rule(
-    "joint", needs_fisher=False, reference="joint training on all tasks' data at once (the upper bound of the sequence)"
-)
-def _joint_rule(ctx: MergeContext) -> dict[str, AlphaChoice]:
-    return _constant(ctx, 1.0)  # the loop turns the stream into one task
-
-
-# Delta rules: theta_hat_t = theta_0 + D_t, over task vectors tau relative to theta_0.
 def ties_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the `density` fraction of entries with the largest magnitude (at least one), zero the rest."""
     k = max(1, int(round(density * tau.numel())))
@@ -380,71 +214,39 @@ def magmax_update(current: torch.Tensor | None, tau: torch.Tensor) -> torch.Tens
     return torch.where(tau.abs() > current.abs(), tau.float(), current)
 
 
-def _need_taus(ctx: MergeContext, name: str) -> tuple[TensorDict, dict[str, torch.Tensor]]:
-    if ctx.taus is None or ctx.state is None:
-        raise ValueError(f"merge rule {name!r} needs the task vectors `taus` and a `state` dict")
-    return ctx.taus, ctx.state
+# --------------------------------------------------------------------------------------- tensor containers
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapted layer's trained adapter: Delta W = scaling * B @ A (transposed when `fan_in_fan_out`)."""
+
+    A: torch.Tensor  # [r, d_in], fp32 on CPU
+    B: torch.Tensor  # [d_out, r]
+    scaling: float
+    fan_in_fan_out: bool = False
+
+    def delta(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, in the layout of the base weight."""
+        d = (self.B.float() @ self.A.float()) * self.scaling
+        return d.T if self.fan_in_fan_out else d
 
 
-@register_merge_rule(
-    "seq",
-    needs_fisher=False,
-    output="delta",
-    start="chain",
-    reference="sequential fine-tuning: one LoRA continued through all tasks, never merged (theta_hat_t = theta*_t)",
-)
-def _seq_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
-    taus, _ = _need_taus(ctx, "seq")
-    return {k: v.float() for k, v in taus.items()}
+@dataclass
+class TaskVector:
+    """What training task t produced, by merge key (docs/method.md, "Which parameters, which space").
 
+    `lora`: Delta W = s B A of each adapted layer. `full`: trained minus starting value of each fully trained
+    parameter that is merged (class-head rows only where a class was trained before, see `pm_hf.heads`).
+    `trained`: the trained values of the fully trained parameters outside the class head, and `adapter` the
+    trained adapter's factors: what a strategy that continues training from theta*_t keeps, and the exact export
+    record of the task.
+    """
 
-@register_merge_rule(
-    "task-arithmetic",
-    needs_fisher=False,
-    output="delta",
-    start="pretrained",
-    reference="Task arithmetic (Ilharco et al. 2023): independent fine-tunes, theta_0 + alpha * sum_i tau_i",
-)
-def _task_arithmetic_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
-    taus, state = _need_taus(ctx, "task-arithmetic")
-    out = {}
-    for k, tau in taus.items():
-        total = state.get(f"sum/{k}")
-        state[f"sum/{k}"] = tau.float().clone() if total is None else total + tau.float()
-        out[k] = ctx.alpha * state[f"sum/{k}"]
-    return out
+    lora: dict[str, torch.Tensor]
+    full: dict[str, torch.Tensor]
+    trained: dict[str, torch.Tensor]
+    adapter: dict[str, LoraFactors]
 
-
-@register_merge_rule(
-    "ties",
-    needs_fisher=False,
-    output="delta",
-    start="pretrained",
-    reference="TIES-merging (Yadav et al. 2023): trim to `density` per tensor, elect sign, disjoint mean, times alpha; "
-    "keeps every trimmed task vector (memory grows with t)",
-)
-def _ties_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
-    taus, state = _need_taus(ctx, "ties")
-    t = ctx.task_index
-    out = {}
-    for k, tau in taus.items():
-        state[f"tau{t}/{k}"] = ties_trim(tau.float(), ctx.density)
-        out[k] = ctx.alpha * ties_merge([state[f"tau{i}/{k}"] for i in range(1, t + 1)])
-    return out
-
-
-@register_merge_rule(
-    "magmax",
-    needs_fisher=False,
-    output="delta",
-    start="chain",
-    reference="MagMax (Marczak et al. 2024): sequential fine-tuning, per parameter the cumulative task vector entry "
-    "of largest magnitude, times alpha",
-)
-def _magmax_rule(ctx: MergeContext) -> dict[str, torch.Tensor]:
-    taus, state = _need_taus(ctx, "magmax")
-    out = {}
-    for k, tau in taus.items():
-        state[f"max/{k}"] = magmax_update(state.get(f"max/{k}"), tau)
-        out[k] = ctx.alpha * state[f"max/{k}"]
-    return out
+    @property
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """Delta_t over every merged key: the adapted layers first, then the fully trained parameters."""
+        return {**self.lora, **self.full}

@@ -13,7 +13,7 @@ accuracy "over all seen classes" of class-incremental learning (one pooled test 
     F    = mean_{j<T-1} (max_{j<=t<=T-2} R[t][j] - R[T-1][j])  (forgetting, Chaudhry et al. 2018; 0.0 for T = 1)
 
 Plots build a ``matplotlib.figure.Figure`` on an Agg canvas (no pyplot, no global backend change) and write
-atomically: ``path + ".tmp.png"`` first, then ``os.replace``.
+atomically (``pm_hf.fileio``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .fileio import atomic_write
 
 MatrixLike = np.ndarray | Sequence[Sequence[float]]
 Vector = np.ndarray | Sequence[float]
@@ -82,10 +84,26 @@ def _as_sizes(sizes: Vector, T: int) -> np.ndarray:
     return s
 
 
+def seen_accuracy(scores: Vector, sizes: Vector) -> float:
+    """The score over the pooled eval sets of several tasks: sum_j sizes[j] * scores[j] / sum_j sizes[j] (for
+    accuracies, the accuracy over all seen classes). The one definition used by the loop, the oracle, these metrics
+    and the benchmark runner.
+
+    Args:
+        scores: per-task scores (e.g. row t of R, tasks 0..t).
+        sizes: eval samples per task, same length, all > 0.
+    """
+    s = np.asarray(sizes, dtype=np.float64)
+    v = np.asarray(scores, dtype=np.float64)
+    if v.shape != s.shape or v.ndim != 1 or v.size == 0:
+        raise ValueError(f"scores and sizes must be non-empty 1-D and of one length; got {v.shape} and {s.shape}.")
+    return float(np.dot(v, s) / s.sum())
+
+
 def _row_mean(M: np.ndarray, t: int, s: np.ndarray | None) -> float:
     """Mean (sample-weighted when ``s`` is given) of the seen entries R[t][:t+1]."""
     row = M[t, : t + 1]
-    return float(np.mean(row) if s is None else np.average(row, weights=s[: t + 1]))
+    return float(np.mean(row)) if s is None else seen_accuracy(row, s[: t + 1])
 
 
 def final_accuracy(R: MatrixLike, sizes: Vector | None = None) -> float:
@@ -181,17 +199,9 @@ def summarize(R: MatrixLike, sizes: Vector | None = None) -> dict[str, float]:
 
 
 def _save(fig: Figure, path: PathLike) -> str:
-    """Write ``fig`` to ``path`` atomically via ``path + '.tmp.png'``; return the path as a string."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    try:
-        FigureCanvasAgg(fig).print_png(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Write ``fig`` to ``path`` as a PNG, atomically; return the path as a string."""
+    atomic_write(path, lambda tmp: FigureCanvasAgg(fig).print_png(tmp))
+    return os.fspath(path)
 
 
 def plot_accuracy_matrix(
@@ -278,7 +288,8 @@ def plot_accuracy_curve(
 def plot_method_curves(
     curves: Mapping[str, Vector], path: PathLike, title: str | None = None, ylabel: str = "seen-class accuracy"
 ) -> str:
-    """One line per method of a per-task metric (e.g. seen-class accuracy after each task).
+    """One line per method of a per-task metric (e.g. seen-class accuracy after each task); a method with a single
+    value (e.g. joint training) is a dotted horizontal line.
 
     Args:
         curves: method name -> values per task (lengths may differ).
@@ -291,12 +302,17 @@ def plot_method_curves(
     """
     if not curves or any(len(v) == 0 for v in curves.values()):
         raise ValueError(f"curves must map at least one method name to a non-empty list of values; got {curves!r}.")
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
     ax = fig.add_subplot()
     for name, values in curves.items():
-        ax.plot(np.arange(1, len(values) + 1), np.asarray(values, dtype=np.float64), "-o", label=str(name))
-    ax.set_xlabel("task")
+        values = np.asarray(values, dtype=np.float64)
+        if values.size == 1:
+            ax.axhline(values[0], ls=":", color="gray", label=f"{name} (final)")
+        else:
+            ax.plot(np.arange(1, values.size + 1), values, "-o", ms=3, label=str(name))
+    ax.set_xlabel("after task")
     ax.set_ylabel(ylabel)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize=7, ncol=2 if len(curves) > 8 else 1)
+    ax.grid(alpha=0.3)
     ax.set_title(title or "")
     return _save(fig, path)

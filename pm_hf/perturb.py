@@ -1,4 +1,4 @@
-"""Branch sampling for the P&M perturbation (METHOD.md, stage 1): one draw b in {-1, 0, +1} per optimizer step,
+"""Branch sampling for the P&M perturbation (docs/method.md, stage 1): one draw b in {-1, 0, +1} per optimizer step,
 derived only from (seed, task index, optimizer step). It touches no global RNG, so every rank and every
 gradient-accumulation micro-batch of a step sees the same branch, and `perturbation='none'` leaves the random
 streams of a plain `Trainer` run untouched."""

@@ -1,7 +1,7 @@
 """Named presets: a few `field: value` defaults under one name (`preset: pm-proto` in a YAML config, or
 `--preset pm-proto`). The config file and command-line flags override a preset's fields.
 
-- `pm`: P&M exactly as specified (METHOD.md): closed-form alpha, task-vector perturbation, no head refit.
+- `pm`: P&M exactly as specified (docs/method.md): closed-form alpha, task-vector perturbation, no head refit.
 - `pm-proto` (recommended for class-incremental classifiers): `pm` plus the class-balanced head alignment
   (`head_align: prototypes`, `head_align_drift: sdc`). After each merge every seen class's head row is refitted on
   pseudo-features drawn from per-class feature means (moved along the feature drift measured on the new task's

@@ -19,7 +19,7 @@ from .perturb import noise_seed, sample_branch
 
 
 class PMTrainer(Trainer):
-    """`Trainer` with Perturb-and-Merge training (METHOD.md, stage 1).
+    """`Trainer` with Perturb-and-Merge training (docs/method.md, stage 1).
 
     Args:
         *args, **kwargs: as `transformers.Trainer`; `args` must be a `PMConfig`.

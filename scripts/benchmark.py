@@ -45,11 +45,13 @@ import transformers
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from pm_hf import FisherArguments, LoraArguments, PMConfig, PMTrainer, estimate_fisher
-from pm_hf.adapters import MergedWeights, attach_lora, full_trainable_params, lora_layers, lora_task_vector, record_task
+from pm_hf import ContinualCallback, FisherArguments, LoraArguments, PMConfig, PMTrainer, estimate_fisher, merge_task
+from pm_hf.adapters import ModelWeights, attach_lora, base_weights, full_trainable_params, lora_layers
 from pm_hf.config import DataArguments, MergeArguments, ModelArguments
-from pm_hf.merge import closed_form_alpha, update_accumulators, zeros_like_dict
+from pm_hf.export import task_record
+from pm_hf.metrics import plot_method_curves, seen_accuracy
 from pm_hf.presets import get_preset
+from pm_hf.strategies import build_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "wordnet_supersense20"
@@ -173,34 +175,14 @@ def bench_step_rate(model, init, tok, tmp, rounds: int, steps: int, warmup: int)
     return {"ratio": statistics.median(ratios), "ratios": ratios, "steps_per_s": rates, "steps": steps}
 
 
-def merge_task(model, before: dict, fisher: dict, S, G, merged: MergedWeights) -> tuple:
-    """What run_task does after the Fisher: task vector, closed-form alpha, S/G update, history, merge, B = 0."""
-    lora_deltas = lora_task_vector(model)
-    full = {k: p.detach().float() - before[k] for k, p in full_trainable_params(model).items()}
-    deltas = {**lora_deltas, **full}
-    if S is None:
-        S, G = zeros_like_dict(deltas), zeros_like_dict(deltas)
-    a = closed_form_alpha(deltas, fisher, S, G)
-    alpha = dict.fromkeys(deltas, min(max(a, 0.0), 1.0) if math.isfinite(a) else 1.0)
-    S, G = update_accumulators(deltas, fisher, S, G, alpha)
-    record_task(model, alpha)
-    merged.apply(model, None, lora_deltas, alpha)
-    merged.apply(model, before, full, alpha)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B["default"].weight.zero_()
-    return S, G
-
-
 def bench_fisher_merge(model, init, tok, tmp, rounds: int, n: int) -> dict:
     """Per round: one PM epoch on n samples, the Fisher (per_sample, batch) on them, then alpha + merge timed."""
     data, collate = text_dataset(tok, n, seed=1), DataCollatorWithPadding(tok)
     raw: dict[str, list[float]] = {"epoch": [], "per_sample": [], "batch": [], "merge": []}
-    S = G = None
-    merged = MergedWeights()
-    for _ in range(rounds):
+    weights, strategy = ModelWeights(model), build_strategy(MergeArguments(merge_method="pm"))
+    for r in range(rounds):
         restore(model, init)
-        before = {k: p.detach().float().clone() for k, p in full_trainable_params(model).items()}
+        before = {k: p.detach().float().clone() for k, p in weights.full().items()}
         clock = train(model, init, True, data, collate, tmp, num_train_epochs=1)
         raw["epoch"].append(clock.end - clock.begin)
         keys = list(lora_layers(model)) + list(full_trainable_params(model))
@@ -209,8 +191,10 @@ def bench_fisher_merge(model, init, tok, tmp, rounds: int, n: int) -> dict:
             fargs = FisherArguments(fisher_mode=mode, fisher_batch_size=16)
             fisher = estimate_fisher(model, data, collate, fargs, keys=keys, show_progress=False)
             raw[mode].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        S, G = merge_task(model, before, fisher, S, G, merged)
+        start = time.perf_counter()  # what the loop times as its merge: task vector, the strategy's merge, the record
+        vector = weights.task_vector(before)
+        plan = merge_task(weights, strategy, r, vector, before, fisher)
+        task_record(vector.adapter, plan.alpha)
         raw["merge"].append(time.perf_counter() - start)
     # the task's training time: the demo config's task (2 epochs of 300 samples), from the measured epoch
     task_s = [e * DEMO_TASK["samples"] * DEMO_TASK["epochs"] / n for e in raw["epoch"]]
@@ -267,11 +251,15 @@ def memory_run(out: str, samples: int) -> dict:
     train_args = PMConfig(output_dir=str(tmp / "run"), num_train_epochs=1, per_device_train_batch_size=8, seed=0,
                           learning_rate=2e-2, report_to=[], use_cpu=True, disable_tqdm=True)  # fmt: skip
     snaps: dict[int, dict] = {}
-    record = lambda t: snaps.update({t + 1: _snapshot(tmp / "run" / f"checkpoint-task{t + 1}")})  # noqa: E731
+
+    class Snapshot(ContinualCallback):
+        def on_save(self, t, checkpoint_dir):
+            if t in (1, 9):
+                snaps[t + 1] = _snapshot(checkpoint_dir)
+
     results = run_continual(
         ModelArguments(model_name_or_path=model_dir), data, train_args, LoraArguments(r=4),
-        FisherArguments(fisher_max_samples=16), MergeArguments(),
-        task_callbacks=[lambda t, e: record(t) if t in (1, 9) else None],
+        FisherArguments(fisher_max_samples=16), MergeArguments(), callbacks=[Snapshot()],
     )  # fmt: skip
     return {"after_task": snaps, "timings": results["timings"]}
 
@@ -283,7 +271,7 @@ def growth_analysis(a2: dict, a10: dict, model) -> dict:
     hist = lambda a: a["parts"].get("history", 0)  # noqa: E731 - 0 since the history left the checkpoint
     no_hist = (a10["checkpoint_bytes"] - hist(a10)) / (a2["checkpoint_bytes"] - hist(a2))
     layers = lora_layers(model).values()
-    fixed = 3 * 4 * sum(layer.get_base_layer().weight.numel() for layer in layers)  # weights, S, G in fp32
+    fixed = 3 * 4 * sum(w.numel() for w in base_weights(model).values())  # weights, S, G in fp32
     fixed += 3 * 4 * sum(p.numel() for p in full_trainable_params(model).values())
     per_task = 4 * sum(m.lora_A["default"].weight.numel() + m.lora_B["default"].weight.numel() for m in layers)
     return {"growth_bytes": grow, "growth_bytes_by_part": by_part, "ratio_without_history": no_hist,
@@ -353,17 +341,23 @@ METHODS: dict[str, tuple[dict, str]] = {
     "seq": ({"merge_method": "seq", **_NO_PERTURB}, "one LoRA continued through all tasks, no merge"),
     "seq-merge": ({"merge_method": "seq-merge", **_NO_PERTURB}, "new LoRA per task, merged with alpha = 1"),
     "average": ({"merge_method": "average", **_NO_PERTURB}, "alpha_t = 1/t (model averaging)"),
-    "coma": ({"merge_method": "coma", "alpha": 0.5, **_NO_PERTURB}, "fixed alpha = 0.5"),
-    "cofima": ({"merge_method": "cofima", "alpha": 0.5, **_NO_PERTURB}, "Fisher-weighted per parameter, a = 0.5"),
+    "coma": ({"merge_method": "coma", "fixed_alpha": 0.5, **_NO_PERTURB}, "fixed alpha = 0.5"),
+    "cofima": (
+        {"merge_method": "cofima", "cofima_weight": 0.5, **_NO_PERTURB},
+        "Fisher-weighted per parameter, a = 0.5",
+    ),
     "task-arithmetic": (
-        {"merge_method": "task-arithmetic", "alpha": 0.5, **_NO_PERTURB},
+        {"merge_method": "task-arithmetic", "merge_scale": 0.5, **_NO_PERTURB},
         "independent fine-tunes from theta_0, theta_0 + 0.5 sum tau",
     ),
     "ties": (
-        {"merge_method": "ties", "alpha": 1.0, "ties_density": 0.2, **_NO_PERTURB},
+        {"merge_method": "ties", "merge_scale": 1.0, "ties_density": 0.2, **_NO_PERTURB},
         "independent fine-tunes, TIES (density 0.2, lambda 1)",
     ),
-    "magmax": ({"merge_method": "magmax", "alpha": 1.0, **_NO_PERTURB}, "sequential fine-tuning, max-magnitude merge"),
+    "magmax": (
+        {"merge_method": "magmax", "merge_scale": 1.0, **_NO_PERTURB},
+        "sequential fine-tuning, max-magnitude merge",
+    ),
     "merge-only": ({"merge_method": "pm", **_NO_PERTURB}, "closed-form alpha, no perturbation"),
     "pm": ({"merge_method": "pm", "perturbation": "task_vector"}, "P&M as specified (closed form + task-vector eps)"),
     "pm-gaussian": ({"merge_method": "pm", "perturbation": "gaussian"}, "closed form + isotropic noise"),
@@ -392,7 +386,13 @@ METHODS: dict[str, tuple[dict, str]] = {
     ),
     # the preset's head alignment on two baselines: how much of pm-proto's gain is the alignment alone
     "coma-proto": (
-        {"merge_method": "coma", "alpha": 0.5, "head_align": "prototypes", "head_align_drift": "sdc", **_NO_PERTURB},
+        {
+            "merge_method": "coma",
+            "fixed_alpha": 0.5,
+            "head_align": "prototypes",
+            "head_align_drift": "sdc",
+            **_NO_PERTURB,
+        },
         "fixed alpha = 0.5 + the prototype head alignment of pm-proto",
     ),
     "merge-only-proto": (
@@ -423,6 +423,22 @@ COMPACT_KEYS = (
 )
 
 
+def ensure_assets(suite: str, threads: int) -> None:
+    """Build what a suite's config names but a fresh machine lacks: the vision-cil ViT (pretrained by the project)."""
+    if suite != "vision-cil":
+        return
+    from pm_hf.parsing import load_yaml_config
+
+    folder = Path(load_yaml_config(SUITES[suite])["model_name_or_path"]).expanduser()
+    if folder.is_dir():
+        return
+    print(f"[assets] {folder} is missing: pretraining the ViT on Animal-MNIST first (~1-2 min)", flush=True)
+    spec = importlib.util.spec_from_file_location("pretrain_vit", ROOT / "scripts" / "pretrain_vit_animal_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.pretrain(folder, threads=threads)
+
+
 def _overrides(values: dict) -> list[str]:
     out = []
     for key, value in values.items():
@@ -440,8 +456,8 @@ def run_accuracy(
     method_table: dict | None = None,
 ) -> list[Path]:
     """Run every unfinished (method, seed) of one suite; returns the per-run JSON paths written now."""
-    from pm_hf.cli import parse_config
     from pm_hf.continual import run_continual
+    from pm_hf.parsing import parse_config
 
     table = method_table or METHODS
     written = []
@@ -485,11 +501,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _seen_curve(run: dict) -> list[float]:
     sizes = run["eval_sizes"]
-    curve = []
-    for t, row in enumerate(run["accuracy_matrix"]):
-        w = sizes[: t + 1]
-        curve.append(sum(a * n for a, n in zip(row[: t + 1], w)) / sum(w))
-    return curve
+    return [seen_accuracy(row[: t + 1], sizes[: t + 1]) for t, row in enumerate(run["accuracy_matrix"])]
 
 
 def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
@@ -550,7 +562,8 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
         peak = {m: _mean_std([r.get("peak_rss_mb") for r in runs[m]])[0] for m in names}
         lines += ["", "peak RSS (MB): " + ", ".join(f"{m} {v:.0f}" for m, v in peak.items())]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    _plot_curves(summary, out / "curves.png", out.name)
+    curves = {m: [100 * v for v in row["curve"]] for m, row in summary.items()}
+    plot_method_curves(curves, out / "curves.png", f"{out.name}: mean over seeds", "accuracy over all seen classes (%)")
     return summary
 
 
@@ -567,32 +580,6 @@ def update_readme(suite: str, out: Path, readme: Path = ROOT / "README.md") -> b
     tmp.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
     os.replace(tmp, readme)
     return True
-
-
-def _plot_curves(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for m, row in summary.items():
-        xs = list(range(1, len(row["curve"]) + 1))
-        if len(xs) == 1:
-            ax.axhline(100 * row["curve"][0], ls=":", color="gray", label=f"{m} (final)")
-            continue
-        style = "-" if m.startswith("pm") else "--"
-        ax.plot(xs, [100 * v for v in row["curve"]], style, marker="o", ms=3, label=m)
-    ax.set_xlabel("after task")
-    ax.set_ylabel("accuracy over all seen classes (%)")
-    ax.set_title(f"{title}: mean over seeds")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -621,6 +608,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         if not args.summary_only:
+            ensure_assets(args.suite, args.threads)
             work = Path(args.work or ROOT / "outputs" / "bench" / args.suite)
             run_accuracy(
                 SUITES[args.suite], methods, list(range(args.first_seed, args.seeds)), out, work, {"disable_tqdm": True}

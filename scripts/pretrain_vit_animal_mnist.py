@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pm_hf.checkpoint import replace_dir
+from pm_hf.fileio import replace_dir
 
 PACKAGE = "animal_mnist"
 DATA_FILE = "animal_data_version_3.gz"

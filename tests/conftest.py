@@ -1,7 +1,10 @@
-"""Shared fixtures: offline HF switches, and tiny models of every supported family built from configs."""
+"""Shared fixtures and helpers: offline HF switches, tiny models of every supported family built from configs, a tiny
+BERT saved with a tokenizer over the real WordNet data, the argument groups of a small continual run, and a
+`Recorder` callback that observes the loop."""
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -22,6 +25,8 @@ from transformers import (  # noqa: E402
     ViTConfig,
     ViTForImageClassification,
 )
+
+from pm_hf.callbacks import ContinualCallback  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -128,3 +133,95 @@ def tiny_tokenizer(tmp_dir, texts, max_words: int = 400):
     path = Path(tmp_dir) / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n")
     return BertTokenizerFast(vocab=str(path))  # transformers 5 ignores `vocab_file=`
+
+
+# ------------------------------------------------------------------------------------------ continual runs
+DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet_supersense10"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny BERT (2 labels) with a WordPiece tokenizer over the WordNet glosses, saved to a folder."""
+    import pandas as pd
+
+    tmp = tmp_path_factory.mktemp("tiny_bert")
+    tok = tiny_tokenizer(tmp, pd.read_parquet(DATA / "train.parquet")["text"].tolist()[:2000])
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    return str(tmp / "model")
+
+
+def groups(model_dir, out, **kw):
+    """The six argument groups of a 3-task class-incremental run on the tiny BERT; `kw` overrides any field."""
+    from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+
+    data = dict(
+        dataset_name="parquet",
+        data_files={"train": str(DATA / "train.parquet"), "test": str(DATA / "test.parquet")},
+        class_groups=[[0, 1], [2, 3], [4, 5]],
+        max_train_samples_per_class=16,
+        max_eval_samples_per_class=8,
+        max_length=24,
+    )
+    train = dict(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=2,
+        seed=3,
+    )
+    merge = {}
+    for key in list(kw):
+        if key in MergeArguments.__dataclass_fields__:
+            merge[key] = kw.pop(key)
+        elif key in DataArguments.__dataclass_fields__:
+            data[key] = kw.pop(key)
+    train.update(kw)
+    return (
+        ModelArguments(model_name_or_path=model_dir),
+        DataArguments(**data),
+        PMConfig(**train),
+        LoraArguments(r=4, modules_to_save=["pooler"]),
+        FisherArguments(fisher_max_samples=24),
+        MergeArguments(**merge),
+    )
+
+
+def checkpoint_tensors(out) -> dict:
+    """The tensors of the latest checkpoint under `out` (`weights/`, `strategy/`, `callbacks/<key>/`)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    latest = json.loads((Path(out) / "latest.json").read_text())["checkpoint"]
+    return load_file(str(Path(out) / latest / "state.safetensors"))
+
+
+class Recorder(ContinualCallback):
+    """Observes the loop: the model, each task's log entry and copies of the parameters matching `keep`."""
+
+    def __init__(self, keep: str = "classifier"):
+        self.keep, self.model, self.logs, self.params = keep, None, [], []
+
+    def on_task_end(self, t, model, log):
+        from pm_hf.adapters import full_trainable_params
+
+        self.model = model
+        self.logs.append(log)
+        params = full_trainable_params(model)
+        self.params.append({k: v.detach().clone() for k, v in params.items() if k.startswith(self.keep)})

@@ -14,22 +14,22 @@ from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from peft import LoraConfig
 
 from pm_hf.adapters import (
-    MergedWeights,
+    ModelWeights,
     active_adapter,
+    adapter_factors,
     attach_lora,
     detect_target_modules,
     full_trainable_params,
     gaussian_adapter_noise,
-    history_delta,
     lora_delta,
     lora_layers,
     lora_task_vector,
-    record_task,
     reset_adapter,
     scale_active_adapter,
     task_vector_norm,
 )
 from pm_hf.config import LoraArguments
+from pm_hf.export import history_delta, task_record
 
 FAMILIES = {  # name: (factory, expected targets, input builder)
     "vit": (tiny_vit, ["q_proj", "v_proj"], lambda g: {"pixel_values": torch.randn(2, 1, 8, 8, generator=g)}),
@@ -65,7 +65,7 @@ def _base_weights(model) -> dict[str, torch.Tensor]:
 def _merge_active(model, factor: float = 1.0) -> None:
     """theta <- theta + factor * Delta of the active adapter, then a fresh adapter (B = 0)."""
     deltas = lora_task_vector(model)
-    MergedWeights().apply(model, None, deltas, {k: factor for k in deltas})
+    ModelWeights(model).apply(deltas, {k: factor for k in deltas})
     reset_adapter(model)
 
 
@@ -87,7 +87,7 @@ def test_merge_round_trip_matches_adapter_and_peft(family):
     assert set(deltas) == set(layers)
     for key, delta in deltas.items():
         assert delta.shape == before[key].shape and delta.abs().max() > 1e-3
-    MergedWeights().apply(model, None, deltas, {k: 1.0 for k in deltas})
+    ModelWeights(model).apply(deltas, {k: 1.0 for k in deltas})
     reset_adapter(model)
     assert all(float(layer.lora_B["default"].weight.detach().abs().max()) == 0.0 for layer in layers.values())
     merged = _logits(model, inputs)
@@ -124,11 +124,11 @@ def test_history_delta_equals_merged_minus_original(family):
     original = _base_weights(model)
     keys = sorted(lora_layers(model))
     alphas = [{k: 0.7 for k in keys}, {k: 0.1 + 0.2 * i for i, k in enumerate(keys)}, {k: 1.0 for k in keys}]
-    merger, history = MergedWeights(), []
+    merger, history = ModelWeights(model), []
     for task, alpha in enumerate(alphas):
         randomize_lora(model, seed=100 + task, scale=0.1)
-        history.append(record_task(model, alpha))
-        merger.apply(model, None, lora_task_vector(model), alpha)
+        history.append(task_record(adapter_factors(model), alpha))
+        merger.apply(lora_task_vector(model), alpha)
         reset_adapter(model)
     assert [rec.alpha for rec in history] == alphas
     assert all(rec.fan_in_fan_out == (family == "gpt2") for rec in history)
@@ -148,13 +148,13 @@ def test_bf16_master_copy_is_exact_and_beats_naive_accumulation():
     model.to(torch.bfloat16)
     layers = lora_layers(model)
     g = torch.Generator().manual_seed(5)
-    merger = MergedWeights()
+    merger = ModelWeights(model)
     expected = dict(original)
     naive = {k: v.to(torch.bfloat16) for k, v in original.items()}
     for step in range(12):
         deltas = {k: torch.randn(v.shape, generator=g) * 1e-4 for k, v in original.items()}
         alpha = {k: 0.5 + 0.04 * step for k in deltas}
-        merger.apply(model, original if step == 0 else None, deltas, alpha)
+        merger.apply(deltas, alpha, base=original if step == 0 else None)
         for k, d in deltas.items():
             expected[k] = expected[k] + alpha[k] * d.double()
             naive[k] = naive[k] + (alpha[k] * d).to(torch.bfloat16)
@@ -255,11 +255,12 @@ def test_trainable_modules_and_unknown_module_name():
         attach_lora(tiny_bert(), LoraArguments(r=4), trainable_modules=["classifier", "no_such_head"])
 
 
-def test_merged_weights_apply_validates_before_writing():
+def test_model_weights_apply_validates_before_writing():
     model = attach_lora(tiny_bert(), LoraArguments(r=4), trainable_modules=["classifier"])
     keys = sorted(lora_layers(model))
     good, other = keys[0], keys[1]
-    targets = MergedWeights.targets(model, [good, other, "classifier.weight"])
+    merger = ModelWeights(model)
+    targets = merger.targets([good, other, "classifier.weight"])
     snapshot = {k: t.detach().clone() for k, t in targets.items()}
     ones = {k: torch.ones_like(t) for k, t in targets.items()}
     cases = [
@@ -269,12 +270,45 @@ def test_merged_weights_apply_validates_before_writing():
         ({good: ones[good], other: ones[other]}, {good: 1.0}, "alpha"),
         ({good: ones[good], "classifier.weight": ones[good]}, {good: 1.0, "classifier.weight": 1.0}, "shape"),
     ]
-    merger = MergedWeights()
     for deltas, alpha, msg in cases:
         with pytest.raises(ValueError, match=msg):
-            merger.apply(model, None, deltas, alpha)
+            merger.apply(deltas, alpha)
         for key, t in targets.items():
             assert torch.equal(t, snapshot[key]), key
     assert not merger.master
-    merger.apply(model, None, {"classifier.weight": ones["classifier.weight"]}, {"classifier.weight": 0.5})
+    merger.apply({"classifier.weight": ones["classifier.weight"]}, {"classifier.weight": 0.5})
     assert torch.allclose(targets["classifier.weight"], snapshot["classifier.weight"] + 0.5)
+
+
+def test_reset_adapter_with_a_generator_is_peft_init_drawn_from_it():
+    """A fresh adapter is PEFT's initialisation (A Kaiming-uniform, B = 0) drawn from the given generator only: the
+    same seed gives the same A whatever the global RNG did, and it equals PEFT's own reset under that seed."""
+    model = _wrapped("bert", scale=0.3)
+    torch.manual_seed(123)
+    reset_adapter(model, torch.Generator().manual_seed(7))
+    ours = {k: f.A for k, f in adapter_factors(model).items()}
+    assert all(not f.B.any() for f in adapter_factors(model).values())
+    torch.manual_seed(7)
+    for layer in lora_layers(model).values():
+        layer.reset_lora_parameters("default", True)
+    peft = {k: f.A for k, f in adapter_factors(model).items()}
+    assert all(torch.equal(ours[k], peft[k]) for k in ours)
+
+
+def test_task_vector_splits_lora_full_trained_and_head():
+    model = attach_lora(tiny_bert(num_labels=4), LoraArguments(r=4, modules_to_save=["pooler"]),
+                        trainable_modules=["classifier"])  # fmt: skip
+    randomize_lora(model, seed=4)
+    weights = ModelWeights(model)
+    before = {k: p.detach().float().clone() for k, p in weights.full().items()}
+    with torch.no_grad():
+        for p in weights.full().values():
+            p.add_(0.5)
+    is_head = lambda key: key.startswith("classifier.")  # noqa: E731
+    vector = weights.task_vector(before, is_head, lambda key, delta: None if key.endswith("bias") else 2 * delta)
+    assert set(vector.lora) == set(lora_layers(model)) and set(vector.adapter) == set(lora_layers(model))
+    assert set(vector.trained) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    assert set(vector.full) == {*vector.trained, "classifier.weight"}  # the head's merged part only
+    torch.testing.assert_close(vector.full["classifier.weight"], torch.full((4, 16), 1.0))
+    torch.testing.assert_close(vector.full["bert.pooler.dense.bias"], torch.full((16,), 0.5))
+    assert list(vector.deltas)[: len(vector.lora)] == list(vector.lora)  # adapted layers first, then the rest

@@ -1,54 +1,31 @@
 """The baselines of issue 4 through the real loop (tiny BERT, 3 class-incremental tasks): each rule's defining
 property is checked on the saved state, not just that it runs."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from conftest import Recorder, checkpoint_tensors, groups
 from peft import PeftModel
-from safetensors.torch import load_file
-from test_continual import groups, model_dir  # noqa: F401  (model_dir is a fixture)
 from transformers import AutoModelForSequenceClassification
 
-import pm_hf.continual as continual
-from pm_hf.adapters import full_trainable_params, lora_layers
-from pm_hf.continual import run_continual
-from pm_hf.models import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
+from pm_hf.adapters import lora_layers
+from pm_hf.continual import build_loop, run_continual
+from pm_hf.heads import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
 
 
-def _run(model_dir, out, holder=None, **kw):
+def _run(model_dir, out, **kw):
     kw.setdefault("class_groups", [[0, 1], [2, 3]])  # two tasks keep the suite fast; every property shows at t = 2
-    args = groups(model_dir, out, **kw)
-    if holder is None:
-        return run_continual(*args)
-    original = continual.build_run
-    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
-    try:
-        return run_continual(*args)
-    finally:
-        continual.build_run = original
+    return run_continual(*groups(model_dir, out, **kw))
 
 
 def _run_with_head_rows(model_dir, out, **kw):
     """Run the loop and return (results, [the classifier's weight after each task])."""
-    rows, holder = [], {}
-
-    def snapshot(t, entry):
-        rows.append(full_trainable_params(holder["run"].model)["classifier.weight"].detach().clone())
-
-    original = continual.build_run
-    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
-    try:
-        results = run_continual(*groups(model_dir, out, class_groups=[[0, 1], [2, 3]], **kw), task_callbacks=[snapshot])
-    finally:
-        continual.build_run = original
-    return results, rows
+    recorder = Recorder()
+    results = run_continual(*groups(model_dir, out, class_groups=[[0, 1], [2, 3]], **kw), callbacks=[recorder])
+    return results, [p["classifier.weight"] for p in recorder.params]
 
 
-def _checkpoint(out):
-    name = json.loads((out / "latest.json").read_text())["checkpoint"]
-    return load_file(str(out / name / "state.safetensors"))
+_checkpoint = checkpoint_tensors
 
 
 def _pretrained(model_dir, num_labels=10):
@@ -70,12 +47,12 @@ def test_seq_is_one_continued_adapter(model_dir, tmp_path):
     for t in range(2):
         assert results["accuracy_matrix"][t][t] == pytest.approx(results["pre_merge_acc"][t], abs=1e-12)
     state = _checkpoint(tmp_path / "seq")
-    assert any(k.startswith("rule/adapter/") for k in state)
+    assert any(k.startswith("strategy/adapter/") for k in state)
     # deployed LoRA weights = theta_0 + s * B @ A of the continued adapter (saved in the rule state)
     base = _pretrained(model_dir)
     params = dict(base.named_parameters())
-    for key in [k for k in state if k.startswith("rule/adapter/") and k.endswith("/A")]:
-        mkey = key[len("rule/adapter/") : -2]
+    for key in [k for k in state if k.startswith("strategy/adapter/") and k.endswith("/A")]:
+        mkey = key[len("strategy/adapter/") : -2]
         A, B = state[key], state[key[:-1] + "B"]
         deployed = state[f"weights/{mkey}"]
         delta = deployed - params[mkey].detach()
@@ -99,10 +76,10 @@ def test_seq_resume_matches_uninterrupted(model_dir, tmp_path):
 
 def test_task_arithmetic_deploys_theta0_plus_scaled_sum(model_dir, tmp_path):
     out = tmp_path / "ta"
-    results = _run(model_dir, out, merge_method="task-arithmetic", alpha=0.5)
+    results = _run(model_dir, out, merge_method="task-arithmetic", merge_scale=0.5)
     state = _checkpoint(out)
     params = dict(_pretrained(model_dir).named_parameters())
-    sums = {k[len("rule/sum/") :]: v for k, v in state.items() if k.startswith("rule/sum/")}
+    sums = {k[len("strategy/sum/") :]: v for k, v in state.items() if k.startswith("strategy/sum/")}
     assert sums and results["alphas"] == [0.5, 0.5]
     for key, total in sums.items():
         theta0 = params[key].detach()
@@ -110,16 +87,18 @@ def test_task_arithmetic_deploys_theta0_plus_scaled_sum(model_dir, tmp_path):
 
 
 def test_magmax_and_ties_run_and_keep_their_state(model_dir, tmp_path):
-    mm = _run(model_dir, tmp_path / "mm", merge_method="magmax", alpha=1.0)
+    mm = _run(model_dir, tmp_path / "mm", merge_method="magmax", merge_scale=1.0)
     state = _checkpoint(tmp_path / "mm")
     params = dict(_pretrained(model_dir).named_parameters())
-    maxes = {k[len("rule/max/") :]: v for k, v in state.items() if k.startswith("rule/max/")}
+    maxes = {k[len("strategy/max/") :]: v for k, v in state.items() if k.startswith("strategy/max/")}
     for key, m in maxes.items():
         assert torch.allclose(state[f"weights/{key}"], params[key].detach() + m, atol=1e-6), key
     assert len(mm["accuracy_matrix"]) == 2
-    ties = _run(model_dir, tmp_path / "ties", merge_method="ties", alpha=1.0)
+    ties = _run(model_dir, tmp_path / "ties", merge_method="ties", merge_scale=1.0)
     tstate = _checkpoint(tmp_path / "ties")
-    assert sum(k.startswith("rule/tau2/") for k in tstate) == sum(k.startswith("rule/tau1/") for k in tstate) > 0
+    assert (
+        sum(k.startswith("strategy/tau1/") for k in tstate) == sum(k.startswith("strategy/tau0/") for k in tstate) > 0
+    )
     assert len(ties["accuracy_matrix"]) == 2
 
 
@@ -143,23 +122,23 @@ def test_joint_is_one_task_over_all_classes(model_dir, tmp_path):
 
 
 def test_cofima_through_the_loop(model_dir, tmp_path):
-    results = _run(model_dir, tmp_path / "cofima", merge_method="cofima", alpha=0.5)
+    results = _run(model_dir, tmp_path / "cofima", merge_method="cofima", cofima_weight=0.5)
     assert results["alphas"][0] == pytest.approx(1.0)  # S = 0: every parameter with curvature takes the new task
     assert all(0.0 <= a <= 1.0 for a in results["alphas"])
     assert not (tmp_path / "cofima" / "adapters").exists()  # per-parameter weights: no low-rank task log
 
 
-@pytest.mark.parametrize("method", ["magmax", "cofima"])
-def test_dense_export_reproduces_the_merged_model(model_dir, tmp_path, method):
-    holder = {}
-    _run(model_dir, tmp_path / method, holder, merge_method=method, alpha=0.7)
-    run = holder["run"]
-    run.mask.set_active(None)
-    batch = run.stream.collate_fn([run.stream.tasks[0].eval[i] for i in range(4)])
+@pytest.mark.parametrize("method, knob", [("magmax", "merge_scale"), ("cofima", "cofima_weight")])
+def test_dense_export_reproduces_the_merged_model(model_dir, tmp_path, method, knob):
+    loop = build_loop(*groups(model_dir, tmp_path / method, merge_method=method, class_groups=[[0, 1], [2, 3]],
+                              **{knob: 0.7}))  # fmt: skip
+    loop.run()
+    loop.head.set_active(None)
+    batch = loop.stream.collate_fn([loop.stream.tasks[0].eval[i] for i in range(4)])
     batch.pop("labels")
-    run.model.eval()
+    loop.model.eval()
     with torch.no_grad():
-        expected = run.model(**batch).logits
+        expected = loop.model(**batch).logits
         loaded = PeftModel.from_pretrained(_pretrained(model_dir), str(tmp_path / method / "merged_adapter")).eval()
         got = loaded(**batch).logits
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
@@ -267,9 +246,9 @@ def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_d
     assert not torch.equal(rows[0][[0, 1]], rows[1][[0, 1]])  # old classes' rows are refitted too
     assert torch.equal(rows[0][4:], rows[1][4:])  # unseen classes' rows untouched
     state = _checkpoint(tmp_path / "pr")
-    counts = state["rule/classstats/count"]
+    counts = state["callbacks/head_align/count"]
     assert counts[:4].tolist() == [16.0] * 4 and counts[4:].sum() == 0  # 16 training samples per class, seen once
-    assert state["rule/classstats/mean"].shape[0] == rows[0].shape[0]
+    assert state["callbacks/head_align/mean"].shape[0] == rows[0].shape[0]
     assert results["timings"][1]["head_align"] > 0
     # only the head moves: the merged backbone is exactly the one of the same run without alignment
     plain = _run(model_dir, tmp_path / "plain", merge_method="average")
@@ -281,7 +260,7 @@ def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_d
     # drift compensation moves only the old classes' stored means (the new ones are measured, not moved)
     _run(model_dir, tmp_path / "sdc", merge_method="average", head_align="prototypes", head_align_drift="sdc")
     sdc = _checkpoint(tmp_path / "sdc")
-    mean, mean_sdc = state["rule/classstats/mean"], sdc["rule/classstats/mean"]
+    mean, mean_sdc = state["callbacks/head_align/mean"], sdc["callbacks/head_align/mean"]
     assert not torch.allclose(mean[[0, 1]], mean_sdc[[0, 1]]) and torch.equal(mean[2:], mean_sdc[2:])
 
 
@@ -294,8 +273,7 @@ def test_domain_incremental_rejects_pretrained_start_rules(model_dir, tmp_path):
 def test_joint_stream_keeps_lazy_image_transforms():
     import datasets
 
-    from pm_hf.continual import joint_stream
-    from pm_hf.data import Task, TaskStream
+    from pm_hf.data import Task, TaskStream, joint_stream
 
     def part(label):
         ds = datasets.Dataset.from_dict({"raw": [[float(label)] * 4], "labels": [label]})
@@ -309,30 +287,28 @@ def test_joint_stream_keeps_lazy_image_transforms():
     assert torch.equal(row["pixel_values"], torch.full((4,), 2.0)) and row["labels"] == 1
 
 
-def test_results_of_a_run_resumed_across_versions_pad_missing_log_keys():
-    """A checkpoint written before a log key existed (e.g. `scores`) still summarises: the key is None for the
-    early tasks, never shifted onto the wrong task."""
-    from types import SimpleNamespace
+def test_a_checkpoint_of_an_earlier_format_is_refused_with_a_clear_message(model_dir, tmp_path):
+    import json
 
-    from pm_hf.checkpoint import ContinualState
-    from pm_hf.continual import results_dict
+    out = tmp_path / "old"
+    run_continual(*groups(model_dir, out, class_groups=[[0, 1], [2, 3]]), stop_after=1)
+    meta_path = out / json.loads((out / "latest.json").read_text())["checkpoint"] / "state.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["format"]  # as wave-1 checkpoints were written
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="checkpoint format 1"):
+        run_continual(*groups(model_dir, out, class_groups=[[0, 1], [2, 3]]), resume=True)
 
-    log = {
-        "task": ["a", "b"],
-        "R": [[0.9], [0.8, 0.7]],
-        "R_til": [[0.9], [0.9, 0.8]],
-        "alpha": [1.0, 0.5],
-        "alpha_raw": [1.0, 0.5],
-        "pre_merge_acc": [0.9, 0.7],
-        "terms": [None, None],
-        "delta_norm": [1.0, 1.0],
-        "branch_counts": [{}, {}],
-        "timings": [{}, {}],
-        "scores": [{"rougeL": [0.8, 0.7], "exact_match": [0.5, 0.5]}],  # logged for the second task only
-    }
-    tasks = [SimpleNamespace(eval=[0] * 10), SimpleNamespace(eval=[0] * 10)]
-    run = SimpleNamespace(stream=SimpleNamespace(tasks=tasks), primary="rougeL", is_lm=True, out="x")
-    out = results_dict(run, ContinualState(completed=2, log=log), {})
-    assert out["accuracy_matrix"] == [[0.9, None], [0.8, 0.7]]
-    assert out["score_matrices"] == {} and out["acc"] == pytest.approx(0.75)
-    assert out["oracle_scores"] == [None, None]
+
+def test_results_from_the_task_log_by_hand():
+    from pm_hf.results import results_dict
+
+    log = [
+        {"task": "a", "scores": {"accuracy": [0.9], "til_accuracy": [0.9]}, "alpha": 1.0, "alpha_raw": 1.0},
+        {"task": "b", "scores": {"accuracy": [0.6, 0.7], "til_accuracy": [0.9, 0.8]}, "alpha": 0.5, "alpha_raw": 0.4},
+    ]
+    out = results_dict(log, [10, 30, 99], "accuracy", {}, "x")
+    assert out["accuracy_matrix"] == [[0.9, None], [0.6, 0.7]] and out["til_accuracy_matrix"][1] == [0.9, 0.8]
+    assert out["acc"] == pytest.approx((0.6 * 10 + 0.7 * 30) / 40) and out["eval_sizes"] == [10, 30]
+    assert out["bwt"] == pytest.approx(0.6 - 0.9) and out["forgetting"] == pytest.approx(0.3)
+    assert out["alphas"] == [1.0, 0.5] and out["alphas_raw"] == [1.0, 0.4] and out["oracle_scores"] == [None, None]

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_continual import DATA, model_dir  # noqa: F401  (fixture)
+from conftest import DATA
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,14 +19,14 @@ def bench():
 
 
 def test_every_method_of_the_suites_is_a_registered_config(bench):
-    from pm_hf.cli import parse_config
+    from pm_hf.parsing import parse_config
 
     for name, (overrides, _) in bench.METHODS.items():
         groups = parse_config(bench.SUITES["text-cil"], bench._overrides({**overrides, "output_dir": "/tmp/x"}))
         assert groups[5].merge_method == overrides["merge_method"], name
 
 
-def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):  # noqa: F811
+def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):
     config = ROOT / "configs" / "ci_tiny.yaml"
     extra = {
         "model_name_or_path": model_dir,

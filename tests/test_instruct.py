@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model
 from rouge_score import rouge_scorer
 
 from pm_hf.config import DataArguments
+from pm_hf.evaluation import generate_responses, instruction_eval_loss, metric_path, score_generations
 from pm_hf.fisher import per_sample_loss
 from pm_hf.instruct import (
     EVAL_COLUMNS,
@@ -22,11 +23,7 @@ from pm_hf.instruct import (
     PromptCollator,
     build_instruction_stream,
     encode_prompts,
-    generate_responses,
-    instruction_eval_loss,
-    metric_path,
     resolve_pad_token_id,
-    score_generations,
     truncate_pair,
 )
 

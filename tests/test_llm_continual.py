@@ -10,11 +10,11 @@ from conftest import tiny_llama, tiny_tokenizer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-import pm_hf.continual as continual
+from pm_hf.adapters import base_weights, lora_layers
 from pm_hf.cli import main as cli_main
 from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from pm_hf.continual import run_continual
-from pm_hf.instruct import generate_responses
+from pm_hf.continual import build_loop, run_continual
+from pm_hf.evaluation import generate_responses
 
 INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "wordnet_instruct"
 TASKS = ("define", "category")
@@ -78,22 +78,11 @@ def llm_groups(model_dir, out, merge_method="pm", **kw):
     )
 
 
-def _with_run(holder):
-    original = continual.build_run
-    continual.build_run = lambda *a: holder.setdefault("run", original(*a))
-    return original
-
-
 def test_pm_on_a_tiny_llama_writes_score_matrices(llm_dir, tmp_path):
-    holder = {}
-    original = _with_run(holder)
-    try:
-        results = run_continual(*llm_groups(llm_dir, tmp_path / "pm"))
-    finally:
-        continual.build_run = original
-    run = holder["run"]
+    run = build_loop(*llm_groups(llm_dir, tmp_path / "pm"))
+    results = run.run()
     # q/k/v/o detected for the Llama family when target_modules is not set
-    assert {k.rsplit(".", 2)[-2] for k in continual.lora_layers(run.model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {k.rsplit(".", 2)[-2] for k in lora_layers(run.model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert results["primary_metric"] == "rougeL"
     assert set(results["score_matrices"]) == {"exact_match", "rougeL", "eval_loss"}
     assert results["accuracy_matrix"] == results["score_matrices"]["rougeL"]
@@ -119,8 +108,9 @@ def test_pm_on_a_tiny_llama_writes_score_matrices(llm_dir, tmp_path):
         got = loaded.eval()(**batch).logits
     assert torch.allclose(got, expected, atol=1e-4)
     eval_ds = run.stream.tasks[1].eval
-    assert generate_responses(loaded, run.tokenizer, eval_ds, max_new_tokens=4) == generate_responses(
-        run.model, run.tokenizer, eval_ds, max_new_tokens=4
+    tokenizer = run.evaluator.tokenizer
+    assert generate_responses(loaded, tokenizer, eval_ds, max_new_tokens=4) == generate_responses(
+        run.model, tokenizer, eval_ds, max_new_tokens=4
     )
 
 
@@ -134,19 +124,14 @@ def test_llm_resume_and_sequential_baseline(llm_dir, tmp_path):
 
 
 def test_bf16_keeps_an_fp32_master(llm_dir, tmp_path):
-    holder = {}
-    original = _with_run(holder)
-    try:
-        results = run_continual(*llm_groups(llm_dir, tmp_path / "bf16", dtype="bfloat16", merge_method="average"))
-    finally:
-        continual.build_run = original
-    run = holder["run"]
+    run = build_loop(*llm_groups(llm_dir, tmp_path / "bf16", dtype="bfloat16", merge_method="average"))
+    results = run.run()
+    master = run.weights.master
     assert results["alphas"] == [1.0, 0.5]
-    assert run.merged.master and all(v.dtype == torch.float32 for v in run.merged.master.values())
-    for key, layer in continual.lora_layers(run.model).items():
-        weight = layer.get_base_layer().weight
+    assert master and all(v.dtype == torch.float32 for v in master.values())
+    for key, weight in base_weights(run.model).items():
         assert weight.dtype == torch.bfloat16
-        assert torch.equal(weight, run.merged.master[key].to(torch.bfloat16))
+        assert torch.equal(weight, master[key].to(torch.bfloat16))
 
 
 def test_cli_trains_an_instruction_config(llm_dir, tmp_path, capsys):

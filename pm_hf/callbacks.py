@@ -1,0 +1,68 @@
+"""`ContinualCallback`: hooks of the continual loop, the task-level counterpart of `transformers.TrainerCallback`.
+
+The loop calls, for every task t (0-based): `on_task_begin` (theta_hat_{t-1} in place, before the task's start point
+and fresh adapter), `on_train_end` (theta*_t: the trained adapter still active), `on_merge` (theta_hat_t written,
+adapter zeroed), `on_task_end` (scores done; the callback may add to the task's `log` entry before it is saved) and
+`on_save` (after the task's checkpoint is on disk). A callback that keeps something across tasks returns it from
+`state_dict()`; it is saved in every checkpoint and handed back by `load_state_dict()` on resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class ContinualCallback:
+    """Base class: every hook does nothing. `state_key` names the callback's state in checkpoints."""
+
+    state_key: str | None = None  # default: the class name
+
+    def on_task_begin(self, t: int, model: nn.Module, task) -> None:
+        """Task t starts; the model holds theta_hat_{t-1}."""
+
+    def on_train_end(self, t: int, model: nn.Module, task) -> None:
+        """Task t is trained; the model holds theta*_t (trained adapter active)."""
+
+    def on_merge(self, t: int, model: nn.Module, task) -> None:
+        """Task t is merged; the model holds theta_hat_t."""
+
+    def on_task_end(self, t: int, model: nn.Module, log: dict) -> None:
+        """Task t is evaluated; `log` is its entry of results.json (add keys to it here)."""
+
+    def on_save(self, t: int, checkpoint_dir: Path) -> None:
+        """The checkpoint after task t is on disk."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)[:3]}")
+
+
+class CallbackList:
+    """Calls a hook on every callback in order, and gathers their states by key."""
+
+    def __init__(self, callbacks: Sequence[ContinualCallback] = ()):
+        self.callbacks = list(callbacks)
+        keys = [cb.state_key or type(cb).__name__ for cb in self.callbacks]
+        self.keys = [k if keys.count(k) == 1 else f"{k}{i}" for i, k in enumerate(keys)]
+
+    def call(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        states = {key: cb.state_dict() for key, cb in zip(self.keys, self.callbacks)}
+        return {k: v for k, v in states.items() if v}
+
+    def load_state_dict(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        unknown = set(states) - set(self.keys)
+        if unknown:
+            raise ValueError(f"the checkpoint holds state of callbacks {sorted(unknown)} that this run does not have")
+        for key, cb in zip(self.keys, self.callbacks):
+            cb.load_state_dict(states.get(key, {}))

@@ -1,0 +1,194 @@
+"""Export of the merged model as one PEFT adapter, and the per-task records it is built from.
+
+Each task merged as theta_hat_{t-1} + alpha_t * s_t B_t A_t leaves a `TaskRecord` (alpha_t, A_t, B_t, s_t), written once
+to `adapters/task_<t>.safetensors` (an append-only log, never held in memory). The merged delta sum_t alpha_t s_t
+B_t A_t is then exactly one LoRA adapter of rank sum_t r_t. Strategies whose merged delta is not of that form
+(per-parameter weights, deltas from theta_0) export theta_hat - theta_0 of each adapted weight, factored exactly by
+SVD.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import lora_layers, set_lora_factors, strip_prefix
+from .fileio import atomic_dir, atomic_write
+from .merge import LoraFactors
+
+ADAPTERS_DIR = "adapters"
+EXPORT_DIR = "merged_adapter"
+
+
+@dataclass
+class TaskRecord:
+    """One task's adapter, enough to rebuild its merged contribution alpha * s * B @ A exactly."""
+
+    alpha: dict[str, float]
+    scaling: dict[str, float]
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    fan_in_fan_out: bool
+
+
+def task_record(factors: Mapping[str, LoraFactors], alpha: Mapping[str, float]) -> TaskRecord:
+    """The record of a task merged with `alpha` (one float per LoRA key) from its trained adapter's factors."""
+    rec = TaskRecord({}, {}, {}, {}, False)
+    for key, f in factors.items():
+        rec.alpha[key], rec.scaling[key] = float(alpha[key]), float(f.scaling)
+        rec.A[key], rec.B[key] = f.A, f.B
+        rec.fan_in_fan_out = f.fan_in_fan_out
+    return rec
+
+
+def history_delta(history: list[TaskRecord]) -> dict[str, torch.Tensor]:
+    """sum_i alpha_i * s_i * B_i @ A_i per LoRA key, in the base weight's layout (fp32)."""
+    total: dict[str, torch.Tensor] = {}
+    for rec in history:
+        for key in rec.A:
+            d = rec.alpha[key] * rec.scaling[key] * (rec.B[key] @ rec.A[key])
+            d = d.T if rec.fan_in_fan_out else d
+            total[key] = total[key] + d if key in total else d
+    return total
+
+
+def save_task_record(out_dir: Path, t: int, rec: TaskRecord) -> Path:
+    """Write task t's record once (atomically) to `out_dir/adapters/task_<t>.safetensors`."""
+    tensors = {f"A/{k}": v.contiguous() for k, v in rec.A.items()}
+    tensors.update({f"B/{k}": v.contiguous() for k, v in rec.B.items()})
+    meta = {
+        "alpha": json.dumps(rec.alpha),
+        "scaling": json.dumps(rec.scaling),
+        "fan_in_fan_out": str(rec.fan_in_fan_out),
+    }
+    path = Path(out_dir) / ADAPTERS_DIR / f"task_{t}.safetensors"
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def has_task_records(out_dir: Path, count: int) -> bool:
+    return all((Path(out_dir) / ADAPTERS_DIR / f"task_{t}.safetensors").exists() for t in range(count))
+
+
+def load_task_records(out_dir: Path, count: int) -> list[TaskRecord]:
+    """The records of tasks 0..count-1 (files of tasks not yet completed are ignored)."""
+    records = []
+    for t in range(count):
+        path = Path(out_dir) / ADAPTERS_DIR / f"task_{t}.safetensors"
+        if not path.exists():
+            raise ValueError(
+                f"{path} is missing: the run's adapter log is incomplete, so it cannot be exported exactly."
+            )
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        A = {k[2:]: v for k, v in tensors.items() if k.startswith("A/")}
+        B = {k[2:]: v for k, v in tensors.items() if k.startswith("B/")}
+        fan = meta["fan_in_fan_out"] == "True"
+        records.append(TaskRecord(json.loads(meta["alpha"]), json.loads(meta["scaling"]), A, B, fan))
+    return records
+
+
+def dense_record(deltas: Mapping[str, torch.Tensor], fan_in_fan_out: bool = False) -> TaskRecord:
+    """A `TaskRecord` whose factors reproduce dense deltas (base-weight layout) exactly: B = U diag(S), A = V^T from the
+    SVD, zero-padded to one common rank (the largest min(out, in)); alpha = scaling = 1."""
+    rank = max(min(d.shape) for d in deltas.values())
+    rec = TaskRecord({}, {}, {}, {}, fan_in_fan_out)
+    for key, delta in deltas.items():
+        d = delta.double().T if fan_in_fan_out else delta.double()
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+        k = S.shape[0]
+        B = torch.zeros(d.shape[0], rank, dtype=torch.float64)
+        A = torch.zeros(rank, d.shape[1], dtype=torch.float64)
+        B[:, :k], A[:k] = U * S, Vh
+        rec.A[key], rec.B[key] = A.float(), B.float()
+        rec.alpha[key], rec.scaling[key] = 1.0, 1.0
+    return rec
+
+
+def export_merged_adapter(
+    base_model: nn.Module,
+    history: list[TaskRecord],
+    full_params: Mapping[str, torch.Tensor],
+    save_modules: list[str],
+    out_dir: str,
+) -> PeftModel:
+    """Save sum_i alpha_i s_i B_i A_i as ONE PEFT LoRA adapter of rank sum_i r_i (exact: B = [alpha_i s_i B_i],
+    A = [A_i], scaling 1), with the merged fully trained modules (head, pooler) as `modules_to_save`.
+
+    Args:
+        base_model: a pristine copy of the pretrained model (same architecture and head size).
+        history: the per-task records.
+        full_params: merged values of the fully trained parameters, by merge key.
+        save_modules: module names for `modules_to_save` (they must own every key of `full_params`).
+        out_dir: where `save_pretrained` writes; `PeftModel.from_pretrained(base, out_dir)` loads it.
+    """
+    if not history:
+        raise ValueError("the history is empty: train at least one task before exporting.")
+    keys = list(history[0].A)
+    rank = sum(rec.A[keys[0]].shape[0] for rec in history)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted({k[: -len(".weight")] for k in keys}),
+        modules_to_save=save_modules or None,
+        fan_in_fan_out=history[0].fan_in_fan_out,
+        init_lora_weights=False,
+    )
+    model = get_peft_model(base_model, config)
+    if set(lora_layers(model)) != set(keys):
+        raise ValueError(f"the base model's LoRA layers {sorted(lora_layers(model))[:3]}... differ from the history's.")
+    A = {k: torch.cat([rec.A[k] for rec in history], 0) for k in keys}
+    B = {k: torch.cat([rec.alpha[k] * rec.scaling[k] * rec.B[k] for rec in history], 1) for k in keys}
+    set_lora_factors(model, A, B, "default")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in full_params.items():
+            matches = [n for n in params if _wrapped_name(n, key)]
+            if len(matches) != 1:
+                raise ValueError(f"fully trained parameter {key!r} is not covered by `modules_to_save`={save_modules}.")
+            params[matches[0]].copy_(value)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def _wrapped_name(param_name: str, key: str) -> bool:
+    """Whether `param_name` is the modules_to_save copy of merge key `key` (wrapper inserted at any depth)."""
+    parts = strip_prefix(param_name).split(".")
+    if "modules_to_save" not in parts:
+        return False
+    i = parts.index("modules_to_save")
+    return ".".join(parts[:i] + parts[i + 2 :]) == key
+
+
+def export_run(
+    out_dir: Path,
+    completed: int,
+    base_model: nn.Module,
+    merged: Mapping[str, torch.Tensor],
+    full_params: Mapping[str, torch.Tensor],
+    save_modules: list[str],
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write `out_dir/merged_adapter` (atomically) for a run after `completed` tasks: the exact rank-sum(r) adapter
+    when every task left a record, else the SVD factorisation of theta_hat - theta_0.
+
+    Args:
+        base_model: a freshly loaded pretrained model (its weights are theta_0; it becomes the export's base).
+        merged: theta_hat of every LoRA key (fp32 values); full_params: the fully trained parameters.
+    """
+    if has_task_records(out_dir, completed):
+        history = load_task_records(out_dir, completed)
+    else:
+        theta0 = {k: p.detach().float() for k, p in base_model.named_parameters()}
+        history = [dense_record({k: v.float() - theta0[k] for k, v in merged.items()}, fan_in_fan_out)]
+    with atomic_dir(Path(out_dir) / EXPORT_DIR) as tmp:
+        export_merged_adapter(base_model, history, full_params, save_modules, str(tmp))
+    return Path(out_dir) / EXPORT_DIR

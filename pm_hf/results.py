@@ -1,0 +1,196 @@
+"""What a run reports: results.json (score matrices, their summaries, alpha per task, timings, config), the plots
+next to it, and the printed end-of-run summary.
+
+Score convention: R[t][j] = score of task j after task t; `accuracy_matrix` is the primary score's matrix
+('accuracy' over all seen classes for classifiers, `primary_metric` for causal LMs) and `score_matrices` holds every
+score. Summaries follow `pm_hf.metrics` (ACC, AAA sample-weighted over the tasks' eval sets; BWT, forgetting).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .evaluation import LOWER_IS_BETTER
+from .fileio import atomic_write_text
+
+# per-task log keys copied to results.json lists (results key -> log key)
+PER_TASK = {
+    "alphas": "alpha",
+    "alphas_raw": "alpha_raw",
+    "pre_merge_acc": "pre_merge_acc",
+    "oracle_scores": "oracle_scores",
+    "alpha_terms": "terms",
+    "delta_norms": "delta_norm",
+    "branch_counts": "branch_counts",
+    "timings": "timings",
+}
+
+
+def _as_nan(m: list[list]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in m], dtype=float)
+
+
+def score_matrices(log: list[dict]) -> dict[str, list[list]]:
+    """R[t][j] per score name from the per-task log (None above the diagonal)."""
+    T = len(log)
+    names = list(log[0]["scores"]) if T else []
+    return {n: [[e["scores"][n][j] if j <= t else None for j in range(T)] for t, e in enumerate(log)] for n in names}
+
+
+def score_summary(name: str, R: list[list], sizes: list[int]) -> dict:
+    """final / aaa / bwt / forgetting of one score matrix. Higher is better, except losses (`LOWER_IS_BETTER`): their
+    matrix is negated for the summaries, so the conventions of accuracy hold: bwt < 0 and forgetting > 0 mean
+    forgetting (for a loss: it went up); `final` and `aaa` are the losses themselves."""
+    M = _as_nan(R)
+    if name in LOWER_IS_BETTER:
+        neg = metrics.summarize(-M, sizes=sizes)
+        return {"final": -neg["acc"], "aaa": -neg["aaa"], "bwt": neg["bwt"], "forgetting": neg["forgetting"]}
+    out = metrics.summarize(M, sizes=sizes)
+    return {"final": out["acc"], "aaa": out["aaa"], "bwt": out["bwt"], "forgetting": out["forgetting"]}
+
+
+def results_dict(log: list[dict], eval_sizes: list[int], primary: str, config: dict, output_dir: str) -> dict:
+    """results.json of a run whose per-task log is `log` (one entry per completed task)."""
+    T = len(log)
+    matrices = score_matrices(log)
+    R = matrices.get(primary, [])
+    sizes = list(eval_sizes[:T])
+    out = {
+        "tasks": [e["task"] for e in log],
+        "primary_metric": primary,
+        "accuracy_matrix": R,
+        **(metrics.summarize(_as_nan(R), sizes=sizes) if T else {}),
+        "score_matrices": matrices,
+        "score_summaries": {n: score_summary(n, m, sizes) for n, m in matrices.items()},
+    }
+    if "til_accuracy" in matrices:
+        out["til_accuracy_matrix"] = matrices["til_accuracy"]
+        out["til_acc"] = metrics.summarize(_as_nan(matrices["til_accuracy"]))["acc"]
+    out.update({key: [e.get(name) for e in log] for key, name in PER_TASK.items()})
+    out.update({"peak_rss_mb": _peak_rss_mb(), "eval_sizes": sizes, "config": config, "output_dir": output_dir})
+    return out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def write_outputs(out_dir: Path, results: dict) -> None:
+    """results.json and the plots: the primary score's matrix, every other LM score's, and the seen-score curve."""
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=float))
+    R = _as_nan(results["accuracy_matrix"])
+    metrics.plot_accuracy_matrix(R, out_dir / "accuracy_matrix.png", title="R[t][j]")
+    for name, matrix in results["score_matrices"].items():
+        if name not in ("accuracy", "til_accuracy", results["primary_metric"]):
+            metrics.plot_accuracy_matrix(
+                _as_nan(matrix), out_dir / f"score_matrix_{name}.png", title=f"{name}: R[t][j]"
+            )
+    sizes = results["eval_sizes"]
+    seen = [metrics.seen_accuracy(R[t, : t + 1], sizes[: t + 1]) for t in range(len(R))]
+    metrics.plot_accuracy_curve(
+        seen, results["alphas"], out_dir / "accuracy_curve.png", alphas_raw=results["alphas_raw"]
+    )
+
+
+# ------------------------------------------------------------------------------------------ printed summary
+def _is_percent(values: Sequence[float]) -> bool:
+    finite = [v for v in values if _finite(v)]
+    return bool(finite) and all(0.0 <= v <= 1.0 for v in finite)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _fmt(v: Any, percent: bool, signed: bool = False) -> str:
+    if not _finite(v):
+        return "-"
+    spec = ("+" if signed else "") + (".2f" if percent else ".4f")
+    return format(v * 100 if percent else v, spec)
+
+
+def _fmt_alpha(a: Any) -> str:
+    if isinstance(a, Mapping):  # alpha_granularity="module": one alpha per merged module
+        vals = [v for v in a.values() if _finite(v)]
+        if not vals:
+            return "-"
+        return f"{len(vals)} modules, mean {sum(vals) / len(vals):.4f} [{min(vals):.4f}, {max(vals):.4f}]"
+    return f"{a:.4f}" if _finite(a) else "-"
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    """The end-of-run summary: accuracy matrix (rows "after task t"), ACC, AAA, BWT, forgetting, alpha per task.
+
+    Args:
+        results: the dict returned by `run_continual`: `tasks` (names), `accuracy_matrix` (R[t][j] = accuracy on
+            task j after training task t; NaN/None above the diagonal), `acc`, `aaa`, `bwt`, `forgetting`,
+            `alphas` (clamped), `alphas_raw`, `output_dir`. Missing keys are skipped.
+
+    Returns:
+        A multi-line table. Scores in [0, 1] are shown in percent.
+    """
+    R = [[v if _finite(v) else None for v in row] for row in results.get("accuracy_matrix") or []]
+    T = len(R)
+    tasks = list(results.get("tasks") or [])
+    tasks += [f"task {j + 1}" for j in range(len(tasks), T)]
+    percent = _is_percent([v for row in R for v in row])
+    unit = " (%)" if percent else ""
+    score = results.get("primary_metric") or "accuracy"
+    title = "Accuracy matrix" if score == "accuracy" else f"Score matrix ({score})"
+    lines = [f"{title}{unit}: R[t][j] = {score} on task j after training task t"]
+    if T:
+        width = max(7, min(14, max(len(str(n)) for n in tasks[:T])))
+        label = len(f"after task {T}")
+        lines.append(" " * label + "".join(f"  {str(n)[:width]:>{width}}" for n in tasks[:T]))
+        for t, row in enumerate(R):
+            cells = "".join(f"  {_fmt(row[j] if j < len(row) else None, percent):>{width}}" for j in range(T))
+            lines.append(f"{f'after task {t + 1}':<{label}}{cells}")
+    lines.append("")
+    metrics = [
+        ("ACC", "acc", f"{score} on all tasks after the last one", False),
+        ("AAA", "aaa", f"mean over t of the {score} on tasks 1..t", False),
+        ("BWT", "bwt", "backward transfer, negative = forgetting", True),
+        ("Forgetting", "forgetting", "mean drop from each task's best score", False),
+    ]
+    for name, key, what, signed in metrics:
+        if key in results:
+            lines.append(f"{name + unit:<16}{_fmt(results[key], percent, signed):>8}   {what}")
+    for name, summary in (results.get("score_summaries") or {}).items():
+        if name in ("accuracy", score):
+            continue
+        lines.append(
+            f"{name:<16}final {summary['final']:.4g}  BWT {summary['bwt']:+.4g}  forgetting {summary['forgetting']:.4g}"
+        )
+    alphas, raw = list(results.get("alphas") or []), list(results.get("alphas_raw") or [])
+    if alphas or raw:
+        lines += ["", "alpha per task (merge coefficient: clamped, raw)"]
+        for t in range(max(len(alphas), len(raw))):
+            name = tasks[t] if t < len(tasks) else f"task {t + 1}"
+            clamped = _fmt_alpha(alphas[t]) if t < len(alphas) else "-"
+            unclamped = _fmt_alpha(raw[t]) if t < len(raw) else "-"
+            lines.append(f"  {t + 1:>2}  {str(name):<14}  {clamped:>8}  raw {unclamped}")
+    if results.get("output_dir"):
+        lines += ["", f"Results written to {results['output_dir']}"]
+    return "\n".join(lines)
+
+
+def format_evaluation(evaluation: Mapping[str, Any], run_dir: str) -> str:
+    """The `pm-hf evaluate` summary: the re-evaluated last row of the accuracy matrix and ACC."""
+    row = list(evaluation.get("last_row") or [])
+    tasks = list(evaluation.get("tasks") or [])
+    tasks += [f"task {j + 1}" for j in range(len(tasks), len(row))]
+    percent = _is_percent(row + [evaluation.get("acc")])
+    unit = " (%)" if percent else ""
+    lines = [f"Re-evaluated {run_dir}: accuracy on each task after the last one{unit}"]
+    lines += [f"  {j + 1:>2}  {str(tasks[j]):<14}  {_fmt(v, percent):>8}" for j, v in enumerate(row)]
+    lines.append(f"ACC{unit:<13}{_fmt(evaluation.get('acc'), percent):>8}")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""Merge strategies: one class each, registered by name (`merge_method`). See `base.py`."""
+
+from . import alpha, task_vectors  # noqa: F401  (registers the strategies)
+from .base import (
+    RETIRED,
+    STRATEGIES,
+    MergePlan,
+    MergeStrategy,
+    StartPoint,
+    build_strategy,
+    check_merge_args,
+    get_strategy,
+    merge_task,
+    register,
+)
+
+__all__ = [
+    "RETIRED",
+    "STRATEGIES",
+    "MergePlan",
+    "MergeStrategy",
+    "StartPoint",
+    "build_strategy",
+    "check_merge_args",
+    "get_strategy",
+    "merge_task",
+    "register",
+]

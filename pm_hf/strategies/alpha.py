@@ -1,0 +1,190 @@
+"""Strategies that merge theta_hat_t = theta_hat_{t-1} + alpha_t * Delta_t (alpha a float or, for CoFiMA, a
+per-parameter weight): the closed form of P&M, CoFiMA, alpha schedules and the oracle."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import check_choice, invalid
+from ..data import joint_stream
+from ..merge import (
+    AlphaChoice,
+    alpha_terms,
+    cofima_weights,
+    select_alpha,
+    update_accumulators,
+    zeros_like_dict,
+)
+from .base import MergePlan, MergeStrategy, alpha_plan, constant, fraction, prefixed, register
+
+
+@register
+class ClosedForm(MergeStrategy):
+    name = "pm"
+    reference = "Qiu et al. 2025, Perturb-and-Merge: closed-form alpha over the S/G accumulators (docs/method.md)"
+    knobs = ("alpha_clip", "alpha_min", "alpha_granularity", "accumulator_device")
+    needs_fisher = True
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.S: dict[str, torch.Tensor] = {}
+        self.G: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def check(values) -> None:
+        if not isinstance(values.alpha_clip, bool):
+            raise invalid("alpha_clip", values.alpha_clip, "use true or false.")
+        fraction(values, "alpha_min")
+        check_choice("alpha_granularity", values.alpha_granularity, ("global", "module"))
+
+    def _groups(self, keys) -> list[list[str]]:
+        if self.alpha_granularity == "global":
+            return [list(keys)]
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            groups.setdefault(key.rsplit(".", 1)[0], []).append(key)
+        return list(groups.values())
+
+    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
+        if fisher is None:
+            raise ValueError("merge strategy 'pm' needs the task's Fisher")
+        deltas = vector.deltas
+        if not self.S:
+            self.S = zeros_like_dict(deltas, self.accumulator_device)
+            self.G = zeros_like_dict(deltas, self.accumulator_device)
+        terms = alpha_terms(deltas, fisher, self.S, self.G)
+        choices = {}
+        for keys in self._groups(deltas):
+            part = alpha_terms(*({k: d[k] for k in keys} for d in (deltas, fisher, self.S, self.G)))
+            choices.update(dict.fromkeys(keys, select_alpha(part, self.alpha_clip, self.alpha_min)))
+        plan = alpha_plan(vector, choices, terms=terms, per_key=self.alpha_granularity != "global")
+        self.S, self.G = update_accumulators(deltas, fisher, self.S, self.G, plan.alpha)
+        return plan
+
+    def state_dict(self):
+        return {**{f"S/{k}": v for k, v in self.S.items()}, **{f"G/{k}": v for k, v in self.G.items()}}
+
+    def load_state_dict(self, state):
+        device = self.accumulator_device
+        self.S = {k: v.to(device or v.device) for k, v in prefixed(state, "S/").items()}
+        self.G = {k: v.to(device or v.device) for k, v in prefixed(state, "G/").items()}
+
+
+@register
+class CoFiMA(MergeStrategy):
+    name = "cofima"
+    reference = (
+        "CoFiMA (Marouf et al. 2024): per parameter theta_t = ((1-a) S theta_{t-1} + a F_t theta*_t) / ((1-a) S + "
+        "a F_t), S = sum of past Fishers, a = `cofima_weight`"
+    )
+    knobs = ("cofima_weight", "accumulator_device")
+    needs_fisher = True
+
+    def __init__(self, **knobs):
+        super().__init__(**knobs)
+        self.S: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def check(values) -> None:
+        fraction(values, "cofima_weight")
+
+    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
+        if fisher is None:
+            raise ValueError("merge strategy 'cofima' needs the task's Fisher")
+        deltas = vector.deltas
+        if not self.S:
+            self.S = zeros_like_dict(deltas, self.accumulator_device)
+        w = {k: cofima_weights(fisher[k], self.S[k].to(fisher[k].device), self.cofima_weight) for k in deltas}
+        num = sum(float((w[k].double() * deltas[k].double() ** 2).sum()) for k in deltas)
+        den = sum(float((deltas[k].double() ** 2).sum()) for k in deltas)
+        effective = num / den if den > 0 else float(self.cofima_weight)  # alpha along Delta, for the log
+        choices = {k: AlphaChoice(effective, effective, weight=w[k]) for k in deltas}
+        self.S = {k: s + fisher[k].to(s.device, s.dtype) for k, s in self.S.items()}
+        return alpha_plan(vector, choices)
+
+    def state_dict(self):
+        return {f"S/{k}": v for k, v in self.S.items()}
+
+    def load_state_dict(self, state):
+        self.S = {k: v.to(self.accumulator_device or v.device) for k, v in prefixed(state, "S/").items()}
+
+
+class Scheduled(MergeStrategy):
+    """alpha_t from a schedule over the task count; the variants differ only in `alpha(t)`."""
+
+    def alpha(self, t: int) -> float:
+        raise NotImplementedError
+
+    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
+        return alpha_plan(vector, constant(vector.deltas, self.alpha(t)))
+
+
+@register
+class SeqMerge(Scheduled):
+    name = "seq-merge"
+    reference = "sequential LoRA merged with alpha = 1, a new adapter per task (the paper's 'LoRA' row)"
+
+    def alpha(self, t):
+        return 1.0
+
+
+@register
+class Average(Scheduled):
+    name = "average"
+    reference = "model averaging: theta_hat_t = mean of theta*_i (alpha_t = 1/t)"
+
+    def alpha(self, t):
+        return 1.0 / (t + 1)
+
+
+@register
+class CoMA(Scheduled):
+    name = "coma"
+    reference = "CoMA (Marouf et al. 2023): fixed-weight interpolation, alpha = `fixed_alpha`"
+    knobs = ("fixed_alpha",)
+
+    @staticmethod
+    def check(values) -> None:
+        fraction(values, "fixed_alpha")
+
+    def alpha(self, t):
+        return float(self.fixed_alpha)
+
+
+@register
+class Joint(Scheduled):
+    name = "joint"
+    reference = "joint training on all tasks' data at once (the upper bound of the sequence)"
+
+    def transform_stream(self, stream):
+        return joint_stream(stream)
+
+    def alpha(self, t):
+        return 1.0
+
+
+@register
+class OracleAlpha(MergeStrategy):
+    name = "oracle-alpha"
+    reference = (
+        "upper bound of the closed form: per task, the grid alpha with the best held-out accuracy on all seen tasks "
+        "(first best on ties)"
+    )
+    knobs = ("oracle_grid",)
+    needs_score = True
+
+    @staticmethod
+    def check(values) -> None:
+        grid = values.oracle_grid
+        bad = not isinstance(grid, (list, tuple)) or not grid
+        if bad or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in grid):
+            raise invalid("oracle_grid", grid, "use a non-empty list of numbers in [0, 1], e.g. [0, 0.1, ..., 1].")
+
+    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
+        if t == 0:  # nothing to trade off yet
+            return alpha_plan(vector, constant(vector.deltas, 1.0))
+        if score is None:
+            raise ValueError("merge strategy 'oracle-alpha' needs a score(alpha) function")
+        scores = {str(float(a)): score(float(a)) for a in self.oracle_grid}
+        best = max(scores.items(), key=lambda item: item[1])[0]  # the first best grid point on ties
+        return alpha_plan(vector, constant(vector.deltas, float(best)), oracle_scores=scores)
