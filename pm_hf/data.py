@@ -29,6 +29,7 @@ import torch
 from transformers import DataCollatorWithPadding, default_data_collator
 
 from .config import DataArguments
+from .images import image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -299,51 +300,13 @@ def _tokenize(ds: datasets.Dataset, tokenizer, data_args: DataArguments, offset:
     return ds
 
 
-def _as_image(image):
-    """PIL images in mode L or RGB; anything else as an array with a channel axis (H, W, 1), integers as uint8."""
-    mode = getattr(image, "mode", None)
-    if mode is not None:
-        return image if mode in ("L", "RGB") else image.convert("L" if mode == "1" else "RGB")
-    array = np.asarray(image)
-    array = array[..., None] if array.ndim == 2 else array  # image processors want 3-D arrays
-    return array.astype(np.uint8) if np.issubdtype(array.dtype, np.integer) else array
-
-
-def _fallback_tensor(array: np.ndarray) -> torch.Tensor:
-    """[C, H, W] float in [0, 1] (integer pixels / 255); HWC is recognised by a last axis of 1, 3 or 4."""
-    if array.ndim == 2:
-        array = array[None]
-    elif array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3):
-        array = array.transpose(2, 0, 1)
-    elif array.ndim != 3:
-        raise ValueError(f"Images must be 2-D (H, W) or 3-D arrays, got shape {array.shape}.")
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
-
-
-def _image_transform(processor, offset: int) -> Callable[[dict], dict]:
-    def transform(batch: dict) -> dict:
-        out = {}
-        if "pixel_values" in batch:  # also called with only "labels" (column access)
-            images = [_as_image(x) for x in batch["pixel_values"]]
-            if processor is None:
-                out["pixel_values"] = [_fallback_tensor(np.asarray(x)) for x in images]
-            else:
-                out["pixel_values"] = processor(images=images, return_tensors="pt")["pixel_values"]
-        if "labels" in batch:
-            out["labels"] = torch.as_tensor(np.asarray(batch["labels"], dtype=np.int64) + offset)
-        return out
-
-    return transform
-
-
 def _prepare(ds, modality: str, processor, data_args: DataArguments, offset: int, desc: str) -> datasets.Dataset:
     if modality == "text":
         return _tokenize(ds, processor, data_args, offset, desc)
     ds = ds.select_columns([data_args.image_column, data_args.label_column])
     renames = {data_args.image_column: "pixel_values", data_args.label_column: "labels"}
     ds = ds.rename_columns({k: v for k, v in renames.items() if k != v})
-    return ds.with_transform(_image_transform(processor, offset))
+    return ds.with_transform(image_transform(processor, offset))
 
 
 def _check_processor(processor, modality: str) -> None:
@@ -408,25 +371,3 @@ def build_task_stream(
             tasks.append(Task(plan.name, classes, splits[0], splits[1]))
     collate = DataCollatorWithPadding(processor) if modality == "text" else default_data_collator
     return TaskStream(tasks, num_classes, label_names, modality, collate)
-
-
-def joint_stream(stream: TaskStream) -> TaskStream:
-    """The whole sequence as ONE task (all classes, all training data): the `joint` upper bound."""
-
-    def concat(parts: list) -> datasets.Dataset:
-        joined = datasets.concatenate_datasets(parts)
-        fmt = parts[0].format
-        if fmt.get("type") == "custom":  # lazy image transforms are not carried by concatenation: re-attach
-            joined.set_transform(
-                fmt["format_kwargs"]["transform"], columns=fmt["columns"], output_all_columns=fmt["output_all_columns"]
-            )
-        return joined
-
-    tasks = stream.tasks
-    task = Task(
-        f"joint: {len(tasks)} tasks",
-        sorted({c for t in tasks for c in t.classes}),
-        concat([t.train for t in tasks]),
-        concat([t.eval for t in tasks]),
-    )
-    return TaskStream([task], stream.num_classes, stream.label_names, stream.modality, stream.collate_fn)

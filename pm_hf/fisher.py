@@ -158,25 +158,12 @@ def estimate_fisher(
     """
     args = args or FisherArguments()
     keys = list(keys) if keys is not None else default_fisher_keys(model)
-    if not keys:
-        raise ValueError("no parameters to estimate the Fisher of: the model has no LoRA layer or trainable module.")
-    n_total = len(dataset)
-    order = torch.randperm(n_total, generator=torch.Generator().manual_seed(seed)).tolist()
-    order = order[: args.fisher_max_samples] if args.fisher_max_samples else list(range(n_total))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    mine = order[rank::world]
+    mine = _sample_order(len(dataset), args.fisher_max_samples, seed)[rank::world]
     device = next(unwrap(model).parameters()).device
-    acc_device = torch.device(args.fisher_device) if args.fisher_device else device
-    params = {strip_prefix(n): p for n, p in unwrap(model).named_parameters()}
-    lora = lora_layers(model)
-    unknown = [k for k in keys if k not in lora and k not in params]
-    if unknown:
-        raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
-    bases = base_weights(model)
-    shapes = {k: (bases[k].shape if k in lora else params[k].shape) for k in keys}
-    sums = {k: torch.zeros(shape, dtype=torch.float32, device=acc_device) for k, shape in shapes.items()}
-    loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))
+    sums = _zero_sums(model, keys, torch.device(args.fisher_device) if args.fisher_device else device)
     generator = torch.Generator().manual_seed(seed + 1 + rank)
+    loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))
     probes = _build_probes(model, keys)
     was_training = model.training
     model.eval()
@@ -197,6 +184,25 @@ def estimate_fisher(
             p.clear()
         model.train(was_training)
     return _reduce_mean(sums, count, world)
+
+
+def _sample_order(n: int, cap: int | None, seed: int) -> list[int]:
+    """The samples of the pass: all of them in order, or a seeded random subset of `cap`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[:cap] if cap else list(range(n))
+
+
+def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """fp32 zero accumulators shaped like each key's parameter (a LoRA key: its layer's base weight)."""
+    if not keys:
+        raise ValueError("no parameters to estimate the Fisher of: the model has no LoRA layer or trainable module.")
+    params = {strip_prefix(n): p for n, p in unwrap(model).named_parameters()}
+    bases = base_weights(model)
+    unknown = [k for k in keys if k not in bases and k not in params]
+    if unknown:
+        raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
+    shapes = {k: (bases[k] if k in bases else params[k]).shape for k in keys}
+    return {k: torch.zeros(shape, dtype=torch.float32, device=device) for k, shape in shapes.items()}
 
 
 def _reduce_mean(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[str, torch.Tensor]:

@@ -223,6 +223,26 @@ def _task_lengths(data_args: DataArguments, num_tasks: int) -> list[int]:
     return list(lengths)
 
 
+def _task_split(loaded, spec: dict, t: int, code: int, tokenizer, data_args, max_length: int, seed: int):
+    """Task t's training (code 0) or eval (code 1) split: checked, capped and tokenized."""
+    where = describe_source(spec)
+    arg, cap = (("train_split", data_args.max_train_samples), ("eval_split", data_args.max_eval_samples))[code]
+    split = getattr(data_args, arg)
+    if split not in loaded:
+        raise ValueError(
+            f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
+            f"Set `{arg}` to one of them."
+        )
+    ds = loaded[split]
+    columns = {"prompt_column": data_args.prompt_column, "response_column": data_args.response_column}
+    check_columns(ds, columns, split, where)
+    if len(ds) == 0:
+        raise ValueError(f"The '{split}' split of {where} is empty.")
+    ds = ds.select(_subset(len(ds), cap, [seed, t, code]))
+    desc = f"task {t} ({'train' if code == 0 else 'eval'})"
+    return _tokenize_split(ds, tokenizer, data_args, max_length, code == 1, where, split, desc)
+
+
 def build_instruction_stream(
     data_args: DataArguments, tokenizer, seed: int = 0, main_process_first: Callable | None = None
 ) -> TaskStream:
@@ -251,33 +271,14 @@ def build_instruction_stream(
     first = main_process_first or contextlib.nullcontext
     tasks = []
     for t, spec in enumerate(specs):
-        where = describe_source(spec)
         with first():
             loaded = datasets.load_dataset(
                 spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"]
             )
-        splits = []
-        for code, (arg, cap) in enumerate(
-            (("train_split", data_args.max_train_samples), ("eval_split", data_args.max_eval_samples))
-        ):
-            split = getattr(data_args, arg)
-            if split not in loaded:
-                raise ValueError(
-                    f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
-                    f"Set `{arg}` to one of them."
-                )
-            ds = loaded[split]
-            check_columns(
-                ds,
-                {"prompt_column": data_args.prompt_column, "response_column": data_args.response_column},
-                split,
-                where,
-            )
-            if len(ds) == 0:
-                raise ValueError(f"The '{split}' split of {where} is empty.")
-            ds = ds.select(_subset(len(ds), cap, [seed, t, code]))
-            desc = f"task {t} ({'train' if code == 0 else 'eval'})"
-            splits.append(_tokenize_split(ds, tokenizer, data_args, lengths[t], code == 1, where, split, desc))
+        splits = [
+            _task_split(loaded, spec, t, code, tokenizer, data_args, lengths[t], seed)
+            for code in (0, 1)  # 0: train, 1: eval
+        ]
         tasks.append(Task(f"task_{t}: {short_name(spec, data_args.train_split)}", [], splits[0], splits[1]))
     return TaskStream(tasks, 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(tokenizer)))
 

@@ -139,22 +139,12 @@ def format_results(results: Mapping[str, Any]) -> str:
         A multi-line table. Scores in [0, 1] are shown in percent.
     """
     R = [[v if _finite(v) else None for v in row] for row in results.get("accuracy_matrix") or []]
-    T = len(R)
     tasks = list(results.get("tasks") or [])
-    tasks += [f"task {j + 1}" for j in range(len(tasks), T)]
+    tasks += [f"task {j + 1}" for j in range(len(tasks), len(R))]
     percent = _is_percent([v for row in R for v in row])
     unit = " (%)" if percent else ""
     score = results.get("primary_metric") or "accuracy"
-    title = "Accuracy matrix" if score == "accuracy" else f"Score matrix ({score})"
-    lines = [f"{title}{unit}: R[t][j] = {score} on task j after training task t"]
-    if T:
-        width = max(7, min(14, max(len(str(n)) for n in tasks[:T])))
-        label = len(f"after task {T}")
-        lines.append(" " * label + "".join(f"  {str(n)[:width]:>{width}}" for n in tasks[:T]))
-        for t, row in enumerate(R):
-            cells = "".join(f"  {_fmt(row[j] if j < len(row) else None, percent):>{width}}" for j in range(T))
-            lines.append(f"{f'after task {t + 1}':<{label}}{cells}")
-    lines.append("")
+    lines = [*_matrix_lines(R, tasks, score, percent), ""]
     metrics = [
         ("ACC", "acc", f"{score} on all tasks after the last one", False),
         ("AAA", "aaa", f"mean over t of the {score} on tasks 1..t", False),
@@ -165,11 +155,9 @@ def format_results(results: Mapping[str, Any]) -> str:
         if key in results:
             lines.append(f"{name + unit:<16}{_fmt(results[key], percent, signed):>8}   {what}")
     for name, summary in (results.get("score_summaries") or {}).items():
-        if name in ("accuracy", score):
-            continue
-        lines.append(
-            f"{name:<16}final {summary['final']:.4g}  BWT {summary['bwt']:+.4g}  forgetting {summary['forgetting']:.4g}"
-        )
+        if name not in ("accuracy", score):
+            final, bwt, forgetting = summary["final"], summary["bwt"], summary["forgetting"]
+            lines.append(f"{name:<16}final {final:.4g}  BWT {bwt:+.4g}  forgetting {forgetting:.4g}")
     alphas, raw = list(results.get("alphas") or []), list(results.get("alphas_raw") or [])
     if alphas or raw:
         lines += ["", "alpha per task (merge coefficient: clamped, raw)"]
@@ -181,6 +169,21 @@ def format_results(results: Mapping[str, Any]) -> str:
     if results.get("output_dir"):
         lines += ["", f"Results written to {results['output_dir']}"]
     return "\n".join(lines)
+
+
+def _matrix_lines(R: list[list], tasks: list[str], score: str, percent: bool) -> list[str]:
+    """The score matrix as a table: one row "after task t" per trained task, one column per task."""
+    title = "Accuracy matrix" if score == "accuracy" else f"Score matrix ({score})"
+    lines = [f"{title}{' (%)' if percent else ''}: R[t][j] = {score} on task j after training task t"]
+    T = len(R)
+    if T:
+        width = max(7, min(14, max(len(str(n)) for n in tasks[:T])))
+        label = len(f"after task {T}")
+        lines.append(" " * label + "".join(f"  {str(n)[:width]:>{width}}" for n in tasks[:T]))
+        for t, row in enumerate(R):
+            cells = "".join(f"  {_fmt(row[j] if j < len(row) else None, percent):>{width}}" for j in range(T))
+            lines.append(f"{f'after task {t + 1}':<{label}}{cells}")
+    return lines
 
 
 def format_evaluation(evaluation: Mapping[str, Any], run_dir: str) -> str:

@@ -1,4 +1,4 @@
-"""Benchmarks of pm_hf (../shared/docs/BENCHMARKS.md). Ratios are measured side by side in one run; medians.
+"""Benchmarks of pm_hf (README, Results). Ratios are measured side by side in one run; medians.
 
     python scripts/benchmark.py cost [--quick] [--out results/cost]
     python scripts/benchmark.py text-cil|vision-cil [--methods pm seq ...] [--seeds 3] [--out results/<suite>]
@@ -366,7 +366,7 @@ METHODS: dict[str, tuple[dict, str]] = {
         "P&M training, alpha per task from a 0.1 grid by accuracy on the eval sets (upper bound)",
     ),
     "joint": ({"merge_method": "joint", **_NO_PERTURB}, "all tasks' data at once (upper bound)"),
-    # remedies for alpha collapse (METHOD.md): P&M + one change each
+    # remedies for alpha collapse (docs/method.md): P&M + one change each
     "pm-fisher-mean": ({"merge_method": "pm", "fisher_normalize": "mean"}, "P&M, each F_t scaled to unit mean"),
     "pm-sampled": ({"merge_method": "pm", "fisher_labels": "sampled"}, "P&M, Fisher with sampled labels"),
     "pm-align": ({"merge_method": "pm", "head_align": "seen"}, "P&M + head alignment over all seen classes"),

@@ -1,5 +1,5 @@
 """Tests of `pm_hf.adapters`: LoRA task vectors in effective-weight space, merging through the fp32 master copy,
-the per-task history, the temporary adapter rescale and the Gaussian-noise ablation (METHOD.md, "Which parameters,
+the per-task history, the temporary adapter rescale and the Gaussian-noise ablation (docs/method.md, "Which parameters,
 which space"). LoRA factors are randomized with `randomize_lora`, so B != 0 and nothing passes by accident."""
 
 from __future__ import annotations

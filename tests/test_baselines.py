@@ -273,7 +273,8 @@ def test_domain_incremental_rejects_pretrained_start_rules(model_dir, tmp_path):
 def test_joint_stream_keeps_lazy_image_transforms():
     import datasets
 
-    from pm_hf.data import Task, TaskStream, joint_stream
+    from pm_hf.data import Task, TaskStream
+    from pm_hf.strategies.alpha import joint_stream
 
     def part(label):
         ds = datasets.Dataset.from_dict({"raw": [[float(label)] * 4], "labels": [label]})

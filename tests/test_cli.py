@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
-from pm_hf.cli import format_evaluation, format_results, main, parse_config
+from pm_hf.cli import main
 from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from pm_hf.parsing import parse_config
+from pm_hf.results import format_evaluation, format_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -109,6 +111,10 @@ def test_malformed_yaml_fails_clearly(tmp_path, text, match):
         ("fisher_mode: exact\n", "fisher_mode", "'exact'"),
         ("perturb_probs: [0.5, 0.5, 0.5]\n", "perturb_probs", "[0.5, 0.5, 0.5]"),
         ("r: 0\n", "r", "0"),
+        ("merge_method: ties\nties_density: 0\n", "ties_density", "0"),  # checked by the strategy that owns it
+        ("merge_method: pm\nfixed_alpha: 1.5\n", "fixed_alpha", "1.5"),  # also when another strategy is chosen
+        ("head_align: prototypes\nhead_align_lr: -1\n", "head_align_lr", "-1"),
+        ("merge_method: fixed\n", "merge_method", "'fixed'"),  # retired: the same rule as coma
     ],
 )
 def test_bad_value_names_field_and_value_before_writing(tmp_path, capsys, fake_continual, text, field, value):
@@ -127,6 +133,14 @@ def test_bad_value_from_a_flag_is_reported_too(tmp_path):
         parse_config(path, ["--perturb_eps", "1.5"])
     with pytest.raises(ValueError, match=r"--perturb_eps.*invalid float value: 'abc'"):
         parse_config(path, ["--perturb_eps", "abc"])
+
+
+@pytest.mark.parametrize("source", ["yaml", "flag"])
+def test_the_old_alpha_field_names_its_replacements(tmp_path, source):
+    path = write_config(tmp_path, "merge_method: coma\n" + ("alpha: 0.5\n" if source == "yaml" else ""))
+    flags = ["--alpha", "0.5"] if source == "flag" else []
+    with pytest.raises(ValueError, match="`alpha`.*`fixed_alpha` \\(coma\\).*`cofima_weight`.*`merge_scale`"):
+        parse_config(path, flags)
 
 
 def test_output_dir_is_required(tmp_path):

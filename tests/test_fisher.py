@@ -1,4 +1,4 @@
-"""Tests of `pm_hf.fisher` (METHOD.md, "Fisher estimator"): the hook-based estimate against brute-force autograd on
+"""Tests of `pm_hf.fisher` (docs/method.md, "Fisher estimator"): the hook-based estimate against brute-force autograd on
 single samples (gradient w.r.t. each LoRA layer's effective weight = w.r.t. its base weight), batch mode, the sample
 cap, sampled labels, model-state restoration, a 2-process gloo run, normalisation and input errors."""
 

@@ -3,10 +3,11 @@ per-parameter weight): the closed form of P&M, CoFiMA, alpha schedules and the o
 
 from __future__ import annotations
 
+import datasets
 import torch
 
 from ..config import check_choice, invalid
-from ..data import joint_stream
+from ..data import Task, TaskStream
 from ..merge import (
     AlphaChoice,
     alpha_terms,
@@ -188,3 +189,25 @@ class OracleAlpha(MergeStrategy):
         scores = {str(float(a)): score(float(a)) for a in self.oracle_grid}
         best = max(scores.items(), key=lambda item: item[1])[0]  # the first best grid point on ties
         return alpha_plan(vector, constant(vector.deltas, float(best)), oracle_scores=scores)
+
+
+def joint_stream(stream: TaskStream) -> TaskStream:
+    """The whole sequence as ONE task (all classes, all training data): the `joint` upper bound."""
+
+    def concat(parts: list) -> datasets.Dataset:
+        joined = datasets.concatenate_datasets(parts)
+        fmt = parts[0].format
+        if fmt.get("type") == "custom":  # lazy image transforms are not carried by concatenation: re-attach
+            joined.set_transform(
+                fmt["format_kwargs"]["transform"], columns=fmt["columns"], output_all_columns=fmt["output_all_columns"]
+            )
+        return joined
+
+    tasks = stream.tasks
+    task = Task(
+        f"joint: {len(tasks)} tasks",
+        sorted({c for t in tasks for c in t.classes}),
+        concat([t.train for t in tasks]),
+        concat([t.eval for t in tasks]),
+    )
+    return TaskStream([task], stream.num_classes, stream.label_names, stream.modality, stream.collate_fn)
