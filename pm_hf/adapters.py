@@ -18,6 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from .checks import NonFiniteError, check_finite, invalid
 from .config import LoraArguments
 from .merge import LoraFactors, TaskVector
 
@@ -56,9 +57,11 @@ def detect_target_modules(model: nn.Module, kind: str = "qv") -> list[str]:
         targets = family[kind]
         if all(t in names or any(f.endswith(t) for f in full) for t in targets):
             return list(targets)
-    raise ValueError(
-        "`target_modules` could not be detected for this model (no q_proj/v_proj, query/value or c_attn modules); "
-        "set `target_modules` in the LoRA arguments to the names of its attention projections."
+    raise invalid(
+        "target_modules",
+        None,
+        "could not be detected for this model (no q_proj/v_proj, query/value or c_attn modules): name its "
+        "attention projections.",
     )
 
 
@@ -85,10 +88,8 @@ def attach_lora(model: nn.Module, lora_args: LoraArguments, trainable_modules: l
     names = [strip_prefix(n) for n, _ in model.named_modules()]
     missing = [p for p in patterns if not any(_matches(n, [p]) for n in names)]
     if missing:  # checked before the model is wrapped, so a bad name changes nothing
-        raise ValueError(
-            f"`modules_to_save` / trainable modules {missing} match no module of the model; "
-            "check the module names (suffix match, e.g. 'pooler' or 'classifier')."
-        )
+        fix = f"{missing} match no module of the model; check the names (suffix match, e.g. 'pooler')."
+        raise invalid("modules_to_save", lora_args.modules_to_save, fix)
     peft_model = get_peft_model(model, config)
     for name, module in peft_model.named_modules():
         if patterns and _matches(strip_prefix(name), patterns) and not isinstance(module, LoraLayer):
@@ -337,6 +338,16 @@ class ModelWeights:
                     self.master[key] = value.float().to(self.device or targets[key].device)
                 targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
 
+    def load_state(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Restore a checkpointed `state()` exactly: the same keys and shapes, or nothing is written."""
+        expected = self.targets(self.state())
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"the checkpoint's weights do not match the model: missing {missing[:3]}, extra {extra[:3]}"
+            )
+        self.restore(weights)
+
     def apply(
         self,
         deltas: Mapping[str, torch.Tensor],
@@ -352,20 +363,25 @@ class ModelWeights:
                 bool(torch.isfinite(a).all()) if isinstance(a, torch.Tensor) else math.isfinite(a)
             )
             if not finite:
-                raise ValueError(f"no finite alpha for merge key {key!r}")
+                raise NonFiniteError(f"no finite alpha for merge key {key!r}; nothing was written.")
             if targets[key].shape != delta.shape:
                 raise ValueError(
                     f"delta for {key!r} has shape {tuple(delta.shape)}, weight {tuple(targets[key].shape)}"
                 )
+        new_value = lambda key: self._merged(targets[key], key, deltas[key], alpha[key], base)  # noqa: E731
         with torch.no_grad():
-            for key, delta in deltas.items():
-                weight = targets[key]
-                start = base[key].float() if base is not None and key in base else self.value(key, weight).float()
-                a = alpha[key].to(delta.device) if isinstance(alpha[key], torch.Tensor) else alpha[key]
-                new = start.to(delta.device) + a * delta.float()
+            for key in deltas:  # every new value is checked before any is written
+                check_finite({key: new_value(key)}, "merged weights")
+            for key in deltas:
+                weight, new = targets[key], new_value(key)
                 if weight.dtype != torch.float32:
                     self.master[key] = new.to(self.device or weight.device)
                 weight.copy_(new.to(weight.device, weight.dtype))
+
+    def _merged(self, weight, key: str, delta: torch.Tensor, a, base) -> torch.Tensor:
+        start = base[key].float() if base is not None and key in base else self.value(key, weight).float()
+        a = a.to(delta.device) if isinstance(a, torch.Tensor) else a
+        return start.to(delta.device) + a * delta.float()
 
     def task_vector(
         self,

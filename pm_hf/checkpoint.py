@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checks import check_finite, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from .fileio import atomic_dir, atomic_write_text
+from .fileio import atomic_dir, atomic_write_text, file_digest
 
 LATEST = "latest.json"
+STATE, META, MANIFEST = "state.safetensors", "state.json", "manifest.json"
 FORMAT = 2  # 1: wave-1 checkpoints (one string-keyed `rule` namespace, log as lists per key)
 
 
@@ -65,17 +68,22 @@ def _tensors(state: ContinualState) -> dict[str, torch.Tensor]:
         if "/" in key:
             raise ValueError(f"callback state key {key!r} must not contain '/'")
         out.update({f"callbacks/{key}/{k}": v.detach() for k, v in tensors.items()})
+    check_finite(out, f"the continual state after task {state.completed}")
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
 def save_checkpoint(out_dir: Path, state: ContinualState, config: dict) -> Path:
-    """Write `checkpoint-task<completed>` and point `latest.json` at it; older checkpoints are removed after."""
+    """Write `checkpoint-task<completed>` (state, meta and a manifest of their sha256) and point `latest.json` at it;
+    older checkpoints are removed after. Non-finite tensors are refused before anything is written."""
     out_dir = Path(out_dir)
     name = f"checkpoint-task{state.completed}"
     meta = {"format": FORMAT, "completed": state.completed, "log": state.log, "rng": state.rng, "config": config}
+    tensors = _tensors(state)
     with atomic_dir(out_dir / name) as tmp:
-        save_file(_tensors(state), str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=float))
+        save_file(tensors, str(tmp / STATE))
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=float))
+        digests = {f: file_digest([tmp / f]) for f in (STATE, META)}
+        (tmp / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
     atomic_write_text(out_dir / LATEST, json.dumps({"checkpoint": name, "completed": state.completed}))
     for old in out_dir.glob("checkpoint-task*"):  # keep only the newest
         if old.name != name:
@@ -83,19 +91,54 @@ def save_checkpoint(out_dir: Path, state: ContinualState, config: dict) -> Path:
     return out_dir / name
 
 
-def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
-    """The last complete checkpoint under `out_dir` as (state, config), or None if there is none."""
-    pointer = Path(out_dir) / LATEST
+def _checkpoint_folder(out_dir: Path) -> Path | None:
+    """The folder `latest.json` points at, which must be a checkpoint directly inside `out_dir`."""
+    pointer = out_dir / LATEST
     if not pointer.exists():
+        if any(out_dir.glob("checkpoint-task*")):
+            fix = "latest.json is missing next to the checkpoints: the run folder is damaged; start a new output_dir."
+            raise invalid("output_dir", str(out_dir), fix)
         return None
-    folder = Path(out_dir) / json.loads(pointer.read_text())["checkpoint"]
-    meta = json.loads((folder / "state.json").read_text())
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError):
+        raise invalid("output_dir", str(out_dir), "latest.json is not a checkpoint pointer (damaged).") from None
+    folder = out_dir / str(name)
+    inside = re.fullmatch(r"checkpoint-task\d+", str(name)) and folder.resolve().parent == out_dir.resolve()
+    if not inside or not folder.is_dir():
+        raise invalid("output_dir", str(out_dir), f"latest.json points at {name!r}, not a checkpoint of this folder.")
+    return folder
+
+
+def _verify(folder: Path) -> None:
+    """Every file of the checkpoint has the sha256 its manifest recorded."""
+    try:
+        recorded = json.loads((folder / MANIFEST).read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        raise invalid(
+            "output_dir", str(folder.parent), f"{folder.name} has no readable {MANIFEST} (damaged)."
+        ) from None
+    for name in (STATE, META):
+        if not (folder / name).is_file() or file_digest([folder / name]) != recorded.get(name):
+            fix = f"{folder.name}/{name} does not match the sha256 of its manifest: the checkpoint is damaged."
+            raise invalid("output_dir", str(folder.parent), fix)
+
+
+def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
+    """The last complete checkpoint under `out_dir` as (state, config), verified against its manifest; None if the
+    folder holds no checkpoint."""
+    folder = _checkpoint_folder(Path(out_dir))
+    if folder is None:
+        return None
+    meta = json.loads((folder / META).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(
             f"{folder} was written by an earlier pm_hf (checkpoint format {meta.get('format', 1)}, this version reads "
             f"{FORMAT}); it cannot be resumed: start the run again in a new output_dir."
         )
-    tensors = load_file(str(folder / "state.safetensors"))
+    _verify(folder)
+    tensors = load_file(str(folder / STATE))
+    check_finite(tensors, f"{folder}")
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -122,13 +165,15 @@ def config_dict(*groups) -> dict:
     return out
 
 
-def dataclasses_from_config(config: dict) -> tuple:
+def dataclasses_from_config(config: dict, overrides: dict[str, dict] | None = None) -> tuple:
     """Rebuild (ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments) from
-    `config_dict` output (fields that are not constructor arguments are ignored)."""
+    `config_dict` output (fields that are not constructor arguments are ignored); `overrides` replaces fields per
+    class name."""
     out = []
     for cls in ARGUMENT_GROUPS:
         names = {f.name for f in fields(cls) if f.init}
         values = {k: v for k, v in config.get(cls.__name__, {}).items() if k in names}
+        values.update((overrides or {}).get(cls.__name__, {}))
         if cls is PMConfig:
             values = {
                 k: v for k, v in values.items() if not (isinstance(v, str) and v.startswith("<") and v.endswith(">"))

@@ -9,6 +9,16 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .checks import (
+    check_choice,
+    check_data_files,
+    check_device,
+    check_field_types,
+    check_number,
+    invalid,
+    is_number,
+)
+
 PERTURBATIONS = ("task_vector", "gaussian", "none")
 FISHER_MODES = ("per_sample", "batch")
 FISHER_LABELS = ("empirical", "sampled")
@@ -19,23 +29,29 @@ HEAD_ALIGN = ("none", "task", "seen", "prototypes")
 
 # Fields that were renamed: old name -> what to use instead (a config or flag with the old name is an error).
 RENAMED_FIELDS = {
-    "alpha": "`alpha` had three meanings and was split: use `fixed_alpha` (coma), `cofima_weight` (cofima) or "
+    "alpha": "the field had three meanings and was split: use `fixed_alpha` (coma), `cofima_weight` (cofima) or "
     "`merge_scale` (task-arithmetic, ties, magmax)",
 }
 
 
-def invalid(name: str, value, fix: str) -> ValueError:
-    return ValueError(f"`{name}` = {value!r} is invalid: {fix}")
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise invalid(name, value, f"use one of {list(choices)}.")
-
-
-def _check_device(name: str, value) -> None:
-    if value is not None and not isinstance(value, str):
-        raise invalid(name, value, "use a device string such as 'cpu' or 'cuda', or null for the model's device.")
+def _check_training_numbers(args) -> None:
+    """The TrainingArguments numbers that the Trainer takes on trust (a 0 batch size divides by zero hours later)."""
+    head_only = args.learning_rate == 0 and (args.head_learning_rate or 0) > 0  # lr 0 + a head lr: train the head
+    check_number("learning_rate", args.learning_rate, 0, low_open=not head_only)
+    if args.max_steps != -1:
+        check_number("max_steps", args.max_steps, 1, integer=True)
+    else:
+        check_number("num_train_epochs", args.num_train_epochs, 0, low_open=True)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        check_number(name, getattr(args, name), 1, integer=True)
+    check_number("seed", args.seed, 0, 2**31 - 1, integer=True)
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "dataloader_num_workers"):
+        check_number(name, getattr(args, name), 0)
+    for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+        check_number(name, getattr(args, name), 0, 1, high_open=True)
+    check_number("adam_epsilon", args.adam_epsilon, 0, low_open=True)
+    for name in ("logging_steps", "save_steps"):
+        check_number(name, getattr(args, name), 0, low_open=True)
 
 
 @dataclass
@@ -70,38 +86,30 @@ class PMConfig(TrainingArguments):
             "help": "Learning rate of the class head (the paper: 1e-2 with LoRA at 1e-3); null: `learning_rate`."
         },
     )
+    divergence_threshold: float | None = field(
+        default=1000.0,
+        metadata={
+            "help": "Stop the run when a training loss exceeds this many times max(1, the task's first loss); a "
+            "NaN or infinite loss always stops it. The last task's checkpoint stays intact. null: NaN/inf only."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a pm_hf run already in output_dir (without it, `train` there refuses)."},
+    )
 
     def __post_init__(self):
+        check_field_types(self)
         check_choice("perturbation", self.perturbation, PERTURBATIONS)
-        if self.head_learning_rate is not None and (
-            isinstance(self.head_learning_rate, bool)
-            or not isinstance(self.head_learning_rate, (int, float))
-            or not self.head_learning_rate >= 0
-        ):
-            raise invalid("head_learning_rate", self.head_learning_rate, "use a non-negative number or null.")
-        if (
-            not isinstance(self.perturb_eps, (int, float))
-            or not math.isfinite(self.perturb_eps)
-            or self.perturb_eps < 0
-        ):
-            raise invalid("perturb_eps", self.perturb_eps, "use a finite number >= 0 (docs/method.md default 0.5).")
-        if self.perturb_eps >= 1:
-            raise invalid(
-                "perturb_eps", self.perturb_eps, "use eps < 1, otherwise the b=-1 branch flips the adapter's sign."
-            )
-        probs = list(self.perturb_probs) if self.perturb_probs is not None else None
-        if (
-            probs is None
-            or len(probs) != 3
-            or any((not isinstance(p, (int, float))) or p < 0 or not math.isfinite(p) for p in probs)
-            or abs(sum(probs) - 1.0) > 1e-6
-        ):
-            raise invalid(
-                "perturb_probs",
-                self.perturb_probs,
-                "give three non-negative probabilities for (-1, 0, +1) summing to 1.",
-            )
+        check_number("perturb_eps", self.perturb_eps, 0, 1, high_open=True)  # eps >= 1 flips the b=-1 branch's sign
+        probs = self.perturb_probs
+        ok = isinstance(probs, (list, tuple)) and len(probs) == 3 and all(is_number(p) for p in probs)
+        if not ok or any(not math.isfinite(p) or p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+            raise invalid("perturb_probs", probs, "give three non-negative probabilities for (-1, 0, +1) summing to 1.")
         self.perturb_probs = [float(p) for p in probs]
+        check_number("head_learning_rate", self.head_learning_rate, 0, low_open=True, optional=True)
+        check_number("divergence_threshold", self.divergence_threshold, 1, low_open=True, optional=True)
+        _check_training_numbers(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
         super().__post_init__()
 
 
@@ -131,12 +139,10 @@ class LoraArguments:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling alpha/sqrt(r)."})
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 1:
-            raise invalid("r", self.r, "use a positive integer rank such as 8.")
-        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise invalid("lora_alpha", self.lora_alpha, "use a positive number such as 16.")
-        if not (0 <= self.lora_dropout < 1):
-            raise invalid("lora_dropout", self.lora_dropout, "use a value in [0, 1).")
+        check_field_types(self)
+        check_number("r", self.r, 1, integer=True)
+        check_number("lora_alpha", self.lora_alpha, 0, low_open=True)
+        check_number("lora_dropout", self.lora_dropout, 0, 1, high_open=True)
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
@@ -176,18 +182,13 @@ class FisherArguments:
     )
 
     def __post_init__(self):
+        check_field_types(self)
         check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
         check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         check_choice("fisher_normalize", self.fisher_normalize, FISHER_NORMALIZE)
-        if self.fisher_max_samples is not None and (
-            not isinstance(self.fisher_max_samples, int) or self.fisher_max_samples < 1
-        ):
-            raise invalid(
-                "fisher_max_samples", self.fisher_max_samples, "use a positive integer, or null for all samples."
-            )
-        if not isinstance(self.fisher_batch_size, int) or self.fisher_batch_size < 1:
-            raise invalid("fisher_batch_size", self.fisher_batch_size, "use a positive integer such as 16.")
-        _check_device("fisher_device", self.fisher_device)
+        check_number("fisher_max_samples", self.fisher_max_samples, 1, integer=True, optional=True)
+        check_number("fisher_batch_size", self.fisher_batch_size, 1, integer=True)
+        check_device("fisher_device", self.fisher_device)
 
 
 @dataclass
@@ -254,9 +255,10 @@ class MergeArguments:
     def __post_init__(self):
         # Each strategy's knobs are checked by the strategy that owns them (`pm_hf.strategies.check_merge_args`),
         # the head-alignment knobs by `pm_hf.heads.HeadAlignment.check_args`; both run before anything is written.
-        if not isinstance(self.merge_method, str) or not self.merge_method:
+        check_field_types(self)
+        if not self.merge_method:
             raise invalid("merge_method", self.merge_method, "name a merge strategy, e.g. 'pm'.")
-        _check_device("accumulator_device", self.accumulator_device)
+        check_device("accumulator_device", self.accumulator_device)
 
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
@@ -293,13 +295,13 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path:
+        check_field_types(self)
+        if not self.model_name_or_path:
             raise invalid("model_name_or_path", self.model_name_or_path, "give a Hub model id or a local model folder.")
         check_choice("model_task", self.model_task, MODEL_TASKS)
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("primary_metric", self.primary_metric, LM_METRICS)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise invalid("max_new_tokens", self.max_new_tokens, "use a positive integer, e.g. 32.")
+        check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
 
 
 @dataclass
@@ -375,41 +377,38 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        check_field_types(self)
         check_choice("scenario", self.scenario, SCENARIOS)
-        if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
-            raise invalid("num_tasks", self.num_tasks, "use a positive integer.")
-        if self.class_groups is not None:
-            flat = [c for group in self.class_groups for c in group]
-            if not self.class_groups or any(not g for g in self.class_groups) or len(flat) != len(set(flat)):
-                raise invalid(
-                    "class_groups", self.class_groups, "give non-empty, disjoint lists of class ids per task."
-                )
-        for name in ("max_train_samples_per_class", "max_eval_samples_per_class"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise invalid(name, value, "use a positive integer or null.")
-        if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise invalid("max_length", self.max_length, "use an integer >= 2, e.g. 128.")
-        for name in ("prompt_column", "response_column"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise invalid(name, getattr(self, name), "give the name of a text column, e.g. 'prompt'.")
+        check_number("num_tasks", self.num_tasks, 1, integer=True)
+        check_number("class_order_seed", self.class_order_seed, 0, integer=True, optional=True)
+        check_data_files("data_files", self.data_files)
+        groups = self.class_groups
+        if groups is not None:
+            ok = isinstance(groups, list) and groups and all(isinstance(g, list) and g for g in groups)
+            flat = [c for g in groups for c in g] if ok else []
+            if not ok or any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in flat):
+                raise invalid("class_groups", groups, "give one non-empty list of class ids per task, e.g. [[0, 1]].")
+            if len(flat) != len(set(flat)):
+                raise invalid("class_groups", groups, "a class id may belong to one task only.")
+        for name in (
+            "max_train_samples_per_class",
+            "max_eval_samples_per_class",
+            "max_train_samples",
+            "max_eval_samples",
+        ):
+            check_number(name, getattr(self, name), 1, integer=True, optional=True)
+        check_number("max_length", self.max_length, 2, integer=True)
+        for name in ("prompt_column", "response_column", "train_split", "eval_split", "label_column"):
+            if not getattr(self, name):
+                raise invalid(name, getattr(self, name), "give a column or split name.")
         if self.prompt_column == self.response_column:
             raise invalid("response_column", self.response_column, "use a different column than `prompt_column`.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise invalid(name, value, "use a positive integer or null.")
         lengths = self.max_length_per_task
         if lengths is not None:
-            if (
-                isinstance(lengths, (str, bytes))
-                or not lengths
-                or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths)
-            ):
-                raise invalid(
-                    "max_length_per_task", lengths, "give one integer >= 2 per task, or null for `max_length`."
-                )
-            if isinstance(self.task_datasets, (list, tuple)) and len(lengths) != len(self.task_datasets):
+            bad = not isinstance(lengths, list) or not lengths
+            if bad or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in lengths):
+                raise invalid("max_length_per_task", lengths, "give one integer >= 2 per task, or null.")
+            if isinstance(self.task_datasets, list) and len(lengths) != len(self.task_datasets):
                 raise invalid(
                     "max_length_per_task",
                     lengths,

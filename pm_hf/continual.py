@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,16 @@ from .adapters import (
     uses_fan_in_fan_out,
 )
 from .callbacks import CallbackList, ContinualCallback
-from .checkpoint import ContinualState, capture_rng, config_dict, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    ContinualState,
+    capture_rng,
+    config_dict,
+    dataclasses_from_config,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from .checks import check_finite, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import build_task_stream
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, seen_classes, trainer_predict
@@ -39,14 +47,14 @@ from .fisher import estimate_fisher, normalize_fisher
 from .heads import Head, HeadAlignment, NoHead
 from .instruct import build_instruction_stream
 from .metrics import seen_accuracy
-from .models import is_causal_lm, load_causal_lm, load_model, load_processor
+from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest
 from .results import results_dict, write_outputs
+from .rundir import check_claim, claim, dataset_digest, output_lock, refuse_changes
 from .strategies import MergePlan, MergeStrategy, build_strategy, merge_task
 from .timing import Timer
 from .trainer import PMTrainer
 
 logger = logging.getLogger(__name__)
-LOCK = ".pm_hf.lock"
 
 
 @contextlib.contextmanager
@@ -123,12 +131,14 @@ class ContinualLoop:
         with timer("merge"):
             merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
             vector = self.weights.task_vector(before, self.head.owns, merged_head)
+            check_finite(vector.deltas, f"the task vector of task {t}")
             self.head.restore_untouched(self.weights.full(), before, task)
         # Fisher at theta*_t, on the task's training loss
         fisher = None
         if self.strategy.needs_fisher:
             with timer("fisher"):
                 fisher = self.fisher(t, task, list(vector.deltas))
+            check_finite(fisher, f"the Fisher of task {t}")
         # merge: theta_hat_t by the strategy, the adapter zeroed
         with timer("merge"):
             score = self.oracle_score(t, vector, before) if self.strategy.needs_score else None
@@ -191,17 +201,21 @@ class ContinualLoop:
                               self.callbacks.state_dict(), self.log, capture_rng())  # fmt: skip
 
     def resume(self) -> None:
+        """Continue the saved run: the same config and data (else refused), its state loaded and verified."""
         loaded = load_checkpoint(self.out)
         if loaded is None:
             logger.warning("--resume: no checkpoint in %s, starting from task 0", self.out)
             return
-        state, _ = loaded
-        self.weights.restore(state.weights)
+        state, saved = loaded
+        refuse_changes(saved, self.config, self.out)
+        self.weights.load_state(state.weights)
         self.strategy.load_state_dict(state.strategy)
         self.callbacks.load_state_dict(state.callbacks)
         self.log = list(state.log)
         if state.rng is not None:  # the global RNGs as they were after that task (user callbacks may draw from them)
             restore_rng(state.rng)
+        if self.args.should_save:  # results.json follows the state, also when a kill left it one task behind
+            write_outputs(self.out, self.results())
 
     def save(self, t: int) -> None:
         if self.record is not None:
@@ -263,10 +277,7 @@ def _classifier(model_args, data_args, args: PMConfig, lora_args, merge_args, st
 
 def _causal_lm(model_args, data_args, args: PMConfig, lora_args, merge_args, strategy) -> tuple:
     if merge_args.head_align != "none":
-        raise ValueError(
-            f"`head_align` = {merge_args.head_align!r} refits a class head, but a causal LM has none; "
-            "set `head_align: none` for instruction tuning."
-        )
+        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
     model_args = dataclasses.replace(model_args, model_task="causal_lm")
     tokenizer = load_processor(model_args)
     stream = build_instruction_stream(data_args, tokenizer, seed=args.seed, main_process_first=args.main_process_first)
@@ -279,6 +290,14 @@ def _causal_lm(model_args, data_args, args: PMConfig, lora_args, merge_args, str
     evaluator = CausalLMEvaluator(model, tokenizer, stream.collate_fn, args.per_device_eval_batch_size,
                                   model_args.max_new_tokens, model_args.primary_metric)  # fmt: skip
     return model, stream, NoHead(), evaluator, lambda: load_causal_lm(model_args), []
+
+
+def fingerprints(model_args: ModelArguments, stream) -> dict:
+    """What a resumed run must share with the saved one besides its config: the model's files and each task's data."""
+    tasks = [
+        f"{task.name}|{task.classes}|{dataset_digest(task.train)}|{dataset_digest(task.eval)}" for task in stream.tasks
+    ]
+    return {"model": model_digest(model_args), "tasks": tasks}
 
 
 def build_loop(
@@ -294,41 +313,17 @@ def build_loop(
     strategy = build_strategy(merge_args)  # every merge knob checked first
     HeadAlignment.check_args(merge_args)
     if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
-        raise ValueError(
-            f"`merge_method` = {strategy.name!r} merges task vectors relative to the pretrained weights and is "
-            "implemented for class- and task-incremental streams only; with `scenario: domain_incremental` use an "
-            "alpha strategy ('pm', 'average', 'coma', 'cofima', ...)."
-        )
+        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
+        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
     build = _causal_lm if is_causal_lm(model_args) else _classifier
     model, stream, head, evaluator, load_base, extra = build(
         model_args, data_args, training_args, lora_args, merge_args, strategy
     )
     config = config_dict(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    config.update(world_size=training_args.world_size, fingerprints=fingerprints(model_args, stream))
     save_modules = [*head.modules, *(lora_args.modules_to_save or [])]
     parts = (model, stream, head, evaluator, strategy, training_args, fisher_args, [*extra, *callbacks], load_base)
     return ContinualLoop(*parts, save_modules, merge_args.accumulator_device, config)
-
-
-@contextlib.contextmanager
-def output_lock(out: Path, enabled: bool = True):
-    """An exclusive lock on output_dir for the run: a second process writing there fails at once."""
-    if not enabled:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"`output_dir` = {str(out)!r} is in use by another pm_hf process. If you launched several processes "
-                "on purpose, the training arguments did not see them (on a machine without a GPU set "
-                "`use_cpu: true`); otherwise choose another output_dir."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_continual(
@@ -354,34 +349,43 @@ def run_continual(
         The results dict written to `output_dir/results.json`.
     """
     loop = build_loop(model_args, data_args, training_args, lora_args, fisher_args, merge_args, callbacks or ())
-    with output_lock(loop.out, training_args.should_save):
+    save, overwrite = training_args.should_save, training_args.overwrite_output_dir
+    if save:
+        check_claim(loop.out, resume, overwrite)  # before the lock file: a refused folder is left as it was
+    with output_lock(loop.out, save):
+        if save:
+            claim(loop.out, resume, overwrite)
         return loop.run(resume=resume, stop_after=stop_after)
 
 
+# Settings a run folder may hold that evaluating it must never act on: trackers and Hub pushes.
+QUIET = {"report_to": "none", "push_to_hub": False, "hub_model_id": None, "hub_token": None}
+
+
 def evaluate_run(run_dir: str) -> dict:
-    """Rebuild a saved run from its results.json config and last checkpoint; re-evaluate every task.
+    """Rebuild a saved run from its last checkpoint (verified) and re-evaluate every task; results.json is rewritten
+    from the checkpoint's state. Trackers and Hub settings stored in the run folder are ignored.
 
     Returns:
         {"last_row": primary score per task (accuracy over all seen classes, or the LM's `primary_metric`),
-        "acc": sample-weighted mean, "saved_last_row": as saved}.
+        "acc": sample-weighted mean, "saved_last_row": as saved in the checkpoint's log}.
     """
-    import json
-
-    from .checkpoint import dataclasses_from_config
-
     out = Path(run_dir)
-    saved = json.loads((out / "results.json").read_text())
-    loop = build_loop(*dataclasses_from_config(saved["config"]))
     loaded = load_checkpoint(out)
     if loaded is None:
-        raise ValueError(f"`run_dir` = {run_dir!r} has no checkpoint (latest.json); was the run saved?")
-    state, _ = loaded
-    loop.weights.restore(state.weights)
+        raise invalid("run_dir", run_dir, "holds no checkpoint (latest.json): pass the output_dir of a finished run.")
+    state, saved = loaded
+    groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}})
+    loop = build_loop(*groups)
+    refuse_changes(saved, loop.config, out)
+    loop.weights.load_state(state.weights)
+    loop.log = list(state.log)
     tasks = loop.stream.tasks[: state.completed]
     row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
-    t = state.completed - 1
+    with output_lock(out):
+        write_outputs(out, loop.results())
     return {
         "last_row": row,
         "acc": seen_accuracy(row, [len(task.eval) for task in tasks]),
-        "saved_last_row": saved["accuracy_matrix"][t][: t + 1],
+        "saved_last_row": state.log[-1]["scores"][loop.evaluator.primary],
     }

@@ -20,23 +20,21 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, default_data_collator
 
+from .checks import invalid
 from .config import DataArguments
 from .images import image_transform
+from .sources import Source, load_source, source_specs
 
 logger = logging.getLogger(__name__)
 
-TASK_DATASET_KEYS = ("dataset_name", "data_files", "dataset_config_name")
 TEXT_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-LABEL_NAME_COLUMN = "label_name"
-FILE_BUILDERS = ("parquet", "csv", "json", "text", "arrow", "imagefolder", "audiofolder")
 
 
 @dataclass
@@ -57,167 +55,11 @@ class TaskStream:
 
 
 @dataclass
-class _Source:
-    """One loaded dataset (train and eval splits) and what its labels look like."""
-
-    where: str  # for messages
-    short: str  # for task names
-    modality: str
-    train: datasets.Dataset
-    eval: datasets.Dataset
-    train_labels: np.ndarray
-    eval_labels: np.ndarray
-    num_classes: int
-    label_names: dict[int, str] = field(default_factory=dict)
-
-
-@dataclass
 class _Plan:
     name: str
     source_index: int
     local_classes: list[int]  # label values as stored in the source
     offset: int  # global id = local + offset
-
-
-def source_specs(data_args: DataArguments) -> list[dict]:
-    if data_args.task_datasets is None:
-        if data_args.scenario == "domain_incremental":
-            raise ValueError(
-                "`scenario` = 'domain_incremental' needs one dataset per task: set `task_datasets` (a list of "
-                "{dataset_name, data_files, dataset_config_name}), or use 'class_incremental'."
-            )
-        specs = [{k: getattr(data_args, k) for k in TASK_DATASET_KEYS}]
-    else:
-        if not isinstance(data_args.task_datasets, (list, tuple)) or not data_args.task_datasets:
-            raise ValueError(f"`task_datasets` = {data_args.task_datasets!r} is invalid: give a non-empty list.")
-        specs = []
-        for i, entry in enumerate(data_args.task_datasets):
-            if not isinstance(entry, dict):
-                raise ValueError(
-                    f"`task_datasets[{i}]` = {entry!r} is invalid: give a mapping with keys {list(TASK_DATASET_KEYS)}."
-                )
-            unknown = sorted(set(entry) - set(TASK_DATASET_KEYS))
-            if unknown:
-                raise ValueError(
-                    f"`task_datasets[{i}]` has unknown keys {unknown}: allowed keys are {list(TASK_DATASET_KEYS)}."
-                )
-            specs.append(
-                {
-                    "dataset_name": entry.get("dataset_name", data_args.dataset_name),
-                    "data_files": entry.get("data_files"),
-                    "dataset_config_name": entry.get("dataset_config_name"),
-                }
-            )
-        if data_args.class_groups is not None:
-            logger.warning("`class_groups` is ignored: `task_datasets` defines the tasks.")
-    for i, spec in enumerate(specs):
-        name = "dataset_name" if data_args.task_datasets is None else f"task_datasets[{i}].dataset_name"
-        if not isinstance(spec["dataset_name"], str) or not spec["dataset_name"]:
-            raise ValueError(f"`{name}` = {spec['dataset_name']!r} is invalid: give a Hub id or a builder name.")
-        if spec["dataset_name"] in FILE_BUILDERS and not spec["data_files"]:
-            files = "data_files" if data_args.task_datasets is None else f"task_datasets[{i}].data_files"
-            raise ValueError(
-                f"`{files}` is missing: the '{spec['dataset_name']}' builder needs local files, "
-                "e.g. {train: a.parquet, test: b.parquet}."
-            )
-    return specs
-
-
-def describe_source(spec: dict) -> str:
-    name = spec["dataset_name"] + (f"/{spec['dataset_config_name']}" if spec["dataset_config_name"] else "")
-    return f"dataset '{name}'" + (f" (data_files={spec['data_files']})" if spec["data_files"] else "")
-
-
-def short_name(spec: dict, train_split: str) -> str:
-    """The dataset name, or for file builders the training file(s) (a domain-incremental task's name)."""
-    files = spec["data_files"]
-    if spec["dataset_name"] not in FILE_BUILDERS or not files:
-        return spec["dataset_name"] + (f"/{spec['dataset_config_name']}" if spec["dataset_config_name"] else "")
-    files = files.get(train_split, files) if isinstance(files, dict) else files
-    path = str(files[0] if isinstance(files, (list, tuple)) and len(files) == 1 else files)
-    if isinstance(files, str) or isinstance(files, (list, tuple)) and len(files) == 1:
-        stem = Path(path).name.split(".")[0]
-        if stem in (train_split, "train", "training") and Path(path).parent.name:
-            return Path(path).parent.name  # data/wordnet_instruct/define/train.jsonl -> "define"
-    return path
-
-
-def check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str, where: str) -> None:
-    for arg, column in names.items():
-        if column is not None and column not in ds.column_names:
-            raise ValueError(
-                f"`{arg}` = {column!r} is not a column of the '{split}' split of {where}; columns found: "
-                f"{ds.column_names}. Set `{arg}` to one of them."
-            )
-
-
-def _labels(ds: datasets.Dataset, column: str, split: str, where: str) -> np.ndarray:
-    feature = ds.features[column]
-    dtype = getattr(feature, "dtype", "")
-    if not isinstance(feature, datasets.ClassLabel) and not str(dtype).startswith(("int", "uint")):
-        raise ValueError(
-            f"`label_column` = {column!r} of the '{split}' split of {where} has type {feature}: "
-            "it must hold integer class ids (an int or ClassLabel column)."
-        )
-    labels = np.asarray(ds[column], dtype=np.int64)
-    if labels.size and labels.min() < 0:
-        raise ValueError(
-            f"`label_column` = {column!r} of the '{split}' split of {where} holds negative ids "
-            f"(min {labels.min()}); class ids must lie in [0, num_classes). Unlabelled splits cannot "
-            "be used as `eval_split`."
-        )
-    return labels
-
-
-def _first_names(ds: datasets.Dataset, labels: np.ndarray, names: dict[int, str]) -> None:
-    classes, first = np.unique(labels, return_index=True)
-    values = ds.select_columns([LABEL_NAME_COLUMN]).select(first.tolist())[:][LABEL_NAME_COLUMN]
-    for c, value in zip(classes.tolist(), values):
-        names.setdefault(int(c), str(value))
-
-
-def _load_source(spec: dict, data_args: DataArguments) -> _Source:
-    where = describe_source(spec)
-    loaded = datasets.load_dataset(spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"])
-    splits = {}
-    for arg in ("train_split", "eval_split"):
-        split = getattr(data_args, arg)
-        if split not in loaded:
-            raise ValueError(
-                f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
-                f"Set `{arg}` to one of them."
-            )
-        splits[arg] = loaded[split]
-    train, evl = splits["train_split"], splits["eval_split"]
-    if data_args.text_column in train.column_names:
-        modality = "text"
-        inputs = {"text_column": data_args.text_column, "text_pair_column": data_args.text_pair_column}
-    elif data_args.image_column in train.column_names:
-        modality, inputs = "image", {"image_column": data_args.image_column}
-    else:
-        raise ValueError(
-            f"Neither `text_column` = {data_args.text_column!r} nor `image_column` = "
-            f"{data_args.image_column!r} is a column of the '{data_args.train_split}' split of {where}; "
-            f"columns found: {train.column_names}. Set `text_column` (text) or `image_column` (images)."
-        )
-    for ds, split in ((train, data_args.train_split), (evl, data_args.eval_split)):
-        check_columns(ds, {**inputs, "label_column": data_args.label_column}, split, where)
-    train_labels = _labels(train, data_args.label_column, data_args.train_split, where)
-    eval_labels = _labels(evl, data_args.label_column, data_args.eval_split, where)
-    num_classes = int(max(train_labels.max(initial=-1), eval_labels.max(initial=-1))) + 1
-    names: dict[int, str] = {}
-    for ds, labels in ((train, train_labels), (evl, eval_labels)):
-        if LABEL_NAME_COLUMN in ds.column_names and LABEL_NAME_COLUMN != data_args.label_column:
-            _first_names(ds, labels, names)
-    feature = train.features[data_args.label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        num_classes = max(num_classes, feature.num_classes)
-        for c, name in enumerate(feature.names):
-            names.setdefault(c, name)
-    if num_classes == 0:
-        raise ValueError(f"The '{data_args.train_split}' split of {where} is empty.")
-    short = short_name(spec, data_args.train_split)
-    return _Source(where, short, modality, train, evl, train_labels, eval_labels, num_classes, names)
 
 
 def _summary(classes: list[int], names: list[str], limit: int = 6) -> str:
@@ -229,27 +71,22 @@ def _class_groups(data_args: DataArguments, present: list[int], where: str) -> l
     if data_args.class_groups is not None:
         groups = data_args.class_groups
         flat = [c for group in groups for c in group]
-        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in flat):
-            raise ValueError(f"`class_groups` = {groups!r} is invalid: class ids must be integers.")
         missing = sorted(set(flat) - set(present))
         if missing:
-            raise ValueError(
-                f"`class_groups` = {groups!r} names class ids {missing} that are not in the "
-                f"'{data_args.train_split}' split of {where}; classes found: {present}."
-            )
+            fix = f"class ids {missing} are not in the '{data_args.train_split}' split of {where} ({present})."
+            raise invalid("class_groups", groups, fix)
         return [sorted(int(c) for c in group) for group in groups]
     order = np.asarray(present)
     if data_args.class_order_seed is not None:
         order = np.random.default_rng(data_args.class_order_seed).permutation(order)
-    if data_args.num_tasks > len(order):
-        raise ValueError(
-            f"`num_tasks` = {data_args.num_tasks} is larger than the {len(order)} classes of {where}: "
-            "use at most one task per class."
-        )
+    per_task = 1 if data_args.scenario == "domain_incremental" else 2
+    if data_args.num_tasks * per_task > len(order):
+        fix = f"{where} has {len(order)} classes: use at most {len(order) // per_task} tasks of >= 2 classes."
+        raise invalid("num_tasks", data_args.num_tasks, fix)
     return [sorted(g.tolist()) for g in np.array_split(order, data_args.num_tasks)]
 
 
-def _plan(data_args: DataArguments, sources: list[_Source]) -> tuple[list[_Plan], int, list[str]]:
+def _plan(data_args: DataArguments, sources: list[Source]) -> tuple[list[_Plan], int, list[str]]:
     """Which classes of which source make each task, the head size and the label names."""
     if data_args.task_datasets is None:
         src = sources[0]
@@ -312,7 +149,7 @@ def _prepare(ds, modality: str, processor, data_args: DataArguments, offset: int
 def _check_processor(processor, modality: str) -> None:
     if modality == "text":
         if processor is None or not callable(processor):
-            raise ValueError("Text data needs a tokenizer as `processor` (got None).")
+            raise ValueError("text data needs a tokenizer as `processor` (got None).")
         if getattr(processor, "pad_token", None) is None:
             raise ValueError(
                 "The tokenizer has no pad token, so batches cannot be padded: set "
@@ -323,6 +160,23 @@ def _check_processor(processor, modality: str) -> None:
             f"`processor` = {processor!r} is not an image processor: give one, or None for the "
             "built-in [0, 1] float transform."
         )
+
+
+def _check_tasks(tasks: list[Task], data_args: DataArguments, names: list[str]) -> None:
+    """Every task trains and evaluates every one of its classes; with a logit mask (class- and task-incremental)
+    a task needs two classes, or its masked loss is identically zero and it trains nothing."""
+    masked = data_args.scenario != "domain_incremental"
+    what = "class_groups" if data_args.class_groups is not None else "num_tasks"
+    value = data_args.class_groups if data_args.class_groups is not None else data_args.num_tasks
+    for t, task in enumerate(tasks):
+        if masked and len(task.classes) < 2:
+            raise invalid(what, value, f"task {t} has one class ({names[task.classes[0]]}): give every task >= 2.")
+        for split, ds in ((data_args.train_split, task.train), (data_args.eval_split, task.eval)):
+            labels = np.asarray(ds.with_format(None)["labels"])
+            missing = sorted(set(task.classes) - set(labels.tolist()))
+            if missing:
+                fix = f"task {t}'s classes {[names[c] for c in missing][:5]} have no rows in the '{split}' split."
+                raise invalid(what, value, fix)
 
 
 def build_task_stream(
@@ -341,14 +195,14 @@ def build_task_stream(
         The `TaskStream`: tasks in order, head size, label names, modality and the collator.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` = {seed!r} is invalid: use a non-negative integer.")
+        raise invalid("seed", seed, "use a non-negative integer.")
     specs = source_specs(data_args)
     first = main_process_first or contextlib.nullcontext
     with first():
-        sources = [_load_source(spec, data_args) for spec in specs]
+        sources = [load_source(spec, data_args) for spec in specs]
     modalities = {s.modality for s in sources}
     if len(modalities) > 1:
-        raise ValueError(f"`task_datasets` mixes modalities {sorted(modalities)}: every task must be text or image.")
+        raise invalid("task_datasets", data_args.task_datasets, f"mixes {sorted(modalities)}: use one modality.")
     modality = sources[0].modality
     _check_processor(processor, modality)
     plans, num_classes, label_names = _plan(data_args, sources)
@@ -369,5 +223,6 @@ def build_task_stream(
                 splits[code] = _prepare(ds.select(rows), modality, processor, data_args, plan.offset, desc)
             classes = [c + plan.offset for c in plan.local_classes]
             tasks.append(Task(plan.name, classes, splits[0], splits[1]))
+    _check_tasks(tasks, data_args, label_names)
     collate = DataCollatorWithPadding(processor) if modality == "text" else default_data_collator
     return TaskStream(tasks, num_classes, label_names, modality, collate)

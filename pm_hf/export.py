@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import lora_layers, set_lora_factors, strip_prefix
+from .checks import check_finite
 from .fileio import atomic_dir, atomic_write
 from .merge import LoraFactors
 
@@ -64,6 +65,7 @@ def save_task_record(out_dir: Path, t: int, rec: TaskRecord) -> Path:
     """Write task t's record once (atomically) to `out_dir/adapters/task_<t>.safetensors`."""
     tensors = {f"A/{k}": v.contiguous() for k, v in rec.A.items()}
     tensors.update({f"B/{k}": v.contiguous() for k, v in rec.B.items()})
+    check_finite(tensors, f"the adapter record of task {t}")
     meta = {
         "alpha": json.dumps(rec.alpha),
         "scaling": json.dumps(rec.scaling),
@@ -147,6 +149,8 @@ def export_merged_adapter(
         raise ValueError(f"the base model's LoRA layers {sorted(lora_layers(model))[:3]}... differ from the history's.")
     A = {k: torch.cat([rec.A[k] for rec in history], 0) for k in keys}
     B = {k: torch.cat([rec.alpha[k] * rec.scaling[k] * rec.B[k] for rec in history], 1) for k in keys}
+    for what, tensors in (("A", A), ("B", B), ("modules_to_save", full_params)):
+        check_finite(tensors, f"the exported adapter ({what})")
     set_lora_factors(model, A, B, "default")
     params = dict(model.named_parameters())
     with torch.no_grad():

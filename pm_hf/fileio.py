@@ -4,6 +4,7 @@ the library writes goes through here."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -80,3 +81,14 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_digest(paths: list[Path]) -> str:
+    """sha256 over the contents of `paths` (sorted by name)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -16,7 +16,8 @@ from torch import nn
 
 from .adapters import strip_prefix, unwrap
 from .callbacks import ContinualCallback
-from .config import HEAD_ALIGN, MergeArguments, check_choice, invalid
+from .checks import check_choice, check_number
+from .config import HEAD_ALIGN, MergeArguments
 from .timing import Timer
 
 
@@ -293,13 +294,9 @@ class HeadAlignment(ContinualCallback):
     def check_args(args: MergeArguments) -> None:
         check_choice("head_align", args.head_align, HEAD_ALIGN)
         check_choice("head_align_drift", args.head_align_drift, ("none", "sdc"))
-        for name in ("head_align_steps", "head_align_samples"):
-            value = getattr(args, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise invalid(name, value, "use a positive integer, e.g. 100.")
-        lr = args.head_align_lr
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-            raise invalid("head_align_lr", lr, "use a positive finite number, e.g. 0.01.")
+        check_number("head_align_steps", args.head_align_steps, 1, integer=True)
+        check_number("head_align_samples", args.head_align_samples, 1, integer=True)
+        check_number("head_align_lr", args.head_align_lr, 0, low_open=True)
 
     def _features(self, model: nn.Module, task) -> tuple[torch.Tensor, torch.Tensor]:
         return head_features(model, self.head.module, task.train, self.stream.collate_fn, self.batch_size)

@@ -39,8 +39,10 @@ import datasets
 import numpy as np
 import torch
 
+from .checks import invalid
 from .config import DataArguments
-from .data import Task, TaskStream, check_columns, describe_source, short_name, source_specs
+from .data import Task, TaskStream
+from .sources import check_columns, describe_source, load_dataset_dict, short_name, source_specs
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +63,8 @@ def resolve_eos_token_id(tokenizer) -> int:
         value = getattr(tokenizer, name, None)
         if value is not None:
             return int(value)
-    raise ValueError(
-        "The tokenizer has neither an eos nor a sep token, so responses cannot be terminated: set "
-        "`tokenizer.eos_token` before building the stream."
+    raise invalid(
+        "model_name_or_path", getattr(tokenizer, "name_or_path", None), "its tokenizer has no eos or sep token."
     )
 
 
@@ -80,10 +81,8 @@ def uses_chat_template(tokenizer, use_chat_template: bool | None = None) -> bool
     """Whether pairs are rendered with the chat template: `use_chat_template`, or (None) whether there is one."""
     has = getattr(tokenizer, "chat_template", None) is not None
     if use_chat_template and not has:
-        raise ValueError(
-            "`use_chat_template` = True but the tokenizer has no chat template: set `tokenizer.chat_template`, or "
-            "use `use_chat_template` = false (plain 'prompt\\nresponse<eos>' format) or null (auto)."
-        )
+        fix = "the tokenizer has no chat template: use false (plain 'prompt\\nresponse<eos>') or null (auto)."
+        raise invalid("use_chat_template", use_chat_template, fix)
     return has if use_chat_template is None else bool(use_chat_template)
 
 
@@ -118,11 +117,8 @@ def encode_pairs(
             head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
             full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": r}], tokenize=False)
             if not full.startswith(head):
-                raise ValueError(
-                    "The chat template renders the user turn with `add_generation_prompt=True` differently from the "
-                    "start of the user + assistant conversation, so the response tokens cannot be located; set "
-                    "`use_chat_template` = false or use a template whose generation prompt is a prefix."
-                )
+                fix = "the chat template's generation prompt is not a prefix of the rendered conversation, so the "
+                raise invalid("use_chat_template", use_chat_template, fix + "response cannot be located: use false.")
             tails.append(full[len(head) :])
         response_ids = _encode(tokenizer, tails)
         response_ids = [ids if eos in ids else [*ids, eos] for ids in response_ids]
@@ -149,10 +145,7 @@ def _texts(ds: datasets.Dataset, column: str, arg: str, split: str, where: str) 
     values = list(values) if not isinstance(values, list) else values
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise ValueError(
-                f"`{arg}` = {column!r}: row {i} of the '{split}' split of {where} holds {v!r}, not a string; "
-                f"drop or fill such rows, or set `{arg}` to a text column."
-            )
+            raise invalid(arg, column, f"row {i} of the '{split}' split of {where} holds {v!r}, not a string.")
     return values
 
 
@@ -216,10 +209,7 @@ def _task_lengths(data_args: DataArguments, num_tasks: int) -> list[int]:
     if lengths is None:
         return [data_args.max_length] * num_tasks
     if len(lengths) != num_tasks:
-        raise ValueError(
-            f"`max_length_per_task` = {lengths!r} has {len(lengths)} entries for {num_tasks} task(s): give one "
-            "length per task, or null to use `max_length` for all."
-        )
+        raise invalid("max_length_per_task", lengths, f"give one length per task ({num_tasks}), or null.")
     return list(lengths)
 
 
@@ -229,15 +219,12 @@ def _task_split(loaded, spec: dict, t: int, code: int, tokenizer, data_args, max
     arg, cap = (("train_split", data_args.max_train_samples), ("eval_split", data_args.max_eval_samples))[code]
     split = getattr(data_args, arg)
     if split not in loaded:
-        raise ValueError(
-            f"`{arg}` = {split!r} is not a split of {where}; available splits: {list(loaded)}. "
-            f"Set `{arg}` to one of them."
-        )
+        raise invalid(arg, split, f"not a split of {where}; use one of {list(loaded)}.")
     ds = loaded[split]
     columns = {"prompt_column": data_args.prompt_column, "response_column": data_args.response_column}
     check_columns(ds, columns, split, where)
     if len(ds) == 0:
-        raise ValueError(f"The '{split}' split of {where} is empty.")
+        raise invalid(arg, split, f"the '{split}' split of {where} is empty.")
     ds = ds.select(_subset(len(ds), cap, [seed, t, code]))
     desc = f"task {t} ({'train' if code == 0 else 'eval'})"
     return _tokenize_split(ds, tokenizer, data_args, max_length, code == 1, where, split, desc)
@@ -261,7 +248,7 @@ def build_instruction_stream(
         column layout in the module docstring.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"`seed` = {seed!r} is invalid: use a non-negative integer.")
+        raise invalid("seed", seed, "use a non-negative integer.")
     if tokenizer is None or not callable(tokenizer):
         raise ValueError("Instruction data needs a tokenizer (got None).")
     resolve_eos_token_id(tokenizer)  # fail early
@@ -272,9 +259,7 @@ def build_instruction_stream(
     tasks = []
     for t, spec in enumerate(specs):
         with first():
-            loaded = datasets.load_dataset(
-                spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"]
-            )
+            loaded = load_dataset_dict(spec)
         splits = [
             _task_split(loaded, spec, t, code, tokenizer, data_args, lengths[t], seed)
             for code in (0, 1)  # 0: train, 1: eval

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import NonFiniteError
+
 TensorDict = Mapping[str, torch.Tensor]
 
 # Denominators at or below this (relative to the scale of the numerator terms) count as degenerate.
@@ -174,6 +176,8 @@ def select_alpha(terms: AlphaTerms, clip: bool = True, alpha_min: float = 0.0) -
     Returns:
         `AlphaChoice`; alpha = 1 when the denominator is ~0 (nothing along Delta to trade off).
     """
+    if not all(math.isfinite(x) for x in (terms.fisher_delta_sq, terms.g_delta, terms.denominator)):
+        raise NonFiniteError(f"the closed form's sums are not finite ({terms}): the task vector or Fisher overflowed.")
     if terms.degenerate:
         return AlphaChoice(1.0, terms.raw, fallback=True)
     raw = terms.raw

@@ -18,7 +18,9 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .checks import invalid
 from .config import ModelArguments
+from .fileio import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +36,13 @@ def resolve_model_path(name: str) -> str:
     if Path(expanded).is_dir():
         return expanded
     if name.startswith(("/", ".", "~")):
-        raise ValueError(
-            f"`model_name_or_path` = {name!r} is not a folder. For the offline recipes build it once first: "
+        raise invalid(
+            "model_name_or_path",
+            name,
+            "not a folder. For the offline recipes build it once first: "
             "`python scripts/convert_smollm2.py` (SmolLM2-135M-Instruct) or "
             "`python scripts/pretrain_vit_animal_mnist.py`"
-            " (the vision-cil ViT); otherwise give a Hub model id."
+            " (the vision-cil ViT); otherwise give a Hub model id.",
         )
     if name in OFFLINE_MIRRORS:
         package, sub = OFFLINE_MIRRORS[name]
@@ -51,14 +55,24 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def load_config(model_args: ModelArguments):
+    """The model's `AutoConfig`; a missing folder or a model that cannot be loaded is an error naming the field."""
+    name = model_args.model_name_or_path
+    path = resolve_model_path(name)
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise invalid("model_name_or_path", name, "the folder holds no config.json: give a saved model folder.")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0][:200]
+        raise invalid("model_name_or_path", name, f"not a local model folder and not loadable here: {reason}") from err
+
+
 def is_causal_lm(model_args: ModelArguments) -> bool:
     """`model_task: causal_lm`, or 'auto' with a checkpoint whose architecture is a *ForCausalLM."""
+    config = load_config(model_args)  # checks the model first, whatever the task
     if model_args.model_task != "auto":
         return model_args.model_task == "causal_lm"
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(model_args.model_name_or_path))
-    except (OSError, ValueError):
-        return False
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
@@ -95,3 +109,12 @@ def load_model(model_args: ModelArguments, modality: str, num_labels: int, label
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
     return auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
+
+
+def model_digest(model_args: ModelArguments) -> str:
+    """What identifies the model's files: sha256 over a local folder's files (config, weights, tokenizer), else the
+    Hub id (its revision pins it)."""
+    path = Path(resolve_model_path(model_args.model_name_or_path))
+    if not path.is_dir():
+        return f"hub:{model_args.model_name_or_path}"
+    return file_digest([p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")])

@@ -1,6 +1,6 @@
 """Config parsing for `pm-hf train`: YAML first, then command-line flags override it (as TRL's
 `TrlParser.parse_args_and_config`), one flag per field of the six argument groups, presets. Every config problem
-(unknown or renamed key or flag, bad value, missing `output_dir`) is a `ValueError` raised before anything is trained
+(unknown or renamed key or flag, bad value, missing `output_dir`) is an `InputError` raised before anything is trained
 or written; the CLI turns it into `pm-hf: error: ...` and exit code 2.
 """
 
@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from .checks import InputError, invalid
 from .config import (
     RENAMED_FIELDS,
     DataArguments,
@@ -37,16 +39,20 @@ HELP_HINT = "run `pm-hf train --help` to list every field"
 USAGE = """usage: pm-hf <command> [options]
 
 commands:
-  train     --config FILE.yaml [--preset NAME] [--resume] [--<field> value ...]
+  train     --config FILE.yaml [--preset NAME] [--resume] [--debug] [--<field> value ...]
             continual LoRA fine-tuning with Perturb-and-Merge (`pm-hf train --help` lists every field)
-  evaluate  RUN_DIR
+  evaluate  RUN_DIR [--debug]
             re-evaluate a saved run on every task and print the last row of the accuracy matrix and ACC
+
+Bad input prints `pm-hf: error: <field> = <value>: <fix>` and exits 2 before anything is written; --debug shows the
+traceback instead.
 """
 TRAIN_DESCRIPTION = (
     "Continual LoRA fine-tuning with Perturb-and-Merge. Values come from --config (a flat YAML mapping "
     "`field: value` of the fields below), then command-line flags override them; an unknown key or flag is an error. "
     "Mappings and nested lists (data_files, task_datasets, class_groups) take one YAML/JSON value on the command "
-    "line, e.g. --data_files '{train: a.parquet, test: b.parquet}' or --class_groups '[[0, 1], [2, 3]]'."
+    "line, e.g. --data_files '{train: a.parquet, test: b.parquet}' or --class_groups '[[0, 1], [2, 3]]'. "
+    "--debug shows the traceback of an error (TrainingArguments' own `debug` field can be set in the YAML file)."
 )
 
 
@@ -83,7 +89,13 @@ class Parser(HfArgumentParser):
                 group._group_actions.append(action)
 
     def error(self, message: str):
-        raise ValueError(message)
+        """argparse's complaint as `<field> = <value>: <fix>` (an `InputError`)."""
+        match = re.match(r"argument --([\w-]+)[^:]*: (.*)", message)
+        if not match:
+            raise InputError(f"arguments = {message}: {HELP_HINT}.")
+        name, problem = match.group(1).replace("-", "_"), match.group(2)
+        value = re.search(r"value: (.*)$", problem)
+        raise invalid(name, value.group(1).strip("'") if value else None, f"{problem}.")
 
 
 def _first_line(doc: str | None) -> str | None:
@@ -139,7 +151,7 @@ def build_parser(cli_options: bool = False, prog: str = "pm-hf train") -> HfArgu
         An `HfArgumentParser` whose `error` raises `ValueError`, with `allow_abbrev=False` (a typo is never silently
         taken for a longer flag) and mapping/nested-list fields reading one YAML/JSON string from the command line.
     """
-    usage = f"{prog} [-h] [--config FILE.yaml] [--preset NAME] [--resume] [--<field> VALUE ...]"
+    usage = f"{prog} [-h] [--config FILE.yaml] [--preset NAME] [--resume] [--debug] [--<field> VALUE ...]"
     parser = Parser(DATACLASSES, prog=prog, usage=usage, description=TRAIN_DESCRIPTION, allow_abbrev=False)
     for dtype in DATACLASSES:
         for name, hint in typing.get_type_hints(dtype).items():
@@ -180,7 +192,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise ValueError(f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one.")
+                raise invalid(key, None, f"given twice (line {key_node.start_mark.line + 1}); keep one.")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -196,19 +208,20 @@ def load_yaml_config(config_path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
     except FileNotFoundError:
-        raise ValueError(f"config file {path!r} not found.") from None
+        raise invalid("config", path, "not found; give the path of a YAML file.") from None
+    except InputError:
+        raise
     except (OSError, yaml.YAMLError, ValueError) as err:
-        raise ValueError(f"could not read config {path!r}: {err}") from None
+        reason = " ".join(str(err).split())[:200]
+        raise invalid("config", path, f"not readable YAML ({reason}).") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise ValueError(
-            f"config {path!r} must be a flat YAML mapping `field: value` at the top level, got a "
-            f"{type(data).__name__}; {HELP_HINT}."
-        )
+        fix = f"must be a flat YAML mapping `field: value` at the top level, not a {type(data).__name__}; {HELP_HINT}."
+        raise invalid("config", path, fix)
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ValueError(f"config {path!r}: every key must be a field name (a string); got {bad!r}.")
+        raise invalid("config", path, f"every key must be a field name (a string), not {bad!r}.")
     return dict(data)
 
 
@@ -217,31 +230,34 @@ def did_you_mean(name: str, valid: Sequence[str], prefix: str = "") -> str:
     return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
-def _check_renamed(names: Sequence[str]) -> None:
-    for name in names:
+def _check_renamed(values: Mapping[str, Any]) -> None:
+    for name, value in values.items():
         if name in RENAMED_FIELDS:
-            raise ValueError(f"{RENAMED_FIELDS[name]}.")
+            raise invalid(name, value, f"{RENAMED_FIELDS[name]}.")
 
 
-def _check_keys(config: Mapping[str, Any], valid: Sequence[str], path: str) -> None:
-    _check_renamed([k for k in config if k not in valid])
-    unknown = [k for k in config if k not in valid]
+def _check_keys(config: Mapping[str, Any], valid: Sequence[str]) -> None:
+    unknown = {k: v for k, v in config.items() if k not in valid}
+    _check_renamed(unknown)
     if unknown:
-        listed = "; ".join(f"{k!r}{did_you_mean(k, valid)}" for k in unknown)
-        raise ValueError(
-            f"unknown key(s) in {path}: {listed}. The config is a flat mapping `field: value`; {HELP_HINT}."
-        )
+        (first, value), *more = unknown.items()
+        also = "; also unknown: " + ", ".join(f"{k!r}{did_you_mean(k, valid)}" for k, _ in more) if more else ""
+        fix = f"unknown field{did_you_mean(first, valid)}{also}. The config is a flat mapping `field: value`"
+        raise invalid(first, value, f"{fix}; {HELP_HINT}.")
 
 
 def _check_remaining(remaining: Sequence[str], valid: Sequence[str]) -> None:
     if not remaining:
         return
-    flags = [r.split("=", 1)[0] for r in remaining if r.startswith("-")]
-    _check_renamed([f.lstrip("-").replace("-", "_") for f in flags])
-    if flags:
-        listed = "; ".join(f"{f!r}{did_you_mean(f.lstrip('-').replace('-', '_'), valid, '--')}" for f in flags)
-        raise ValueError(f"unknown flag(s): {listed}. {HELP_HINT[0].upper()}{HELP_HINT[1:]}.")
-    raise ValueError(f"unexpected argument(s) {list(remaining)!r}: every value follows its --<field> flag.")
+    flags = [r for r in remaining if r.startswith("-")]
+    if not flags:
+        raise invalid("arguments", list(remaining), "every value follows its --<field> flag.")
+    name = flags[0].split("=", 1)[0].lstrip("-").replace("-", "_")
+    i = remaining.index(flags[0])
+    value = flags[0].split("=", 1)[1] if "=" in flags[0] else (remaining[i + 1] if i + 1 < len(remaining) else None)
+    _check_renamed({name: value})
+    also = "; also unknown: " + ", ".join(repr(f.split("=", 1)[0]) for f in flags[1:]) if flags[1:] else ""
+    raise invalid(f"--{name}", value, f"unknown flag{did_you_mean(name, valid, '--')}{also}; {HELP_HINT}.")
 
 
 def parse_config(config_path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> ParsedArgs:
@@ -269,7 +285,7 @@ def parse_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
     config.pop("preset", None)
     parser = build_parser()
     valid = sorted({a.dest for a in parser._actions if a.dest != "help"})
-    _check_keys(config, valid, os.fspath(config_path) if config_path is not None else "the config")
+    _check_keys(config, valid)
     if preset is not None:
         config = {**get_preset(str(preset)), **config}  # the file's own fields override the preset's
     parser.set_defaults(**config)  # argparse converts string defaults with the field's type, e.g. "5e-3" -> 0.005
@@ -277,7 +293,7 @@ def parse_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
     _check_remaining(remaining, valid)
     values = vars(namespace)
     if not values.get("output_dir"):
-        raise ValueError("`output_dir` is required: set it in the YAML config or pass --output_dir DIR.")
+        raise invalid("output_dir", None, "required: set it in the YAML config or pass --output_dir DIR.")
     parsed = parser.parse_dict(values)
     check_merge_args(parsed[5])  # each strategy checks its own knobs, the head alignment its own
     HeadAlignment.check_args(parsed[5])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checks import invalid
+
 PRESETS: dict[str, dict[str, Any]] = {
     "pm": {"merge_method": "pm", "perturbation": "task_vector", "head_align": "none"},
     "pm-proto": {
@@ -33,5 +35,5 @@ def get_preset(name: str) -> dict[str, Any]:
         ValueError: an unknown name, naming the valid ones.
     """
     if name not in PRESETS:
-        raise ValueError(f"`preset` = {name!r} is not a preset; use one of {sorted(PRESETS)} (or leave it out).")
+        raise invalid("preset", name, f"not a preset; use one of {sorted(PRESETS)} (or leave it out).")
     return dict(PRESETS[name])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections import Counter
 
 from transformers import Trainer
@@ -16,6 +17,10 @@ from transformers import Trainer
 from .adapters import gaussian_adapter_noise, scale_active_adapter, strip_prefix, task_vector_norm, unwrap
 from .config import PMConfig
 from .perturb import noise_seed, sample_branch
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a NaN/inf loss, or one above `divergence_threshold` times the task's first loss."""
 
 
 class PMTrainer(Trainer):
@@ -43,6 +48,7 @@ class PMTrainer(Trainer):
             self.model_accepts_loss_kwargs = False
         self.branch_counts: Counter[int] = Counter()
         self._counted_step = -1
+        self._first_loss: float | None = None
 
     def create_optimizer(self, *args, **kwargs):
         """`Trainer.create_optimizer`, then the head parameters moved to their own group at `head_learning_rate`."""
@@ -87,7 +93,22 @@ class PMTrainer(Trainer):
             self._counted_step = self.state.global_step
             self.branch_counts[branch] += 1
         with self.perturbation(branch):
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._check_loss(float(loss))  # the Trainer syncs on this loss anyway (its NaN filter)
+        return loss
+
+    def _check_loss(self, value: float) -> None:
+        """Stop at a NaN/inf loss or one that exploded (`divergence_threshold` x max(1, the task's first loss))."""
+        if self._first_loss is None:
+            self._first_loss = value
+        limit = self.args.divergence_threshold
+        exploded = limit is not None and value > limit * max(1.0, abs(self._first_loss))
+        if not math.isfinite(value) or exploded:
+            raise DivergenceError(
+                f"training diverged in task {self.task_index} at optimizer step {self.state.global_step + 1}: loss = "
+                f"{value:.4g} (first loss of the task {self._first_loss:.4g}); lower learning_rate and start the run "
+                "again (the checkpoint of the previous task is intact)."
+            )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.args.perturbation != "none":

@@ -1,6 +1,7 @@
 """Task streams: class splits, caps, global labels, per-task datasets, collation, images, and error messages."""
 
 import contextlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,11 @@ def test_class_order_seed_and_explicit_groups(tok, tmp_path):
         [3, 4],
         [5, 6],
     ]
-    stream = build_task_stream(DataArguments(data_files=files, class_groups=[[5, 1], [3]]), tok)
+    stream = build_task_stream(DataArguments(data_files=files, class_groups=[[5, 1], [3, 0]]), tok)
     assert stream.num_classes == 7 and stream.label_names == [str(c) for c in range(7)]
-    assert [t.classes for t in stream.tasks] == [[1, 5], [3]]
+    assert [t.classes for t in stream.tasks] == [[1, 5], [0, 3]]
     assert sorted(set(labels_of(stream.tasks[0].train))) == [1, 5] and len(stream.tasks[0].train) == 12
-    assert set(labels_of(stream.tasks[1].eval)) == {3} and len(stream.tasks[1].eval) == 3
+    assert set(labels_of(stream.tasks[1].eval)) == {0, 3} and len(stream.tasks[1].eval) == 6
 
 
 def test_task_incremental_offsets_and_domain_incremental_keeps(tok, tmp_path):
@@ -160,11 +161,9 @@ def test_image_parquet_and_imagefolder(tmp_path):
     assert torch.allclose(batch["pixel_values"][0, 0], torch.from_numpy(raw))
     assert batch["labels"].tolist() == [2, 2, 2, 3, 3, 3] == labels_of(task.train).tolist()
     folder = {s: str(tmp_path / "imf" / s / "**") for s in ("train", "test")}
-    stream = build_task_stream(
-        DataArguments(dataset_name="imagefolder", data_files=folder, class_groups=[[2], [0, 1]]), None
-    )
-    assert stream.label_names == ["cat", "dog", "owl"] and stream.tasks[0].name == "task_0: owl"
-    batch = stream.collate_fn([stream.tasks[1].eval[i] for i in range(4)])
+    stream = build_task_stream(DataArguments(dataset_name="imagefolder", data_files=folder, num_tasks=1), None)
+    assert stream.label_names == ["cat", "dog", "owl"] and stream.tasks[0].name == "task_0: cat, dog, owl"
+    batch = stream.collate_fn([stream.tasks[0].eval[i] for i in range(4)])
     pixels = batch["pixel_values"]
     assert pixels.shape == (4, 3, 6, 6) and 0 <= pixels.min() < pixels.max() <= 1
 
@@ -177,7 +176,7 @@ def test_main_process_first_wraps_loading_and_preprocessing(tok, tmp_path):
         entered.append(True)
         yield
 
-    args = DataArguments(data_files=write_text(tmp_path / "d", 2), num_tasks=2)
+    args = DataArguments(data_files=write_text(tmp_path / "d", 4), num_tasks=2)
     build_task_stream(args, tok, main_process_first=first)
     assert len(entered) == 2
 
@@ -185,12 +184,13 @@ def test_main_process_first_wraps_loading_and_preprocessing(tok, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"eval_split": "validation"}, "`eval_split` = 'validation' is not a split"),
-        ({"label_column": "y"}, "`label_column` = 'y' is not a column"),
-        ({"text_column": "sentence"}, "`text_column` = 'sentence' nor `image_column` = 'image'"),
-        ({"class_groups": [[0, 42], [7]]}, "names class ids [7, 42]"),
-        ({"num_tasks": 4}, "`num_tasks` = 4 is larger than the 3 classes"),
-        ({"task_datasets": [{"data_files": None, "split": "x"}]}, "`task_datasets[0]` has unknown keys ['split']"),
+        ({"eval_split": "validation"}, "eval_split = 'validation': not a split"),
+        ({"label_column": "y"}, "label_column = 'y': not a column"),
+        ({"text_column": "sentence"}, "text_column = 'sentence': neither it nor image_column = 'image'"),
+        ({"class_groups": [[0, 42], [7, 1]]}, "class_groups = [[0, 42], [7, 1]]: class ids [7, 42] are not"),
+        ({"num_tasks": 4}, "num_tasks = 4: "),
+        ({"class_groups": [[0, 1], [2]]}, "class_groups = [[0, 1], [2]]: task 1 has one class (2)"),
+        ({"task_datasets": [{"data_files": None, "split": "x"}]}, "task_datasets[0] = {'data_files': None, 'split'"),
         ({"scenario": "domain_incremental"}, "needs one dataset per task"),
     ],
 )
@@ -199,10 +199,47 @@ def test_errors_name_the_field_and_value(tok, tmp_path, kwargs, message):
     with pytest.raises(ValueError) as err:
         build_task_stream(DataArguments(data_files=files, **kwargs), tok)
     assert message in str(err.value)
-    if "is not a split" in message:
-        assert "available splits: ['train', 'test']" in str(err.value)
-    if "is not a column" in message or "nor" in message:
-        assert "columns found: ['text', 'label']" in str(err.value)
+    if "not a split" in message:
+        assert "use one of ['train', 'test']" in str(err.value)
+    if "not a column" in message or "neither" in message:
+        assert "['text', 'label']" in str(err.value)
+
+
+def _write_rows(folder: Path, train: list[tuple[str, int]], test: list[tuple[str, int]]) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, rows in (("train", train), ("test", test)):
+        files[split] = str(folder / f"{split}.parquet")
+        pd.DataFrame(rows, columns=["text", "label"]).to_parquet(files[split])
+    return files
+
+
+def test_untrustworthy_data_is_refused(tok, tmp_path):
+    ok = [("a b", 0), ("c", 0), ("d e", 1), ("f", 1)]
+    cases = {  # what the data does wrong -> the message
+        "huge id": (ok + [("g", 1_000_000)], ok, "class ids go up to 1000000"),
+        "eval-only class": (ok, ok + [("g", 2)], "holds classes [2] that are never trained"),
+        "empty eval split": (ok, [], "test.parquet' holds no rows"),
+    }
+    for name, (train, test, message) in cases.items():
+        files = _write_rows(tmp_path / name.replace(" ", "_"), train, test)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_task_stream(DataArguments(data_files=files, num_tasks=1), tok)
+    files = _write_rows(tmp_path / "capped", ok + [("g", 2), ("h", 3)], ok + [("i", 3)])
+    with pytest.raises(ValueError, match=re.escape("task 1's classes ['2'] have no rows in the 'test' split")):
+        build_task_stream(DataArguments(data_files=files, class_groups=[[0, 1], [2, 3]]), tok)
+
+
+def test_missing_files_and_bad_data_files_are_named(tok, tmp_path):
+    with pytest.raises(ValueError, match=r"data_files = .*'nope/train.parquet' does not exist"):
+        build_task_stream(DataArguments(data_files={"train": "nope/train.parquet", "test": "x"}), tok)
+    with pytest.raises(ValueError, match=r"data_files = \{'train:x,test:y': None\}: give files per split"):
+        DataArguments(data_files={"train:x,test:y": None})  # what YAML makes of '{train:x,test:y}'
+    files = write_text(tmp_path / "a", 3)
+    pd.DataFrame({"sentence": ["x"], "label": [0]}).to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"data_files = .*could not be read as one dataset"):
+        build_task_stream(DataArguments(data_files={"train": [files["train"], str(tmp_path / "other.parquet")],
+                                                    "test": files["test"]}), tok)  # fmt: skip
 
 
 def test_errors_on_labels_and_processor(tok, tmp_path):
@@ -210,7 +247,7 @@ def test_errors_on_labels_and_processor(tok, tmp_path):
     for split in ("train", "test"):
         pd.DataFrame({"text": ["a b", "c"], "label": [0.5, 1.0]}).to_parquet(tmp_path / "d" / f"{split}.parquet")
     files = {s: str(tmp_path / "d" / f"{s}.parquet") for s in ("train", "test")}
-    with pytest.raises(ValueError, match="`label_column` = 'label'.*integer class ids"):
+    with pytest.raises(ValueError, match="label_column = 'label'.*not integer class ids"):
         build_task_stream(DataArguments(data_files=files, num_tasks=1), tok)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         build_task_stream(DataArguments(data_files=write_text(tmp_path / "e", 2), num_tasks=1), None)

@@ -179,7 +179,7 @@ def test_chat_template_path(tok_factory, template):
 
 
 def test_chat_template_requested_without_one_is_an_error(tok):
-    with pytest.raises(ValueError, match=r"`use_chat_template` = True but the tokenizer has no chat template"):
+    with pytest.raises(ValueError, match=r"^use_chat_template = True: the tokenizer has no chat template"):
         stream_of(tok, use_chat_template=True)
 
 
@@ -202,9 +202,9 @@ def test_truncation_per_task_keeps_prompt_and_cuts_response_end(tok):
     assert truncate_pair([1, 2, 3], [4, 5, 6], 5) == ([1, 2, 3], [4, 5])
     assert truncate_pair([1, 2, 3, 4, 5, 6], [7, 8], 4) == ([4, 5, 6], [7])
     assert truncate_pair([1], [2, 3], 3) == ([1], [2, 3])
-    with pytest.raises(ValueError, match=r"`max_length_per_task` = \[8\] is invalid: give one length per entry"):
+    with pytest.raises(ValueError, match=r"^max_length_per_task = \[8\]: give one length per entry"):
         DataArguments(task_datasets=[spec(t) for t in TASKS], max_length_per_task=[8])
-    with pytest.raises(ValueError, match=r"`max_length_per_task` = \[8, 8\] has 2 entries for 1 task"):
+    with pytest.raises(ValueError, match=r"^max_length_per_task = \[8, 8\]: give one length per task \(1\)"):
         build_instruction_stream(DataArguments(**spec("define"), max_length_per_task=[8, 8]), tok)
 
 
@@ -228,15 +228,15 @@ def test_missing_column_errors_name_field_value_and_fix(tok, field, value):
     with pytest.raises(ValueError) as err:
         stream_of(tok, **{field: value})
     message = str(err.value)
-    assert f"`{field}` = {value!r} is not a column of the 'train' split" in message
-    assert "columns found: ['prompt', 'response']" in message and f"Set `{field}` to one of them." in message
+    assert message.startswith(f"{field} = {value!r}: not a column of the 'train' split")
+    assert message.endswith("use one of ['prompt', 'response'].")
 
 
 def test_collators_and_pad_fallback_leave_the_tokenizer_alone():
     assert resolve_pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
     assert resolve_pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None, sep_token_id=3)) == 3
     assert resolve_pad_token_id(SimpleNamespace(pad_token_id=0, eos_token_id=7)) == 0
-    with pytest.raises(ValueError, match="neither an eos nor a sep token"):
+    with pytest.raises(ValueError, match="no eos or sep token"):
         resolve_pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None, sep_token_id=None))
     rows_ = [{"prompt_input_ids": [5, 6, 7], "reference": "x"}, {"prompt_input_ids": [8], "reference": "y"}]
     left = PromptCollator(9)(rows_)

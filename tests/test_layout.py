@@ -11,10 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pm_hf"
 # Lower layers never import higher ones; modules of one layer do not import each other (a package's own modules may).
 LAYERS = [
-    ["fileio", "timing", "perturb", "presets", "images"],
-    ["config", "metrics"],
+    ["fileio", "timing", "perturb", "images", "checks"],
+    ["config", "metrics", "presets", "rundir"],
     ["merge"],
-    ["adapters", "callbacks", "data", "models"],
+    ["adapters", "callbacks", "sources", "models"],
+    ["data"],
     ["fisher", "trainer", "heads", "instruct"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results"],

@@ -29,7 +29,7 @@ def test_registry_names_and_errors():
     assert {"pm", "seq", "seq-merge", "average", "coma", "cofima", "task-arithmetic", "ties", "magmax",
             "oracle-alpha", "joint"} <= set(STRATEGIES)  # fmt: skip
     assert get_strategy("pm").needs_fisher and not get_strategy("coma").needs_fisher
-    with pytest.raises(ValueError, match=r"`merge_method` = 'nope'.*'coma'.*'pm'"):
+    with pytest.raises(ValueError, match=r"merge_method = 'nope': use one of .*'coma'.*'pm'"):
         get_strategy("nope")
     with pytest.raises(ValueError, match="same rule as 'coma'.*fixed_alpha"):
         get_strategy("fixed")
@@ -49,7 +49,7 @@ def test_registry_names_and_errors():
 def test_every_knob_is_checked_whatever_the_strategy(knob, value):
     """Each knob is checked by the strategy that owns it, also when another strategy is chosen (nothing unused
     slips through)."""
-    with pytest.raises(ValueError, match=f"`{knob}`"):
+    with pytest.raises(ValueError, match=f"^{knob} = "):
         check_merge_args(MergeArguments(merge_method="seq-merge", **{knob: value}))
 
 

@@ -221,7 +221,12 @@ def test_trainer_requires_pmconfig(tmp_path):
 
 @pytest.mark.parametrize("head_lr", [None, 0.5])
 def test_head_learning_rate_moves_only_the_head(tmp_path, head_lr):
-    """learning_rate 0 with head_learning_rate 0.5: the head trains, LoRA stays put; without it nothing moves."""
+    """learning_rate 0 with head_learning_rate 0.5: the head trains, LoRA stays put; without a head lr a learning
+    rate of 0 trains nothing and is refused."""
+    if head_lr is None:
+        with pytest.raises(ValueError, match="^learning_rate = 0.0: use a finite number > 0"):
+            make_args(tmp_path, learning_rate=0.0)
+        return
     model = make_model()
     before = trainable_state(model)
     args = make_args(tmp_path, learning_rate=0.0, head_learning_rate=head_lr, perturbation="none", weight_decay=0.0)

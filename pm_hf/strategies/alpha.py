@@ -6,7 +6,7 @@ from __future__ import annotations
 import datasets
 import torch
 
-from ..config import check_choice, invalid
+from ..checks import check_choice, invalid
 from ..data import Task, TaskStream
 from ..merge import (
     AlphaChoice,

@@ -12,7 +12,6 @@ theta_hat_{t-1} + alpha * Delta_t, `task_vectors.py` those that combine task vec
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -20,7 +19,8 @@ from typing import ClassVar, Literal
 import torch
 
 from ..adapters import ModelWeights, zero_adapter
-from ..config import MergeArguments, invalid
+from ..checks import check_number, invalid
+from ..config import MergeArguments
 from ..merge import (
     AlphaChoice,
     AlphaTerms,
@@ -158,10 +158,8 @@ def build_strategy(args: MergeArguments) -> MergeStrategy:
 
 
 def fraction(values, name: str, lo_open: bool = False) -> None:
-    value = getattr(values, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (0.0 < value <= 1.0 if lo_open else 0.0 <= value <= 1.0):
-        raise invalid(name, value, f"use a number in {'(0, 1]' if lo_open else '[0, 1]'}.")
+    """Knob `name` of `values` is a number in [0, 1] ((0, 1] when `lo_open`)."""
+    check_number(name, getattr(values, name), 0, 1, low_open=lo_open)
 
 
 def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,142 @@
+"""Checks of user input and of tensors before they are used or written. A failed check raises `ValueError` with the
+message `<field> = <value>: <fix>` (the CLI prints it as `pm-hf: error: ...` and exits 2), or `NonFiniteError`
+when a tensor that is about to be used or written holds NaN or inf."""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+
+class InputError(ValueError):
+    """A bad config value, data or model folder, found before anything is written: `<field> = <value>: <fix>`."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor about to be used or written holds NaN or inf (nothing was written)."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def invalid(name: str, value: Any, fix: str) -> InputError:
+    """The error for a bad value: `<field> = <value>: <fix>`."""
+    return InputError(f"{name} = {_show(value)}: {fix}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise invalid(name, value, f"use one of {choices}.")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """A finite number (an int when `integer`) within [low, high] (open ends where asked)."""
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) and not isinstance(value, bool) if integer else is_number(value)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f" {'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{' and' if lo else ''} {'<' if high_open else '<='} {high}"
+        raise invalid(name, value, f"use {kind}{lo}{hi}{' or null' if optional else ''}.")
+
+
+def check_device(name: str, value: Any) -> None:
+    """null, or a device string torch understands ('cpu', 'cuda', 'cuda:1', ...)."""
+    if value is None:
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        raise invalid(name, value, "use a device such as 'cpu' or 'cuda:0', or null for the model's device.") from None
+
+
+_SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _simple_type(hint: Any) -> tuple[type | None, bool]:
+    """(int|float|bool|str, optional) for a plain or Optional hint; (None, _) for anything else."""
+    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)
+    if is_union:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and rest[0] in _SIMPLE:
+            return rest[0], len(rest) < len(args)
+        return None, False
+    return (hint, False) if hint in _SIMPLE else (None, False)
+
+
+def check_field_types(obj: Any, names: Iterable[str] | None = None) -> None:
+    """Every plain int/float/bool/str field of dataclass `obj` (or Optional of one) holds a value of that type (an int
+    is a float; a bool is not a number); other fields are left to their own checks."""
+    hints = typing.get_type_hints(type(obj))
+    wanted = set(names) if names is not None else None
+    for f in fields(obj):
+        if not f.init or (wanted is not None and f.name not in wanted):
+            continue
+        kind, optional = _simple_type(hints.get(f.name))
+        value = getattr(obj, f.name)
+        if kind is None or (value is None and optional):
+            continue
+        if kind is float:
+            ok = is_number(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise invalid(f.name, value, f"use {_SIMPLE[kind]}{' or null' if optional else ''}.")
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise `NonFiniteError` naming `what` and the first key whose tensor holds NaN or inf."""
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise NonFiniteError(
+                f"{what}: {key!r} holds {bad} NaN/inf value(s) of {value.numel()}; nothing was written."
+            )
+
+
+def check_data_files(name: str, value: Any) -> None:
+    """null, a file (pattern), a list of them, or a mapping split -> file(s), e.g. {train: a.parquet, test: b.csv}."""
+    if value is None:
+        return
+
+    def files_ok(v: Any) -> bool:
+        if isinstance(v, str):
+            return bool(v)
+        return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+
+    per_split = isinstance(value, Mapping) and bool(value)
+    if not files_ok(value) and not (per_split and all(isinstance(k, str) and files_ok(v) for k, v in value.items())):
+        raise invalid(name, value, "give files per split as a mapping, e.g. '{train: a.parquet, test: b.parquet}'.")
