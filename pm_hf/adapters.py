@@ -86,6 +86,9 @@ def attach_lora(model: nn.Module, lora_args: LoraArguments, trainable_modules: l
     )
     patterns = list(lora_args.modules_to_save or []) + list(trainable_modules or [])
     names = [strip_prefix(n) for n, _ in model.named_modules()]
+    absent = [p for p in targets if not any(_matches(n, [p]) for n in names)]
+    if absent:
+        raise invalid("target_modules", targets, f"{absent} match no module of the model (suffix match).")
     missing = [p for p in patterns if not any(_matches(n, [p]) for n in names)]
     if missing:  # checked before the model is wrapped, so a bad name changes nothing
         fix = f"{missing} match no module of the model; check the names (suffix match, e.g. 'pooler')."

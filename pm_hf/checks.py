@@ -140,3 +140,52 @@ def check_data_files(name: str, value: Any) -> None:
     per_split = isinstance(value, Mapping) and bool(value)
     if not files_ok(value) and not (per_split and all(isinstance(k, str) and files_ok(v) for k, v in value.items())):
         raise invalid(name, value, "give files per split as a mapping, e.g. '{train: a.parquet, test: b.parquet}'.")
+
+
+def _check_trainer_choices(args) -> None:
+    """TrainingArguments' string choices, checked here so a bad one is a clear error before anything runs."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+    from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy, SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    enums = {"lr_scheduler_type": SchedulerType, "optim": OptimizerNames, "eval_strategy": IntervalStrategy}
+    enums.update(logging_strategy=IntervalStrategy, save_strategy=SaveStrategy, hub_strategy=HubStrategy)
+    for name, enum in enums.items():
+        value = getattr(args, name)
+        check_choice(name, value.value if isinstance(value, enum) else value, [e.value for e in enum])
+    reporters = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or [])
+    for name in reporters:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise invalid(
+                "report_to", args.report_to, f"use 'none', 'all' or some of {sorted(INTEGRATION_TO_CALLBACK)}."
+            )
+        if name not in get_available_reporting_integrations():
+            raise invalid("report_to", args.report_to, f"{name} is not installed here; install it or leave it out.")
+
+
+def _check_training_numbers(args) -> None:
+    """The TrainingArguments numbers that the Trainer takes on trust (a 0 batch size divides by zero hours later)."""
+    head_only = args.learning_rate == 0 and (args.head_learning_rate or 0) > 0  # lr 0 + a head lr: train the head
+    check_number("learning_rate", args.learning_rate, 0, low_open=not head_only)
+    if args.max_steps != -1:
+        check_number("max_steps", args.max_steps, 1, integer=True)
+    else:
+        check_number("num_train_epochs", args.num_train_epochs, 0, low_open=True)
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        check_number(name, getattr(args, name), 1, integer=True)
+    check_number("seed", args.seed, 0, 2**31 - 1, integer=True)
+    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "dataloader_num_workers"):
+        check_number(name, getattr(args, name), 0)
+    for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+        check_number(name, getattr(args, name), 0, 1, high_open=True)
+    check_number("adam_epsilon", args.adam_epsilon, 0, low_open=True)
+    for name in ("logging_steps", "save_steps"):
+        check_number(name, getattr(args, name), 0, low_open=True)
+
+
+def check_training_arguments(args) -> None:
+    """The TrainingArguments fields that the Trainer takes on trust, and its string choices."""
+    _check_training_numbers(args)
+    _check_trainer_choices(args)

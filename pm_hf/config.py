@@ -15,6 +15,7 @@ from .checks import (
     check_device,
     check_field_types,
     check_number,
+    check_training_arguments,
     invalid,
     is_number,
 )
@@ -32,26 +33,6 @@ RENAMED_FIELDS = {
     "alpha": "the field had three meanings and was split: use `fixed_alpha` (coma), `cofima_weight` (cofima) or "
     "`merge_scale` (task-arithmetic, ties, magmax)",
 }
-
-
-def _check_training_numbers(args) -> None:
-    """The TrainingArguments numbers that the Trainer takes on trust (a 0 batch size divides by zero hours later)."""
-    head_only = args.learning_rate == 0 and (args.head_learning_rate or 0) > 0  # lr 0 + a head lr: train the head
-    check_number("learning_rate", args.learning_rate, 0, low_open=not head_only)
-    if args.max_steps != -1:
-        check_number("max_steps", args.max_steps, 1, integer=True)
-    else:
-        check_number("num_train_epochs", args.num_train_epochs, 0, low_open=True)
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        check_number(name, getattr(args, name), 1, integer=True)
-    check_number("seed", args.seed, 0, 2**31 - 1, integer=True)
-    for name in ("weight_decay", "max_grad_norm", "warmup_steps", "dataloader_num_workers"):
-        check_number(name, getattr(args, name), 0)
-    for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
-        check_number(name, getattr(args, name), 0, 1, high_open=True)
-    check_number("adam_epsilon", args.adam_epsilon, 0, low_open=True)
-    for name in ("logging_steps", "save_steps"):
-        check_number(name, getattr(args, name), 0, low_open=True)
 
 
 @dataclass
@@ -109,8 +90,11 @@ class PMConfig(TrainingArguments):
         self.perturb_probs = [float(p) for p in probs]
         check_number("head_learning_rate", self.head_learning_rate, 0, low_open=True, optional=True)
         check_number("divergence_threshold", self.divergence_threshold, 1, low_open=True, optional=True)
-        _check_training_numbers(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
-        super().__post_init__()
+        check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
+        try:
+            super().__post_init__()
+        except ValueError as err:  # TrainingArguments' own checks of combinations of fields
+            raise invalid("training arguments", None, " ".join(str(err).split())) from err
 
 
 @dataclass

@@ -170,6 +170,7 @@ class ContinualLoop:
         args = copy.deepcopy(self.args)
         args.output_dir = str(self.out / "tasks" / f"task_{t}")
         args.save_strategy = args.eval_strategy = "no"
+        args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
         return PMTrainer(model=self.model, args=args, train_dataset=task.train, data_collator=self.stream.collate_fn,
                          task_index=t, callbacks=self.trainer_callbacks, head_modules=self.head.modules)  # fmt: skip
 
@@ -208,9 +209,12 @@ class ContinualLoop:
             return
         state, saved = loaded
         refuse_changes(saved, self.config, self.out)
-        self.weights.load_state(state.weights)
-        self.strategy.load_state_dict(state.strategy)
-        self.callbacks.load_state_dict(state.callbacks)
+        try:
+            self.weights.load_state(state.weights)
+            self.strategy.load_state_dict(state.strategy)
+            self.callbacks.load_state_dict(state.callbacks)
+        except ValueError as err:  # keys or shapes that do not fit: a damaged or foreign checkpoint
+            raise invalid("output_dir", str(self.out), f"its checkpoint does not fit this run: {err}") from err
         self.log = list(state.log)
         if state.rng is not None:  # the global RNGs as they were after that task (user callbacks may draw from them)
             restore_rng(state.rng)
@@ -258,7 +262,8 @@ class ContinualLoop:
 # ------------------------------------------------------------------------------------------------ building
 def _classifier(model_args, data_args, args: PMConfig, lora_args, merge_args, strategy) -> tuple:
     processor = load_processor(model_args)
-    stream = build_task_stream(data_args, processor, seed=args.seed, main_process_first=args.main_process_first)
+    mpf, name = args.main_process_first, model_args.model_name_or_path
+    stream = build_task_stream(data_args, processor, seed=args.seed, main_process_first=mpf, model_name=name)
     stream = strategy.transform_stream(stream)
 
     def load_base():

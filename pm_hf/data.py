@@ -146,20 +146,15 @@ def _prepare(ds, modality: str, processor, data_args: DataArguments, offset: int
     return ds.with_transform(image_transform(processor, offset))
 
 
-def _check_processor(processor, modality: str) -> None:
+def _check_processor(processor, modality: str, model: str | None) -> None:
     if modality == "text":
         if processor is None or not callable(processor):
-            raise ValueError("text data needs a tokenizer as `processor` (got None).")
+            fix = "the data is text, and this model has no tokenizer (is model_task an image task?)."
+            raise invalid("model_name_or_path", model, fix)
         if getattr(processor, "pad_token", None) is None:
-            raise ValueError(
-                "The tokenizer has no pad token, so batches cannot be padded: set "
-                "`tokenizer.pad_token` (e.g. to `tokenizer.eos_token`) before building the stream."
-            )
+            raise invalid("model_name_or_path", model, "its tokenizer has no pad token, so batches cannot be padded.")
     elif processor is not None and not callable(processor):
-        raise ValueError(
-            f"`processor` = {processor!r} is not an image processor: give one, or None for the "
-            "built-in [0, 1] float transform."
-        )
+        raise invalid("processor", processor, "give an image processor, or None for the built-in [0, 1] transform.")
 
 
 def _check_tasks(tasks: list[Task], data_args: DataArguments, names: list[str]) -> None:
@@ -180,7 +175,11 @@ def _check_tasks(tasks: list[Task], data_args: DataArguments, names: list[str]) 
 
 
 def build_task_stream(
-    data_args: DataArguments, processor, seed: int = 0, main_process_first: Callable | None = None
+    data_args: DataArguments,
+    processor,
+    seed: int = 0,
+    main_process_first: Callable | None = None,
+    model_name: str | None = None,
 ) -> TaskStream:
     """Load the data of `data_args`, validate it, cut it into tasks and preprocess every task.
 
@@ -190,6 +189,7 @@ def build_task_stream(
         seed: seeds the per-class caps (not the class order: that is `class_order_seed`).
         main_process_first: e.g. `training_args.main_process_first`; loading and tokenization run inside it so
             that rank 0 fills the datasets cache first.
+        model_name: the model's name, for error messages about the processor.
 
     Returns:
         The `TaskStream`: tasks in order, head size, label names, modality and the collator.
@@ -204,7 +204,7 @@ def build_task_stream(
     if len(modalities) > 1:
         raise invalid("task_datasets", data_args.task_datasets, f"mixes {sorted(modalities)}: use one modality.")
     modality = sources[0].modality
-    _check_processor(processor, modality)
+    _check_processor(processor, modality, model_name)
     plans, num_classes, label_names = _plan(data_args, sources)
 
     tasks = []

@@ -97,7 +97,7 @@ def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Da
     from transformers import Trainer
 
     args = copy.deepcopy(args)
-    args.report_to, args.disable_tqdm = [], True
+    args.report_to, args.disable_tqdm, args.push_to_hub = [], True, False
     trainer = Trainer(model=model, args=args, data_collator=collate_fn)
     return lambda dataset: trainer.predict(dataset).predictions
 

@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing as mp
 import platform
-import re
 import statistics
 import struct
 import tempfile
@@ -52,6 +51,7 @@ from pm_hf.export import task_record
 from pm_hf.metrics import plot_method_curves, seen_accuracy
 from pm_hf.presets import get_preset
 from pm_hf.strategies import build_strategy
+from pm_hf.testing import tiny_bert_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "wordnet_supersense20"
@@ -86,19 +86,7 @@ def machine_info() -> dict:
 def tiny_model_dir(tmp: Path, num_labels: int, hidden: int = 32) -> str:
     """A tiny BERT (from a config) + a WordPiece tokenizer over the data's frequent words, saved to a folder."""
     texts = pd.read_parquet(DATA / "train.parquet")["text"].tolist()
-    counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower()))
-    chars = [*"abcdefghijklmnopqrstuvwxyz0123456789"]
-    words = [w for w, _ in counts.most_common(400) if w not in chars]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,;:()'-", *words]
-    (tmp / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = transformers.BertTokenizerFast(vocab=str(tmp / "vocab.txt"))
-    torch.manual_seed(0)
-    sizes = dict(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=2, num_attention_heads=2)
-    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    cfg = transformers.BertConfig(vocab_size=len(tok), num_labels=num_labels, **sizes, **no_dropout)
-    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
-    return str(tmp / "model")
+    return tiny_bert_folder(tmp / "model", texts, num_labels=num_labels, hidden=hidden)
 
 
 def load_lora_model(tmp: Path):

@@ -27,6 +27,7 @@ from transformers import (  # noqa: E402
 )
 
 from pm_hf.callbacks import ContinualCallback  # noqa: E402
+from pm_hf.testing import tiny_bert_folder, tiny_tokenizer  # noqa: E402, F401  (tests import tiny_tokenizer)
 
 torch.set_num_threads(2)
 
@@ -118,23 +119,6 @@ def llama_factory():
     return tiny_llama
 
 
-def tiny_tokenizer(tmp_dir, texts, max_words: int = 400):
-    """A BERT WordPiece tokenizer whose vocab is the specials, a-z/0-9 and the most frequent words of `texts`."""
-    import re
-    from collections import Counter
-    from pathlib import Path
-
-    from transformers import BertTokenizerFast
-
-    counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower()))
-    chars = [*"abcdefghijklmnopqrstuvwxyz0123456789"]
-    words = [w for w, _ in counts.most_common(max_words) if w not in chars]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,;:()'-", *words]
-    path = Path(tmp_dir) / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab=str(path))  # transformers 5 ignores `vocab_file=`
-
-
 # ------------------------------------------------------------------------------------------ continual runs
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet_supersense10"
 
@@ -145,21 +129,7 @@ def model_dir(tmp_path_factory):
     import pandas as pd
 
     tmp = tmp_path_factory.mktemp("tiny_bert")
-    tok = tiny_tokenizer(tmp, pd.read_parquet(DATA / "train.parquet")["text"].tolist()[:2000])
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=48,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertForSequenceClassification(cfg).save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
-    return str(tmp / "model")
+    return tiny_bert_folder(tmp / "model", pd.read_parquet(DATA / "train.parquet")["text"].tolist()[:2000])
 
 
 def groups(model_dir, out, **kw):

@@ -249,5 +249,5 @@ def test_errors_on_labels_and_processor(tok, tmp_path):
     files = {s: str(tmp_path / "d" / f"{s}.parquet") for s in ("train", "test")}
     with pytest.raises(ValueError, match="label_column = 'label'.*not integer class ids"):
         build_task_stream(DataArguments(data_files=files, num_tasks=1), tok)
-    with pytest.raises(ValueError, match="needs a tokenizer"):
+    with pytest.raises(ValueError, match="this model has no tokenizer"):
         build_task_stream(DataArguments(data_files=write_text(tmp_path / "e", 2), num_tasks=1), None)

@@ -1,0 +1,37 @@
+"""Tiny models built from configs, for tests, the CI config and the reliability script: a WordPiece tokenizer over a
+text sample's frequent words and a 2-layer BERT classifier saved with it. Seconds to build, nothing downloaded."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+
+def tiny_tokenizer(folder: str | Path, texts: Iterable[str], max_words: int = 400) -> BertTokenizerFast:
+    """A BERT WordPiece tokenizer whose vocab is the specials, a-z/0-9 and the most frequent words of `texts`."""
+    counts = Counter(w for t in texts for w in re.findall(r"[a-z0-9]+", str(t).lower()))
+    chars = [*"abcdefghijklmnopqrstuvwxyz0123456789"]
+    words = [w for w, _ in counts.most_common(max_words) if w not in chars]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars), *".,;:()'-", *words]
+    path = Path(folder) / "vocab.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab=str(path))  # transformers 5 ignores `vocab_file=`
+
+
+def tiny_bert_folder(folder: str | Path, texts: Iterable[str], num_labels: int = 2, hidden: int = 32) -> str:
+    """Save a tiny BERT classifier (2 layers, no dropout, seed 0) and its tokenizer to `folder`; returns the path."""
+    folder = Path(folder)
+    tok = tiny_tokenizer(folder / "tokenizer", texts)
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=hidden, intermediate_size=hidden * 3 // 2, num_hidden_layers=2, num_attention_heads=2)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(vocab_size=len(tok), num_labels=num_labels, **sizes, **no_dropout)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
