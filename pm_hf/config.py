@@ -36,8 +36,8 @@ RENAMED_FIELDS = {
 
 
 @dataclass
-class PMConfig(TrainingArguments):
-    """`TrainingArguments` plus the Perturb-and-Merge perturbation of docs/method.md (stage 1).
+class PerturbationArguments:
+    """The Perturb-and-Merge perturbation of docs/method.md (stage 1), shared by `PMConfig` and TRL's configs.
 
     At every optimizer step one branch b in {-1, 0, +1} is drawn with probabilities `perturb_probs` from
     (seed, task index, step), and the forward/backward runs with the active LoRA adapter's scaling multiplied by
@@ -60,7 +60,6 @@ class PMConfig(TrainingArguments):
         default_factory=lambda: [1 / 3, 1 / 3, 1 / 3],
         metadata={"help": "Probabilities of the branches (b=-1, b=0, b=+1); three non-negative numbers summing to 1."},
     )
-
     head_learning_rate: float | None = field(
         default=None,
         metadata={
@@ -74,12 +73,9 @@ class PMConfig(TrainingArguments):
             "NaN or infinite loss always stops it. The last task's checkpoint stays intact. null: NaN/inf only."
         },
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace a pm_hf run already in output_dir (without it, `train` there refuses)."},
-    )
 
-    def __post_init__(self):
+    def check_perturbation(self) -> None:
+        """The perturbation fields (call before the training arguments' own checks)."""
         check_field_types(self)
         check_choice("perturbation", self.perturbation, PERTURBATIONS)
         check_number("perturb_eps", self.perturb_eps, 0, 1, high_open=True)  # eps >= 1 flips the b=-1 branch's sign
@@ -90,6 +86,20 @@ class PMConfig(TrainingArguments):
         self.perturb_probs = [float(p) for p in probs]
         check_number("head_learning_rate", self.head_learning_rate, 0, low_open=True, optional=True)
         check_number("divergence_threshold", self.divergence_threshold, 1, low_open=True, optional=True)
+
+
+@dataclass
+class PMConfig(TrainingArguments, PerturbationArguments):
+    """`TrainingArguments` plus the Perturb-and-Merge perturbation (`PerturbationArguments`) and the run folder's
+    ownership (`overwrite_output_dir`)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace a pm_hf run already in output_dir (without it, `train` there refuses)."},
+    )
+
+    def __post_init__(self):
+        self.check_perturbation()
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
         try:
             super().__post_init__()
@@ -271,6 +281,17 @@ class ModelArguments:
         metadata={
             "help": "Model weights dtype: 'float32' or 'bfloat16' (merged weights then keep an fp32 master copy)."
         },
+    )
+    revision: str | None = field(
+        default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model; null: the default branch."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run code from the model's Hub repository (off by default: only if you trust it)."},
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel, e.g. 'eager', 'sdpa', 'flash_attention_2'; null: the model's."},
     )
     max_new_tokens: int = field(default=32, metadata={"help": "causal_lm: greedy generation length for the scores."})
     primary_metric: str = field(

@@ -1,7 +1,8 @@
-"""The continual loop. For each task t (docs/method.md): prepare (theta_hat_{t-1}, a fresh adapter) -> train with
-perturbation -> task vector Delta_t -> Fisher at theta*_t -> the strategy's merge -> callbacks -> evaluate every seen
-task -> log and checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT plumbing in `adapters`,
-the class head in `heads`, the scores in `evaluation`; this module is the only one that knows all the parts.
+"""`ContinualTrainer`: continual fine-tuning of one model on a sequence of tasks with Perturb-and-Merge, in the style
+of TRL's trainers — construct it, `.train()`, `.add_task(...)`, `.train()` again. Models and datasets may be objects,
+Hub ids or paths; the YAML/CLI path (`run_continual`, `pm-hf train`) builds the same object from the six argument
+groups. This module assembles the parts (model, task stream, head, evaluator, strategy, callbacks) for
+`pm_hf.loop.ContinualLoop`, the only place that knows all of them.
 """
 
 from __future__ import annotations
@@ -9,300 +10,367 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import logging
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import datasets
 import torch
-from tqdm.auto import tqdm
-from transformers import TrainerCallback, set_seed
+from transformers import PreTrainedModel, TrainerCallback
+from transformers import logging as hf_logging
 
-from .adapters import (
-    ModelWeights,
-    adapter_disabled,
-    attach_lora,
-    base_weights,
-    detect_target_modules,
-    load_adapter_factors,
-    reset_adapter,
-    task_vector_norm,
-    uses_fan_in_fan_out,
-)
-from .callbacks import CallbackList, ContinualCallback
-from .checkpoint import (
-    ContinualState,
-    capture_rng,
-    config_dict,
-    dataclasses_from_config,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from .checks import check_finite, invalid
+from .adapters import attach_lora, detect_target_modules
+from .callbacks import ContinualCallback
+from .checkpoint import config_dict, dataclasses_from_config, load_checkpoint
+from .checks import invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from .data import build_task_stream
-from .evaluation import CausalLMEvaluator, ClassifierEvaluator, seen_classes, trainer_predict
-from .export import export_run, save_task_record, task_record
-from .fisher import estimate_fisher, normalize_fisher
-from .heads import Head, HeadAlignment, NoHead
-from .instruct import build_instruction_stream
+from .data import Task, TaskStream, build_task_stream, collator_for, task_from_datasets
+from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
+from .heads import Head, HeadAlignment, NoHead, find_head
+from .instruct import MODALITY, CausalLMCollator, build_instruction_stream, instruction_task, resolve_pad_token_id
+from .loop import ContinualLoop, seeded
 from .metrics import seen_accuracy
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest
-from .results import results_dict, write_outputs
+from .results import write_outputs
 from .rundir import check_claim, claim, dataset_digest, output_lock, refuse_changes
-from .strategies import MergePlan, MergeStrategy, build_strategy, merge_task
-from .timing import Timer
-from .trainer import PMTrainer
+from .strategies import build_strategy
 
-logger = logging.getLogger(__name__)
+Callbacks = Sequence[ContinualCallback | TrainerCallback]
+IN_MEMORY = "in-memory"  # model_name_or_path of a model given as an object with no folder behind it
+
+
+def task_fingerprint(task: Task) -> str:
+    digest = lambda ds: dataset_digest(ds) if isinstance(ds, datasets.Dataset) else f"stream:{ds.info.dataset_name}"
+    return f"{task.name}|{task.classes}|{digest(task.train)}|{digest(task.eval)}"
+
+
+def _is_causal(model, model_args: ModelArguments) -> bool:
+    if isinstance(model, PreTrainedModel):
+        names = [*(getattr(model.config, "architectures", None) or []), type(model).__name__]
+        return any(n.endswith("ForCausalLM") for n in names)
+    return is_causal_lm(model_args)
+
+
+class ContinualTrainer:
+    """Train one model on a sequence of tasks with Perturb-and-Merge.
+
+        trainer = ContinualTrainer(model="sentence-transformers/all-MiniLM-L6-v2", args=PMConfig(output_dir="out"),
+                                   tasks=[{"train": ds0, "test": ds0_eval}, {"train": ds1, "test": ds1_eval}])
+        results = trainer.train()                     # results["accuracy_matrix"]: row t after task t
+        trainer.add_task({"train": ds2, "test": ds2_eval}).train()  # only the new task trains
+
+    Args:
+        model: a Hub id, a local folder or a `PreTrainedModel` (a classifier or a causal LM, not yet LoRA-wrapped).
+        args: `PMConfig` (TrainingArguments + perturbation).
+        tasks: `{"train": Dataset, "test": Dataset}` per task. Classifiers: columns `text` (or `image`) and `label`,
+            labels are global class ids and a task's classes are its training labels (the training split may be an
+            `IterableDataset` with text and `classes` given). Causal LMs: columns `prompt` and `response`. Column
+            names and the scenario come from `data_args`.
+        processing_class: the tokenizer or image processor (default: loaded with the model).
+        compute_metrics: `fn(EvalPrediction) -> dict` for classifiers, scored on every seen task after every task
+            (each key becomes a score matrix next to 'accuracy').
+        callbacks: `ContinualCallback`s (hooks of the loop) and `TrainerCallback`s (given to every task's trainer).
+        lora_args, fisher_args, merge_args, data_args, model_args: the other argument groups (defaults otherwise).
+    """
+
+    def __init__(
+        self,
+        model,
+        args: PMConfig,
+        tasks: Sequence[dict] = (),
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks: Callbacks | None = None,
+        lora_args: LoraArguments | None = None,
+        fisher_args: FisherArguments | None = None,
+        merge_args: MergeArguments | None = None,
+        data_args: DataArguments | None = None,
+        model_args: ModelArguments | None = None,
+    ):
+        self.args, self.lora_args = args, lora_args or LoraArguments()
+        self.fisher_args, self.merge_args = fisher_args or FisherArguments(), merge_args or MergeArguments()
+        self.data_args = data_args or DataArguments()
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", "")
+        self.model_args = model_args or ModelArguments(model_name_or_path=name or IN_MEMORY)
+        self.strategy = build_strategy(self.merge_args)  # every merge knob checked first
+        HeadAlignment.check_args(self.merge_args)
+        self._callbacks, self._claimed = list(callbacks or []), False
+        self._pending = list(tasks)
+        if not isinstance(model, (str, PreTrainedModel)):
+            raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
+        self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
+        self.loop: ContinualLoop | None = None
+
+    @classmethod
+    def from_args(
+        cls,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        training_args: PMConfig,
+        lora_args: LoraArguments,
+        fisher_args: FisherArguments,
+        merge_args: MergeArguments,
+        callbacks: Callbacks | None = None,
+    ) -> ContinualTrainer:
+        """The trainer of a YAML/CLI config: model, data and every setting from the six argument groups."""
+        trainer = cls(
+            model_args.model_name_or_path,
+            training_args,
+            (),
+            None,
+            None,
+            callbacks,
+            lora_args,
+            fisher_args,
+            merge_args,
+            data_args,
+            model_args,
+        )
+        trainer.loop = build_loop(
+            model_args,
+            data_args,
+            training_args,
+            lora_args,
+            fisher_args,
+            merge_args,
+            trainer._callbacks,
+            trainer.strategy,
+        )
+        return trainer
+
+    # --------------------------------------------------------------------------------------------- tasks
+    @property
+    def model(self):
+        return self._build().model
+
+    @property
+    def stream(self) -> TaskStream:
+        return self._build().stream
+
+    def add_task(self, task: dict) -> ContinualTrainer:
+        """Append a task to the sequence; the next `train()` trains it (and any other new task) on top."""
+        self._pending.append(task)
+        if self.loop is not None:
+            self._add_pending()
+        return self
+
+    def _build(self) -> ContinualLoop:
+        if self.loop is None:
+            self.loop = _loop_from_objects(self)
+        return self.loop
+
+    def _add_pending(self) -> None:
+        loop, tasks = self.loop, self._pending
+        self._pending = []
+        first = len(loop.stream.tasks)
+        with _quiet_datasets():
+            prepared = [_prepare_task(self, first + i, entry, loop.stream) for i, entry in enumerate(tasks)]
+        loop.stream.tasks.extend(prepared)
+        loop.config["fingerprints"]["tasks"] += [task_fingerprint(t) for t in prepared]
+        needed = max([c + 1 for t in loop.stream.tasks for c in t.classes], default=0)
+        if needed > loop.stream.num_classes:  # new classes grow the head
+            loop.stream.num_classes = needed
+            with seeded(self.args.seed):  # new rows as a model loaded for all the classes would have them
+                fresh = find_head(loop.load_base(), needed)[1]
+            loop.head.grow(loop.model, needed, fresh)
+
+    # --------------------------------------------------------------------------------------------- training
+    def train(self, resume_from_checkpoint: bool = False, stop_after: int | None = None) -> dict:
+        """Train every task not trained yet (resuming `output_dir`'s run first when asked); returns the results,
+        as written to `output_dir/results.json` (`accuracy_matrix`: row t = scores after task t)."""
+        loop = self._build()
+        if self._pending:
+            self._add_pending()
+        save, overwrite, first = self.args.should_save, self.args.overwrite_output_dir, not self._claimed
+        if save and first:
+            check_claim(
+                loop.out, resume_from_checkpoint, overwrite
+            )  # before the lock: a refused folder stays as it was
+        with output_lock(loop.out, save):
+            if save and first:
+                claim(loop.out, resume_from_checkpoint, overwrite)
+            self._claimed = True
+            return loop.run(resume=resume_from_checkpoint and first, stop_after=stop_after)
+
+
+# ------------------------------------------------------------------------------------------------ assembly
+def _prepare_task(trainer: ContinualTrainer, t: int, entry, stream: TaskStream) -> Task:
+    if isinstance(entry, Task):
+        return entry
+    if not isinstance(entry, dict):
+        raise invalid(f"tasks[{t}]", type(entry).__name__, "give {'train': Dataset, 'test': Dataset} per task.")
+    if stream.modality == MODALITY:
+        return instruction_task(t, entry, trainer.loop.evaluator.tokenizer, trainer.data_args, trainer.args.seed)
+    task, modality, names = task_from_datasets(t, entry, trainer.loop.processor, trainer.data_args)
+    if modality != stream.modality:
+        raise invalid(f"tasks[{t}]", modality, f"the sequence is {stream.modality}: use one modality.")
+    if not isinstance(task.train, datasets.Dataset):
+        if trainer.args.max_steps <= 0 or not trainer.fisher_args.fisher_max_samples:
+            fix = "a streamed training split needs max_steps > 0 and fisher_max_samples (its Fisher sample)."
+            raise invalid(f"tasks[{t}]", "IterableDataset", fix)
+    stream.label_names += [names.get(c, str(c)) for c in range(len(stream.label_names), max(task.classes) + 1)]
+    return task
+
+
+def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
+    """The loop of a trainer built from objects: the first task fixes the modality; the others are appended."""
+    if not trainer._pending:
+        raise invalid("tasks", [], "give at least one task before training.")
+    args, model_args, model = trainer.args, trainer.model_args, trainer._model
+    causal = _is_causal(model, model_args)
+    if causal:
+        model_args = dataclasses.replace(model_args, model_task="causal_lm")
+    processor = trainer._processor
+    if processor is None and model_args.model_name_or_path != IN_MEMORY:
+        processor = load_processor(model_args)
+    first = trainer._pending.pop(0)
+    if causal:
+        if trainer._compute_metrics is not None:
+            raise invalid(
+                "compute_metrics",
+                trainer._compute_metrics,
+                "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss.",
+            )
+        stream = TaskStream([], 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(processor)))
+        stream.tasks.append(instruction_task(0, first, processor, trainer.data_args, args.seed))
+    else:
+        with _quiet_datasets():
+            task, modality, names = task_from_datasets(0, first, processor, trainer.data_args)
+        labels = [names.get(c, str(c)) for c in range(max(task.classes) + 1)]
+        stream = TaskStream([task], len(labels), labels, modality, collator_for(modality, processor))
+    if isinstance(model, PreTrainedModel):
+        loaded = lambda: model  # noqa: E731 - the user's model, trained in place
+        if model_args.model_name_or_path == IN_MEMORY:  # no folder to reload it from: a copy for the export's base
+            pristine = copy.deepcopy(model).cpu()
+            model_args = dataclasses.replace(model_args, model_name_or_path=IN_MEMORY)
+            loaded_base = lambda: copy.deepcopy(pristine)  # noqa: E731
+        else:
+            loaded_base = None
+    else:
+        loaded = loaded_base = None
+    loop = _assemble(
+        model_args,
+        trainer.data_args,
+        args,
+        trainer.lora_args,
+        trainer.fisher_args,
+        trainer.merge_args,
+        trainer._callbacks,
+        trainer.strategy,
+        stream,
+        processor,
+        loaded,
+        trainer._compute_metrics,
+        loaded_base,
+    )
+    trainer.loop = loop
+    trainer._add_pending()
+    return loop
 
 
 @contextlib.contextmanager
-def seeded(seed: int):
-    """Seed every RNG for a block (model loading initialises new heads from the global RNG, as in HF scripts), then
-    give the caller's global RNG states back."""
-    rng = capture_rng()
-    with torch.random.fork_rng():
-        set_seed(seed)
+def _quiet_loading():
+    """Model loading without transformers' progress bars and load report (a new head is expected: the run shows
+    one bar over tasks)."""
+    enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
         yield
-    restore_rng(rng)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
-def task_entry(task, scores: dict, pre: float, plan: MergePlan, delta_norm: float, branches, seconds) -> dict:
-    """Task t's log entry (one element of results.json's per-task lists)."""
-    choice, terms = plan.choice, plan.terms
-    return {
-        "task": task.name,
-        "scores": scores,
-        "pre_merge_acc": pre,
-        "alpha": choice.alpha,
-        "alpha_raw": choice.raw,
-        "alpha_fallback": choice.fallback,
-        "alpha_per_key": {k: c.alpha for k, c in plan.choices.items()} if plan.per_key else None,
-        "terms": None
-        if terms is None
-        else {
-            "fisher_delta_sq": terms.fisher_delta_sq,
-            "g_delta": terms.g_delta,
-            "denominator": terms.denominator,
-        },  # fmt: skip
-        "oracle_scores": plan.oracle_scores or None,
-        "delta_norm": delta_norm,
-        "branch_counts": {str(b): n for b, n in sorted(branches.items())},
-        "timings": dict(seconds),
-    }
+@contextlib.contextmanager
+def _quiet_datasets():
+    """Preparing the task stream without datasets' progress bars."""
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.utils.logging.enable_progress_bar()
 
 
-class ContinualLoop:
-    """The parts of one continual run and the task loop over them (built by `build_loop`)."""
-
-    def __init__(self, model, stream, head, evaluator, strategy: MergeStrategy, args: PMConfig,
-                 fisher_args: FisherArguments, callbacks: Sequence, load_base, save_modules: list[str],
-                 accumulator_device: str | None = None, config: dict | None = None):  # fmt: skip
-        self.model, self.stream, self.head, self.evaluator, self.strategy = model, stream, head, evaluator, strategy
-        self.args, self.fisher_args, self.out = args, fisher_args, Path(args.output_dir)
-        self.weights = ModelWeights(model, accumulator_device)
-        self.callbacks = CallbackList([cb for cb in callbacks if isinstance(cb, ContinualCallback)])
-        self.trainer_callbacks = [cb for cb in callbacks if not isinstance(cb, ContinualCallback)]
-        self.load_base, self.save_modules, self.config = load_base, save_modules, config or {}
-        self.log: list[dict] = []
-        self.record = None  # the last task's exact export record, written with its checkpoint
-        if strategy.needs_pretrained:
-            strategy.pretrained = self.weights.snapshot(exclude=head.owns)
-
-    # --------------------------------------------------------------------------------------- one task
-    def run_task(self, t: int) -> dict:
-        """Train, merge and evaluate task t; returns its log entry."""
-        task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
-        seen_before = set(seen_classes(self.stream.tasks[:t]))
-        # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
-        self.callbacks.call("on_task_begin", t, self.model, task)
-        self.prepare(t)
-        before = {k: p.detach().float().clone() for k, p in self.weights.full().items()}
-        self.head.set_active(self.head.train_classes(task))
-        # train with perturbation
-        trainer = self.trainer(t, task)
-        with timer("train"):
-            trainer.train()
-        self.callbacks.call("on_train_end", t, self.model, task)
-        delta_norm = task_vector_norm(self.model)
-        pre = self.evaluator.score(task, seen_classes(self.stream.tasks[: t + 1]))  # plasticity, before the merge
-        # task vector: new classes' head rows are taken as trained, other classes' rows restored exactly
-        with timer("merge"):
-            merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
-            vector = self.weights.task_vector(before, self.head.owns, merged_head)
-            check_finite(vector.deltas, f"the task vector of task {t}")
-            self.head.restore_untouched(self.weights.full(), before, task)
-        # Fisher at theta*_t, on the task's training loss
-        fisher = None
-        if self.strategy.needs_fisher:
-            with timer("fisher"):
-                fisher = self.fisher(t, task, list(vector.deltas))
-            check_finite(fisher, f"the Fisher of task {t}")
-        # merge: theta_hat_t by the strategy, the adapter zeroed
-        with timer("merge"):
-            score = self.oracle_score(t, vector, before) if self.strategy.needs_score else None
-            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score)
-        self.callbacks.call("on_merge", t, self.model, task)
-        # evaluate every seen task
-        with timer("eval"):
-            scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
-        # log
-        entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
-        self.callbacks.call("on_task_end", t, self.model, entry)
-        self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
-        row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
-        trainer.log({"continual/task": t, "continual/alpha": plan.choice.alpha, "continual/pre_merge_acc": pre,
-                     "continual/acc_seen": seen_accuracy(row, sizes), "continual/delta_norm": delta_norm})  # fmt: skip
-        return entry
-
-    def prepare(self, t: int) -> None:
-        """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""
-        start = self.strategy.start_point(t)
-        if start is None or start.adapter is None:
-            reset_adapter(self.model, torch.Generator().manual_seed(self.args.seed + 7919 * t))
-        else:
-            load_adapter_factors(self.model, start.adapter)
-        if start is not None:
-            self.weights.restore(start.weights)
-
-    def trainer(self, t: int, task) -> PMTrainer:
-        args = copy.deepcopy(self.args)
-        args.output_dir = str(self.out / "tasks" / f"task_{t}")
-        args.save_strategy = args.eval_strategy = "no"
-        args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
-        return PMTrainer(model=self.model, args=args, train_dataset=task.train, data_collator=self.stream.collate_fn,
-                         task_index=t, callbacks=self.trainer_callbacks, head_modules=self.head.modules)  # fmt: skip
-
-    def fisher(self, t: int, task, keys: list[str]) -> dict[str, torch.Tensor]:
-        self.head.set_active(task.classes)  # the task's training loss (docs/method.md): the mask of training
-        fisher = estimate_fisher(self.model, task.train, self.stream.collate_fn, self.fisher_args, keys=keys,
-                                 seed=self.args.seed + t, show_progress=not self.args.disable_tqdm)  # fmt: skip
-        return normalize_fisher(fisher, self.fisher_args.fisher_normalize)
-
-    def oracle_score(self, t: int, vector, before: dict):
-        """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off)."""
-        deltas = vector.deltas
-        origin = {k: self.weights.value(k, w).float().clone() for k, w in base_weights(self.model).items()}
-        origin.update(before)
-
-        def score(a: float) -> float:
-            self.weights.apply(deltas, dict.fromkeys(deltas, a), base=origin)
-            try:
-                with adapter_disabled(self.model):
-                    return self.evaluator.seen_score(self.stream.tasks[: t + 1])
-            finally:  # back to theta_hat_{t-1} exactly (origin + 0 * delta)
-                self.weights.apply(deltas, dict.fromkeys(deltas, 0.0), base=origin)
-
-        return score
-
-    # --------------------------------------------------------------------------------------- the sequence
-    def state(self) -> ContinualState:
-        return ContinualState(len(self.log), self.weights.state(), self.strategy.state_dict(),
-                              self.callbacks.state_dict(), self.log, capture_rng())  # fmt: skip
-
-    def resume(self) -> None:
-        """Continue the saved run: the same config and data (else refused), its state loaded and verified."""
-        loaded = load_checkpoint(self.out)
-        if loaded is None:
-            logger.warning("--resume: no checkpoint in %s, starting from task 0", self.out)
-            return
-        state, saved = loaded
-        refuse_changes(saved, self.config, self.out)
-        try:
-            self.weights.load_state(state.weights)
-            self.strategy.load_state_dict(state.strategy)
-            self.callbacks.load_state_dict(state.callbacks)
-        except ValueError as err:  # keys or shapes that do not fit: a damaged or foreign checkpoint
-            raise invalid("output_dir", str(self.out), f"its checkpoint does not fit this run: {err}") from err
-        self.log = list(state.log)
-        if state.rng is not None:  # the global RNGs as they were after that task (user callbacks may draw from them)
-            restore_rng(state.rng)
-        if self.args.should_save:  # results.json follows the state, also when a kill left it one task behind
-            write_outputs(self.out, self.results())
-
-    def save(self, t: int) -> None:
-        if self.record is not None:
-            save_task_record(self.out, t, self.record)
-        path = save_checkpoint(self.out, self.state(), self.config)
-        write_outputs(self.out, self.results())
-        self.callbacks.call("on_save", t, path)
-
-    def results(self) -> dict:
-        sizes = [len(task.eval) for task in self.stream.tasks]
-        return results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
-
-    def export(self) -> Path:
-        """output_dir/merged_adapter: the merged model as one PEFT adapter (see `pm_hf.export`)."""
-        with seeded(self.args.seed):
-            base = self.load_base()
-        merged = {k: self.weights.value(k, w).float() for k, w in base_weights(self.model).items()}
-        full = {k: p.detach().float() for k, p in self.weights.full().items()}
-        fan = uses_fan_in_fan_out(self.model)
-        return export_run(self.out, len(self.log), base, merged, full, self.save_modules, fan)
-
-    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
-        """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
-        if resume:
-            self.resume()
-        T = len(self.stream.tasks)
-        last = T if stop_after is None else min(T, stop_after)
-        show = not self.args.disable_tqdm and self.args.should_log
-        bar = tqdm(range(len(self.log), last), desc="tasks", initial=len(self.log), total=T, disable=not show)
-        for t in bar:
-            self.log.append(self.run_task(t))
-            if self.args.should_save:
-                self.save(t)
-            bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
-        if len(self.log) == T and self.args.should_save:
-            self.export()
-        return self.results()
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters and buffers (a model given as an object, with no folder behind it)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------ building
-def _classifier(model_args, data_args, args: PMConfig, lora_args, merge_args, strategy) -> tuple:
-    processor = load_processor(model_args)
-    mpf, name = args.main_process_first, model_args.model_name_or_path
-    stream = build_task_stream(data_args, processor, seed=args.seed, main_process_first=mpf, model_name=name)
-    stream = strategy.transform_stream(stream)
+def _assemble(
+    model_args,
+    data_args,
+    args,
+    lora_args,
+    fisher_args,
+    merge_args,
+    callbacks,
+    strategy,
+    stream,
+    processor,
+    loaded=None,
+    compute_metrics=None,
+    loaded_base=None,
+) -> ContinualLoop:
+    """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
+    causal = stream.modality == MODALITY
+    if causal and merge_args.head_align != "none":
+        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
+    if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
+        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
+        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
 
     def load_base():
-        return load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
+        """A pristine pretrained model with a head of the stream's classes (the export's base)."""
+        with _quiet_loading():
+            if loaded_base is not None:
+                base = loaded_base()
+                if not causal:
+                    Head(base, base.config.num_labels).grow(base, stream.num_classes)
+                return base
+            if causal:
+                return load_causal_lm(model_args)
+            return load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
 
     with seeded(args.seed):  # the new head's initialisation must not depend on what ran before in the process
-        model = load_base()
-    head = Head(model, stream.num_classes, domain_incremental=data_args.scenario == "domain_incremental")
-    model = attach_lora(model, lora_args, trainable_modules=head.modules)
-    evaluator = ClassifierEvaluator(head, trainer_predict(model, args, stream.collate_fn))
-    extra = []
-    if merge_args.head_align != "none":
-        extra.append(HeadAlignment(head, stream, merge_args, args.per_device_eval_batch_size, args.seed))
-    return model, stream, head, evaluator, load_base, extra
-
-
-def _causal_lm(model_args, data_args, args: PMConfig, lora_args, merge_args, strategy) -> tuple:
-    if merge_args.head_align != "none":
-        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
-    model_args = dataclasses.replace(model_args, model_task="causal_lm")
-    tokenizer = load_processor(model_args)
-    stream = build_instruction_stream(data_args, tokenizer, seed=args.seed, main_process_first=args.main_process_first)
-    stream = strategy.transform_stream(stream)
-    with seeded(args.seed):
-        model = load_causal_lm(model_args)
-    if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
-        lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
-    model = attach_lora(model, lora_args)
-    evaluator = CausalLMEvaluator(model, tokenizer, stream.collate_fn, args.per_device_eval_batch_size,
-                                  model_args.max_new_tokens, model_args.primary_metric)  # fmt: skip
-    return model, stream, NoHead(), evaluator, lambda: load_causal_lm(model_args), []
-
-
-def fingerprints(model_args: ModelArguments, stream) -> dict:
-    """What a resumed run must share with the saved one besides its config: the model's files and each task's data."""
-    tasks = [
-        f"{task.name}|{task.classes}|{dataset_digest(task.train)}|{dataset_digest(task.eval)}" for task in stream.tasks
-    ]
-    return {"model": model_digest(model_args), "tasks": tasks}
+        model = loaded() if loaded is not None else load_base()
+    extra, save_modules = [], list(lora_args.modules_to_save or [])
+    if causal:
+        if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
+            lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
+        model, head = attach_lora(model, lora_args), NoHead()
+        evaluator = CausalLMEvaluator(
+            model,
+            processor,
+            stream.collate_fn,
+            args.per_device_eval_batch_size,
+            model_args.max_new_tokens,
+            model_args.primary_metric,
+        )
+    else:
+        head = Head(model, model.config.num_labels, domain_incremental=data_args.scenario == "domain_incremental")
+        head.grow(model, stream.num_classes)
+        model = attach_lora(model, lora_args, trainable_modules=head.modules)
+        predict = trainer_predict(model, args, stream.collate_fn)
+        evaluator = ClassifierEvaluator(head, predict, compute_metrics)
+        if merge_args.head_align != "none":
+            extra.append(HeadAlignment(head, stream, merge_args, args.per_device_eval_batch_size, args.seed))
+        save_modules = [*head.modules, *save_modules]
+    config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
+    identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
+    fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
+    config.update(world_size=args.world_size, fingerprints=fingerprints)
+    parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
+    loop = ContinualLoop(*parts, save_modules, merge_args.accumulator_device, config)
+    loop.processor = processor
+    return loop
 
 
 def build_loop(
@@ -312,23 +380,28 @@ def build_loop(
     lora_args: LoraArguments,
     fisher_args: FisherArguments,
     merge_args: MergeArguments,
-    callbacks: Sequence[ContinualCallback | TrainerCallback] = (),
+    callbacks: Callbacks = (),
+    strategy=None,
 ) -> ContinualLoop:
-    """Load the model and the task stream and assemble the loop (nothing is written)."""
-    strategy = build_strategy(merge_args)  # every merge knob checked first
+    """Load the model and the task stream of a config and assemble the loop (nothing is written)."""
+    strategy = strategy or build_strategy(merge_args)
     HeadAlignment.check_args(merge_args)
-    if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
-        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
-        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
-    build = _causal_lm if is_causal_lm(model_args) else _classifier
-    model, stream, head, evaluator, load_base, extra = build(
-        model_args, data_args, training_args, lora_args, merge_args, strategy
+    causal = is_causal_lm(model_args)
+    model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
+    processor = load_processor(model_args)
+    with _quiet_datasets():
+        stream = _config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
+    stream = strategy.transform_stream(stream)
+    return _assemble(
+        model_args, data_args, training_args, lora_args, fisher_args, merge_args, callbacks, strategy, stream, processor
     )
-    config = config_dict(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
-    config.update(world_size=training_args.world_size, fingerprints=fingerprints(model_args, stream))
-    save_modules = [*head.modules, *(lora_args.modules_to_save or [])]
-    parts = (model, stream, head, evaluator, strategy, training_args, fisher_args, [*extra, *callbacks], load_base)
-    return ContinualLoop(*parts, save_modules, merge_args.accumulator_device, config)
+
+
+def _config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:
+    mpf = args.main_process_first
+    if causal:
+        return build_instruction_stream(data_args, processor, seed=args.seed, main_process_first=mpf)
+    return build_task_stream(data_args, processor, seed=args.seed, main_process_first=mpf, model_name=name)
 
 
 def run_continual(
@@ -339,28 +412,23 @@ def run_continual(
     fisher_args: FisherArguments,
     merge_args: MergeArguments,
     resume: bool = False,
-    callbacks: Sequence[ContinualCallback | TrainerCallback] | None = None,
+    callbacks: Callbacks | None = None,
     stop_after: int | None = None,
 ) -> dict:
-    """Run (or resume) the whole sequence; writes results.json, plots, checkpoints and the merged adapter.
+    """Run (or resume) the sequence of a config: `ContinualTrainer.from_args(...).train(resume)`.
 
     Args:
         *_args: the six argument groups (see `pm_hf.config`).
-        resume: continue after the last completed task of `output_dir`.
+        resume: continue after the last completed task of `output_dir` (a config whose tasks extend the saved ones
+            trains the new tasks on top; any other change is refused).
         callbacks: `ContinualCallback`s (hooks of the loop) and `TrainerCallback`s (given to every task's trainer).
         stop_after: stop after this many completed tasks (for tests and staged runs).
 
     Returns:
         The results dict written to `output_dir/results.json`.
     """
-    loop = build_loop(model_args, data_args, training_args, lora_args, fisher_args, merge_args, callbacks or ())
-    save, overwrite = training_args.should_save, training_args.overwrite_output_dir
-    if save:
-        check_claim(loop.out, resume, overwrite)  # before the lock file: a refused folder is left as it was
-    with output_lock(loop.out, save):
-        if save:
-            claim(loop.out, resume, overwrite)
-        return loop.run(resume=resume, stop_after=stop_after)
+    groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    return ContinualTrainer.from_args(*groups, callbacks=callbacks).train(resume, stop_after)
 
 
 # Settings a run folder may hold that evaluating it must never act on: trackers and Hub pushes.
@@ -380,10 +448,9 @@ def evaluate_run(run_dir: str) -> dict:
     if loaded is None:
         raise invalid("run_dir", run_dir, "holds no checkpoint (latest.json): pass the output_dir of a finished run.")
     state, saved = loaded
-    groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}})
-    loop = build_loop(*groups)
+    loop = build_loop(*dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}}))
     refuse_changes(saved, loop.config, out)
-    loop.weights.load_state(state.weights)
+    loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.full()))
     loop.log = list(state.log)
     tasks = loop.stream.tasks[: state.completed]
     row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]

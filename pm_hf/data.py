@@ -30,7 +30,7 @@ from transformers import DataCollatorWithPadding, default_data_collator
 from .checks import invalid
 from .config import DataArguments
 from .images import image_transform
-from .sources import Source, load_source, source_specs
+from .sources import Source, labels_of, load_source, source_specs
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def _tokenize(ds: datasets.Dataset, tokenizer, data_args: DataArguments, offset:
         out["labels"] = [int(y) + offset for y in batch[label]]
         return out
 
+    if isinstance(ds, datasets.IterableDataset):  # a streamed split: tokenized on the fly
+        return ds.map(encode, batched=True, remove_columns=ds.column_names).with_format("torch")
     ds = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=desc)
     ds.set_format("torch")
     return ds
@@ -224,5 +226,35 @@ def build_task_stream(
             classes = [c + plan.offset for c in plan.local_classes]
             tasks.append(Task(plan.name, classes, splits[0], splits[1]))
     _check_tasks(tasks, data_args, label_names)
-    collate = DataCollatorWithPadding(processor) if modality == "text" else default_data_collator
-    return TaskStream(tasks, num_classes, label_names, modality, collate)
+    return TaskStream(tasks, num_classes, label_names, modality, collator_for(modality, processor))
+
+
+def collator_for(modality: str, processor) -> Callable:
+    """Text: pad to the longest row of the batch; images: stack."""
+    return DataCollatorWithPadding(processor) if modality == "text" else default_data_collator
+
+
+def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments) -> tuple[Task, str, dict[int, str]]:
+    """Task t from in-memory splits `{"train": ..., "test": ...}` whose labels are global class ids; the task's
+    classes are its training labels (or `entry["classes"]`, required when the training split is an
+    `IterableDataset`, which the text path streams). Returns (task, modality, label names by class)."""
+    train, evaluation = entry.get("train"), entry.get("test", entry.get("eval"))
+    if not isinstance(evaluation, datasets.Dataset) or not isinstance(
+        train, (datasets.Dataset, datasets.IterableDataset)
+    ):
+        raise invalid(f"tasks[{t}]", entry, "give {'train': Dataset, 'test': Dataset} (the train split may stream).")
+    columns = train.column_names or evaluation.column_names
+    modality = "text" if data_args.text_column in columns else "image"
+    where = f"tasks[{t}]"
+    labels = {}
+    for split, ds in (("test", evaluation), ("train", train)):
+        if isinstance(ds, datasets.Dataset):
+            labels[split] = labels_of(ds, data_args.label_column, split, where)
+    classes = sorted(entry["classes"]) if "classes" in entry else np.unique(labels.get("train", [])).tolist()
+    if "train" not in labels and (modality != "text" or "classes" not in entry):
+        raise invalid(where, entry, "a streamed training split needs text data and `classes`: the task's class ids.")
+    feature = evaluation.features[data_args.label_column]
+    names = dict(enumerate(feature.names)) if isinstance(feature, datasets.ClassLabel) else {}
+    splits = [_prepare(ds, modality, processor, data_args, 0, f"Preparing task {t}") for ds in (train, evaluation)]
+    name = f"task_{t}: " + _summary(classes, [names.get(c, str(c)) for c in range(max(classes) + 1)])
+    return Task(name, classes, splits[0], splits[1]), modality, names

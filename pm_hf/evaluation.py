@@ -76,17 +76,32 @@ class ClassifierEvaluator(Evaluator):
 
     primary = "accuracy"
 
-    def __init__(self, head, predict: Callable[[datasets.Dataset], np.ndarray]):
-        self.head, self.predict = head, predict
+    def __init__(
+        self, head, predict: Callable[[datasets.Dataset], np.ndarray], compute_metrics: Callable | None = None
+    ):
+        self.head, self.predict, self.compute_metrics = head, predict, compute_metrics
 
-    def accuracy(self, dataset: datasets.Dataset, classes: list[int]) -> float:
+    def _logits(self, dataset: datasets.Dataset, classes: list[int]) -> np.ndarray:
         self.head.set_active(classes)
         logits = self.predict(dataset)
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return float((np.asarray(logits).argmax(-1) == np.asarray(dataset["labels"])).mean())
+        return np.asarray(logits[0] if isinstance(logits, tuple) else logits)
+
+    def accuracy(self, dataset: datasets.Dataset, classes: list[int]) -> float:
+        return float((self._logits(dataset, classes).argmax(-1) == np.asarray(dataset["labels"])).mean())
 
     def scores(self, task, seen):
-        return {"accuracy": self.accuracy(task.eval, seen), "til_accuracy": self.accuracy(task.eval, task.classes)}
+        """'accuracy' over the seen classes, 'til_accuracy' within the task, and the user's `compute_metrics` on the
+        seen-class logits (an `EvalPrediction` per task)."""
+        if self.compute_metrics is None:
+            return {"accuracy": self.accuracy(task.eval, seen), "til_accuracy": self.accuracy(task.eval, task.classes)}
+        from transformers import EvalPrediction
+
+        labels = np.asarray(task.eval["labels"])
+        logits = self._logits(task.eval, seen)
+        extra = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
+        out = {"accuracy": float((logits.argmax(-1) == labels).mean())}
+        out["til_accuracy"] = self.accuracy(task.eval, task.classes)
+        return {**out, **{k: float(v) for k, v in extra.items() if k not in out}}
 
     def score(self, task, seen):
         return self.accuracy(task.eval, seen)
@@ -98,6 +113,7 @@ def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Da
 
     args = copy.deepcopy(args)
     args.report_to, args.disable_tqdm, args.push_to_hub = [], True, False
+    args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
     trainer = Trainer(model=model, args=args, data_collator=collate_fn)
     return lambda dataset: trainer.predict(dataset).predictions
 

@@ -90,6 +90,40 @@ class Head:
         keep[rows] = True
         return delta * keep.view(-1, *([1] * (delta.dim() - 1)))
 
+    def fit_saved(self, saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> dict:
+        """Saved head tensors with fewer rows than the head (tasks with new classes were appended since) get the
+        head's current rows beyond theirs; every other tensor is returned as saved."""
+        out = dict(saved)
+        for key, value in current.items():
+            old = saved.get(key)
+            if self.owns(key) and old is not None and old.shape[1:] == value.shape[1:] and len(old) < len(value):
+                out[key] = torch.cat([old, value.detach()[len(old) :].to(old.device, old.dtype)])
+        return out
+
+    def grow(self, model: nn.Module, num_classes: int, fresh: nn.Linear | None = None) -> None:
+        """Give the head one row per class up to `num_classes`: old rows kept, new rows from `fresh` (a newly
+        initialised head of the new size, e.g. from reloading the model) or the module's default initialisation."""
+        old = self.module
+        if num_classes <= old.out_features:
+            return
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device)
+        new.to(old.weight.dtype)
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                if getattr(old, name) is None:
+                    continue
+                target = getattr(new, name)
+                if fresh is not None:
+                    target.copy_(getattr(fresh, name).to(target.device, target.dtype))
+                target[: old.out_features] = getattr(old, name)
+                target.requires_grad_(getattr(old, name).requires_grad)
+        base = unwrap(model)
+        base = getattr(base, "get_base_model", lambda: base)()
+        parent, _, child = self.name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, child, new)
+        self.mask.handle.remove()
+        self.module, self.num_classes, self.mask = new, num_classes, ClassMask(new, num_classes)
+
     def restore_untouched(self, params: Mapping[str, nn.Parameter], before: Mapping[str, torch.Tensor], task) -> None:
         """Rows of classes not in the task get their values from `before` back, exactly."""
         untouched = [c for c in range(self.num_classes) if c not in task.classes]
@@ -120,6 +154,9 @@ class NoHead:
 
     def restore_untouched(self, params, before, task) -> None:
         pass
+
+    def fit_saved(self, saved, current) -> dict:
+        return dict(saved)
 
 
 @torch.no_grad()
@@ -193,6 +230,19 @@ def fit_head_rows(
         w_out = w_all.index_copy(0, row_idx, w_new.detach()).to(weight.dtype)
         b_out = None if b_all is None else b_all.index_copy(0, row_idx, b_new.detach()).to(bias.dtype)
     return w_out, b_out
+
+
+def pad_class_stats(stats: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+    """Class statistics with rows for `num_classes` (zeros for classes added since; a copy)."""
+    if not stats or len(stats["count"]) >= num_classes:
+        return dict(stats)
+    extra = num_classes - len(stats["count"])
+    mean = torch.cat([stats["mean"], stats["mean"].new_zeros(extra, stats["mean"].shape[1])])
+    return {
+        "mean": mean,
+        "count": torch.cat([stats["count"], stats["count"].new_zeros(extra)]),
+        "scatter": stats["scatter"],
+    }
 
 
 def update_class_stats(
@@ -320,7 +370,7 @@ class HeadAlignment(ContinualCallback):
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         classes, rows = (task.classes if self.mode == "task" else seen), task.classes
         if self.mode == "prototypes":
-            stats = dict(self.stats)
+            stats = pad_class_stats(self.stats, weight_param.shape[0])
             if stats and self.before is not None:
                 old = [c for c in classes if c not in task.classes and stats["count"][c] > 0]
                 stats["mean"] = compensate_drift(stats["mean"], old, self.before.cpu(), x.cpu())

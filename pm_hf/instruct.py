@@ -213,14 +213,18 @@ def _task_lengths(data_args: DataArguments, num_tasks: int) -> list[int]:
     return list(lengths)
 
 
-def _task_split(loaded, spec: dict, t: int, code: int, tokenizer, data_args, max_length: int, seed: int):
-    """Task t's training (code 0) or eval (code 1) split: checked, capped and tokenized."""
-    where = describe_source(spec)
+def _task_split(loaded, spec: dict | str, t: int, code: int, tokenizer, data_args, max_length: int, seed: int):
+    """Task t's training (code 0) or eval (code 1) split: checked, capped and tokenized. `loaded` maps split names
+    to datasets; `spec` is the source's spec (or a description of in-memory splits)."""
+    where = spec if isinstance(spec, str) else describe_source(spec)
     arg, cap = (("train_split", data_args.max_train_samples), ("eval_split", data_args.max_eval_samples))[code]
     split = getattr(data_args, arg)
     if split not in loaded:
         raise invalid(arg, split, f"not a split of {where}; use one of {list(loaded)}.")
     ds = loaded[split]
+    if not isinstance(ds, datasets.Dataset):
+        raise invalid(arg, split, f"the '{split}' split of {where} is not a map-style Dataset (streaming is not "
+                      "supported for instruction tasks).")  # fmt: skip
     columns = {"prompt_column": data_args.prompt_column, "response_column": data_args.response_column}
     check_columns(ds, columns, split, where)
     if len(ds) == 0:
@@ -323,3 +327,12 @@ class PromptCollator:
 
 def causal_lm_collator(tokenizer, pad_to_multiple_of: int | None = None) -> CausalLMCollator:
     return CausalLMCollator(resolve_pad_token_id(tokenizer), pad_to_multiple_of)
+
+
+def instruction_task(t: int, entry: dict, tokenizer, data_args: DataArguments, seed: int = 0) -> Task:
+    """Task t from in-memory splits `{"train": Dataset, "test": Dataset}` of prompt/response pairs."""
+    where = f"tasks[{t}]"
+    loaded = {data_args.train_split: entry.get("train"), data_args.eval_split: entry.get("test", entry.get("eval"))}
+    max_length = data_args.max_length  # `max_length_per_task` is for `task_datasets`
+    splits = [_task_split(loaded, where, t, code, tokenizer, data_args, max_length, seed) for code in (0, 1)]
+    return Task(f"task_{t}: {entry.get('name', t)}", [], splits[0], splits[1])

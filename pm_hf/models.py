@@ -55,6 +55,15 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def hub_kwargs(model_args: ModelArguments, weights: bool = False) -> dict:
+    """`from_pretrained` options of the config: revision, trust_remote_code and (for the weights) the attention
+    kernel."""
+    out = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
+    if weights and model_args.attn_implementation is not None:
+        out["attn_implementation"] = model_args.attn_implementation
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def load_config(model_args: ModelArguments):
     """The model's `AutoConfig`; a missing folder or a model that cannot be loaded is an error naming the field."""
     name = model_args.model_name_or_path
@@ -62,7 +71,7 @@ def load_config(model_args: ModelArguments):
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise invalid("model_name_or_path", name, "the folder holds no config.json: give a saved model folder.")
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **hub_kwargs(model_args))
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0][:200]
         raise invalid("model_name_or_path", name, f"not a local model folder and not loadable here: {reason}") from err
@@ -79,22 +88,23 @@ def is_causal_lm(model_args: ModelArguments) -> bool:
 def load_causal_lm(model_args: ModelArguments):
     """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype`."""
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path), dtype=dtype)
+    path = resolve_model_path(model_args.model_name_or_path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_kwargs(model_args, weights=True))
 
 
 def load_processor(model_args: ModelArguments):
     """The tokenizer (text) or image processor (images) of the model; None for an image model without one."""
     path = resolve_model_path(model_args.model_name_or_path)
     if model_args.model_task == "causal_lm":
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **hub_kwargs(model_args))
     if model_args.model_task in ("auto", "sequence_classification"):
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, **hub_kwargs(model_args))
         except (OSError, ValueError, TypeError):
             if model_args.model_task == "sequence_classification":
                 raise
     try:
-        return AutoImageProcessor.from_pretrained(path)
+        return AutoImageProcessor.from_pretrained(path, **hub_kwargs(model_args))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -108,6 +118,7 @@ def load_model(model_args: ModelArguments, modality: str, num_labels: int, label
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
+    kwargs.update(hub_kwargs(model_args, weights=True))
     return auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
 
 

@@ -66,7 +66,7 @@ class Parser(HfArgumentParser):
     def __init__(self, dataclass_types=None, **kwargs):
         self._inherited: list[tuple[type, list[argparse.Action]]] = []
         super().__init__(dataclass_types, **kwargs)
-        for base, actions in self._inherited:
+        for base, actions in sorted(self._inherited, key=lambda item: item[0].__module__.startswith("transformers")):
             self._move_to_group(actions, f"{base.__name__} (inherited)", _first_line(base.__doc__))
 
     def _add_dataclass_arguments(self, dtype):
@@ -74,12 +74,14 @@ class Parser(HfArgumentParser):
         super()._add_dataclass_arguments(dtype)
         actions = self._actions[start:]
         bases = [b for b in dtype.__mro__[1:] if dataclasses.is_dataclass(b)]
-        inherited = {f.name for b in bases for f in dataclasses.fields(b)}
-        base = bases[0] if bases else None
-        own = [a for a in actions if a.dest not in inherited]
-        self._move_to_group(own, dtype.__name__, _first_line(dtype.__doc__))
-        if base is not None:
-            self._inherited.append((base, [a for a in actions if a.dest in inherited]))
+        owner = {}  # field -> the base that declares it (the most basic one)
+        for base in reversed(bases):
+            owner.update({f.name: base for f in dataclasses.fields(base) if f.name not in owner})
+        self._move_to_group([a for a in actions if a.dest not in owner], dtype.__name__, _first_line(dtype.__doc__))
+        for base in bases:
+            mine = [a for a in actions if owner.get(a.dest) is base]
+            if mine:
+                self._inherited.append((base, mine))
 
     def _move_to_group(self, actions: list[argparse.Action], title: str, description: str | None) -> None:
         group = self.add_argument_group(title, description)

@@ -12,10 +12,11 @@ import inspect
 import math
 from collections import Counter
 
-from transformers import Trainer
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
 
 from .adapters import gaussian_adapter_noise, scale_active_adapter, strip_prefix, task_vector_norm, unwrap
-from .config import PMConfig
+from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
 
 
@@ -23,11 +24,13 @@ class DivergenceError(RuntimeError):
     """Training produced a NaN/inf loss, or one above `divergence_threshold` times the task's first loss."""
 
 
-class PMTrainer(Trainer):
-    """`Trainer` with Perturb-and-Merge training (docs/method.md, stage 1).
+class PerturbationMixin:
+    """Perturb-and-Merge training (docs/method.md, stage 1) for any `transformers.Trainer` subclass: put it first,
+    `class MyTrainer(PerturbationMixin, SomeTrainer)`, and give `args` the `PerturbationArguments` fields (`PMConfig`,
+    or `pm_hf.trl.PMSFTConfig` for TRL's `SFTTrainer`).
 
     Args:
-        *args, **kwargs: as `transformers.Trainer`; `args` must be a `PMConfig`.
+        *args, **kwargs: as the Trainer's.
         task_index: 0-based index of the task in the continual sequence (seeds the branch draws).
         head_modules: names (relative to the base model) of the class head(s); with `args.head_learning_rate` set,
             their parameters train at that learning rate (the paper's protocol: LoRA 1e-3, head 1e-2).
@@ -36,8 +39,11 @@ class PMTrainer(Trainer):
     def __init__(self, *args, task_index: int = 0, head_modules: list[str] | None = None, **kwargs):
         self.head_modules = list(head_modules or [])
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, PMConfig):
-            raise TypeError(f"PMTrainer needs `args` to be a PMConfig, got {type(self.args).__name__}.")
+        if not isinstance(self.args, PerturbationArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs `args` with the perturbation fields (a PMConfig), "
+                f"got {type(self.args).__name__}."
+            )
         if not isinstance(task_index, int) or task_index < 0:
             raise ValueError(f"`task_index` = {task_index!r} is invalid: use the 0-based index of the task.")
         self.task_index = task_index
@@ -117,6 +123,35 @@ class PMTrainer(Trainer):
                 logs[f"pm/branch_{label}"] = self.branch_counts[branch]
             logs["pm/delta_norm"] = task_vector_norm(self.model)
         super().log(logs, *args, **kwargs)
+
+
+class TaskProgress(TrainerCallback):
+    """The training bar of one task, nested under the bar over tasks and gone when the task ends; the latest loss
+    is shown on it (the logs themselves go to `report_to`)."""
+
+    def __init__(self, task_index: int):
+        self.task_index, self.bar = task_index, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc=f"task {self.task_index}", leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4g}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class PMTrainer(PerturbationMixin, Trainer):
+    """`transformers.Trainer` with Perturb-and-Merge training: `args` is a `PMConfig` (see `PerturbationMixin`)."""
 
 
 def _loss_uses_num_items(model) -> bool:

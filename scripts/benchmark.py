@@ -458,7 +458,7 @@ def run_accuracy(
             run_dir = work / method / f"seed{seed}"
             values = {**(extra or {}), **table[method][0], "seed": seed, "output_dir": str(run_dir)}
             groups = parse_config(config, _overrides(values))
-            resume = (run_dir / "latest.json").exists()
+            resume = run_dir.exists()  # an interrupted run (or one killed before its first checkpoint) continues
             print(f"[run] {method} seed {seed}{' (resuming)' if resume else ''}", flush=True)
             start = time.perf_counter()
             results = run_continual(*groups, resume=resume)

@@ -411,7 +411,7 @@ FAULTS = [  # (name, the function whose call is the fault point, which call of i
 def _fault_points():
     """(module, attribute) of every step a fault can hit."""
     import pm_hf.checkpoint as checkpoint
-    import pm_hf.continual as continual
+    import pm_hf.loop as continual
     import pm_hf.export as export
 
     return [(continual.ContinualLoop, "trainer"), (continual, "estimate_fisher"), (continual, "merge_task"),
@@ -435,7 +435,7 @@ def install_fault(point: str, nth: int, die) -> None:
     from transformers import TrainerCallback
 
     import pm_hf.checkpoint as checkpoint
-    import pm_hf.continual as continual
+    import pm_hf.loop as continual
     import pm_hf.export as export
 
     calls = {"n": 0}

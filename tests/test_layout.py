@@ -19,7 +19,8 @@ LAYERS = [
     ["fisher", "trainer", "heads", "instruct"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results"],
-    ["continual", "parsing"],
+    ["loop"],
+    ["continual", "parsing", "sft"],
     ["cli", "__init__"],
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -216,7 +216,7 @@ def test_an_exploding_loss_is_divergence_too(tmp_path):
 
 
 def test_non_finite_state_is_never_written(assets, tmp_path, monkeypatch):
-    import pm_hf.continual as continual
+    import pm_hf.loop as continual
 
     real = continual.estimate_fisher
 

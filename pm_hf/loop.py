@@ -1,0 +1,295 @@
+"""The task loop. For each task t (docs/method.md): prepare (theta_hat_{t-1}, a fresh adapter) -> train with
+perturbation -> task vector Delta_t -> Fisher at theta*_t -> the strategy's merge -> callbacks -> evaluate every seen
+task -> log and checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT plumbing in `adapters`,
+the class head in `heads`, the scores in `evaluation`; `pm_hf.continual` assembles the parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback, set_seed
+
+from .adapters import (
+    ModelWeights,
+    adapter_disabled,
+    base_weights,
+    load_adapter_factors,
+    reset_adapter,
+    task_vector_norm,
+    uses_fan_in_fan_out,
+)
+from .callbacks import CallbackList, ContinualCallback
+from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checks import check_finite, invalid
+from .config import FisherArguments, PMConfig
+from .evaluation import seen_classes
+from .export import export_run, save_task_record, task_record
+from .fisher import estimate_fisher, normalize_fisher
+from .metrics import seen_accuracy
+from .results import results_dict, write_outputs
+from .rundir import refuse_changes
+from .strategies import MergePlan, MergeStrategy, merge_task
+from .timing import Timer
+from .trainer import PMTrainer, TaskProgress
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed every RNG for a block (model loading initialises new heads from the global RNG, as in HF scripts), then
+    give the caller's global RNG states back."""
+    rng = capture_rng()
+    with torch.random.fork_rng():
+        set_seed(seed)
+        yield
+    restore_rng(rng)
+
+
+def task_entry(task, scores: dict, pre: float, plan: MergePlan, delta_norm: float, branches, seconds) -> dict:
+    """Task t's log entry (one element of results.json's per-task lists)."""
+    choice, terms = plan.choice, plan.terms
+    return {
+        "task": task.name,
+        "scores": scores,
+        "pre_merge_acc": pre,
+        "alpha": choice.alpha,
+        "alpha_raw": choice.raw,
+        "alpha_fallback": choice.fallback,
+        "alpha_per_key": {k: c.alpha for k, c in plan.choices.items()} if plan.per_key else None,
+        "terms": None
+        if terms is None
+        else {
+            "fisher_delta_sq": terms.fisher_delta_sq,
+            "g_delta": terms.g_delta,
+            "denominator": terms.denominator,
+        },
+        "oracle_scores": plan.oracle_scores or None,
+        "delta_norm": delta_norm,
+        "branch_counts": {str(b): n for b, n in sorted(branches.items())},
+        "timings": dict(seconds),
+    }
+
+
+class ContinualLoop:
+    """The parts of one continual run and the task loop over them (built by `build_loop`)."""
+
+    def __init__(
+        self,
+        model,
+        stream,
+        head,
+        evaluator,
+        strategy: MergeStrategy,
+        args: PMConfig,
+        fisher_args: FisherArguments,
+        callbacks: Sequence,
+        load_base,
+        save_modules: list[str],
+        accumulator_device: str | None = None,
+        config: dict | None = None,
+    ):
+        self.model, self.stream, self.head, self.evaluator, self.strategy = model, stream, head, evaluator, strategy
+        self.args, self.fisher_args, self.out = args, fisher_args, Path(args.output_dir)
+        self.weights = ModelWeights(model, accumulator_device)
+        self.callbacks = CallbackList([cb for cb in callbacks if isinstance(cb, ContinualCallback)])
+        self.trainer_callbacks = [cb for cb in callbacks if not isinstance(cb, ContinualCallback)]
+        self.load_base, self.save_modules, self.config = load_base, save_modules, config or {}
+        self.log: list[dict] = []
+        self.processor = None  # the tokenizer or image processor the stream was prepared with
+        self.record = None  # the last task's exact export record, written with its checkpoint
+        if strategy.needs_pretrained:
+            strategy.pretrained = self.weights.snapshot(exclude=head.owns)
+
+    # --------------------------------------------------------------------------------------- one task
+    def run_task(self, t: int) -> dict:
+        """Train, merge and evaluate task t; returns its log entry."""
+        task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
+        seen_before = set(seen_classes(self.stream.tasks[:t]))
+        # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
+        self.callbacks.call("on_task_begin", t, self.model, task)
+        self.prepare(t)
+        before = {k: p.detach().float().clone() for k, p in self.weights.full().items()}
+        self.head.set_active(self.head.train_classes(task))
+        # train with perturbation
+        trainer = self.trainer(t, task)
+        with timer("train"):
+            trainer.train()
+        self.callbacks.call("on_train_end", t, self.model, task)
+        delta_norm = task_vector_norm(self.model)
+        pre = self.evaluator.score(task, seen_classes(self.stream.tasks[: t + 1]))  # plasticity, before the merge
+        # task vector: new classes' head rows are taken as trained, other classes' rows restored exactly
+        with timer("merge"):
+            merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
+            vector = self.weights.task_vector(before, self.head.owns, merged_head)
+            check_finite(vector.deltas, f"the task vector of task {t}")
+            self.head.restore_untouched(self.weights.full(), before, task)
+        # Fisher at theta*_t, on the task's training loss
+        fisher = None
+        if self.strategy.needs_fisher:
+            with timer("fisher"):
+                fisher = self.fisher(t, task, list(vector.deltas))
+            check_finite(fisher, f"the Fisher of task {t}")
+        # merge: theta_hat_t by the strategy, the adapter zeroed
+        with timer("merge"):
+            score = self.oracle_score(t, vector, before) if self.strategy.needs_score else None
+            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score)
+        self.callbacks.call("on_merge", t, self.model, task)
+        # evaluate every seen task
+        with timer("eval"):
+            scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
+        # log
+        entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
+        self.callbacks.call("on_task_end", t, self.model, entry)
+        self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
+        row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
+        trainer.log(
+            {
+                "continual/task": t,
+                "continual/alpha": plan.choice.alpha,
+                "continual/pre_merge_acc": pre,
+                "continual/acc_seen": seen_accuracy(row, sizes),
+                "continual/delta_norm": delta_norm,
+            }
+        )
+        return entry
+
+    def prepare(self, t: int) -> None:
+        """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""
+        start = self.strategy.start_point(t)
+        if start is None or start.adapter is None:
+            reset_adapter(self.model, torch.Generator().manual_seed(self.args.seed + 7919 * t))
+        else:
+            load_adapter_factors(self.model, start.adapter)
+        if start is not None:
+            self.weights.restore(start.weights)
+
+    def trainer(self, t: int, task) -> PMTrainer:
+        args = copy.deepcopy(self.args)
+        args.output_dir = str(self.out / "tasks" / f"task_{t}")
+        args.save_strategy = args.eval_strategy = "no"
+        args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
+        args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+        trainer = PMTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=task.train,
+            data_collator=self.stream.collate_fn,
+            task_index=t,
+            callbacks=self.trainer_callbacks,
+            head_modules=self.head.modules,
+        )
+        trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
+        trainer.remove_callback(PrinterCallback)
+        if not args.disable_tqdm:
+            trainer.add_callback(TaskProgress(t))
+        return trainer
+
+    def fisher(self, t: int, task, keys: list[str]) -> dict[str, torch.Tensor]:
+        self.head.set_active(task.classes)  # the task's training loss (docs/method.md): the mask of training
+        data = task.train
+        if isinstance(data, datasets.IterableDataset):  # a streamed split: its first `fisher_max_samples` examples
+            data = list(itertools.islice(data, self.fisher_args.fisher_max_samples))
+        fisher = estimate_fisher(
+            self.model,
+            data,
+            self.stream.collate_fn,
+            self.fisher_args,
+            keys=keys,
+            seed=self.args.seed + t,
+            show_progress=not self.args.disable_tqdm,
+        )
+        return normalize_fisher(fisher, self.fisher_args.fisher_normalize)
+
+    def oracle_score(self, t: int, vector, before: dict):
+        """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off)."""
+        deltas = vector.deltas
+        origin = {k: self.weights.value(k, w).float().clone() for k, w in base_weights(self.model).items()}
+        origin.update(before)
+
+        def score(a: float) -> float:
+            self.weights.apply(deltas, dict.fromkeys(deltas, a), base=origin)
+            try:
+                with adapter_disabled(self.model):
+                    return self.evaluator.seen_score(self.stream.tasks[: t + 1])
+            finally:  # back to theta_hat_{t-1} exactly (origin + 0 * delta)
+                self.weights.apply(deltas, dict.fromkeys(deltas, 0.0), base=origin)
+
+        return score
+
+    # --------------------------------------------------------------------------------------- the sequence
+    def state(self) -> ContinualState:
+        return ContinualState(
+            len(self.log),
+            self.weights.state(),
+            self.strategy.state_dict(),
+            self.callbacks.state_dict(),
+            self.log,
+            capture_rng(),
+        )
+
+    def resume(self) -> None:
+        """Continue the saved run: the same config and data (else refused), its state loaded and verified."""
+        loaded = load_checkpoint(self.out)
+        if loaded is None:
+            logger.warning("--resume: no checkpoint in %s, starting from task 0", self.out)
+            return
+        state, saved = loaded
+        refuse_changes(saved, self.config, self.out)
+        try:
+            self.weights.load_state(self.head.fit_saved(state.weights, self.weights.full()))
+            self.strategy.load_state_dict(state.strategy)
+            self.callbacks.load_state_dict(state.callbacks)
+        except ValueError as err:  # keys or shapes that do not fit: a damaged or foreign checkpoint
+            raise invalid("output_dir", str(self.out), f"its checkpoint does not fit this run: {err}") from err
+        self.log = list(state.log)
+        if state.rng is not None:  # the global RNGs as they were after that task (user callbacks may draw from them)
+            restore_rng(state.rng)
+        if self.args.should_save:  # results.json follows the state, also when a kill left it one task behind
+            write_outputs(self.out, self.results())
+
+    def save(self, t: int) -> None:
+        if self.record is not None:
+            save_task_record(self.out, t, self.record)
+        path = save_checkpoint(self.out, self.state(), self.config)
+        write_outputs(self.out, self.results())
+        self.callbacks.call("on_save", t, path)
+
+    def results(self) -> dict:
+        sizes = [len(task.eval) for task in self.stream.tasks]
+        return results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
+
+    def export(self) -> Path:
+        """output_dir/merged_adapter: the merged model as one PEFT adapter (see `pm_hf.export`)."""
+        with seeded(self.args.seed):
+            base = self.load_base()
+        merged = {k: self.weights.value(k, w).float() for k, w in base_weights(self.model).items()}
+        full = {k: p.detach().float() for k, p in self.weights.full().items()}
+        fan = uses_fan_in_fan_out(self.model)
+        return export_run(self.out, len(self.log), base, merged, full, self.save_modules, fan)
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
+        if resume:
+            self.resume()
+        T = len(self.stream.tasks)
+        last = T if stop_after is None else min(T, stop_after)
+        show = not self.args.disable_tqdm and self.args.should_log
+        bar = tqdm(range(len(self.log), last), desc="tasks", initial=len(self.log), total=T, disable=not show)
+        for t in bar:
+            self.log.append(self.run_task(t))
+            if self.args.should_save:
+                self.save(t)
+            bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
+        if len(self.log) == T and self.args.should_save:
+            self.export()
+        return self.results()
