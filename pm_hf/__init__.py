@@ -2,7 +2,8 @@
 
 Public API: `PMConfig` and `PMTrainer` (train with perturbation), `estimate_fisher` (diagonal Fisher at the trained
 weights), `merge_task` with a strategy from `pm_hf.strategies` (closed-form alpha and the baselines),
-`ContinualCallback` (hooks of the loop) and `run_continual` (the whole sequence). The math is in `pm_hf.merge`,
+`ContinualCallback` (hooks of the loop), `ContinualTrainer` (the whole sequence, from Python) and `run_continual`
+(the same from the six argument groups of a YAML config). The math is in `pm_hf.merge`,
 the PEFT plumbing in `pm_hf.adapters`; docs/method.md is the specification.
 """
 
@@ -15,6 +16,7 @@ from .trainer import PMTrainer
 __version__ = "0.2.0"
 __all__ = [
     "ContinualCallback",
+    "ContinualTrainer",
     "DataArguments",
     "FisherArguments",
     "LoraArguments",
@@ -30,8 +32,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "run_continual":  # the loop imports datasets and the evaluation stack: only when asked for
-        from .continual import run_continual
+    if name in ("ContinualTrainer", "run_continual"):  # the loop imports datasets and the evaluation stack: lazily
+        from . import continual
 
-        return run_continual
+        return getattr(continual, name)
     raise AttributeError(f"module 'pm_hf' has no attribute {name!r}")

@@ -153,6 +153,17 @@ def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
     return state, meta["config"]
 
 
+def copy_checkpoint(src: Path, dst: Path) -> int:
+    """Put the last checkpoint of the run in `src` (verified) into `dst` as its own; returns its completed tasks."""
+    folder = _checkpoint_folder(Path(src))
+    if folder is None:
+        raise invalid("resume_from", str(src), "holds no checkpoint (latest.json): give the output_dir of a run.")
+    state, _ = load_checkpoint(Path(src))  # verifies the manifest and every tensor
+    shutil.copytree(folder, Path(dst) / folder.name)
+    atomic_write_text(Path(dst) / LATEST, json.dumps({"checkpoint": folder.name, "completed": state.completed}))
+    return state.completed
+
+
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments)
 
 

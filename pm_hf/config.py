@@ -97,6 +97,13 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         default=False,
         metadata={"help": "Replace a pm_hf run already in output_dir (without it, `train` there refuses)."},
     )
+    resume_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start a new output_dir from the last checkpoint of another run folder, then train this config's "
+            "further tasks on top (the config must be that run's, with tasks appended)."
+        },
+    )
 
     def __post_init__(self):
         self.check_perturbation()

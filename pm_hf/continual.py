@@ -21,11 +21,12 @@ from transformers import logging as hf_logging
 
 from .adapters import attach_lora, detect_target_modules
 from .callbacks import ContinualCallback
-from .checkpoint import config_dict, dataclasses_from_config, load_checkpoint
+from .checkpoint import LATEST, config_dict, copy_checkpoint, dataclasses_from_config, load_checkpoint
 from .checks import invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, build_task_stream, collator_for, task_from_datasets
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
+from .export import copy_task_records
 from .heads import Head, HeadAlignment, NoHead, find_head
 from .instruct import MODALITY, CausalLMCollator, build_instruction_stream, instruction_task, resolve_pad_token_id
 from .loop import ContinualLoop, seeded
@@ -182,15 +183,17 @@ class ContinualTrainer:
         if self._pending:
             self._add_pending()
         save, overwrite, first = self.args.should_save, self.args.overwrite_output_dir, not self._claimed
-        if save and first:
-            check_claim(
-                loop.out, resume_from_checkpoint, overwrite
-            )  # before the lock: a refused folder stays as it was
+        source = self.args.resume_from if first else None
+        if save and first:  # before the lock: a refused folder stays as it was
+            check_claim(loop.out, resume_from_checkpoint, overwrite)
         with output_lock(loop.out, save):
             if save and first:
                 claim(loop.out, resume_from_checkpoint, overwrite)
+                if source and not (resume_from_checkpoint and (loop.out / LATEST).exists()):
+                    copy_task_records(Path(source), loop.out, copy_checkpoint(Path(source), loop.out))
             self._claimed = True
-            return loop.run(resume=resume_from_checkpoint and first, stop_after=stop_after)
+            resume = first and (resume_from_checkpoint or source is not None)
+            return loop.run(resume=resume, stop_after=stop_after)
 
 
 # ------------------------------------------------------------------------------------------------ assembly

@@ -10,6 +10,7 @@ SVD.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,14 @@ def save_task_record(out_dir: Path, t: int, rec: TaskRecord) -> Path:
     }
     path = Path(out_dir) / ADAPTERS_DIR / f"task_{t}.safetensors"
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def copy_task_records(src: Path, dst: Path, count: int) -> None:
+    """The records of tasks 0..count-1 of the run in `src`, into the run folder `dst` (those that exist)."""
+    for t in range(count):
+        path = Path(src) / ADAPTERS_DIR / f"task_{t}.safetensors"
+        if path.exists():
+            atomic_write(Path(dst) / ADAPTERS_DIR / path.name, lambda tmp, path=path: shutil.copyfile(path, tmp))
 
 
 def has_task_records(out_dir: Path, count: int) -> bool:

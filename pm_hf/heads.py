@@ -121,6 +121,9 @@ class Head:
         base = getattr(base, "get_base_model", lambda: base)()
         parent, _, child = self.name.rpartition(".")
         setattr(base.get_submodule(parent) if parent else base, child, new)
+        if hasattr(base, "num_labels"):  # the classifier's loss reshapes its logits with it
+            base.num_labels = num_classes
+        base.config.num_labels = num_classes
         self.mask.handle.remove()
         self.module, self.num_classes, self.mask = new, num_classes, ClassMask(new, num_classes)
 

@@ -292,4 +292,5 @@ class ContinualLoop:
             bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
         if len(self.log) == T and self.args.should_save:
             self.export()
+        self.head.set_active(None)  # the model predicts over every class again
         return self.results()

@@ -411,8 +411,8 @@ FAULTS = [  # (name, the function whose call is the fault point, which call of i
 def _fault_points():
     """(module, attribute) of every step a fault can hit."""
     import pm_hf.checkpoint as checkpoint
-    import pm_hf.loop as continual
     import pm_hf.export as export
+    import pm_hf.loop as continual
 
     return [(continual.ContinualLoop, "trainer"), (continual, "estimate_fisher"), (continual, "merge_task"),
             (continual, "write_outputs"), (export, "save_file"), (export, "export_merged_adapter"),
@@ -435,8 +435,8 @@ def install_fault(point: str, nth: int, die) -> None:
     from transformers import TrainerCallback
 
     import pm_hf.checkpoint as checkpoint
-    import pm_hf.loop as continual
     import pm_hf.export as export
+    import pm_hf.loop as continual
 
     calls = {"n": 0}
 

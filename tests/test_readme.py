@@ -3,12 +3,29 @@
 import re
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
-    text = (Path(__file__).parent.parent / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README has no python block"
+
+def _blocks() -> list[str]:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 2, "README should hold the ContinualTrainer example and the building blocks"
+    return blocks
+
+
+def _run(block: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exec(compile(blocks[0], "README.md", "exec"), {"__name__": "readme"})  # noqa: S102
+    (tmp_path / "data").symlink_to(ROOT / "data")  # the examples read the committed data and tiny model
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})  # noqa: S102
+
+
+def test_readme_continual_trainer_example_runs(tmp_path, monkeypatch, capsys):
+    _run(_blocks()[0], tmp_path, monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "2" and len(eval(lines[1])) == 3  # noqa: S307 - a printed list of 3 accuracies
+    assert (tmp_path / "outputs" / "python_api" / "merged_adapter" / "adapter_config.json").is_file()
+
+
+def test_readme_building_blocks_run(tmp_path, monkeypatch, capsys):
+    _run(_blocks()[1], tmp_path, monkeypatch)
     out = capsys.readouterr().out
     assert re.search(r"alpha_1 = 1\.000", out), out

@@ -50,16 +50,19 @@ class ClosedForm(MergeStrategy):
         if fisher is None:
             raise ValueError("merge strategy 'pm' needs the task's Fisher")
         deltas = vector.deltas
-        if not self.S:
-            self.S = zeros_like_dict(deltas, self.accumulator_device)
-            self.G = zeros_like_dict(deltas, self.accumulator_device)
-        terms = alpha_terms(deltas, fisher, self.S, self.G)
+        new = {k: v for k, v in deltas.items() if k not in self.S}  # keys merged for the first time (a shared head
+        self.S.update(zeros_like_dict(new, self.accumulator_device))  # of domain-incremental tasks from task 2 on)
+        self.G.update(zeros_like_dict(new, self.accumulator_device))
+        S, G = ({k: acc[k] for k in deltas} for acc in (self.S, self.G))  # keys not merged now keep their sums
+        terms = alpha_terms(deltas, fisher, S, G)
         choices = {}
         for keys in self._groups(deltas):
-            part = alpha_terms(*({k: d[k] for k in keys} for d in (deltas, fisher, self.S, self.G)))
+            part = alpha_terms(*({k: d[k] for k in keys} for d in (deltas, fisher, S, G)))
             choices.update(dict.fromkeys(keys, select_alpha(part, self.alpha_clip, self.alpha_min)))
         plan = alpha_plan(vector, choices, terms=terms, per_key=self.alpha_granularity != "global")
-        self.S, self.G = update_accumulators(deltas, fisher, self.S, self.G, plan.alpha)
+        new_S, new_G = update_accumulators(deltas, fisher, S, G, plan.alpha)
+        self.S.update(new_S)
+        self.G.update(new_G)
         return plan
 
     def state_dict(self):
@@ -93,14 +96,13 @@ class CoFiMA(MergeStrategy):
         if fisher is None:
             raise ValueError("merge strategy 'cofima' needs the task's Fisher")
         deltas = vector.deltas
-        if not self.S:
-            self.S = zeros_like_dict(deltas, self.accumulator_device)
+        self.S.update(zeros_like_dict({k: v for k, v in deltas.items() if k not in self.S}, self.accumulator_device))
         w = {k: cofima_weights(fisher[k], self.S[k].to(fisher[k].device), self.cofima_weight) for k in deltas}
         num = sum(float((w[k].double() * deltas[k].double() ** 2).sum()) for k in deltas)
         den = sum(float((deltas[k].double() ** 2).sum()) for k in deltas)
         effective = num / den if den > 0 else float(self.cofima_weight)  # alpha along Delta, for the log
         choices = {k: AlphaChoice(effective, effective, weight=w[k]) for k in deltas}
-        self.S = {k: s + fisher[k].to(s.device, s.dtype) for k, s in self.S.items()}
+        self.S.update({k: self.S[k] + fisher[k].to(self.S[k].device, self.S[k].dtype) for k in deltas})
         return alpha_plan(vector, choices)
 
     def state_dict(self):
