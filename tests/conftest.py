@@ -27,6 +27,23 @@ from transformers import (  # noqa: E402
 )
 
 from pm_hf.callbacks import ContinualCallback  # noqa: E402
+
+
+def _seed_hf_cache() -> None:
+    """The pip-packaged models under their Hub ids in this session's HF cache (as `make install` does for users)."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    spec = importlib.util.spec_from_file_location(
+        "seed_hf_cache", Path(__file__).parents[1] / "scripts" / "seed_hf_cache.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.seed_packaged(Path(constants.HF_HUB_CACHE))
+
+
+_seed_hf_cache()
 from pm_hf.testing import tiny_bert_folder, tiny_tokenizer  # noqa: E402, F401  (tests import tiny_tokenizer)
 
 torch.set_num_threads(2)
