@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.utils import load_peft_weights
 from torch import nn
 
 from .checks import NonFiniteError, check_finite, invalid
@@ -259,6 +260,20 @@ def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], a
                         f"{key}: factor of shape {tuple(value.shape)}, adapter {tuple(module.weight.shape)}"
                     )
                 module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
+
+
+def load_adapter_weights(model: nn.Module, source: str) -> None:
+    """Load a saved PEFT adapter (a folder or Hub id: its LoRA factors and `modules_to_save`) into the active adapter
+    of `model`, which must have the same LoRA layers and ranks."""
+    weights = load_peft_weights(source)
+    name = active_adapter(model)
+    try:
+        result = set_peft_model_state_dict(unwrap(model), weights, adapter_name=name)
+    except RuntimeError as err:  # shapes that differ
+        raise ValueError(f"{source}: {' '.join(str(err).split())[:300]}") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{source}: keys that do not fit the model: {(result.unexpected_keys + missing)[:3]}")
 
 
 def zero_adapter(model: nn.Module) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .checks import check_finite, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from .export import ADAPTERS_DIR
 from .fileio import atomic_dir, atomic_write_text, file_digest
 
 LATEST = "latest.json"
@@ -162,6 +163,20 @@ def copy_checkpoint(src: Path, dst: Path) -> int:
     shutil.copytree(folder, Path(dst) / folder.name)
     atomic_write_text(Path(dst) / LATEST, json.dumps({"checkpoint": folder.name, "completed": state.completed}))
     return state.completed
+
+
+def state_files(out_dir: Path) -> dict[str, Path]:
+    """What a run continues from, by name relative to the run folder: latest.json, the checkpoint it points at, the
+    per-task adapter log and results.json."""
+    out_dir = Path(out_dir)
+    folder = _checkpoint_folder(out_dir)
+    if folder is None:
+        raise invalid("output_dir", str(out_dir), "holds no checkpoint yet: train a task first.")
+    files = {LATEST: out_dir / LATEST, **{f"{folder.name}/{p.name}": p for p in sorted(folder.iterdir())}}
+    files.update({f"{ADAPTERS_DIR}/{p.name}": p for p in sorted((out_dir / ADAPTERS_DIR).glob("task_*.safetensors"))})
+    if (out_dir / "results.json").is_file():
+        files["results.json"] = out_dir / "results.json"
+    return files
 
 
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments)

@@ -149,7 +149,9 @@ def _check_trainer_choices(args) -> None:
     from transformers.training_args import OptimizerNames
 
     enums = {"lr_scheduler_type": SchedulerType, "optim": OptimizerNames, "eval_strategy": IntervalStrategy}
-    enums.update(logging_strategy=IntervalStrategy, save_strategy=SaveStrategy, hub_strategy=HubStrategy)
+    enums.update(logging_strategy=IntervalStrategy, save_strategy=SaveStrategy)
+    if not hasattr(args, "push_continual_state"):  # PMConfig gives hub_strategy a sequence's meaning
+        enums["hub_strategy"] = HubStrategy
     for name, enum in enums.items():
         value = getattr(args, name)
         check_choice(name, value.value if isinstance(value, enum) else value, [e.value for e in enum])

@@ -1,19 +1,21 @@
-"""The `pm-hf` command: `pm-hf train --config FILE.yaml [--preset NAME] [--resume] [--<field> value ...]` and
-`pm-hf evaluate RUN_DIR`. Config problems print `pm-hf: error: <message>` and exit with code 2 before anything is
-written (parsing: `pm_hf.parsing`); the end-of-run summary is `pm_hf.results.format_results`.
+"""The `pm-hf` command: `pm-hf train --config FILE.yaml [--preset NAME] [--resume] [--<field> value ...]`,
+`pm-hf evaluate RUN_DIR | EXPORT --config DATA.yaml`, `pm-hf export RUN_DIR --mode ... --output DIR`,
+`pm-hf push RUN_DIR --hub_model_id USER/NAME` and `pm-hf merge --adapters A B ... --output DIR`. Config problems
+print `pm-hf: error: <message>` and exit with code 2 before anything is written (parsing: `pm_hf.parsing`); the
+end-of-run summary is `pm_hf.results.format_results`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 
 from .checks import InputError, NonFiniteError, invalid
 from .parsing import USAGE, Parser, build_parser, did_you_mean, parse_config
-from .results import format_evaluation, format_results
+from .results import format_evaluation, format_export, format_results
 from .trainer import DivergenceError
 
 
@@ -56,19 +58,92 @@ def _errors(debug: bool):
 
 
 def _evaluate(argv: list[str]) -> int:
-    parser = Parser(None, prog="pm-hf evaluate", description="Re-evaluate a saved run on every task.")
-    parser.add_argument("run_dir", help="output_dir of a `pm-hf train` run.")
+    parser = Parser(None, prog="pm-hf evaluate", description="Score a saved run, an export folder or a Hub model.")
+    parser.add_argument("source", help="a run's output_dir, or an export folder / Hub model id (with --config)")
+    parser.add_argument("--config", default=None, help="the data config (YAML) to score an export or Hub model on")
+    parser.add_argument("--revision", default=None, help="the Hub revision (branch, tag such as task-3, or commit)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    debug = "--debug" in argv
-    with _errors(debug):
-        run_dir = parser.parse_args(argv).run_dir
-        if not os.path.isdir(run_dir):
-            raise invalid("run_dir", run_dir, "not found: pass the output_dir of a `pm-hf train` run.")
-        from .continual import evaluate_run
+    with _errors("--debug" in argv):
+        known, rest = parser.parse_known_args(argv)
+        if known.config is None:
+            if rest:
+                raise invalid("options", rest, "only --config (with an export or Hub model) takes data options.")
+            if not Path(known.source).is_dir():
+                fix = "not found: pass the output_dir of a `pm-hf train` run (an export or Hub model needs --config)."
+                raise invalid("run_dir", known.source, fix)
+            from .runs import evaluate_run
 
-        evaluation = evaluate_run(run_dir)
+            evaluation = evaluate_run(known.source)
+        else:
+            overrides = [*rest, "--model_name_or_path", known.source, "--output_dir", "pm-hf-evaluate"]
+            parsed = parse_config(known.config, overrides)
+            from .runs import evaluate_export
+
+            evaluation = evaluate_export(known.source, parsed, known.revision)
     if _is_main_process():
-        print(format_evaluation(evaluation, run_dir))
+        print(format_evaluation(evaluation, known.source))
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    parser = Parser(None, prog="pm-hf export", description="Write a run's merged model as a self-describing folder.")
+    parser.add_argument("run_dir", help="output_dir of a `pm-hf train` run")
+    parser.add_argument("--mode", default="adapter", help="adapter (exact), adapter-svd, merged or per-task")
+    parser.add_argument("--rank", type=int, default=None, help="the rank kept by --mode adapter-svd")
+    parser.add_argument("--output", required=True, help="the folder to write")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    with _errors("--debug" in argv):
+        args = parser.parse_args(argv)
+        from .runs import export_run_dir
+
+        info = export_run_dir(args.run_dir, args.output, args.mode, args.rank)
+    if _is_main_process():
+        print(format_export(info, args.output))
+    return 0
+
+
+def _push(argv: list[str]) -> int:
+    parser = Parser(None, prog="pm-hf push", description="Push a finished run's merged adapter and card to the Hub.")
+    parser.add_argument("run_dir", help="output_dir of a `pm-hf train` run")
+    parser.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repository")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, help="push to this branch (created if needed)")
+    parser.add_argument("--hub_token", default=None, help="a token (default: the logged-in one)")
+    parser.add_argument("--push_continual_state", action="store_true", help="push the state to continue from")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    with _errors("--debug" in argv):
+        args = parser.parse_args(argv)
+        from .runs import push_run_dir
+
+        oid = push_run_dir(args.run_dir, args.hub_model_id, args.private or None, args.revision, args.hub_token,
+                           args.push_continual_state)  # fmt: skip
+    if _is_main_process():
+        print(f"Pushed {args.run_dir} to https://huggingface.co/{args.hub_model_id} (commit {oid[:10]})")
+    return 0
+
+
+def _merge(argv: list[str]) -> int:
+    parser = Parser(None, prog="pm-hf merge", description="Merge trained LoRA adapters of one base, in order.")
+    parser.add_argument("--adapters", nargs="+", required=True, help="adapter folders or Hub ids, in task order")
+    parser.add_argument("--output", required=True, help="the export folder to write")
+    parser.add_argument("--merge_method", default=None, help="the merge strategy (default: the config's, else pm)")
+    parser.add_argument("--config", default=None, help="a data config with one task per adapter (for the Fisher)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    with _errors("--debug" in argv):
+        known, rest = parser.parse_known_args(argv)
+        from .posthoc import merge_adapters
+
+        if known.config is not None:
+            extra = [] if known.merge_method is None else ["--merge_method", known.merge_method]
+            parsed = parse_config(known.config, [*rest, *extra])
+            info = merge_adapters(known.adapters, known.output, parsed=parsed)
+        else:
+            extra = [] if known.merge_method is None else ["--merge_method", known.merge_method]
+            placeholders = ["--output_dir", "pm-hf-merge", "--model_name_or_path", "from-the-adapters"]
+            merge_args = parse_config(None, [*rest, *extra, *placeholders])[5]
+            info = merge_adapters(known.adapters, known.output, merge_args)
+    if _is_main_process():
+        print(format_export(info, known.output))
     return 0
 
 
@@ -79,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (before anything is written); errors during training propagate with their traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "evaluate": _evaluate}
+    commands = {"train": _train, "evaluate": _evaluate, "export": _export, "push": _push, "merge": _merge}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr, end="")
         raise SystemExit(0 if argv else 2)

@@ -26,6 +26,7 @@ FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
 ALPHA_GRANULARITIES = ("global", "module")
 HEAD_ALIGN = ("none", "task", "seen", "prototypes")
+HUB_STRATEGIES = ("every_task", "end")  # when a sequence pushes: after every task's merge, or once at the end
 
 
 # Fields that were renamed: old name -> what to use instead (a config or flag with the old name is an error).
@@ -100,18 +101,36 @@ class PMConfig(TrainingArguments, PerturbationArguments):
     resume_from: str | None = field(
         default=None,
         metadata={
-            "help": "Start a new output_dir from the last checkpoint of another run folder, then train this config's "
-            "further tasks on top (the config must be that run's, with tasks appended)."
+            "help": "Start a new output_dir from the last checkpoint of another run — its folder, or a Hub repository "
+            "USER/NAME pushed with `push_continual_state` — then train this config's further tasks on top (the "
+            "config must be that run's, with tasks appended)."
+        },
+    )
+    hub_strategy: str = field(
+        default="every_task",
+        metadata={
+            "help": "With push_to_hub: 'every_task' pushes after each task's merge (one commit, tagged task-<t>), "
+            "'end' once after the last task."
+        },
+    )
+    push_continual_state: bool = field(
+        default=False,
+        metadata={
+            "help": "With push_to_hub: push the continual state too (under continual_state/), so that "
+            "`--resume_from USER/NAME` continues the sequence on another machine."
         },
     )
 
     def __post_init__(self):
         self.check_perturbation()
+        check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
+        strategy, self.hub_strategy = self.hub_strategy, "end"  # a sequence's strategies are not the Trainer's
         try:
             super().__post_init__()
         except ValueError as err:  # TrainingArguments' own checks of combinations of fields
             raise invalid("training arguments", None, " ".join(str(err).split())) from err
+        self.hub_strategy = strategy
 
 
 @dataclass

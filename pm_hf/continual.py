@@ -21,19 +21,18 @@ from transformers import logging as hf_logging
 
 from .adapters import attach_lora, detect_target_modules
 from .callbacks import ContinualCallback
-from .checkpoint import LATEST, config_dict, copy_checkpoint, dataclasses_from_config, load_checkpoint
+from .checkpoint import LATEST, config_dict, copy_checkpoint
 from .checks import invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, build_task_stream, collator_for, task_from_datasets
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .export import copy_task_records
 from .heads import Head, HeadAlignment, NoHead, find_head
+from .hub import connect, download_state, is_repo_id
 from .instruct import MODALITY, CausalLMCollator, build_instruction_stream, instruction_task, resolve_pad_token_id
 from .loop import ContinualLoop, seeded
-from .metrics import seen_accuracy
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest
-from .results import write_outputs
-from .rundir import check_claim, claim, dataset_digest, output_lock, refuse_changes
+from .rundir import check_claim, claim, dataset_digest, output_lock
 from .strategies import build_strategy
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]
@@ -101,6 +100,13 @@ class ContinualTrainer:
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
         self.loop: ContinualLoop | None = None
+        # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
+        main = args.should_save
+        self.hub = connect(args) if args.push_to_hub and main else None
+        source = args.resume_from
+        if source and main and is_repo_id(source):
+            source = str(download_state(source, args.hub_token))
+        self._source = source
 
     @classmethod
     def from_args(
@@ -183,7 +189,8 @@ class ContinualTrainer:
         if self._pending:
             self._add_pending()
         save, overwrite, first = self.args.should_save, self.args.overwrite_output_dir, not self._claimed
-        source = self.args.resume_from if first else None
+        source = self._source if first else None
+        loop.hub = self.hub
         if save and first:  # before the lock: a refused folder stays as it was
             check_claim(loop.out, resume_from_checkpoint, overwrite)
         with output_lock(loop.out, save):
@@ -321,6 +328,7 @@ def _assemble(
     loaded=None,
     compute_metrics=None,
     loaded_base=None,
+    loop_class: type[ContinualLoop] = ContinualLoop,
 ) -> ContinualLoop:
     """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
     causal = stream.modality == MODALITY
@@ -371,7 +379,7 @@ def _assemble(
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
     config.update(world_size=args.world_size, fingerprints=fingerprints)
     parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
-    loop = ContinualLoop(*parts, save_modules, merge_args.accumulator_device, config)
+    loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config)
     loop.processor = processor
     return loop
 
@@ -385,19 +393,23 @@ def build_loop(
     merge_args: MergeArguments,
     callbacks: Callbacks = (),
     strategy=None,
+    model: PreTrainedModel | None = None,
+    processor=None,
+    loop_class: type[ContinualLoop] = ContinualLoop,
 ) -> ContinualLoop:
-    """Load the model and the task stream of a config and assemble the loop (nothing is written)."""
+    """Load the model and the task stream of a config and assemble the loop (nothing is written); `model` and
+    `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass."""
     strategy = strategy or build_strategy(merge_args)
     HeadAlignment.check_args(merge_args)
-    causal = is_causal_lm(model_args)
+    causal = _is_causal(model, model_args)
     model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
-    processor = load_processor(model_args)
+    processor = processor if processor is not None else load_processor(model_args)
     with _quiet_datasets():
         stream = _config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
     stream = strategy.transform_stream(stream)
-    return _assemble(
-        model_args, data_args, training_args, lora_args, fisher_args, merge_args, callbacks, strategy, stream, processor
-    )
+    groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    loaded = None if model is None else lambda: model
+    return _assemble(*groups, callbacks, strategy, stream, processor, loaded, loop_class=loop_class)
 
 
 def _config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:
@@ -432,35 +444,3 @@ def run_continual(
     """
     groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
     return ContinualTrainer.from_args(*groups, callbacks=callbacks).train(resume, stop_after)
-
-
-# Settings a run folder may hold that evaluating it must never act on: trackers and Hub pushes.
-QUIET = {"report_to": "none", "push_to_hub": False, "hub_model_id": None, "hub_token": None}
-
-
-def evaluate_run(run_dir: str) -> dict:
-    """Rebuild a saved run from its last checkpoint (verified) and re-evaluate every task; results.json is rewritten
-    from the checkpoint's state. Trackers and Hub settings stored in the run folder are ignored.
-
-    Returns:
-        {"last_row": primary score per task (accuracy over all seen classes, or the LM's `primary_metric`),
-        "acc": sample-weighted mean, "saved_last_row": as saved in the checkpoint's log}.
-    """
-    out = Path(run_dir)
-    loaded = load_checkpoint(out)
-    if loaded is None:
-        raise invalid("run_dir", run_dir, "holds no checkpoint (latest.json): pass the output_dir of a finished run.")
-    state, saved = loaded
-    loop = build_loop(*dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}}))
-    refuse_changes(saved, loop.config, out)
-    loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.full()))
-    loop.log = list(state.log)
-    tasks = loop.stream.tasks[: state.completed]
-    row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
-    with output_lock(out):
-        write_outputs(out, loop.results())
-    return {
-        "last_row": row,
-        "acc": seen_accuracy(row, [len(task.eval) for task in tasks]),
-        "saved_last_row": state.log[-1]["scores"][loop.evaluator.primary],
-    }

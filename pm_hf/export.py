@@ -9,9 +9,10 @@ SVD.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import lora_layers, set_lora_factors, strip_prefix
+from .card import write_card
 from .checks import check_finite
 from .fileio import atomic_dir, atomic_write
 from .merge import LoraFactors
@@ -124,15 +126,122 @@ def dense_record(deltas: Mapping[str, torch.Tensor], fan_in_fan_out: bool = Fals
     return rec
 
 
+TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM", "image_classification": None}
+BASE_DIR = "base"  # classifiers: the pretrained model with a head of the run's classes, which the adapter loads on
+INFO = "pm_hf_export.json"
+
+
+@dataclass
+class ExportSpec:
+    """What makes an export folder self-describing."""
+
+    base_model: str  # the pretrained model's Hub id or folder
+    revision: str | None
+    task: str  # "sequence_classification", "image_classification" or "causal_lm"
+    save_modules: list[str]
+    processor: object | None = None  # the tokenizer or image processor, saved beside the adapter
+    info: dict | None = None  # anything else to record in pm_hf_export.json (run, strategy, alphas, ...)
+
+
+def svd_record(deltas: Mapping[str, torch.Tensor], rank: int, fan_in_fan_out: bool) -> tuple[TaskRecord, dict]:
+    """A rank-`rank` record of dense deltas (the best approximation in Frobenius norm, by SVD) and each module's
+    relative reconstruction error ||Delta - Delta_K|| / ||Delta||."""
+    rec, errors = TaskRecord({}, {}, {}, {}, fan_in_fan_out), {}
+    for key, delta in deltas.items():
+        d = delta.double().T if fan_in_fan_out else delta.double()
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+        k = min(rank, S.shape[0])
+        B = torch.zeros(d.shape[0], rank, dtype=torch.float64)
+        A = torch.zeros(rank, d.shape[1], dtype=torch.float64)
+        B[:, :k], A[:k] = U[:, :k] * S[:k], Vh[:k]
+        rec.A[key], rec.B[key], rec.alpha[key], rec.scaling[key] = A.float(), B.float(), 1.0, 1.0
+        total = float(S.square().sum())
+        errors[key] = (float(S[k:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return rec, errors
+
+
+def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: Mapping[str, torch.Tensor],
+                 spec: ExportSpec, out_dir: Path, merged: bool = False, results: dict | None = None,
+                 plots: Sequence[Path] = (), base_ref: tuple[str, str] | None = None) -> Path:  # fmt: skip
+    """Write a self-describing export folder atomically: the adapter (or, `merged`, the full merged model), the
+    tokenizer or image processor, `pm_hf_export.json`, and for classifiers the pretrained base with a head of the
+    run's classes under `base/`, which `adapter_config.json` points to, so the folder loads alone with
+    `AutoPeftModelForSequenceClassification` (`AutoPeftModel` for images, `AutoPeftModelForCausalLM`) or plain
+    `AutoModelFor...`. `base_ref` (repo id, revision) names where `base/` is pushed, for a folder bound for the Hub."""
+    out_dir = Path(out_dir)
+    classifier = spec.task != "causal_lm"
+    with atomic_dir(out_dir) as tmp:
+        if classifier and not merged:
+            base_model.save_pretrained(tmp / BASE_DIR)  # before LoRA is attached: the pristine base
+        model = export_merged_adapter(base_model, history, full_params, spec.save_modules, str(tmp), spec.task)
+        if merged:
+            _clear_adapter_files(tmp)
+            model.merge_and_unload().save_pretrained(tmp)
+        else:
+            local = (str((out_dir / BASE_DIR).resolve()), None)
+            _point_adapter_at(tmp, *((base_ref or local) if classifier else (spec.base_model, spec.revision)))
+        if spec.processor is not None:
+            spec.processor.save_pretrained(tmp)
+        info = {"base_model": spec.base_model, "revision": spec.revision, "task": spec.task, **(spec.info or {})}
+        (tmp / INFO).write_text(json.dumps({**info, "format": "merged" if merged else "adapter"}, indent=1))
+        for plot in plots:
+            if Path(plot).is_file():
+                shutil.copyfile(plot, tmp / Path(plot).name)
+        if results is not None:
+            (tmp / "results.json").write_text(json.dumps(results, indent=1, default=float))
+            write_card(tmp, results, info.get("repo_id"))
+    return out_dir
+
+
+def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: ExportSpec, out_dir: Path) -> Path:
+    """Each task's trained adapter as its own PEFT adapter, `out_dir/task_<t>` (factors as trained, before any alpha;
+    LoRA layers only: the log keeps no head per task), for `pm-hf merge` or other tools."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for t, rec in enumerate(history):
+            keys = list(rec.A)
+            rank, scaling = rec.A[keys[0]].shape[0], {rec.scaling[k] for k in keys}
+            if len(scaling) != 1:
+                raise ValueError(f"task {t}: LoRA scalings {sorted(scaling)} differ between layers.")
+            config = LoraConfig(r=rank, lora_alpha=scaling.pop() * rank, fan_in_fan_out=rec.fan_in_fan_out,
+                                target_modules=sorted({k[: -len(".weight")] for k in keys}),
+                                task_type=TASK_TYPES.get(spec.task))  # fmt: skip
+            model = get_peft_model(copy.deepcopy(base_model), config)
+            set_lora_factors(model, rec.A, rec.B, "default")
+            model.save_pretrained(tmp / f"task_{t}")
+            _point_adapter_at(tmp / f"task_{t}", spec.base_model, spec.revision)
+            info = {"base_model": spec.base_model, "revision": spec.revision, "task": spec.task, "format": "adapter"}
+            info.update(per_task=t, alpha_used=rec.alpha)
+            (tmp / f"task_{t}" / INFO).write_text(json.dumps(info, indent=1))
+            if spec.processor is not None:
+                spec.processor.save_pretrained(tmp / f"task_{t}")
+    return out_dir
+
+
+def _clear_adapter_files(folder: Path) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _point_adapter_at(folder: Path, base: str, revision: str | None) -> None:
+    """Set the base model (and its revision) that `adapter_config.json` loads the adapter on."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(base_model_name_or_path=base, revision=revision)
+    path.write_text(json.dumps(config, indent=2))
+
+
 def export_merged_adapter(
     base_model: nn.Module,
     history: list[TaskRecord],
     full_params: Mapping[str, torch.Tensor],
     save_modules: list[str],
     out_dir: str,
+    task: str | None = None,
 ) -> PeftModel:
     """Save sum_i alpha_i s_i B_i A_i as ONE PEFT LoRA adapter of rank sum_i r_i (exact: B = [alpha_i s_i B_i],
-    A = [A_i], scaling 1), with the merged fully trained modules (head, pooler) as `modules_to_save`.
+    A = [A_i], scaling 1), with the merged fully trained modules (head, pooler) as `modules_to_save`; `task` (e.g.
+    "sequence_classification") sets PEFT's task type.
 
     Args:
         base_model: a pristine copy of the pretrained model (same architecture and head size).
@@ -152,6 +261,7 @@ def export_merged_adapter(
         modules_to_save=save_modules or None,
         fan_in_fan_out=history[0].fan_in_fan_out,
         init_lora_weights=False,
+        task_type=TASK_TYPES.get(task),
     )
     model = get_peft_model(base_model, config)
     if set(lora_layers(model)) != set(keys):
@@ -181,27 +291,10 @@ def _wrapped_name(param_name: str, key: str) -> bool:
     return ".".join(parts[:i] + parts[i + 2 :]) == key
 
 
-def export_run(
-    out_dir: Path,
-    completed: int,
-    base_model: nn.Module,
-    merged: Mapping[str, torch.Tensor],
-    full_params: Mapping[str, torch.Tensor],
-    save_modules: list[str],
-    fan_in_fan_out: bool = False,
-) -> Path:
-    """Write `out_dir/merged_adapter` (atomically) for a run after `completed` tasks: the exact rank-sum(r) adapter
-    when every task left a record, else the SVD factorisation of theta_hat - theta_0.
-
-    Args:
-        base_model: a freshly loaded pretrained model (its weights are theta_0; it becomes the export's base).
-        merged: theta_hat of every LoRA key (fp32 values); full_params: the fully trained parameters.
-    """
+def run_history(out_dir: Path, completed: int, theta0: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
+                fan_in_fan_out: bool = False) -> list[TaskRecord]:  # fmt: skip
+    """The merged delta of a run as records: the per-task records when every task left one (exact, rank sum(r)),
+    else theta_hat - theta_0 of each adapted weight factored exactly by SVD."""
     if has_task_records(out_dir, completed):
-        history = load_task_records(out_dir, completed)
-    else:
-        theta0 = {k: p.detach().float() for k, p in base_model.named_parameters()}
-        history = [dense_record({k: v.float() - theta0[k] for k, v in merged.items()}, fan_in_fan_out)]
-    with atomic_dir(Path(out_dir) / EXPORT_DIR) as tmp:
-        export_merged_adapter(base_model, history, full_params, save_modules, str(tmp))
-    return Path(out_dir) / EXPORT_DIR
+        return load_task_records(out_dir, completed)
+    return [dense_record({k: v.float() - theta0[k].float() for k, v in merged.items()}, fan_in_fan_out)]

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,12 +29,24 @@ from .adapters import (
     uses_fan_in_fan_out,
 )
 from .callbacks import CallbackList, ContinualCallback
-from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, state_files
 from .checks import check_finite, invalid
 from .config import FisherArguments, PMConfig
 from .evaluation import seen_classes
-from .export import export_run, save_task_record, task_record
+from .export import (
+    EXPORT_DIR,
+    ExportSpec,
+    has_task_records,
+    history_delta,
+    run_history,
+    save_task_record,
+    svd_record,
+    task_record,
+    write_export,
+    write_task_adapters,
+)
 from .fisher import estimate_fisher, normalize_fisher
+from .hub import BASE_BRANCH, HubTarget, push_run
 from .metrics import seen_accuracy
 from .results import results_dict, write_outputs
 from .rundir import refuse_changes
@@ -107,6 +120,7 @@ class ContinualLoop:
         self.log: list[dict] = []
         self.processor = None  # the tokenizer or image processor the stream was prepared with
         self.record = None  # the last task's exact export record, written with its checkpoint
+        self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub`
         if strategy.needs_pretrained:
             strategy.pretrained = self.weights.snapshot(exclude=head.owns)
 
@@ -268,14 +282,79 @@ class ContinualLoop:
         sizes = [len(task.eval) for task in self.stream.tasks]
         return results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
 
-    def export(self) -> Path:
-        """output_dir/merged_adapter: the merged model as one PEFT adapter (see `pm_hf.export`)."""
+    def export_spec(self, info: dict | None = None) -> ExportSpec:
+        """How this run's model is described in an export folder."""
+        model_args = self.config.get("ModelArguments", {})
+        task = {"text": "sequence_classification", "image": "image_classification"}.get(self.stream.modality)
+        info = {"merge_method": self.strategy.name, "tasks": [e["task"] for e in self.log],
+                "alphas": [e["alpha"] for e in self.log], **(info or {})}  # fmt: skip
+        base = model_args.get("model_name_or_path", "")
+        return ExportSpec(
+            base, model_args.get("revision"), task or "causal_lm", self.save_modules, self.processor, info
+        )
+
+    def export(self, out: Path | None = None, mode: str = "adapter", rank: int | None = None, info: dict | None = None,
+               base_ref: tuple[str, str] | None = None) -> dict:  # fmt: skip
+        """Write the merged model as a self-describing folder (default output_dir/merged_adapter), see
+        `pm_hf.export.write_export`: mode 'adapter' (exact, rank sum(r)), 'adapter-svd' (rank `rank`, with each
+        module's relative reconstruction error and the accuracy change) or 'merged' (a full model). `info` is added
+        to pm_hf_export.json, `base_ref` names a Hub base (see `pm_hf.hub`). Returns what pm_hf_export.json records."""
         with seeded(self.args.seed):
             base = self.load_base()
+        if self.stream.label_names and hasattr(base.config, "id2label"):
+            base.config.id2label = dict(enumerate(self.stream.label_names))
+            base.config.label2id = {n: i for i, n in enumerate(self.stream.label_names)}
+        theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
         merged = {k: self.weights.value(k, w).float() for k, w in base_weights(self.model).items()}
         full = {k: p.detach().float() for k, p in self.weights.full().items()}
         fan = uses_fan_in_fan_out(self.model)
-        return export_run(self.out, len(self.log), base, merged, full, self.save_modules, fan)
+        history, info = run_history(self.out, len(self.log), theta0, merged, fan), {**(info or {}), "mode": mode}
+        out = out or self.out / EXPORT_DIR
+        if mode == "per-task":
+            if self.stream.modality != "instruction" or not has_task_records(self.out, len(self.log)):
+                fix = "needs a causal LM run of a low-rank strategy (a classifier's head per task is not logged)."
+                raise invalid("mode", mode, fix)
+            spec = self.export_spec()
+            write_task_adapters(base, history, spec, out)
+            return {"mode": mode, "tasks": spec.info["tasks"], "base_model": spec.base_model}
+        if mode == "adapter-svd":
+            record, errors = svd_record(history_delta(history), rank, fan)
+            history = [record]
+            info.update(rank=rank, relative_error=errors, **self._score_change(theta0, record))
+        elif mode not in ("adapter", "merged"):
+            raise invalid("mode", mode, "use 'adapter', 'adapter-svd', 'merged' or 'per-task'.")
+        spec = self.export_spec(info)
+        plots = [self.out / "accuracy_matrix.png", self.out / "accuracy_curve.png"]
+        write_export(base, history, full, spec, out, mode == "merged", self.results(), plots, base_ref)
+        return {**spec.info, "base_model": spec.base_model}
+
+    def push(self, t: int) -> str:
+        """Push the model after task t to `self.hub` (see `pm_hf.hub`): the export with its card and plots, with
+        `push_continual_state` the state a later run continues from, tagged `task-<t+1>` with hub_strategy
+        every_task. Returns the commit id."""
+        every = self.args.hub_strategy == "every_task"
+        entry, total = self.log[t], len(self.stream.tasks)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "export"
+            info = {"repo_id": self.hub.repo_id, "tagged": every}
+            self.export(folder, info=info, base_ref=(self.hub.repo_id, BASE_BRANCH))
+            state = state_files(self.out) if self.args.push_continual_state else None
+            message = f"pm_hf: after task {t + 1}/{total} ({entry['task']}), alpha {entry['alpha']:.4f}"
+            return push_run(self.hub, folder, state, message, f"task-{t + 1}" if every else None)
+
+    def _score_change(self, theta0: dict, record) -> dict:
+        """The primary score over all trained tasks with the adapted weights replaced by theta_0 + the record's delta
+        (then put back exactly)."""
+        saved = {k: self.weights.value(k, w).float().clone() for k, w in base_weights(self.model).items()}
+        tasks = self.stream.tasks[: len(self.log)]
+        before = self.evaluator.seen_score(tasks)
+        deltas = history_delta([record])
+        self.weights.apply(deltas, dict.fromkeys(deltas, 1.0), base=theta0)
+        try:
+            after = self.evaluator.seen_score(tasks)
+        finally:
+            self.weights.restore(saved)
+        return {"score_before": before, "score_after": after, "score_change": after - before}
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
@@ -284,13 +363,18 @@ class ContinualLoop:
         T = len(self.stream.tasks)
         last = T if stop_after is None else min(T, stop_after)
         show = not self.args.disable_tqdm and self.args.should_log
+        done = len(self.log)
         bar = tqdm(range(len(self.log), last), desc="tasks", initial=len(self.log), total=T, disable=not show)
         for t in bar:
             self.log.append(self.run_task(t))
             if self.args.should_save:
                 self.save(t)
+                if self.hub is not None and self.args.hub_strategy == "every_task":
+                    self.push(t)
             bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
         if len(self.log) == T and self.args.should_save:
             self.export()
+            if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:
+                self.push(T - 1)
         self.head.set_active(None)  # the model predicts over every class again
         return self.results()

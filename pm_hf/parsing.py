@@ -41,8 +41,14 @@ USAGE = """usage: pm-hf <command> [options]
 commands:
   train     --config FILE.yaml [--preset NAME] [--resume] [--debug] [--<field> value ...]
             continual LoRA fine-tuning with Perturb-and-Merge (`pm-hf train --help` lists every field)
-  evaluate  RUN_DIR [--debug]
-            re-evaluate a saved run on every task and print the last row of the accuracy matrix and ACC
+  evaluate  RUN_DIR | EXPORT_DIR_OR_HUB_ID --config DATA.yaml [--revision REV] [--debug]
+            re-evaluate a saved run (or score an export or Hub model on a data config) on every task
+  export    RUN_DIR --output DIR [--mode adapter|adapter-svd|merged|per-task] [--rank K]
+            write the merged model as a folder that loads alone (AutoPeftModelFor... or AutoModelFor...)
+  push      RUN_DIR --hub_model_id USER/NAME [--private] [--revision BRANCH] [--push_continual_state]
+            push a finished run's merged adapter, model card and plots to the Hub
+  merge     --adapters A B ... --output DIR [--merge_method NAME] [--config DATA.yaml]
+            merge trained LoRA adapters of one base in order (the Fisher from each task's data in --config)
 
 Bad input prints `pm-hf: error: <field> = <value>: <fix>` and exits 2 before anything is written; --debug shows the
 traceback instead.

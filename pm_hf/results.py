@@ -197,3 +197,18 @@ def format_evaluation(evaluation: Mapping[str, Any], run_dir: str) -> str:
     lines += [f"  {j + 1:>2}  {str(tasks[j]):<14}  {_fmt(v, percent):>8}" for j, v in enumerate(row)]
     lines.append(f"ACC{unit:<13}{_fmt(evaluation.get('acc'), percent):>8}")
     return "\n".join(lines)
+
+
+def format_export(info: Mapping[str, Any], output: str) -> str:
+    """The `pm-hf export` / `pm-hf merge` summary: what was written, alpha per task and, for an SVD export, the
+    relative reconstruction error per module and the score before and after."""
+    lines = [f"Wrote {output} (mode {info.get('mode', 'adapter')}, base model {info.get('base_model')})"]
+    if info.get("alphas"):
+        lines.append("alpha per task: " + ", ".join(_fmt_alpha(a) for a in info["alphas"]))
+    errors = list((info.get("relative_error") or {}).values())
+    if errors:
+        mean, worst = sum(errors) / len(errors), max(errors)
+        lines.append(f"rank {info['rank']}: relative reconstruction error per module mean {mean:.4f}, max {worst:.4f}")
+        before, after = info["score_before"], info["score_after"]
+        lines.append(f"score over the trained tasks: {before:.4f} -> {after:.4f} ({after - before:+.4f})")
+    return "\n".join(lines)

@@ -27,7 +27,8 @@ INERT = {
     "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
     "save_only_model", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
-    "hub_always_push", "hub_revision", "overwrite_output_dir", "skip_memory_metrics", "ddp_timeout", "local_rank",
+    "hub_always_push", "hub_revision", "push_continual_state", "overwrite_output_dir", "skip_memory_metrics",
+    "ddp_timeout", "local_rank",
     "resume_from_checkpoint", "resume_from", "do_train", "do_eval", "do_predict", "debug", "divergence_threshold",
 }  # fmt: skip
 APPENDABLE = ("class_groups", "task_datasets", "max_length_per_task")  # a longer list = more tasks appended

@@ -54,8 +54,11 @@ def fake_continual(monkeypatch):
         return {"last_row": [0.6, 0.8], "acc": 0.7}
 
     module = types.ModuleType("pm_hf.continual")
-    module.run_continual, module.evaluate_run = run_continual, evaluate_run
+    module.run_continual = run_continual
     monkeypatch.setitem(sys.modules, "pm_hf.continual", module)
+    runs = types.ModuleType("pm_hf.runs")
+    runs.evaluate_run = evaluate_run
+    monkeypatch.setitem(sys.modules, "pm_hf.runs", runs)
     return calls
 
 

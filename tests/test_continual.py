@@ -12,7 +12,8 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from pm_hf.config import LoraArguments, ModelArguments
-from pm_hf.continual import build_loop, evaluate_run, output_lock, run_continual
+from pm_hf.continual import build_loop, output_lock, run_continual
+from pm_hf.runs import evaluate_run
 
 
 def numbers(results):

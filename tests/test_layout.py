@@ -11,16 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pm_hf"
 # Lower layers never import higher ones; modules of one layer do not import each other (a package's own modules may).
 LAYERS = [
-    ["fileio", "timing", "perturb", "images", "checks", "testing"],
+    ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
     ["config", "metrics", "presets", "rundir"],
     ["merge"],
-    ["adapters", "callbacks", "sources", "models"],
+    ["adapters", "callbacks", "sources", "models", "hub"],
     ["data"],
     ["fisher", "trainer", "heads", "instruct"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results"],
     ["loop"],
     ["continual", "parsing", "sft"],
+    ["runs"],
+    ["posthoc"],
     ["cli", "__init__"],
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

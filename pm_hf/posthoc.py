@@ -1,0 +1,168 @@
+"""Post-hoc merge (`pm-hf merge`): combine LoRA adapters already trained from one base model, in order, with any
+merge strategy, into a self-describing export folder with its card.
+
+With a data config (one task per adapter, in order), the continual loop runs with each task's training replaced by
+loading its adapter, so everything else is the loop's own: the head's handling, the Fisher at theta*_t on the task's
+data, the merge, the evaluation of every seen task, results.json and the export. Adapters trained by a pm_hf run
+(`pm-hf export RUN --mode per-task`) merged this way with the run's config give the run's merged model. Without
+data, the data-free strategies merge LoRA-only adapters (e.g. causal LMs); strategies that need a Fisher or a score,
+and classifiers (whose head's classes come from the data), need the config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft import LoraConfig, PeftConfig, get_peft_model
+from transformers import AutoTokenizer
+
+from .adapters import ModelWeights, load_adapter_weights
+from .checks import invalid
+from .config import LoraArguments, MergeArguments
+from .continual import build_loop
+from .export import ExportSpec, dense_record, task_record, write_export
+from .hub import HUB_ERRORS
+from .loop import ContinualLoop
+from .rundir import check_claim, claim, output_lock
+from .runs import MODEL_CLASSES
+from .strategies import build_strategy, merge_task
+
+PEFT_TASKS = {"SEQ_CLS": "sequence_classification", "CAUSAL_LM": "causal_lm", None: "image_classification"}
+
+
+class LoadedAdapter:
+    """Stands in for a task's trainer: `train()` loads the task's saved adapter into the model instead."""
+
+    def __init__(self, model, source: str):
+        self.model, self.source, self.branch_counts = model, source, {}
+
+    def train(self) -> None:
+        load_adapter_weights(self.model, self.source)
+
+    def log(self, logs: dict) -> None:
+        pass
+
+
+class PosthocLoop(ContinualLoop):
+    """The continual loop with task t's training replaced by loading `adapters[t]`."""
+
+    adapters: Sequence[str] = ()
+
+    def trainer(self, t: int, task) -> LoadedAdapter:
+        return LoadedAdapter(self.model, self.adapters[t])
+
+
+def adapter_configs(adapters: Sequence[str]) -> list[LoraConfig]:
+    """The adapters' configs, which must share the base model, its revision, the task, the LoRA layers and ranks."""
+    if not adapters:
+        raise invalid("adapters", [], "give the adapters to merge, in order (folders or Hub ids).")
+    configs = []
+    for source in adapters:
+        try:
+            configs.append(PeftConfig.from_pretrained(source))
+        except (*HUB_ERRORS, TypeError) as err:
+            raise invalid("adapters", source, f"not a PEFT adapter folder or Hub id ({type(err).__name__}).") from None
+    same = ("base_model_name_or_path", "revision", "task_type", "target_modules", "r", "lora_alpha", "use_rslora")
+    for source, config in zip(adapters[1:], configs[1:]):
+        for name in same:
+            mine, first = getattr(config, name, None), getattr(configs[0], name, None)
+            if mine != first:
+                fix = f"its {name} is {mine!r}, the first adapter's {first!r}"
+                raise invalid("adapters", source, fix + ": merge adapters trained alike from one base.")
+    for source, config in zip(adapters, configs):
+        if getattr(config, "peft_type", None) != "LORA":
+            raise invalid("adapters", source, "is not a LoRA adapter.")
+    return configs
+
+
+def lora_arguments(config: LoraConfig) -> LoraArguments:
+    targets = config.target_modules
+    targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [targets]
+    return LoraArguments(r=config.r, lora_alpha=config.lora_alpha, target_modules=targets, use_rslora=config.use_rslora)
+
+
+def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: MergeArguments | None = None,
+                   parsed: tuple | None = None) -> dict:  # fmt: skip
+    """Merge `adapters` (in order) into one export folder at `output`.
+
+    Args:
+        adapters: PEFT LoRA adapters (folders or Hub ids) trained from the same base model.
+        output: the export folder to write (`pm_hf.export.write_export`: adapter, card, pm_hf_export.json).
+        merge_args: the strategy and its knobs (default: the config's, else `MergeArguments()`).
+        parsed: the six argument groups of a data config (`pm_hf.parsing.parse_config`) with one task per adapter;
+            its `output_dir` receives the run folder (results.json, plots, checkpoint).
+
+    Returns:
+        What the export's pm_hf_export.json records (alpha per task, strategy, ...).
+    """
+    configs = adapter_configs(adapters)
+    if parsed is not None:
+        return _merge_with_data(adapters, configs[0], Path(output), parsed, merge_args)
+    return _merge_data_free(adapters, configs[0], Path(output), merge_args or MergeArguments())
+
+
+def _merge_with_data(adapters, config, output: Path, parsed: tuple, merge_args) -> dict:
+    model_args, data_args, args, _, fisher_args, config_merge = parsed
+    merge_args = merge_args or config_merge
+    if model_args.model_name_or_path != config.base_model_name_or_path:
+        fix = f"the adapters were trained from {config.base_model_name_or_path!r}: give that model in the config."
+        raise invalid("model_name_or_path", model_args.model_name_or_path, fix)
+    groups = (model_args, data_args, args, lora_arguments(config), fisher_args, merge_args)
+    loop = build_loop(*groups, loop_class=PosthocLoop)
+    if len(loop.stream.tasks) != len(adapters):
+        fix = f"the config has {len(loop.stream.tasks)} tasks for {len(adapters)} adapters: give one task per adapter."
+        raise invalid("adapters", list(adapters), fix)
+    loop.adapters = list(adapters)
+    check_claim(loop.out, False, args.overwrite_output_dir)
+    with output_lock(loop.out):
+        claim(loop.out, False, args.overwrite_output_dir)
+        loop.run()
+        return loop.export(output, info={"merged_adapters": list(adapters)})
+
+
+def _merge_data_free(adapters, config, output: Path, merge_args: MergeArguments) -> dict:
+    strategy = build_strategy(merge_args)
+    if strategy.needs_fisher or strategy.needs_score:
+        fix = "needs each adapter's task data: give a data config with one task per adapter (--config)."
+        raise invalid("merge_method", merge_args.merge_method, fix)
+    if config.modules_to_save:
+        fix = "the adapters train modules in full (a classifier's head): give the data config (--config)."
+        raise invalid("adapters", list(adapters), fix)
+    task = PEFT_TASKS.get(config.task_type, "causal_lm")
+    pristine = MODEL_CLASSES[task].from_pretrained(config.base_model_name_or_path, revision=config.revision)
+    lora = lora_arguments(config)
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
+                             use_rslora=lora.use_rslora, fan_in_fan_out=config.fan_in_fan_out)  # fmt: skip
+    model = get_peft_model(copy.deepcopy(pristine), peft_config)
+    weights = ModelWeights(model)
+    theta0 = weights.snapshot()
+    strategy.pretrained = theta0 if strategy.needs_pretrained else None
+    history, alphas, low_rank = [], [], True
+    for t, source in enumerate(adapters):
+        load_adapter_weights(model, source)
+        vector = weights.task_vector({})
+        plan = merge_task(weights, strategy, t, vector, {})
+        alphas.append((plan.choice.alpha, plan.choice.raw))
+        low_rank = low_rank and plan.low_rank
+        history.append(task_record(vector.adapter, plan.alpha) if plan.low_rank else None)
+    if not low_rank:
+        merged = weights.snapshot()
+        history = [dense_record({k: merged[k] - theta0[k] for k in merged}, config.fan_in_fan_out)]
+    names = [str(a) for a in adapters]
+    results = {"tasks": names, "alphas": [a for a, _ in alphas], "alphas_raw": [raw for _, raw in alphas],
+               "accuracy_matrix": [], "config": {"MergeArguments": dataclasses.asdict(merge_args)}}  # fmt: skip
+    info = {"merge_method": strategy.name, "tasks": names, "alphas": results["alphas"], "merged_adapters": names}
+    spec = ExportSpec(config.base_model_name_or_path, config.revision, task, [], _tokenizer(config), info)
+    write_export(pristine, history, {}, spec, output, results=results)
+    return {**info, "mode": "adapter", "base_model": spec.base_model}
+
+
+def _tokenizer(config):
+    """The base model's tokenizer, saved beside the merged adapter (None when the base has none)."""
+    try:
+        return AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.revision)
+    except (*HUB_ERRORS, TypeError):
+        return None

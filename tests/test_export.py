@@ -1,0 +1,133 @@
+"""Self-describing exports (`pm-hf export`, `pm_hf.runs.export_run_dir`): each mode loads alone with the class of its
+task and reproduces the run's logits; the SVD export's errors against a brute-force SVD; `pm-hf evaluate` of an export
+folder with a data config gives the run's last row; an image classifier's export loads with `AutoPeftModel`."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import groups, randomize_lora, tiny_vit
+from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, LoraConfig, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pm_hf.adapters import adapter_factors, full_trainable_params
+from pm_hf.cli import main as cli_main
+from pm_hf.continual import build_loop
+from pm_hf.export import ExportSpec, history_delta, load_task_records, task_record, write_export
+
+
+@pytest.fixture(scope="module")
+def run(model_dir, tmp_path_factory):
+    """A finished 3-task run and its merged model's logits on a batch of the first task's test split."""
+    out = tmp_path_factory.mktemp("export_run")
+    loop = build_loop(*groups(model_dir, out))
+    results = loop.run()
+    batch = loop.stream.collate_fn([loop.stream.tasks[0].eval[i] for i in range(6)])
+    batch.pop("labels")
+    loop.model.eval()
+    with torch.no_grad():
+        logits = loop.model(**batch).logits
+    return out, results, batch, logits
+
+
+def test_adapter_export_loads_alone_and_reproduces_the_logits(run, tmp_path, capsys):
+    out, results, batch, logits = run
+    assert cli_main(["export", str(out), "--output", str(tmp_path / "a")]) == 0
+    assert "mode adapter" in capsys.readouterr().out
+    folder = tmp_path / "a"
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+    info = json.loads((folder / "pm_hf_export.json").read_text())
+    assert info["task"] == "sequence_classification" and info["alphas"] == results["alphas"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["r"] == 3 * 4  # exact: rank = sum of the task ranks
+    assert AutoTokenizer.from_pretrained(str(folder))("a cat")["input_ids"]
+    assert model.config.id2label[1] == "animal"
+
+
+def test_merged_export_loads_with_the_plain_auto_class(run, tmp_path):
+    out, _, batch, logits = run
+    assert cli_main(["export", str(out), "--mode", "merged", "--output", str(tmp_path / "m")]) == 0
+    assert not (tmp_path / "m" / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_svd_export_errors_equal_a_brute_force_svd(run, tmp_path, capsys):
+    out, results, batch, logits = run
+    assert cli_main(["export", str(out), "--mode", "adapter-svd", "--rank", "2", "--output", str(tmp_path / "s")]) == 0
+    assert "relative reconstruction error" in capsys.readouterr().out
+    info = json.loads((tmp_path / "s" / "pm_hf_export.json").read_text())
+    deltas = history_delta(load_task_records(out, 3))
+    for key, delta in deltas.items():
+        s = np.linalg.svd(delta.double().numpy(), compute_uv=False)
+        assert info["relative_error"][key] == pytest.approx(np.sqrt((s[2:] ** 2).sum() / (s**2).sum()), abs=1e-9)
+    assert info["score_before"] == pytest.approx(results["acc"], abs=1e-9)
+    assert info["score_change"] == pytest.approx(info["score_after"] - info["score_before"])
+    assert json.loads((tmp_path / "s" / "adapter_config.json").read_text())["r"] == 2
+    full = tmp_path / "full"
+    assert cli_main(["export", str(out), "--mode", "adapter-svd", "--rank", "12", "--output", str(full)]) == 0
+    info = json.loads((full / "pm_hf_export.json").read_text())
+    assert max(info["relative_error"].values()) < 1e-6 and info["score_change"] == 0.0  # rank sum(r): exact
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(full))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_an_export_folder_on_a_data_config(run, tmp_path, capsys):
+    out, results, _, _ = run
+    assert cli_main(["export", str(out), "--output", str(tmp_path / "a")]) == 0
+    data = groups("unused", tmp_path / "unused")[1]
+    config = {"dataset_name": "parquet", "data_files": data.data_files, "class_groups": data.class_groups,
+              "max_train_samples_per_class": 16, "max_eval_samples_per_class": 8, "max_length": 24, "seed": 3,
+              "report_to": "none", "use_cpu": True}  # fmt: skip
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert cli_main(["evaluate", str(tmp_path / "a"), "--config", str(tmp_path / "data.yaml")]) == 0
+    printed = capsys.readouterr().out
+    for v in results["accuracy_matrix"][-1]:
+        assert f"{100 * v:.2f}" in printed
+    assert f"{100 * results['acc']:.2f}" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mode", "per-task"], "mode = 'per-task': needs a causal LM run"),
+        (["--mode", "adapter-svd"], "rank = None: adapter-svd needs the rank"),
+        (["--mode", "dense"], "mode = 'dense': use 'adapter'"),
+    ],
+)
+def test_bad_export_requests_are_input_errors(run, tmp_path, capsys, argv, message):
+    out = run[0]
+    with pytest.raises(SystemExit) as err:
+        cli_main(["export", str(out), "--output", str(tmp_path / "x"), *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_image_classifier_export_loads_with_auto_peft_model(tmp_path):
+    base = tiny_vit(num_labels=4)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.base_model.model.classifier.requires_grad_(True)  # trained in full, as the loop's head
+    randomize_lora(model)
+    head = {k: p.detach().float() + 0.5 for k, p in full_trainable_params(model).items()}
+    record = task_record(adapter_factors(model), dict.fromkeys(adapter_factors(model), 0.7))
+    spec = ExportSpec("local-vit", None, "image_classification", ["classifier"])
+    write_export(copy.deepcopy(base), [record], head, spec, tmp_path / "vit")
+    expected = copy.deepcopy(base)
+    params = dict(expected.named_parameters())
+    with torch.no_grad():
+        for key, delta in history_delta([record]).items():
+            params[key] += delta
+        for key, value in head.items():
+            params[key].copy_(value)
+    pixels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    loaded = AutoPeftModel.from_pretrained(str(tmp_path / "vit"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected.eval()(pixel_values=pixels).logits)

@@ -1,0 +1,242 @@
+"""Runs on the Hub, against a recording stand-in of the Hub client (`hub_standin.FakeHub`, which keeps every repo,
+commit, file, branch and tag and serves them to offline `from_pretrained` through the HF cache): the pushed layout per
+`hub_strategy`, each pushed revision reloading alone with PEFT's AutoPeft class and reproducing that task's logits,
+the model card's metadata against results.json, the token checked before training and never written, a sequence
+continued from the Hub equal to the uninterrupted run, and `pm-hf push`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import groups
+from hub_standin import GOOD_TOKEN, FakeHub
+from huggingface_hub import ModelCard
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+
+import pm_hf.hub
+from pm_hf.callbacks import ContinualCallback
+from pm_hf.checks import InputError
+from pm_hf.cli import main as cli_main
+from pm_hf.continual import ContinualTrainer, run_continual
+
+TEXTS = ["a large feline of the jungle", "move fast on foot", "a feeling of deep joy", "the colour of the sky"]
+EXPORT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "pm_hf_export.json", "results.json",
+                "accuracy_matrix.png", "accuracy_curve.png", "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    fake = FakeHub()
+    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    monkeypatch.setattr(pm_hf.hub, "get_token", lambda: None)  # no login on this machine: only hub_token counts
+    return fake
+
+
+class Logits(ContinualCallback):
+    """The merged model's logits on fixed texts after every task (eval mode; the columns of seen classes)."""
+
+    def __init__(self, model_dir):
+        self.batch = AutoTokenizer.from_pretrained(model_dir)(TEXTS, return_tensors="pt", padding=True)
+        self.rows = []
+
+    def on_task_end(self, t, model, log):
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.rows.append(model(**self.batch).logits.float().clone())
+        model.train(training)
+
+
+def hub_groups(model_dir, out, repo="me/seq", **kw):
+    kw = {"push_to_hub": True, "hub_model_id": repo, "hub_token": GOOD_TOKEN, **kw}
+    return groups(model_dir, out, **kw)
+
+
+@pytest.fixture(scope="module")
+def pushed(model_dir, tmp_path_factory):
+    """A 3-task run pushing every task with its continual state, and the logits after each task."""
+    mp = pytest.MonkeyPatch()
+    fake = FakeHub()
+    mp.setattr(pm_hf.hub, "HfApi", fake.api)
+    out = tmp_path_factory.mktemp("pushed")
+    logits = Logits(model_dir)
+    results = run_continual(*hub_groups(model_dir, out, push_continual_state=True), callbacks=[logits])
+    yield fake, out, results, logits.rows
+    mp.undo()
+
+
+def test_every_task_pushes_one_tagged_commit_per_task(pushed):
+    fake, out, results, _ = pushed
+    creates = [c for c in fake.calls if c[0] == "create_repo"]
+    assert [c[1] for c in creates] == ["me/seq"]  # one repository, no per-task Trainer repos
+    main = [c for c in fake.commits("me/seq") if c["branch"] == "main"]
+    assert len(main) == 3
+    assert sorted(fake.repos["me/seq"]["tags"]) == ["task-1", "task-2", "task-3"]
+    for t in range(3):
+        files = set(fake.files("me/seq", f"task-{t + 1}"))
+        assert EXPORT_FILES <= files
+        state = {f for f in files if f.startswith("continual_state/")}
+        assert {"continual_state/latest.json", "continual_state/results.json",
+                f"continual_state/checkpoint-task{t + 1}/state.safetensors"} <= state  # fmt: skip
+        assert {f"continual_state/adapters/task_{i}.safetensors" for i in range(t + 1)} <= state
+        assert not any(f.startswith("base/") for f in files)
+        pushed_results = json.loads(fake.files("me/seq", f"task-{t + 1}")["results.json"])
+        assert pushed_results["accuracy_matrix"] == [row[: t + 1] for row in results["accuracy_matrix"][: t + 1]]
+    base = fake.files("me/seq", "pm-hf-base")
+    assert {"config.json", "model.safetensors"} <= set(base) and len(
+        json.loads(base["config.json"])["id2label"]
+    ) == 10  # the dataset's 10 classes
+    config = json.loads(fake.files("me/seq")["adapter_config.json"])
+    assert (config["base_model_name_or_path"], config["revision"]) == ("me/seq", "pm-hf-base")
+    assert fake.files("me/seq") == fake.files("me/seq", "task-3")
+
+
+def test_each_pushed_revision_reloads_alone_with_that_tasks_logits(pushed):
+    fake, _, results, rows = pushed
+    tok = AutoTokenizer.from_pretrained(fake.snapshot("me/seq", "task-1"))  # the tokenizer pushed beside the adapter
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    for t in range(3):
+        model = AutoPeftModelForSequenceClassification.from_pretrained("me/seq", revision=f"task-{t + 1}")
+        with torch.no_grad():
+            logits = model(**batch).logits
+        assert logits.shape[-1] == 10
+        shown = (rows[t] > -1e30).all(0)  # the run's logits outside its active classes are masked
+        assert shown[[2 * t, 2 * t + 1]].all()
+        torch.testing.assert_close(logits[:, shown], rows[t][:, shown], atol=1e-5, rtol=1e-5)
+    assert [model.config.id2label[i] for i in range(3)] == ["act", "animal", "artifact"]  # the data's label names
+
+
+def test_card_parses_and_its_numbers_are_results_json(pushed):
+    fake, _, results, _ = pushed
+    card = ModelCard.load(fake.snapshot("me/seq") / "README.md")
+    data = card.data
+    assert data.base_model == results["config"]["ModelArguments"]["model_name_or_path"]
+    assert data.library_name == "peft" and data.pipeline_tag == "text-classification"
+    assert {"continual-learning", "pm_hf"} <= set(data.tags)
+    metrics = {r.metric_name: r.metric_value for r in data.eval_results}
+    expected = {"ACC": "acc", "AAA": "aaa", "BWT": "bwt", "forgetting": "forgetting"}
+    assert metrics == {name: round(100 * results[key], 4) for name, key in expected.items()}
+    for a, raw in zip(results["alphas"], results["alphas_raw"]):
+        assert f"{a:.4f} | {raw:.4f}" in card.text
+    for row in results["accuracy_matrix"]:
+        cells = " | ".join("–" if v is None else f"{100 * v:.2f}" for v in row)
+        assert cells in card.text
+    assert "accuracy_matrix.png" in card.text and 'revision="task-3"' in card.text and "@inproceedings" in card.text
+
+
+def test_the_token_is_never_written(pushed):
+    fake, out, _, _ = pushed
+    pushed_bytes = [
+        data for repo in fake.repos.values() for c in repo["commits"].values() for data in c["files"].values()
+    ]
+    local = [p.read_bytes() for p in Path(out).rglob("*") if p.is_file()]
+    assert pushed_bytes and local
+    assert not any(GOOD_TOKEN.encode() in data for data in pushed_bytes + local)
+
+
+def test_end_pushes_once_without_tags(hub, model_dir, tmp_path):
+    results = run_continual(*hub_groups(model_dir, tmp_path / "run", repo="seq-end", hub_strategy="end",
+                                        class_groups=[[0, 1], [2, 3]]))  # fmt: skip
+    assert [c["branch"] for c in hub.commits("me/seq-end")] == ["pm-hf-base", "main"]
+    assert hub.repos["me/seq-end"]["tags"] == {}
+    files = hub.files("me/seq-end")
+    assert EXPORT_FILES <= set(files) and not any(f.startswith("continual_state/") for f in files)
+    assert json.loads(files["results.json"])["accuracy_matrix"] == results["accuracy_matrix"]
+    assert "revision=" not in ModelCard.load(hub.snapshot("me/seq-end") / "README.md").text
+
+
+@pytest.mark.parametrize(("token", "field"), [(None, "hub_model_id"), ("hf_wrong", "hub_token")])
+def test_a_missing_or_refused_token_fails_before_anything_runs(hub, model_dir, tmp_path, token, field):
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=rf"^{field} = ") as err:
+        ContinualTrainer.from_args(*hub_groups(model_dir, out, hub_token=token))
+    assert "token" in str(err.value) and "hf_wrong" not in str(err.value)
+    assert not out.exists() and not hub.repos  # nothing loaded, trained, written or created
+
+
+def test_resume_from_a_pushed_repo_equals_the_uninterrupted_run(hub, model_dir, tmp_path, pushed):
+    _, _, longer, _ = pushed  # the 3-task run of the same config
+    first = hub_groups(model_dir, tmp_path / "a", repo="me/cont", push_continual_state=True, class_groups=[[0, 1]])
+    run_continual(*first)
+    second = hub_groups(model_dir, tmp_path / "b", repo="me/cont", push_continual_state=True, resume_from="me/cont")
+    results = run_continual(*second)
+    for key in ("accuracy_matrix", "alphas", "alphas_raw", "pre_merge_acc"):
+        assert results[key] == longer[key], key
+    assert sorted(hub.repos["me/cont"]["tags"]) == ["task-1", "task-2", "task-3"]
+    downloads = [c for c in hub.calls if c[0] == "snapshot_download"]
+    assert downloads == [("snapshot_download", "me/cont", {"revision": None, "allow_patterns": ["continual_state/*"]})]
+
+
+def test_resume_from_a_tag_continues_after_that_task(hub, model_dir, tmp_path, pushed):
+    fake, _, longer, _ = pushed
+    hub.repos.update(fake.repos)  # the pushed 3-task sequence, continued from its tag task-1
+    results = run_continual(*groups(model_dir, tmp_path / "b", resume_from="me/seq@task-1", hub_token=GOOD_TOKEN))
+    assert [c for c in hub.calls if c[0] == "snapshot_download"][0][2]["revision"] == "task-1"
+    for key in ("accuracy_matrix", "alphas", "alphas_raw"):
+        assert results[key] == longer[key], key
+
+
+def test_resume_from_a_repo_without_state_is_refused_up_front(hub, model_dir, tmp_path):
+    run_continual(*hub_groups(model_dir, tmp_path / "a", repo="me/nostate", class_groups=[[0, 1]]))
+    with pytest.raises(InputError, match=r"^resume_from = 'me/nostate': .*push_continual_state"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "b", resume_from="me/nostate", hub_token=GOOD_TOKEN))
+    assert not (tmp_path / "b").exists()
+
+
+def test_pm_hf_push_of_a_finished_run(hub, pushed, capsys):
+    fake, out, results, _ = pushed
+    argv = ["push", str(out), "--hub_model_id", "me/later", "--private", "--hub_token", GOOD_TOKEN]
+    assert cli_main(argv) == 0
+    assert "me/later" in capsys.readouterr().out
+    assert hub.repos["me/later"]["private"] and [c["branch"] for c in hub.commits("me/later")] == ["pm-hf-base", "main"]
+    files = hub.files("me/later")
+    assert json.loads(files["results.json"])["accuracy_matrix"] == results["accuracy_matrix"]
+    assert files["adapter_model.safetensors"] == fake.files("me/seq", "task-3")["adapter_model.safetensors"]
+    assert not any(f.startswith("continual_state/") for f in files)
+
+
+def test_only_the_main_process_pushes(model_dir, tmp_path):
+    """Two gloo processes (torchrun): rank 0 checks access and pushes, rank 1 makes no Hub call at all."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script = Path(__file__).parent / "ddp_push.py"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", port, str(script), model_dir, str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["repos"] == ["me/ddp"] and rank0["calls"].count("create_commit") == 4  # base + main, per task
+    assert rank0["calls"].count("create_tag") == 2
+    assert rank1["calls"] == [] and rank1["repos"] == []
+
+
+def test_evaluate_a_hub_revision_on_a_data_config(pushed, monkeypatch, tmp_path, capsys):
+    import yaml
+
+    fake, _, results, _ = pushed
+    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    data = groups("unused", tmp_path / "unused", class_groups=[[0, 1], [2, 3]])[1]
+    config = {"dataset_name": "parquet", "data_files": data.data_files, "class_groups": data.class_groups,
+              "max_train_samples_per_class": 16, "max_eval_samples_per_class": 8, "max_length": 24, "seed": 3,
+              "report_to": "none", "use_cpu": True}  # fmt: skip
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["evaluate", "me/seq", "--revision", "task-2", "--config", str(tmp_path / "data.yaml")]) == 0
+    printed = capsys.readouterr().out
+    for v in results["accuracy_matrix"][1][:2]:  # the model after task 2 on tasks 1 and 2
+        assert f"{100 * v:.2f}" in printed
+
+
+def test_hub_revision_pushes_to_that_branch(hub, model_dir, tmp_path):
+    args = hub_groups(model_dir, tmp_path / "run", repo="me/branchy", hub_strategy="end", hub_revision="v2",
+                      class_groups=[[0, 1]])  # fmt: skip
+    run_continual(*args)
+    assert [c["branch"] for c in hub.commits("me/branchy")] == ["pm-hf-base", "v2"]
+    assert hub.files("me/branchy") == {} and "adapter_model.safetensors" in hub.files("me/branchy", "v2")

@@ -1,0 +1,84 @@
+"""Post-hoc merge (`pm-hf merge`, `pm_hf.posthoc.merge_adapters`) on a tiny Llama: the per-task adapters of a P&M run
+merged with the run's data config give the run's merged model; a data-free strategy equals its closed form computed
+by hand from the adapter files; adapters that do not belong together and strategies that need data are refused."""
+
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM
+from safetensors.torch import load_file
+from test_llm_continual import llm_dir, llm_groups  # noqa: F401  (llm_dir is a fixture)
+from transformers import AutoModelForCausalLM
+
+from pm_hf.cli import main as cli_main
+from pm_hf.continual import run_continual
+from pm_hf.posthoc import merge_adapters
+
+
+@pytest.fixture(scope="module")
+def run(llm_dir, tmp_path_factory):  # noqa: F811
+    """A 2-task P&M run of the tiny Llama and its per-task adapters (`pm-hf export --mode per-task`)."""
+    out = tmp_path_factory.mktemp("llm_run")
+    results = run_continual(*llm_groups(llm_dir, out / "run"))
+    assert cli_main(["export", str(out / "run"), "--mode", "per-task", "--output", str(out / "adapters")]) == 0
+    return out, results, [str(out / "adapters" / f"task_{t}") for t in range(2)]
+
+
+def _logits(folder) -> torch.Tensor:
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_merging_a_runs_adapters_with_its_data_gives_the_runs_model(run, llm_dir, tmp_path):  # noqa: F811
+    out, results, adapters = run
+    info = merge_adapters(adapters, tmp_path / "merged", parsed=llm_groups(llm_dir, tmp_path / "posthoc_run"))
+    assert info["alphas"] == pytest.approx(results["alphas"], abs=1e-6)
+    again = json.loads((tmp_path / "posthoc_run" / "results.json").read_text())
+    assert again["alphas_raw"] == pytest.approx(results["alphas_raw"], abs=1e-6)
+    assert again["score_matrices"]["exact_match"] == results["score_matrices"]["exact_match"]
+    torch.testing.assert_close(_logits(tmp_path / "merged"), _logits(out / "run" / "merged_adapter"), atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert "pm" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys):  # noqa: F811
+    _, _, adapters = run
+    argv = ["merge", "--adapters", *adapters, "--merge_method", "task-arithmetic", "--merge_scale", "0.7"]
+    assert cli_main([*argv, "--output", str(tmp_path / "ta")]) == 0
+    assert "alpha per task" in capsys.readouterr().out
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ta")).merge_and_unload()
+    base = dict(AutoModelForCausalLM.from_pretrained(llm_dir).named_parameters())
+    config = json.loads((tmp_path / "ta" / "pm_hf_export.json").read_text())
+    assert config["alphas"] == [0.7, 0.7]
+    expected = {}
+    for folder in adapters:
+        lora = json.loads(open(f"{folder}/adapter_config.json").read())
+        scaling = lora["lora_alpha"] / lora["r"]
+        weights = load_file(f"{folder}/adapter_model.safetensors")
+        for name, A in weights.items():
+            if "lora_A" in name:
+                key = name.replace("base_model.model.", "").replace(".lora_A.weight", ".weight")
+                delta = scaling * weights[name.replace("lora_A", "lora_B")] @ A
+                expected[key] = expected.get(key, 0) + 0.7 * delta
+    params = dict(merged.named_parameters())
+    assert expected
+    for key, delta in expected.items():
+        torch.testing.assert_close(params[key], base[key] + delta, atol=1e-6, rtol=1e-5)
+
+
+def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_path, capsys):
+    _, _, adapters = run
+    with pytest.raises(SystemExit) as err:
+        cli_main(["merge", "--adapters", *adapters, "--merge_method", "pm", "--output", str(tmp_path / "x")])
+    assert err.value.code == 2 and "merge_method = 'pm': needs each adapter's task data" in capsys.readouterr().err
+    config = json.loads(open(f"{adapters[1]}/adapter_config.json").read())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 1}))
+    with pytest.raises(SystemExit) as err:
+        cli_main(["merge", "--adapters", adapters[0], str(other), "--output", str(tmp_path / "x")])
+    assert err.value.code == 2 and "its r is" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
