@@ -17,7 +17,6 @@ from pathlib import Path
 import datasets
 import torch
 from transformers import PreTrainedModel, TrainerCallback
-from transformers import logging as hf_logging
 
 from .adapters import attach_lora, detect_target_modules
 from .callbacks import ContinualCallback
@@ -31,7 +30,7 @@ from .heads import Head, HeadAlignment, NoHead, find_head
 from .hub import connect, download_state, is_repo_id
 from .instruct import MODALITY, CausalLMCollator, build_instruction_stream, instruction_task, resolve_pad_token_id
 from .loop import ContinualLoop, seeded
-from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest
+from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .rundir import check_claim, claim, dataset_digest, output_lock
 from .strategies import build_strategy
 
@@ -279,21 +278,6 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
-    """Model loading without transformers' progress bars and load report (a new head is expected: the run shows
-    one bar over tasks)."""
-    enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
 def _quiet_datasets():
     """Preparing the task stream without datasets' progress bars."""
     enabled = datasets.utils.logging.is_progress_bar_enabled()
@@ -340,7 +324,7 @@ def _assemble(
 
     def load_base():
         """A pristine pretrained model with a head of the stream's classes (the export's base)."""
-        with _quiet_loading():
+        with quiet_loading():
             if loaded_base is not None:
                 base = loaded_base()
                 if not causal:

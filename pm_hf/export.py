@@ -27,6 +27,7 @@ from .card import write_card
 from .checks import check_finite
 from .fileio import atomic_dir, atomic_write
 from .merge import LoraFactors
+from .models import quiet_loading
 
 ADAPTERS_DIR = "adapters"
 EXPORT_DIR = "merged_adapter"
@@ -170,7 +171,7 @@ def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: 
     `AutoModelFor...`. `base_ref` (repo id, revision) names where `base/` is pushed, for a folder bound for the Hub."""
     out_dir = Path(out_dir)
     classifier = spec.task != "causal_lm"
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, quiet_loading():
         if classifier and not merged:
             base_model.save_pretrained(tmp / BASE_DIR)  # before LoRA is attached: the pristine base
         model = export_merged_adapter(base_model, history, full_params, spec.save_modules, str(tmp), spec.task)
@@ -197,7 +198,7 @@ def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: 
     """Each task's trained adapter as its own PEFT adapter, `out_dir/task_<t>` (factors as trained, before any alpha;
     LoRA layers only: the log keeps no head per task), for `pm-hf merge` or other tools."""
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, quiet_loading():
         for t, rec in enumerate(history):
             keys = list(rec.A)
             rank, scaling = rec.A[keys[0]].shape[0], {rec.scaling[k] for k in keys}
@@ -208,7 +209,7 @@ def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: 
                                 task_type=TASK_TYPES.get(spec.task))  # fmt: skip
             model = get_peft_model(copy.deepcopy(base_model), config)
             set_lora_factors(model, rec.A, rec.B, "default")
-            model.save_pretrained(tmp / f"task_{t}")
+            model.save_pretrained(tmp / f"task_{t}", save_embedding_layers=False)
             _point_adapter_at(tmp / f"task_{t}", spec.base_model, spec.revision)
             info = {"base_model": spec.base_model, "revision": spec.revision, "task": spec.task, "format": "adapter"}
             info.update(per_task=t, alpha_used=rec.alpha)
@@ -278,7 +279,7 @@ def export_merged_adapter(
             if len(matches) != 1:
                 raise ValueError(f"fully trained parameter {key!r} is not covered by `modules_to_save`={save_modules}.")
             params[matches[0]].copy_(value)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, save_embedding_layers=False)
     return model
 
 

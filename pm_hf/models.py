@@ -3,6 +3,7 @@ whole stream, or a causal LM. The class head itself (mask, merge policy, alignme
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -16,12 +17,28 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from transformers import logging as hf_logging
 
 from .checks import invalid
 from .config import ModelArguments
 from .fileio import file_digest
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Model loading and saving without transformers' progress bars and load report (a new head is expected: the
+    run shows one bar over tasks)."""
+    enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model_path(name: str) -> str:
