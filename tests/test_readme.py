@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    assert len(blocks) == 2, "README should hold the ContinualTrainer example and the building blocks"
+    assert len(blocks) == 3, "README should hold the ContinualTrainer example, the building blocks and the Hub load"
     return blocks
 
 
@@ -29,3 +29,20 @@ def test_readme_building_blocks_run(tmp_path, monkeypatch, capsys):
     _run(_blocks()[1], tmp_path, monkeypatch)
     out = capsys.readouterr().out
     assert re.search(r"alpha_1 = 1\.000", out), out
+
+
+def test_readme_hub_loading_runs(model_dir, tmp_path, monkeypatch):
+    """The 'Share on the Hub' snippet, against a 3-task run pushed to the recording Hub stand-in as USER/NAME."""
+    from conftest import groups
+    from hub_standin import GOOD_TOKEN, FakeHub
+
+    import pm_hf.hub
+    from pm_hf.continual import run_continual
+
+    fake = FakeHub(user="USER")
+    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    hub = {"push_to_hub": True, "hub_model_id": "USER/NAME", "hub_token": GOOD_TOKEN}
+    run_continual(*groups(model_dir, tmp_path / "run", **hub))
+    scope = {"__name__": "readme"}
+    exec(compile(_blocks()[2], "README.md", "exec"), scope)  # noqa: S102
+    assert scope["model"].peft_config["default"].task_type == "SEQ_CLS"
