@@ -240,3 +240,10 @@ def test_hub_revision_pushes_to_that_branch(hub, model_dir, tmp_path):
     run_continual(*args)
     assert [c["branch"] for c in hub.commits("me/branchy")] == ["pm-hf-base", "v2"]
     assert hub.files("me/branchy") == {} and "adapter_model.safetensors" in hub.files("me/branchy", "v2")
+
+
+def test_the_repository_defaults_to_the_output_folder_name(hub, model_dir, tmp_path):
+    args = groups(model_dir, tmp_path / "my-run", push_to_hub=True, hub_token=GOOD_TOKEN, hub_strategy="end",
+                  class_groups=[[0, 1]])  # fmt: skip
+    run_continual(*args)
+    assert list(hub.repos) == ["me/my-run"] and "adapter_model.safetensors" in hub.files("me/my-run")
