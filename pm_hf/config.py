@@ -1,13 +1,11 @@
-"""Configuration dataclasses: `PMConfig` (a `TrainingArguments` with the perturbation knobs) and the small
-argument groups for LoRA, the Fisher estimate and the merge. Every field has help text; every check names the
-field, the bad value and the fix, and runs in `__post_init__` (before anything is trained or written)."""
+"""Configuration dataclasses: the argument groups for LoRA, the Fisher estimate, the merge, the model and the data;
+`PMConfig` (a `TrainingArguments` with the perturbation knobs) is `pm_hf.training_args`, re-exported here. Every field
+has help text; every check names the field, the bad value and the fix, and runs in `__post_init__` (before anything
+is trained or written)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-
-from transformers import TrainingArguments
 
 from .checks import (
     check_choice,
@@ -15,18 +13,15 @@ from .checks import (
     check_device,
     check_field_types,
     check_number,
-    check_training_arguments,
     invalid,
-    is_number,
 )
+from .training_args import HUB_STRATEGIES, PERTURBATIONS, PerturbationArguments, PMConfig  # noqa: F401 (re-exported)
 
-PERTURBATIONS = ("task_vector", "gaussian", "none")
 FISHER_MODES = ("per_sample", "batch")
 FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
 ALPHA_GRANULARITIES = ("global", "module")
 HEAD_ALIGN = ("none", "task", "seen", "prototypes")
-HUB_STRATEGIES = ("every_task", "end")  # when a sequence pushes: after every task's merge, or once at the end
 
 
 # Fields that were renamed: old name -> what to use instead (a config or flag with the old name is an error).
@@ -34,103 +29,6 @@ RENAMED_FIELDS = {
     "alpha": "the field had three meanings and was split: use `fixed_alpha` (coma), `cofima_weight` (cofima) or "
     "`merge_scale` (task-arithmetic, ties, magmax)",
 }
-
-
-@dataclass
-class PerturbationArguments:
-    """The Perturb-and-Merge perturbation of docs/method.md (stage 1), shared by `PMConfig` and TRL's configs.
-
-    At every optimizer step one branch b in {-1, 0, +1} is drawn with probabilities `perturb_probs` from
-    (seed, task index, step), and the forward/backward runs with the active LoRA adapter's scaling multiplied by
-    (1 + b * perturb_eps). In expectation this trains on L + p * eps^2 * Delta^T H Delta.
-    """
-
-    perturbation: str = field(
-        default="task_vector",
-        metadata={
-            "help": "Perturbation during training: 'task_vector' (P&M: scale the active adapter's delta by 1+b*eps), "
-            "'gaussian' (isotropic noise on the adapter's output delta with the same expected norm, an ablation) "
-            "or 'none' (plain Trainer).",
-            "choices": list(PERTURBATIONS),
-        },
-    )
-    perturb_eps: float = field(
-        default=0.5, metadata={"help": "Perturbation size eps: the branch b runs at theta + b*eps*Delta. >= 0."}
-    )
-    perturb_probs: list[float] = field(
-        default_factory=lambda: [1 / 3, 1 / 3, 1 / 3],
-        metadata={"help": "Probabilities of the branches (b=-1, b=0, b=+1); three non-negative numbers summing to 1."},
-    )
-    head_learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Learning rate of the class head (the paper: 1e-2 with LoRA at 1e-3); null: `learning_rate`."
-        },
-    )
-    divergence_threshold: float | None = field(
-        default=1000.0,
-        metadata={
-            "help": "Stop the run when a training loss exceeds this many times max(1, the task's first loss); a "
-            "NaN or infinite loss always stops it. The last task's checkpoint stays intact. null: NaN/inf only."
-        },
-    )
-
-    def check_perturbation(self) -> None:
-        """The perturbation fields (call before the training arguments' own checks)."""
-        check_field_types(self)
-        check_choice("perturbation", self.perturbation, PERTURBATIONS)
-        check_number("perturb_eps", self.perturb_eps, 0, 1, high_open=True)  # eps >= 1 flips the b=-1 branch's sign
-        probs = self.perturb_probs
-        ok = isinstance(probs, (list, tuple)) and len(probs) == 3 and all(is_number(p) for p in probs)
-        if not ok or any(not math.isfinite(p) or p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
-            raise invalid("perturb_probs", probs, "give three non-negative probabilities for (-1, 0, +1) summing to 1.")
-        self.perturb_probs = [float(p) for p in probs]
-        check_number("head_learning_rate", self.head_learning_rate, 0, low_open=True, optional=True)
-        check_number("divergence_threshold", self.divergence_threshold, 1, low_open=True, optional=True)
-
-
-@dataclass
-class PMConfig(TrainingArguments, PerturbationArguments):
-    """`TrainingArguments` plus the Perturb-and-Merge perturbation (`PerturbationArguments`) and the run folder's
-    ownership (`overwrite_output_dir`)."""
-
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Replace a pm_hf run already in output_dir (without it, `train` there refuses)."},
-    )
-    resume_from: str | None = field(
-        default=None,
-        metadata={
-            "help": "Start a new output_dir from the last checkpoint of another run — its folder, or a Hub repository "
-            "USER/NAME pushed with `push_continual_state` — then train this config's further tasks on top (the "
-            "config must be that run's, with tasks appended)."
-        },
-    )
-    hub_strategy: str = field(
-        default="every_task",
-        metadata={
-            "help": "With push_to_hub: 'every_task' pushes after each task's merge (one commit, tagged task-<t>), "
-            "'end' once after the last task."
-        },
-    )
-    push_continual_state: bool = field(
-        default=False,
-        metadata={
-            "help": "With push_to_hub: push the continual state too (under continual_state/), so that "
-            "`--resume_from USER/NAME` continues the sequence on another machine."
-        },
-    )
-
-    def __post_init__(self):
-        self.check_perturbation()
-        check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
-        check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
-        strategy, self.hub_strategy = self.hub_strategy, "end"  # a sequence's strategies are not the Trainer's
-        try:
-            super().__post_init__()
-        except ValueError as err:  # TrainingArguments' own checks of combinations of fields
-            raise invalid("training arguments", None, " ".join(str(err).split())) from err
-        self.hub_strategy = strategy
 
 
 @dataclass
@@ -274,7 +172,7 @@ class MergeArguments:
 
     def __post_init__(self):
         # Each strategy's knobs are checked by the strategy that owns them (`pm_hf.strategies.check_merge_args`),
-        # the head-alignment knobs by `pm_hf.heads.HeadAlignment.check_args`; both run before anything is written.
+        # the head-alignment knobs by `pm_hf.alignment.HeadAlignment.check_args`; both run before anything is written.
         check_field_types(self)
         if not self.merge_method:
             raise invalid("merge_method", self.merge_method, "name a merge strategy, e.g. 'pm'.")

@@ -1,53 +1,33 @@
 """`ContinualTrainer`: continual fine-tuning of one model on a sequence of tasks with Perturb-and-Merge, in the style
 of TRL's trainers — construct it, `.train()`, `.add_task(...)`, `.train()` again. Models and datasets may be objects,
 Hub ids or paths; the YAML/CLI path (`run_continual`, `pm-hf train`) builds the same object from the six argument
-groups. This module assembles the parts (model, task stream, head, evaluator, strategy, callbacks) for
-`pm_hf.loop.ContinualLoop`, the only place that knows all of them.
+groups; `pm_hf.assembly` puts the parts together.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
-import torch
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 
-from .adapters import attach_lora, detect_target_modules
-from .callbacks import ContinualCallback
-from .checkpoint import LATEST, config_dict, copy_checkpoint
+from .alignment import HeadAlignment
+from .assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
+from .checkpoint import LATEST, copy_checkpoint
 from .checks import invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from .data import Task, TaskStream, build_task_stream, collator_for, task_from_datasets
-from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
+from .data import Task, TaskStream, collator_for, task_from_datasets
 from .export import copy_task_records
-from .heads import Head, HeadAlignment, NoHead, find_head
+from .heads import find_head
 from .hub import connect, download_state, is_repo_id
-from .instruct import MODALITY, CausalLMCollator, build_instruction_stream, instruction_task, resolve_pad_token_id
+from .instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
 from .loop import ContinualLoop, seeded
-from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
-from .rundir import check_claim, claim, dataset_digest, output_lock
+from .models import load_processor
+from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
-
-Callbacks = Sequence[ContinualCallback | TrainerCallback]
-IN_MEMORY = "in-memory"  # model_name_or_path of a model given as an object with no folder behind it
-
-
-def task_fingerprint(task: Task) -> str:
-    digest = lambda ds: dataset_digest(ds) if isinstance(ds, datasets.Dataset) else f"stream:{ds.info.dataset_name}"
-    return f"{task.name}|{task.classes}|{digest(task.train)}|{digest(task.eval)}"
-
-
-def _is_causal(model, model_args: ModelArguments) -> bool:
-    if isinstance(model, PreTrainedModel):
-        names = [*(getattr(model.config, "architectures", None) or []), type(model).__name__]
-        return any(n.endswith("ForCausalLM") for n in names)
-    return is_causal_lm(model_args)
 
 
 class ContinualTrainer:
@@ -169,7 +149,7 @@ class ContinualTrainer:
         loop, tasks = self.loop, self._pending
         self._pending = []
         first = len(loop.stream.tasks)
-        with _quiet_datasets():
+        with quiet_datasets():
             prepared = [_prepare_task(self, first + i, entry, loop.stream) for i, entry in enumerate(tasks)]
         loop.stream.tasks.extend(prepared)
         loop.config["fingerprints"]["tasks"] += [task_fingerprint(t) for t in prepared]
@@ -226,7 +206,7 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     if not trainer._pending:
         raise invalid("tasks", [], "give at least one task before training.")
     args, model_args, model = trainer.args, trainer.model_args, trainer._model
-    causal = _is_causal(model, model_args)
+    causal = is_causal(model, model_args)
     if causal:
         model_args = dataclasses.replace(model_args, model_task="causal_lm")
     processor = trainer._processor
@@ -243,7 +223,7 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
         stream = TaskStream([], 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(processor)))
         stream.tasks.append(instruction_task(0, first, processor, trainer.data_args, args.seed))
     else:
-        with _quiet_datasets():
+        with quiet_datasets():
             task, modality, names = task_from_datasets(0, first, processor, trainer.data_args)
         labels = [names.get(c, str(c)) for c in range(max(task.classes) + 1)]
         stream = TaskStream([task], len(labels), labels, modality, collator_for(modality, processor))
@@ -257,7 +237,7 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
             loaded_base = None
     else:
         loaded = loaded_base = None
-    loop = _assemble(
+    loop = assemble(
         model_args,
         trainer.data_args,
         args,
@@ -275,132 +255,6 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     trainer.loop = loop
     trainer._add_pending()
     return loop
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    """Preparing the task stream without datasets' progress bars."""
-    enabled = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.utils.logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.utils.logging.enable_progress_bar()
-
-
-def weights_digest(model) -> str:
-    """sha256 over a model's parameters and buffers (a model given as an object, with no folder behind it)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _assemble(
-    model_args,
-    data_args,
-    args,
-    lora_args,
-    fisher_args,
-    merge_args,
-    callbacks,
-    strategy,
-    stream,
-    processor,
-    loaded=None,
-    compute_metrics=None,
-    loaded_base=None,
-    loop_class: type[ContinualLoop] = ContinualLoop,
-) -> ContinualLoop:
-    """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
-    causal = stream.modality == MODALITY
-    if causal and merge_args.head_align != "none":
-        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
-    if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
-        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
-        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
-
-    def load_base():
-        """A pristine pretrained model with a head of the stream's classes (the export's base)."""
-        with quiet_loading():
-            if loaded_base is not None:
-                base = loaded_base()
-                if not causal:
-                    Head(base, base.config.num_labels).grow(base, stream.num_classes)
-                return base
-            if causal:
-                return load_causal_lm(model_args)
-            return load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
-
-    with seeded(args.seed):  # the new head's initialisation must not depend on what ran before in the process
-        model = loaded() if loaded is not None else load_base()
-    extra, save_modules = [], list(lora_args.modules_to_save or [])
-    if causal:
-        if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
-            lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
-        model, head = attach_lora(model, lora_args), NoHead()
-        evaluator = CausalLMEvaluator(
-            model,
-            processor,
-            stream.collate_fn,
-            args.per_device_eval_batch_size,
-            model_args.max_new_tokens,
-            model_args.primary_metric,
-        )
-    else:
-        head = Head(model, model.config.num_labels, domain_incremental=data_args.scenario == "domain_incremental")
-        head.grow(model, stream.num_classes)
-        model = attach_lora(model, lora_args, trainable_modules=head.modules)
-        predict = trainer_predict(model, args, stream.collate_fn)
-        evaluator = ClassifierEvaluator(head, predict, compute_metrics)
-        if merge_args.head_align != "none":
-            extra.append(HeadAlignment(head, stream, merge_args, args.per_device_eval_batch_size, args.seed))
-        save_modules = [*head.modules, *save_modules]
-    config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
-    identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
-    fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
-    config.update(world_size=args.world_size, fingerprints=fingerprints)
-    parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
-    loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config)
-    loop.processor = processor
-    return loop
-
-
-def build_loop(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: PMConfig,
-    lora_args: LoraArguments,
-    fisher_args: FisherArguments,
-    merge_args: MergeArguments,
-    callbacks: Callbacks = (),
-    strategy=None,
-    model: PreTrainedModel | None = None,
-    processor=None,
-    loop_class: type[ContinualLoop] = ContinualLoop,
-) -> ContinualLoop:
-    """Load the model and the task stream of a config and assemble the loop (nothing is written); `model` and
-    `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass."""
-    strategy = strategy or build_strategy(merge_args)
-    HeadAlignment.check_args(merge_args)
-    causal = _is_causal(model, model_args)
-    model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
-    processor = processor if processor is not None else load_processor(model_args)
-    with _quiet_datasets():
-        stream = _config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
-    stream = strategy.transform_stream(stream)
-    groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
-    loaded = None if model is None else lambda: model
-    return _assemble(*groups, callbacks, strategy, stream, processor, loaded, loop_class=loop_class)
-
-
-def _config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:
-    mpf = args.main_process_first
-    if causal:
-        return build_instruction_stream(data_args, processor, seed=args.seed, main_process_first=mpf)
-    return build_task_stream(data_args, processor, seed=args.seed, main_process_first=mpf, model_name=name)
 
 
 def run_continual(

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
 from .adapters import (
-    ModelWeights,
     adapter_disabled,
     base_weights,
     load_adapter_factors,
@@ -53,6 +52,7 @@ from .rundir import refuse_changes
 from .strategies import MergePlan, MergeStrategy, merge_task
 from .timing import Timer
 from .trainer import PMTrainer, TaskProgress
+from .weights import ModelWeights
 
 logger = logging.getLogger(__name__)
 

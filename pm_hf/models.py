@@ -1,5 +1,6 @@
 """Model loading per task family: the tokenizer or image processor, a classifier with one head row per class of the
-whole stream, or a causal LM. The class head itself (mask, merge policy, alignment) is `pm_hf.heads`."""
+whole stream, or a causal LM. The class head itself (mask, merge policy) is `pm_hf.heads`, its alignment
+`pm_hf.alignment`."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from .alignment import HeadAlignment
 from .checks import InputError, invalid
 from .config import (
     RENAMED_FIELDS,
@@ -29,7 +30,6 @@ from .config import (
     ModelArguments,
     PMConfig,
 )
-from .heads import HeadAlignment
 from .presets import PRESETS, RECOMMENDED_PRESET, get_preset
 from .strategies import check_merge_args
 

@@ -19,16 +19,17 @@ from pathlib import Path
 from peft import LoraConfig, PeftConfig, get_peft_model
 from transformers import AutoTokenizer
 
-from .adapters import ModelWeights, load_adapter_weights
+from .adapters import load_adapter_weights
+from .assembly import build_loop
 from .checks import invalid
 from .config import LoraArguments, MergeArguments
-from .continual import build_loop
 from .export import ExportSpec, dense_record, task_record, write_export
 from .hub import HUB_ERRORS
 from .loop import ContinualLoop
 from .rundir import check_claim, claim, output_lock
 from .runs import MODEL_CLASSES
 from .strategies import build_strategy, merge_task
+from .weights import ModelWeights
 
 PEFT_TASKS = {"SEQ_CLS": "sequence_classification", "CAUSAL_LM": "causal_lm", None: "image_classification"}
 

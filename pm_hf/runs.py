@@ -18,9 +18,9 @@ from transformers import (
     AutoTokenizer,
 )
 
+from .assembly import build_loop
 from .checkpoint import dataclasses_from_config, load_checkpoint
 from .checks import invalid
-from .continual import build_loop
 from .export import INFO
 from .hub import connect, download_export
 from .loop import ContinualLoop

@@ -45,13 +45,14 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from pm_hf import ContinualCallback, FisherArguments, LoraArguments, PMConfig, PMTrainer, estimate_fisher, merge_task
-from pm_hf.adapters import ModelWeights, attach_lora, base_weights, full_trainable_params, lora_layers
+from pm_hf.adapters import attach_lora, base_weights, full_trainable_params, lora_layers
 from pm_hf.config import DataArguments, MergeArguments, ModelArguments
 from pm_hf.export import task_record
 from pm_hf.metrics import plot_method_curves, seen_accuracy
 from pm_hf.presets import get_preset
 from pm_hf.strategies import build_strategy
 from pm_hf.testing import tiny_bert_folder
+from pm_hf.weights import ModelWeights
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "wordnet_supersense20"

@@ -14,7 +14,6 @@ from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from peft import LoraConfig
 
 from pm_hf.adapters import (
-    ModelWeights,
     active_adapter,
     adapter_factors,
     attach_lora,
@@ -30,6 +29,7 @@ from pm_hf.adapters import (
 )
 from pm_hf.config import LoraArguments
 from pm_hf.export import history_delta, task_record
+from pm_hf.weights import ModelWeights
 
 FAMILIES = {  # name: (factory, expected targets, input builder)
     "vit": (tiny_vit, ["q_proj", "v_proj"], lambda g: {"pixel_values": torch.randn(2, 1, 8, 8, generator=g)}),

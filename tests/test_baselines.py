@@ -9,8 +9,8 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from pm_hf.adapters import lora_layers
+from pm_hf.alignment import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
 from pm_hf.continual import build_loop, run_continual
-from pm_hf.heads import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
 
 
 def _run(model_dir, out, **kw):

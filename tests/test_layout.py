@@ -12,14 +12,17 @@ PACKAGE = ROOT / "pm_hf"
 # Lower layers never import higher ones; modules of one layer do not import each other (a package's own modules may).
 LAYERS = [
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
+    ["training_args"],
     ["config", "metrics", "presets", "rundir"],
     ["merge"],
     ["adapters", "callbacks", "sources", "models", "hub"],
-    ["data"],
+    ["data", "weights"],
     ["fisher", "trainer", "heads", "instruct"],
+    ["alignment"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results"],
     ["loop"],
+    ["assembly"],
     ["continual", "parsing", "sft"],
     ["runs"],
     ["posthoc"],

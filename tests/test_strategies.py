@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import randomize_lora, tiny_bert
 
-from pm_hf.adapters import ModelWeights, attach_lora, base_weights, lora_layers, lora_task_vector
+from pm_hf.adapters import attach_lora, base_weights, lora_layers, lora_task_vector
 from pm_hf.config import LoraArguments, MergeArguments
 from pm_hf.merge import LoraFactors, TaskVector, closed_form_alpha, cofima_weights
 from pm_hf.strategies import STRATEGIES, MergeStrategy, build_strategy, check_merge_args, get_strategy, merge_task
 from pm_hf.strategies.base import register
+from pm_hf.weights import ModelWeights
 
 D = torch.float64
 

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..adapters import ModelWeights, zero_adapter
+from ..adapters import zero_adapter
 from ..checks import check_number, invalid
 from ..config import MergeArguments
 from ..merge import (
@@ -27,6 +27,7 @@ from ..merge import (
     LoraFactors,
     TaskVector,
 )
+from ..weights import ModelWeights
 
 Start = Literal["merged", "pretrained", "chain"]
 Score = Callable[[float], float]

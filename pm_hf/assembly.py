@@ -1,0 +1,172 @@
+"""Assembly of the parts of a continual run for `pm_hf.loop.ContinualLoop` — the model (loaded with a head of the
+stream's classes, or given), LoRA, the class head, the evaluator, head alignment, callbacks, and the run's config and
+fingerprints — from the six argument groups (`build_loop`) or from objects (`pm_hf.continual.ContinualTrainer`).
+The only module that knows all the parts."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import datasets
+import torch
+from transformers import PreTrainedModel, TrainerCallback
+
+from .adapters import attach_lora, detect_target_modules
+from .alignment import HeadAlignment
+from .callbacks import ContinualCallback
+from .checkpoint import config_dict
+from .checks import invalid
+from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from .data import Task, TaskStream, build_task_stream
+from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
+from .heads import Head, NoHead
+from .instruct import MODALITY, build_instruction_stream
+from .loop import ContinualLoop, seeded
+from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
+from .rundir import dataset_digest
+from .strategies import build_strategy
+
+Callbacks = Sequence[ContinualCallback | TrainerCallback]
+
+IN_MEMORY = "in-memory"  # model_name_or_path of a model given as an object with no folder behind it
+
+
+def task_fingerprint(task: Task) -> str:
+    digest = lambda ds: dataset_digest(ds) if isinstance(ds, datasets.Dataset) else f"stream:{ds.info.dataset_name}"
+    return f"{task.name}|{task.classes}|{digest(task.train)}|{digest(task.eval)}"
+
+
+def is_causal(model, model_args: ModelArguments) -> bool:
+    if isinstance(model, PreTrainedModel):
+        names = [*(getattr(model.config, "architectures", None) or []), type(model).__name__]
+        return any(n.endswith("ForCausalLM") for n in names)
+    return is_causal_lm(model_args)
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Preparing the task stream without datasets' progress bars."""
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters and buffers (a model given as an object, with no folder behind it)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def assemble(
+    model_args,
+    data_args,
+    args,
+    lora_args,
+    fisher_args,
+    merge_args,
+    callbacks,
+    strategy,
+    stream,
+    processor,
+    loaded=None,
+    compute_metrics=None,
+    loaded_base=None,
+    loop_class: type[ContinualLoop] = ContinualLoop,
+) -> ContinualLoop:
+    """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
+    causal = stream.modality == MODALITY
+    if causal and merge_args.head_align != "none":
+        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
+    if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
+        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
+        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
+
+    def load_base():
+        """A pristine pretrained model with a head of the stream's classes (the export's base)."""
+        with quiet_loading():
+            if loaded_base is not None:
+                base = loaded_base()
+                if not causal:
+                    Head(base, base.config.num_labels).grow(base, stream.num_classes)
+                return base
+            if causal:
+                return load_causal_lm(model_args)
+            return load_model(model_args, stream.modality, stream.num_classes, stream.label_names)
+
+    with seeded(args.seed):  # the new head's initialisation must not depend on what ran before in the process
+        model = loaded() if loaded is not None else load_base()
+    extra, save_modules = [], list(lora_args.modules_to_save or [])
+    if causal:
+        if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
+            lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
+        model, head = attach_lora(model, lora_args), NoHead()
+        evaluator = CausalLMEvaluator(
+            model,
+            processor,
+            stream.collate_fn,
+            args.per_device_eval_batch_size,
+            model_args.max_new_tokens,
+            model_args.primary_metric,
+        )
+    else:
+        head = Head(model, model.config.num_labels, domain_incremental=data_args.scenario == "domain_incremental")
+        head.grow(model, stream.num_classes)
+        model = attach_lora(model, lora_args, trainable_modules=head.modules)
+        predict = trainer_predict(model, args, stream.collate_fn)
+        evaluator = ClassifierEvaluator(head, predict, compute_metrics)
+        if merge_args.head_align != "none":
+            extra.append(HeadAlignment(head, stream, merge_args, args.per_device_eval_batch_size, args.seed))
+        save_modules = [*head.modules, *save_modules]
+    config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
+    identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
+    fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
+    config.update(world_size=args.world_size, fingerprints=fingerprints)
+    parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
+    loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config)
+    loop.processor = processor
+    return loop
+
+
+def build_loop(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: PMConfig,
+    lora_args: LoraArguments,
+    fisher_args: FisherArguments,
+    merge_args: MergeArguments,
+    callbacks: Callbacks = (),
+    strategy=None,
+    model: PreTrainedModel | None = None,
+    processor=None,
+    loop_class: type[ContinualLoop] = ContinualLoop,
+) -> ContinualLoop:
+    """Load the model and the task stream of a config and assemble the loop (nothing is written); `model` and
+    `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass."""
+    strategy = strategy or build_strategy(merge_args)
+    HeadAlignment.check_args(merge_args)
+    causal = is_causal(model, model_args)
+    model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
+    processor = processor if processor is not None else load_processor(model_args)
+    with quiet_datasets():
+        stream = _config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
+    stream = strategy.transform_stream(stream)
+    groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    loaded = None if model is None else lambda: model
+    return assemble(*groups, callbacks, strategy, stream, processor, loaded, loop_class=loop_class)
+
+
+def _config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:
+    mpf = args.main_process_first
+    if causal:
+        return build_instruction_stream(data_args, processor, seed=args.seed, main_process_first=mpf)
+    return build_task_stream(data_args, processor, seed=args.seed, main_process_first=mpf, model_name=name)
