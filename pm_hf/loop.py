@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import itertools
 import logging
 import tempfile
@@ -66,6 +67,23 @@ def seeded(seed: int):
         set_seed(seed)
         yield
     restore_rng(rng)
+
+
+def distributed_setup(args) -> dict:
+    """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return {"type": state.distributed_type.value, "num_processes": state.num_processes, "sharding": "none"}
+
+
+def release(trainer: PMTrainer) -> None:
+    """Drop the task's trainer's hold on the model: its accelerator's references and the DDP wrapper, whose gradient
+    hooks would otherwise stay on the parameters and clash with the next task's wrapper."""
+    if isinstance(trainer, PMTrainer):
+        trainer.accelerator.free_memory()
+        trainer.model_wrapped = trainer.model
+        gc.collect()
 
 
 def task_entry(task, scores: dict, pre: float, plan: MergePlan, delta_norm: float, branches, seconds) -> dict:
@@ -175,6 +193,7 @@ class ContinualLoop:
                 "continual/delta_norm": delta_norm,
             }
         )
+        release(trainer)
         return entry
 
     def prepare(self, t: int) -> None:
@@ -193,6 +212,9 @@ class ContinualLoop:
         args.save_strategy = args.eval_strategy = "no"
         args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
         args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+        # Accelerate marks a model it prepared for evaluation (unwrapped) and then skips wrapping it for training:
+        # without this, every task after the first trained without DDP, each rank on its own.
+        self.model.__dict__.pop("_is_accelerate_prepared", None)
         trainer = PMTrainer(
             model=self.model,
             args=args,
@@ -280,7 +302,8 @@ class ContinualLoop:
 
     def results(self) -> dict:
         sizes = [len(task.eval) for task in self.stream.tasks]
-        return results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
+        out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
+        return {**out, "distributed": distributed_setup(self.args)}
 
     def export_spec(self, info: dict | None = None) -> ExportSpec:
         """How this run's model is described in an export folder."""

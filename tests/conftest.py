@@ -212,3 +212,20 @@ class Recorder(ContinualCallback):
         self.logs.append(log)
         params = full_trainable_params(model)
         self.params.append({k: v.detach().clone() for k, v in params.items() if k.startswith(self.keep)})
+
+
+def torchrun(model_dir, out, batch: int, *flags) -> list[dict]:
+    """Run tests/ddp_script.py on 2 CPU processes (gloo) and return what each rank recorded."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script, launcher = Path(__file__).parent / "ddp_script.py", Path(sys.executable).parent / "torchrun"
+    cmd = [str(launcher), "--nproc_per_node", "2", "--master_port", port, str(script), model_dir, str(out), str(batch)]
+    done = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import groups
+from conftest import groups, torchrun
 from hub_standin import GOOD_TOKEN, FakeHub
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForSequenceClassification
@@ -199,22 +199,10 @@ def test_pm_hf_push_of_a_finished_run(hub, pushed, capsys):
 
 def test_only_the_main_process_pushes(model_dir, tmp_path):
     """Two gloo processes (torchrun): rank 0 checks access and pushes, rank 1 makes no Hub call at all."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    script = Path(__file__).parent / "ddp_push.py"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", port, str(script), model_dir, str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = torchrun(model_dir, tmp_path, 4, "push")
     assert rank0["world_size"] == rank1["world_size"] == 2
-    assert rank0["repos"] == ["me/ddp"] and rank0["calls"].count("create_commit") == 4  # base + main, per task
-    assert rank0["calls"].count("create_tag") == 2
+    assert rank0["repos"] == ["me/ddp"] and rank0["calls"].count("create_commit") == 6  # base + main, per task
+    assert rank0["calls"].count("create_tag") == 3
     assert rank1["calls"] == [] and rank1["repos"] == []
 
 
