@@ -5,6 +5,9 @@ compensation). The backbone is never touched."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -247,6 +250,22 @@ class HeadAlignment(ContinualCallback):
             weight_param.copy_(weight)
             if bias_param is not None:
                 bias_param.copy_(bias)
+
+    @contextlib.contextmanager
+    def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:
+        """The head as this merge would align it, then exactly as before (the class statistics too): for an oracle
+        that scores a merge with the head treatment the run applies."""
+        stats = {k: v.clone() for k, v in self.stats.items()}
+        params = [p for p in (self.head.module.weight, self.head.module.bias) if p is not None]
+        saved = [p.detach().clone() for p in params]
+        try:
+            self._align(t, model, task)
+            yield
+        finally:
+            self.stats = stats
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
 
     def state_dict(self):
         return dict(self.stats)

@@ -134,6 +134,7 @@ def assemble(
     parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
     loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config)
     loop.processor = processor
+    loop.log_loss_increase = merge_args.log_loss_increase
     return loop
 
 

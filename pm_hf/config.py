@@ -20,6 +20,9 @@ from .training_args import HUB_STRATEGIES, PERTURBATIONS, PerturbationArguments,
 FISHER_MODES = ("per_sample", "batch")
 FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
+FISHER_POINTS = ("trained", "perturbed")
+FISHER_CLASSES = ("task", "seen")
+ALPHA_CALIBRATIONS = ("none", "secant", "branch", "curve")
 ALPHA_GRANULARITIES = ("global", "module")
 HEAD_ALIGN = ("none", "task", "seen", "prototypes")
 
@@ -98,12 +101,30 @@ class FisherArguments:
     fisher_device: str | None = field(
         default=None, metadata={"help": "Where the Fisher is accumulated ('cpu' for large models); null: the model's."}
     )
+    fisher_point: str = field(
+        default="trained",
+        metadata={
+            "help": "Where the Fisher is taken: 'trained' (theta*_t, default) or 'perturbed' (the adapter scaled by "
+            "1 - perturb_eps: the point the b = -1 branch trains, before the predictions saturate).",
+            "choices": list(FISHER_POINTS),
+        },
+    )
+    fisher_classes: str = field(
+        default="task",
+        metadata={
+            "help": "The cross-entropy of the Fisher: over the task's classes ('task', its training loss, default) or "
+            "over all classes seen so far ('seen', as CoFiMA's implementation).",
+            "choices": list(FISHER_CLASSES),
+        },
+    )
 
     def __post_init__(self):
         check_field_types(self)
         check_choice("fisher_mode", self.fisher_mode, FISHER_MODES)
         check_choice("fisher_labels", self.fisher_labels, FISHER_LABELS)
         check_choice("fisher_normalize", self.fisher_normalize, FISHER_NORMALIZE)
+        check_choice("fisher_point", self.fisher_point, FISHER_POINTS)
+        check_choice("fisher_classes", self.fisher_classes, FISHER_CLASSES)
         check_number("fisher_max_samples", self.fisher_max_samples, 1, integer=True, optional=True)
         check_number("fisher_batch_size", self.fisher_batch_size, 1, integer=True)
         check_device("fisher_device", self.fisher_device)
@@ -140,6 +161,33 @@ class MergeArguments:
     )
     accumulator_device: str | None = field(
         default=None, metadata={"help": "Where S, G and the fp32 master weights live ('cpu' for large models)."}
+    )
+    alpha_calibration: str = field(
+        default="none",
+        metadata={
+            "help": "'pm': the scale of each task's Fisher (docs/method.md, calibrated closed forms). 'none': as "
+            "measured (the paper). 'secant': kappa_t F_t with kappa_t = 2 dL_t / <F_t, Delta^2>, dL_t the loss the "
+            "task loses at alpha = 0 on its own training data. 'branch': the same secant from the perturbation's "
+            "late branch losses, 2 (L_minus - L_0) / eps^2 (falls back to 'secant'). 'curve': alpha_t minimises the "
+            "measured loss of the task along alpha on a held-out part of its training data plus the old tasks' "
+            "calibrated quadratic.",
+            "choices": list(ALPHA_CALIBRATIONS),
+        },
+    )
+    calibration_holdout: float = field(
+        default=0.1,
+        metadata={"help": "'curve': the fraction of each task's training data held out (not trained on), (0, 0.5]."},
+    )
+    calibration_grid: list[float] = field(
+        default_factory=lambda: [i / 20 for i in range(21)],
+        metadata={"help": "'curve': the alphas at which the held-out loss is measured."},
+    )
+    log_loss_increase: bool = field(
+        default=False,
+        metadata={
+            "help": "Log per task the quadratic model's predicted loss increase of the task at the chosen alpha next "
+            "to the one measured on its eval split (two extra passes over it; logging only)."
+        },
     )
     ties_density: float = field(default=0.2, metadata={"help": "'ties': fraction of each task vector kept, (0, 1]."})
     oracle_grid: list[float] = field(

@@ -43,6 +43,7 @@ class Task:
     classes: list[int]  # global class ids of this task, sorted
     train: datasets.Dataset  # model inputs + "labels" (global class ids)
     eval: datasets.Dataset
+    heldout: datasets.Dataset | None = None  # part of the training data held out for a strategy's probe
 
 
 @dataclass
@@ -258,3 +259,11 @@ def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments)
     splits = [_prepare(ds, modality, processor, data_args, 0, f"Preparing task {t}") for ds in (train, evaluation)]
     name = f"task_{t}: " + _summary(classes, [names.get(c, str(c)) for c in range(max(classes) + 1)])
     return Task(name, classes, splits[0], splits[1]), modality, names
+
+
+def split_holdout(train, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the training data without its held-out part, the held-out part): a seeded `fraction` of the rows."""
+    if isinstance(train, datasets.IterableDataset):
+        raise invalid("calibration_holdout", fraction, "needs a training split that is not streamed.")
+    parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]

@@ -261,6 +261,25 @@ def instruction_eval_loss(
     return total / count if count else float("nan")
 
 
+@torch.no_grad()
+def mean_loss(model: nn.Module, dataset, collate_fn: Callable, batch_size: int = 16) -> float:
+    """The model's training loss on `dataset` in eval mode (no dropout): the sample-weighted mean of a classifier's
+    loss (under whatever logit mask is active), the token-weighted response cross-entropy of a causal LM."""
+    from torch.utils.data import DataLoader
+
+    rows = list(dataset)
+    if rows and "labels" in collate_fn(rows[:1]) and collate_fn(rows[:1])["labels"].dim() > 1:
+        return instruction_eval_loss(model, rows, collate_fn, batch_size)
+    device = _device(model)
+    total, count = 0.0, 0
+    with _eval_mode(model):
+        for batch in DataLoader(rows, batch_size=batch_size, collate_fn=collate_fn, shuffle=False):
+            n = len(batch["labels"])
+            total += float(model(**{k: v.to(device) for k, v in batch.items()}).loss) * n
+            count += n
+    return total / count if count else float("nan")
+
+
 # ------------------------------------------------------------------------------------------------------ scores
 
 

@@ -186,6 +186,11 @@ def estimate_fisher(
     return _reduce_mean(sums, count, world)
 
 
+def fisher_sample(dataset, cap: int | None, seed: int):
+    """The samples a Fisher pass with this cap and seed uses (all of them, or the same seeded subset), as a list."""
+    return [dataset[i] for i in _sample_order(len(dataset), cap, seed)]
+
+
 def _sample_order(n: int, cap: int | None, seed: int) -> list[int]:
     """The samples of the pass: all of them in order, or a seeded random subset of `cap`."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, set_seed
 
 from .adapters import (
-    adapter_disabled,
     base_weights,
     load_adapter_factors,
     reset_adapter,
+    scale_active_adapter,
     task_vector_norm,
     uses_fan_in_fan_out,
 )
+from .alignment import HeadAlignment
 from .callbacks import CallbackList, ContinualCallback
 from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, state_files
 from .checks import check_finite, invalid
@@ -47,10 +48,11 @@ from .export import (
 )
 from .fisher import estimate_fisher, normalize_fisher
 from .hub import BASE_BRANCH, HubTarget, push_run
+from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
 from .metrics import seen_accuracy
-from .results import results_dict, write_outputs
+from .results import results_dict, task_entry, write_outputs
 from .rundir import refuse_changes
-from .strategies import MergePlan, MergeStrategy, merge_task
+from .strategies import MergeStrategy, merge_task
 from .timing import Timer
 from .trainer import PMTrainer, TaskProgress
 from .weights import ModelWeights
@@ -86,31 +88,6 @@ def release(trainer: PMTrainer) -> None:
         gc.collect()
 
 
-def task_entry(task, scores: dict, pre: float, plan: MergePlan, delta_norm: float, branches, seconds) -> dict:
-    """Task t's log entry (one element of results.json's per-task lists)."""
-    choice, terms = plan.choice, plan.terms
-    return {
-        "task": task.name,
-        "scores": scores,
-        "pre_merge_acc": pre,
-        "alpha": choice.alpha,
-        "alpha_raw": choice.raw,
-        "alpha_fallback": choice.fallback,
-        "alpha_per_key": {k: c.alpha for k, c in plan.choices.items()} if plan.per_key else None,
-        "terms": None
-        if terms is None
-        else {
-            "fisher_delta_sq": terms.fisher_delta_sq,
-            "g_delta": terms.g_delta,
-            "denominator": terms.denominator,
-        },
-        "oracle_scores": plan.oracle_scores or None,
-        "delta_norm": delta_norm,
-        "branch_counts": {str(b): n for b, n in sorted(branches.items())},
-        "timings": dict(seconds),
-    }
-
-
 class ContinualLoop:
     """The parts of one continual run and the task loop over them (built by `build_loop`)."""
 
@@ -139,6 +116,7 @@ class ContinualLoop:
         self.processor = None  # the tokenizer or image processor the stream was prepared with
         self.record = None  # the last task's exact export record, written with its checkpoint
         self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub`
+        self.log_loss_increase = False  # `MergeArguments.log_loss_increase`
         if strategy.needs_pretrained:
             strategy.pretrained = self.weights.snapshot(exclude=head.owns)
 
@@ -146,6 +124,7 @@ class ContinualLoop:
     def run_task(self, t: int) -> dict:
         """Train, merge and evaluate task t; returns its log entry."""
         task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
+        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
         seen_before = set(seen_classes(self.stream.tasks[:t]))
         # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
         self.callbacks.call("on_task_begin", t, self.model, task)
@@ -172,15 +151,24 @@ class ContinualLoop:
                 fisher = self.fisher(t, task, list(vector.deltas))
             check_finite(fisher, f"the Fisher of task {t}")
         # merge: theta_hat_t by the strategy, the adapter zeroed
+        log_increase = self.log_loss_increase and self.strategy.needs_fisher
+        needs_line = self.strategy.needs_score or self.strategy.needs_probe or log_increase
+        line = MergeLine(self.weights, vector, before) if needs_line else None  # a copy of the adapted weights
+        at_one = line.at(1.0, lambda: eval_loss(self, task)) if log_increase else None
         with timer("merge"):
-            score = self.oracle_score(t, vector, before) if self.strategy.needs_score else None
-            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score)
+            score = self.oracle_score(t, line) if self.strategy.needs_score else None
+            probe = task_probe(line, self, t, task, trainer) if self.strategy.needs_probe else None
+            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score, probe)
         self.callbacks.call("on_merge", t, self.model, task)
+        measured = {"fisher_trace": sum(float(f.double().sum()) for f in fisher.values())} if fisher else {}
+        if at_one is not None:
+            measured["loss_increase"] = loss_increase(self, task, plan, at_one)
         # evaluate every seen task
         with timer("eval"):
             scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
         # log
         entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
+        entry.update(measured, calibration=plan.calibration)
         self.callbacks.call("on_task_end", t, self.model, entry)
         self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
         row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
@@ -231,36 +219,32 @@ class ContinualLoop:
         return trainer
 
     def fisher(self, t: int, task, keys: list[str]) -> dict[str, torch.Tensor]:
-        self.head.set_active(task.classes)  # the task's training loss (docs/method.md): the mask of training
+        """F_t on the task's training loss (docs/method.md): its classes' mask (all seen classes with `fisher_classes:
+        seen`), at theta*_t (or with the adapter at 1 - eps with `fisher_point: perturbed`)."""
+        fa = self.fisher_args
+        seen = fa.fisher_classes == "seen" and self.head.train_classes(task) is not None
+        self.head.set_active(seen_classes(self.stream.tasks[: t + 1]) if seen else task.classes)
         data = task.train
         if isinstance(data, datasets.IterableDataset):  # a streamed split: its first `fisher_max_samples` examples
-            data = list(itertools.islice(data, self.fisher_args.fisher_max_samples))
-        fisher = estimate_fisher(
-            self.model,
-            data,
-            self.stream.collate_fn,
-            self.fisher_args,
-            keys=keys,
-            seed=self.args.seed + t,
-            show_progress=not self.args.disable_tqdm,
-        )
-        return normalize_fisher(fisher, self.fisher_args.fisher_normalize)
+            data = list(itertools.islice(data, fa.fisher_max_samples))
+        point = 1.0 - self.args.perturb_eps if fa.fisher_point == "perturbed" else 1.0
+        with scale_active_adapter(self.model, point):
+            fisher = estimate_fisher(self.model, data, self.stream.collate_fn, fa, keys=keys, seed=self.args.seed + t,
+                                     show_progress=not self.args.disable_tqdm)  # fmt: skip
+        return normalize_fisher(fisher, fa.fisher_normalize)
 
-    def oracle_score(self, t: int, vector, before: dict):
-        """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off)."""
-        deltas = vector.deltas
-        origin = {k: self.weights.value(k, w).float().clone() for k, w in base_weights(self.model).items()}
-        origin.update(before)
+    def oracle_score(self, t: int, line: MergeLine):
+        """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off),
+        with the head aligned as the run's `HeadAlignment` would after that merge (then restored)."""
+        tasks = self.stream.tasks[: t + 1]
 
-        def score(a: float) -> float:
-            self.weights.apply(deltas, dict.fromkeys(deltas, a), base=origin)
-            try:
-                with adapter_disabled(self.model):
-                    return self.evaluator.seen_score(self.stream.tasks[: t + 1])
-            finally:  # back to theta_hat_{t-1} exactly (origin + 0 * delta)
-                self.weights.apply(deltas, dict.fromkeys(deltas, 0.0), base=origin)
+        def score() -> float:
+            with contextlib.ExitStack() as stack:
+                for aligner in (cb for cb in self.callbacks.callbacks if isinstance(cb, HeadAlignment)):
+                    stack.enter_context(aligner.trial(t, self.model, tasks[t]))
+                return self.evaluator.seen_score(tasks)
 
-        return score
+        return lambda a: line.at(a, score)
 
     # --------------------------------------------------------------------------------------- the sequence
     def state(self) -> ContinualState:

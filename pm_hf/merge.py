@@ -17,7 +17,7 @@ All sums run over every key of `deltas`. The merge strategies that use these pie
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +183,43 @@ def select_alpha(terms: AlphaTerms, clip: bool = True, alpha_min: float = 0.0) -
     raw = terms.raw
     alpha = min(max(raw, alpha_min), 1.0) if clip else raw
     return AlphaChoice(alpha, raw)
+
+
+# ------------------------------------------------------------------- calibrated closed forms (docs/method.md)
+def secant_kappa(target: float, fisher_delta_sq: float) -> float:
+    """kappa_t = target / <F_t, Delta_t^2>: the scale that makes task t's quadratic model (1/2)(1 - alpha)^2 <kappa F_t,
+    Delta^2> pass through a measured loss increase (target = 2 dL_t for the secant at alpha = 0, or c_t of
+    `branch_secant`). 0 when nothing was lost (target <= 0) or the Fisher sees no curvature along Delta."""
+    if not math.isfinite(target) or not math.isfinite(fisher_delta_sq):
+        raise NonFiniteError(f"the secant calibration is not finite (target {target}, <F, Delta^2> {fisher_delta_sq}).")
+    if target <= 0.0 or fisher_delta_sq <= 0.0:
+        return 0.0
+    return target / fisher_delta_sq
+
+
+def branch_secant(loss_minus: float | None, loss_zero: float | None, eps: float) -> float | None:
+    """c_t = 2 (L_minus - L_0) / eps^2 from the late training losses of the perturbation's branches b = -1 (adapter at
+    1 - eps) and b = 0: the secant over [1 - eps, 1], in place of 2 dL_t. None when a branch has no loss or c_t <= 0."""
+    if loss_minus is None or loss_zero is None or eps <= 0:
+        return None
+    c = 2.0 * (loss_minus - loss_zero) / eps**2
+    return c if math.isfinite(c) and c > 0 else None
+
+
+def curve_alpha(
+    grid: Sequence[float], losses: Sequence[float], g_delta: float, s_delta_sq: float
+) -> tuple[float, list]:
+    """alpha_t = argmin over `grid` of [L_t(alpha) - L_t(1)] + alpha <G, Delta> + (1/2) alpha^2 <S, Delta^2>: the new
+    task's measured loss along alpha plus the old tasks' quadratic loss increase. `losses[i]` is L_t(grid[i]); the
+    grid must hold 1. Returns (alpha, the objective at each grid point); ties go to the larger alpha."""
+    if len(grid) != len(losses) or 1.0 not in grid:
+        raise ValueError("the curve needs one loss per grid point, and the grid must contain alpha = 1.")
+    at_one = losses[list(grid).index(1.0)]
+    objective = [(loss - at_one) + a * g_delta + 0.5 * a * a * s_delta_sq for a, loss in zip(grid, losses)]
+    if not all(math.isfinite(v) for v in objective):
+        raise NonFiniteError(f"the measured loss curve is not finite: {losses}")
+    best = min(range(len(grid)), key=lambda i: (objective[i], -grid[i]))
+    return float(grid[best]), objective
 
 
 # ------------------------------------------------------------------- per-parameter pieces of the baselines

@@ -20,6 +20,7 @@ import numpy as np
 from . import metrics
 from .evaluation import LOWER_IS_BETTER
 from .fileio import atomic_write_text
+from .strategies import MergePlan
 
 # per-task log keys copied to results.json lists (results key -> log key)
 PER_TASK = {
@@ -31,6 +32,9 @@ PER_TASK = {
     "delta_norms": "delta_norm",
     "branch_counts": "branch_counts",
     "timings": "timings",
+    "fisher_traces": "fisher_trace",
+    "calibrations": "calibration",
+    "loss_increases": "loss_increase",
 }
 
 
@@ -55,6 +59,31 @@ def score_summary(name: str, R: list[list], sizes: list[int]) -> dict:
         return {"final": -neg["acc"], "aaa": -neg["aaa"], "bwt": neg["bwt"], "forgetting": neg["forgetting"]}
     out = metrics.summarize(M, sizes=sizes)
     return {"final": out["acc"], "aaa": out["aaa"], "bwt": out["bwt"], "forgetting": out["forgetting"]}
+
+
+def task_entry(task, scores: dict, pre: float, plan: MergePlan, delta_norm: float, branches, seconds) -> dict:
+    """Task t's log entry (one element of results.json's per-task lists)."""
+    choice, terms = plan.choice, plan.terms
+    return {
+        "task": task.name,
+        "scores": scores,
+        "pre_merge_acc": pre,
+        "alpha": choice.alpha,
+        "alpha_raw": choice.raw,
+        "alpha_fallback": choice.fallback,
+        "alpha_per_key": {k: c.alpha for k, c in plan.choices.items()} if plan.per_key else None,
+        "terms": None
+        if terms is None
+        else {
+            "fisher_delta_sq": terms.fisher_delta_sq,
+            "g_delta": terms.g_delta,
+            "denominator": terms.denominator,
+        },
+        "oracle_scores": plan.oracle_scores or None,
+        "delta_norm": delta_norm,
+        "branch_counts": {str(b): n for b, n in sorted(branches.items())},
+        "timings": dict(seconds),
+    }
 
 
 def results_dict(log: list[dict], eval_sizes: list[int], primary: str, config: dict, output_dir: str) -> dict:

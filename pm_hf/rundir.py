@@ -30,6 +30,7 @@ INERT = {
     "hub_always_push", "hub_revision", "push_continual_state", "overwrite_output_dir", "skip_memory_metrics",
     "ddp_timeout", "local_rank",
     "resume_from_checkpoint", "resume_from", "do_train", "do_eval", "do_predict", "debug", "divergence_threshold",
+    "log_loss_increase",
 }  # fmt: skip
 APPENDABLE = ("class_groups", "task_datasets", "max_length_per_task")  # a longer list = more tasks appended
 BATCH = ("per_device_train_batch_size", "gradient_accumulation_steps")  # only their product x processes matters

@@ -12,6 +12,7 @@ import inspect
 import math
 from collections import Counter
 
+import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
@@ -53,6 +54,7 @@ class PerturbationMixin:
             # train with twice the gradient of batch 8 x accumulation 1.
             self.model_accepts_loss_kwargs = False
         self.branch_counts: Counter[int] = Counter()
+        self._late_losses: dict[int, list[float]] = {-1: [], 0: [], 1: []}
         self._counted_step = -1
         self._first_loss: float | None = None
 
@@ -100,8 +102,22 @@ class PerturbationMixin:
             self.branch_counts[branch] += 1
         with self.perturbation(branch):
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self._check_loss(float(loss))  # the Trainer syncs on this loss anyway (its NaN filter)
+        value = float(loss)  # the Trainer syncs on this loss anyway (its NaN filter)
+        self._check_loss(value)
+        if 2 * self.state.global_step >= self.state.max_steps:  # the second half of the task's steps
+            self._late_losses[branch].append(value)
         return loss
+
+    def branch_losses(self) -> dict[int, float | None]:
+        """The mean training loss of each branch b over the second half of the task's steps (the micro-batch losses as
+        the Trainer returns them), None for a branch never drawn there: L_minus at (1 - eps) Delta, L_0 at Delta.
+        Averaged over all processes, so every rank computes the same alpha from them."""
+        sums = torch.tensor([[sum(v), len(v)] for v in self._late_losses.values()], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend_device = self.args.device if torch.distributed.get_backend() == "nccl" else "cpu"
+            sums = sums.to(backend_device)
+            torch.distributed.all_reduce(sums)
+        return {b: float(s / n) if n else None for b, (s, n) in zip(self._late_losses, sums.cpu().tolist())}
 
     def _check_loss(self, value: float) -> None:
         """Stop at a NaN/inf loss or one that exploded (`divergence_threshold` x max(1, the task's first loss))."""

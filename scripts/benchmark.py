@@ -322,11 +322,15 @@ def write_reports(out: Path, figures: dict, raw: dict) -> None:
 SUITES = {
     "text-cil": ROOT / "configs" / "bench_text_cil.yaml",
     "vision-cil": ROOT / "configs" / "bench_vision_cil.yaml",
+    "text-cil-10": ROOT / "configs" / "bench_text_cil_10.yaml",
+    "vision-cil-10": ROOT / "configs" / "bench_vision_cil_10.yaml",
     "llm-instruct": ROOT / "configs" / "llm_wordnet.yaml",  # needs scripts/convert_smollm2.py once; not in CI
 }
 _NO_PERTURB = {"perturbation": "none"}
 # method -> (overrides of the suite config, one-line description). Baselines train without perturbation (as in the
 # paper's tables); P&M variants and the oracle train with it.
+_PROTO = {"head_align": "prototypes", "head_align_drift": "sdc"}
+_LOG = {"log_loss_increase": True}
 METHODS: dict[str, tuple[dict, str]] = {
     "seq": ({"merge_method": "seq", **_NO_PERTURB}, "one LoRA continued through all tasks, no merge"),
     "seq-merge": ({"merge_method": "seq-merge", **_NO_PERTURB}, "new LoRA per task, merged with alpha = 1"),
@@ -389,6 +393,45 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "pm", "head_align": "prototypes", "head_align_drift": "sdc", **_NO_PERTURB},
         "closed-form alpha, no perturbation + the prototype head alignment of pm-proto",
     ),
+    # the baselines the alpha-collapse diagnosis calls for (docs/method.md), and the oracle with the preset's head
+    "fixed-1-eps": (
+        {"merge_method": "coma", "fixed_alpha": 0.5, "perturbation": "task_vector", "perturb_eps": 0.5},
+        "P&M training, alpha = 1 - eps = 0.5 (the point the b = -1 branch trains at)",
+    ),
+    "sqrt-t": ({"merge_method": "sqrt-t", "perturbation": "task_vector"}, "P&M training, alpha_t = 1/sqrt(t)"),
+    "fixed-1-eps-proto": (
+        {"merge_method": "coma", "fixed_alpha": 0.5, "perturbation": "task_vector", "perturb_eps": 0.5, **_PROTO},
+        "fixed-1-eps + the prototype head alignment of pm-proto",
+    ),
+    "sqrt-t-proto": (
+        {"merge_method": "sqrt-t", "perturbation": "task_vector", **_PROTO},
+        "sqrt-t + the prototype head alignment of pm-proto",
+    ),
+    "oracle-alpha-proto": (
+        {"merge_method": "oracle-alpha", "perturbation": "task_vector", **_PROTO},
+        "the oracle alpha (0.1 grid, eval-set accuracy) + the prototype head alignment: the preset's upper bound",
+    ),
+    # calibrated closed forms (docs/method.md): the Fisher's shape, each task's scale measured
+    "pm-secant": ({"merge_method": "pm", "alpha_calibration": "secant", **_LOG}, "P&M, secant-calibrated Fisher"),
+    "pm-branch": (
+        {"merge_method": "pm", "alpha_calibration": "branch", **_LOG},
+        "P&M, Fisher calibrated by the perturbation's branch losses",
+    ),
+    "pm-curve": (
+        {"merge_method": "pm", "alpha_calibration": "curve", **_LOG},
+        "P&M, alpha from the measured held-out loss curve of the new task + calibrated old tasks",
+    ),
+    "pm-fisher-perturbed": (
+        {"merge_method": "pm", "fisher_point": "perturbed", **_LOG},
+        "P&M, the Fisher taken with the adapter at 1 - eps (where the b = -1 branch trains)",
+    ),
+    "pm-fisher-seen": (
+        {"merge_method": "pm", "fisher_classes": "seen", **_LOG},
+        "P&M, the Fisher of the cross-entropy over all seen classes",
+    ),
+    "pm-secant-proto": ({**get_preset("pm-proto"), "alpha_calibration": "secant", **_LOG}, "pm-secant + prototypes"),
+    "pm-branch-proto": ({**get_preset("pm-proto"), "alpha_calibration": "branch", **_LOG}, "pm-branch + prototypes"),
+    "pm-curve-proto": ({**get_preset("pm-proto"), "alpha_calibration": "curve", **_LOG}, "pm-curve + prototypes"),
 }
 COMPACT_KEYS = (
     "tasks",
@@ -405,6 +448,9 @@ COMPACT_KEYS = (
     "oracle_scores",
     "delta_norms",
     "timings",
+    "fisher_traces",
+    "calibrations",
+    "loss_increases",
     "eval_sizes",
     "primary_metric",
     "score_matrices",
@@ -415,7 +461,7 @@ COMPACT_KEYS = (
 
 def ensure_assets(suite: str, threads: int) -> None:
     """Build what a suite's config names but a fresh machine lacks: the vision-cil ViT (pretrained by the project)."""
-    if suite != "vision-cil":
+    if not suite.startswith("vision-cil"):
         return
     from pm_hf.parsing import load_yaml_config
 

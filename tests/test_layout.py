@@ -20,7 +20,7 @@ LAYERS = [
     ["fisher", "trainer", "heads", "instruct"],
     ["alignment"],
     ["strategies", "evaluation", "export"],
-    ["checkpoint", "results"],
+    ["checkpoint", "results", "measure"],
     ["loop"],
     ["assembly"],
     ["continual", "parsing", "sft"],

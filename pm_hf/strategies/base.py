@@ -44,6 +44,7 @@ class MergePlan:
     terms: AlphaTerms | None = None  # the closed form's sums (strategies that compute them)
     per_key: bool = False  # log one alpha per key (per-module ablation)
     oracle_scores: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None  # what a calibrated closed form measured (kappa, losses, curve)
 
     @property
     def choice(self) -> AlphaChoice:
@@ -55,6 +56,18 @@ class MergePlan:
         """Whether theta_hat_t - theta_hat_{t-1} is alpha * s B A exactly (one float alpha per key, previous origin):
         then the task's adapter factors are the exact export record."""
         return self.origin == "previous" and all(not isinstance(a, torch.Tensor) for a in self.alpha.values())
+
+
+@dataclass
+class TaskProbe:
+    """Measurements of the trained task for the calibrated closed forms (strategies with `needs_probe`): its loss
+    along the merge line theta_hat_{t-1} + alpha Delta_t (adapter off, the task's training mask, eval mode) on a sample
+    of its training data and on its held-out part, and the perturbation's late branch losses."""
+
+    loss: Score | None = None  # alpha -> mean loss on the task's training sample (the Fisher's)
+    heldout_loss: Score | None = None  # alpha -> mean loss on the held-out part of the task's training data
+    branch_losses: dict[int, float | None] = field(default_factory=dict)
+    eps: float = 0.0  # the perturbation's epsilon (branch b = -1 trains at 1 - eps)
 
 
 @dataclass
@@ -73,6 +86,8 @@ class MergeStrategy:
     knobs: ClassVar[tuple[str, ...]] = ()  # the `MergeArguments` fields the strategy reads
     needs_fisher: ClassVar[bool] = False
     needs_score: ClassVar[bool] = False  # score(alpha): held-out accuracy of theta_hat_{t-1} + alpha Delta
+    needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
+    holdout: ClassVar[float] = 0.0  # the fraction of each task's training data held out for the probe
     start: ClassVar[Start] = "merged"
 
     def __init__(self, **knobs):
@@ -186,6 +201,7 @@ def merge_task(
     before: Mapping[str, torch.Tensor] | None = None,
     fisher: Mapping[str, torch.Tensor] | None = None,
     score: Score | None = None,
+    probe: TaskProbe | None = None,
 ) -> MergePlan:
     """Merge task t (0-based) into the model: the strategy's plan, written through `weights`, then the adapter
     zeroed (theta_hat_t now lives in the base weights; a fresh adapter starts the next task).
@@ -197,11 +213,13 @@ def merge_task(
         before: fp32 values of the fully trained parameters when the task started (their theta_hat_{t-1}).
         fisher: the task's diagonal Fisher over `vector.deltas` (strategies with `needs_fisher`).
         score: score(alpha) for strategies with `needs_score`.
+        probe: the task's `TaskProbe` for strategies with `needs_probe`.
 
     Returns:
         The applied `MergePlan` (alpha per key, what was logged, the closed form's terms).
     """
-    plan = strategy.merge(t, vector, fisher=fisher, score=score)
+    extra = {"probe": probe} if strategy.needs_probe else {}
+    plan = strategy.merge(t, vector, fisher=fisher, score=score, **extra)
     base = strategy.pretrained if plan.origin == "pretrained" else before
     weights.apply(plan.deltas, plan.alpha, base=base)
     zero_adapter(weights.model)
