@@ -171,10 +171,11 @@ def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
     return delta.T if layer.fan_in_fan_out else delta
 
 
-def lora_task_vector(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Delta W of the active adapter for every LoRA layer, by merge key."""
+def lora_task_vector(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """Delta W of the active adapter for every LoRA layer, by merge key (moved to `device` layer by layer, so the
+    accelerator holds one layer's at a time)."""
     name = active_adapter(model)
-    return {key: lora_delta(layer, name) for key, layer in lora_layers(model).items()}
+    return {key: lora_delta(layer, name).to(device or layer.weight.device) for key, layer in lora_layers(model).items()}
 
 
 def task_vector_norm(model: nn.Module) -> float:

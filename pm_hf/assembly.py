@@ -28,6 +28,7 @@ from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .rundir import dataset_digest
 from .strategies import build_strategy
+from .trainer import refuse_sharding
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]
 
@@ -155,6 +156,7 @@ def build_loop(
     `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass."""
     strategy = strategy or build_strategy(merge_args)
     HeadAlignment.check_args(merge_args)
+    refuse_sharding(training_args)
     causal = is_causal(model, model_args)
     model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
     processor = processor if processor is not None else load_processor(model_args)

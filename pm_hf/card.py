@@ -56,14 +56,16 @@ def card_data(results: dict, info: dict, repo_id: str | None) -> ModelCardData:
     )
 
 
-def _matrix_table(results: dict) -> str:
+def matrix_table(results: dict) -> str:
+    """R[t][j] of results.json as a markdown table (percent)."""
     tasks, R = results["tasks"], results["accuracy_matrix"]
     head = "| after task | " + " | ".join(f"{j + 1}. {n.split(': ', 1)[-1]}" for j, n in enumerate(tasks)) + " |"
     rows = [f"| {t + 1} | " + " | ".join(_pct(v) for v in row) + " |" for t, row in enumerate(R)]
     return "\n".join([head, "|---" * (len(tasks) + 1) + "|", *rows])
 
 
-def _alpha_table(results: dict) -> str:
+def alpha_table(results: dict) -> str:
+    """alpha per task (used and raw) as a markdown table."""
     rows = ["| task | α used | α raw |", "|---|---|---|"]
     for t, (a, raw) in enumerate(zip(results["alphas"], results["alphas_raw"])):
         rows.append(f"| {t + 1}. {results['tasks'][t]} | {a:.4f} | {raw:.4f} |")
@@ -93,13 +95,13 @@ strategy `{info.get("merge_method", merge.get("merge_method"))}`. Scores ({metri
 
 ## Task sequence and α per task
 
-{_alpha_table(results)}
+{alpha_table(results)}
 
 ## Accuracy matrix
 
 R[t][j] = {metric} (%) on task j after training task t, over all classes seen so far.
 
-{_matrix_table(results)}
+{matrix_table(results)}
 
 ![accuracy matrix](accuracy_matrix.png)
 

@@ -162,6 +162,13 @@ class MergeArguments:
     accumulator_device: str | None = field(
         default=None, metadata={"help": "Where S, G and the fp32 master weights live ('cpu' for large models)."}
     )
+    accumulator_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "'pm': storage of S and G, 'float32' or 'bfloat16' (half the memory; updates computed in fp32).",
+            "choices": ["float32", "bfloat16"],
+        },
+    )
     alpha_calibration: str = field(
         default="none",
         metadata={

@@ -28,6 +28,7 @@ from .loop import ContinualLoop, seeded
 from .models import load_processor
 from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
+from .trainer import refuse_sharding
 
 
 class ContinualTrainer:
@@ -79,6 +80,7 @@ class ContinualTrainer:
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
         self.loop: ContinualLoop | None = None
+        refuse_sharding(args)  # before anything is loaded: FSDP / DeepSpeed are not supported yet
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
         self.hub = connect(args) if args.push_to_hub and main else None

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import itertools
 import logging
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,11 +50,12 @@ from .fisher import estimate_fisher, normalize_fisher
 from .hub import BASE_BRANCH, HubTarget, push_run
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
 from .metrics import seen_accuracy
+from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
 from .rundir import refuse_changes
 from .strategies import MergeStrategy, merge_task
 from .timing import Timer
-from .trainer import PMTrainer, TaskProgress
+from .trainer import PMTrainer, TaskProgress, distributed_setup, release, task_checkpoint
 from .weights import ModelWeights
 
 logger = logging.getLogger(__name__)
@@ -69,23 +70,6 @@ def seeded(seed: int):
         set_seed(seed)
         yield
     restore_rng(rng)
-
-
-def distributed_setup(args) -> dict:
-    """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    return {"type": state.distributed_type.value, "num_processes": state.num_processes, "sharding": "none"}
-
-
-def release(trainer: PMTrainer) -> None:
-    """Drop the task's trainer's hold on the model: its accelerator's references and the DDP wrapper, whose gradient
-    hooks would otherwise stay on the parameters and clash with the next task's wrapper."""
-    if isinstance(trainer, PMTrainer):
-        trainer.accelerator.free_memory()
-        trainer.model_wrapped = trainer.model
-        gc.collect()
 
 
 class ContinualLoop:
@@ -117,6 +101,8 @@ class ContinualLoop:
         self.record = None  # the last task's exact export record, written with its checkpoint
         self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub`
         self.log_loss_increase = False  # `MergeArguments.log_loss_increase`
+        self.reporters = SequenceReporters(args, self.out)  # report_to, once for the whole sequence
+        self.resuming = False
         if strategy.needs_pretrained:
             strategy.pretrained = self.weights.snapshot(exclude=head.owns)
 
@@ -134,7 +120,8 @@ class ContinualLoop:
         # train with perturbation
         trainer = self.trainer(t, task)
         with timer("train"):
-            trainer.train()
+            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
+        self.resuming = False
         self.callbacks.call("on_train_end", t, self.model, task)
         delta_norm = task_vector_norm(self.model)
         pre = self.evaluator.score(task, seen_classes(self.stream.tasks[: t + 1]))  # plasticity, before the merge
@@ -196,8 +183,8 @@ class ContinualLoop:
 
     def trainer(self, t: int, task) -> PMTrainer:
         args = copy.deepcopy(self.args)
-        args.output_dir = str(self.out / "tasks" / f"task_{t}")
-        args.save_strategy = args.eval_strategy = "no"
+        args.output_dir = str(self.out / "tasks" / f"task_{t}")  # mid-task checkpoints (save_strategy) go here
+        args.eval_strategy, args.report_to = "no", "none"  # the run's reporters are shared below: one logging run
         args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
         args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
         # Accelerate marks a model it prepared for evaluation (unwrapped) and then skips wrapping it for training:
@@ -209,8 +196,9 @@ class ContinualLoop:
             train_dataset=task.train,
             data_collator=self.stream.collate_fn,
             task_index=t,
-            callbacks=self.trainer_callbacks,
+            callbacks=[*self.trainer_callbacks, *self.reporters.callbacks],
             head_modules=self.head.modules,
+            step_offset=sum(sum(e["branch_counts"].values()) for e in self.log),
         )
         trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
         trainer.remove_callback(PrinterCallback)
@@ -281,6 +269,7 @@ class ContinualLoop:
         if self.record is not None:
             save_task_record(self.out, t, self.record)
         path = save_checkpoint(self.out, self.state(), self.config)
+        shutil.rmtree(self.out / "tasks" / f"task_{t}", ignore_errors=True)  # its mid-task checkpoints are spent
         write_outputs(self.out, self.results())
         self.callbacks.call("on_save", t, path)
 
@@ -367,6 +356,7 @@ class ContinualLoop:
         """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
         if resume:
             self.resume()
+            self.resuming = True  # the next task continues from its last mid-task checkpoint, if it has one
         T = len(self.stream.tasks)
         last = T if stop_after is None else min(T, stop_after)
         show = not self.args.disable_tqdm and self.args.should_log
@@ -384,4 +374,8 @@ class ContinualLoop:
             if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:
                 self.push(T - 1)
         self.head.set_active(None)  # the model predicts over every class again
-        return self.results()
+        results = self.results()
+        if len(self.log) > done:  # the summary, the matrix and the alpha table, at the sequence's last step
+            self.reporters.log(sum(sum(e["branch_counts"].values()) for e in self.log), summary_logs(results))
+        self.reporters.close()
+        return results

@@ -119,7 +119,7 @@ def update_accumulators(
         alpha: the alpha actually applied (after clamping): one float, or one float or per-parameter tensor per key.
 
     Returns:
-        New `(S, G)` dicts (inputs are not modified), in the dtype and device of `S` and `G`.
+        New `(S, G)` dicts (inputs are not modified), in the dtype and device of `S` and `G`, computed in fp32.
     """
     _check_same_keys(deltas, fisher=fisher, S=S, G=G)
     new_S, new_G = {}, {}
@@ -134,16 +134,20 @@ def update_accumulators(
             a = float(a)
             if not math.isfinite(a):
                 raise ValueError(f"`alpha` for {key!r} is {a}; pass the finite alpha that was applied.")
-        d = delta.to(s.device, s.dtype)
-        f = fisher[key].to(s.device, s.dtype)
-        new_G[key] = g + a * s * d + (a - 1.0) * f * d
-        new_S[key] = s + f
+        s32, g32 = s.float(), g.float()  # accumulated in fp32 whatever the storage dtype
+        a = a.float() if isinstance(a, torch.Tensor) else a
+        d = delta.to(s.device, torch.float32)
+        f = fisher[key].to(s.device, torch.float32)
+        new_G[key] = (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
+        new_S[key] = (s32 + f).to(s.dtype)
     return new_S, new_G
 
 
-def zeros_like_dict(tensors: TensorDict, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 zero buffers shaped like `tensors` (the initial S and G)."""
-    return {k: torch.zeros(v.shape, dtype=torch.float32, device=device or v.device) for k, v in tensors.items()}
+def zeros_like_dict(
+    tensors: TensorDict, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Zero buffers shaped like `tensors` (the initial S and G; fp32 unless stored in bf16)."""
+    return {k: torch.zeros(v.shape, dtype=dtype, device=device or v.device) for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class LoadedAdapter:
     def __init__(self, model, source: str):
         self.model, self.source, self.branch_counts = model, source, {}
 
-    def train(self) -> None:
+    def train(self, resume_from_checkpoint=None) -> None:
         load_adapter_weights(self.model, self.source)
 
     def log(self, logs: dict) -> None:

@@ -8,17 +8,34 @@ before `training_step` returns, so the optimizer step always sees the unperturbe
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
+import json
 import math
+import os
 from collections import Counter
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from .adapters import gaussian_adapter_noise, scale_active_adapter, strip_prefix, task_vector_norm, unwrap
+from .adapters import (
+    full_trainable_params,
+    gaussian_adapter_noise,
+    scale_active_adapter,
+    strip_prefix,
+    task_vector_norm,
+    unwrap,
+)
+from .checks import invalid
 from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
+from .training_args import SHARDING_FIX
+
+TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
 
 
 class DivergenceError(RuntimeError):
@@ -35,10 +52,12 @@ class PerturbationMixin:
         task_index: 0-based index of the task in the continual sequence (seeds the branch draws).
         head_modules: names (relative to the base model) of the class head(s); with `args.head_learning_rate` set,
             their parameters train at that learning rate (the paper's protocol: LoRA 1e-3, head 1e-2).
+        step_offset: the optimizer steps of the sequence's earlier tasks: logs are reported at offset + global_step.
     """
 
-    def __init__(self, *args, task_index: int = 0, head_modules: list[str] | None = None, **kwargs):
-        self.head_modules = list(head_modules or [])
+    def __init__(self, *args, task_index: int = 0, head_modules: list[str] | None = None, step_offset: int = 0,
+                 **kwargs):  # fmt: skip
+        self.head_modules, self.step_offset = list(head_modules or []), step_offset
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PerturbationArguments):
             raise TypeError(
@@ -132,13 +151,42 @@ class PerturbationMixin:
                 "again (the checkpoint of the previous task is intact)."
             )
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """`Trainer._save` (the adapter), then what else a mid-task resume needs: the fully trained parameters (the
+        head, `modules_to_save`) and this trainer's branch counts and late branch losses."""
+        super()._save(output_dir, state_dict)
+        if output_dir is None or not self.args.should_save:
+            return
+        tensors = {k: p.detach().cpu().contiguous() for k, p in full_trainable_params(self.model).items()}
+        meta = {"branch_counts": json.dumps(self.branch_counts), "late_losses": json.dumps(self._late_losses)}
+        save_file(tensors, os.path.join(output_dir, TRAINER_EXTRA), metadata=meta)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """`Trainer._load_from_checkpoint` (the adapter), then the parameters and counts `_save` added."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, TRAINER_EXTRA)
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        params = full_trainable_params(model if model is not None else self.model)
+        if set(params) != set(tensors):
+            raise ValueError(f"{path} does not fit the model: {sorted(set(params) ^ set(tensors))[:3]}")
+        with torch.no_grad():
+            for key, value in tensors.items():
+                params[key].copy_(value.to(params[key].device, params[key].dtype))
+        self.branch_counts = Counter({int(b): n for b, n in json.loads(meta["branch_counts"]).items()})
+        self._late_losses = {int(b): v for b, v in json.loads(meta["late_losses"]).items()}
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.args.perturbation != "none":
             logs = dict(logs)
             for branch, label in ((-1, "minus"), (0, "zero"), (1, "plus")):
                 logs[f"pm/branch_{label}"] = self.branch_counts[branch]
             logs["pm/delta_norm"] = task_vector_norm(self.model)
-        super().log(logs, *args, **kwargs)
+        self.state.global_step += self.step_offset  # the sequence's step: it never goes back from task to task
+        try:
+            super().log(logs, *args, **kwargs)
+        finally:
+            self.state.global_step -= self.step_offset
 
 
 class TaskProgress(TrainerCallback):
@@ -179,3 +227,46 @@ def _loss_uses_num_items(model) -> bool:
     except (OSError, TypeError):
         return True  # cannot tell: keep the Trainer's own decision
     return "loss_function" in source or "num_items_in_batch" in source
+
+
+# ------------------------------------------------------------------- one task trainer inside a continual run
+def refuse_sharding(args) -> None:
+    """FSDP and DeepSpeed (asked for in the arguments or by `accelerate launch`'s config, which Accelerate reports)
+    are refused before anything is loaded: the continual state, the Fisher and the merge need every adapted weight
+    whole on every rank, and on CPU Accelerate would silently run such a config as plain DDP."""
+    from accelerate.utils import parse_flag_from_env
+
+    fix = SHARDING_FIX
+    if args.fsdp or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise invalid("fsdp", args.fsdp or "accelerate config (FSDP)", fix)
+    if args.deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise invalid("deepspeed", args.deepspeed or "accelerate config (DeepSpeed)", fix)
+
+
+def distributed_setup(args) -> dict:
+    """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return {"type": state.distributed_type.value, "num_processes": state.num_processes, "sharding": "none"}
+
+
+def task_checkpoint(out: Path, t: int) -> str | None:
+    """The newest complete Trainer checkpoint of task t (its trainer_state.json and pm_hf's file written), if any."""
+    folder = out / "tasks" / f"task_{t}"
+    steps = sorted(
+        folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name[11:].isdigit() else -1
+    )
+    for path in reversed(steps):
+        if (path / "trainer_state.json").is_file() and (path / TRAINER_EXTRA).is_file():
+            return str(path)
+    return None
+
+
+def release(trainer) -> None:
+    """Drop a finished task's trainer's hold on the model (its accelerator's references: the DDP wrapper, the
+    optimizer), so they are freed before the next task's trainer prepares the model again."""
+    if isinstance(trainer, Trainer):
+        trainer.accelerator.free_memory()
+        trainer.model_wrapped = trainer.model
+        gc.collect()

@@ -130,7 +130,7 @@ class ModelWeights:
             is_head: whether a key belongs to the class head (left out of `trained`).
             head_delta: the merged part of a head key's change, or None when nothing of it is merged.
         """
-        lora = lora_task_vector(self.model)
+        lora = lora_task_vector(self.model, self.device)
         full, trained = {}, {}
         for key, param in self.full().items():
             delta = param.detach().float() - before[key]

@@ -429,6 +429,10 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "pm", "fisher_classes": "seen", **_LOG},
         "P&M, the Fisher of the cross-entropy over all seen classes",
     ),
+    "pm-bf16-state": (
+        {"merge_method": "pm", "perturbation": "task_vector", "accumulator_dtype": "bfloat16"},
+        "pm with S and G stored in bf16 (updates in fp32): the alpha error of half the state",
+    ),
     "pm-secant-proto": ({**get_preset("pm-proto"), "alpha_calibration": "secant", **_LOG}, "pm-secant + prototypes"),
     "pm-branch-proto": ({**get_preset("pm-proto"), "alpha_calibration": "branch", **_LOG}, "pm-branch + prototypes"),
     "pm-curve-proto": ({**get_preset("pm-proto"), "alpha_calibration": "curve", **_LOG}, "pm-curve + prototypes"),

@@ -84,14 +84,14 @@ def test_old_head_rows_bit_identical_and_adapter_roundtrip(model_dir, tmp_path):
 class CrashAt(TrainerCallback):
     """Raises in the middle of the given task's training (simulates a kill)."""
 
-    def __init__(self, trainer_count_to_crash: int):
-        self.calls, self.target = 0, trainer_count_to_crash
+    def __init__(self, trainer_count_to_crash: int, step: int = 2):
+        self.calls, self.target, self.step = 0, trainer_count_to_crash, step
 
     def on_train_begin(self, args, state, control, **kw):
         self.calls += 1
 
     def on_step_end(self, args, state, control, **kw):
-        if self.calls == self.target and state.global_step == 2:
+        if self.calls == self.target and state.global_step == self.step:
             raise KeyboardInterrupt("simulated kill in the middle of task 3")
 
 

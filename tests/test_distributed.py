@@ -3,9 +3,11 @@ under DDP, the ranks agree exactly, alpha within 1e-6 and the merged weights wit
 Accelerate marked the model prepared after an evaluation, so every task after the first trained without DDP, each
 rank on its own shard, and the ranks' models drifted apart.)"""
 
+import pytest
 from conftest import checkpoint_tensors, groups, torchrun
 
-from pm_hf.continual import run_continual
+from pm_hf.checks import InputError
+from pm_hf.continual import ContinualTrainer, run_continual
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path):
@@ -23,3 +25,16 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
             assert float((two[key] - one[key]).abs().max() / scale) < 1e-5, key
     assert rank0["distributed"] == {"type": "MULTI_CPU", "num_processes": 2, "sharding": "none"}
     assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
+
+
+@pytest.mark.parametrize(("field", "value"), [("fsdp", "full_shard"), ("deepspeed", "ds_config.json")])
+def test_sharded_setups_are_refused_before_anything_loads(model_dir, tmp_path, field, value):
+    with pytest.raises(InputError, match=rf"^{field} = .*does not shard models yet"):
+        groups(model_dir, tmp_path / "run", **{field: value})  # PMConfig itself refuses
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_accelerate_fsdp_launch_is_refused_not_run_as_ddp(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(InputError, match=r"^fsdp = 'accelerate config \(FSDP\)'"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))

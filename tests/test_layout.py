@@ -15,7 +15,7 @@ LAYERS = [
     ["training_args"],
     ["config", "metrics", "presets", "rundir"],
     ["merge"],
-    ["adapters", "callbacks", "sources", "models", "hub"],
+    ["adapters", "callbacks", "sources", "models", "hub", "reporting"],
     ["data", "weights"],
     ["fisher", "trainer", "heads", "instruct"],
     ["alignment"],

@@ -29,8 +29,8 @@ from .base import MergePlan, MergeStrategy, alpha_plan, constant, fraction, pref
 class ClosedForm(MergeStrategy):
     name = "pm"
     reference = "Qiu et al. 2025, Perturb-and-Merge: closed-form alpha over the S/G accumulators (docs/method.md)"
-    knobs = ("alpha_clip", "alpha_min", "alpha_granularity", "accumulator_device", "alpha_calibration",
-             "calibration_holdout", "calibration_grid")  # fmt: skip
+    knobs = ("alpha_clip", "alpha_min", "alpha_granularity", "accumulator_device", "accumulator_dtype",
+             "alpha_calibration", "calibration_holdout", "calibration_grid")  # fmt: skip
     needs_fisher = True
 
     def __init__(self, **knobs):
@@ -53,6 +53,7 @@ class ClosedForm(MergeStrategy):
         fraction(values, "alpha_min")
         check_choice("alpha_granularity", values.alpha_granularity, ("global", "module"))
         check_choice("alpha_calibration", values.alpha_calibration, ALPHA_CALIBRATIONS)
+        check_choice("accumulator_dtype", values.accumulator_dtype, ("float32", "bfloat16"))
         check_number("calibration_holdout", values.calibration_holdout, 0, 0.5, low_open=True)
         grid = values.calibration_grid
         if not isinstance(grid, list) or not grid or not all(is_number(a) and 0 <= a <= 1 for a in grid):
@@ -101,8 +102,9 @@ class ClosedForm(MergeStrategy):
             raise ValueError("merge strategy 'pm' needs the task's Fisher")
         deltas = vector.deltas
         new = {k: v for k, v in deltas.items() if k not in self.S}  # keys merged for the first time (a shared head
-        self.S.update(zeros_like_dict(new, self.accumulator_device))  # of domain-incremental tasks from task 2 on)
-        self.G.update(zeros_like_dict(new, self.accumulator_device))
+        dtype = getattr(torch, self.accumulator_dtype)  # of domain-incremental tasks from task 2 on)
+        self.S.update(zeros_like_dict(new, self.accumulator_device, dtype))
+        self.G.update(zeros_like_dict(new, self.accumulator_device, dtype))
         S, G = ({k: acc[k] for k in deltas} for acc in (self.S, self.G))  # keys not merged now keep their sums
         calibration = None
         if self.alpha_calibration != "none":

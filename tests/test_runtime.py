@@ -1,0 +1,57 @@
+"""Long runs: a kill in the middle of a task resumes from the task's last Trainer checkpoint (`save_strategy`) to the
+uninterrupted run's numbers, and one logging run per sequence (TensorBoard, offline): the step never goes back from
+task to task, `continual/*` are curves over tasks, the summary, matrix and alpha table are logged at the end."""
+
+import json
+
+import pytest
+from conftest import groups
+from test_continual import CrashAt, numbers
+
+from pm_hf.continual import run_continual
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    return run_continual(*groups(model_dir, tmp_path_factory.mktemp("ref")))
+
+
+def test_a_kill_in_the_middle_of_a_task_resumes_from_its_trainer_checkpoint(model_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # killed at step 3 of task 3, after its checkpoint at step 2
+        run_continual(*groups(model_dir, out, save_strategy="steps", save_steps=2), callbacks=[CrashAt(3, step=3)])
+    assert json.loads((out / "latest.json").read_text())["completed"] == 2
+    saved = sorted(p.name for p in (out / "tasks" / "task_2").glob("checkpoint-*"))
+    assert (
+        saved == ["checkpoint-2"] and (out / "tasks" / "task_2" / "checkpoint-2" / "pm_hf_trainer.safetensors").exists()
+    )
+    steps = []
+
+    class Steps(CrashAt):  # records the steps the resumed task trains
+        def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
+
+    resumed = run_continual(*groups(model_dir, out, save_strategy="steps", save_steps=2), resume=True,
+                            callbacks=[Steps(99)])  # fmt: skip
+    assert steps[0] == 3  # task 3 continued after step 2, not from its start
+    assert numbers(resumed) == numbers(reference)
+    assert resumed["branch_counts"] == reference["branch_counts"]
+    assert not (out / "tasks" / "task_2").exists()  # spent once the task's continual checkpoint is written
+
+
+def test_one_tensorboard_run_for_the_whole_sequence(model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = run_continual(*groups(model_dir, tmp_path, report_to=["tensorboard"], logging_steps=1))
+    events = EventAccumulator(str(tmp_path / "runs"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    losses = [e.step for e in events.Scalars("train/loss")]
+    assert losses == sorted(losses) and len(set(losses)) == len(losses)  # the step never goes back
+    per_task = [sum(counts.values()) for counts in results["branch_counts"]]
+    assert losses[-1] == sum(per_task)
+    alphas = events.Scalars("train/continual/alpha")
+    assert [round(e.value, 6) for e in alphas] == [round(a, 6) for a in results["alphas"]]
+    assert [e.step for e in alphas] == [sum(per_task[: t + 1]) for t in range(3)]  # one point per task: a curve
+    assert events.Scalars("train/continual/acc")[0].value == pytest.approx(results["acc"])
+    tags = events.Tags()["tensors"]
+    assert any("continual/accuracy_matrix" in tag for tag in tags) and any("alpha_table" in tag for tag in tags)
+    assert not list((tmp_path / "tasks").glob("*/runs"))  # no per-task run folders
