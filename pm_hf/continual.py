@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
+from accelerate import PartialState
 from transformers import PreTrainedModel
 
 from .alignment import HeadAlignment
@@ -179,6 +180,7 @@ class ContinualTrainer:
                 claim(loop.out, resume_from_checkpoint, overwrite)
                 if source and not (resume_from_checkpoint and (loop.out / LATEST).exists()):
                     copy_task_records(Path(source), loop.out, copy_checkpoint(Path(source), loop.out))
+            PartialState().wait_for_everyone()  # other ranks start once the folder is claimed (and a source copied)
             self._claimed = True
             resume = first and (resume_from_checkpoint or source is not None)
             return loop.run(resume=resume, stop_after=stop_after)

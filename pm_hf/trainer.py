@@ -231,11 +231,19 @@ def _loss_uses_num_items(model) -> bool:
 
 # ------------------------------------------------------------------- one task trainer inside a continual run
 def refuse_sharding(args) -> None:
-    """FSDP and DeepSpeed (asked for in the arguments or by `accelerate launch`'s config, which Accelerate reports)
-    are refused before anything is loaded: the continual state, the Fisher and the merge need every adapted weight
-    whole on every rank, and on CPU Accelerate would silently run such a config as plain DDP."""
-    from accelerate.utils import parse_flag_from_env
+    """Refused before anything is loaded: a launch whose processes would each train alone (`torchrun` on a machine
+    without a GPU and without `use_cpu`), and FSDP or DeepSpeed, asked for in the arguments or by `accelerate
+    launch`'s config (as Accelerate reports it): the continual state, the Fisher and the merge need every adapted
+    weight whole on every rank, and on CPU Accelerate would silently run such a config as plain DDP."""
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
 
+    launched = get_int_from_env(["WORLD_SIZE"], 1)  # the processes `torchrun` / `accelerate launch` started
+    if launched > 1 and args.world_size != launched:
+        fix = (
+            f"launched with {launched} processes but the training arguments see {args.world_size}: every process "
+            "would train alone and write the same files. On a machine without a GPU set `use_cpu: true` (gloo)."
+        )
+        raise invalid("use_cpu", args.use_cpu, fix)
     fix = SHARDING_FIX
     if args.fsdp or parse_flag_from_env("ACCELERATE_USE_FSDP"):
         raise invalid("fsdp", args.fsdp or "accelerate config (FSDP)", fix)

@@ -38,3 +38,10 @@ def test_an_accelerate_fsdp_launch_is_refused_not_run_as_ddp(model_dir, tmp_path
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
     with pytest.raises(InputError, match=r"^fsdp = 'accelerate config \(FSDP\)'"):
         ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))
+
+
+def test_a_launch_whose_ranks_would_train_alone_is_refused(model_dir, tmp_path, monkeypatch):
+    args = groups(model_dir, tmp_path / "run", use_cpu=False)  # no GPU here: the Trainer sees one process
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for 2 processes
+    with pytest.raises(InputError, match=r"^use_cpu = False: launched with 2 processes but the training .* see 1"):
+        ContinualTrainer.from_args(*args)
