@@ -277,6 +277,33 @@ def load_adapter_weights(model: nn.Module, source: str) -> None:
         raise ValueError(f"{source}: keys that do not fit the model: {(result.unexpected_keys + missing)[:3]}")
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether an adapted layer's base weight cannot hold a merged delta: not floating point (an integer stand-in),
+    or bitsandbytes' packed 4/8-bit weights."""
+    for layer in lora_layers(model).values():
+        weight = layer.get_base_layer().weight
+        if not weight.dtype.is_floating_point or hasattr(weight, "quant_state") or hasattr(weight, "SCB"):
+            return True
+    return False
+
+
+def merged_delta_hooks(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list:
+    """Add x A^T B^T to each adapted layer's output, with (A [R, d_in], B [d_out, R]) = `factors[key]` read at every
+    call: a frozen merged adapter next to the trained one, for bases whose weights cannot be written."""
+    handles = []
+    for key, layer in lora_layers(model).items():
+
+        def hook(module, args, out, key=key):
+            pair = factors.get(key)
+            if pair is None:
+                return out
+            A, B = pair
+            return out + ((args[0].to(A.dtype) @ A.T) @ B.T).to(out.dtype)
+
+        handles.append(layer.register_forward_hook(hook))
+    return handles
+
+
 def zero_adapter(model: nn.Module) -> None:
     """B = 0 in the active adapter: its contribution vanishes (after its delta has been merged into the base)."""
     name = active_adapter(model)

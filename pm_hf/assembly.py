@@ -14,7 +14,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from .adapters import attach_lora, detect_target_modules
+from .adapters import attach_lora, detect_target_modules, is_quantized
 from .alignment import HeadAlignment
 from .callbacks import ContinualCallback
 from .checkpoint import config_dict
@@ -29,6 +29,7 @@ from .models import is_causal_lm, load_causal_lm, load_model, load_processor, mo
 from .rundir import dataset_digest
 from .strategies import build_strategy
 from .trainer import refuse_sharding
+from .weights import LowRankWeights
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]
 
@@ -133,10 +134,26 @@ def assemble(
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
     config.update(world_size=args.world_size, fingerprints=fingerprints)
     parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
-    loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config)
+    weights = merged_adapter_weights(model, strategy, merge_args)
+    loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config, weights)
     loop.processor = processor
     loop.log_loss_increase = merge_args.log_loss_increase
     return loop
+
+
+def merged_adapter_weights(model, strategy, merge_args: MergeArguments) -> LowRankWeights | None:
+    """`LowRankWeights` when merges go to a merged adapter (`merge_into: adapter`, or 'auto' with a quantized base),
+    which needs a strategy with one alpha per task merged from theta_hat_{t-1} and no measurement along the merge line;
+    None otherwise."""
+    quantized = is_quantized(model)
+    if merge_args.merge_into == "weights" and quantized:
+        raise invalid("merge_into", "weights", "the base is quantized and cannot be written: use 'adapter' or 'auto'.")
+    if merge_args.merge_into == "weights" or (merge_args.merge_into == "auto" and not quantized):
+        return None
+    if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
+        fix = "is not available with a merged adapter (a quantized base): use pm, coma, average, seq-merge or sqrt-t."
+        raise invalid("merge_method", strategy.name, fix)
+    return LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank)
 
 
 def build_loop(

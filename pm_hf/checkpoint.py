@@ -82,7 +82,7 @@ def save_checkpoint(out_dir: Path, state: ContinualState, config: dict) -> Path:
     tensors = _tensors(state)
     with atomic_dir(out_dir / name) as tmp:
         save_file(tensors, str(tmp / STATE))
-        (tmp / META).write_text(json.dumps(meta, indent=1, default=float))
+        (tmp / META).write_text(json.dumps(meta, separators=(",", ":"), default=float))  # compact: it grows per task
         digests = {f: file_digest([tmp / f]) for f in (STATE, META)}
         (tmp / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
     atomic_write_text(out_dir / LATEST, json.dumps({"checkpoint": name, "completed": state.completed}))

@@ -162,6 +162,22 @@ class MergeArguments:
     accumulator_device: str | None = field(
         default=None, metadata={"help": "Where S, G and the fp32 master weights live ('cpu' for large models)."}
     )
+    merge_into: str = field(
+        default="auto",
+        metadata={
+            "help": "Where merged LoRA deltas go: 'weights' (written into the base weights), 'adapter' (a frozen "
+            "merged adapter next to the trained one; the base is never written) or 'auto' ('adapter' for a quantized "
+            "base).",
+            "choices": ["auto", "weights", "adapter"],
+        },
+    )
+    merged_adapter_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "With the merged adapter: compress it back to this rank after each merge (the best approximation; "
+            "its relative error is logged). null keeps it exact (rank = the sum of the task ranks)."
+        },
+    )
     accumulator_dtype: str = field(
         default="float32",
         metadata={
@@ -232,6 +248,8 @@ class MergeArguments:
         if not self.merge_method:
             raise invalid("merge_method", self.merge_method, "name a merge strategy, e.g. 'pm'.")
         check_device("accumulator_device", self.accumulator_device)
+        check_choice("merge_into", self.merge_into, ("auto", "weights", "adapter"))
+        check_number("merged_adapter_rank", self.merged_adapter_rank, 1, integer=True, optional=True)
 
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental")
@@ -272,6 +290,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "Attention kernel, e.g. 'eager', 'sdpa', 'flash_attention_2'; null: the model's."},
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: the base in 4-bit NF4 (bitsandbytes, CUDA); merges go to a merged adapter."},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "The base in 8-bit (bitsandbytes, CUDA); merges go to a merged adapter."}
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "causal_lm: greedy generation length for the scores."})
     primary_metric: str = field(
         default="rougeL",
@@ -286,6 +311,8 @@ class ModelArguments:
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
         check_choice("primary_metric", self.primary_metric, LM_METRICS)
         check_number("max_new_tokens", self.max_new_tokens, 1, integer=True)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise invalid("load_in_8bit", True, "choose one of load_in_4bit and load_in_8bit.")
 
 
 @dataclass

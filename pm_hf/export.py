@@ -110,6 +110,14 @@ def load_task_records(out_dir: Path, count: int) -> list[TaskRecord]:
     return records
 
 
+def merged_record(weights, fan_in_fan_out: bool) -> TaskRecord:
+    """A merged adapter's factors (`pm_hf.weights.LowRankWeights`) as one exact record (alpha = scaling = 1)."""
+    rec = TaskRecord({}, {}, {}, {}, fan_in_fan_out)
+    for key, (A, B) in weights.factors.items():
+        rec.A[key], rec.B[key], rec.alpha[key], rec.scaling[key] = A.cpu(), B.cpu(), 1.0, 1.0
+    return rec
+
+
 def dense_record(deltas: Mapping[str, torch.Tensor], fan_in_fan_out: bool = False) -> TaskRecord:
     """A `TaskRecord` whose factors reproduce dense deltas (base-weight layout) exactly: B = U diag(S), A = V^T from the
     SVD, zero-padded to one common rank (the largest min(out, in)); alpha = scaling = 1."""

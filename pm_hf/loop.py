@@ -39,6 +39,7 @@ from .export import (
     ExportSpec,
     has_task_records,
     history_delta,
+    merged_record,
     run_history,
     save_task_record,
     svd_record,
@@ -56,7 +57,7 @@ from .rundir import refuse_changes
 from .strategies import MergeStrategy, merge_task
 from .timing import Timer
 from .trainer import PMTrainer, TaskProgress, distributed_setup, release, task_checkpoint
-from .weights import ModelWeights
+from .weights import LowRankWeights, ModelWeights
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,11 @@ class ContinualLoop:
         save_modules: list[str],
         accumulator_device: str | None = None,
         config: dict | None = None,
+        weights: ModelWeights | None = None,
     ):
         self.model, self.stream, self.head, self.evaluator, self.strategy = model, stream, head, evaluator, strategy
         self.args, self.fisher_args, self.out = args, fisher_args, Path(args.output_dir)
-        self.weights = ModelWeights(model, accumulator_device)
+        self.weights = weights or ModelWeights(model, accumulator_device)  # or a merged adapter (`LowRankWeights`)
         self.callbacks = CallbackList([cb for cb in callbacks if isinstance(cb, ContinualCallback)])
         self.trainer_callbacks = [cb for cb in callbacks if not isinstance(cb, ContinualCallback)]
         self.load_base, self.save_modules, self.config = load_base, save_modules, config or {}
@@ -138,7 +140,7 @@ class ContinualLoop:
                 fisher = self.fisher(t, task, list(vector.deltas))
             check_finite(fisher, f"the Fisher of task {t}")
         # merge: theta_hat_t by the strategy, the adapter zeroed
-        log_increase = self.log_loss_increase and self.strategy.needs_fisher
+        log_increase = self.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
         needs_line = self.strategy.needs_score or self.strategy.needs_probe or log_increase
         line = MergeLine(self.weights, vector, before) if needs_line else None  # a copy of the adapted weights
         at_one = line.at(1.0, lambda: eval_loss(self, task)) if log_increase else None
@@ -220,6 +222,10 @@ class ContinualLoop:
             fisher = estimate_fisher(self.model, data, self.stream.collate_fn, fa, keys=keys, seed=self.args.seed + t,
                                      show_progress=not self.args.disable_tqdm)  # fmt: skip
         return normalize_fisher(fisher, fa.fisher_normalize)
+
+    @property
+    def low_rank(self) -> bool:
+        return isinstance(self.weights, LowRankWeights)
 
     def oracle_score(self, t: int, line: MergeLine):
         """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off),
@@ -304,7 +310,13 @@ class ContinualLoop:
         merged = {k: self.weights.value(k, w).float() for k, w in base_weights(self.model).items()}
         full = {k: p.detach().float() for k, p in self.weights.full().items()}
         fan = uses_fan_in_fan_out(self.model)
-        history, info = run_history(self.out, len(self.log), theta0, merged, fan), {**(info or {}), "mode": mode}
+        if self.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
+            history = [merged_record(self.weights, fan)]
+            if mode not in ("adapter", "per-task"):
+                raise invalid("mode", mode, "a run with a merged adapter exports it as it is: use 'adapter'.")
+        else:
+            history = run_history(self.out, len(self.log), theta0, merged, fan)
+        info = {**(info or {}), "mode": mode}
         out = out or self.out / EXPORT_DIR
         if mode == "per-task":
             if self.stream.modality != "instruction" or not has_task_records(self.out, len(self.log)):

@@ -226,6 +226,20 @@ def curve_alpha(
     return float(grid[best]), objective
 
 
+def compress_factors(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` approximation of B @ A in Frobenius norm, computed on the factors (QR of each, then the
+    SVD of an R x R matrix), and its relative error ||BA - B'A'|| / ||BA|| (0 for a zero product).
+
+    Args: A [R, d_in], B [d_out, R]. Returns: A' [k, d_in], B' [d_out, k] (fp32, k = min(rank, R)), the error."""
+    Qb, Rb = torch.linalg.qr(B.double())
+    Qa, Ra = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    k = min(rank, S.numel())
+    total = float(S.square().sum())
+    error = (float(S[k:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return (Qa @ Vh[:k].T).T.float(), (Qb @ U[:, :k] * S[:k]).float(), error
+
+
 # ------------------------------------------------------------------- per-parameter pieces of the baselines
 def cofima_weights(fisher: torch.Tensor, S: torch.Tensor, alpha: float) -> torch.Tensor:
     """CoFiMA's per-parameter weight of the new task: w = a F / ((1 - a) S + a F); w = a where both are 0."""

@@ -63,11 +63,28 @@ def resolve_model_path(name: str) -> str:
 
 def hub_kwargs(model_args: ModelArguments, weights: bool = False) -> dict:
     """`from_pretrained` options of the config: revision, trust_remote_code and (for the weights) the attention
-    kernel."""
+    kernel and the quantization (bitsandbytes, which needs a CUDA GPU: refused otherwise)."""
     out = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
     if weights and model_args.attn_implementation is not None:
         out["attn_implementation"] = model_args.attn_implementation
+    if weights and (model_args.load_in_4bit or model_args.load_in_8bit):
+        out["quantization_config"] = quantization_config(model_args)
     return {k: v for k, v in out.items() if v is not None}
+
+
+def quantization_config(model_args: ModelArguments):
+    """bitsandbytes' 4-bit NF4 (bf16 compute) or 8-bit config; an input error where it cannot run."""
+    import importlib.util
+
+    from transformers import BitsAndBytesConfig
+
+    field = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise invalid(field, True, "needs a CUDA GPU and `pip install bitsandbytes`; the merged-adapter path itself "
+                      "runs anywhere with `merge_into: adapter`.")  # fmt: skip
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_config(model_args: ModelArguments):

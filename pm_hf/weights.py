@@ -10,9 +10,18 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .adapters import adapter_factors, base_weights, full_trainable_params, lora_task_vector, strip_prefix, unwrap
+from .adapters import (
+    adapter_factors,
+    base_weights,
+    full_trainable_params,
+    lora_layers,
+    lora_task_vector,
+    merged_delta_hooks,
+    strip_prefix,
+    unwrap,
+)
 from .checks import NonFiniteError, check_finite
-from .merge import TaskVector
+from .merge import LoraFactors, TaskVector, compress_factors
 
 
 class ModelWeights:
@@ -141,3 +150,58 @@ class ModelWeights:
             if delta is not None:
                 full[key] = delta
         return TaskVector(lora, full, trained, adapter_factors(self.model))
+
+
+class LowRankWeights(ModelWeights):
+    """theta_hat for a base whose weights cannot be written (quantized, `merge_into: adapter`): the base stays as
+    loaded and every merged LoRA delta alpha s B A is appended to a frozen merged adapter next to the trained one —
+    exact (its rank is the sum of the task ranks) or compressed back to `max_rank` after each merge (the best
+    approximation, its relative error kept in `errors`). Fully trained parameters are written as usual."""
+
+    SEP = "::"  # state keys: "<merge key>::A" / "<merge key>::B"
+
+    def __init__(self, model: nn.Module, device: str | None = None, max_rank: int | None = None):
+        super().__init__(model, device)
+        self.max_rank, self.errors = max_rank, []
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = merged_delta_hooks(model, self.factors)
+
+    def append(self, adapter: Mapping[str, LoraFactors], alpha: Mapping[str, float]) -> None:
+        """theta_hat_t = theta_hat_{t-1} + alpha s B A for every LoRA key: the factors joined to the merged adapter."""
+        error, layers = 0.0, lora_layers(self.model)
+        for key, f in adapter.items():
+            A, B = f.A.float(), float(alpha[key]) * f.scaling * f.B.float()
+            if key in self.factors:
+                A = torch.cat([self.factors[key][0].cpu(), A], 0)
+                B = torch.cat([self.factors[key][1].cpu(), B], 1)
+            if self.max_rank is not None and A.shape[0] > self.max_rank:
+                A, B, e = compress_factors(A, B, self.max_rank)
+                error = max(error, e)
+            check_finite({"A": A, "B": B}, f"the merged adapter of {key}")
+            device = layers[key].lora_A[next(iter(layers[key].lora_A))].weight.device
+            self.factors[key] = (A.to(device), B.to(device))
+        self.errors.append(error)
+
+    def apply(self, deltas, alpha, base=None) -> None:
+        lora = [k for k in deltas if k in base_weights(self.model)]
+        if lora:
+            raise ValueError(f"{lora[:2]}: a quantized base is never written; LoRA deltas are appended (`append`).")
+        super().apply(deltas, alpha, base)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {k: p.detach() for k, p in self.full().items()}
+        for key, (A, B) in self.factors.items():
+            out[f"{key}{self.SEP}A"], out[f"{key}{self.SEP}B"] = A, B
+        return out
+
+    def load_state(self, weights: Mapping[str, torch.Tensor]) -> None:
+        pairs = {k for k in weights if self.SEP in k}
+        super().restore({k: v for k, v in weights.items() if k not in pairs})
+        layers = lora_layers(self.model)
+        for name in pairs:
+            key, part = name.rsplit(self.SEP, 1)
+            if key not in layers:
+                raise ValueError(f"the checkpoint's merged adapter has a layer {key!r} the model does not")
+        for key in {n.rsplit(self.SEP, 1)[0] for n in pairs}:
+            device = layers[key].lora_A[next(iter(layers[key].lora_A))].weight.device
+            self.factors[key] = tuple(weights[f"{key}{self.SEP}{p}"].float().to(device) for p in "AB")

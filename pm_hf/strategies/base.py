@@ -27,7 +27,7 @@ from ..merge import (
     LoraFactors,
     TaskVector,
 )
-from ..weights import ModelWeights
+from ..weights import LowRankWeights, ModelWeights
 
 Start = Literal["merged", "pretrained", "chain"]
 Score = Callable[[float], float]
@@ -221,6 +221,14 @@ def merge_task(
     extra = {"probe": probe} if strategy.needs_probe else {}
     plan = strategy.merge(t, vector, fisher=fisher, score=score, **extra)
     base = strategy.pretrained if plan.origin == "pretrained" else before
-    weights.apply(plan.deltas, plan.alpha, base=base)
+    if isinstance(weights, LowRankWeights):  # a base that cannot be written: the LoRA deltas join a merged adapter
+        if not plan.low_rank:
+            fix = "a quantized base keeps its merges as a low-rank adapter: use a strategy with one alpha per task."
+            raise invalid("merge_method", strategy.name, fix)
+        weights.append(vector.adapter, plan.alpha)
+        dense = {k: d for k, d in plan.deltas.items() if k not in vector.adapter}
+        weights.apply(dense, {k: plan.alpha[k] for k in dense}, base=base)
+    else:
+        weights.apply(plan.deltas, plan.alpha, base=base)
     zero_adapter(weights.model)
     return plan
