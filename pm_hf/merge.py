@@ -134,10 +134,11 @@ def update_accumulators(
             a = float(a)
             if not math.isfinite(a):
                 raise ValueError(f"`alpha` for {key!r} is {a}; pass the finite alpha that was applied.")
-        s32, g32 = s.float(), g.float()  # accumulated in fp32 whatever the storage dtype
-        a = a.float() if isinstance(a, torch.Tensor) else a
-        d = delta.to(s.device, torch.float32)
-        f = fisher[key].to(s.device, torch.float32)
+        acc = torch.promote_types(s.dtype, torch.float32)  # at least fp32, whatever the storage dtype
+        s32, g32 = s.to(acc), g.to(acc)
+        a = a.to(acc) if isinstance(a, torch.Tensor) else a
+        d = delta.to(s.device, acc)
+        f = fisher[key].to(s.device, acc)
         new_G[key] = (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
         new_S[key] = (s32 + f).to(s.dtype)
     return new_S, new_G

@@ -168,7 +168,7 @@ class LowRankWeights(ModelWeights):
 
     def append(self, adapter: Mapping[str, LoraFactors], alpha: Mapping[str, float]) -> None:
         """theta_hat_t = theta_hat_{t-1} + alpha s B A for every LoRA key: the factors joined to the merged adapter."""
-        error, layers = 0.0, lora_layers(self.model)
+        error = 0.0
         for key, f in adapter.items():
             A, B = f.A.float(), float(alpha[key]) * f.scaling * f.B.float()
             if key in self.factors:
@@ -178,7 +178,7 @@ class LowRankWeights(ModelWeights):
                 A, B, e = compress_factors(A, B, self.max_rank)
                 error = max(error, e)
             check_finite({"A": A, "B": B}, f"the merged adapter of {key}")
-            device = layers[key].lora_A[next(iter(layers[key].lora_A))].weight.device
+            device = base_weights(self.model)[key].device
             self.factors[key] = (A.to(device), B.to(device))
         self.errors.append(error)
 
@@ -203,5 +203,5 @@ class LowRankWeights(ModelWeights):
             if key not in layers:
                 raise ValueError(f"the checkpoint's merged adapter has a layer {key!r} the model does not")
         for key in {n.rsplit(self.SEP, 1)[0] for n in pairs}:
-            device = layers[key].lora_A[next(iter(layers[key].lora_A))].weight.device
+            device = base_weights(self.model)[key].device
             self.factors[key] = tuple(weights[f"{key}{self.SEP}{p}"].float().to(device) for p in "AB")

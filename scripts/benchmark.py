@@ -65,6 +65,7 @@ BARS = {
     "merge_over_train": ("<=", 0.01),
     "state_growth_10_over_2": ("<=", 1.05),
     "rss_growth_10_over_2": ("<=", 1.05),
+    "preset_over_seq_merge_task_time": ("<=", 1.3),
 }
 DEMO_TASK = {"samples": 300, "epochs": 2}  # configs/demo_text_cil.yaml: one task's training
 
@@ -283,6 +284,10 @@ def run_cost(quick: bool) -> tuple[dict, dict]:
         pool.join()
         a2, a10 = mem["after_task"][2], mem["after_task"][10]
         growth = growth_analysis(a2, a10, model)
+        spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "scripts" / "bench_pipeline.py")
+        bench_pipeline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_pipeline)  # the whole pipeline's part of the cost suite
+        pipeline = bench_pipeline.pipeline_cost(Path(tmp), rounds=1 if quick else 2, samples=60 if quick else 150)
     figures = {
         "pm_over_plain_step_rate": step["ratio"],
         "fisher_per_sample_over_epoch": fm["fisher_per_sample_over_epoch"],
@@ -290,11 +295,13 @@ def run_cost(quick: bool) -> tuple[dict, dict]:
         "merge_over_train": fm["merge_over_train"],
         "state_growth_10_over_2": a10["checkpoint_bytes"] / a2["checkpoint_bytes"],
         "rss_growth_10_over_2": a10["vm_rss"] / a2["vm_rss"],
+        "preset_over_seq_merge_task_time": pipeline["preset_over_seq_merge"],
     }
     raw = {"model": name, "quick": quick, "rounds": rounds, "step_rate": step, "memory": mem, "state_growth": growth,
            "fisher_merge": {k: v for k, v in fm.items() if k not in figures},
            "peak_rss_growth_10_over_2": a10["vm_hwm"] / a2["vm_hwm"],
-           "continual_merge_over_train": [t["merge"] / t["train"] for t in mem["timings"]]}  # fmt: skip
+           "continual_merge_over_train": [t["merge"] / t["train"] for t in mem["timings"]],
+           "pipeline": pipeline}  # fmt: skip
     return figures, raw
 
 
