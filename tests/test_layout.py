@@ -12,7 +12,7 @@ PACKAGE = ROOT / "pm_hf"
 # Lower layers never import higher ones; modules of one layer do not import each other (a package's own modules may).
 LAYERS = [
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
-    ["training_args"],
+    ["training_args", "arguments"],
     ["config", "metrics", "presets", "rundir"],
     ["merge"],
     ["adapters", "callbacks", "sources", "models", "hub", "reporting"],
