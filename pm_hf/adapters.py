@@ -278,11 +278,13 @@ def load_adapter_weights(model: nn.Module, source: str) -> None:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Whether an adapted layer's base weight cannot hold a merged delta: not floating point (an integer stand-in),
-    or bitsandbytes' packed 4/8-bit weights."""
-    for layer in lora_layers(model).values():
-        weight = layer.get_base_layer().weight
-        if not weight.dtype.is_floating_point or hasattr(weight, "quant_state") or hasattr(weight, "SCB"):
+    """Whether the model has weights that cannot hold a merged delta (LoRA-wrapped or not): not floating point (an
+    integer stand-in), or bitsandbytes' packed 4/8-bit weights."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and (
+            not weight.dtype.is_floating_point or hasattr(weight, "quant_state") or hasattr(weight, "SCB")
+        ):
             return True
     return False
 

@@ -108,6 +108,7 @@ def assemble(
     with seeded(args.seed):  # the new head's initialisation must not depend on what ran before in the process
         model = loaded() if loaded is not None else load_base()
     extra, save_modules = [], list(lora_args.modules_to_save or [])
+    low_rank = uses_merged_adapter(model, strategy, merge_args)  # checked before any Trainer exists
     if causal:
         if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
             lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
@@ -134,26 +135,25 @@ def assemble(
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
     config.update(world_size=args.world_size, fingerprints=fingerprints)
     parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
-    weights = merged_adapter_weights(model, strategy, merge_args)
+    weights = LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank) if low_rank else None
     loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config, weights)
     loop.processor = processor
     loop.log_loss_increase = merge_args.log_loss_increase
     return loop
 
 
-def merged_adapter_weights(model, strategy, merge_args: MergeArguments) -> LowRankWeights | None:
-    """`LowRankWeights` when merges go to a merged adapter (`merge_into: adapter`, or 'auto' with a quantized base),
-    which needs a strategy with one alpha per task merged from theta_hat_{t-1} and no measurement along the merge line;
-    None otherwise."""
+def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:
+    """Whether merges go to a merged adapter (`merge_into: adapter`, or 'auto' with a quantized base), which needs a
+    strategy with one alpha per task merged from theta_hat_{t-1} and no measurement along the merge line."""
     quantized = is_quantized(model)
     if merge_args.merge_into == "weights" and quantized:
         raise invalid("merge_into", "weights", "the base is quantized and cannot be written: use 'adapter' or 'auto'.")
     if merge_args.merge_into == "weights" or (merge_args.merge_into == "auto" and not quantized):
-        return None
+        return False
     if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
         fix = "is not available with a merged adapter (a quantized base): use pm, coma, average, seq-merge or sqrt-t."
         raise invalid("merge_method", strategy.name, fix)
-    return LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank)
+    return True
 
 
 def build_loop(

@@ -165,6 +165,24 @@ BAD_CONFIGS = [
     BadConfig("head_align_steps=0", {"head_align": "seen", "head_align_steps": 0}),
     BadConfig("head_align_samples=0", {"head_align": "prototypes", "head_align_samples": 0}),
     BadConfig("head_align_drift", {"head_align_drift": "yes"}),
+    BadConfig("alpha_calibration", {"alpha_calibration": "tangent"}),
+    *[
+        BadConfig(f"calibration_holdout={v}", {"alpha_calibration": "curve", "calibration_holdout": v})
+        for v in (0, 0.9)
+    ],
+    BadConfig("calibration_grid", {"alpha_calibration": "curve", "calibration_grid": [0.5, 2]}),
+    BadConfig("curve per module", {"alpha_calibration": "curve", "alpha_granularity": "module"}),
+    BadConfig("accumulator_dtype", {"accumulator_dtype": "float16"}),
+    BadConfig("fisher_point", {"fisher_point": "midway"}),
+    BadConfig("fisher_classes", {"fisher_classes": "all"}),
+    BadConfig("merge_into", {"merge_into": "base"}),
+    BadConfig("merged_adapter_rank=0", {"merge_into": "adapter", "merged_adapter_rank": 0}),
+    BadConfig("merged adapter + oracle", {"merge_into": "adapter", "merge_method": "oracle-alpha"}),
+    BadConfig("hub_strategy every_save", {"hub_strategy": "every_save"}),
+    BadConfig("push without a token", {"push_to_hub": True, "hub_model_id": "me/x"}),
+    BadConfig("fsdp", {"fsdp": "full_shard"}),
+    BadConfig("load_in_4bit and 8bit", {"load_in_4bit": True, "load_in_8bit": True}),
+    BadConfig("load_in_4bit without a GPU", {"load_in_4bit": True}),
     BadConfig(
         "task vectors + domain_incremental",
         {"merge_method": "ties", "scenario": "domain_incremental", "task_datasets": "SAME_FILES_TWICE"},

@@ -162,9 +162,15 @@ def get_strategy(name: str) -> type[MergeStrategy]:
 
 def check_merge_args(args: MergeArguments) -> None:
     """Every knob of `args` checked by the strategy that owns it, and the strategy name itself."""
-    get_strategy(args.merge_method)
-    for cls in STRATEGIES.values():
-        cls.check(args)
+    cls = get_strategy(args.merge_method)
+    for other in STRATEGIES.values():
+        other.check(args)
+    if args.merge_into == "adapter":
+        strategy = cls.from_args(args)
+        if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
+            fix = "is not available with a merged adapter (merge_into: adapter): use pm, coma, average, seq-merge or "
+            fix += "sqrt-t."
+            raise invalid("merge_method", args.merge_method, fix)
 
 
 def build_strategy(args: MergeArguments) -> MergeStrategy:
