@@ -107,29 +107,10 @@ def assemble(
 
     with seeded(args.seed):  # the new head's initialisation must not depend on what ran before in the process
         model = loaded() if loaded is not None else load_base()
-    extra, save_modules = [], list(lora_args.modules_to_save or [])
     low_rank = uses_merged_adapter(model, strategy, merge_args)  # checked before any Trainer exists
-    if causal:
-        if not lora_args.target_modules:  # instruction tuning: q/k/v/o by default, detected per family
-            lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
-        model, head = attach_lora(model, lora_args), NoHead()
-        evaluator = CausalLMEvaluator(
-            model,
-            processor,
-            stream.collate_fn,
-            args.per_device_eval_batch_size,
-            model_args.max_new_tokens,
-            model_args.primary_metric,
-        )
-    else:
-        head = Head(model, model.config.num_labels, domain_incremental=data_args.scenario == "domain_incremental")
-        head.grow(model, stream.num_classes)
-        model = attach_lora(model, lora_args, trainable_modules=head.modules)
-        predict = trainer_predict(model, args, stream.collate_fn)
-        evaluator = ClassifierEvaluator(head, predict, compute_metrics)
-        if merge_args.head_align != "none":
-            extra.append(HeadAlignment(head, stream, merge_args, args.per_device_eval_batch_size, args.seed))
-        save_modules = [*head.modules, *save_modules]
+    groups = (model_args, data_args, args, lora_args, merge_args)
+    build = _causal_parts if causal else _classifier_parts
+    model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
     config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
@@ -140,6 +121,30 @@ def assemble(
     loop.processor = processor
     loop.log_loss_increase = merge_args.log_loss_increase
     return loop
+
+
+def _causal_parts(model, groups, stream, processor, compute_metrics=None) -> tuple:
+    """A causal LM: LoRA on q/k/v/o by default (detected per family), no class head, generation scores."""
+    model_args, _, args, lora_args, _ = groups
+    if not lora_args.target_modules:
+        lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
+    model = attach_lora(model, lora_args)
+    evaluator = CausalLMEvaluator(model, processor, stream.collate_fn, args.per_device_eval_batch_size,
+                                  model_args.max_new_tokens, model_args.primary_metric)  # fmt: skip
+    return model, NoHead(), evaluator, [], list(lora_args.modules_to_save or []), lora_args
+
+
+def _classifier_parts(model, groups, stream, processor, compute_metrics=None) -> tuple:
+    """A classifier: a head of the stream's classes (trained in full), LoRA, accuracy scores, the head alignment."""
+    _, data_args, args, lora_args, merge_args = groups
+    head = Head(model, model.config.num_labels, domain_incremental=data_args.scenario == "domain_incremental")
+    head.grow(model, stream.num_classes)
+    model = attach_lora(model, lora_args, trainable_modules=head.modules)
+    evaluator = ClassifierEvaluator(head, trainer_predict(model, args, stream.collate_fn), compute_metrics)
+    extra = []
+    if merge_args.head_align != "none":
+        extra.append(HeadAlignment(head, stream, merge_args, args.per_device_eval_batch_size, args.seed))
+    return model, head, evaluator, extra, [*head.modules, *(lora_args.modules_to_save or [])], lora_args
 
 
 def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:

@@ -205,6 +205,21 @@ def _prepare_task(trainer: ContinualTrainer, t: int, entry, stream: TaskStream) 
     return task
 
 
+def _first_task_stream(trainer: ContinualTrainer, causal: bool, processor, first: dict) -> TaskStream:
+    """The stream of the first task given as datasets: it fixes the modality (instructions, text or images)."""
+    if causal:
+        if trainer._compute_metrics is not None:
+            fix = "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss."
+            raise invalid("compute_metrics", trainer._compute_metrics, fix)
+        stream = TaskStream([], 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(processor)))
+        stream.tasks.append(instruction_task(0, first, processor, trainer.data_args, trainer.args.seed))
+        return stream
+    with quiet_datasets():
+        task, modality, names = task_from_datasets(0, first, processor, trainer.data_args)
+    labels = [names.get(c, str(c)) for c in range(max(task.classes) + 1)]
+    return TaskStream([task], len(labels), labels, modality, collator_for(modality, processor))
+
+
 def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     """The loop of a trainer built from objects: the first task fixes the modality; the others are appended."""
     if not trainer._pending:
@@ -216,21 +231,7 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     processor = trainer._processor
     if processor is None and model_args.model_name_or_path != IN_MEMORY:
         processor = load_processor(model_args)
-    first = trainer._pending.pop(0)
-    if causal:
-        if trainer._compute_metrics is not None:
-            raise invalid(
-                "compute_metrics",
-                trainer._compute_metrics,
-                "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss.",
-            )
-        stream = TaskStream([], 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(processor)))
-        stream.tasks.append(instruction_task(0, first, processor, trainer.data_args, args.seed))
-    else:
-        with quiet_datasets():
-            task, modality, names = task_from_datasets(0, first, processor, trainer.data_args)
-        labels = [names.get(c, str(c)) for c in range(max(task.classes) + 1)]
-        stream = TaskStream([task], len(labels), labels, modality, collator_for(modality, processor))
+    stream = _first_task_stream(trainer, causal, processor, trainer._pending.pop(0))
     if isinstance(model, PreTrainedModel):
         loaded = lambda: model  # noqa: E731 - the user's model, trained in place
         if model_args.model_name_or_path == IN_MEMORY:  # no folder to reload it from: a copy for the export's base

@@ -139,7 +139,25 @@ class ContinualLoop:
             with timer("fisher"):
                 fisher = self.fisher(t, task, list(vector.deltas))
             check_finite(fisher, f"the Fisher of task {t}")
-        # merge: theta_hat_t by the strategy, the adapter zeroed
+        # merge: theta_hat_t by the strategy, the adapter zeroed; then the callbacks (head alignment)
+        plan, measured = self.merge(t, task, vector, before, fisher, trainer, timer)
+        # evaluate every seen task
+        with timer("eval"):
+            scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
+        # log
+        entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
+        entry.update(measured, calibration=plan.calibration)
+        self.callbacks.call("on_task_end", t, self.model, entry)
+        self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
+        row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
+        trainer.log({"continual/task": t, "continual/alpha": plan.choice.alpha, "continual/pre_merge_acc": pre,
+                     "continual/acc_seen": seen_accuracy(row, sizes), "continual/delta_norm": delta_norm})  # fmt: skip
+        release(trainer)
+        return entry
+
+    def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:
+        """The strategy's merge of task t (with what it measures along the merge line first: the oracle's scores,
+        the calibrated forms' probe), then `on_merge`; returns the plan and what was measured for the log."""
         log_increase = self.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
         needs_line = self.strategy.needs_score or self.strategy.needs_probe or log_increase
         line = MergeLine(self.weights, vector, before) if needs_line else None  # a copy of the adapted weights
@@ -152,26 +170,7 @@ class ContinualLoop:
         measured = {"fisher_trace": sum(float(f.double().sum()) for f in fisher.values())} if fisher else {}
         if at_one is not None:
             measured["loss_increase"] = loss_increase(self, task, plan, at_one)
-        # evaluate every seen task
-        with timer("eval"):
-            scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
-        # log
-        entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
-        entry.update(measured, calibration=plan.calibration)
-        self.callbacks.call("on_task_end", t, self.model, entry)
-        self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
-        row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
-        trainer.log(
-            {
-                "continual/task": t,
-                "continual/alpha": plan.choice.alpha,
-                "continual/pre_merge_acc": pre,
-                "continual/acc_seen": seen_accuracy(row, sizes),
-                "continual/delta_norm": delta_norm,
-            }
-        )
-        release(trainer)
-        return entry
+        return plan, measured
 
     def prepare(self, t: int) -> None:
         """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""
