@@ -146,7 +146,8 @@ class ContinualLoop:
             scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
         # log
         entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
-        entry.update(measured, calibration=plan.calibration)
+        losses = {str(b): v for b, v in trainer.branch_losses().items()} if hasattr(trainer, "branch_losses") else None
+        entry.update(measured, calibration=plan.calibration, branch_losses=losses)
         self.callbacks.call("on_task_end", t, self.model, entry)
         self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
         row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]

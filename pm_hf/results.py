@@ -35,6 +35,7 @@ PER_TASK = {
     "fisher_traces": "fisher_trace",
     "calibrations": "calibration",
     "loss_increases": "loss_increase",
+    "branch_losses": "branch_losses",
 }
 
 

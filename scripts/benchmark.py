@@ -462,6 +462,7 @@ COMPACT_KEYS = (
     "fisher_traces",
     "calibrations",
     "loss_increases",
+    "branch_losses",
     "eval_sizes",
     "primary_metric",
     "score_matrices",
