@@ -54,3 +54,17 @@ def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, 
     table_md = (out / "table.md").read_text()
     assert table_md.count("\n") == 4 and "| average |" in table_md
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_alpha_table_bars_by_hand():
+    spec = importlib.util.spec_from_file_location("alpha_table", ROOT / "scripts" / "alpha_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    accs = {"p": [70.0, 72.0], "coma-proto": [71.0], "fixed-1-eps-proto": [69.0], "sqrt-t-proto": [60.0],
+            "oracle-alpha-proto": [71.5, 72.5]}  # fmt: skip
+    assert table.check_bars(accs, "p") == []  # mean 71 >= 71, 69, 60; oracle 72 is 1.0 above: within the bar
+    accs["oracle-alpha-proto"] = [72.5]
+    accs["coma-proto"] = [71.5]
+    assert table.check_bars(accs, "p") == ["< coma-proto by 0.5", "1.5 below oracle-alpha-proto"]
+    assert table.check_bars({"p": [1.0]}, "p") == [f"{m} missing" for m in (*table.FLOOR, table.ORACLE)]
+    assert table.check_bars({}, "p") == ["no p run"]
