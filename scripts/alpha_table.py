@@ -3,7 +3,7 @@ alpha rules that share the recommended head treatment, the bars the recommended 
 and how well the quadratic model predicts the loss increase of a merge, raw and calibrated. Reads the committed
 per-run JSON under `results/<suite>/runs/`; runs nothing.
 
-    python scripts/alpha_table.py [--markdown]
+    python scripts/alpha_table.py     # prints Markdown tables
 
 Bars (per suite, on mean ACC over the seeds present): the preset >= `coma-proto`, `fixed-1-eps-proto` and
 `sqrt-t-proto`, and at most 1 point below `oracle-alpha-proto`. Exit 1 when a bar fails or a suite lacks a run.
@@ -72,7 +72,6 @@ def loss_prediction(suite: str) -> tuple[float, float, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for the README)")
     parser.parse_args(argv)
     accs = {suite: load_accs(suite) for suite in SUITES}
     lines = ["| method | " + " | ".join(SUITES) + " |", "|---|" + "---|" * len(SUITES)]
