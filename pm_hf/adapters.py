@@ -22,6 +22,7 @@ from torch import nn
 from .checks import invalid
 from .config import LoraArguments
 from .merge import LoraFactors
+from .sharding import from_rows, full, is_sharded, local, shard_like
 
 _PREFIXES = ("base_model.model.", "module.")
 # Known attention projection names per family, in detection order (transformers 5.x: ViT/Llama q_proj..., BERT query).
@@ -160,13 +161,20 @@ def scale_active_adapter(model: nn.Module, factor: float) -> Iterator[None]:
             layer.scaling[name] = s
 
 
-def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+def _factors(layer: LoraLayer, name: str, whole: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A, B (whole: gathered when FSDP shards them) and the scaling s of adapter `name`."""
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if whole:
+        A, B = full(A.detach()), full(B.detach())
+    return A, B, float(layer.scaling[name])
 
 
 def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
-    """Delta W = s * B @ A in fp32, in the layout of the base weight (transposed for GPT-2 Conv1D)."""
-    A, B, s = _factors(layer, name)
+    """Delta W = s * B @ A in fp32, in the layout of the base weight (transposed for GPT-2 Conv1D); sharded like the
+    base weight when FSDP shards it (B's rows are the weight's rows)."""
+    A, B, s = _factors(layer, name, whole=False)
+    if is_sharded(B):  # this rank's rows of B times the whole A: the weight's rows of Delta W
+        return from_rows((local(B.detach()).float() @ full(A.detach()).float()) * s, B, A.shape[1])
     delta = (B.detach().float() @ A.detach().float()) * s
     return delta.T if layer.fan_in_fan_out else delta
 
@@ -186,7 +194,7 @@ def task_vector_norm(model: nn.Module) -> float:
         for layer in lora_layers(model).values():
             A, B, s = _factors(layer, name)
             A, B = A.float(), B.float()
-            total += s * s * float(((B.T @ B) * (A @ A.T)).sum())
+            total += s * s * float(((B.T @ B) * (A @ A.T)).sum())  # A, B whole (`_factors`): r x r products
     return math.sqrt(max(total, 0.0))
 
 
@@ -226,7 +234,7 @@ def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) ->
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
             fresh = torch.empty(A.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-            A.copy_(fresh)
+            A.copy_(shard_like(fresh.to(A.dtype), A))
             B.zero_()
             if getattr(layer.lora_B[name], "bias", None) is not None:
                 layer.lora_B[name].bias.zero_()
@@ -260,7 +268,7 @@ def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], a
                     raise ValueError(
                         f"{key}: factor of shape {tuple(value.shape)}, adapter {tuple(module.weight.shape)}"
                     )
-                module.weight.copy_(value.to(module.weight.device, module.weight.dtype))
+                module.weight.copy_(shard_like(value.to(module.weight.dtype), module.weight))
 
 
 def load_adapter_weights(model: nn.Module, source: str) -> None:
@@ -333,5 +341,5 @@ def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping
     """Copy full A and B matrices into adapter `name` of every LoRA layer (export of a merged adapter)."""
     with torch.no_grad():
         for key, layer in lora_layers(model).items():
-            layer.lora_A[name].weight.copy_(A[key])
-            layer.lora_B[name].weight.copy_(B[key])
+            for module, value in ((layer.lora_A[name], A[key]), (layer.lora_B[name], B[key])):
+                module.weight.copy_(shard_like(value.to(module.weight.dtype), module.weight))

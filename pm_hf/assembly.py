@@ -14,7 +14,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from .adapters import attach_lora, detect_target_modules, is_quantized
+from .adapters import attach_lora, detect_target_modules, is_quantized, uses_fan_in_fan_out
 from .alignment import HeadAlignment
 from .callbacks import ContinualCallback
 from .checkpoint import config_dict
@@ -28,7 +28,7 @@ from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .rundir import dataset_digest
 from .strategies import build_strategy
-from .trainer import refuse_sharding
+from .trainer import fsdp_requested, refuse_sharding
 from .weights import LowRankWeights
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]
@@ -111,6 +111,12 @@ def assemble(
     groups = (model_args, data_args, args, lora_args, merge_args)
     build = _causal_parts if causal else _classifier_parts
     model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
+    if fsdp_requested(args) and (low_rank or uses_fan_in_fan_out(model)):
+        raise invalid(
+            "fsdp",
+            args.fsdp or "accelerate config (FSDP)",
+            "a quantized base or Conv1D layers (GPT-2) are not sharded yet.",
+        )
     config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
@@ -147,6 +153,32 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
     return model, head, evaluator, extra, [*head.modules, *(lora_args.modules_to_save or [])], lora_args
 
 
+def check_sharded_run(causal: bool, strategy, args: PMConfig, fisher_args: FisherArguments, merge_args) -> None:
+    """What an FSDP2 run supports (checked before loading): a causal LM, a merge rule whose math runs on sharded
+    weights, the continual state beside the weights' shards, per-sample Fisher, no mid-task checkpoints."""
+    if not causal:
+        raise invalid(
+            "fsdp", args.fsdp or "accelerate config (FSDP)", "pm_hf shards causal LMs; run a classifier with DDP."
+        )
+    if not strategy.shards or strategy.needs_score or strategy.needs_probe:
+        fix = "is not available on FSDP-sharded weights: use pm (calibration none), coma, average, seq-merge or sqrt-t."
+        raise invalid("merge_method", strategy.name, fix)
+    for field, value in (
+        ("accumulator_device", merge_args.accumulator_device),
+        ("fisher_device", fisher_args.fisher_device),
+    ):
+        if value is not None:
+            raise invalid(field, value, "with FSDP the continual state is sharded beside the weights: leave it unset.")
+    if fisher_args.fisher_mode != "per_sample":
+        raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP use 'per_sample'.")
+    if merge_args.merge_into == "adapter":
+        raise invalid("merge_into", "adapter", "a merged adapter is not sharded yet: use 'weights' with FSDP.")
+    save = getattr(args.save_strategy, "value", args.save_strategy)
+    if save != "no":
+        fix = "mid-task checkpoints are not taken under FSDP yet: set 'no' (each task's end is checkpointed)."
+        raise invalid("save_strategy", save, fix)
+
+
 def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:
     """Whether merges go to a merged adapter (`merge_into: adapter`, or 'auto' with a quantized base), which needs a
     strategy with one alpha per task merged from theta_hat_{t-1} and no measurement along the merge line."""
@@ -180,6 +212,8 @@ def build_loop(
     HeadAlignment.check_args(merge_args)
     refuse_sharding(training_args)
     causal = is_causal(model, model_args)
+    if fsdp_requested(training_args):
+        check_sharded_run(causal, strategy, training_args, fisher_args, merge_args)
     model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
     processor = processor if processor is not None else load_processor(model_args)
     with quiet_datasets():

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .sharding import all_finite, scalar
+
 
 class InputError(ValueError):
     """A bad config value, data or model folder, found before anything is written: `<field> = <value>: <fix>`."""
@@ -120,8 +122,8 @@ def check_field_types(obj: Any, names: Iterable[str] | None = None) -> None:
 def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise `NonFiniteError` naming `what` and the first key whose tensor holds NaN or inf."""
     for key, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not all_finite(value):
+            bad = int(scalar((~torch.isfinite(value)).sum()))
             raise NonFiniteError(
                 f"{what}: {key!r} holds {bad} NaN/inf value(s) of {value.numel()}; nothing was written."
             )

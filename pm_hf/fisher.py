@@ -11,7 +11,8 @@ Gradients w.r.t. a LoRA layer's effective weight W + s B A equal those w.r.t. it
 hooks: per-sample grad = delta_n^T X_n (output grads times inputs, summed over that sample's tokens). No parameter
 `.grad` is touched. Model in eval mode (no dropout), adapter unscaled, fp32 accumulation. In a distributed run
 every rank takes a shard of the samples and the sums and the count are all-reduced, so the result does not depend
-on the number of processes.
+on the number of processes. Under FSDP2 the sums are sharded like the weights: the ranks all-gather the probes'
+inputs and output gradients, each accumulates its own rows over every rank's samples (`pm_hf.sharding`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .adapters import base_weights, full_trainable_params, lora_layers, strip_prefix, unwrap
 from .config import FisherArguments
+from .sharding import all_gather_padded, is_sharded, local, row_range, scalar
 
 PerSampleLoss = Callable[[nn.Module, dict], torch.Tensor]
 
@@ -118,6 +120,10 @@ def _accumulate(
             continue
         x = probe.x.detach().float().reshape(g.shape[0], -1, probe.x.shape[-1])
         g = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
+        sharded = next((sums[k] for k in probe.keys.values() if is_sharded(sums[k])), None)
+        if sharded is not None:  # every rank's samples, this rank's rows (pm_hf.sharding)
+            start, stop = row_range(sharded)
+            x, g = all_gather_padded(x), all_gather_padded(g)[..., start:stop]
         if per_sample:
             gw = torch.einsum("bto,bti->boi", g, x)
             gb = g.sum(1)
@@ -129,7 +135,7 @@ def _accumulate(
             grad = gw if role == "weight" else gb
             if role == "weight" and probe.transpose:
                 grad = grad.transpose(1, 2)
-            sums[key] += (grad.square().sum(0) * scale).to(sums[key].device)
+            local(sums[key]).add_((grad.square().sum(0) * scale).to(local(sums[key]).device))
 
 
 def estimate_fisher(
@@ -165,25 +171,48 @@ def estimate_fisher(
     generator = torch.Generator().manual_seed(seed + 1 + rank)
     loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))
     probes = _build_probes(model, keys)
+    sharded = any(is_sharded(v) for v in sums.values())
+    if sharded and (args.fisher_mode != "per_sample" or any(p.transpose for p in probes.values())):
+        raise ValueError("a sharded model's Fisher is per sample, over untransposed weights: fisher_mode 'per_sample'")
     was_training = model.training
     model.eval()
     count = 0
     try:
-        starts = range(0, len(mine), args.fisher_batch_size)
-        for start in tqdm(starts, desc="Fisher", disable=not show_progress or rank != 0, leave=False):
-            batch = collate_fn([dataset[i] for i in mine[start : start + args.fisher_batch_size]])
+        for batch, real in tqdm(_batches(mine, args.fisher_batch_size, world if sharded else 1), desc="Fisher",
+                                disable=not show_progress or rank != 0, leave=False):  # fmt: skip
+            batch = collate_fn([dataset[i] for i in batch])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             for p in probes.values():
                 p.clear()
             losses = loss_fn(model, batch)
-            _accumulate(probes, losses, args.fisher_mode == "per_sample", sums)
-            count += losses.shape[0]
+            _accumulate(
+                probes, losses * real.to(losses.device) if sharded else losses, args.fisher_mode == "per_sample", sums
+            )
+            count += int(real.sum()) if sharded else losses.shape[0]
     finally:
         for p in probes.values():
             p.handle.remove()
             p.clear()
         model.train(was_training)
     return _reduce_mean(sums, count, world)
+
+
+def _batches(mine: list[int], size: int, world: int):
+    """(sample indices, 1/0 per sample: real or filler) per batch. A sharded model's forward is a collective, so
+    with `world` > 1 every rank runs the same number of batches: a rank out of samples repeats one with weight 0."""
+    if world > 1:
+        n = torch.tensor([len(mine)])
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        total = -(-int(n) // size) * size
+    else:
+        total = len(mine)
+    for start in range(0, total, size):
+        part = mine[start : start + size]
+        real = torch.ones(len(part))
+        if world > 1 and len(part) < size:  # pad to the batch size with a filler sample (weight 0)
+            filler = (mine or [0])[0]
+            part, real = part + [filler] * (size - len(part)), torch.cat([real, torch.zeros(size - len(part))])
+        yield part, real
 
 
 def fisher_sample(dataset, cap: int | None, seed: int):
@@ -206,8 +235,11 @@ def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[
     unknown = [k for k in keys if k not in bases and k not in params]
     if unknown:
         raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
-    shapes = {k: (bases[k] if k in bases else params[k]).shape for k in keys}
-    return {k: torch.zeros(shape, dtype=torch.float32, device=device) for k, shape in shapes.items()}
+    like = {k: bases[k] if k in bases else params[k] for k in keys}
+    return {
+        k: torch.zeros_like(w, dtype=torch.float32) if is_sharded(w) else torch.zeros(w.shape, device=device)
+        for k, w in like.items()
+    }
 
 
 def _reduce_mean(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[str, torch.Tensor]:
@@ -216,7 +248,8 @@ def _reduce_mean(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[
         dist.all_reduce(n)
         count = int(n.item())
         for t in sums.values():
-            dist.all_reduce(t)
+            if not is_sharded(t):  # a sharded sum already holds every rank's samples (`_accumulate`)
+                dist.all_reduce(t)
     if count == 0:
         raise ValueError("the Fisher dataset is empty; pass the task's training data.")
     return {k: v / count for k, v in sums.items()}
@@ -228,7 +261,7 @@ def normalize_fisher(fisher: Mapping[str, torch.Tensor], mode: str = "mean") -> 
         return dict(fisher)
     if mode != "mean":
         raise ValueError(f"`fisher_normalize` = {mode!r} is invalid: use 'none' or 'mean'.")
-    total = sum(float(v.double().sum()) for v in fisher.values())
+    total = sum(scalar(v.double().sum()) for v in fisher.values())
     numel = sum(v.numel() for v in fisher.values())
     if total <= 0:
         return dict(fisher)

@@ -54,9 +54,10 @@ from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
 from .rundir import refuse_changes
+from .sharding import gather, model_sharding, scalar, shard_state
 from .strategies import MergeStrategy, merge_task
 from .timing import Timer
-from .trainer import PMTrainer, TaskProgress, distributed_setup, release, task_checkpoint
+from .trainer import PMTrainer, TaskProgress, check_prepared, distributed_setup, release, task_checkpoint
 from .weights import LowRankWeights, ModelWeights
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class ContinualLoop:
         with timer("train"):
             trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
         self.resuming = False
+        self.follow_sharding()
         self.callbacks.call("on_train_end", t, self.model, task)
         delta_norm = task_vector_norm(self.model)
         pre = self.evaluator.score(task, seen_classes(self.stream.tasks[: t + 1]))  # plasticity, before the merge
@@ -168,10 +170,19 @@ class ContinualLoop:
             probe = task_probe(line, self, t, task, trainer) if self.strategy.needs_probe else None
             plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score, probe)
         self.callbacks.call("on_merge", t, self.model, task)
-        measured = {"fisher_trace": sum(float(f.double().sum()) for f in fisher.values())} if fisher else {}
+        measured = {"fisher_trace": sum(scalar(f.double().sum()) for f in fisher.values())} if fisher else {}
         if at_one is not None:
             measured["loss_increase"] = loss_increase(self, task, plan, at_one)
         return plan, measured
+
+    def follow_sharding(self) -> None:
+        """Once FSDP has sharded the model (the first Trainer prepares it), the continual state loaded or built
+        before (a resumed S and G, fp32 masters) is split the same way, each rank keeping its rows."""
+        if model_sharding(self.model) == "none":
+            return
+        like = self.weights.tensors()
+        self.strategy.load_state_dict(shard_state(self.strategy.state_dict(), like))
+        self.weights.master = shard_state(self.weights.master, like)
 
     def prepare(self, t: int) -> None:
         """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""
@@ -202,6 +213,7 @@ class ContinualLoop:
             head_modules=self.head.modules,
             step_offset=sum(sum(e["branch_counts"].values()) for e in self.log),
         )
+        check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
         trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
         trainer.remove_callback(PrinterCallback)
         if not args.disable_tqdm:
@@ -242,14 +254,10 @@ class ContinualLoop:
 
     # --------------------------------------------------------------------------------------- the sequence
     def state(self) -> ContinualState:
-        return ContinualState(
-            len(self.log),
-            self.weights.state(),
-            self.strategy.state_dict(),
-            self.callbacks.state_dict(),
-            self.log,
-            capture_rng(),
-        )
+        """The run's state with whole tensors (gathered when FSDP shards them: every rank calls this)."""
+        callbacks = {key: gather(value) for key, value in self.callbacks.state_dict().items()}
+        weights, strategy = gather(self.weights.state()), gather(self.strategy.state_dict())
+        return ContinualState(len(self.log), weights, strategy, callbacks, self.log, capture_rng())
 
     def resume(self) -> None:
         """Continue the saved run: the same config and data (else refused), its state loaded and verified."""
@@ -261,7 +269,7 @@ class ContinualLoop:
         refuse_changes(saved, self.config, self.out)
         try:
             self.weights.load_state(self.head.fit_saved(state.weights, self.weights.full()))
-            self.strategy.load_state_dict(state.strategy)
+            self.strategy.load_state_dict(shard_state(state.strategy, self.weights.tensors()))
             self.callbacks.load_state_dict(state.callbacks)
         except ValueError as err:  # keys or shapes that do not fit: a damaged or foreign checkpoint
             raise invalid("output_dir", str(self.out), f"its checkpoint does not fit this run: {err}") from err
@@ -271,10 +279,10 @@ class ContinualLoop:
         if self.args.should_save:  # results.json follows the state, also when a kill left it one task behind
             write_outputs(self.out, self.results())
 
-    def save(self, t: int) -> None:
+    def save(self, t: int, state: ContinualState | None = None) -> None:
         if self.record is not None:
             save_task_record(self.out, t, self.record)
-        path = save_checkpoint(self.out, self.state(), self.config)
+        path = save_checkpoint(self.out, state or self.state(), self.config)
         shutil.rmtree(self.out / "tasks" / f"task_{t}", ignore_errors=True)  # its mid-task checkpoints are spent
         write_outputs(self.out, self.results())
         self.callbacks.call("on_save", t, path)
@@ -282,7 +290,7 @@ class ContinualLoop:
     def results(self) -> dict:
         sizes = [len(task.eval) for task in self.stream.tasks]
         out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
-        return {**out, "distributed": distributed_setup(self.args)}
+        return {**out, "distributed": distributed_setup(self.args, self.model)}
 
     def export_spec(self, info: dict | None = None) -> ExportSpec:
         """How this run's model is described in an export folder."""
@@ -296,7 +304,7 @@ class ContinualLoop:
         )
 
     def export(self, out: Path | None = None, mode: str = "adapter", rank: int | None = None, info: dict | None = None,
-               base_ref: tuple[str, str] | None = None) -> dict:  # fmt: skip
+               base_ref: tuple[str, str] | None = None, whole: tuple[dict, dict] | None = None) -> dict:  # fmt: skip
         """Write the merged model as a self-describing folder (default output_dir/merged_adapter), see
         `pm_hf.export.write_export`: mode 'adapter' (exact, rank sum(r)), 'adapter-svd' (rank `rank`, with each
         module's relative reconstruction error and the accuracy change) or 'merged' (a full model). `info` is added
@@ -307,8 +315,7 @@ class ContinualLoop:
             base.config.id2label = dict(enumerate(self.stream.label_names))
             base.config.label2id = {n: i for i, n in enumerate(self.stream.label_names)}
         theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
-        merged = {k: self.weights.value(k, w).float() for k, w in base_weights(self.model).items()}
-        full = {k: p.detach().float() for k, p in self.weights.full().items()}
+        merged, full = whole or self.weights.whole()
         fan = uses_fan_in_fan_out(self.model)
         if self.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
             history = [merged_record(self.weights, fan)]
@@ -336,7 +343,7 @@ class ContinualLoop:
         write_export(base, history, full, spec, out, mode == "merged", self.results(), plots, base_ref)
         return {**spec.info, "base_model": spec.base_model}
 
-    def push(self, t: int) -> str:
+    def push(self, t: int, whole: tuple[dict, dict] | None = None) -> str:
         """Push the model after task t to `self.hub` (see `pm_hf.hub`): the export with its card and plots, with
         `push_continual_state` the state a later run continues from, tagged `task-<t+1>` with hub_strategy
         every_task. Returns the commit id."""
@@ -345,7 +352,7 @@ class ContinualLoop:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "export"
             info = {"repo_id": self.hub.repo_id, "tagged": every}
-            self.export(folder, info=info, base_ref=(self.hub.repo_id, BASE_BRANCH))
+            self.export(folder, info=info, base_ref=(self.hub.repo_id, BASE_BRANCH), whole=whole)
             state = state_files(self.out) if self.args.push_continual_state else None
             message = f"pm_hf: after task {t + 1}/{total} ({entry['task']}), alpha {entry['alpha']:.4f}"
             return push_run(self.hub, folder, state, message, f"task-{t + 1}" if every else None)
@@ -376,15 +383,19 @@ class ContinualLoop:
         bar = tqdm(range(len(self.log), last), desc="tasks", initial=len(self.log), total=T, disable=not show)
         for t in bar:
             self.log.append(self.run_task(t))
+            state = self.state()  # on every rank: whole tensors, gathered under FSDP
+            whole = self.weights.whole() if self.hub is not None and self.args.hub_strategy == "every_task" else None
             if self.args.should_save:
-                self.save(t)
-                if self.hub is not None and self.args.hub_strategy == "every_task":
-                    self.push(t)
+                self.save(t, state)
+                if whole is not None:
+                    self.push(t, whole)
             bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
-        if len(self.log) == T and self.args.should_save:
-            self.export()
-            if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:
-                self.push(T - 1)
+        if len(self.log) == T:
+            whole = self.weights.whole()
+            if self.args.should_save:
+                self.export(whole=whole)
+                if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:
+                    self.push(T - 1, whole)
         self.head.set_active(None)  # the model predicts over every class again
         results = self.results()
         if len(self.log) > done:  # the summary, the matrix and the alpha table, at the sequence's last step

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import NonFiniteError
+from .sharding import all_finite, is_sharded, scalar
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -70,7 +71,7 @@ def _check_same_keys(deltas: TensorDict, **others: TensorDict) -> None:
                 )
     for name, tensors in {"deltas": deltas, **others}.items():
         for key, value in tensors.items():
-            if not torch.isfinite(value).all():
+            if not all_finite(value):
                 raise ValueError(f"`{name}[{key!r}]` contains NaN or inf; check the training run and the Fisher pass.")
 
 
@@ -92,9 +93,9 @@ def alpha_terms(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: Tensor
         d = delta.double()
         d2 = d * d
         f = fisher[key].to(d.device, torch.float64)
-        fd2 += float((f * d2).sum())
-        gd += float((G[key].to(d.device, torch.float64) * d).sum())
-        den += float(((S[key].to(d.device, torch.float64) + f) * d2).sum())
+        fd2 += scalar((f * d2).sum())
+        gd += scalar((G[key].to(d.device, torch.float64) * d).sum())
+        den += scalar(((S[key].to(d.device, torch.float64) + f) * d2).sum())
     return AlphaTerms(fd2, gd, den)
 
 
@@ -127,7 +128,7 @@ def update_accumulators(
         a = alpha[key] if isinstance(alpha, Mapping) else alpha
         s, g = S[key], G[key]
         if isinstance(a, torch.Tensor):  # per-parameter alpha: the same identity holds elementwise
-            if not torch.isfinite(a).all():
+            if not all_finite(a):
                 raise ValueError(f"`alpha` for {key!r} has non-finite entries; pass the finite alpha that was applied.")
             a = a.to(s.device, s.dtype)
         else:
@@ -148,7 +149,12 @@ def zeros_like_dict(
     tensors: TensorDict, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Zero buffers shaped like `tensors` (the initial S and G; fp32 unless stored in bf16)."""
-    return {k: torch.zeros(v.shape, dtype=dtype, device=device or v.device) for k, v in tensors.items()}
+    return {
+        k: torch.zeros_like(v, dtype=dtype)
+        if is_sharded(v)
+        else torch.zeros(v.shape, dtype=dtype, device=device or v.device)
+        for k, v in tensors.items()
+    }
 
 
 @dataclass(frozen=True)

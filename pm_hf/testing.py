@@ -35,3 +35,27 @@ def tiny_bert_folder(folder: str | Path, texts: Iterable[str], num_labels: int =
     BertForSequenceClassification(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def fsdp_on_cpu() -> None:
+    """Let Accelerate run an FSDP config on CPU processes (gloo), for tests of the FSDP2 path without a GPU.
+
+    Accelerate sets FSDP up on accelerators only (on CPU it runs the config as DDP, and pm_hf refuses that). torch's
+    FSDP2 itself runs on CPU, so this makes Accelerate take its FSDP path there too (the same `fully_shard`, the same
+    Trainer code); pm_hf's launch check (`pm_hf.trainer.accelerate_shards_on`) sees the patch. Call it in each
+    process before the run is built."""
+    import accelerate.state
+
+    state_cls = accelerate.state.AcceleratorState
+    if getattr(state_cls.__init__, "_pm_hf_fsdp_on_cpu", False):
+        return
+    original = state_cls.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == accelerate.state.DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = accelerate.state.DistributedType.FSDP, plugin
+
+    init._pm_hf_fsdp_on_cpu = True
+    state_cls.__init__ = init

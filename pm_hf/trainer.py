@@ -33,6 +33,7 @@ from .adapters import (
 from .checks import invalid
 from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
+from .sharding import model_sharding
 from .training_args import SHARDING_FIX
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
@@ -230,11 +231,33 @@ def _loss_uses_num_items(model) -> bool:
 
 
 # ------------------------------------------------------------------- one task trainer inside a continual run
+def fsdp_requested(args) -> bool:
+    """FSDP asked for in the training arguments or by `accelerate launch`'s config (as Accelerate reports it)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def fsdp_version(args) -> int:
+    from accelerate.utils import get_int_from_env
+
+    if args.fsdp:
+        return int((args.fsdp_config or {}).get("version", 2))  # transformers' default for `fsdp`
+    return get_int_from_env(["FSDP_VERSION"], 1)  # Accelerate's default for a launch config
+
+
+def accelerate_shards_on(args) -> bool:
+    """Whether Accelerate runs an FSDP config as FSDP on this run's device: on accelerators only; on CPU it would
+    silently run plain DDP (unless `pm_hf.testing.fsdp_on_cpu` made Accelerate take its FSDP path on CPU, in tests)."""
+    from accelerate.state import AcceleratorState
+
+    return args.device.type != "cpu" or getattr(AcceleratorState.__init__, "_pm_hf_fsdp_on_cpu", False)
+
+
 def refuse_sharding(args) -> None:
     """Refused before anything is loaded: a launch whose processes would each train alone (`torchrun` on a machine
-    without a GPU and without `use_cpu`), and FSDP or DeepSpeed, asked for in the arguments or by `accelerate
-    launch`'s config (as Accelerate reports it): the continual state, the Fisher and the merge need every adapted
-    weight whole on every rank, and on CPU Accelerate would silently run such a config as plain DDP."""
+    without a GPU and without `use_cpu`); DeepSpeed; FSDP other than FSDP2, or where Accelerate would not run it
+    (CPU). What an FSDP2 run supports beyond that is checked once the model is built (`check_sharded_run`)."""
     from accelerate.utils import get_int_from_env, parse_flag_from_env
 
     launched = get_int_from_env(["WORLD_SIZE"], 1)  # the processes `torchrun` / `accelerate launch` started
@@ -244,19 +267,42 @@ def refuse_sharding(args) -> None:
             "would train alone and write the same files. On a machine without a GPU set `use_cpu: true` (gloo)."
         )
         raise invalid("use_cpu", args.use_cpu, fix)
-    fix = SHARDING_FIX
-    if args.fsdp or parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        raise invalid("fsdp", args.fsdp or "accelerate config (FSDP)", fix)
     if args.deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        raise invalid("deepspeed", args.deepspeed or "accelerate config (DeepSpeed)", fix)
+        raise invalid("deepspeed", args.deepspeed or "accelerate config (DeepSpeed)", SHARDING_FIX)
+    if not fsdp_requested(args):
+        return
+    asked = args.fsdp or "accelerate config (FSDP)"
+    if fsdp_version(args) != 2:
+        raise invalid(
+            "fsdp", asked, "pm_hf shards with FSDP2 only: set `fsdp_version: 2` (configs/accelerate/fsdp.yaml)."
+        )
+    if not accelerate_shards_on(args):
+        fix = "Accelerate runs FSDP on GPUs only and would run this as plain DDP on CPU: launch on GPUs, or use DDP."
+        raise invalid("fsdp", asked, fix)
 
 
-def distributed_setup(args) -> dict:
+def check_prepared(trainer) -> None:
+    """After a task's Trainer is built: an FSDP run really runs as FSDP (never a silent fallback to DDP), and a model
+    already sharded by an earlier task's Trainer is not wrapped again (one model preparation per run)."""
+    from accelerate.utils import DistributedType
+
+    if not fsdp_requested(trainer.args):
+        return
+    if trainer.accelerator.distributed_type != DistributedType.FSDP:
+        fix = f"Accelerate set the run up as {trainer.accelerator.distributed_type.value}, not FSDP: launch on GPUs."
+        raise invalid("fsdp", trainer.args.fsdp or "accelerate config (FSDP)", fix)
+    if model_sharding(trainer.model) != "none":  # already sharded: Accelerate's prepare keeps it as it is
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
+
+
+def distributed_setup(args, model=None) -> dict:
     """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding."""
     from accelerate import PartialState
 
     state = PartialState()
-    return {"type": state.distributed_type.value, "num_processes": state.num_processes, "sharding": "none"}
+    sharding = model_sharding(model) if model is not None else "none"
+    kind = "FSDP" if sharding != "none" else state.distributed_type.value
+    return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
 
 
 def task_checkpoint(out: Path, t: int) -> str | None:

@@ -12,8 +12,8 @@ from transformers import TrainingArguments
 from .checks import check_choice, check_field_types, check_number, check_training_arguments, invalid, is_number
 
 PERTURBATIONS = ("task_vector", "gaussian", "none")
-SHARDING_FIX = ("pm_hf does not shard models yet (the merge writes whole weights on every rank): launch with DDP "
-                "(`accelerate launch --multi_gpu`) or one process, with `accumulator_device: cpu` and "
+SHARDING_FIX = ("pm_hf does not run DeepSpeed ZeRO yet: shard with FSDP2 (configs/accelerate/fsdp.yaml, causal LMs) "
+                "or launch with DDP (`accelerate launch --multi_gpu`) with `accumulator_device: cpu` and "
                 "`fisher_device: cpu` to keep the continual state off the accelerator.")  # fmt: skip
 HUB_STRATEGIES = ("every_task", "end")  # when a sequence pushes: after every task's merge, or once at the end
 
@@ -107,9 +107,13 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         self.check_perturbation()
         check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
-        for name in ("fsdp", "deepspeed"):  # sharded setups: refused here, before the Trainer sets them up
-            if getattr(self, name):
-                raise invalid(name, getattr(self, name), SHARDING_FIX)
+        if self.deepspeed:  # refused here, before the Trainer sets it up
+            raise invalid("deepspeed", self.deepspeed, SHARDING_FIX)
+        if (
+            self.fsdp
+            and int((self.fsdp_config or {}).get("version", (self.fsdp_config or {}).get("fsdp_version", 2))) != 2
+        ):
+            raise invalid("fsdp_config", self.fsdp_config, "pm_hf shards with FSDP2 only: set `version: 2`.")
         strategy, self.hub_strategy = self.hub_strategy, "end"  # a sequence's strategies are not the Trainer's
         try:
             super().__post_init__()

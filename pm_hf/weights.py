@@ -22,6 +22,7 @@ from .adapters import (
 )
 from .checks import NonFiniteError, check_finite
 from .merge import LoraFactors, TaskVector, compress_factors
+from .sharding import all_finite, gather, shard_like
 
 
 class ModelWeights:
@@ -52,6 +53,10 @@ class ModelWeights:
             out[key] = layers[key] if key in layers else params[key]
         return out
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensor of every merge key: the adapted layers' base weights and the fully trained parameters."""
+        return {**base_weights(self.model), **self.full()}
+
     def value(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The exact value of a written tensor: its fp32 master copy if one is kept, else the tensor itself."""
         return self.master.get(key, tensor.detach())
@@ -61,6 +66,12 @@ class ModelWeights:
         out = {k: self.value(k, w) for k, w in base_weights(self.model).items()}
         out.update({k: p.detach() for k, p in self.full().items()})
         return out
+
+    def whole(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """fp32 whole copies of the merged adapted weights and of the fully trained parameters (an export's input;
+        gathered when FSDP shards them: every rank calls this)."""
+        merged = {k: self.value(k, w).float() for k, w in base_weights(self.model).items()}
+        return gather(merged), gather({k: p.detach().float() for k, p in self.full().items()})
 
     def snapshot(self, exclude: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
         """fp32 copies of the adapted layers' weights and the fully trained parameters (keys `exclude` rejects are
@@ -77,6 +88,7 @@ class ModelWeights:
                 raise ValueError(f"{key!r}: value of shape {tuple(value.shape)}, weight {tuple(targets[key].shape)}")
         with torch.no_grad():
             for key, value in weights.items():
+                value = shard_like(value, targets[key])  # a whole value into a sharded weight: this rank's rows
                 if targets[key].dtype != torch.float32:
                     self.master[key] = value.float().to(self.device or targets[key].device)
                 targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
@@ -102,9 +114,7 @@ class ModelWeights:
         targets = self.targets(deltas)
         for key, delta in deltas.items():
             a = alpha.get(key)
-            finite = a is not None and (
-                bool(torch.isfinite(a).all()) if isinstance(a, torch.Tensor) else math.isfinite(a)
-            )
+            finite = a is not None and (all_finite(a) if isinstance(a, torch.Tensor) else math.isfinite(a))
             if not finite:
                 raise NonFiniteError(f"no finite alpha for merge key {key!r}; nothing was written.")
             if targets[key].shape != delta.shape:

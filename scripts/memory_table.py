@@ -8,8 +8,9 @@ checked against the tensors a real run holds (a tiny bf16 Llama, `--check`).
 
     python scripts/memory_table.py [--check] [--markdown]
 
-Sharding the state like the weights (FSDP / ZeRO-3: every figure / ranks) is not implemented: pm_hf keeps the whole
-state on every rank, so the "8 ranks" column equals the "1 rank" one; the table says what sharding would give.
+Under FSDP2 (causal LMs, see README) S, G, the master copy, the Fisher and the task vector are sharded like the
+weights they shadow, so every figure divides by the number of ranks (the "FSDP2, 8 ranks" columns); a 2-process run
+holds exactly half of S and G per rank (`tests/test_distributed.py`). Under DDP every rank holds the whole state.
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def table() -> list[dict]:
         for label, targets in TARGETS.items():
             n = adapted_params(model, targets)  # transformers 5 names ViT's projections as Llama's
             default, bf16 = state_bytes(n), state_bytes(n, state_dtype_bytes=2)
-            rows.append({"model": name, "targets": label, "adapted_params": n, "bf16_adapted_gb": 2 * n / GB,
+            rows.append({"model": name, "targets": label, "fsdp2": model_cls is LlamaForCausalLM,
+                         "adapted_params": n, "bf16_adapted_gb": 2 * n / GB,
                          "default_peak_gb": default["peak"] / GB, "default_persistent_gb": default["persistent"] / GB,
                          "bf16_state_peak_gb": bf16["peak"] / GB, "cpu_offload_host_gb": default["peak"] / GB,
-                         "sharded_8_ranks_peak_gb (not implemented)": default["peak"] / 8 / GB,
+                         "fsdp2_8_ranks_peak_gb": default["peak"] / 8 / GB,
+                         "fsdp2_8_ranks_persistent_gb": default["persistent"] / 8 / GB,
+                         "fsdp2_8_ranks_bf16_state_peak_gb": bf16["peak"] / 8 / GB,
                          "bar_8_ranks_gb": 2 * n / 8 / GB})  # fmt: skip
     return rows
 
@@ -112,14 +116,18 @@ def main() -> None:
     rows = table()
     if args.markdown:
         head = ["model", "LoRA targets", "adapted weights", "bf16 adapted part",
-                "pm state per rank, 1 or 8 ranks: peak (persistent)", "S, G in bf16: peak", "CPU offload: host",
+                "pm state per rank, 1 rank or DDP: peak (persistent)", "S, G in bf16: peak", "CPU offload: host",
+                "FSDP2, 8 ranks: peak (persistent)", "FSDP2, 8 ranks, S, G in bf16: peak",
                 "bar, 8 ranks: bf16 part / 8"]  # fmt: skip
         print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
         for r in rows:
             cells = [r["model"], r["targets"], f"{r['adapted_params'] / 1e9:.3f} B", f"{r['bf16_adapted_gb']:.2f} GB",
                      f"{r['default_peak_gb']:.1f} GB ({r['default_persistent_gb']:.1f} GB)",
                      f"{r['bf16_state_peak_gb']:.1f} GB", f"{r['cpu_offload_host_gb']:.1f} GB",
-                     f"{r['bar_8_ranks_gb']:.2f} GB"]  # fmt: skip
+                     f"{r['fsdp2_8_ranks_peak_gb']:.2f} GB ({r['fsdp2_8_ranks_persistent_gb']:.2f} GB)",
+                     f"{r['fsdp2_8_ranks_bf16_state_peak_gb']:.2f} GB", f"{r['bar_8_ranks_gb']:.2f} GB"]  # fmt: skip
+            if not r["fsdp2"]:  # pm_hf shards causal LMs only
+                cells[7:9] = ["— (DDP only)", "—"]
             print("| " + " | ".join(cells) + " |")
     else:
         print(json.dumps(rows, indent=1))

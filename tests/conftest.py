@@ -214,8 +214,8 @@ class Recorder(ContinualCallback):
         self.params.append({k: v.detach().clone() for k, v in params.items() if k.startswith(self.keep)})
 
 
-def torchrun(model_dir, out, batch: int, *flags) -> list[dict]:
-    """Run tests/ddp_script.py on 2 CPU processes (gloo) and return what each rank recorded."""
+def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py") -> list[dict]:
+    """Run tests/<script> (ddp_script.py, fsdp_script.py) on 2 CPU processes (gloo); returns what each rank recorded."""
     import json
     import socket
     import subprocess
@@ -224,8 +224,79 @@ def torchrun(model_dir, out, batch: int, *flags) -> list[dict]:
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    script, launcher = Path(__file__).parent / "ddp_script.py", Path(sys.executable).parent / "torchrun"
+    script, launcher = Path(__file__).parent / script, Path(sys.executable).parent / "torchrun"
     cmd = [str(launcher), "--nproc_per_node", "2", "--master_port", port, str(script), model_dir, str(out), str(batch)]
     done = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "wordnet_instruct"
+TASKS = ("define", "category")
+
+
+def _rows(task):
+    import json
+
+    return [json.loads(line) for line in (INSTRUCT / task / "train.jsonl").read_text().splitlines()]
+
+
+def tiny_llm_folder(folder: Path) -> str:
+    """A tiny random Llama with a WordPiece tokenizer over the instruction data, saved to `folder`/model."""
+    texts = [r[k] for t in TASKS for r in _rows(t) for k in ("prompt", "response")]
+    tok = tiny_tokenizer(folder, texts, max_words=150)
+    model = tiny_llama(0)
+    model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.sep_token_id
+    model.config.bos_token_id = tok.cls_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.sep_token_id
+    model.generation_config.bos_token_id = tok.cls_token_id
+    model.config.max_position_embeddings = 64
+    model.save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    return str(folder / "model")
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    return tiny_llm_folder(tmp_path_factory.mktemp("tiny_llm"))
+
+
+def llm_groups(model_dir, out, merge_method="pm", **kw):
+    """The six argument groups of a 2-task instruction run on the tiny Llama; `kw` overrides any field."""
+    from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+
+    data = dict(
+        task_datasets=[
+            {"dataset_name": "json", "data_files": {s: str(INSTRUCT / t / f"{s}.jsonl") for s in ("train", "test")}}
+            for t in TASKS
+        ],
+        max_train_samples=12,
+        max_eval_samples=6,
+        max_length=48,
+    )
+    data.update({k: kw.pop(k) for k in list(kw) if k in DataArguments.__dataclass_fields__})
+    merge = {k: kw.pop(k) for k in list(kw) if k in MergeArguments.__dataclass_fields__}
+    model = {k: kw.pop(k) for k in list(kw) if k in ("dtype", "max_new_tokens", "primary_metric")}
+    train = dict(
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=1,
+    )
+    train.update(kw)
+    return (
+        ModelArguments(model_name_or_path=model_dir, max_new_tokens=4, **model),
+        DataArguments(**data),
+        PMConfig(**train),
+        LoraArguments(r=2, lora_alpha=4),
+        FisherArguments(fisher_max_samples=8),
+        MergeArguments(merge_method=merge_method, **merge),
+    )

@@ -1,10 +1,13 @@
-"""The whole loop on 2 CPU processes (gloo, torchrun) against 1 process with the same global batch: every task trains
-under DDP, the ranks agree exactly, alpha within 1e-6 and the merged weights within 1e-5 relative. (Regression:
-Accelerate marked the model prepared after an evaluation, so every task after the first trained without DDP, each
-rank on its own shard, and the ranks' models drifted apart.)"""
+"""The whole loop on 2 CPU processes (gloo, torchrun) against 1 process with the same global batch: under DDP (tiny
+BERT: the ranks agree exactly, alpha within 1e-6, merged weights within 1e-5 relative) and under FSDP2 (tiny Llama,
+the state sharded like the weights); what is not supported is refused before anything loads. (Regression: Accelerate
+marked the model prepared after an evaluation, so every task after the first trained without DDP, each rank on its
+own shard, and the ranks' models drifted apart.)"""
 
 import pytest
-from conftest import checkpoint_tensors, groups, torchrun
+import torch
+from conftest import checkpoint_tensors, groups, llm_groups, torchrun
+from safetensors.torch import load_file
 
 from pm_hf.checks import InputError
 from pm_hf.continual import ContinualTrainer, run_continual
@@ -27,17 +30,85 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
     assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
 
 
-@pytest.mark.parametrize(("field", "value"), [("fsdp", "full_shard"), ("deepspeed", "ds_config.json")])
-def test_sharded_setups_are_refused_before_anything_loads(model_dir, tmp_path, field, value):
-    with pytest.raises(InputError, match=rf"^{field} = .*does not shard models yet"):
-        groups(model_dir, tmp_path / "run", **{field: value})  # PMConfig itself refuses
+def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path):
+    """FSDP2 (`fully_shard`, Accelerate's FSDP path, run on CPU by `pm_hf.testing.fsdp_on_cpu`) on 2 processes x
+    batch 2 against 1 process x batch 4: the same alphas, scores, checkpoint and export within float tolerance; each
+    rank holds half of S and G; a run stopped after task 1 and resumed is the same run."""
+    rank0, rank1 = torchrun(llm_dir, tmp_path / "fsdp", 2, "sharded", script="fsdp_script.py")
+    resumed = torchrun(llm_dir, tmp_path / "resumed", 2, "sharded", "resume", script="fsdp_script.py")[0]
+    one = llm_groups(llm_dir, tmp_path / "one", per_device_train_batch_size=4, logging_steps=1, save_strategy="no")
+    single = ContinualTrainer.from_args(*one).train()
+    assert rank0 == rank1  # the ranks agree on everything they report
+    assert rank0["distributed"] == {"type": "FSDP", "num_processes": 2, "sharding": "fsdp2"}
+    assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
+    assert rank0["state_fraction"] == 0.5  # S and G sharded like the weights: each rank holds its half
+    assert single["alphas"][0] == 1.0 and 0.0 < single["alphas"][1] < 1.0
+    for a, b in zip(rank0["alphas"] + rank0["delta_norms"], single["alphas"] + single["delta_norms"]):
+        assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
+    for row, ref in zip(rank0["scores"]["eval_loss"], single["score_matrices"]["eval_loss"]):
+        assert [x if x is None else pytest.approx(x, rel=1e-5) for x in ref] == row
+    assert resumed == rank0  # stopped after task 1, resumed: the same run, bit for bit
+    two, ref = checkpoint_tensors(tmp_path / "fsdp" / "run"), checkpoint_tensors(tmp_path / "one")
+    assert two.keys() == ref.keys() and any(k.startswith("strategy/S/") for k in ref)
+    for key in ref:
+        scale = ref[key].abs().max().clamp_min(1e-12)
+        assert float((two[key] - ref[key]).abs().max() / scale) < 1e-5, key
+    exported = [
+        load_file(str(p / "merged_adapter" / "adapter_model.safetensors"))
+        for p in (tmp_path / "fsdp" / "run", tmp_path / "one")
+    ]
+    assert exported[0].keys() == exported[1].keys()
+    for key, value in exported[1].items():
+        assert torch.allclose(exported[0][key], value, rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"deepspeed": "ds_config.json"}, r"^deepspeed = 'ds_config.json': pm_hf does not run DeepSpeed ZeRO yet"),
+        ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, r"^fsdp_config = .*FSDP2 only"),
+    ],
+)
+def test_deepspeed_and_fsdp1_are_refused_by_the_arguments(model_dir, tmp_path, kw, match):
+    with pytest.raises(InputError, match=match):
+        groups(model_dir, tmp_path / "run", **kw)  # PMConfig itself refuses
     assert not (tmp_path / "run").exists()
 
 
-def test_an_accelerate_fsdp_launch_is_refused_not_run_as_ddp(model_dir, tmp_path, monkeypatch):
+def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(model_dir, tmp_path, monkeypatch):
+    args = groups(model_dir, tmp_path / "run", fsdp="full_shard")  # on CPU: Accelerate would run plain DDP
+    with pytest.raises(InputError, match=r"^fsdp = .*would run this as plain DDP on CPU"):
+        ContinualTrainer.from_args(*args)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
-    with pytest.raises(InputError, match=r"^fsdp = 'accelerate config \(FSDP\)'"):
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(InputError, match=r"^fsdp = 'accelerate config \(FSDP\)': pm_hf shards with FSDP2 only"):
         ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("which", "kw", "match"),
+    [
+        ("bert", {}, r"^fsdp = .*pm_hf shards causal LMs"),
+        ("llm", {"merge_method": "ties"}, r"^merge_method = 'ties': is not available on FSDP-sharded weights"),
+        (
+            "llm",
+            {"accumulator_device": "cpu"},
+            r"^accumulator_device = 'cpu': with FSDP the continual state is sharded",
+        ),
+        ("llm", {"save_strategy": "steps"}, r"^save_strategy = 'steps': mid-task checkpoints are not taken under FSDP"),
+    ],
+)
+def test_what_fsdp2_does_not_support_is_refused_before_loading(
+    model_dir, llm_dir, tmp_path, monkeypatch, which, kw, match
+):
+    monkeypatch.setattr("pm_hf.trainer.accelerate_shards_on", lambda args: True)  # as on GPUs
+    fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
+    make = groups if which == "bert" else llm_groups
+    args = make(model_dir if which == "bert" else llm_dir, tmp_path / "run", **fsdp, **kw)
+    with pytest.raises(InputError, match=match):
+        ContinualTrainer.from_args(*args)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_launch_whose_ranks_would_train_alone_is_refused(model_dir, tmp_path, monkeypatch):

@@ -6,76 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import INSTRUCT, TASKS, llm_groups
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pm_hf.adapters import base_weights, lora_layers
 from pm_hf.cli import main as cli_main
-from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from pm_hf.continual import build_loop, run_continual
 from pm_hf.evaluation import generate_responses
-
-INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "wordnet_instruct"
-TASKS = ("define", "category")
-
-
-def _rows(task):
-    return [json.loads(line) for line in (INSTRUCT / task / "train.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def llm_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_llm")
-    texts = [r[k] for t in TASKS for r in _rows(t) for k in ("prompt", "response")]
-    tok = tiny_tokenizer(folder, texts, max_words=150)
-    model = tiny_llama(0)
-    model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id
-    model.config.eos_token_id = tok.sep_token_id
-    model.config.bos_token_id = tok.cls_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.sep_token_id
-    model.generation_config.bos_token_id = tok.cls_token_id
-    model.config.max_position_embeddings = 64
-    model.save_pretrained(folder / "model")
-    tok.save_pretrained(folder / "model")
-    return str(folder / "model")
-
-
-def llm_groups(model_dir, out, merge_method="pm", **kw):
-    data = dict(
-        task_datasets=[
-            {"dataset_name": "json", "data_files": {s: str(INSTRUCT / t / f"{s}.jsonl") for s in ("train", "test")}}
-            for t in TASKS
-        ],
-        max_train_samples=12,
-        max_eval_samples=6,
-        max_length=48,
-    )
-    data.update({k: kw.pop(k) for k in list(kw) if k in DataArguments.__dataclass_fields__})
-    merge = {k: kw.pop(k) for k in list(kw) if k in MergeArguments.__dataclass_fields__}
-    model = {k: kw.pop(k) for k in list(kw) if k in ("dtype", "max_new_tokens", "primary_metric")}
-    train = dict(
-        output_dir=str(out),
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=1,
-        **kw,
-    )
-    return (
-        ModelArguments(model_name_or_path=model_dir, max_new_tokens=4, **model),
-        DataArguments(**data),
-        PMConfig(**train),
-        LoraArguments(r=2, lora_alpha=4),
-        FisherArguments(fisher_max_samples=8),
-        MergeArguments(merge_method=merge_method, **merge),
-    )
 
 
 def test_pm_on_a_tiny_llama_writes_score_matrices(llm_dir, tmp_path):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import llm_groups
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
-from test_llm_continual import llm_dir, llm_groups  # noqa: F401  (llm_dir is a fixture)
 from transformers import AutoModelForCausalLM
 
 from pm_hf.cli import main as cli_main

@@ -22,12 +22,14 @@ from ..merge import (
     update_accumulators,
     zeros_like_dict,
 )
+from ..sharding import scalar
 from .base import MergePlan, MergeStrategy, alpha_plan, constant, fraction, prefixed, register
 
 
 @register
 class ClosedForm(MergeStrategy):
     name = "pm"
+    shards = True
     reference = "Qiu et al. 2025, Perturb-and-Merge: closed-form alpha over the S/G accumulators (docs/method.md)"
     knobs = ("alpha_clip", "alpha_min", "alpha_granularity", "accumulator_device", "accumulator_dtype",
              "alpha_calibration", "calibration_holdout", "calibration_grid")  # fmt: skip
@@ -157,8 +159,8 @@ class CoFiMA(MergeStrategy):
         deltas = vector.deltas
         self.S.update(zeros_like_dict({k: v for k, v in deltas.items() if k not in self.S}, self.accumulator_device))
         w = {k: cofima_weights(fisher[k], self.S[k].to(fisher[k].device), self.cofima_weight) for k in deltas}
-        num = sum(float((w[k].double() * deltas[k].double() ** 2).sum()) for k in deltas)
-        den = sum(float((deltas[k].double() ** 2).sum()) for k in deltas)
+        num = sum(scalar((w[k].double() * deltas[k].double() ** 2).sum()) for k in deltas)
+        den = sum(scalar((deltas[k].double() ** 2).sum()) for k in deltas)
         effective = num / den if den > 0 else float(self.cofima_weight)  # alpha along Delta, for the log
         choices = {k: AlphaChoice(effective, effective, weight=w[k]) for k in deltas}
         self.S.update({k: self.S[k] + fisher[k].to(self.S[k].device, self.S[k].dtype) for k in deltas})
@@ -184,6 +186,7 @@ class Scheduled(MergeStrategy):
 @register
 class SeqMerge(Scheduled):
     name = "seq-merge"
+    shards = True
     reference = "sequential LoRA merged with alpha = 1, a new adapter per task (the paper's 'LoRA' row)"
 
     def alpha(self, t):
@@ -193,6 +196,7 @@ class SeqMerge(Scheduled):
 @register
 class Average(Scheduled):
     name = "average"
+    shards = True
     reference = "model averaging: theta_hat_t = mean of theta*_i (alpha_t = 1/t)"
 
     def alpha(self, t):
@@ -202,6 +206,7 @@ class Average(Scheduled):
 @register
 class SqrtT(Scheduled):
     name = "sqrt-t"
+    shards = True
     reference = "alpha_t = 1/sqrt(t), the schedule of OPCM / SLAO (t = 1, 2, ...)"
 
     def alpha(self, t):
@@ -211,6 +216,7 @@ class SqrtT(Scheduled):
 @register
 class CoMA(Scheduled):
     name = "coma"
+    shards = True
     reference = "CoMA (Marouf et al. 2023): fixed-weight interpolation, alpha = `fixed_alpha`"
     knobs = ("fixed_alpha",)
 

@@ -1,0 +1,120 @@
+"""Weights sharded by FSDP2 (`fully_shard`): every sharded parameter is a `DTensor` split along dim 0, and the
+continual state that shadows a weight (task vector, Fisher, S, G, fp32 master) is a `DTensor` with the same
+placements, so each rank holds its rows only and per-rank memory divides by the number of ranks.
+
+Elementwise math works on such tensors as on plain ones. A reduction does not: the sum of a sharded tensor is a
+*partial* sum on each rank, and `float()` of it gives the rank's own part, silently. Every scalar taken from state
+tensors goes through `scalar`, which completes the sum across ranks. Files hold whole tensors (`gather`), so a
+checkpoint or an export does not depend on the number of processes; `shard_like` splits a whole tensor back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+try:  # torch >= 2.4
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # pragma: no cover - older torch: nothing is ever sharded
+    DTensor = Shard = distribute_tensor = None
+
+
+def is_sharded(tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a collective for a sharded one: every rank must call it)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (its rows), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def scalar(value: torch.Tensor | float) -> float:
+    """A Python float from a 0-d tensor, with a partial sum over shards completed across ranks."""
+    return float(full(value)) if isinstance(value, torch.Tensor) else float(value)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite, on every rank's shard (the same answer on every rank)."""
+    if not is_sharded(tensor):
+        return bool(torch.isfinite(tensor).all())
+    ok = torch.isfinite(tensor.to_local()).all().to(torch.int32).reshape(1)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def gather(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole copies of every tensor of a dict, in key order (collective when any is sharded)."""
+    return {k: full(v) for k, v in tensors.items()}
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a whole tensor, the same on every rank) split as `like` is; unchanged when `like` is not sharded.
+    No communication: each rank keeps its rows."""
+    if not is_sharded(like) or is_sharded(value):
+        return value
+    if tuple(value.shape) != tuple(like.shape):
+        raise ValueError(f"a tensor of shape {tuple(value.shape)} cannot be sharded like one of {tuple(like.shape)}")
+    value = value.to(like.to_local().device)
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def shard_state(state: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shard a loaded state dict whose keys end with a merge key (`S/<key>`, `G/<key>`, `<key>`) like the model's
+    tensor of that merge key; other entries stay whole."""
+    sharded = {k: v for k, v in like.items() if is_sharded(v)}
+    if not sharded:
+        return dict(state)
+    out = {}
+    for name, value in state.items():
+        key = next((k for k in sharded if name == k or name.endswith("/" + k)), None)
+        same = key is not None and tuple(value.shape) == tuple(sharded[key].shape)
+        out[name] = shard_like(value, sharded[key]) if same else value
+    return out
+
+
+def row_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 this rank holds (FSDP2 splits dim 0 as `torch.chunk` does)."""
+    if not is_sharded(tensor):
+        return 0, tensor.shape[0]
+    if tuple(tensor.placements) != (Shard(0),):
+        raise ValueError(f"only dim-0 sharding (FSDP2's) is supported, not {tensor.placements}")
+    n, world = tensor.shape[0], tensor.device_mesh.size()
+    chunk = -(-n // world)
+    rank = tensor.device_mesh.get_local_rank()
+    start = min(rank * chunk, n)
+    stop = min(start + chunk, n)
+    if stop - start != tensor.to_local().shape[0]:
+        raise ValueError(f"unexpected shard of {n} rows on rank {rank}: {tensor.to_local().shape[0]} rows")
+    return start, stop
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, columns: int) -> torch.Tensor:
+    """A [n, columns] tensor sharded by rows as `like` ([n, ...], dim-0 sharded) is, from this rank's `rows`."""
+    shape = (like.shape[0], columns)
+    return DTensor.from_local(rows, like.device_mesh, like.placements, shape=shape, stride=(columns, 1))
+
+
+def model_sharding(model: torch.nn.Module) -> str:
+    """'fsdp2' when any parameter of the model is sharded, else 'none' (results.json `distributed.sharding`)."""
+    return "fsdp2" if any(is_sharded(p) for p in model.parameters()) else "none"
+
+
+def all_gather_padded(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (shape [B, T, D], B and T may differ per rank) stacked along dim 0, zero-padded to the
+    largest B and T: rows of zeros add nothing to a sum of squared outer products."""
+    world = dist.get_world_size()
+    sizes = torch.tensor([x.shape[0], x.shape[1]], device=x.device)  # on the backend's device (gloo: CPU)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    b, t = (int(s) for s in sizes.tolist())
+    padded = x.new_zeros(b, t, x.shape[2])
+    padded[: x.shape[0], : x.shape[1]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat(parts, 0)
