@@ -155,7 +155,7 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
 
 def check_sharded_run(causal: bool, strategy, args: PMConfig, fisher_args: FisherArguments, merge_args) -> None:
     """What an FSDP2 run supports (checked before loading): a causal LM, a merge rule whose math runs on sharded
-    weights, the continual state beside the weights' shards, per-sample Fisher, no mid-task checkpoints."""
+    weights, the continual state beside the weights' shards, per-sample Fisher."""
     if not causal:
         raise invalid(
             "fsdp", args.fsdp or "accelerate config (FSDP)", "pm_hf shards causal LMs; run a classifier with DDP."
@@ -173,10 +173,6 @@ def check_sharded_run(causal: bool, strategy, args: PMConfig, fisher_args: Fishe
         raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP use 'per_sample'.")
     if merge_args.merge_into == "adapter":
         raise invalid("merge_into", "adapter", "a merged adapter is not sharded yet: use 'weights' with FSDP.")
-    save = getattr(args.save_strategy, "value", args.save_strategy)
-    if save != "no":
-        fix = "mid-task checkpoints are not taken under FSDP yet: set 'no' (each task's end is checkpointed)."
-        raise invalid("save_strategy", save, fix)
 
 
 def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:

@@ -33,7 +33,7 @@ from .adapters import (
 from .checks import invalid
 from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
-from .sharding import model_sharding
+from .sharding import gather, model_sharding, shard_like
 from .training_args import SHARDING_FIX
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
@@ -152,15 +152,20 @@ class PerturbationMixin:
                 "again (the checkpoint of the previous task is intact)."
             )
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """`Trainer._save` (the adapter), then what else a mid-task resume needs: the fully trained parameters (the
-        head, `modules_to_save`) and this trainer's branch counts and late branch losses."""
-        super()._save(output_dir, state_dict)
-        if output_dir is None or not self.args.should_save:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model` (the adapter; under FSDP the Trainer saves the sharded model beside it), then, for a
+        checkpoint, what else a mid-task resume needs: the fully trained parameters (the head, `modules_to_save`),
+        whole, and this trainer's branch counts and late branch losses. Every rank calls it (FSDP gathers)."""
+        super().save_model(output_dir, _internal_call)
+        if output_dir is None or not _internal_call:
             return
-        tensors = {k: p.detach().cpu().contiguous() for k, p in full_trainable_params(self.model).items()}
-        meta = {"branch_counts": json.dumps(self.branch_counts), "late_losses": json.dumps(self._late_losses)}
-        save_file(tensors, os.path.join(output_dir, TRAINER_EXTRA), metadata=meta)
+        tensors = {k: v.cpu().contiguous() for k, v in gather(full_trainable_params(self.model)).items()}
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)  # under FSDP with sharded state dicts the Trainer writes it later
+            meta = {"branch_counts": json.dumps(self.branch_counts), "late_losses": json.dumps(self._late_losses)}
+            save_file(
+                {k: v.detach() for k, v in tensors.items()}, os.path.join(output_dir, TRAINER_EXTRA), metadata=meta
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """`Trainer._load_from_checkpoint` (the adapter), then the parameters and counts `_save` added."""
@@ -173,7 +178,7 @@ class PerturbationMixin:
             raise ValueError(f"{path} does not fit the model: {sorted(set(params) ^ set(tensors))[:3]}")
         with torch.no_grad():
             for key, value in tensors.items():
-                params[key].copy_(value.to(params[key].device, params[key].dtype))
+                params[key].copy_(shard_like(value.to(params[key].dtype), params[key]))
         self.branch_counts = Counter({int(b): n for b, n in json.loads(meta["branch_counts"]).items()})
         self._late_losses = {int(b): v for b, v in json.loads(meta["late_losses"]).items()}
 
@@ -238,12 +243,11 @@ def fsdp_requested(args) -> bool:
     return bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
-def fsdp_version(args) -> int:
-    from accelerate.utils import get_int_from_env
+def fsdp_plugin(args):
+    """The FSDP settings the run's Trainer will use: from the training arguments, or `accelerate launch`'s config."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
-    if args.fsdp:
-        return int((args.fsdp_config or {}).get("version", 2))  # transformers' default for `fsdp`
-    return get_int_from_env(["FSDP_VERSION"], 1)  # Accelerate's default for a launch config
+    return FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}) if args.fsdp else {})
 
 
 def accelerate_shards_on(args) -> bool:
@@ -272,13 +276,21 @@ def refuse_sharding(args) -> None:
     if not fsdp_requested(args):
         return
     asked = args.fsdp or "accelerate config (FSDP)"
-    if fsdp_version(args) != 2:
+    plugin = fsdp_plugin(args)
+    if plugin.fsdp_version != 2:
         raise invalid(
             "fsdp", asked, "pm_hf shards with FSDP2 only: set `fsdp_version: 2` (configs/accelerate/fsdp.yaml)."
         )
     if not accelerate_shards_on(args):
         fix = "Accelerate runs FSDP on GPUs only and would run this as plain DDP on CPU: launch on GPUs, or use DDP."
         raise invalid("fsdp", asked, fix)
+    save = getattr(args.save_strategy, "value", args.save_strategy)
+    if save != "no" and "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        fix = (
+            f"mid-task checkpoints (save_strategy {save!r}) under FSDP are written as sharded state dicts: set "
+            "`state_dict_type: SHARDED_STATE_DICT` (configs/accelerate/fsdp.yaml), or `save_strategy: no`."
+        )
+        raise invalid("fsdp_config", "FULL_STATE_DICT", fix)
 
 
 def check_prepared(trainer) -> None:

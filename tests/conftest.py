@@ -214,8 +214,9 @@ class Recorder(ContinualCallback):
         self.params.append({k: v.detach().clone() for k, v in params.items() if k.startswith(self.keep)})
 
 
-def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py") -> list[dict]:
-    """Run tests/<script> (ddp_script.py, fsdp_script.py) on 2 CPU processes (gloo); returns what each rank recorded."""
+def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py", record: str = "rank") -> list[dict]:
+    """Run tests/<script> (ddp_script.py, fsdp_script.py) on 2 CPU processes (gloo); returns what each rank recorded
+    (OUT/<record><rank>.json)."""
     import json
     import socket
     import subprocess
@@ -228,7 +229,7 @@ def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py") 
     cmd = [str(launcher), "--nproc_per_node", "2", "--master_port", port, str(script), model_dir, str(out), str(batch)]
     done = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((Path(out) / f"{record}{r}.json").read_text()) for r in (0, 1)]
 
 
 INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "wordnet_instruct"

@@ -1,13 +1,15 @@
 """Run under `torchrun --nproc_per_node 2` by the tests (or alone, for the 1-process reference): a 2-task continual
 instruction run of the tiny Llama on CPU processes (gloo), sharded by FSDP2 with `sharded` (see
-`pm_hf.testing.fsdp_on_cpu`), stopped after task 1 and resumed with `resume`. Each process writes to
-OUT/rank<r>.json its alphas, delta norms, score matrices, the run's `distributed` record and the fraction of the
-continual state (S, G) its own shards hold; the checkpoint and the export are in OUT/run as usual.
+`pm_hf.testing.fsdp_on_cpu`). Each process writes to OUT/rank<r>.json its alphas, delta norms, score matrices, the
+run's `distributed` record and the fraction of the continual state (S, G) its own shards hold; the checkpoint and
+the export are in OUT/run as usual.
 
-    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded] [resume] [launcher]
+    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded] [resume | crash | continue] [launcher]
 
-With `launcher` the FSDP setup comes from `accelerate launch --config_file configs/accelerate/fsdp.yaml` (its
-environment) instead of the training arguments.
+`resume`: stopped after task 1, then resumed in the same processes. `crash`: checkpoints every step and is killed
+(an exception on every rank) at step 2 of task 2, then writes only OUT/crashed<r>.json with the task's newest
+checkpoint; `continue` resumes that run. `launcher`: the FSDP setup comes from `accelerate launch --config_file
+configs/accelerate/fsdp.yaml` (its environment) instead of the training arguments.
 """
 
 import json
@@ -16,31 +18,78 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import llm_groups  # noqa: E402  (sets the offline switches first)
+from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
 from pm_hf.sharding import local  # noqa: E402
 from pm_hf.testing import fsdp_on_cpu  # noqa: E402
+from pm_hf.trainer import task_checkpoint  # noqa: E402
 
-FSDP = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+FSDP = {
+    "fsdp": "full_shard",
+    "fsdp_config": {
+        "version": 2,
+        "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+        "state_dict_type": "SHARDED_STATE_DICT",
+    },
+}
 
 
-def main(model_dir: str, out: str, batch: int, sharded: bool, resume: bool, launcher: bool) -> None:
-    if sharded or launcher:
+class Kill(Exception):
+    pass
+
+
+class KillAt(TrainerCallback):
+    """Raises at optimizer step 2 of the second task's training, on every rank (a kill in the middle of a task)."""
+
+    def __init__(self):
+        self.trainers = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.trainers += 1
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.trainers == 2 and state.global_step == 2:
+            raise Kill
+
+
+class FirstSteps(TrainerCallback):
+    """The optimizer step each task's training starts from (> 0 when it resumed a mid-task checkpoint)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.steps.append(state.global_step)
+
+
+def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
+    if "sharded" in flags or "launcher" in flags:
         fsdp_on_cpu()
-    extra = FSDP if sharded and not launcher else {}
+    extra = FSDP if "sharded" in flags and "launcher" not in flags else {}
+    saves = {"save_strategy": "steps", "save_steps": 1} if {"crash", "continue"} & set(flags) else {}
     args = llm_groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, logging_steps=1,
-                      save_strategy="no", **extra)  # fmt: skip
-    if resume:
+                      **{"save_strategy": "no", **saves}, **extra)  # fmt: skip
+    rank = args[2].process_index
+    if "crash" in flags:
+        try:
+            ContinualTrainer.from_args(*args, callbacks=[KillAt()]).train()
+        except Kill:
+            found = task_checkpoint(Path(out) / "run", 1)
+            (Path(out) / f"crashed{rank}.json").write_text(json.dumps({"checkpoint": found}))
+        return
+    if "resume" in flags:
         ContinualTrainer.from_args(*args).train(stop_after=1)
-    trainer = ContinualTrainer.from_args(*args)
-    results = trainer.train(resume_from_checkpoint=resume)
+    first = FirstSteps()
+    trainer = ContinualTrainer.from_args(*args, callbacks=[first])
+    results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags)))
     state = [*trainer.loop.strategy.S.values(), *trainer.loop.strategy.G.values()]
     held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)
     record = {"alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
-              "scores": results["score_matrices"], "distributed": results.get("distributed")}  # fmt: skip
-    (Path(out) / f"rank{args[2].process_index}.json").write_text(json.dumps(record))
+              "scores": results["score_matrices"], "distributed": results.get("distributed"),
+              "first_steps": first.steps}  # fmt: skip
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    flags = sys.argv[4:]
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), "sharded" in flags, "resume" in flags, "launcher" in flags)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])

@@ -33,9 +33,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
 def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path):
     """FSDP2 (`fully_shard`, Accelerate's FSDP path, run on CPU by `pm_hf.testing.fsdp_on_cpu`) on 2 processes x
     batch 2 against 1 process x batch 4: the same alphas, scores, checkpoint and export within float tolerance; each
-    rank holds half of S and G; a run stopped after task 1 and resumed is the same run."""
+    rank holds half of S and G; a run stopped after task 1 and resumed, and one killed in the middle of task 2 and
+    resumed from its mid-task checkpoint, are the same run."""
     rank0, rank1 = torchrun(llm_dir, tmp_path / "fsdp", 2, "sharded", script="fsdp_script.py")
     resumed = torchrun(llm_dir, tmp_path / "resumed", 2, "sharded", "resume", script="fsdp_script.py")[0]
+    killed = tmp_path / "killed"  # checkpoints every step, killed at step 2 of task 2, resumed
+    crashed = torchrun(llm_dir, killed, 2, "sharded", "crash", script="fsdp_script.py", record="crashed")
+    assert crashed[0] == crashed[1] and crashed[0]["checkpoint"].endswith("tasks/task_1/checkpoint-1")
+    continued = torchrun(llm_dir, killed, 2, "sharded", "continue", script="fsdp_script.py")[0]
     one = llm_groups(llm_dir, tmp_path / "one", per_device_train_batch_size=4, logging_steps=1, save_strategy="no")
     single = ContinualTrainer.from_args(*one).train()
     assert rank0 == rank1  # the ranks agree on everything they report
@@ -47,7 +52,10 @@ def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path
         assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
     for row, ref in zip(rank0["scores"]["eval_loss"], single["score_matrices"]["eval_loss"]):
         assert [x if x is None else pytest.approx(x, rel=1e-5) for x in ref] == row
+    assert rank0.pop("first_steps") == [0, 0] and resumed.pop("first_steps") == [0]
     assert resumed == rank0  # stopped after task 1, resumed: the same run, bit for bit
+    assert continued.pop("first_steps") == [1]  # task 2 continued from its mid-task checkpoint (step 1)
+    assert continued == rank0  # killed in the middle of task 2, resumed: the same run, bit for bit
     two, ref = checkpoint_tensors(tmp_path / "fsdp" / "run"), checkpoint_tensors(tmp_path / "one")
     assert two.keys() == ref.keys() and any(k.startswith("strategy/S/") for k in ref)
     for key in ref:
@@ -96,16 +104,20 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(mo
             {"accumulator_device": "cpu"},
             r"^accumulator_device = 'cpu': with FSDP the continual state is sharded",
         ),
-        ("llm", {"save_strategy": "steps"}, r"^save_strategy = 'steps': mid-task checkpoints are not taken under FSDP"),
+        (
+            "llm",
+            {"save_strategy": "steps", "fsdp_config": {"version": 2}},
+            r"^fsdp_config = 'FULL_STATE_DICT': mid-task checkpoints .* sharded state",
+        ),
     ],
 )
 def test_what_fsdp2_does_not_support_is_refused_before_loading(
     model_dir, llm_dir, tmp_path, monkeypatch, which, kw, match
 ):
     monkeypatch.setattr("pm_hf.trainer.accelerate_shards_on", lambda args: True)  # as on GPUs
-    fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
+    fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
     make = groups if which == "bert" else llm_groups
-    args = make(model_dir if which == "bert" else llm_dir, tmp_path / "run", **fsdp, **kw)
+    args = make(model_dir if which == "bert" else llm_dir, tmp_path / "run", **{**fsdp, **kw})
     with pytest.raises(InputError, match=match):
         ContinualTrainer.from_args(*args)
     assert not (tmp_path / "run").exists()
