@@ -4,7 +4,7 @@ instruction run of the tiny Llama on CPU processes (gloo), sharded by FSDP2 with
 run's `distributed` record and the fraction of the continual state (S, G) its own shards hold; the checkpoint and
 the export are in OUT/run as usual.
 
-    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded] [resume | crash | continue] [launcher]
+    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded] [resume | crash | continue] [launcher] [k=v ...]
 
 `resume`: stopped after task 1, then resumed in the same processes. `crash`: checkpoints every step and is killed
 (an exception on every rank) at step 2 of task 2, then writes only OUT/crashed<r>.json with the task's newest
@@ -68,8 +68,9 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
         fsdp_on_cpu()
     extra = FSDP if "sharded" in flags and "launcher" not in flags else {}
     saves = {"save_strategy": "steps", "save_steps": 1} if {"crash", "continue"} & set(flags) else {}
+    options = dict(f.split("=", 1) for f in flags if "=" in f)  # e.g. merge_method=coma dtype=bfloat16
     args = llm_groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, logging_steps=1,
-                      **{"save_strategy": "no", **saves}, **extra)  # fmt: skip
+                      **{"save_strategy": "no", **saves, **options}, **extra)  # fmt: skip
     rank = args[2].process_index
     if "crash" in flags:
         try:
@@ -83,8 +84,9 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     first = FirstSteps()
     trainer = ContinualTrainer.from_args(*args, callbacks=[first])
     results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags)))
-    state = [*trainer.loop.strategy.S.values(), *trainer.loop.strategy.G.values()]
-    held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)
+    strategy, weights = trainer.loop.strategy, trainer.loop.weights
+    state = [*getattr(strategy, "S", {}).values(), *getattr(strategy, "G", {}).values(), *weights.master.values()]
+    held = sum(local(t).numel() for t in state) / max(1, sum(t.numel() for t in state))
     record = {"alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
               "scores": results["score_matrices"], "distributed": results.get("distributed"),
               "first_steps": first.steps}  # fmt: skip
