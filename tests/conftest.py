@@ -149,6 +149,11 @@ def model_dir(tmp_path_factory):
     return tiny_bert_folder(tmp / "model", pd.read_parquet(DATA / "train.parquet")["text"].tolist()[:2000])
 
 
+def _training(out, **kw) -> dict:
+    """PMConfig fields of a quick test run: one epoch on CPU, no trackers, no bars; `kw` adds or overrides."""
+    return {"output_dir": str(out), "num_train_epochs": 1, "report_to": [], "use_cpu": True, "disable_tqdm": True, **kw}
+
+
 def groups(model_dir, out, **kw):
     """The six argument groups of a 3-task class-incremental run on the tiny BERT; `kw` overrides any field."""
     from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
@@ -161,17 +166,7 @@ def groups(model_dir, out, **kw):
         max_eval_samples_per_class=8,
         max_length=24,
     )
-    train = dict(
-        output_dir=str(out),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        learning_rate=2e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=2,
-        seed=3,
-    )
+    train = _training(out, per_device_train_batch_size=8, learning_rate=2e-2, logging_steps=2, seed=3)
     merge = {}
     for key in list(kw):
         if key in MergeArguments.__dataclass_fields__:
@@ -281,17 +276,7 @@ def llm_groups(model_dir, out, merge_method="pm", **kw):
     data.update({k: kw.pop(k) for k in list(kw) if k in DataArguments.__dataclass_fields__})
     merge = {k: kw.pop(k) for k in list(kw) if k in MergeArguments.__dataclass_fields__}
     model = {k: kw.pop(k) for k in list(kw) if k in ("dtype", "max_new_tokens", "primary_metric")}
-    train = dict(
-        output_dir=str(out),
-        num_train_epochs=1,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=1,
-    )
+    train = _training(out, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2, seed=1)
     train.update(kw)
     return (
         ModelArguments(model_name_or_path=model_dir, max_new_tokens=4, **model),
