@@ -24,7 +24,7 @@ from pm_hf.presets import RECOMMENDED_PRESET  # noqa: E402
 
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
 METHODS = ("pm", "pm-proto", "pm-secant-proto", "pm-branch-proto", "pm-curve-proto", "coma-proto",
-           "fixed-1-eps-proto", "sqrt-t-proto", "oracle-alpha-proto")  # fmt: skip
+           "fixed-1-eps-proto", "sqrt-t-proto", "fixed-0.2-proto", "oracle-alpha-proto")  # fmt: skip
 FLOOR = ("coma-proto", "fixed-1-eps-proto", "sqrt-t-proto")
 ORACLE, ORACLE_GAP = "oracle-alpha-proto", 1.0
 

@@ -414,6 +414,10 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "sqrt-t", "perturbation": "task_vector", **_PROTO},
         "sqrt-t + the prototype head alignment of pm-proto",
     ),
+    "fixed-0.2-proto": (
+        {"merge_method": "coma", "fixed_alpha": 0.2, "perturbation": "task_vector", "perturb_eps": 0.5, **_PROTO},
+        "P&M training, alpha = 0.2 (the oracle's range after task 1) + the prototype head alignment",
+    ),
     "oracle-alpha-proto": (
         {"merge_method": "oracle-alpha", "perturbation": "task_vector", **_PROTO},
         "the oracle alpha (0.1 grid, eval-set accuracy) + the prototype head alignment: the preset's upper bound",
