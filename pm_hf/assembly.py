@@ -87,6 +87,8 @@ def assemble(
 ) -> ContinualLoop:
     """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
     causal = stream.modality == MODALITY
+    if fsdp_requested(args):  # before the model is loaded (every entry point assembles here)
+        check_sharded_run(causal, strategy, args, lora_args, fisher_args, merge_args)
     if causal and merge_args.head_align != "none":
         raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
     if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
@@ -153,9 +155,11 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
     return model, head, evaluator, extra, [*head.modules, *(lora_args.modules_to_save or [])], lora_args
 
 
-def check_sharded_run(causal: bool, strategy, args: PMConfig, fisher_args: FisherArguments, merge_args) -> None:
-    """What an FSDP2 run supports (checked before loading): a causal LM, a merge rule whose math runs on sharded
-    weights, the continual state beside the weights' shards, per-sample Fisher."""
+def check_sharded_run(
+    causal: bool, strategy, args: PMConfig, lora_args, fisher_args: FisherArguments, merge_args
+) -> None:
+    """What an FSDP2 run supports (checked before loading): a causal LM adapted by LoRA alone, a merge rule whose
+    math runs on sharded weights, the continual state beside the weights' shards, per-sample Fisher."""
     if not causal:
         raise invalid(
             "fsdp", args.fsdp or "accelerate config (FSDP)", "pm_hf shards causal LMs; run a classifier with DDP."
@@ -169,6 +173,12 @@ def check_sharded_run(causal: bool, strategy, args: PMConfig, fisher_args: Fishe
     ):
         if value is not None:
             raise invalid(field, value, "with FSDP the continual state is sharded beside the weights: leave it unset.")
+    if lora_args.modules_to_save:
+        raise invalid(
+            "modules_to_save",
+            lora_args.modules_to_save,
+            "fully trained modules are not sharded yet: leave it unset with FSDP.",
+        )
     if fisher_args.fisher_mode != "per_sample":
         raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP use 'per_sample'.")
     if merge_args.merge_into == "adapter":
@@ -208,8 +218,6 @@ def build_loop(
     HeadAlignment.check_args(merge_args)
     refuse_sharding(training_args)
     causal = is_causal(model, model_args)
-    if fsdp_requested(training_args):
-        check_sharded_run(causal, strategy, training_args, fisher_args, merge_args)
     model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
     processor = processor if processor is not None else load_processor(model_args)
     with quiet_datasets():

@@ -36,6 +36,7 @@ from .instruct import (
     token_ids,
 )
 from .metrics import seen_accuracy
+from .sharding import model_sharding
 
 METRICS_DIR = Path(__file__).resolve().parent / "eval_metrics"
 LOWER_IS_BETTER = ("eval_loss",)
@@ -221,11 +222,12 @@ def generate_responses(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[str | None] = [None] * len(prompt_ids)
     device = _device(model)
+    sharded = model_sharding(model) != "none"  # FSDP: every rank runs forward passes until all ranks are done
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([{PROMPT_IDS_COLUMN: prompt_ids[i]} for i in rows]).items()}
-            generated = model.generate(**batch, generation_config=config)
+            generated = model.generate(**batch, generation_config=config, synced_gpus=sharded)
             new = generated[:, batch["input_ids"].shape[1] :]
             for i, text in zip(rows, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 out[i] = text.strip()

@@ -178,7 +178,7 @@ def estimate_fisher(
     model.eval()
     count = 0
     try:
-        for batch, real in tqdm(_batches(mine, args.fisher_batch_size, world if sharded else 1), desc="Fisher",
+        for batch, real in tqdm(_batches(mine, args.fisher_batch_size, world if sharded else 1, device), desc="Fisher",
                                 disable=not show_progress or rank != 0, leave=False):  # fmt: skip
             batch = collate_fn([dataset[i] for i in batch])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -197,11 +197,11 @@ def estimate_fisher(
     return _reduce_mean(sums, count, world)
 
 
-def _batches(mine: list[int], size: int, world: int):
+def _batches(mine: list[int], size: int, world: int, device: torch.device):
     """(sample indices, 1/0 per sample: real or filler) per batch. A sharded model's forward is a collective, so
     with `world` > 1 every rank runs the same number of batches: a rank out of samples repeats one with weight 0."""
     if world > 1:
-        n = torch.tensor([len(mine)])
+        n = torch.tensor([len(mine)], device=device)  # on the backend's device (NCCL: the GPU)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         total = -(-int(n) // size) * size
     else:
@@ -237,7 +237,9 @@ def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[
         raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
     like = {k: bases[k] if k in bases else params[k] for k in keys}
     return {
-        k: torch.zeros_like(w, dtype=torch.float32) if is_sharded(w) else torch.zeros(w.shape, device=device)
+        k: torch.zeros_like(w, dtype=torch.float32)
+        if is_sharded(w)
+        else torch.zeros(w.shape, dtype=torch.float32, device=device)
         for k, w in like.items()
     }
 

@@ -255,8 +255,9 @@ class ContinualLoop:
     # --------------------------------------------------------------------------------------- the sequence
     def state(self) -> ContinualState:
         """The run's state with whole tensors (gathered when FSDP shards them: every rank calls this)."""
-        callbacks = {key: gather(value) for key, value in self.callbacks.state_dict().items()}
-        weights, strategy = gather(self.weights.state()), gather(self.strategy.state_dict())
+        keep = self.args.should_save
+        callbacks = {key: gather(value, keep) for key, value in self.callbacks.state_dict().items()}
+        weights, strategy = gather(self.weights.state(), keep), gather(self.strategy.state_dict(), keep)
         return ContinualState(len(self.log), weights, strategy, callbacks, self.log, capture_rng())
 
     def resume(self) -> None:
@@ -286,6 +287,17 @@ class ContinualLoop:
         shutil.rmtree(self.out / "tasks" / f"task_{t}", ignore_errors=True)  # its mid-task checkpoints are spent
         write_outputs(self.out, self.results())
         self.callbacks.call("on_save", t, path)
+
+    def checkpoint(self, t: int) -> None:
+        """After task t: the checkpoint (and, with hub_strategy every_task, the push). Every rank calls it (under FSDP
+        the state is gathered to the saving rank's host memory; nothing of it outlives the call)."""
+        state = self.state()
+        every_task = self.args.push_to_hub and self.args.hub_strategy == "every_task"  # the same on every rank
+        whole = self.weights.whole(self.args.should_save) if every_task else None
+        if self.args.should_save:
+            self.save(t, state)
+            if self.hub is not None and whole is not None:
+                self.push(t, whole)
 
     def results(self) -> dict:
         sizes = [len(task.eval) for task in self.stream.tasks]
@@ -383,15 +395,10 @@ class ContinualLoop:
         bar = tqdm(range(len(self.log), last), desc="tasks", initial=len(self.log), total=T, disable=not show)
         for t in bar:
             self.log.append(self.run_task(t))
-            state = self.state()  # on every rank: whole tensors, gathered under FSDP
-            whole = self.weights.whole() if self.hub is not None and self.args.hub_strategy == "every_task" else None
-            if self.args.should_save:
-                self.save(t, state)
-                if whole is not None:
-                    self.push(t, whole)
+            self.checkpoint(t)
             bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
         if len(self.log) == T:
-            whole = self.weights.whole()
+            whole = self.weights.whole(self.args.should_save)
             if self.args.should_save:
                 self.export(whole=whole)
                 if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:

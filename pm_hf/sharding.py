@@ -49,9 +49,19 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(ok.item())
 
 
-def gather(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole copies of every tensor of a dict, in key order (collective when any is sharded)."""
-    return {k: full(v) for k, v in tensors.items()}
+def gather(tensors: Mapping[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole copies of every tensor of a dict, in key order (collective when any is sharded: every rank calls it).
+    A sharded tensor is gathered to host memory one at a time; with `keep=False` (a rank that writes nothing) only
+    the unsharded ones are returned, so no rank ever holds the whole state on the accelerator."""
+    out = {}
+    for k, v in tensors.items():
+        if not is_sharded(v):
+            out[k] = v
+            continue
+        whole = v.full_tensor().cpu()
+        if keep:
+            out[k] = whole
+    return out
 
 
 def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

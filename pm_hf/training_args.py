@@ -109,10 +109,8 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
         if self.deepspeed:  # refused here, before the Trainer sets it up
             raise invalid("deepspeed", self.deepspeed, SHARDING_FIX)
-        if (
-            self.fsdp
-            and int((self.fsdp_config or {}).get("version", (self.fsdp_config or {}).get("fsdp_version", 2))) != 2
-        ):
+        config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}  # a JSON path: checked at launch
+        if self.fsdp and int(config.get("version", config.get("fsdp_version", 2))) != 2:
             raise invalid("fsdp_config", self.fsdp_config, "pm_hf shards with FSDP2 only: set `version: 2`.")
         strategy, self.hub_strategy = self.hub_strategy, "end"  # a sequence's strategies are not the Trainer's
         try:

@@ -67,11 +67,11 @@ class ModelWeights:
         out.update({k: p.detach() for k, p in self.full().items()})
         return out
 
-    def whole(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def whole(self, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """fp32 whole copies of the merged adapted weights and of the fully trained parameters (an export's input;
-        gathered when FSDP shards them: every rank calls this)."""
+        gathered to host memory when FSDP shards them: every rank calls this, `keep` on the rank that writes)."""
         merged = {k: self.value(k, w).float() for k, w in base_weights(self.model).items()}
-        return gather(merged), gather({k: p.detach().float() for k, p in self.full().items()})
+        return gather(merged, keep), gather({k: p.detach().float() for k, p in self.full().items()}, keep)
 
     def snapshot(self, exclude: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
         """fp32 copies of the adapted layers' weights and the fully trained parameters (keys `exclude` rejects are

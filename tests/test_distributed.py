@@ -4,12 +4,16 @@ the state sharded like the weights); what is not supported is refused before any
 marked the model prepared after an evaluation, so every task after the first trained without DDP, each rank on its
 own shard, and the ranks' models drifted apart.)"""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import checkpoint_tensors, groups, llm_groups, torchrun
+from datasets import Dataset
 from safetensors.torch import load_file
 
 from pm_hf.checks import InputError
+from pm_hf.config import MergeArguments, PMConfig
 from pm_hf.continual import ContinualTrainer, run_continual
 
 
@@ -116,6 +120,7 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(mo
             {"accumulator_device": "cpu"},
             r"^accumulator_device = 'cpu': with FSDP the continual state is sharded",
         ),
+        ("llm", {"modules_to_save": ["lm_head"]}, r"^modules_to_save = \['lm_head'\]: fully trained modules are not"),
         (
             "llm",
             {"save_strategy": "steps", "fsdp_config": {"version": 2}},
@@ -129,9 +134,23 @@ def test_what_fsdp2_does_not_support_is_refused_before_loading(
     monkeypatch.setattr("pm_hf.trainer.accelerate_shards_on", lambda args: True)  # as on GPUs
     fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
     make = groups if which == "bert" else llm_groups
+    lora = {"modules_to_save": kw.pop("modules_to_save")} if "modules_to_save" in kw else {}
     args = make(model_dir if which == "bert" else llm_dir, tmp_path / "run", **{**fsdp, **kw})
+    args = (*args[:3], dataclasses.replace(args[3], **lora), *args[4:])
     with pytest.raises(InputError, match=match):
         ContinualTrainer.from_args(*args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_python_api_refuses_what_fsdp2_does_not_support(llm_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("pm_hf.trainer.accelerate_shards_on", lambda args: True)  # as on GPUs
+    rows = [{"prompt": f"word {i}", "response": f"answer {i % 7}"} for i in range(8)]
+    task = {"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:4])}
+    fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
+    args = PMConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", **fsdp)
+    trainer = ContinualTrainer(llm_dir, args, tasks=[task], merge_args=MergeArguments(merge_method="ties"))
+    with pytest.raises(InputError, match=r"^merge_method = 'ties': is not available on FSDP-sharded weights"):
+        trainer.train()
     assert not (tmp_path / "run").exists()
 
 
