@@ -128,3 +128,14 @@ def all_gather_padded(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat(parts, 0)
+
+
+def per_process(value: float, device: torch.device | str = "cpu") -> list[float]:
+    """Every process's `value`, in rank order ([value] without a process group): each rank fills its own slot of a
+    zero vector and a sum completes it, exactly (x + 0 = x, a NaN stays in its slot). `device`: the backend's."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    slots = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    slots[dist.get_rank()] = value
+    dist.all_reduce(slots)
+    return slots.cpu().tolist()

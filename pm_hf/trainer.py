@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ from .adapters import (
 from .checks import invalid
 from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
-from .sharding import gather, model_sharding, shard_like
+from .sharding import gather, model_sharding, per_process, shard_like
 from .training_args import SHARDING_FIX
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
@@ -76,7 +77,7 @@ class PerturbationMixin:
         self.branch_counts: Counter[int] = Counter()
         self._late_losses: dict[int, list[float]] = {-1: [], 0: [], 1: []}
         self._counted_step = -1
-        self._first_loss: float | None = None
+        self._first_loss: list[float] | None = None  # per process
 
     def create_optimizer(self, *args, **kwargs):
         """`Trainer.create_optimizer`, then the head parameters moved to their own group at `head_learning_rate`."""
@@ -140,15 +141,22 @@ class PerturbationMixin:
         return {b: float(s / n) if n else None for b, (s, n) in zip(self._late_losses, sums.cpu().tolist())}
 
     def _check_loss(self, value: float) -> None:
-        """Stop at a NaN/inf loss or one that exploded (`divergence_threshold` x max(1, the task's first loss))."""
+        """Stop at a NaN/inf loss or one that exploded (`divergence_threshold` x max(1, the task's first loss)), on
+        any process: every rank sees every rank's loss and stops at the same step (a rank stopping alone would leave
+        the others waiting in their next collective)."""
+        device = self.args.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+        losses = per_process(value, device)
         if self._first_loss is None:
-            self._first_loss = value
+            self._first_loss = losses
         limit = self.args.divergence_threshold
-        exploded = limit is not None and value > limit * max(1.0, abs(self._first_loss))
-        if not math.isfinite(value) or exploded:
+        for rank, (loss, first) in enumerate(zip(losses, self._first_loss)):
+            exploded = limit is not None and loss > limit * max(1.0, abs(first))
+            if math.isfinite(loss) and not exploded:
+                continue
+            where = f" on process {rank}" if len(losses) > 1 else ""
             raise DivergenceError(
-                f"training diverged in task {self.task_index} at optimizer step {self.state.global_step + 1}: loss = "
-                f"{value:.4g} (first loss of the task {self._first_loss:.4g}); lower learning_rate and start the run "
+                f"training diverged in task {self.task_index} at optimizer step {self.state.global_step + 1}{where}: "
+                f"loss = {loss:.4g} (first loss of the task {first:.4g}); lower learning_rate and start the run "
                 "again (the checkpoint of the previous task is intact)."
             )
 

@@ -209,7 +209,8 @@ class Recorder(ContinualCallback):
         self.params.append({k: v.detach().clone() for k, v in params.items() if k.startswith(self.keep)})
 
 
-def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py", record: str = "rank") -> list[dict]:
+def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py", record: str = "rank",
+             timeout: int = 600) -> list[dict]:  # fmt: skip
     """Run tests/<script> (ddp_script.py, fsdp_script.py) on 2 CPU processes (gloo); returns what each rank recorded
     (OUT/<record><rank>.json)."""
     import json
@@ -222,7 +223,7 @@ def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py", 
         port = str(sock.getsockname()[1])
     script, launcher = Path(__file__).parent / script, Path(sys.executable).parent / "torchrun"
     cmd = [str(launcher), "--nproc_per_node", "2", "--master_port", port, str(script), model_dir, str(out), str(batch)]
-    done = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((Path(out) / f"{record}{r}.json").read_text()) for r in (0, 1)]
 

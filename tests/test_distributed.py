@@ -34,6 +34,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
     assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
 
 
+def test_a_nan_on_one_process_stops_every_process_at_the_same_step(model_dir, tmp_path):
+    """Process 1 alone gets a NaN loss (step 2 of task 2): both processes stop there with the same error, none left
+    waiting in a collective (the run ends well inside the timeout), and the checkpoint holds task 1, intact."""
+    stopped = torchrun(model_dir, tmp_path / "nan", 4, "poison", record="diverged", timeout=240)
+    assert stopped[0] == stopped[1], stopped
+    assert "task 1 at optimizer step 2 on process 1: loss = nan" in stopped[0]["error"]
+    assert stopped[0]["completed"] == 1
+
+
 def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path):
     """FSDP2 (`fully_shard`, Accelerate's FSDP path, run on CPU by `pm_hf.testing.fsdp_on_cpu`) on 2 processes x
     batch 2 against 1 process x batch 4: the same alphas, scores, checkpoint and export within float tolerance; each
