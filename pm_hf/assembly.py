@@ -24,11 +24,11 @@ from .data import Task, TaskStream, build_task_stream
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .heads import Head, NoHead
 from .instruct import MODALITY, build_instruction_stream
+from .launch import fsdp_requested, refuse_sharding
 from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .rundir import dataset_digest
 from .strategies import build_strategy
-from .trainer import fsdp_requested, refuse_sharding
 from .weights import LowRankWeights
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]

@@ -25,11 +25,11 @@ from .export import copy_task_records
 from .heads import find_head
 from .hub import connect, download_state, is_repo_id
 from .instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
+from .launch import refuse_sharding
 from .loop import ContinualLoop, seeded
 from .models import load_processor
 from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
-from .trainer import refuse_sharding
 
 
 class ContinualTrainer:
@@ -81,7 +81,7 @@ class ContinualTrainer:
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
         self.loop: ContinualLoop | None = None
-        refuse_sharding(args)  # before anything is loaded: FSDP / DeepSpeed are not supported yet
+        refuse_sharding(args)  # before anything is loaded: ZeRO-3, FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
         self.hub = connect(args) if args.push_to_hub and main else None

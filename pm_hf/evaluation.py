@@ -35,6 +35,7 @@ from .instruct import (
     resolve_pad_token_id,
     token_ids,
 )
+from .launch import predicting_trainer, share_deepspeed_plugin
 from .metrics import seen_accuracy
 from .sharding import model_sharding
 
@@ -115,7 +116,8 @@ def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Da
     args = copy.deepcopy(args)
     args.report_to, args.disable_tqdm, args.push_to_hub = [], True, False
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-    trainer = Trainer(model=model, args=args, data_collator=collate_fn)
+    share_deepspeed_plugin(args)
+    trainer = predicting_trainer(Trainer(model=model, args=args, data_collator=collate_fn))
     return lambda dataset: trainer.predict(dataset).predictions
 
 

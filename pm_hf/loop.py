@@ -49,6 +49,7 @@ from .export import (
 )
 from .fisher import estimate_fisher, normalize_fisher
 from .hub import BASE_BRANCH, HubTarget, push_run
+from .launch import check_prepared, distributed_setup, release, share_deepspeed_plugin
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
@@ -57,7 +58,7 @@ from .rundir import refuse_changes
 from .sharding import gather, model_sharding, scalar, shard_state
 from .strategies import MergeStrategy, merge_task
 from .timing import Timer
-from .trainer import PMTrainer, TaskProgress, check_prepared, distributed_setup, release, task_checkpoint
+from .trainer import PMTrainer, TaskProgress, task_checkpoint
 from .weights import LowRankWeights, ModelWeights
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class ContinualLoop:
         trainer = self.trainer(t, task)
         with timer("train"):
             trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
+        release(trainer)  # the wrappers go (a DeepSpeed engine's gradient hooks before the Fisher's backward passes)
         self.resuming = False
         self.follow_sharding()
         self.callbacks.call("on_train_end", t, self.model, task)
@@ -155,7 +157,6 @@ class ContinualLoop:
         row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
         trainer.log({"continual/task": t, "continual/alpha": plan.choice.alpha, "continual/pre_merge_acc": pre,
                      "continual/acc_seen": seen_accuracy(row, sizes), "continual/delta_norm": delta_norm})  # fmt: skip
-        release(trainer)
         return entry
 
     def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:
@@ -203,6 +204,7 @@ class ContinualLoop:
         # Accelerate marks a model it prepared for evaluation (unwrapped) and then skips wrapping it for training:
         # without this, every task after the first trained without DDP, each rank on its own.
         self.model.__dict__.pop("_is_accelerate_prepared", None)
+        share_deepspeed_plugin(args)  # one DeepSpeed plugin per process: a later task's Trainer reuses the first's
         trainer = PMTrainer(
             model=self.model,
             args=args,

@@ -42,20 +42,41 @@ def fsdp_on_cpu() -> None:
 
     Accelerate sets FSDP up on accelerators only (on CPU it runs the config as DDP, and pm_hf refuses that). torch's
     FSDP2 itself runs on CPU, so this makes Accelerate take its FSDP path there too (the same `fully_shard`, the same
-    Trainer code); pm_hf's launch check (`pm_hf.trainer.accelerate_shards_on`) sees the patch. Call it in each
-    process before the run is built."""
+    Trainer code); pm_hf's launch check (`pm_hf.launch.accelerate_runs_on`) sees the patch. Call it in each process
+    before the run is built."""
+    _on_cpu("fsdp")
+
+
+def deepspeed_on_cpu() -> None:
+    """Let Accelerate run a DeepSpeed config on CPU processes, as `fsdp_on_cpu` does for FSDP: DeepSpeed runs on CPU
+    (its CPU accelerator, gloo), but Accelerate sets it up on accelerators only and on CPU would run plain DDP."""
+    _on_cpu("deepspeed")
+
+
+def _on_cpu(kind: str) -> None:
     import accelerate.state
 
     state_cls = accelerate.state.AcceleratorState
-    if getattr(state_cls.__init__, "_pm_hf_fsdp_on_cpu", False):
+    flag = f"_pm_hf_{kind}_on_cpu"
+    if getattr(state_cls.__init__, flag, False):
         return
     original = state_cls.__init__
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        plugin = kwargs.get("fsdp_plugin")
-        if plugin is not None and self.distributed_type == accelerate.state.DistributedType.MULTI_CPU:
-            self.distributed_type, self.fsdp_plugin = accelerate.state.DistributedType.FSDP, plugin
+        if self.distributed_type != accelerate.state.DistributedType.MULTI_CPU:
+            return
+        if kind == "fsdp" and kwargs.get("fsdp_plugin") is not None:
+            self.distributed_type, self.fsdp_plugin = accelerate.state.DistributedType.FSDP, kwargs["fsdp_plugin"]
+        plugin = kwargs.get("deepspeed_plugin")
+        if kind == "deepspeed" and plugin is not None:
+            self.distributed_type = accelerate.state.DistributedType.DEEPSPEED
+            plugin.set_mixed_precision("no")
+            plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = plugin
 
-    init._pm_hf_fsdp_on_cpu = True
+    for name in dir(original):
+        if name.startswith("_pm_hf_"):
+            setattr(init, name, True)  # the harnesses stack
+    setattr(init, flag, True)
     state_cls.__init__ = init

@@ -8,7 +8,6 @@ before `training_step` returns, so the optimizer step always sees the unperturbe
 from __future__ import annotations
 
 import contextlib
-import gc
 import inspect
 import json
 import math
@@ -31,11 +30,9 @@ from .adapters import (
     task_vector_norm,
     unwrap,
 )
-from .checks import invalid
 from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
-from .sharding import gather, model_sharding, per_process, shard_like
-from .training_args import SHARDING_FIX
+from .sharding import gather, per_process, shard_like
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
 
@@ -243,88 +240,6 @@ def _loss_uses_num_items(model) -> bool:
     return "loss_function" in source or "num_items_in_batch" in source
 
 
-# ------------------------------------------------------------------- one task trainer inside a continual run
-def fsdp_requested(args) -> bool:
-    """FSDP asked for in the training arguments or by `accelerate launch`'s config (as Accelerate reports it)."""
-    from accelerate.utils import parse_flag_from_env
-
-    return bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
-
-
-def fsdp_plugin(args):
-    """The FSDP settings the run's Trainer will use: from the training arguments, or `accelerate launch`'s config."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    return FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}) if args.fsdp else {})
-
-
-def accelerate_shards_on(args) -> bool:
-    """Whether Accelerate runs an FSDP config as FSDP on this run's device: on accelerators only; on CPU it would
-    silently run plain DDP (unless `pm_hf.testing.fsdp_on_cpu` made Accelerate take its FSDP path on CPU, in tests)."""
-    from accelerate.state import AcceleratorState
-
-    return args.device.type != "cpu" or getattr(AcceleratorState.__init__, "_pm_hf_fsdp_on_cpu", False)
-
-
-def refuse_sharding(args) -> None:
-    """Refused before anything is loaded: a launch whose processes would each train alone (`torchrun` on a machine
-    without a GPU and without `use_cpu`); DeepSpeed; FSDP other than FSDP2, or where Accelerate would not run it
-    (CPU). What an FSDP2 run supports beyond that is checked once the model is built (`check_sharded_run`)."""
-    from accelerate.utils import get_int_from_env, parse_flag_from_env
-
-    launched = get_int_from_env(["WORLD_SIZE"], 1)  # the processes `torchrun` / `accelerate launch` started
-    if launched > 1 and args.world_size != launched:
-        fix = (
-            f"launched with {launched} processes but the training arguments see {args.world_size}: every process "
-            "would train alone and write the same files. On a machine without a GPU set `use_cpu: true` (gloo)."
-        )
-        raise invalid("use_cpu", args.use_cpu, fix)
-    if args.deepspeed is not None or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        raise invalid("deepspeed", args.deepspeed or "accelerate config (DeepSpeed)", SHARDING_FIX)
-    if not fsdp_requested(args):
-        return
-    asked = args.fsdp or "accelerate config (FSDP)"
-    plugin = fsdp_plugin(args)
-    if plugin.fsdp_version != 2:
-        raise invalid(
-            "fsdp", asked, "pm_hf shards with FSDP2 only: set `fsdp_version: 2` (configs/accelerate/fsdp.yaml)."
-        )
-    if not accelerate_shards_on(args):
-        fix = "Accelerate runs FSDP on GPUs only and would run this as plain DDP on CPU: launch on GPUs, or use DDP."
-        raise invalid("fsdp", asked, fix)
-    save = getattr(args.save_strategy, "value", args.save_strategy)
-    if save != "no" and "FULL_STATE_DICT" in str(plugin.state_dict_type):
-        fix = (
-            f"mid-task checkpoints (save_strategy {save!r}) under FSDP are written as sharded state dicts: set "
-            "`state_dict_type: SHARDED_STATE_DICT` (configs/accelerate/fsdp.yaml), or `save_strategy: no`."
-        )
-        raise invalid("fsdp_config", "FULL_STATE_DICT", fix)
-
-
-def check_prepared(trainer) -> None:
-    """After a task's Trainer is built: an FSDP run really runs as FSDP (never a silent fallback to DDP), and a model
-    already sharded by an earlier task's Trainer is not wrapped again (one model preparation per run)."""
-    from accelerate.utils import DistributedType
-
-    if not fsdp_requested(trainer.args):
-        return
-    if trainer.accelerator.distributed_type != DistributedType.FSDP:
-        fix = f"Accelerate set the run up as {trainer.accelerator.distributed_type.value}, not FSDP: launch on GPUs."
-        raise invalid("fsdp", trainer.args.fsdp or "accelerate config (FSDP)", fix)
-    if model_sharding(trainer.model) != "none":  # already sharded: Accelerate's prepare keeps it as it is
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
-
-
-def distributed_setup(args, model=None) -> dict:
-    """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    sharding = model_sharding(model) if model is not None else "none"
-    kind = "FSDP" if sharding != "none" else state.distributed_type.value
-    return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
-
-
 def task_checkpoint(out: Path, t: int) -> str | None:
     """The newest complete Trainer checkpoint of task t (its trainer_state.json and pm_hf's file written), if any."""
     folder = out / "tasks" / f"task_{t}"
@@ -335,12 +250,3 @@ def task_checkpoint(out: Path, t: int) -> str | None:
         if (path / "trainer_state.json").is_file() and (path / TRAINER_EXTRA).is_file():
             return str(path)
     return None
-
-
-def release(trainer) -> None:
-    """Drop a finished task's trainer's hold on the model (its accelerator's references: the DDP wrapper, the
-    optimizer), so they are freed before the next task's trainer prepares the model again."""
-    if isinstance(trainer, Trainer):
-        trainer.accelerator.free_memory()
-        trainer.model_wrapped = trainer.model
-        gc.collect()

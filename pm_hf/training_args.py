@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .checks import check_choice, check_field_types, check_number, check_training_arguments, invalid, is_number
+from .launch import check_deepspeed_config, deepspeed_config
 
 PERTURBATIONS = ("task_vector", "gaussian", "none")
-SHARDING_FIX = ("pm_hf does not run DeepSpeed ZeRO yet: shard with FSDP2 (configs/accelerate/fsdp.yaml, causal LMs) "
-                "or launch with DDP (`accelerate launch --multi_gpu`) with `accumulator_device: cpu` and "
-                "`fisher_device: cpu` to keep the continual state off the accelerator.")  # fmt: skip
 HUB_STRATEGIES = ("every_task", "end")  # when a sequence pushes: after every task's merge, or once at the end
 
 
@@ -107,8 +105,8 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         self.check_perturbation()
         check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
-        if self.deepspeed:  # refused here, before the Trainer sets it up
-            raise invalid("deepspeed", self.deepspeed, SHARDING_FIX)
+        if self.deepspeed:  # ZeRO-3 and the like refused here, before the Trainer sets DeepSpeed up
+            check_deepspeed_config(deepspeed_config(self.deepspeed), "deepspeed config")
         config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}  # a JSON path: checked at launch
         if self.fsdp and int(config.get("version", config.get("fsdp_version", 2))) != 2:
             raise invalid("fsdp_config", self.fsdp_config, "pm_hf shards with FSDP2 only: set `version: 2`.")

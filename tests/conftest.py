@@ -154,6 +154,15 @@ def _training(out, **kw) -> dict:
     return {"output_dir": str(out), "num_train_epochs": 1, "report_to": [], "use_cpu": True, "disable_tqdm": True, **kw}
 
 
+ZERO2 = {  # DeepSpeed ZeRO-2 as `TrainingArguments.deepspeed`: batch sizes and clipping from the Trainer's arguments
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+}
+
+
 def groups(model_dir, out, **kw):
     """The six argument groups of a 3-task class-incremental run on the tiny BERT; `kw` overrides any field."""
     from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig

@@ -3,10 +3,11 @@ run of the tiny BERT on CPU processes (gloo), optionally pushing to a recording 
 writes what it saw to OUT/rank<r>.json: its alphas, its Hub calls, and (rank 0) the checkpoint's merged weights sit
 in OUT/run as usual.
 
-    python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison]
+    python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison | zero2]
 
 `poison`: process 1 alone gets NaN adapter weights after step 1 of task 2 (its loss alone is NaN at step 2); each
-process writes OUT/diverged<r>.json with the error it stopped on and the tasks its checkpoint holds.
+process writes OUT/diverged<r>.json with the error it stopped on and the tasks its checkpoint holds. `zero2`: under
+DeepSpeed ZeRO-2 (its CPU accelerator; see `pm_hf.testing.deepspeed_on_cpu`).
 """
 
 import json
@@ -15,12 +16,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from conftest import groups  # noqa: E402  (sets the offline switches first)
+from conftest import ZERO2, groups  # noqa: E402  (sets the offline switches first)
 from hub_standin import GOOD_TOKEN, FakeHub  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import pm_hf.hub  # noqa: E402
 from pm_hf.continual import run_continual  # noqa: E402
+from pm_hf.testing import deepspeed_on_cpu  # noqa: E402
 from pm_hf.trainer import DivergenceError  # noqa: E402
 
 
@@ -41,11 +43,14 @@ class PoisonRankOne(TrainerCallback):
                         p.fill_(float("nan"))
 
 
-def main(model_dir: str, out: str, batch: int, push: bool, poison: bool) -> None:
+def main(model_dir: str, out: str, batch: int, push: bool, poison: bool, zero2: bool) -> None:
+    if zero2:
+        deepspeed_on_cpu()
     fake = FakeHub(cache_dir=Path(out) / "hub_cache")
     pm_hf.hub.HfApi = fake.api
     hub = {"push_to_hub": True, "hub_model_id": "me/ddp", "hub_token": GOOD_TOKEN} if push else {}
-    args = groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, **hub)
+    args = groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, **hub,
+                  **({"deepspeed": ZERO2} if zero2 else {}))  # fmt: skip
     if poison:
         try:
             run_continual(*args, callbacks=[PoisonRankOne()])
@@ -62,4 +67,4 @@ def main(model_dir: str, out: str, batch: int, push: bool, poison: bool) -> None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), "push" in sys.argv[4:], "poison" in sys.argv[4:])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *(flag in sys.argv[4:] for flag in ("push", "poison", "zero2")))

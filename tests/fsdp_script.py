@@ -4,12 +4,14 @@ instruction run of the tiny Llama on CPU processes (gloo), sharded by FSDP2 with
 run's `distributed` record and the fraction of the continual state (S, G) its own shards hold; the checkpoint and
 the export are in OUT/run as usual.
 
-    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded] [resume | crash | continue] [launcher] [k=v ...]
+    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded | zero2] [resume | crash | continue] [launcher]
+        [k=v ...]
 
 `resume`: stopped after task 1, then resumed in the same processes. `crash`: checkpoints every step and is killed
 (an exception on every rank) at step 2 of task 2, then writes only OUT/crashed<r>.json with the task's newest
-checkpoint; `continue` resumes that run. `launcher`: the FSDP setup comes from `accelerate launch --config_file
-configs/accelerate/fsdp.yaml` (its environment) instead of the training arguments.
+checkpoint; `continue` resumes that run. `launcher`: the FSDP / DeepSpeed setup comes from `accelerate launch
+--config_file configs/accelerate/fsdp.yaml` (or zero2.yaml; its environment) instead of the training arguments.
+`zero2`: DeepSpeed ZeRO-2 instead of FSDP2 (see `pm_hf.testing.deepspeed_on_cpu`).
 """
 
 import json
@@ -17,12 +19,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import llm_groups  # noqa: E402  (sets the offline switches first)
+from conftest import ZERO2, llm_groups  # noqa: E402  (sets the offline switches first)
 from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
 from pm_hf.sharding import local  # noqa: E402
-from pm_hf.testing import fsdp_on_cpu  # noqa: E402
+from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 from pm_hf.trainer import task_checkpoint  # noqa: E402
 
 FSDP = {
@@ -66,7 +68,10 @@ class FirstSteps(TrainerCallback):
 def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     if "sharded" in flags or "launcher" in flags:
         fsdp_on_cpu()
-    extra = FSDP if "sharded" in flags and "launcher" not in flags else {}
+    if "zero2" in flags or "launcher" in flags:
+        deepspeed_on_cpu()
+    extra = {"sharded": FSDP, "zero2": {"deepspeed": ZERO2}}
+    extra = {} if "launcher" in flags else next((extra[f] for f in flags if f in extra), {})
     saves = {"save_strategy": "steps", "save_steps": 1} if {"crash", "continue"} & set(flags) else {}
     options = dict(f.split("=", 1) for f in flags if "=" in f)  # e.g. merge_method=coma dtype=bfloat16
     args = llm_groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, logging_steps=1,

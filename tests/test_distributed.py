@@ -5,6 +5,7 @@ marked the model prepared after an evaluation, so every task after the first tra
 own shard, and the ranks' models drifted apart.)"""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,19 +19,23 @@ from pm_hf.continual import ContinualTrainer, run_continual
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path):
-    rank0, rank1 = torchrun(model_dir, tmp_path / "ddp", 4)
+    """DDP and DeepSpeed ZeRO-2 (2 processes x batch 4) against 1 process x batch 8."""
     single = run_continual(*groups(model_dir, tmp_path / "one", per_device_train_batch_size=8))
-    assert rank0["alphas"] == rank1["alphas"] and rank0["delta_norms"] == rank1["delta_norms"]  # ranks agree
-    assert len(rank0["alphas"]) == 3
-    for a, b in zip(rank0["alphas"], single["alphas"]):
-        assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
-    two, one = checkpoint_tensors(tmp_path / "ddp" / "run"), checkpoint_tensors(tmp_path / "one")
-    assert two.keys() == one.keys()
-    for key in one:
-        if key.startswith("weights/"):
-            scale = one[key].abs().max().clamp_min(1e-12)
-            assert float((two[key] - one[key]).abs().max() / scale) < 1e-5, key
-    assert rank0["distributed"] == {"type": "MULTI_CPU", "num_processes": 2, "sharding": "none"}
+    one = checkpoint_tensors(tmp_path / "one")
+    for flags, setup in (((), ("MULTI_CPU", "none")), (("zero2",), ("DEEPSPEED", "zero2"))):
+        out = tmp_path / "_".join(("ddp", *flags))
+        rank0, rank1 = torchrun(model_dir, out, 4, *flags)
+        assert rank0["alphas"] == rank1["alphas"] and rank0["delta_norms"] == rank1["delta_norms"]  # ranks agree
+        assert len(rank0["alphas"]) == 3
+        for a, b in zip(rank0["alphas"], single["alphas"]):
+            assert abs(a - b) < 1e-6, (flags, rank0["alphas"], single["alphas"])
+        two = checkpoint_tensors(out / "run")
+        assert two.keys() == one.keys()
+        for key in one:
+            if key.startswith("weights/"):
+                scale = one[key].abs().max().clamp_min(1e-12)
+                assert float((two[key] - one[key]).abs().max() / scale) < 1e-5, (flags, key)
+        assert rank0["distributed"] == {"type": setup[0], "num_processes": 2, "sharding": setup[1]}
     assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
 
 
@@ -83,6 +88,26 @@ def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path
         assert torch.allclose(exported[0][key], value, rtol=1e-4, atol=1e-6), key
 
 
+def test_zero2_llm_killed_in_a_task_resumes_and_equals_one_process(llm_dir, tmp_path):
+    """DeepSpeed ZeRO-2 (`pm_hf.testing.deepspeed_on_cpu`), 2 processes x batch 2, checkpoints every step, killed at
+    step 2 of task 2 and resumed from DeepSpeed's checkpoint-1: the whole run equals 1 process x batch 4."""
+    killed = tmp_path / "killed"
+    crashed = torchrun(llm_dir, killed, 2, "zero2", "crash", script="fsdp_script.py", record="crashed")
+    assert crashed[0] == crashed[1] and crashed[0]["checkpoint"].endswith("tasks/task_1/checkpoint-1")
+    assert (Path(crashed[0]["checkpoint"]) / "global_step1").is_dir()  # DeepSpeed's own checkpoint of the engine
+    rank0, rank1 = torchrun(llm_dir, killed, 2, "zero2", "continue", script="fsdp_script.py")
+    one = llm_groups(llm_dir, tmp_path / "one", per_device_train_batch_size=4, logging_steps=1, save_strategy="no")
+    single = ContinualTrainer.from_args(*one).train()
+    assert rank0 == rank1 and rank0["first_steps"] == [1]  # task 2 continued from its mid-task checkpoint
+    assert rank0["distributed"] == {"type": "DEEPSPEED", "num_processes": 2, "sharding": "zero2"}
+    assert rank0["state_fraction"] == 1.0  # ZeRO-2 keeps the weights whole, and pm_hf's state beside them
+    assert 0.0 < single["alphas"][1] < 1.0
+    for a, b in zip(rank0["alphas"] + rank0["delta_norms"], single["alphas"] + single["delta_norms"]):
+        assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
+    for row, ref in zip(rank0["scores"]["eval_loss"], single["score_matrices"]["eval_loss"]):
+        assert [x if x is None else pytest.approx(x, rel=1e-5) for x in ref] == row
+
+
 def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, tmp_path):
     """A bf16 model: FSDP2 and DDP on the same 2 processes agree (against 1 process they both differ at bf16 precision:
     the batch is split), and under FSDP2 each rank holds half of S, G and the fp32 master copy."""
@@ -98,13 +123,34 @@ def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, 
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"deepspeed": "ds_config.json"}, r"^deepspeed = 'ds_config.json': pm_hf does not run DeepSpeed ZeRO yet"),
+        ({"deepspeed": "missing.json"}, r"^deepspeed = 'missing.json': not a readable DeepSpeed JSON config"),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 3}}},
+            r"^deepspeed = 'deepspeed config \(zero_optimization.stage 3\)': ZeRO-3 shards the weights",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}},
+            r"^deepspeed = 'deepspeed config \(optimizer\)': remove the `optimizer` section",
+        ),
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, r"^fsdp_config = .*FSDP2 only"),
     ],
 )
-def test_deepspeed_and_fsdp1_are_refused_by_the_arguments(model_dir, tmp_path, kw, match):
+def test_zero3_and_fsdp1_are_refused_by_the_arguments(model_dir, tmp_path, kw, match):
     with pytest.raises(InputError, match=match):
         groups(model_dir, tmp_path / "run", **kw)  # PMConfig itself refuses
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_is_refused_before_anything_loads(
+    model_dir, tmp_path, monkeypatch
+):
+    args = groups(model_dir, tmp_path / "run", deepspeed={"zero_optimization": {"stage": 2}})  # on CPU: plain DDP
+    with pytest.raises(InputError, match=r"^deepspeed = 'DeepSpeed config': Accelerate runs DeepSpeed on GPUs only"):
+        ContinualTrainer.from_args(*args)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a ZeRO-3 config sets
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(InputError, match=r"^deepspeed = 'accelerate config \(zero_optimization.stage 3\)': ZeRO-3"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -140,7 +186,7 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(mo
 def test_what_fsdp2_does_not_support_is_refused_before_loading(
     model_dir, llm_dir, tmp_path, monkeypatch, which, kw, match
 ):
-    monkeypatch.setattr("pm_hf.trainer.accelerate_shards_on", lambda args: True)  # as on GPUs
+    monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
     fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
     make = groups if which == "bert" else llm_groups
     lora = {"modules_to_save": kw.pop("modules_to_save")} if "modules_to_save" in kw else {}
@@ -152,7 +198,7 @@ def test_what_fsdp2_does_not_support_is_refused_before_loading(
 
 
 def test_the_python_api_refuses_what_fsdp2_does_not_support(llm_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("pm_hf.trainer.accelerate_shards_on", lambda args: True)  # as on GPUs
+    monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
     rows = [{"prompt": f"word {i}", "response": f"answer {i % 7}"} for i in range(8)]
     task = {"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:4])}
     fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}

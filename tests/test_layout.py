@@ -13,6 +13,7 @@ PACKAGE = ROOT / "pm_hf"
 LAYERS = [
     ["sharding"],
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
+    ["launch"],
     ["training_args", "arguments"],
     ["config", "metrics", "presets", "rundir"],
     ["merge"],

@@ -1,0 +1,198 @@
+"""How a continual run is launched on several processes (`accelerate launch`, `torchrun`) and what pm_hf accepts.
+
+- DDP: every rank holds the whole model and the whole continual state.
+- FSDP2 (`configs/accelerate/fsdp.yaml`): the weights are sharded, and so is everything pm_hf keeps beside them
+  (`pm_hf.sharding`); causal LMs only (`assembly.check_sharded_run`).
+- DeepSpeed ZeRO stages 0-2 (`configs/accelerate/zero2.yaml`): the optimizer state (and with stage 2 the gradients)
+  are partitioned, the weights stay whole on every rank, so pm_hf's own state (S, G, master, Fisher) is whole too,
+  as under DDP. Each task's Trainer builds a DeepSpeed engine for that task's adapter and optimizer; it is destroyed
+  when the task's training ends (its gradient hooks removed) before the Fisher, the merge and the next task's engine.
+  ZeRO-3 (sharded weights) is refused: use FSDP2.
+
+Everything else is refused before anything is loaded (`refuse_sharding`), or once the Trainer is built where only the
+Trainer knows (`check_prepared`): never a silent fallback to DDP.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+from transformers import Trainer
+
+from .checks import invalid
+from .sharding import model_sharding
+
+ZERO3_FIX = "ZeRO-3 shards the weights, which pm_hf shards with FSDP2 only: use configs/accelerate/fsdp.yaml or ZeRO-2."
+CPU_FIX = "would run this as plain DDP on CPU: launch on GPUs, or use DDP."
+
+
+def fsdp_requested(args) -> bool:
+    """FSDP asked for in the training arguments or by `accelerate launch`'s config (as Accelerate reports it)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def fsdp_plugin(args):
+    """The FSDP settings the run's Trainer will use: from the training arguments, or `accelerate launch`'s config."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}) if args.fsdp else {})
+
+
+def deepspeed_config(value) -> dict:
+    """A DeepSpeed config given as a dict or a JSON file's path (`TrainingArguments.deepspeed`)."""
+    if isinstance(value, dict):
+        return value
+    try:
+        with open(value) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise invalid("deepspeed", value, f"not a readable DeepSpeed JSON config ({err}).") from err
+
+
+def check_deepspeed_config(config: dict, asked) -> int:
+    """The ZeRO stage of a DeepSpeed config pm_hf runs (0-2), or the field refused: stage 3, and an `optimizer` or
+    `scheduler` section (every task's Trainer builds its own: the head's learning rate, the task's schedule)."""
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if str(stage) not in ("0", "1", "2"):
+        fix = ZERO3_FIX if str(stage) == "3" else "give the ZeRO stage as a number, 0 to 2."
+        raise invalid("deepspeed", f"{asked} (zero_optimization.stage {stage})", fix)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            fix = f"remove the `{section}` section: every task's Trainer builds its own (TrainingArguments' fields)."
+            raise invalid("deepspeed", f"{asked} ({section})", fix)
+    return int(stage)
+
+
+def zero_stage(args) -> int | None:
+    """The ZeRO stage a run asks for (None without DeepSpeed): from the training arguments' DeepSpeed config, or
+    `accelerate launch`'s (its `zero_stage`, or the stage in its `deepspeed_config_file`)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if args.deepspeed:
+        asked = args.deepspeed if isinstance(args.deepspeed, str) else "deepspeed config"
+        return check_deepspeed_config(deepspeed_config(args.deepspeed), asked)
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    from accelerate.utils import DeepSpeedPlugin  # reads `accelerate launch`'s settings and config file
+
+    return check_deepspeed_config(DeepSpeedPlugin().deepspeed_config, "accelerate config")
+
+
+def accelerate_runs_on(args, kind: str) -> bool:
+    """Whether Accelerate runs an FSDP / DeepSpeed config as such on this run's device: on accelerators only; on CPU
+    it would silently run plain DDP (unless `pm_hf.testing.fsdp_on_cpu` / `deepspeed_on_cpu` made it take that path
+    on CPU, in tests)."""
+    from accelerate.state import AcceleratorState
+
+    return args.device.type != "cpu" or getattr(AcceleratorState.__init__, f"_pm_hf_{kind}_on_cpu", False)
+
+
+def refuse_sharding(args) -> None:
+    """Refused before anything is loaded: a launch whose processes would each train alone (`torchrun` on a machine
+    without a GPU and without `use_cpu`); ZeRO-3; FSDP other than FSDP2; FSDP or DeepSpeed where Accelerate would
+    not run it (CPU). What an FSDP2 run supports beyond that is checked once the model is built
+    (`assembly.check_sharded_run`)."""
+    from accelerate.utils import get_int_from_env
+
+    launched = get_int_from_env(["WORLD_SIZE"], 1)  # the processes `torchrun` / `accelerate launch` started
+    if launched > 1 and args.world_size != launched:
+        fix = (
+            f"launched with {launched} processes but the training arguments see {args.world_size}: every process "
+            "would train alone and write the same files. On a machine without a GPU set `use_cpu: true` (gloo)."
+        )
+        raise invalid("use_cpu", args.use_cpu, fix)
+    if zero_stage(args) is not None and not accelerate_runs_on(args, "deepspeed"):
+        asked = args.deepspeed if isinstance(args.deepspeed, str) else "DeepSpeed config"
+        raise invalid("deepspeed", asked, "Accelerate runs DeepSpeed on GPUs only and " + CPU_FIX)
+    if fsdp_requested(args):
+        refuse_fsdp(args)
+
+
+def refuse_fsdp(args) -> None:
+    asked = args.fsdp or "accelerate config (FSDP)"
+    plugin = fsdp_plugin(args)
+    if plugin.fsdp_version != 2:
+        raise invalid(
+            "fsdp", asked, "pm_hf shards with FSDP2 only: set `fsdp_version: 2` (configs/accelerate/fsdp.yaml)."
+        )
+    if not accelerate_runs_on(args, "fsdp"):
+        raise invalid("fsdp", asked, "Accelerate runs FSDP on GPUs only and " + CPU_FIX)
+    save = getattr(args.save_strategy, "value", args.save_strategy)
+    if save != "no" and "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        fix = (
+            f"mid-task checkpoints (save_strategy {save!r}) under FSDP are written as sharded state dicts: set "
+            "`state_dict_type: SHARDED_STATE_DICT` (configs/accelerate/fsdp.yaml), or `save_strategy: no`."
+        )
+        raise invalid("fsdp_config", "FULL_STATE_DICT", fix)
+
+
+def check_prepared(trainer) -> None:
+    """After a task's Trainer is built: an FSDP / DeepSpeed run really runs as such (never a silent fallback to DDP),
+    with a ZeRO stage pm_hf supports, and a model already sharded by an earlier task's Trainer is not wrapped again
+    (one model preparation per run)."""
+    from accelerate.utils import DistributedType
+
+    kind = trainer.accelerator.distributed_type
+    if zero_stage(trainer.args) is not None or trainer.is_deepspeed_enabled:
+        if kind != DistributedType.DEEPSPEED:
+            raise invalid("deepspeed", "accelerate config (DeepSpeed)", f"Accelerate set the run up as {kind.value}.")
+        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        if stage not in (0, 1, 2):
+            raise invalid("deepspeed", f"zero_optimization.stage {stage}", ZERO3_FIX)
+    if not fsdp_requested(trainer.args):
+        return
+    if kind != DistributedType.FSDP:
+        raise invalid("fsdp", trainer.args.fsdp or "accelerate config (FSDP)",
+                      f"Accelerate set the run up as {kind.value}, not FSDP: launch on GPUs.")  # fmt: skip
+    if model_sharding(trainer.model) != "none":  # already sharded: Accelerate's prepare keeps it as it is
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
+
+
+def distributed_setup(args, model=None) -> dict:
+    """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding ('fsdp2'
+    for sharded weights, 'zero<stage>' for DeepSpeed's partitioned optimizer state)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    sharding = model_sharding(model) if model is not None else "none"
+    kind = "FSDP" if sharding != "none" else state.distributed_type.value
+    stage = zero_stage(args)  # every task's Trainer ran it as DeepSpeed (`check_prepared`)
+    if stage is not None:
+        kind, sharding = "DEEPSPEED", f"zero{stage}"
+    return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
+
+
+def share_deepspeed_plugin(args) -> None:
+    """Before a later task's Trainer: Accelerate keeps one DeepSpeed plugin per process (a second Accelerator may not
+    bring its own), so the Trainer's copy of the arguments leaves it out and Accelerate reuses the first task's."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
+        args.deepspeed_plugin = None
+
+
+def predicting_trainer(trainer):
+    """A Trainer that only predicts runs the plain model under DeepSpeed ZeRO 0-2 (whole weights on every rank; the
+    Trainer would otherwise ask DeepSpeed for an inference engine, which it builds for ZeRO-3 only). Returns it."""
+    trainer.is_deepspeed_enabled = False
+    return trainer
+
+
+def release(trainer) -> None:
+    """Drop a task's trainer's hold on the model once its training ends: the DeepSpeed engine is destroyed (its
+    gradient hooks would otherwise fire in the Fisher's backward passes and in the next task's), and the
+    accelerator's references (the DDP wrapper, the optimizer) are freed before the next task's trainer prepares the
+    model again."""
+    if not isinstance(trainer, Trainer):
+        return
+    engine = getattr(trainer, "deepspeed", None)
+    if engine is not None:
+        engine.destroy()
+        trainer.deepspeed = None
+    trainer.accelerator.free_memory()
+    trainer.model_wrapped = trainer.model
+    gc.collect()
