@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ZERO2, llm_groups  # noqa: E402  (sets the offline switches first)
 from transformers import TrainerCallback  # noqa: E402
@@ -73,7 +75,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     extra = {"sharded": FSDP, "zero2": {"deepspeed": ZERO2}}
     extra = {} if "launcher" in flags else next((extra[f] for f in flags if f in extra), {})
     saves = {"save_strategy": "steps", "save_steps": 1} if {"crash", "continue"} & set(flags) else {}
-    options = dict(f.split("=", 1) for f in flags if "=" in f)  # e.g. merge_method=coma dtype=bfloat16
+    options = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in flags if "=" in f)}  # e.g. dtype=bfloat16
     args = llm_groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, logging_steps=1,
                       **{"save_strategy": "no", **saves, **options}, **extra)  # fmt: skip
     rank = args[2].process_index
