@@ -25,6 +25,11 @@ from .sharding import model_sharding
 
 ZERO3_FIX = "ZeRO-3 shards the weights, which pm_hf shards with FSDP2 only: use configs/accelerate/fsdp.yaml or ZeRO-2."
 CPU_FIX = "would run this as plain DDP on CPU: launch on GPUs, or use DDP."
+MIXED_FIX = (
+    "DeepSpeed's mixed precision casts the whole model (frozen weights, head) to 16 bits in place, under pm_hf's "
+    "merges: leave it off (`mixed_precision: no`, `bf16: false`) and load the model in bf16 with `dtype: bfloat16` "
+    "(pm_hf keeps an fp32 master of the adapted weights)."
+)
 
 
 def fsdp_requested(args) -> bool:
@@ -63,6 +68,9 @@ def check_deepspeed_config(config: dict, asked) -> int:
         if section in config:
             fix = f"remove the `{section}` section: every task's Trainer builds its own (TrainingArguments' fields)."
             raise invalid("deepspeed", f"{asked} ({section})", fix)
+    for section in ("bf16", "fp16"):
+        if config.get(section, {}).get("enabled", False) not in (False, "false", "auto"):
+            raise invalid("deepspeed", f"{asked} ({section}.enabled)", MIXED_FIX)
     return int(stage)
 
 
@@ -104,11 +112,24 @@ def refuse_sharding(args) -> None:
             "would train alone and write the same files. On a machine without a GPU set `use_cpu: true` (gloo)."
         )
         raise invalid("use_cpu", args.use_cpu, fix)
-    if zero_stage(args) is not None and not accelerate_runs_on(args, "deepspeed"):
-        asked = args.deepspeed if isinstance(args.deepspeed, str) else "DeepSpeed config"
-        raise invalid("deepspeed", asked, "Accelerate runs DeepSpeed on GPUs only and " + CPU_FIX)
+    if zero_stage(args) is not None:
+        refuse_deepspeed(args)
     if fsdp_requested(args):
         refuse_fsdp(args)
+
+
+def refuse_deepspeed(args) -> None:
+    from accelerate.utils import parse_choice_from_env
+
+    asked = args.deepspeed if isinstance(args.deepspeed, str) else "DeepSpeed config"
+    if not accelerate_runs_on(args, "deepspeed"):
+        raise invalid("deepspeed", asked, "Accelerate runs DeepSpeed on GPUs only and " + CPU_FIX)
+    for field in ("bf16", "fp16"):
+        if getattr(args, field):
+            raise invalid(field, True, "with DeepSpeed: " + MIXED_FIX)
+    mixed = parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch`'s mixed_precision
+    if mixed != "no" and not args.deepspeed:
+        raise invalid("mixed_precision", mixed, "in the accelerate config, with DeepSpeed: " + MIXED_FIX)
 
 
 def refuse_fsdp(args) -> None:
@@ -155,13 +176,14 @@ def distributed_setup(args, model=None) -> dict:
     """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding ('fsdp2'
     for sharded weights, 'zero<stage>' for DeepSpeed's partitioned optimizer state)."""
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
     state = PartialState()
     sharding = model_sharding(model) if model is not None else "none"
     kind = "FSDP" if sharding != "none" else state.distributed_type.value
-    stage = zero_stage(args)  # every task's Trainer ran it as DeepSpeed (`check_prepared`)
-    if stage is not None:
-        kind, sharding = "DEEPSPEED", f"zero{stage}"
+    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
+        kind, sharding = "DEEPSPEED", f"zero{AcceleratorState().deepspeed_plugin.zero_stage}"
     return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
 
 
@@ -171,8 +193,16 @@ def share_deepspeed_plugin(args) -> None:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
-    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
-        args.deepspeed_plugin = None
+    if not AcceleratorState._shared_state or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
+        return
+    shared, own = AcceleratorState().deepspeed_plugin, args.deepspeed_plugin
+    if own is not None and (own.zero_stage, own.offload_optimizer_device) != (
+        shared.zero_stage,
+        shared.offload_optimizer_device,
+    ):
+        fix = "this process already runs another DeepSpeed config (Accelerate keeps one): run it in a new process."
+        raise invalid("deepspeed", args.deepspeed, fix)
+    args.deepspeed_plugin = None
 
 
 def predicting_trainer(trainer):
@@ -191,8 +221,13 @@ def release(trainer) -> None:
         return
     engine = getattr(trainer, "deepspeed", None)
     if engine is not None:
-        engine.destroy()
+        engine.destroy()  # removes its gradient hooks, not the forward hooks it put on the model
+        for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+            if getattr(engine, hook, None) is not None:
+                getattr(engine, hook).remove()
         trainer.deepspeed = None
     trainer.accelerator.free_memory()
     trainer.model_wrapped = trainer.model
+    trainer.optimizer = trainer.lr_scheduler = trainer.callback_handler.optimizer = None
+    trainer.callback_handler.lr_scheduler = None
     gc.collect()

@@ -139,3 +139,12 @@ def per_process(value: float, device: torch.device | str = "cpu") -> list[float]
     slots[dist.get_rank()] = value
     dist.all_reduce(slots)
     return slots.cpu().tolist()
+
+
+def every_process(obj) -> list:
+    """Every process's picklable `obj`, in rank order ([obj] without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -32,7 +32,7 @@ from .adapters import (
 )
 from .config import PerturbationArguments
 from .perturb import noise_seed, sample_branch
-from .sharding import gather, per_process, shard_like
+from .sharding import every_process, gather, per_process, shard_like
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
 
@@ -165,27 +165,42 @@ class PerturbationMixin:
         if output_dir is None or not _internal_call:
             return
         tensors = {k: v.cpu().contiguous() for k, v in gather(full_trainable_params(self.model)).items()}
+        late = every_process(self._late_losses)  # each process's own losses: their sums make L_minus and L_0
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)  # under FSDP with sharded state dicts the Trainer writes it later
-            meta = {"branch_counts": json.dumps(self.branch_counts), "late_losses": json.dumps(self._late_losses)}
+            meta = {"branch_counts": json.dumps(self.branch_counts), "late_losses": json.dumps(late)}
             save_file(
                 {k: v.detach() for k, v in tensors.items()}, os.path.join(output_dir, TRAINER_EXTRA), metadata=meta
             )
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; a resumed task first gets back the branch counts and late branch losses `save_model` kept
+        (here, not in `_load_from_checkpoint`: under DeepSpeed the Trainer loads DeepSpeed's checkpoint instead)."""
+        path = resume_from_checkpoint
+        if path is True:  # the Trainer's own search (it raises when there is none)
+            from transformers.trainer_utils import get_last_checkpoint
+
+            path = get_last_checkpoint(self.args.output_dir)
+        if path:
+            with safe_open(os.path.join(path, TRAINER_EXTRA), framework="pt") as f:
+                meta = f.metadata()
+            self.branch_counts = Counter({int(b): n for b, n in json.loads(meta["branch_counts"]).items()})
+            self._late_losses = own_late_losses(json.loads(meta["late_losses"]), self.args)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """`Trainer._load_from_checkpoint` (the adapter), then the parameters and counts `_save` added."""
+        """`Trainer._load_from_checkpoint` (the adapter), then the fully trained parameters `save_model` added (under
+        DeepSpeed, its own checkpoint holds them)."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, TRAINER_EXTRA)
         with safe_open(path, framework="pt") as f:
-            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         params = full_trainable_params(model if model is not None else self.model)
         if set(params) != set(tensors):
             raise ValueError(f"{path} does not fit the model: {sorted(set(params) ^ set(tensors))[:3]}")
         with torch.no_grad():
             for key, value in tensors.items():
                 params[key].copy_(shard_like(value.to(params[key].dtype), params[key]))
-        self.branch_counts = Counter({int(b): n for b, n in json.loads(meta["branch_counts"]).items()})
-        self._late_losses = {int(b): v for b, v in json.loads(meta["late_losses"]).items()}
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.args.perturbation != "none":
@@ -198,6 +213,18 @@ class PerturbationMixin:
             super().log(logs, *args, **kwargs)
         finally:
             self.state.global_step -= self.step_offset
+
+
+def own_late_losses(saved: list[dict] | dict, args) -> dict[int, list[float]]:
+    """This process's late branch losses from a checkpoint's list of every process's: its own with as many
+    processes as saved them, else all of them on the main process and none elsewhere (the sums that make the branch
+    means are kept either way). A dict: a checkpoint written by one process."""
+    saved = [saved] if isinstance(saved, dict) else saved
+    if len(saved) == args.world_size:
+        mine = saved[args.process_index]
+    else:
+        mine = {b: [v for part in saved for v in part[b]] for b in saved[0]} if args.process_index == 0 else {}
+    return {b: list(mine.get(str(b), mine.get(b, []))) for b in (-1, 0, 1)}
 
 
 class TaskProgress(TrainerCallback):

@@ -8,14 +8,17 @@ the export are in OUT/run as usual.
         [k=v ...]
 
 `resume`: stopped after task 1, then resumed in the same processes. `crash`: checkpoints every step and is killed
-(an exception on every rank) at step 2 of task 2, then writes only OUT/crashed<r>.json with the task's newest
-checkpoint; `continue` resumes that run. `launcher`: the FSDP / DeepSpeed setup comes from `accelerate launch
---config_file configs/accelerate/fsdp.yaml` (or zero2.yaml; its environment) instead of the training arguments.
+(an exception on every rank) at step 2 (`kill_at=N`: step N) of task 2, then writes only OUT/crashed<r>.json with
+the task's newest checkpoint; `continue` resumes that run. `launcher`: the FSDP / DeepSpeed setup comes from
+`accelerate launch --config_file configs/accelerate/fsdp.yaml` (or zero2.yaml; its environment) instead of the
+training arguments.
 `zero2`: DeepSpeed ZeRO-2 instead of FSDP2 (see `pm_hf.testing.deepspeed_on_cpu`).
 """
 
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import yaml
@@ -44,16 +47,18 @@ class Kill(Exception):
 
 
 class KillAt(TrainerCallback):
-    """Raises at optimizer step 2 of the second task's training, on every rank (a kill in the middle of a task)."""
+    """Raises at optimizer step `step` of the second task's training, on every rank (a kill in the middle of a task).
+    Keeps weak references to every task's optimizer (a released task leaves none alive)."""
 
-    def __init__(self):
-        self.trainers = 0
+    def __init__(self, step: int | None = 2):
+        self.trainers, self.step, self.optimizers = 0, step, []
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
         self.trainers += 1
+        self.optimizers.append(weakref.ref(getattr(optimizer, "optimizer", optimizer)))  # inside Accelerate's wrapper
 
     def on_step_end(self, args, state, control, **kw):
-        if self.trainers == 2 and state.global_step == 2:
+        if self.trainers == 2 and state.global_step == self.step:
             raise Kill
 
 
@@ -67,6 +72,15 @@ class FirstSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
+def forward_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def live(refs) -> int:
+    gc.collect()
+    return sum(ref() is not None for ref in refs)
+
+
 def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     if "sharded" in flags or "launcher" in flags:
         fsdp_on_cpu()
@@ -76,12 +90,14 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     extra = {} if "launcher" in flags else next((extra[f] for f in flags if f in extra), {})
     saves = {"save_strategy": "steps", "save_steps": 1} if {"crash", "continue"} & set(flags) else {}
     options = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in flags if "=" in f)}  # e.g. dtype=bfloat16
+    step = options.pop("kill_at", 2)
+    kill = KillAt(step if "crash" in flags else None)  # None: never kills
     args = llm_groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, logging_steps=1,
                       **{"save_strategy": "no", **saves, **options}, **extra)  # fmt: skip
     rank = args[2].process_index
     if "crash" in flags:
         try:
-            ContinualTrainer.from_args(*args, callbacks=[KillAt()]).train()
+            ContinualTrainer.from_args(*args, callbacks=[kill]).train()
         except Kill:
             found = task_checkpoint(Path(out) / "run", 1)
             (Path(out) / f"crashed{rank}.json").write_text(json.dumps({"checkpoint": found}))
@@ -89,14 +105,16 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     if "resume" in flags:
         ContinualTrainer.from_args(*args).train(stop_after=1)
     first = FirstSteps()
-    trainer = ContinualTrainer.from_args(*args, callbacks=[first])
+    trainer = ContinualTrainer.from_args(*args, callbacks=[first, kill])  # kill: its optimizer references only
     results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags)))
     strategy, weights = trainer.loop.strategy, trainer.loop.weights
     state = [*getattr(strategy, "S", {}).values(), *getattr(strategy, "G", {}).values(), *weights.master.values()]
     held = sum(local(t).numel() for t in state) / max(1, sum(t.numel() for t in state))
     record = {"alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
               "scores": results["score_matrices"], "distributed": results.get("distributed"),
-              "first_steps": first.steps}  # fmt: skip
+              "first_steps": first.steps, "branch_counts": results["branch_counts"],
+              "branch_losses": results["branch_losses"], "forward_hooks": forward_hooks(trainer.loop.model),
+              "live_optimizers": live(kill.optimizers)}  # fmt: skip
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 

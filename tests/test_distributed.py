@@ -88,24 +88,27 @@ def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path
         assert torch.allclose(exported[0][key], value, rtol=1e-4, atol=1e-6), key
 
 
-def test_zero2_llm_killed_in_a_task_resumes_and_equals_one_process(llm_dir, tmp_path):
-    """DeepSpeed ZeRO-2 (`pm_hf.testing.deepspeed_on_cpu`), 2 processes x batch 2, checkpoints every step, killed at
-    step 2 of task 2 and resumed from DeepSpeed's checkpoint-1: the whole run equals 1 process x batch 4."""
+def test_zero2_llm_killed_late_in_a_task_resumes_as_the_same_run_and_leaves_no_engine_behind(llm_dir, tmp_path):
+    """DeepSpeed ZeRO-2 (`pm_hf.testing.deepspeed_on_cpu`) on 2 processes x batch 1, 6 steps per task, with the
+    `branch` calibration (alpha from the late-epoch branch losses of every process): killed at step 5 of task 2 and
+    resumed from DeepSpeed's step-4 checkpoint, the run equals the uninterrupted one bit for bit (branch counts and
+    each process's late losses come back too); each task's engine is gone after its task (no forward hooks left on
+    the model, no optimizer alive). ZeRO-2 against 1 process: `test_two_processes_equal_one_with_the_same_global_batch`.
+    """
+    opts = ("zero2", "alpha_calibration=branch")
+    whole = torchrun(llm_dir, tmp_path / "whole", 1, *opts, script="fsdp_script.py")[0]
     killed = tmp_path / "killed"
-    crashed = torchrun(llm_dir, killed, 2, "zero2", "crash", script="fsdp_script.py", record="crashed")
-    assert crashed[0] == crashed[1] and crashed[0]["checkpoint"].endswith("tasks/task_1/checkpoint-1")
-    assert (Path(crashed[0]["checkpoint"]) / "global_step1").is_dir()  # DeepSpeed's own checkpoint of the engine
-    rank0, rank1 = torchrun(llm_dir, killed, 2, "zero2", "continue", script="fsdp_script.py")
-    one = llm_groups(llm_dir, tmp_path / "one", per_device_train_batch_size=4, logging_steps=1, save_strategy="no")
-    single = ContinualTrainer.from_args(*one).train()
-    assert rank0 == rank1 and rank0["first_steps"] == [1]  # task 2 continued from its mid-task checkpoint
-    assert rank0["distributed"] == {"type": "DEEPSPEED", "num_processes": 2, "sharding": "zero2"}
-    assert rank0["state_fraction"] == 1.0  # ZeRO-2 keeps the weights whole, and pm_hf's state beside them
-    assert 0.0 < single["alphas"][1] < 1.0
-    for a, b in zip(rank0["alphas"] + rank0["delta_norms"], single["alphas"] + single["delta_norms"]):
-        assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
-    for row, ref in zip(rank0["scores"]["eval_loss"], single["score_matrices"]["eval_loss"]):
-        assert [x if x is None else pytest.approx(x, rel=1e-5) for x in ref] == row
+    crashed = torchrun(llm_dir, killed, 1, *opts, "crash", "kill_at=5", script="fsdp_script.py", record="crashed")
+    assert crashed[0] == crashed[1] and crashed[0]["checkpoint"].endswith("tasks/task_1/checkpoint-4")
+    assert (Path(crashed[0]["checkpoint"]) / "global_step4").is_dir()  # DeepSpeed's own checkpoint of the engine
+    rank0, rank1 = torchrun(llm_dir, killed, 1, *opts, "continue", script="fsdp_script.py")
+    assert rank0 == rank1 and rank0.pop("first_steps") == [4]  # task 2 continued from its mid-task checkpoint
+    assert whole.pop("first_steps") == [0, 0]
+    assert rank0 == whole  # the same run, bit for bit
+    assert whole["branch_losses"][1]["-1"] is not None and 0.0 < whole["alphas"][1] < 1.0
+    assert whole["distributed"] == {"type": "DEEPSPEED", "num_processes": 2, "sharding": "zero2"}
+    assert whole["state_fraction"] == 1.0  # ZeRO-2 keeps the weights whole, and pm_hf's state beside them
+    assert whole["forward_hooks"] == 0 and whole["live_optimizers"] == 0
 
 
 def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, tmp_path):
@@ -132,6 +135,10 @@ def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, 
             {"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}},
             r"^deepspeed = 'deepspeed config \(optimizer\)': remove the `optimizer` section",
         ),
+        (
+            {"deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}},
+            r"^deepspeed = 'deepspeed config \(bf16.enabled\)': DeepSpeed's mixed precision casts the whole model",
+        ),
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, r"^fsdp_config = .*FSDP2 only"),
     ],
 )
@@ -151,6 +158,14 @@ def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_is_refused_before_any
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(InputError, match=r"^deepspeed = 'accelerate config \(zero_optimization.stage 3\)': ZeRO-3"):
         ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))
+    monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch`'s mixed_precision: bf16
+    with pytest.raises(InputError, match=r"^mixed_precision = 'bf16': in the accelerate config, with DeepSpeed"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    with pytest.raises(InputError, match=r"^bf16 = True: with DeepSpeed: DeepSpeed's mixed precision"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run", bf16=True))
     assert not (tmp_path / "run").exists()
 
 

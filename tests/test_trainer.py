@@ -240,3 +240,18 @@ def test_head_learning_rate_moves_only_the_head(tmp_path, head_lr):
         assert moved == (head_lr is not None and name in head), name
     groups = trainer.optimizer.param_groups
     assert sum(len(g["params"]) for g in groups) == len(before)
+
+
+def test_late_branch_losses_come_back_per_process_or_with_their_sums_kept():
+    from types import SimpleNamespace
+
+    from pm_hf.trainer import own_late_losses
+
+    saved = [{"-1": [1.0, 2.0], "0": [], "1": [5.0]}, {"-1": [3.0], "0": [4.0], "1": []}]  # as the JSON holds them
+    two = [own_late_losses(saved, SimpleNamespace(world_size=2, process_index=r)) for r in (0, 1)]
+    assert two == [{-1: [1.0, 2.0], 0: [], 1: [5.0]}, {-1: [3.0], 0: [4.0], 1: []}]  # each process its own
+    one = own_late_losses(saved, SimpleNamespace(world_size=1, process_index=0))
+    assert one == {-1: [1.0, 2.0, 3.0], 0: [4.0], 1: [5.0]}  # another number of processes: every loss, once
+    three = [own_late_losses(saved, SimpleNamespace(world_size=3, process_index=r)) for r in (0, 1, 2)]
+    assert three[0] == one and three[1] == three[2] == {-1: [], 0: [], 1: []}
+    assert own_late_losses({"-1": [7.0]}, SimpleNamespace(world_size=1, process_index=0)) == {-1: [7.0], 0: [], 1: []}
