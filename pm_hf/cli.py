@@ -41,7 +41,18 @@ def _train(argv: list[str]) -> int:
         results = run_continual(*parsed, resume=known.resume)
     if _is_main_process():
         print(format_results(results))
+    _end_processes()
     return 0
+
+
+def _end_processes() -> None:
+    """Under `accelerate launch` / `torchrun`: every process waits for the others, then the process group is taken
+    down before the interpreter exits (left to exit, its threads can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -123,9 +123,11 @@ class ContinualLoop:
         self.head.set_active(self.head.train_classes(task))
         # train with perturbation
         trainer = self.trainer(t, task)
-        with timer("train"):
-            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
-        release(trainer)  # the wrappers go (a DeepSpeed engine's gradient hooks before the Fisher's backward passes)
+        try:
+            with timer("train"):
+                trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
+        finally:  # the wrappers go (a DeepSpeed engine's hooks), also when training stops with an error
+            release(trainer)
         self.resuming = False
         self.follow_sharding()
         self.callbacks.call("on_train_end", t, self.model, task)

@@ -218,6 +218,14 @@ class Recorder(ContinualCallback):
         self.params.append({k: v.detach().clone() for k, v in params.items() if k.startswith(self.keep)})
 
 
+def end_processes() -> None:
+    """The end of a script run by `torchrun`: every process waits for the others and takes the process group down
+    (the CLI's `_end_processes`), so no communication thread is left running when the interpreter exits."""
+    from pm_hf.cli import _end_processes
+
+    _end_processes()
+
+
 def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py", record: str = "rank",
              timeout: int = 600) -> list[dict]:  # fmt: skip
     """Run tests/<script> (ddp_script.py, fsdp_script.py) on 2 CPU processes (gloo); returns what each rank recorded

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from conftest import ZERO2, groups  # noqa: E402  (sets the offline switches first)
+from conftest import ZERO2, end_processes, groups  # noqa: E402  (sets the offline switches first)
 from hub_standin import GOOD_TOKEN, FakeHub  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -68,3 +68,4 @@ def main(model_dir: str, out: str, batch: int, push: bool, poison: bool, zero2: 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *(flag in sys.argv[4:] for flag in ("push", "poison", "zero2")))
+    end_processes()

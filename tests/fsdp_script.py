@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import ZERO2, llm_groups  # noqa: E402  (sets the offline switches first)
+from conftest import ZERO2, end_processes, llm_groups  # noqa: E402  (sets the offline switches first)
 from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
@@ -120,3 +120,4 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+    end_processes()
