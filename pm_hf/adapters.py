@@ -19,6 +19,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import load_peft_weights
 from torch import nn
 
+from . import zero3
 from .checks import invalid
 from .config import LoraArguments
 from .merge import LoraFactors
@@ -162,11 +163,24 @@ def scale_active_adapter(model: nn.Module, factor: float) -> Iterator[None]:
 
 
 def _factors(layer: LoraLayer, name: str, whole: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """A, B (whole: gathered when FSDP shards them) and the scaling s of adapter `name`."""
+    """A, B (whole: gathered when FSDP shards them; always when ZeRO-3 partitions them) and the scaling s of adapter
+    `name`."""
     A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if whole:
+    if zero3.is_partitioned(A):
+        A, B = zero3.whole(A), zero3.whole(B)
+    elif whole:
         A, B = full(A.detach()), full(B.detach())
     return A, B, float(layer.scaling[name])
+
+
+def _write(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set a parameter to a whole `value` (the same on every rank): this rank's rows when FSDP shards it, its
+    partition when ZeRO-3 does."""
+    with torch.no_grad():
+        if zero3.is_partitioned(param):
+            zero3.write(param, value)
+        else:
+            param.copy_(shard_like(value.to(param.dtype), param))
 
 
 def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
@@ -176,7 +190,9 @@ def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
     if is_sharded(B):  # this rank's rows of B times the whole A: the weight's rows of Delta W
         return from_rows((local(B.detach()).float() @ full(A.detach()).float()) * s, B, A.shape[1])
     delta = (B.detach().float() @ A.detach().float()) * s
-    return delta.T if layer.fan_in_fan_out else delta
+    delta = delta.T if layer.fan_in_fan_out else delta
+    weight = layer.get_base_layer().weight
+    return shard_like(delta, zero3.rows(weight)) if zero3.is_partitioned(weight) else delta
 
 
 def lora_task_vector(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -229,15 +245,19 @@ def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) ->
     """Start a fresh adapter for the next task, as PEFT initialises one: A Kaiming-uniform (drawn on the CPU from
     `generator`, else the global RNG), B = 0."""
     name = active_adapter(model)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-            fresh = torch.empty(A.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-            A.copy_(shard_like(fresh.to(A.dtype), A))
-            B.zero_()
-            if getattr(layer.lora_B[name], "bias", None) is not None:
-                layer.lora_B[name].bias.zero_()
+    for layer in lora_layers(model).values():
+        A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+        fresh = torch.empty(_shape(A), dtype=torch.float32)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        _write(A, fresh)
+        _write(B, torch.zeros(_shape(B)))
+        if getattr(layer.lora_B[name], "bias", None) is not None:
+            _write(layer.lora_B[name].bias, torch.zeros(_shape(layer.lora_B[name].bias)))
+
+
+def _shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape (a ZeRO-3 parameter's own is empty outside its module's forward)."""
+    return tuple(param.ds_shape) if zero3.is_partitioned(param) else tuple(param.shape)
 
 
 def adapter_factors(model: nn.Module) -> dict[str, LoraFactors]:
@@ -261,14 +281,11 @@ def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], a
         raise ValueError(
             f"adapter factors do not match the model's LoRA layers: missing {missing[:3]}, extra {extra[:3]}"
         )
-    with torch.no_grad():
-        for key, layer in layers.items():
-            for module, value in ((layer.lora_A[name], factors[key].A), (layer.lora_B[name], factors[key].B)):
-                if module.weight.shape != value.shape:
-                    raise ValueError(
-                        f"{key}: factor of shape {tuple(value.shape)}, adapter {tuple(module.weight.shape)}"
-                    )
-                module.weight.copy_(shard_like(value.to(module.weight.dtype), module.weight))
+    for key, layer in layers.items():
+        for module, value in ((layer.lora_A[name], factors[key].A), (layer.lora_B[name], factors[key].B)):
+            if _shape(module.weight) != tuple(value.shape):
+                raise ValueError(f"{key}: factor of shape {tuple(value.shape)}, adapter {_shape(module.weight)}")
+            _write(module.weight, value)
 
 
 def load_adapter_weights(model: nn.Module, source: str) -> None:
@@ -317,9 +334,9 @@ def merged_delta_hooks(model: nn.Module, factors: Mapping[str, tuple[torch.Tenso
 def zero_adapter(model: nn.Module) -> None:
     """B = 0 in the active adapter: its contribution vanishes (after its delta has been merged into the base)."""
     name = active_adapter(model)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B[name].weight.zero_()
+    for layer in lora_layers(model).values():
+        B = layer.lora_B[name].weight
+        _write(B, torch.zeros(_shape(B)))
 
 
 @contextmanager
@@ -334,12 +351,12 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base weight of every LoRA-adapted layer (the tensor a merge writes), by merge key."""
-    return {key: layer.get_base_layer().weight for key, layer in lora_layers(model).items()}
+    out = {key: layer.get_base_layer().weight for key, layer in lora_layers(model).items()}
+    return {key: zero3.rows(w) if zero3.is_partitioned(w) else w for key, w in out.items()}  # ZeRO-3: its rows
 
 
 def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], name: str) -> None:
     """Copy full A and B matrices into adapter `name` of every LoRA layer (export of a merged adapter)."""
-    with torch.no_grad():
-        for key, layer in lora_layers(model).items():
-            for module, value in ((layer.lora_A[name], A[key]), (layer.lora_B[name], B[key])):
-                module.weight.copy_(shard_like(value.to(module.weight.dtype), module.weight))
+    for key, layer in lora_layers(model).items():
+        for module, value in ((layer.lora_A[name], A[key]), (layer.lora_B[name], B[key])):
+            _write(module.weight, value)

@@ -24,7 +24,7 @@ from .data import Task, TaskStream, build_task_stream
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .heads import Head, NoHead
 from .instruct import MODALITY, build_instruction_stream
-from .launch import fsdp_requested, refuse_sharding
+from .launch import partitions_weights, refuse_sharding, sharding_field
 from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .rundir import dataset_digest
@@ -87,7 +87,7 @@ def assemble(
 ) -> ContinualLoop:
     """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
     causal = stream.modality == MODALITY
-    if fsdp_requested(args):  # before the model is loaded (every entry point assembles here)
+    if partitions_weights(args):  # before the model is loaded (every entry point assembles here)
         check_sharded_run(causal, strategy, args, lora_args, fisher_args, merge_args)
     if causal and merge_args.head_align != "none":
         raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
@@ -113,12 +113,8 @@ def assemble(
     groups = (model_args, data_args, args, lora_args, merge_args)
     build = _causal_parts if causal else _classifier_parts
     model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
-    if fsdp_requested(args) and (low_rank or uses_fan_in_fan_out(model)):
-        raise invalid(
-            "fsdp",
-            args.fsdp or "accelerate config (FSDP)",
-            "a quantized base or Conv1D layers (GPT-2) are not sharded yet.",
-        )
+    if partitions_weights(args) and (low_rank or uses_fan_in_fan_out(model)):
+        raise invalid(*sharding_field(args), "a quantized base or Conv1D layers (GPT-2) are not sharded yet.")
     config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
@@ -158,31 +154,33 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
 def check_sharded_run(
     causal: bool, strategy, args: PMConfig, lora_args, fisher_args: FisherArguments, merge_args
 ) -> None:
-    """What an FSDP2 run supports (checked before loading): a causal LM adapted by LoRA alone, a merge rule whose
-    math runs on sharded weights, the continual state beside the weights' shards, per-sample Fisher."""
+    """What an FSDP2 or ZeRO-3 run supports (checked before loading): a causal LM adapted by LoRA alone, a merge rule
+    whose math runs on sharded weights, the continual state beside the weights' shards, per-sample Fisher."""
     if not causal:
-        raise invalid(
-            "fsdp", args.fsdp or "accelerate config (FSDP)", "pm_hf shards causal LMs; run a classifier with DDP."
-        )
+        raise invalid(*sharding_field(args), "pm_hf shards causal LMs; run a classifier with DDP or ZeRO-2.")
     if not strategy.shards or strategy.needs_score or strategy.needs_probe:
-        fix = "is not available on FSDP-sharded weights: use pm (calibration none), coma, average, seq-merge or sqrt-t."
+        fix = "is not available on sharded weights: use pm (calibration none), coma, average, seq-merge or sqrt-t."
         raise invalid("merge_method", strategy.name, fix)
     for field, value in (
         ("accumulator_device", merge_args.accumulator_device),
         ("fisher_device", fisher_args.fisher_device),
     ):
         if value is not None:
-            raise invalid(field, value, "with FSDP the continual state is sharded beside the weights: leave it unset.")
+            raise invalid(
+                field, value, "with sharded weights the continual state is sharded beside them: leave it unset."
+            )
     if lora_args.modules_to_save:
         raise invalid(
             "modules_to_save",
             lora_args.modules_to_save,
-            "fully trained modules are not sharded yet: leave it unset with FSDP.",
+            "fully trained modules are not sharded yet: leave it unset with FSDP2 or ZeRO-3.",
         )
     if fisher_args.fisher_mode != "per_sample":
-        raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP use 'per_sample'.")
+        raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP2 or ZeRO-3 use 'per_sample'.")
     if merge_args.merge_into == "adapter":
-        raise invalid("merge_into", "adapter", "a merged adapter is not sharded yet: use 'weights' with FSDP.")
+        raise invalid(
+            "merge_into", "adapter", "a merged adapter is not sharded yet: use 'weights' with FSDP2 or ZeRO-3."
+        )
 
 
 def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:

@@ -81,7 +81,7 @@ class ContinualTrainer:
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
         self.loop: ContinualLoop | None = None
-        refuse_sharding(args)  # before anything is loaded: ZeRO-3, FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
+        refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
         self.hub = connect(args) if args.push_to_hub and main else None

@@ -7,7 +7,10 @@
   are partitioned, the weights stay whole on every rank, so pm_hf's own state (S, G, master, Fisher) is whole too,
   as under DDP. Each task's Trainer builds a DeepSpeed engine for that task's adapter and optimizer; it is destroyed
   when the task's training ends (its gradient hooks removed) before the Fisher, the merge and the next task's engine.
-  ZeRO-3 (sharded weights) is refused: use FSDP2.
+- DeepSpeed ZeRO-3 (`configs/accelerate/zero3.yaml`): the weights are partitioned; pm_hf presents each rank's
+  partition as FSDP2's rows (`pm_hf.zero3`), so its state is divided by the ranks as under FSDP2, with the same
+  limits (causal LMs, `assembly.check_sharded_run`). Between tasks ZeRO-3's parameter hooks without an optimizer
+  serve the forward passes (Fisher, evaluation).
 
 Everything else is refused before anything is loaded (`refuse_sharding`), or once the Trainer is built where only the
 Trainer knows (`check_prepared`): never a silent fallback to DDP.
@@ -22,8 +25,12 @@ from transformers import Trainer
 
 from .checks import invalid
 from .sharding import model_sharding
+from .zero3 import serve, unserve
 
-ZERO3_FIX = "ZeRO-3 shards the weights, which pm_hf shards with FSDP2 only: use configs/accelerate/fsdp.yaml or ZeRO-2."
+PERSIST_FIX = (
+    "set `zero_optimization.stage3_param_persistence_threshold` to 0 (configs/deepspeed/zero3.json): pm_hf writes "
+    "merged weights into the partitions, which a persistent (never partitioned) parameter does not read back."
+)
 CPU_FIX = "would run this as plain DDP on CPU: launch on GPUs, or use DDP."
 MIXED_FIX = (
     "DeepSpeed's mixed precision casts the whole model (frozen weights, head) to 16 bits in place, under pm_hf's "
@@ -37,6 +44,24 @@ def fsdp_requested(args) -> bool:
     from accelerate.utils import parse_flag_from_env
 
     return bool(args.fsdp) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def partitions_weights(args) -> bool:
+    """Whether the run's weights are sharded: FSDP (FSDP2), or DeepSpeed ZeRO-3."""
+    return fsdp_requested(args) or zero_stage(args) == 3
+
+
+def sharding_field(args) -> tuple[str, object]:
+    """The field and value a refusal of a sharded run names."""
+    if fsdp_requested(args):
+        return "fsdp", args.fsdp or "accelerate config (FSDP)"
+    return "deepspeed", args.deepspeed if isinstance(args.deepspeed, str) else "DeepSpeed config (ZeRO-3)"
+
+
+def hand_over(model) -> None:
+    """Before a task's Trainer builds its DeepSpeed engine: the hooks that served ZeRO-3's partitioned weights between
+    tasks come off (the engine installs its own)."""
+    unserve(model)
 
 
 def fsdp_plugin(args):
@@ -58,12 +83,16 @@ def deepspeed_config(value) -> dict:
 
 
 def check_deepspeed_config(config: dict, asked) -> int:
-    """The ZeRO stage of a DeepSpeed config pm_hf runs (0-2), or the field refused: stage 3, and an `optimizer` or
-    `scheduler` section (every task's Trainer builds its own: the head's learning rate, the task's schedule)."""
-    stage = config.get("zero_optimization", {}).get("stage", 0)
-    if str(stage) not in ("0", "1", "2"):
-        fix = ZERO3_FIX if str(stage) == "3" else "give the ZeRO stage as a number, 0 to 2."
-        raise invalid("deepspeed", f"{asked} (zero_optimization.stage {stage})", fix)
+    """The ZeRO stage of a DeepSpeed config pm_hf runs (0-3), or the field refused: an `optimizer` or `scheduler`
+    section (every task's Trainer builds its own: the head's learning rate, the task's schedule), mixed precision,
+    and with ZeRO-3 persistent parameters."""
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if str(stage) not in ("0", "1", "2", "3"):
+        raise invalid("deepspeed", f"{asked} (zero_optimization.stage {stage})", "give the ZeRO stage as 0 to 3.")
+    threshold = zero.get("stage3_param_persistence_threshold")
+    if str(stage) == "3" and str(threshold) != "0":
+        raise invalid("deepspeed", f"{asked} (stage3_param_persistence_threshold {threshold})", PERSIST_FIX)
     for section in ("optimizer", "scheduler"):
         if section in config:
             fix = f"remove the `{section}` section: every task's Trainer builds its own (TrainingArguments' fields)."
@@ -100,9 +129,9 @@ def accelerate_runs_on(args, kind: str) -> bool:
 
 def refuse_sharding(args) -> None:
     """Refused before anything is loaded: a launch whose processes would each train alone (`torchrun` on a machine
-    without a GPU and without `use_cpu`); ZeRO-3; FSDP other than FSDP2; FSDP or DeepSpeed where Accelerate would
-    not run it (CPU). What an FSDP2 run supports beyond that is checked once the model is built
-    (`assembly.check_sharded_run`)."""
+    without a GPU and without `use_cpu`); DeepSpeed configs pm_hf cannot run; FSDP other than FSDP2; FSDP or
+    DeepSpeed where Accelerate would not run it (CPU). What a run with sharded weights (FSDP2, ZeRO-3) supports beyond
+    that is checked before the model is loaded (`assembly.check_sharded_run`)."""
     from accelerate.utils import get_int_from_env
 
     launched = get_int_from_env(["WORLD_SIZE"], 1)  # the processes `torchrun` / `accelerate launch` started
@@ -160,9 +189,8 @@ def check_prepared(trainer) -> None:
     if zero_stage(trainer.args) is not None or trainer.is_deepspeed_enabled:
         if kind != DistributedType.DEEPSPEED:
             raise invalid("deepspeed", "accelerate config (DeepSpeed)", f"Accelerate set the run up as {kind.value}.")
-        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-        if stage not in (0, 1, 2):
-            raise invalid("deepspeed", f"zero_optimization.stage {stage}", ZERO3_FIX)
+        zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        check_deepspeed_config({"zero_optimization": zero}, "the DeepSpeed config Accelerate runs")
     if not fsdp_requested(trainer.args):
         return
     if kind != DistributedType.FSDP:
@@ -181,7 +209,7 @@ def distributed_setup(args, model=None) -> dict:
 
     state = PartialState()
     sharding = model_sharding(model) if model is not None else "none"
-    kind = "FSDP" if sharding != "none" else state.distributed_type.value
+    kind = "FSDP" if sharding == "fsdp2" else state.distributed_type.value
     if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
         kind, sharding = "DEEPSPEED", f"zero{AcceleratorState().deepspeed_plugin.zero_stage}"
     return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
@@ -206,8 +234,8 @@ def share_deepspeed_plugin(args) -> None:
 
 
 def predicting_trainer(trainer):
-    """A Trainer that only predicts runs the plain model under DeepSpeed ZeRO 0-2 (whole weights on every rank; the
-    Trainer would otherwise ask DeepSpeed for an inference engine, which it builds for ZeRO-3 only). Returns it."""
+    """A Trainer that only predicts runs the plain model under DeepSpeed (ZeRO 0-2: whole weights on every rank;
+    ZeRO-3: `serve`'s hooks gather them module by module) rather than asking DeepSpeed for an engine. Returns it."""
     trainer.is_deepspeed_enabled = False
     return trainer
 
@@ -226,6 +254,8 @@ def release(trainer) -> None:
             if getattr(engine, hook, None) is not None:
                 getattr(engine, hook).remove()
         trainer.deepspeed = None
+        if engine.zero_optimization_partition_weights():  # ZeRO-3: the partitioned weights still need gathering
+            serve(engine.module, engine)
     trainer.accelerator.free_memory()
     trainer.model_wrapped = trainer.model
     trainer.optimizer = trainer.lr_scheduler = trainer.callback_handler.optimizer = None

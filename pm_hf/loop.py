@@ -49,7 +49,7 @@ from .export import (
 )
 from .fisher import estimate_fisher, normalize_fisher
 from .hub import BASE_BRANCH, HubTarget, push_run
-from .launch import check_prepared, distributed_setup, release, share_deepspeed_plugin
+from .launch import check_prepared, distributed_setup, hand_over, release, share_deepspeed_plugin
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
@@ -60,6 +60,7 @@ from .strategies import MergeStrategy, merge_task
 from .timing import Timer
 from .trainer import PMTrainer, TaskProgress, task_checkpoint
 from .weights import LowRankWeights, ModelWeights
+from .zero3 import loading_whole
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class ContinualLoop:
         # without this, every task after the first trained without DDP, each rank on its own.
         self.model.__dict__.pop("_is_accelerate_prepared", None)
         share_deepspeed_plugin(args)  # one DeepSpeed plugin per process: a later task's Trainer reuses the first's
+        hand_over(self.model)  # ZeRO-3: the between-task parameter hooks come off; the task's engine brings its own
         trainer = PMTrainer(
             model=self.model,
             args=args,
@@ -325,7 +327,7 @@ class ContinualLoop:
         `pm_hf.export.write_export`: mode 'adapter' (exact, rank sum(r)), 'adapter-svd' (rank `rank`, with each
         module's relative reconstruction error and the accuracy change) or 'merged' (a full model). `info` is added
         to pm_hf_export.json, `base_ref` names a Hub base (see `pm_hf.hub`). Returns what pm_hf_export.json records."""
-        with seeded(self.args.seed):
+        with seeded(self.args.seed), loading_whole():  # the main process alone: never partitioned by ZeRO-3
             base = self.load_base()
         if self.stream.label_names and hasattr(base.config, "id2label"):
             base.config.id2label = dict(enumerate(self.stream.label_names))

@@ -112,8 +112,13 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, columns: int) -> torch.Ten
 
 
 def model_sharding(model: torch.nn.Module) -> str:
-    """'fsdp2' when any parameter of the model is sharded, else 'none' (results.json `distributed.sharding`)."""
-    return "fsdp2" if any(is_sharded(p) for p in model.parameters()) else "none"
+    """'fsdp2' when any parameter of the model is sharded by FSDP2, 'zero3' when DeepSpeed partitions them, else
+    'none' (results.json `distributed.sharding`)."""
+    from .zero3 import partitioned
+
+    if any(is_sharded(p) for p in model.parameters()):
+        return "fsdp2"
+    return "zero3" if partitioned(model) else "none"
 
 
 def all_gather_padded(x: torch.Tensor) -> torch.Tensor:

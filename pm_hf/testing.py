@@ -49,8 +49,16 @@ def fsdp_on_cpu() -> None:
 
 def deepspeed_on_cpu() -> None:
     """Let Accelerate run a DeepSpeed config on CPU processes, as `fsdp_on_cpu` does for FSDP: DeepSpeed runs on CPU
-    (its CPU accelerator, gloo), but Accelerate sets it up on accelerators only and on CPU would run plain DDP."""
+    (its CPU accelerator, gloo), but Accelerate sets it up on accelerators only and on CPU would run plain DDP.
+    Under `torchrun` it also starts DeepSpeed's communication (on GPUs Accelerate does), which ZeRO-3 needs from the
+    moment the model is loaded (partitioned as it loads)."""
+    from accelerate.utils import get_int_from_env
+
     _on_cpu("deepspeed")
+    if get_int_from_env(["WORLD_SIZE"], 1) > 1:  # the processes `torchrun` started
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def _on_cpu(kind: str) -> None:

@@ -105,7 +105,7 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         self.check_perturbation()
         check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
-        if self.deepspeed:  # ZeRO-3 and the like refused here, before the Trainer sets DeepSpeed up
+        if self.deepspeed:  # configs pm_hf cannot run refused here, before the Trainer sets DeepSpeed up
             check_deepspeed_config(deepspeed_config(self.deepspeed), "deepspeed config")
         config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}  # a JSON path: checked at launch
         if self.fsdp and int(config.get("version", config.get("fsdp_version", 2))) != 2:

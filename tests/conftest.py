@@ -163,6 +163,12 @@ ZERO2 = {  # DeepSpeed ZeRO-2 as `TrainingArguments.deepspeed`: batch sizes and 
 }
 
 
+ZERO3 = {
+    **ZERO2,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}  # every weight partitioned
+
+
 def groups(model_dir, out, **kw):
     """The six argument groups of a 3-task class-incremental run on the tiny BERT; `kw` overrides any field."""
     from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig

@@ -4,15 +4,15 @@ instruction run of the tiny Llama on CPU processes (gloo), sharded by FSDP2 with
 run's `distributed` record and the fraction of the continual state (S, G) its own shards hold; the checkpoint and
 the export are in OUT/run as usual.
 
-    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded | zero2] [resume | crash | continue] [launcher]
-        [k=v ...]
+    python tests/fsdp_script.py LLM_DIR OUT PER_DEVICE_BATCH [sharded | zero2 | zero3] [resume | crash | continue]
+        [launcher] [k=v ...]
 
 `resume`: stopped after task 1, then resumed in the same processes. `crash`: checkpoints every step and is killed
 (an exception on every rank) at step 2 (`kill_at=N`: step N) of task 2, then writes only OUT/crashed<r>.json with
 the task's newest checkpoint; `continue` resumes that run. `launcher`: the FSDP / DeepSpeed setup comes from
 `accelerate launch --config_file configs/accelerate/fsdp.yaml` (or zero2.yaml; its environment) instead of the
 training arguments.
-`zero2`: DeepSpeed ZeRO-2 instead of FSDP2 (see `pm_hf.testing.deepspeed_on_cpu`).
+`zero2`, `zero3`: DeepSpeed ZeRO-2 or ZeRO-3 instead of FSDP2 (see `pm_hf.testing.deepspeed_on_cpu`).
 """
 
 import gc
@@ -24,10 +24,11 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import ZERO2, end_processes, llm_groups  # noqa: E402  (sets the offline switches first)
+from conftest import ZERO2, ZERO3, end_processes, llm_groups  # noqa: E402  (sets the offline switches first)
 from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
+from pm_hf.launch import hand_over  # noqa: E402
 from pm_hf.sharding import local  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 from pm_hf.trainer import task_checkpoint  # noqa: E402
@@ -84,9 +85,9 @@ def live(refs) -> int:
 def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     if "sharded" in flags or "launcher" in flags:
         fsdp_on_cpu()
-    if "zero2" in flags or "launcher" in flags:
+    if {"zero2", "zero3", "launcher"} & set(flags):
         deepspeed_on_cpu()
-    extra = {"sharded": FSDP, "zero2": {"deepspeed": ZERO2}}
+    extra = {"sharded": FSDP, "zero2": {"deepspeed": ZERO2}, "zero3": {"deepspeed": ZERO3}}
     extra = {} if "launcher" in flags else next((extra[f] for f in flags if f in extra), {})
     saves = {"save_strategy": "steps", "save_steps": 1} if {"crash", "continue"} & set(flags) else {}
     options = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in flags if "=" in f)}  # e.g. dtype=bfloat16
@@ -115,6 +116,8 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
               "first_steps": first.steps, "branch_counts": results["branch_counts"],
               "branch_losses": results["branch_losses"], "forward_hooks": forward_hooks(trainer.loop.model),
               "live_optimizers": live(kill.optimizers)}  # fmt: skip
+    hand_over(trainer.loop.model)  # what a next task's Trainer would do first
+    record["hooks_left"] = forward_hooks(trainer.loop.model)  # ZeRO-3: the between-task hooks are gone too
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 

@@ -17,6 +17,8 @@ from pm_hf.checks import InputError
 from pm_hf.config import MergeArguments, PMConfig
 from pm_hf.continual import ContinualTrainer, run_continual
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path):
     """DDP and DeepSpeed ZeRO-2 (2 processes x batch 4) against 1 process x batch 8."""
@@ -113,6 +115,43 @@ def test_zero2_llm_killed_late_in_a_task_resumes_as_the_same_run_and_leaves_no_e
     assert whole["forward_hooks"] == 0 and whole["live_optimizers"] == 0
 
 
+def test_zero3_on_two_processes_equals_one_process_with_the_state_divided_and_resumes_mid_task(llm_dir, tmp_path):
+    """DeepSpeed ZeRO-3 (`pm_hf.testing.deepspeed_on_cpu`; the weights partitioned from loading on, each rank's
+    partition presented as its rows by `pm_hf.zero3`) on 2 processes x batch 1 against 1 process x batch 2: the same
+    alphas, scores, checkpoint and export within float tolerance, each rank holding half of S and G; killed at step 5
+    of task 2 and resumed from DeepSpeed's step-4 checkpoint, the run is the uninterrupted one bit for bit; no engine,
+    optimizer or hook is left behind."""
+    rank0, rank1 = torchrun(llm_dir, tmp_path / "zero3", 1, "zero3", script="fsdp_script.py")
+    killed = tmp_path / "killed"
+    crashed = torchrun(llm_dir, killed, 1, "zero3", "crash", "kill_at=5", script="fsdp_script.py", record="crashed")
+    assert crashed[0] == crashed[1] and crashed[0]["checkpoint"].endswith("tasks/task_1/checkpoint-4")
+    assert (Path(crashed[0]["checkpoint"]) / "global_step4").is_dir()  # DeepSpeed's own checkpoint
+    continued = torchrun(llm_dir, killed, 1, "zero3", "continue", script="fsdp_script.py")
+    one = llm_groups(llm_dir, tmp_path / "one", per_device_train_batch_size=2, logging_steps=1, save_strategy="no")
+    single = ContinualTrainer.from_args(*one).train()
+    assert rank0 == rank1 and continued[0] == continued[1]
+    assert rank0["distributed"] == {"type": "DEEPSPEED", "num_processes": 2, "sharding": "zero3"}
+    assert rank0["state_fraction"] == 0.5  # S and G beside each rank's partition: half each
+    assert rank0["live_optimizers"] == 0 and rank0["hooks_left"] == 0
+    assert 0.0 < single["alphas"][1] < 1.0
+    for a, b in zip(rank0["alphas"] + rank0["delta_norms"], single["alphas"] + single["delta_norms"]):
+        assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
+    for row, ref in zip(rank0["scores"]["eval_loss"], single["score_matrices"]["eval_loss"]):
+        assert [x if x is None else pytest.approx(x, rel=1e-5) for x in ref] == row
+    assert rank0.pop("first_steps") == [0, 0] and continued[0].pop("first_steps") == [4]
+    assert continued[0] == rank0  # killed in the middle of task 2, resumed: the same run, bit for bit
+    two, ref = checkpoint_tensors(tmp_path / "zero3" / "run"), checkpoint_tensors(tmp_path / "one")
+    assert two.keys() == ref.keys() and any(k.startswith("strategy/S/") for k in ref)
+    for key in ref:
+        scale = ref[key].abs().max().clamp_min(1e-12)
+        assert float((two[key] - ref[key]).abs().max() / scale) < 1e-5, key
+    exported = [load_file(str(p / "merged_adapter" / "adapter_model.safetensors"))
+                for p in (tmp_path / "zero3" / "run", tmp_path / "one")]  # fmt: skip
+    assert exported[0].keys() == exported[1].keys()
+    for key, value in exported[1].items():
+        assert torch.allclose(exported[0][key], value, rtol=1e-4, atol=1e-6), key
+
+
 def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, tmp_path):
     """A bf16 model: FSDP2 and DDP on the same 2 processes agree (against 1 process they both differ at bf16 precision:
     the batch is split), and under FSDP2 each rank holds half of S, G and the fp32 master copy."""
@@ -131,7 +170,7 @@ def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, 
         ({"deepspeed": "missing.json"}, r"^deepspeed = 'missing.json': not a readable DeepSpeed JSON config"),
         (
             {"deepspeed": {"zero_optimization": {"stage": 3}}},
-            r"^deepspeed = 'deepspeed config \(zero_optimization.stage 3\)': ZeRO-3 shards the weights",
+            r"^deepspeed = 'deepspeed config \(stage3_param_persistence_threshold None\)': set .* to 0",
         ),
         (
             {"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}},
@@ -144,7 +183,7 @@ def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, 
         ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, r"^fsdp_config = .*FSDP2 only"),
     ],
 )
-def test_zero3_and_fsdp1_are_refused_by_the_arguments(model_dir, tmp_path, kw, match):
+def test_deepspeed_and_fsdp1_configs_pm_hf_cannot_run_are_refused_by_the_arguments(model_dir, tmp_path, kw, match):
     with pytest.raises(InputError, match=match):
         groups(model_dir, tmp_path / "run", **kw)  # PMConfig itself refuses
     assert not (tmp_path / "run").exists()
@@ -158,9 +197,15 @@ def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_is_refused_before_any
         ContinualTrainer.from_args(*args)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a ZeRO-3 config sets
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(InputError, match=r"^deepspeed = 'accelerate config \(zero_optimization.stage 3\)': ZeRO-3"):
-        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))
+    with pytest.raises(InputError, match=r"^deepspeed = 'accelerate config \(stage3_param_persistence_threshold"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))  # a parameter kept whole: merges unread
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "configs" / "deepspeed" / "zero3.json"))
+    with pytest.raises(InputError, match=r"^deepspeed = 'DeepSpeed config': Accelerate runs DeepSpeed on GPUs only"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))  # configs/accelerate/zero3.yaml passes
     monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
+    with pytest.raises(InputError, match=r"^deepspeed = 'DeepSpeed config \(ZeRO-3\)': pm_hf shards causal LMs"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))  # a classifier: DDP or ZeRO-2
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch`'s mixed_precision: bf16
     with pytest.raises(InputError, match=r"^mixed_precision = 'bf16': in the accelerate config, with DeepSpeed"):
@@ -186,11 +231,11 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(mo
     ("which", "kw", "match"),
     [
         ("bert", {}, r"^fsdp = .*pm_hf shards causal LMs"),
-        ("llm", {"merge_method": "ties"}, r"^merge_method = 'ties': is not available on FSDP-sharded weights"),
+        ("llm", {"merge_method": "ties"}, r"^merge_method = 'ties': is not available on sharded weights"),
         (
             "llm",
             {"accumulator_device": "cpu"},
-            r"^accumulator_device = 'cpu': with FSDP the continual state is sharded",
+            r"^accumulator_device = 'cpu': with sharded weights the continual state is sharded",
         ),
         ("llm", {"modules_to_save": ["lm_head"]}, r"^modules_to_save = \['lm_head'\]: fully trained modules are not"),
         (
@@ -221,7 +266,7 @@ def test_the_python_api_refuses_what_fsdp2_does_not_support(llm_dir, tmp_path, m
     fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
     args = PMConfig(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", **fsdp)
     trainer = ContinualTrainer(llm_dir, args, tasks=[task], merge_args=MergeArguments(merge_method="ties"))
-    with pytest.raises(InputError, match=r"^merge_method = 'ties': is not available on FSDP-sharded weights"):
+    with pytest.raises(InputError, match=r"^merge_method = 'ties': is not available on sharded weights"):
         trainer.train()
     assert not (tmp_path / "run").exists()
 
