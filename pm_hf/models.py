@@ -23,6 +23,7 @@ from transformers import logging as hf_logging
 from .checks import invalid
 from .config import ModelArguments
 from .fileio import file_digest
+from .zero3 import loading_whole
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +110,13 @@ def is_causal_lm(model_args: ModelArguments) -> bool:
 
 
 def load_causal_lm(model_args: ModelArguments):
-    """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype`."""
+    """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype`. Under DeepSpeed ZeRO-3 an fp32
+    model is partitioned as it loads; a bf16 one is loaded whole and partitioned by the first task's engine (the
+    load-time partitioning would cast it to the DeepSpeed config's dtype, fp32)."""
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
     path = resolve_model_path(model_args.model_name_or_path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_kwargs(model_args, weights=True))
+    with loading_whole() if dtype != torch.float32 else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_kwargs(model_args, weights=True))
 
 
 def load_processor(model_args: ModelArguments):
