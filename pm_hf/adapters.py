@@ -23,7 +23,7 @@ from . import zero3
 from .checks import invalid
 from .config import LoraArguments
 from .merge import LoraFactors
-from .sharding import from_rows, full, is_sharded, local, shard_like
+from .sharding import from_rows, full, is_sharded, local, row_range, shard_like
 
 _PREFIXES = ("base_model.model.", "module.")
 # Known attention projection names per family, in detection order (transformers 5.x: ViT/Llama q_proj..., BERT query).
@@ -185,14 +185,17 @@ def _write(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
     """Delta W = s * B @ A in fp32, in the layout of the base weight (transposed for GPT-2 Conv1D); sharded like the
-    base weight when FSDP shards it (B's rows are the weight's rows)."""
+    base weight when FSDP or ZeRO-3 shards it (B's rows are the weight's rows)."""
     A, B, s = _factors(layer, name, whole=False)
     if is_sharded(B):  # this rank's rows of B times the whole A: the weight's rows of Delta W
         return from_rows((local(B.detach()).float() @ full(A.detach()).float()) * s, B, A.shape[1])
-    delta = (B.detach().float() @ A.detach().float()) * s
-    delta = delta.T if layer.fan_in_fan_out else delta
     weight = layer.get_base_layer().weight
-    return shard_like(delta, zero3.rows(weight)) if zero3.is_partitioned(weight) else delta
+    if zero3.is_partitioned(weight) and not layer.fan_in_fan_out:  # the rows the rank's partition holds
+        view = zero3.rows(weight)
+        start, stop = row_range(view)
+        return from_rows((B[start:stop].float() @ A.float()) * s, view, A.shape[1])
+    delta = (B.detach().float() @ A.detach().float()) * s
+    return delta.T if layer.fan_in_fan_out else delta
 
 
 def lora_task_vector(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
