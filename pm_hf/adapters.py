@@ -358,6 +358,11 @@ def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: zero3.rows(w) if zero3.is_partitioned(w) else w for key, w in out.items()}  # ZeRO-3: its rows
 
 
+def base_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every LoRA-adapted layer's base weight (a ZeRO-3 weight's own, not its empty local data)."""
+    return {key: _shape(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
+
+
 def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], name: str) -> None:
     """Copy full A and B matrices into adapter `name` of every LoRA layer (export of a merged adapter)."""
     for key, layer in lora_layers(model).items():

@@ -14,7 +14,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from .adapters import attach_lora, detect_target_modules, is_quantized, uses_fan_in_fan_out
+from .adapters import attach_lora, base_weight_shapes, detect_target_modules, is_quantized, uses_fan_in_fan_out
 from .alignment import HeadAlignment
 from .callbacks import ContinualCallback
 from .checkpoint import config_dict
@@ -24,7 +24,7 @@ from .data import Task, TaskStream, build_task_stream
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .heads import Head, NoHead
 from .instruct import MODALITY, build_instruction_stream
-from .launch import partitions_weights, refuse_sharding, sharding_field
+from .launch import partitions_weights, refuse_sharding, sharding_field, zero_stage
 from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .rundir import dataset_digest
@@ -115,6 +115,10 @@ def assemble(
     model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
     if partitions_weights(args) and (low_rank or uses_fan_in_fan_out(model)):
         raise invalid(*sharding_field(args), "a quantized base or Conv1D layers (GPT-2) are not sharded yet.")
+    uneven = {k: s for k, s in base_weight_shapes(model).items() if s[0] % args.world_size}
+    if uneven and zero_stage(args) == 3:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.zero3.rows`)
+        fix = f"the rows of {next(iter(uneven.items()))} do not divide among {args.world_size} processes: use FSDP2 "
+        raise invalid(*sharding_field(args), fix + "or a number of processes that divides them.")
     config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}

@@ -27,6 +27,12 @@ from .checks import invalid
 from .sharding import model_sharding
 from .zero3 import serve, unserve
 
+ZERO3_DEFAULTS = {  # the ZeRO-3 settings pm_hf runs with, as DeepSpeed's defaults
+    "zero_hpz_partition_size": (1, None),
+    "mics_shard_size": (-1, 0, None),
+    "zero_quantized_weights": (False, None),
+    "zero_quantized_nontrainable_weights": (False, None),
+}
 PERSIST_FIX = (
     "set `zero_optimization.stage3_param_persistence_threshold` to 0 (configs/deepspeed/zero3.json): pm_hf writes "
     "merged weights into the partitions, which a persistent (never partitioned) parameter does not read back."
@@ -90,9 +96,8 @@ def check_deepspeed_config(config: dict, asked) -> int:
     stage = zero.get("stage", 0)
     if str(stage) not in ("0", "1", "2", "3"):
         raise invalid("deepspeed", f"{asked} (zero_optimization.stage {stage})", "give the ZeRO stage as 0 to 3.")
-    threshold = zero.get("stage3_param_persistence_threshold")
-    if str(stage) == "3" and str(threshold) != "0":
-        raise invalid("deepspeed", f"{asked} (stage3_param_persistence_threshold {threshold})", PERSIST_FIX)
+    if str(stage) == "3":
+        check_zero3_layout(zero, asked)
     for section in ("optimizer", "scheduler"):
         if section in config:
             fix = f"remove the `{section}` section: every task's Trainer builds its own (TrainingArguments' fields)."
@@ -101,6 +106,21 @@ def check_deepspeed_config(config: dict, asked) -> int:
         if config.get(section, {}).get("enabled", False) not in (False, "false", "auto"):
             raise invalid("deepspeed", f"{asked} ({section}.enabled)", MIXED_FIX)
     return int(stage)
+
+
+def check_zero3_layout(zero: dict, asked) -> None:
+    """ZeRO-3 settings under which a rank's partition of a weight is not its plain rows in `ds_tensor` (what
+    `pm_hf.zero3` reads and writes) are refused: persistent parameters, offloaded parameters, secondary (hpZ) or MiCS
+    partitions, quantized weights."""
+    threshold = zero.get("stage3_param_persistence_threshold")
+    if str(threshold) != "0":
+        raise invalid("deepspeed", f"{asked} (stage3_param_persistence_threshold {threshold})", PERSIST_FIX)
+    settings = {"offload_param.device": (zero.get("offload_param") or {}).get("device", "none")}
+    settings.update({field: zero.get(field, allowed[0]) for field, allowed in ZERO3_DEFAULTS.items()})
+    for field, value in settings.items():
+        if value not in ZERO3_DEFAULTS.get(field, ("none", None)):
+            fix = "pm_hf writes merges into each rank's partition of a weight, which this setting moves or re-encodes: "
+            raise invalid("deepspeed", f"{asked} ({field} {value})", fix + "leave it at its default with ZeRO-3.")
 
 
 def zero_stage(args) -> int | None:

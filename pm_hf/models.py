@@ -23,7 +23,7 @@ from transformers import logging as hf_logging
 from .checks import invalid
 from .config import ModelArguments
 from .fileio import file_digest
-from .zero3 import loading_whole
+from .zero3 import loading_in
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +110,11 @@ def is_causal_lm(model_args: ModelArguments) -> bool:
 
 
 def load_causal_lm(model_args: ModelArguments):
-    """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype`. Under DeepSpeed ZeRO-3 an fp32
-    model is partitioned as it loads; a bf16 one is loaded whole and partitioned by the first task's engine (the
-    load-time partitioning would cast it to the DeepSpeed config's dtype, fp32)."""
+    """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype` (under DeepSpeed ZeRO-3,
+    partitioned as it loads, in that dtype)."""
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
     path = resolve_model_path(model_args.model_name_or_path)
-    with loading_whole() if dtype != torch.float32 else contextlib.nullcontext():
+    with loading_in(dtype):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_kwargs(model_args, weights=True))
 
 

@@ -25,6 +25,7 @@ from .checks import invalid
 from .config import LoraArguments, MergeArguments
 from .export import ExportSpec, dense_record, task_record, write_export
 from .hub import HUB_ERRORS
+from .launch import fsdp_requested, sharding_field, zero_stage
 from .loop import ContinualLoop
 from .rundir import check_claim, claim, output_lock
 from .runs import MODEL_CLASSES
@@ -111,6 +112,9 @@ def _merge_with_data(adapters, config, output: Path, parsed: tuple, merge_args) 
     if model_args.model_name_or_path != config.base_model_name_or_path:
         fix = f"the adapters were trained from {config.base_model_name_or_path!r}: give that model in the config."
         raise invalid("model_name_or_path", model_args.model_name_or_path, fix)
+    if zero_stage(args) is not None or fsdp_requested(args):  # nothing to train (ZeRO-3 could not even load it)
+        fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
+        raise invalid(*sharding_field(args) if fsdp_requested(args) else ("deepspeed", "DeepSpeed config"), fix)
     groups = (model_args, data_args, args, lora_arguments(config), fisher_args, merge_args)
     loop = build_loop(*groups, loop_class=PosthocLoop)
     if len(loop.stream.tasks) != len(adapters):

@@ -34,6 +34,7 @@ INERT = {
 }  # fmt: skip
 APPENDABLE = ("class_groups", "task_datasets", "max_length_per_task")  # a longer list = more tasks appended
 BATCH = ("per_device_train_batch_size", "gradient_accumulation_steps")  # only their product x processes matters
+LAUNCH = ("deepspeed", "fsdp", "fsdp_config")  # how training ran: nothing a finished run's evaluation depends on
 
 
 @contextlib.contextmanager
@@ -96,10 +97,10 @@ def claim(out: Path, resume: bool, overwrite: bool) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _group_differences(name: str, saved: dict, new: dict) -> list[str]:
+def _group_differences(name: str, saved: dict, new: dict, skip: tuple[str, ...] = ()) -> list[str]:
     out = []
     for key in sorted(set(saved) | set(new)):
-        if key in INERT or key in BATCH or key.startswith("_"):
+        if key in INERT or key in BATCH or key in skip or key.startswith("_"):
             continue
         old, now = saved.get(key), new.get(key)
         if key in APPENDABLE and isinstance(old, list) and isinstance(now, list) and now[: len(old)] == old:
@@ -114,12 +115,13 @@ def _global_batch(record: dict) -> int:
     return args.get(BATCH[0], 1) * args.get(BATCH[1], 1) * record.get("world_size", 1)
 
 
-def config_differences(saved: dict, new: dict) -> list[str]:
-    """What differs between a saved run record and a new one, in fields that change what is computed."""
+def config_differences(saved: dict, new: dict, training: bool = True) -> list[str]:
+    """What differs between a saved run record and a new one, in fields that change what is computed; with
+    `training=False` (a finished run evaluated or exported) how its training was launched and batched is left out."""
     diffs = []
     for group in sorted({k for k in (*saved, *new) if k.endswith("Arguments") or k == "PMConfig"}):
-        diffs += _group_differences(group, saved.get(group, {}), new.get(group, {}))
-    if _global_batch(saved) != _global_batch(new):
+        diffs += _group_differences(group, saved.get(group, {}), new.get(group, {}), () if training else LAUNCH)
+    if training and _global_batch(saved) != _global_batch(new):
         what = "global batch (per-device x accumulation x processes)"
         diffs.append(f"{what}: {_global_batch(saved)} -> {_global_batch(new)}")
     old_fp, new_fp = saved.get("fingerprints", {}), new.get("fingerprints", {})
@@ -132,8 +134,8 @@ def config_differences(saved: dict, new: dict) -> list[str]:
     return diffs
 
 
-def refuse_changes(saved: dict, new: dict, out: Path) -> None:
-    diffs = config_differences(saved, new)
+def refuse_changes(saved: dict, new: dict, out: Path, training: bool = True) -> None:
+    diffs = config_differences(saved, new, training)
     if diffs:
         fix = "resume continues the same run; these differ from the saved one: " + "; ".join(diffs)
         raise invalid("resume", str(out), fix + ". Start a new output_dir for a different run.")

@@ -28,8 +28,10 @@ from .metrics import seen_accuracy
 from .results import write_outputs
 from .rundir import output_lock, refuse_changes
 
-# Settings a run folder may hold that evaluating or exporting it must never act on: trackers and Hub pushes.
-QUIET = {"report_to": "none", "push_to_hub": False, "hub_model_id": None, "hub_token": None, "resume_from": None}
+# Settings a run folder may hold that evaluating or exporting it must never act on: trackers, Hub pushes, and how
+# its training was launched (FSDP, DeepSpeed: a saved run is evaluated and exported by one process, whole).
+QUIET = {"report_to": "none", "push_to_hub": False, "hub_model_id": None, "hub_token": None, "resume_from": None,
+         "deepspeed": None, "fsdp": "", "fsdp_config": None}  # fmt: skip
 PEFT_CLASSES = {
     "sequence_classification": AutoPeftModelForSequenceClassification,
     "image_classification": AutoPeftModel,
@@ -53,7 +55,7 @@ def load_run(run_dir: str | Path) -> ContinualLoop:
         raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
     state, saved = loaded
     loop = build_loop(*dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}}))
-    refuse_changes(saved, loop.config, out)
+    refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
     loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.full()))
     loop.log = list(state.log)
     return loop

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-_MESHES: dict[str, object] = {}
+_MESHES: dict[tuple, object] = {}
 
 
 def is_partitioned(param) -> bool:
@@ -38,11 +38,14 @@ def partitioned(model: nn.Module) -> bool:
 
 
 def _mesh(device_type: str):
-    if device_type not in _MESHES:
+    """One 1-D mesh over every rank per device type and process group (a new group gets a new mesh)."""
+    key = (device_type, id(dist.group.WORLD))
+    if key not in _MESHES:
         from torch.distributed.device_mesh import init_device_mesh
 
-        _MESHES[device_type] = init_device_mesh(device_type, (dist.get_world_size(),))
-    return _MESHES[device_type]
+        _MESHES.clear()
+        _MESHES[key] = init_device_mesh(device_type, (dist.get_world_size(),))
+    return _MESHES[key]
 
 
 def rows(param: nn.Parameter):
@@ -50,6 +53,7 @@ def rows(param: nn.Parameter):
     partition's storage (in-place writes change the weight). Needs the weight's rows to divide among the ranks."""
     from torch.distributed.tensor import DTensor, Shard
 
+    _check_at_rest(param)
     shape, world = tuple(param.ds_shape), dist.get_world_size()
     per_row = math.prod(shape[1:])
     if not shape or shape[0] % world or param.ds_tensor.numel() != shape[0] // world * per_row:
@@ -63,6 +67,14 @@ def rows(param: nn.Parameter):
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
 
 
+def _check_at_rest(param: nn.Parameter) -> None:
+    """A partition is written only while the parameter is not gathered (a gathered copy would not see the write)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE or param.ds_tensor.dtype != param.dtype:
+        raise RuntimeError(f"a ZeRO-3 parameter {tuple(param.ds_shape)} is gathered or stored quantized here")
+
+
 def whole(param: nn.Parameter) -> torch.Tensor:
     """A whole copy of a ZeRO-3 parameter (a gather: every rank calls it)."""
     import deepspeed
@@ -73,6 +85,7 @@ def whole(param: nn.Parameter) -> torch.Tensor:
 
 def write(param: nn.Parameter, value: torch.Tensor) -> None:
     """Set a ZeRO-3 parameter to `value` (its whole shape, the same on every rank): each rank writes its partition."""
+    _check_at_rest(param)
     if tuple(value.shape) != tuple(param.ds_shape):
         raise ValueError(f"a value of shape {tuple(value.shape)} for a ZeRO-3 parameter of {tuple(param.ds_shape)}")
     part = param.ds_tensor.data
@@ -94,7 +107,7 @@ def serve(model: nn.Module, engine) -> None:
     unserve(model)
     for param in model.parameters():
         param.__dict__.pop("_z3_optimizer", None)
-    model._pm_hf_zero3 = DeepSpeedZeRoOffload(
+    model._pm_hf_zero3 = coordinator = DeepSpeedZeRoOffload(
         model,
         timers=NoopTimer(),
         ds_config=engine.config,
@@ -105,21 +118,48 @@ def serve(model: nn.Module, engine) -> None:
         param_persistence_threshold=engine.zero_param_persistence_threshold(),
         model_persistence_threshold=engine.zero_model_persistence_threshold(),
         offload_param_config=engine.zero_offload_param(),
+        zero_module_granularity_threshold=engine.zero_module_granularity_threshold(),
     )
+    coordinator.get_param_coordinator().release_and_reset_all(model)  # nothing left gathered by the training
 
 
 def unserve(model: nn.Module) -> None:
-    """Take `serve`'s hooks off (before a task's engine installs its own)."""
+    """Take `serve`'s hooks off (before a task's engine installs its own) and the backward functions DeepSpeed left
+    on the modules: it creates them once per module, bound to the first engine, and keeps them otherwise."""
     coordinator = getattr(model, "_pm_hf_zero3", None)
     if coordinator is not None:
         coordinator.destroy()
         del model._pm_hf_zero3
+    for module in model.modules():
+        for name in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "ds_grads_remaining"):
+            module.__dict__.pop(name, None)
+
+
+@contextmanager
+def loading_in(dtype: torch.dtype) -> Iterator[None]:
+    """ZeRO-3 partitions a model as it loads, in its DeepSpeed config's dtype: fp32 unless DeepSpeed's mixed
+    precision is on (pm_hf refuses it: it casts the model in place later). For a bf16 model, the load sees bf16."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    config = hf_deepspeed.deepspeed_config() if hf_deepspeed.is_deepspeed_zero3_enabled() else None
+    if config is None or dtype != torch.bfloat16:
+        yield
+        return
+    saved = config.get("bf16")
+    config["bf16"] = {"enabled": True}
+    try:
+        yield
+    finally:
+        if saved is None:
+            config.pop("bf16", None)
+        else:
+            config["bf16"] = saved
 
 
 @contextmanager
 def loading_whole() -> Iterator[None]:
     """Load a model whole, on this process alone, while ZeRO-3 is on (transformers would partition it as it loads, a
-    collective every rank must join): the export's pristine base, loaded by the main process only."""
+    collective every rank must join): an export's pristine base, loaded by the main process only."""
     from transformers.integrations import deepspeed as hf_deepspeed
 
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref

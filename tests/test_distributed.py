@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from pm_hf.checks import InputError
 from pm_hf.config import MergeArguments, PMConfig
 from pm_hf.continual import ContinualTrainer, run_continual
+from pm_hf.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
+ZERO3_ROWS = {"stage": 3, "stage3_param_persistence_threshold": 0}
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path):
@@ -145,6 +147,8 @@ def test_zero3_on_two_processes_equals_one_process_with_the_state_divided_and_re
     for key in ref:
         scale = ref[key].abs().max().clamp_min(1e-12)
         assert float((two[key] - ref[key]).abs().max() / scale) < 1e-5, key
+    again = load_run(tmp_path / "zero3" / "run")  # the saved ZeRO-3 run, reloaded by this one process, whole
+    assert again.evaluator.evaluate_seen(again.stream.tasks)["eval_loss"] == rank0["scores"]["eval_loss"][-1]
     exported = [load_file(str(p / "merged_adapter" / "adapter_model.safetensors"))
                 for p in (tmp_path / "zero3" / "run", tmp_path / "one")]  # fmt: skip
     assert exported[0].keys() == exported[1].keys()
@@ -175,6 +179,10 @@ def test_fsdp2_in_bf16_equals_ddp_in_bf16_with_the_fp32_master_sharded(llm_dir, 
         (
             {"deepspeed": {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}},
             r"^deepspeed = 'deepspeed config \(optimizer\)': remove the `optimizer` section",
+        ),
+        (
+            {"deepspeed": {"zero_optimization": {**ZERO3_ROWS, "offload_param": {"device": "cpu"}}}},
+            r"^deepspeed = 'deepspeed config \(offload_param.device cpu\)': pm_hf writes merges into each rank's",
         ),
         (
             {"deepspeed": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}},

@@ -11,6 +11,7 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from pm_hf.checks import InputError
 from pm_hf.cli import main as cli_main
 from pm_hf.continual import run_continual
 from pm_hf.posthoc import merge_adapters
@@ -82,3 +83,15 @@ def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_pat
         cli_main(["merge", "--adapters", adapters[0], str(other), "--output", str(tmp_path / "x")])
     assert err.value.code == 2 and "its r is" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_merge_launched_with_deepspeed_or_fsdp_is_refused(run, llm_dir, tmp_path):  # noqa: F811
+    """`pm-hf merge` trains nothing: a DeepSpeed config (ZeRO-3 would partition the model as it loads, with no engine
+    to gather it) or FSDP is refused before anything is loaded or written."""
+    _, _, adapters = run
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    for kw, field in (({"deepspeed": zero3}, "deepspeed"), ({"fsdp": "full_shard"}, "fsdp")):
+        parsed = llm_groups(llm_dir, tmp_path / "posthoc_run", **kw)
+        with pytest.raises(InputError, match=f"^{field} = .*trains nothing"):
+            merge_adapters(adapters, tmp_path / "merged", parsed=parsed)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "posthoc_run").exists()

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from pm_hf import zero3
@@ -21,6 +22,7 @@ def _param(whole: torch.Tensor, rank: int, world: int) -> nn.Parameter:
     flat = torch.cat([whole.flatten(), whole.new_zeros(ps * world - whole.numel())])
     param = nn.Parameter(torch.empty(0), requires_grad=False)
     param.ds_tensor, param.ds_shape, param.ds_id = flat[rank * ps : (rank + 1) * ps].clone(), whole.shape, 0
+    param.ds_status = ZeroParamStatus.NOT_AVAILABLE
     return param
 
 
@@ -43,6 +45,9 @@ def _worker(rank: int, port: int) -> None:
         zero3.write(odd, V)
         expected = [torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([6.0, 7, 8, 9, 0])]
         assert torch.equal(odd.ds_tensor, expected[rank])  # the padding stays zero
+        p.ds_status = ZeroParamStatus.AVAILABLE  # gathered: a write to the partition would not be seen
+        with pytest.raises(RuntimeError, match="is gathered"):
+            zero3.rows(p)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -72,3 +77,27 @@ def test_a_bf16_model_is_loaded_whole_under_zero3(monkeypatch):
         assert not hf_deepspeed.is_deepspeed_zero3_enabled()
     assert hf_deepspeed.is_deepspeed_zero3_enabled()
     assert not zero3.is_partitioned(nn.Parameter(torch.ones(2))) and zero3.is_partitioned(_param(torch.ones(2), 0, 1))
+
+
+def test_a_zero3_load_partitions_in_the_models_dtype(monkeypatch):
+    """DeepSpeed's load-time partitioning takes its dtype from the DeepSpeed config (fp32 without its mixed
+    precision): `loading_in(bf16)` shows it bf16 for that load only; fp32, or no ZeRO-3, leaves the config alone."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class Zero3:
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self):
+            return True
+
+    config = Zero3()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", lambda: config)
+    with zero3.loading_in(torch.bfloat16):
+        assert config.config["bf16"] == {"enabled": True}
+    assert "bf16" not in config.config
+    with zero3.loading_in(torch.float32):
+        assert "bf16" not in config.config
+    config.config["bf16"] = {"enabled": "auto"}
+    with zero3.loading_in(torch.bfloat16):
+        assert config.config["bf16"] == {"enabled": True}
+    assert config.config["bf16"] == {"enabled": "auto"}
