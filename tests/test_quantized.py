@@ -4,6 +4,8 @@ and a scale): the merged-adapter run equals the run that writes the weights, the
 touched, the compressed adapter's error is a brute-force SVD's, and 4-bit loading without a GPU is a clear error."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +140,23 @@ def test_a_merged_adapter_run_resumes_and_exports_what_it_computes(model_dir, tm
     with torch.no_grad():  # the same model as the run that writes its weights
         torch.testing.assert_close(model(**batch).logits, logits[0], rtol=1e-4, atol=1e-5)
     assert weights_run["alphas"] == pytest.approx(full["alphas"], abs=1e-6)
+
+
+@pytest.mark.slow  # a 2-process launch and a 1-process run (about 30 s)
+def test_a_quantized_stand_in_under_zero2_equals_one_process(tmp_path):
+    """The int8 stand-in base under DeepSpeed ZeRO-2 on 2 processes x batch 4 (merges into the adapter, the int8
+    weights never written) against 1 process x batch 8: the same alphas and accuracy matrix."""
+    import subprocess
+    import sys
+
+    from conftest import torchrun
+
+    tokenizer = str(tmp_path / "tok")
+    rank0, rank1 = torchrun(tokenizer, tmp_path / "zero2", 4, "zero2", script="quantized_script.py")
+    script = str(Path(__file__).parent / "quantized_script.py")
+    subprocess.run([sys.executable, script, tokenizer, str(tmp_path / "one"), "8"], check=True, capture_output=True)
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    assert rank0 == rank1 and rank0["int8_untouched"] and one["int8_untouched"]
+    assert rank0["distributed"] == {"type": "DEEPSPEED", "num_processes": 2, "sharding": "zero2"}
+    assert 0.0 < one["alphas"][1] < 1.0 and rank0["alphas"] == pytest.approx(one["alphas"], abs=1e-6)
+    assert rank0["accuracy_matrix"] == one["accuracy_matrix"]
