@@ -20,7 +20,9 @@ def _run(block: str, tmp_path, monkeypatch) -> None:
 
 def test_readme_continual_trainer_example_runs(tmp_path, monkeypatch, capsys):
     _run(_blocks()[0], tmp_path, monkeypatch)
-    lines = capsys.readouterr().out.splitlines()
+    # DeepSpeed, when installed, prints one "Setting accelerator to CPU" line on a machine without a GPU the first
+    # time transformers imports it (here, or in an earlier test): the example's own output is the rest
+    lines = [line for line in capsys.readouterr().out.splitlines() if "real_accelerator.py" not in line]
     assert lines[0] == "2" and len(eval(lines[1])) == 3  # noqa: S307 - a printed list of 3 accuracies
     assert (tmp_path / "outputs" / "python_api" / "merged_adapter" / "adapter_config.json").is_file()
 
