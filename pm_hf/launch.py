@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from transformers import Trainer
 
@@ -260,11 +262,23 @@ def predicting_trainer(trainer):
     return trainer
 
 
-def release(trainer) -> None:
+@contextmanager
+def task_training(trainer) -> Iterator[None]:
+    """A task's training, its trainer released when it ends (`release`); also when it stops with an error, which then
+    propagates as it is (ZeRO-3's weights are not served again: nothing runs after)."""
+    try:
+        yield
+    except BaseException:
+        release(trainer, serve_weights=False)
+        raise
+    release(trainer)
+
+
+def release(trainer, serve_weights: bool = True) -> None:
     """Drop a task's trainer's hold on the model once its training ends: the DeepSpeed engine is destroyed (its
-    gradient hooks would otherwise fire in the Fisher's backward passes and in the next task's), and the
-    accelerator's references (the DDP wrapper, the optimizer) are freed before the next task's trainer prepares the
-    model again."""
+    gradient hooks would otherwise fire in the Fisher's backward passes and in the next task's; under ZeRO-3 the
+    partitioned weights are served between tasks instead), and the accelerator's references (the DDP wrapper, the
+    optimizer) are freed before the next task's trainer prepares the model again."""
     if not isinstance(trainer, Trainer):
         return
     engine = getattr(trainer, "deepspeed", None)
@@ -274,7 +288,7 @@ def release(trainer) -> None:
             if getattr(engine, hook, None) is not None:
                 getattr(engine, hook).remove()
         trainer.deepspeed = None
-        if engine.zero_optimization_partition_weights():  # ZeRO-3: the partitioned weights still need gathering
+        if serve_weights and engine.zero_optimization_partition_weights():  # ZeRO-3: they still need gathering
             serve(engine.module, engine)
     trainer.accelerator.free_memory()
     trainer.model_wrapped = trainer.model

@@ -49,7 +49,7 @@ from .export import (
 )
 from .fisher import estimate_fisher, normalize_fisher
 from .hub import BASE_BRANCH, HubTarget, push_run
-from .launch import check_prepared, distributed_setup, hand_over, release, share_deepspeed_plugin
+from .launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
@@ -124,11 +124,8 @@ class ContinualLoop:
         self.head.set_active(self.head.train_classes(task))
         # train with perturbation
         trainer = self.trainer(t, task)
-        try:
-            with timer("train"):
-                trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
-        finally:  # the wrappers go (a DeepSpeed engine's hooks), also when training stops with an error
-            release(trainer)
+        with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
+            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
         self.resuming = False
         self.follow_sharding()
         self.callbacks.call("on_train_end", t, self.model, task)
