@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from .zero3 import partitioned
+
 try:  # torch >= 2.4
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - older torch: nothing is ever sharded
@@ -114,8 +116,6 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, columns: int) -> torch.Ten
 def model_sharding(model: torch.nn.Module) -> str:
     """'fsdp2' when any parameter of the model is sharded by FSDP2, 'zero3' when DeepSpeed partitions them, else
     'none' (results.json `distributed.sharding`)."""
-    from .zero3 import partitioned
-
     if any(is_sharded(p) for p in model.parameters()):
         return "fsdp2"
     return "zero3" if partitioned(model) else "none"

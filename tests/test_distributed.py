@@ -204,7 +204,7 @@ def test_deepspeed_and_fsdp1_configs_pm_hf_cannot_run_are_refused_by_the_argumen
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_is_refused_before_anything_loads(
+def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_pm_hf_cannot_run_is_refused_before_anything_loads(
     model_dir, tmp_path, monkeypatch
 ):
     args = groups(model_dir, tmp_path / "run", deepspeed={"zero_optimization": {"stage": 2}})  # on CPU: plain DDP
