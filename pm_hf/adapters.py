@@ -132,12 +132,19 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def full_trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters that are not LoRA factors (fully trained modules, heads), by merge key."""
+    """Trainable parameters that are not LoRA factors (fully trained modules, heads), by merge key (a ZeRO-3
+    parameter as the rows its partition holds, `presented`)."""
     return {
-        strip_prefix(n): p
+        strip_prefix(n): presented(p)
         for n, p in unwrap(model).named_parameters()
         if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n
     }
+
+
+def presented(param: torch.Tensor) -> torch.Tensor:
+    """A parameter as pm_hf reads and writes it: a ZeRO-3 parameter's partition as its rows (`pm_hf.zero3.rows`, a
+    sharded DTensor over the partition's storage), any other parameter as it is (an FSDP2 one already a DTensor)."""
+    return zero3.rows(param) if zero3.is_partitioned(param) else param
 
 
 @contextmanager
@@ -355,12 +362,16 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base weight of every LoRA-adapted layer (the tensor a merge writes), by merge key."""
     out = {key: layer.get_base_layer().weight for key, layer in lora_layers(model).items()}
-    return {key: zero3.rows(w) if zero3.is_partitioned(w) else w for key, w in out.items()}  # ZeRO-3: its rows
+    return {key: presented(w) for key, w in out.items()}  # ZeRO-3: its rows
 
 
-def base_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The shape of every LoRA-adapted layer's base weight (a ZeRO-3 weight's own, not its empty local data)."""
-    return {key: _shape(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
+def merge_key_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shape of every LoRA-adapted layer's base weight and of every fully trained parameter, by merge key (a
+    ZeRO-3 weight's own, not its empty local data)."""
+    out = {key: _shape(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
+    trained = (n for n, p in unwrap(model).named_parameters() if p.requires_grad and ".lora_" not in n)
+    params = dict(unwrap(model).named_parameters())
+    return {**out, **{strip_prefix(n): _shape(params[n]) for n in trained if "lora_magnitude" not in n}}
 
 
 def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], name: str) -> None:

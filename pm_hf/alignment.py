@@ -15,6 +15,7 @@ from .callbacks import ContinualCallback
 from .checks import check_choice, check_number
 from .config import HEAD_ALIGN, MergeArguments
 from .heads import Head
+from .sharding import full, shard_like
 from .timing import Timer
 
 
@@ -224,7 +225,7 @@ class HeadAlignment(ContinualCallback):
         log["timings"]["head_align"] = self.timer.seconds["head_align"]
 
     def _align(self, t: int, model: nn.Module, task) -> None:
-        weight_param, bias_param = self.head.module.weight, self.head.module.bias
+        weight_param, bias_param = self.head.parameters()
         x, y = self._features(model, task)
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         classes, rows = (task.classes if self.mode == "task" else seen), task.classes
@@ -236,27 +237,27 @@ class HeadAlignment(ContinualCallback):
             self.stats = update_class_stats(stats, x.cpu(), y.cpu(), weight_param.shape[0])
             x, y = sample_class_features(self.stats, classes, self.samples, seed=self.seed + t)
             rows = classes
-        weight, bias = fit_head_rows(
+        weight, bias = fit_head_rows(  # on the whole head (FSDP2: gathered; every rank fits the same rows)
             x,
             y.to(weight_param.device),
-            weight_param.detach(),
-            None if bias_param is None else bias_param.detach(),
+            full(weight_param.detach()),
+            None if bias_param is None else full(bias_param.detach()),
             rows=rows,
             classes=classes,
             steps=self.steps,
             lr=self.lr,
         )
         with torch.no_grad():
-            weight_param.copy_(weight)
+            weight_param.copy_(shard_like(weight, weight_param))
             if bias_param is not None:
-                bias_param.copy_(bias)
+                bias_param.copy_(shard_like(bias, bias_param))
 
     @contextlib.contextmanager
     def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:
         """The head as this merge would align it, then exactly as before (the class statistics too): for an oracle
         that scores a merge with the head treatment the run applies."""
         stats = {k: v.clone() for k, v in self.stats.items()}
-        params = [p for p in (self.head.module.weight, self.head.module.bias) if p is not None]
+        params = [p for p in self.head.parameters() if p is not None]
         saved = [p.detach().clone() for p in params]
         try:
             self._align(t, model, task)

@@ -14,7 +14,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from .adapters import attach_lora, base_weight_shapes, detect_target_modules, is_quantized, uses_fan_in_fan_out
+from .adapters import attach_lora, detect_target_modules, is_quantized, merge_key_shapes, uses_fan_in_fan_out
 from .alignment import HeadAlignment
 from .callbacks import ContinualCallback
 from .checkpoint import config_dict
@@ -88,7 +88,7 @@ def assemble(
     """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
     causal = stream.modality == MODALITY
     if partitions_weights(args):  # before the model is loaded (every entry point assembles here)
-        check_sharded_run(causal, strategy, args, lora_args, fisher_args, merge_args)
+        check_sharded_run(strategy, args, fisher_args, merge_args)
     if causal and merge_args.head_align != "none":
         raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
     if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
@@ -115,7 +115,7 @@ def assemble(
     model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
     if partitions_weights(args) and (low_rank or uses_fan_in_fan_out(model)):
         raise invalid(*sharding_field(args), "a quantized base or Conv1D layers (GPT-2) are not sharded yet.")
-    uneven = {k: s for k, s in base_weight_shapes(model).items() if s[0] % args.world_size}
+    uneven = {k: s for k, s in merge_key_shapes(model).items() if s[0] % args.world_size}
     if uneven and zero_stage(args) == 3:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.zero3.rows`)
         fix = f"the rows of {next(iter(uneven.items()))} do not divide among {args.world_size} processes: use FSDP2 "
         raise invalid(*sharding_field(args), fix + "or a number of processes that divides them.")
@@ -155,13 +155,10 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
     return model, head, evaluator, extra, [*head.modules, *(lora_args.modules_to_save or [])], lora_args
 
 
-def check_sharded_run(
-    causal: bool, strategy, args: PMConfig, lora_args, fisher_args: FisherArguments, merge_args
-) -> None:
-    """What an FSDP2 or ZeRO-3 run supports (checked before loading): a causal LM adapted by LoRA alone, a merge rule
-    whose math runs on sharded weights, the continual state beside the weights' shards, per-sample Fisher."""
-    if not causal:
-        raise invalid(*sharding_field(args), "pm_hf shards causal LMs; run a classifier with DDP or ZeRO-2.")
+def check_sharded_run(strategy, args: PMConfig, fisher_args: FisherArguments, merge_args: MergeArguments) -> None:
+    """What an FSDP2 or ZeRO-3 run supports (checked before loading): any model (a classifier's head and the fully
+    trained modules sharded too), a merge rule whose math runs on sharded weights, the continual state beside the
+    weights' shards, per-sample Fisher."""
     if not strategy.shards or strategy.needs_score or strategy.needs_probe:
         fix = "is not available on sharded weights: use pm (calibration none), coma, average, seq-merge or sqrt-t."
         raise invalid("merge_method", strategy.name, fix)
@@ -173,12 +170,6 @@ def check_sharded_run(
             raise invalid(
                 field, value, "with sharded weights the continual state is sharded beside them: leave it unset."
             )
-    if lora_args.modules_to_save:
-        raise invalid(
-            "modules_to_save",
-            lora_args.modules_to_save,
-            "fully trained modules are not sharded yet: leave it unset with FSDP2 or ZeRO-3.",
-        )
     if fisher_args.fisher_mode != "per_sample":
         raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP2 or ZeRO-3 use 'per_sample'.")
     if merge_args.merge_into == "adapter":

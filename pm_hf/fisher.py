@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import base_weights, full_trainable_params, lora_layers, strip_prefix, unwrap
+from .adapters import base_weights, full_trainable_params, lora_layers, presented, strip_prefix, unwrap
 from .config import FisherArguments
 from .sharding import all_gather_padded, is_sharded, local, row_range, scalar
 
@@ -235,7 +235,7 @@ def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[
     unknown = [k for k in keys if k not in bases and k not in params]
     if unknown:
         raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
-    like = {k: bases[k] if k in bases else params[k] for k in keys}
+    like = {k: bases[k] if k in bases else presented(params[k]) for k in keys}
     return {
         k: torch.zeros_like(w, dtype=torch.float32)
         if is_sharded(w)

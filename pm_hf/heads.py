@@ -14,7 +14,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .adapters import strip_prefix, unwrap
+from .adapters import presented, strip_prefix, unwrap
+from .checks import invalid
+from .sharding import copy_rows, is_sharded, keep_rows
+from .zero3 import is_partitioned
 
 
 def find_head(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
@@ -70,6 +73,11 @@ class Head:
     def owns(self, key: str) -> bool:
         return key.startswith(self.name + ".")
 
+    def parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's weight and bias (or None) as pm_hf reads and writes them (`pm_hf.adapters.presented`)."""
+        bias = self.module.bias
+        return presented(self.module.weight), None if bias is None else presented(bias)
+
     def set_active(self, classes: Iterable[int] | None) -> None:
         self.mask.set_active(classes)
 
@@ -82,9 +90,7 @@ class Head:
         rows = sorted(set(task.classes) & seen_before)
         if not rows:
             return None  # class-/task-incremental: new rows are taken as trained, old rows are untouched
-        keep = torch.zeros(delta.shape[0], dtype=torch.bool, device=delta.device)
-        keep[rows] = True
-        return delta * keep.view(-1, *([1] * (delta.dim() - 1)))
+        return keep_rows(delta, rows)  # sharded (FSDP2): each rank its own rows
 
     def fit_saved(self, saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> dict:
         """Saved head tensors with fewer rows than the head (tasks with new classes were appended since) get the
@@ -102,6 +108,9 @@ class Head:
         old = self.module
         if num_classes <= old.out_features:
             return
+        if is_sharded(old.weight) or is_partitioned(old.weight):
+            fix = "a head sharded by FSDP2 or ZeRO-3 cannot grow in place: give tasks with new classes from the start."
+            raise invalid("num_labels", num_classes, fix)
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device)
         new.to(old.weight.dtype)
         with torch.no_grad():
@@ -131,7 +140,7 @@ class Head:
         with torch.no_grad():
             for key, param in params.items():
                 if self.owns(key):
-                    param[untouched] = before[key][untouched].to(param.dtype)
+                    copy_rows(param, before[key], untouched)
 
 
 class NoHead:

@@ -2,14 +2,14 @@
 
 - DDP: every rank holds the whole model and the whole continual state.
 - FSDP2 (`configs/accelerate/fsdp.yaml`): the weights are sharded, and so is everything pm_hf keeps beside them
-  (`pm_hf.sharding`); causal LMs only (`assembly.check_sharded_run`).
+  (`pm_hf.sharding`), a classifier's head too; the root module reshards between tasks (`root_reshards`).
 - DeepSpeed ZeRO stages 0-2 (`configs/accelerate/zero2.yaml`): the optimizer state (and with stage 2 the gradients)
   are partitioned, the weights stay whole on every rank, so pm_hf's own state (S, G, master, Fisher) is whole too,
   as under DDP. Each task's Trainer builds a DeepSpeed engine for that task's adapter and optimizer; it is destroyed
   when the task's training ends (its gradient hooks removed) before the Fisher, the merge and the next task's engine.
 - DeepSpeed ZeRO-3 (`configs/accelerate/zero3.yaml`): the weights are partitioned; pm_hf presents each rank's
   partition as FSDP2's rows (`pm_hf.zero3`), so its state is divided by the ranks as under FSDP2, with the same
-  limits (causal LMs, `assembly.check_sharded_run`). Between tasks ZeRO-3's parameter hooks without an optimizer
+  limits (`assembly.check_sharded_run`). Between tasks ZeRO-3's parameter hooks without an optimizer
   serve the forward passes (Fisher, evaluation).
 
 Everything else is refused before anything is loaded (`refuse_sharding`), or once the Trainer is built where only the
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from transformers import Trainer
 
 from .checks import invalid
-from .sharding import model_sharding
+from .sharding import model_sharding, root_reshards
 from .zero3 import serve, unserve
 
 ZERO3_DEFAULTS = {  # the ZeRO-3 settings pm_hf runs with, as DeepSpeed's defaults
@@ -68,8 +68,9 @@ def sharding_field(args) -> tuple[str, object]:
 
 def hand_over(model) -> None:
     """Before a task's Trainer builds its DeepSpeed engine: the hooks that served ZeRO-3's partitioned weights between
-    tasks come off (the engine installs its own)."""
+    tasks come off (the engine installs its own). An FSDP2 root keeps its weights whole after forward again."""
     unserve(model)
+    root_reshards(model, between_tasks=False)
 
 
 def fsdp_plugin(args):
@@ -290,6 +291,7 @@ def release(trainer, serve_weights: bool = True) -> None:
         trainer.deepspeed = None
         if serve_weights and engine.zero_optimization_partition_weights():  # ZeRO-3: they still need gathering
             serve(engine.module, engine)
+    root_reshards(trainer.model, between_tasks=True)  # FSDP2: the root's weights sharded, as pm_hf reads them
     trainer.accelerator.free_memory()
     trainer.model_wrapped = trainer.model
     trainer.optimizer = trainer.lr_scheduler = trainer.callback_handler.optimizer = None

@@ -127,7 +127,7 @@ class ContinualLoop:
         with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
             trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
         self.resuming = False
-        self.follow_sharding()
+        before = self.follow_sharding(before)
         self.callbacks.call("on_train_end", t, self.model, task)
         delta_norm = task_vector_norm(self.model)
         pre = self.evaluator.score(task, seen_classes(self.stream.tasks[: t + 1]))  # plasticity, before the merge
@@ -176,14 +176,16 @@ class ContinualLoop:
             measured["loss_increase"] = loss_increase(self, task, plan, at_one)
         return plan, measured
 
-    def follow_sharding(self) -> None:
+    def follow_sharding(self, before: dict) -> dict:
         """Once FSDP has sharded the model (the first Trainer prepares it), the continual state loaded or built
-        before (a resumed S and G, fp32 masters) is split the same way, each rank keeping its rows."""
+        before (a resumed S and G, fp32 masters, the task's `before`) is split the same way, each rank keeping its
+        rows. Returns `before` so split."""
         if model_sharding(self.model) == "none":
-            return
+            return before
         like = self.weights.tensors()
         self.strategy.load_state_dict(shard_state(self.strategy.state_dict(), like))
         self.weights.master = shard_state(self.weights.master, like)
+        return shard_state(before, like)
 
     def prepare(self, t: int) -> None:
         """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""

@@ -23,7 +23,7 @@ from transformers import logging as hf_logging
 from .checks import invalid
 from .config import ModelArguments
 from .fileio import file_digest
-from .zero3 import loading_in
+from .zero3 import loading_in, loading_whole, partition
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ def load_model(model_args: ModelArguments, modality: str, num_labels: int, label
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
     kwargs.update(hub_kwargs(model_args, weights=True))
-    return auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
+    with loading_whole():  # ZeRO-3: partitioned once loaded (a new head does not load partitioned)
+        model = auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
+    return partition(model)
 
 
 def model_digest(model_args: ModelArguments) -> str:

@@ -18,9 +18,10 @@ import torch.distributed as dist
 from .zero3 import partitioned
 
 try:  # torch >= 2.4
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - older torch: nothing is ever sharded
-    DTensor = Shard = distribute_tensor = None
+    DTensor = Shard = distribute_tensor = FSDPModule = None
 
 
 def is_sharded(tensor) -> bool:
@@ -107,10 +108,46 @@ def row_range(tensor: torch.Tensor) -> tuple[int, int]:
     return start, stop
 
 
+def keep_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
+    """`tensor` with every dim-0 row not in `rows` zeroed; a sharded tensor on each rank's own rows (no
+    communication), sharded as it was."""
+    start, stop = row_range(tensor)
+    part = local(tensor)
+    keep = torch.zeros(stop - start, dtype=torch.bool, device=part.device)
+    keep[[r - start for r in rows if start <= r < stop]] = True
+    kept = part * keep.view(-1, *([1] * (part.dim() - 1)))
+    if not is_sharded(tensor):
+        return kept
+    return DTensor.from_local(kept, tensor.device_mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride())
+
+
+def copy_rows(target: torch.Tensor, source: torch.Tensor, rows) -> None:
+    """target[rows] = source[rows] in place, exactly; sharded alike, each rank copies the rows it holds."""
+    start, stop = row_range(target)
+    if row_range(source) != (start, stop):
+        raise ValueError("copy_rows: the source is not sharded like the target")
+    mine = [r - start for r in rows if start <= r < stop]
+    if mine:
+        local(target)[mine] = local(source)[mine].to(target.dtype)
+
+
 def from_rows(rows: torch.Tensor, like: torch.Tensor, columns: int) -> torch.Tensor:
     """A [n, columns] tensor sharded by rows as `like` ([n, ...], dim-0 sharded) is, from this rank's `rows`."""
     shape = (like.shape[0], columns)
     return DTensor.from_local(rows, like.device_mesh, like.placements, shape=shape, stride=(columns, 1))
+
+
+def root_reshards(model: torch.nn.Module, between_tasks: bool) -> None:
+    """FSDP2 keeps its root module's weights whole after a forward pass (training's backward needs them at once), so
+    after a forward-only pass (evaluation, the Fisher, head alignment) the weights outside the wrapped layers (a
+    classifier's head, the embeddings) would be plain tensors while pm_hf reads and writes shards. Between tasks the
+    root reshards after every forward, and at once; for training (`between_tasks=False`) FSDP2's default is back."""
+    root = next((m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)), None)
+    if root is None:
+        return
+    root.set_reshard_after_forward(between_tasks, recurse=False)
+    if between_tasks:
+        root.reshard()
 
 
 def model_sharding(model: torch.nn.Module) -> str:

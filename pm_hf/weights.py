@@ -17,6 +17,7 @@ from .adapters import (
     lora_layers,
     lora_task_vector,
     merged_delta_hooks,
+    presented,
     strip_prefix,
     unwrap,
 )
@@ -50,7 +51,7 @@ class ModelWeights:
         for key in keys:
             if key not in layers and key not in params:
                 raise ValueError(f"merge key {key!r} is neither a LoRA layer nor a parameter of the model.")
-            out[key] = layers[key] if key in layers else params[key]
+            out[key] = layers[key] if key in layers else presented(params[key])
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:

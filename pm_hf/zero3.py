@@ -156,6 +156,20 @@ def loading_in(dtype: torch.dtype) -> Iterator[None]:
             config["bf16"] = saved
 
 
+def partition(model: nn.Module) -> nn.Module:
+    """Partition a model loaded whole (the same on every rank) as ZeRO-3 would have as it loaded, when ZeRO-3 is on;
+    returns it. transformers cannot load a classifier with a new head partitioned (the checkpoint's head has another
+    shape), so a classifier is loaded whole and partitioned here: briefly whole on every rank, as small models are."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        return model
+    import deepspeed
+
+    deepspeed.zero.Init(module=model, config_dict_or_path=hf_deepspeed.deepspeed_config())
+    return model
+
+
 @contextmanager
 def loading_whole() -> Iterator[None]:
     """Load a model whole, on this process alone, while ZeRO-3 is on (transformers would partition it as it loads, a

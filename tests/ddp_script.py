@@ -1,13 +1,15 @@
 """Run under `torchrun --nproc_per_node 2` by the tests (or alone, for the 1-process reference): a 3-task continual
 run of the tiny BERT on CPU processes (gloo), optionally pushing to a recording stand-in of the Hub. Each process
-writes what it saw to OUT/rank<r>.json: its alphas, its Hub calls, and (rank 0) the checkpoint's merged weights sit
-in OUT/run as usual.
+writes what it saw to OUT/rank<r>.json: its alphas, score matrices, Hub calls and the fraction of the continual state
+(S, G) it holds, and (rank 0) the checkpoint's merged weights sit in OUT/run as usual.
 
-    python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison | zero2]
+    python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison | zero2 | sharded] [k=v ...]
 
 `poison`: process 1 alone gets NaN adapter weights after step 1 of task 2 (its loss alone is NaN at step 2); each
 process writes OUT/diverged<r>.json with the error it stopped on and the tasks its checkpoint holds. `zero2`: under
-DeepSpeed ZeRO-2 (its CPU accelerator; see `pm_hf.testing.deepspeed_on_cpu`).
+DeepSpeed ZeRO-2 (its CPU accelerator; see `pm_hf.testing.deepspeed_on_cpu`). `sharded`: under FSDP2 (see
+`pm_hf.testing.fsdp_on_cpu`), the tiny BERT's layers and its root (embeddings, pooler, head) sharded. `k=v`: any
+field of the run's arguments (`head_align=prototypes`).
 """
 
 import json
@@ -16,14 +18,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
-from conftest import ZERO2, end_processes, groups  # noqa: E402  (sets the offline switches first)
+import yaml  # noqa: E402
+from conftest import ZERO2, ZERO3, end_processes, groups  # noqa: E402  (sets the offline switches first)
 from hub_standin import GOOD_TOKEN, FakeHub  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import pm_hf.hub  # noqa: E402
-from pm_hf.continual import run_continual  # noqa: E402
-from pm_hf.testing import deepspeed_on_cpu  # noqa: E402
+from pm_hf.continual import ContinualTrainer, run_continual  # noqa: E402
+from pm_hf.sharding import local  # noqa: E402
+from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 from pm_hf.trainer import DivergenceError  # noqa: E402
+
+FSDP = {
+    "fsdp": "full_shard",
+    "fsdp_config": {
+        "version": 2,
+        "transformer_layer_cls_to_wrap": ["BertLayer"],
+        "state_dict_type": "SHARDED_STATE_DICT",
+    },
+}
 
 
 class PoisonRankOne(TrainerCallback):
@@ -43,14 +56,19 @@ class PoisonRankOne(TrainerCallback):
                         p.fill_(float("nan"))
 
 
-def main(model_dir: str, out: str, batch: int, push: bool, poison: bool, zero2: bool) -> None:
-    if zero2:
+def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
+    push, poison, zero2, zero3, sharded = (flag in flags for flag in ("push", "poison", "zero2", "zero3", "sharded"))
+    options = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in flags if "=" in f)}  # e.g. head_align=seen
+    if zero2 or zero3:
         deepspeed_on_cpu()
+    if sharded:
+        fsdp_on_cpu()
     fake = FakeHub(cache_dir=Path(out) / "hub_cache")
     pm_hf.hub.HfApi = fake.api
     hub = {"push_to_hub": True, "hub_model_id": "me/ddp", "hub_token": GOOD_TOKEN} if push else {}
-    args = groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, **hub,
-                  **({"deepspeed": ZERO2} if zero2 else {}))  # fmt: skip
+    args = groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, **hub, **options,
+                  **({"deepspeed": ZERO2} if zero2 else {"deepspeed": ZERO3} if zero3 else {}),
+                  **(FSDP if sharded else {}))  # fmt: skip
     if poison:
         try:
             run_continual(*args, callbacks=[PoisonRankOne()])
@@ -59,13 +77,16 @@ def main(model_dir: str, out: str, batch: int, push: bool, poison: bool, zero2: 
             record = {"error": str(err), "completed": latest["completed"]}
             (Path(out) / f"diverged{args[2].process_index}.json").write_text(json.dumps(record))
         return
-    results = run_continual(*args)
+    trainer = ContinualTrainer.from_args(*args)
+    results, strategy = trainer.train(), trainer.loop.strategy
+    state = [*strategy.S.values(), *strategy.G.values(), *trainer.loop.weights.master.values()]
+    held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)
     record = {"calls": [c[0] for c in fake.calls], "repos": sorted(fake.repos), "world_size": args[2].world_size,
-              "alphas": results["alphas"], "delta_norms": results["delta_norms"],
-              "distributed": results.get("distributed")}  # fmt: skip
+              "alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
+              "distributed": results.get("distributed"), "scores": results["score_matrices"]}  # fmt: skip
     (Path(out) / f"rank{args[2].process_index}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), *(flag in sys.argv[4:] for flag in ("push", "poison", "zero2")))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
     end_processes()

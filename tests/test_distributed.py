@@ -5,6 +5,7 @@ marked the model prepared after an evaluation, so every task after the first tra
 own shard, and the ranks' models drifted apart.)"""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,47 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
                 assert float((two[key] - one[key]).abs().max() / scale) < 1e-5, (flags, key)
         assert rank0["distributed"] == {"type": setup[0], "num_processes": 2, "sharding": setup[1]}
     assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
+
+
+ALIGNED = {"head_align": "prototypes", "head_align_drift": "sdc", "class_groups": [[0, 1], [2, 3]]}
+
+
+@pytest.fixture(scope="module")
+def aligned_one(model_dir, tmp_path_factory):
+    """The 1-process reference (batch 8) of the sharded classifier runs: 2 tasks, the prototype head alignment."""
+    out = tmp_path_factory.mktemp("aligned_one")
+    return out, run_continual(*groups(model_dir, out, per_device_train_batch_size=8, **ALIGNED))
+
+
+@pytest.mark.parametrize(("flag", "setup"), [("sharded", ("FSDP", "fsdp2")), ("zero3", ("DEEPSPEED", "zero3"))])
+def test_a_classifier_with_sharded_weights_equals_one_process_with_its_head_sharded_and_aligned(
+    model_dir, aligned_one, tmp_path, flag, setup
+):
+    """The tiny BERT with its weights sharded (FSDP2: its layers and its root, i.e. the embeddings, the trained
+    pooler and the class head; ZeRO-3: every weight partitioned) on 2 processes x batch 4, with the prototype head
+    alignment and drift compensation, against 1 process x batch 8: the same alphas (within 1e-6) and accuracy
+    matrices; task vector norms, merged weights, S, G, the class statistics and the export within float tolerance;
+    the head, refitted by 100 Adam steps on pseudo-features, within 1e-3; each rank holds half of S and G."""
+    options = [f"{k}={json.dumps(v)}" for k, v in ALIGNED.items()]
+    rank0, rank1 = torchrun(model_dir, tmp_path / flag, 4, flag, *options)
+    out, single = aligned_one
+    assert rank0 == rank1 and rank0["distributed"] == {"type": setup[0], "num_processes": 2, "sharding": setup[1]}
+    assert rank0["state_fraction"] == 0.5 and len(rank0["alphas"]) == 2 and 0 < rank0["alphas"][1] < 1
+    for a, b in zip(rank0["alphas"], single["alphas"]):
+        assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
+    assert rank0["delta_norms"] == pytest.approx(single["delta_norms"], rel=1e-5)
+    assert rank0["scores"] == single["score_matrices"]
+    two, one = checkpoint_tensors(tmp_path / flag / "run"), checkpoint_tensors(out)
+    assert two.keys() == one.keys() and "callbacks/head_align/scatter" in one and "weights/classifier.weight" in one
+    exported = [
+        load_file(str(p / "merged_adapter" / "adapter_model.safetensors")) for p in (tmp_path / flag / "run", out)
+    ]
+    assert exported[0].keys() == exported[1].keys()
+    for name, (got, ref) in {"checkpoint": (two, one), "export": exported}.items():
+        for key in ref:
+            scale = ref[key].abs().max().clamp_min(1e-12)
+            tolerance = 1e-3 if "classifier." in key else 1e-4
+            assert float((got[key] - ref[key]).abs().max() / scale) < tolerance, (name, key)
 
 
 def test_a_nan_on_one_process_stops_every_process_at_the_same_step(model_dir, tmp_path):
@@ -218,8 +260,8 @@ def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_pm_hf_cannot_run_is_r
     with pytest.raises(InputError, match=r"^deepspeed = 'DeepSpeed config': Accelerate runs DeepSpeed on GPUs only"):
         ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))  # configs/accelerate/zero3.yaml passes
     monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
-    with pytest.raises(InputError, match=r"^deepspeed = 'DeepSpeed config \(ZeRO-3\)': pm_hf shards causal LMs"):
-        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))  # a classifier: DDP or ZeRO-2
+    with pytest.raises(InputError, match=r"^merge_method = 'ties': is not available on sharded weights"):
+        ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run", merge_method="ties"))
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch`'s mixed_precision: bf16
@@ -245,14 +287,13 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(mo
 @pytest.mark.parametrize(
     ("which", "kw", "match"),
     [
-        ("bert", {}, r"^fsdp = .*pm_hf shards causal LMs"),
         ("llm", {"merge_method": "ties"}, r"^merge_method = 'ties': is not available on sharded weights"),
         (
             "llm",
             {"accumulator_device": "cpu"},
             r"^accumulator_device = 'cpu': with sharded weights the continual state is sharded",
         ),
-        ("llm", {"modules_to_save": ["lm_head"]}, r"^modules_to_save = \['lm_head'\]: fully trained modules are not"),
+        ("bert", {"merge_method": "oracle-alpha"}, r"^merge_method = 'oracle-alpha': is not available on sharded"),
         (
             "llm",
             {"save_strategy": "steps", "fsdp_config": {"version": 2}},
