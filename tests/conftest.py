@@ -232,6 +232,26 @@ def end_processes() -> None:
     _end_processes()
 
 
+def _gloo_rank(rank: int, port: int, worker) -> None:
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        worker(rank)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def on_two_processes(worker) -> None:
+    """Run `worker(rank)` (a module-level function) on 2 spawned CPU processes that share a gloo process group."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(_gloo_rank, args=(port, worker), nprocs=2, join=True)
+
+
 def torchrun(model_dir, out, batch: int, *flags, script: str = "ddp_script.py", record: str = "rank",
              timeout: int = 600) -> list[dict]:  # fmt: skip
     """Run tests/<script> (ddp_script.py, fsdp_script.py) on 2 CPU processes (gloo); returns what each rank recorded

@@ -4,11 +4,9 @@ to grow. The whole FSDP2 runs: tests/test_distributed.py."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
+from conftest import on_two_processes
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -18,38 +16,29 @@ from pm_hf.heads import Head
 from pm_hf.sharding import copy_rows, full, is_sharded, keep_rows, local, row_range
 
 
-def _worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        W = torch.arange(15.0).view(5, 3) + 1
-        sharded = distribute_tensor(W, mesh, [Shard(0)])
-        assert row_range(sharded) == [(0, 3), (3, 5)][rank]
-        kept = keep_rows(sharded, [1, 3])  # the merged part of a head: rows of classes trained before and now
-        assert is_sharded(kept) and local(kept).shape[0] == [3, 2][rank]
-        expected = torch.zeros(5, 3)
-        expected[[1, 3]] = W[[1, 3]]
-        assert torch.equal(full(kept), expected) and torch.equal(keep_rows(W, [1, 3]), expected)
-        before = distribute_tensor(-W, mesh, [Shard(0)])
-        copy_rows(sharded, before, [0, 4])  # rows of classes not in the task restored exactly
-        expected = W.clone()
-        expected[[0, 4]] = -W[[0, 4]]
-        assert torch.equal(full(sharded), expected)
-        bias = distribute_tensor(torch.arange(5.0), mesh, [Shard(0)])
-        assert torch.equal(full(keep_rows(bias, [4])), torch.tensor([0.0, 0, 0, 0, 4]))
-        model = nn.Sequential(nn.Linear(3, 4))
-        model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
-        with pytest.raises(InputError, match=r"^num_labels = 6: a head sharded by FSDP2 or ZeRO-3 cannot grow"):
-            Head(model, 4).grow(model, 6)  # new classes after the model was sharded: refused, nothing changed
-        assert model[0].out_features == 4
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank: int) -> None:
+    mesh = init_device_mesh("cpu", (2,))
+    W = torch.arange(15.0).view(5, 3) + 1
+    sharded = distribute_tensor(W, mesh, [Shard(0)])
+    assert row_range(sharded) == [(0, 3), (3, 5)][rank]
+    kept = keep_rows(sharded, [1, 3])  # the merged part of a head: rows of classes trained before and now
+    assert is_sharded(kept) and local(kept).shape[0] == [3, 2][rank]
+    expected = torch.zeros(5, 3)
+    expected[[1, 3]] = W[[1, 3]]
+    assert torch.equal(full(kept), expected) and torch.equal(keep_rows(W, [1, 3]), expected)
+    before = distribute_tensor(-W, mesh, [Shard(0)])
+    copy_rows(sharded, before, [0, 4])  # rows of classes not in the task restored exactly
+    expected = W.clone()
+    expected[[0, 4]] = -W[[0, 4]]
+    assert torch.equal(full(sharded), expected)
+    bias = distribute_tensor(torch.arange(5.0), mesh, [Shard(0)])
+    assert torch.equal(full(keep_rows(bias, [4])), torch.tensor([0.0, 0, 0, 0, 4]))
+    model = nn.Sequential(nn.Linear(3, 4))
+    model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
+    with pytest.raises(InputError, match=r"^num_labels = 6: a head sharded by FSDP2 or ZeRO-3 cannot grow"):
+        Head(model, 4).grow(model, 6)  # new classes after the model was sharded: refused, nothing changed
+    assert model[0].out_features == 4
 
 
 def test_rows_of_a_sharded_tensor_are_kept_and_copied_as_on_the_whole_tensor():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port,), nprocs=2, join=True)
+    on_two_processes(_worker)

@@ -4,11 +4,9 @@ that carry DeepSpeed's partition attributes. The whole ZeRO-3 run: tests/test_di
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
+from conftest import on_two_processes
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
@@ -26,37 +24,28 @@ def _param(whole: torch.Tensor, rank: int, world: int) -> nn.Parameter:
     return param
 
 
-def _worker(rank: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        W = torch.arange(12.0).view(4, 3)
-        p = _param(W, rank, 2)
-        view = zero3.rows(p)
-        assert torch.equal(local(view), W[2 * rank : 2 * rank + 2]) and torch.equal(full(view), W)
-        D = torch.full((4, 3), 0.5)
-        view.add_(shard_like(D, view))  # a merge's in-place write lands in the partition
-        assert torch.equal(p.ds_tensor, (W + D).flatten()[6 * rank : 6 * rank + 6])
-        odd = _param(torch.ones(3, 3), rank, 2)  # 9 elements: 5 per rank, rank 1 padded, rows split
-        with pytest.raises(ValueError, match="cannot be presented by rows on 2 ranks"):
-            zero3.rows(odd)
-        V = torch.arange(9.0).view(3, 3) + 1
-        zero3.write(odd, V)
-        expected = [torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([6.0, 7, 8, 9, 0])]
-        assert torch.equal(odd.ds_tensor, expected[rank])  # the padding stays zero
-        p.ds_status = ZeroParamStatus.AVAILABLE  # gathered: a write to the partition would not be seen
-        with pytest.raises(RuntimeError, match="is gathered"):
-            zero3.rows(p)
-    finally:
-        torch.distributed.destroy_process_group()
+def _worker(rank: int) -> None:
+    W = torch.arange(12.0).view(4, 3)
+    p = _param(W, rank, 2)
+    view = zero3.rows(p)
+    assert torch.equal(local(view), W[2 * rank : 2 * rank + 2]) and torch.equal(full(view), W)
+    D = torch.full((4, 3), 0.5)
+    view.add_(shard_like(D, view))  # a merge's in-place write lands in the partition
+    assert torch.equal(p.ds_tensor, (W + D).flatten()[6 * rank : 6 * rank + 6])
+    odd = _param(torch.ones(3, 3), rank, 2)  # 9 elements: 5 per rank, rank 1 padded, rows split
+    with pytest.raises(ValueError, match="cannot be presented by rows on 2 ranks"):
+        zero3.rows(odd)
+    V = torch.arange(9.0).view(3, 3) + 1
+    zero3.write(odd, V)
+    expected = [torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([6.0, 7, 8, 9, 0])]
+    assert torch.equal(odd.ds_tensor, expected[rank])  # the padding stays zero
+    p.ds_status = ZeroParamStatus.AVAILABLE  # gathered: a write to the partition would not be seen
+    with pytest.raises(RuntimeError, match="is gathered"):
+        zero3.rows(p)
 
 
 def test_a_partition_is_read_and_written_as_the_rows_it_holds():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port,), nprocs=2, join=True)
+    on_two_processes(_worker)
 
 
 def test_a_bf16_model_is_loaded_whole_under_zero3(monkeypatch):
