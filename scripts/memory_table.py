@@ -8,7 +8,7 @@ checked against the tensors a real run holds (a tiny bf16 Llama, `--check`).
 
     python scripts/memory_table.py [--check] [--markdown]
 
-Under FSDP2 (causal LMs, see README) S, G, the master copy, the Fisher and the task vector are sharded like the
+Under FSDP2 and ZeRO-3 (see README) S, G, the master copy, the Fisher and the task vector are sharded like the
 weights they shadow, so every figure divides by the number of ranks (the "FSDP2, 8 ranks" columns); a 2-process run
 holds exactly half of S and G per rank (`tests/test_distributed.py`). Under DDP every rank holds the whole state.
 """
@@ -59,7 +59,7 @@ def table() -> list[dict]:
         for label, targets in TARGETS.items():
             n = adapted_params(model, targets)  # transformers 5 names ViT's projections as Llama's
             default, bf16 = state_bytes(n), state_bytes(n, state_dtype_bytes=2)
-            rows.append({"model": name, "targets": label, "fsdp2": model_cls is LlamaForCausalLM,
+            rows.append({"model": name, "targets": label,
                          "adapted_params": n, "bf16_adapted_gb": 2 * n / GB,
                          "default_peak_gb": default["peak"] / GB, "default_persistent_gb": default["persistent"] / GB,
                          "bf16_state_peak_gb": bf16["peak"] / GB, "cpu_offload_host_gb": default["peak"] / GB,
@@ -126,8 +126,6 @@ def main() -> None:
                      f"{r['bf16_state_peak_gb']:.1f} GB", f"{r['cpu_offload_host_gb']:.1f} GB",
                      f"{r['fsdp2_8_ranks_peak_gb']:.2f} GB ({r['fsdp2_8_ranks_persistent_gb']:.2f} GB)",
                      f"{r['fsdp2_8_ranks_bf16_state_peak_gb']:.2f} GB", f"{r['bar_8_ranks_gb']:.2f} GB"]  # fmt: skip
-            if not r["fsdp2"]:  # pm_hf shards causal LMs only
-                cells[7:9] = ["— (DDP only)", "—"]
             print("| " + " | ".join(cells) + " |")
     else:
         print(json.dumps(rows, indent=1))
