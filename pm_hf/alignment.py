@@ -17,6 +17,7 @@ from .config import HEAD_ALIGN, MergeArguments
 from .heads import Head
 from .sharding import full, shard_like
 from .timing import Timer
+from .zero3 import gathered_unless_served
 
 
 @torch.no_grad()
@@ -35,9 +36,10 @@ def head_features(
     model.eval()
     device = next(model.parameters()).device
     try:
-        for batch in loader:
-            labels.append(batch.pop("labels"))
-            model(**{k: v.to(device) for k, v in batch.items()})
+        with gathered_unless_served(model):  # ZeRO-3 before its hooks are on: whole for the pass
+            for batch in loader:
+                labels.append(batch.pop("labels"))
+                model(**{k: v.to(device) for k, v in batch.items()})
     finally:
         handle.remove()
         model.train(was_training)

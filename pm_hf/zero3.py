@@ -123,6 +123,19 @@ def serve(model: nn.Module, engine) -> None:
     coordinator.get_param_coordinator().release_and_reset_all(model)  # nothing left gathered by the training
 
 
+@contextmanager
+def gathered_unless_served(model: nn.Module) -> Iterator[None]:
+    """A forward pass on a partitioned model before any engine or `serve` installed ZeRO-3's hooks (a resumed run's
+    first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""
+    if not partitioned(model) or getattr(model, "_pm_hf_zero3", None) is not None:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        yield
+
+
 def unserve(model: nn.Module) -> None:
     """Take `serve`'s hooks off (before a task's engine installs its own) and the backward functions DeepSpeed left
     on the modules: it creates them once per module, bound to the first engine, and keeps them otherwise."""

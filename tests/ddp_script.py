@@ -3,13 +3,16 @@ run of the tiny BERT on CPU processes (gloo), optionally pushing to a recording 
 writes what it saw to OUT/rank<r>.json: its alphas, score matrices, Hub calls and the fraction of the continual state
 (S, G) it holds, and (rank 0) the checkpoint's merged weights sit in OUT/run as usual.
 
-    python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison | zero2 | sharded] [k=v ...]
+    python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison | zero2 | zero3 | sharded]
+        [crash | continue] [k=v ...]
 
 `poison`: process 1 alone gets NaN adapter weights after step 1 of task 2 (its loss alone is NaN at step 2); each
 process writes OUT/diverged<r>.json with the error it stopped on and the tasks its checkpoint holds. `zero2`: under
 DeepSpeed ZeRO-2 (its CPU accelerator; see `pm_hf.testing.deepspeed_on_cpu`). `sharded`: under FSDP2 (see
 `pm_hf.testing.fsdp_on_cpu`), the tiny BERT's layers and its root (embeddings, pooler, head) sharded. `k=v`: any
-field of the run's arguments (`head_align=prototypes`).
+field of the run's arguments (`head_align=prototypes`). `crash`: killed (an exception on every rank) at step `kill_at=N`
+(2) of task 2, writes only OUT/crashed<r>.json with the task's newest checkpoint (give `save_strategy=steps
+save_steps=1`); `continue` resumes that run.
 """
 
 import json
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from conftest import ZERO2, ZERO3, end_processes, groups  # noqa: E402  (sets the offline switches first)
+from fsdp_script import FirstSteps, Kill, KillAt  # noqa: E402
 from hub_standin import GOOD_TOKEN, FakeHub  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -27,7 +31,7 @@ import pm_hf.hub  # noqa: E402
 from pm_hf.continual import ContinualTrainer, run_continual  # noqa: E402
 from pm_hf.sharding import local  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
-from pm_hf.trainer import DivergenceError  # noqa: E402
+from pm_hf.trainer import DivergenceError, task_checkpoint  # noqa: E402
 
 FSDP = {
     "fsdp": "full_shard",
@@ -59,6 +63,7 @@ class PoisonRankOne(TrainerCallback):
 def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     push, poison, zero2, zero3, sharded = (flag in flags for flag in ("push", "poison", "zero2", "zero3", "sharded"))
     options = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in flags if "=" in f)}  # e.g. head_align=seen
+    kill_at = options.pop("kill_at", 2)
     if zero2 or zero3:
         deepspeed_on_cpu()
     if sharded:
@@ -77,13 +82,22 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
             record = {"error": str(err), "completed": latest["completed"]}
             (Path(out) / f"diverged{args[2].process_index}.json").write_text(json.dumps(record))
         return
-    trainer = ContinualTrainer.from_args(*args)
-    results, strategy = trainer.train(), trainer.loop.strategy
+    if "crash" in flags:
+        try:
+            run_continual(*args, callbacks=[KillAt(kill_at)])
+        except Kill:
+            found = task_checkpoint(Path(out) / "run", 1)
+            (Path(out) / f"crashed{args[2].process_index}.json").write_text(json.dumps({"checkpoint": found}))
+        return
+    first = FirstSteps()
+    trainer = ContinualTrainer.from_args(*args, callbacks=[first])
+    results, strategy = trainer.train(resume_from_checkpoint="continue" in flags), trainer.loop.strategy
     state = [*strategy.S.values(), *strategy.G.values(), *trainer.loop.weights.master.values()]
     held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)
     record = {"calls": [c[0] for c in fake.calls], "repos": sorted(fake.repos), "world_size": args[2].world_size,
               "alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
-              "distributed": results.get("distributed"), "scores": results["score_matrices"]}  # fmt: skip
+              "distributed": results.get("distributed"), "scores": results["score_matrices"],
+              "first_steps": first.steps}  # fmt: skip
     (Path(out) / f"rank{args[2].process_index}.json").write_text(json.dumps(record))
 
 

@@ -85,6 +85,21 @@ def test_a_classifier_with_sharded_weights_equals_one_process_with_its_head_shar
             assert float((got[key] - ref[key]).abs().max() / scale) < tolerance, (name, key)
 
 
+@pytest.mark.slow  # three 2-process launches per setup (about 40 s each)
+@pytest.mark.parametrize("flag", ["sharded", "zero3"])
+def test_a_classifier_with_sharded_weights_killed_in_a_task_resumes_as_the_same_run(model_dir, tmp_path, flag):
+    """FSDP2 / ZeRO-3, the tiny BERT with the prototype head alignment and drift compensation, checkpointing every
+    step: killed at step 3 of task 2 and resumed from its step-2 checkpoint (under ZeRO-3 the resumed run's first
+    drift measurement runs before any engine: the weights are gathered for it), the run equals the uninterrupted one."""
+    options = [f"{k}={json.dumps(v)}" for k, v in ALIGNED.items()] + ["save_strategy=steps", "save_steps=1"]
+    whole = torchrun(model_dir, tmp_path / "whole", 4, flag, *options)[0]
+    crashed = torchrun(model_dir, tmp_path / "killed", 4, flag, "crash", "kill_at=3", *options, record="crashed")
+    assert crashed[0] == crashed[1] and crashed[0]["checkpoint"].endswith("tasks/task_1/checkpoint-2")
+    resumed = torchrun(model_dir, tmp_path / "killed", 4, flag, "continue", *options)[0]
+    assert whole.pop("first_steps") == [0, 0] and resumed.pop("first_steps") == [2]
+    assert resumed == whole
+
+
 def test_a_nan_on_one_process_stops_every_process_at_the_same_step(model_dir, tmp_path):
     """Process 1 alone gets a NaN loss (step 2 of task 2): both processes stop there with the same error, none left
     waiting in a collective (the run ends well inside the timeout), and the checkpoint holds task 1, intact."""
