@@ -139,15 +139,25 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, columns: int) -> torch.Ten
 
 def root_reshards(model: torch.nn.Module, between_tasks: bool) -> None:
     """FSDP2 keeps its root module's weights whole after a forward pass (training's backward needs them at once), so
-    after a forward-only pass (evaluation, the Fisher, head alignment) the weights outside the wrapped layers (a
-    classifier's head, the embeddings) would be plain tensors while pm_hf reads and writes shards. Between tasks the
-    root reshards after every forward, and at once; for training (`between_tasks=False`) FSDP2's default is back."""
-    root = next((m for m in model.modules() if FSDPModule is not None and isinstance(m, FSDPModule)), None)
-    if root is None:
+    after a forward-only pass (evaluation, the Fisher, head alignment) the trained weights the root holds itself (a
+    classifier's head, `modules_to_save` outside the wrapped layers) would be plain tensors while pm_hf reads and
+    writes shards. Between tasks such a root reshards after every forward, and at once; for training
+    (`between_tasks=False`) FSDP2's default is back. A root holding no trained weight (a causal LM adapted inside its
+    decoder layers) keeps FSDP2's default throughout: generation then does not gather its embeddings at every step."""
+    units = [(n, m) for n, m in model.named_modules() if FSDPModule is not None and isinstance(m, FSDPModule)]
+    if not units or not _root_trains(*units):
         return
+    root = units[0][1]
     root.set_reshard_after_forward(between_tasks, recurse=False)
     if between_tasks:
         root.reshard()
+
+
+def _root_trains(root: tuple[str, torch.nn.Module], *inner: tuple[str, torch.nn.Module]) -> bool:
+    """Whether the FSDP2 root holds a trainable parameter itself (not through a wrapped inner module)."""
+    name, module = root
+    prefixes = tuple(n[len(name) + 1 :] + "." if name else n + "." for n, _ in inner)
+    return any(p.requires_grad and not n.startswith(prefixes) for n, p in module.named_parameters())
 
 
 def model_sharding(model: torch.nn.Module) -> str:

@@ -1,6 +1,6 @@
 """`pm_hf.sharding`'s row operations by hand on 2 gloo processes: a 5-row tensor sharded by FSDP2's dim-0 split (3
 rows on rank 0, 2 on rank 1), each operation against the same operation on the whole tensor; a sharded head refuses
-to grow. The whole FSDP2 runs: tests/test_distributed.py."""
+to grow; FSDP2's root module reshards between tasks. The whole FSDP2 runs: tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from conftest import on_two_processes
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from pm_hf.checks import InputError
 from pm_hf.heads import Head
-from pm_hf.sharding import copy_rows, full, is_sharded, keep_rows, local, row_range
+from pm_hf.sharding import copy_rows, full, is_sharded, keep_rows, local, root_reshards, row_range
 
 
 def _worker(rank: int) -> None:
@@ -42,3 +43,30 @@ def _worker(rank: int) -> None:
 
 def test_rows_of_a_sharded_tensor_are_kept_and_copied_as_on_the_whole_tensor():
     on_two_processes(_worker)
+
+
+def _root_worker(rank: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6))  # [0]: a wrapped layer, [1]: a head the root holds
+    model[0].requires_grad_(False)
+    fully_shard(model[0])
+    fully_shard(model)
+    with torch.no_grad():
+        model(torch.ones(2, 4))
+    assert not is_sharded(model[1].weight)  # FSDP2's root keeps its weights whole after a forward
+    root_reshards(model, between_tasks=True)
+    assert is_sharded(model[1].weight)
+    with torch.no_grad():
+        model(torch.ones(2, 4))
+    assert is_sharded(model[1].weight) and is_sharded(model[0].weight)  # between tasks: sharded after every forward
+    root_reshards(model, between_tasks=False)
+    with torch.no_grad():
+        model(torch.ones(2, 4))
+    assert not is_sharded(model[1].weight)  # training: FSDP2's default again
+    model[1].requires_grad_(False)  # a root that trains nothing itself (a causal LM adapted in its layers)
+    root_reshards(model, between_tasks=True)
+    assert not is_sharded(model[1].weight)  # left as FSDP2 has it
+
+
+def test_between_tasks_the_fsdp2_root_reshards_the_trained_weights_it_holds_after_every_forward():
+    on_two_processes(_root_worker)
