@@ -227,8 +227,8 @@ class HeadAlignment(ContinualCallback):
         log["timings"]["head_align"] = self.timer.seconds["head_align"]
 
     def _align(self, t: int, model: nn.Module, task) -> None:
-        weight_param, bias_param = self.head.parameters()
         x, y = self._features(model, task)
+        weight_param, bias_param = self.head.parameters()  # after the pass (ZeRO-3: checked at rest, then written)
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         classes, rows = (task.classes if self.mode == "task" else seen), task.classes
         if self.mode == "prototypes":

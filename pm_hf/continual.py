@@ -30,6 +30,7 @@ from .loop import ContinualLoop, seeded
 from .models import load_processor
 from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
+from .zero3 import loading_whole
 
 
 class ContinualTrainer:
@@ -159,7 +160,7 @@ class ContinualTrainer:
         needed = max([c + 1 for t in loop.stream.tasks for c in t.classes], default=0)
         if needed > loop.stream.num_classes:  # new classes grow the head
             loop.stream.num_classes = needed
-            with seeded(self.args.seed):  # new rows as a model loaded for all the classes would have them
+            with seeded(self.args.seed), loading_whole():  # new rows as a model loaded with every class has them
                 fresh = find_head(loop.load_base(), needed)[1]
             loop.head.grow(loop.model, needed, fresh)
 

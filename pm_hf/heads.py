@@ -16,8 +16,8 @@ from torch import nn
 
 from .adapters import presented, strip_prefix, unwrap
 from .checks import invalid
-from .sharding import copy_rows, is_sharded, keep_rows
-from .zero3 import is_partitioned
+from .sharding import copy_rows, full, is_sharded, keep_rows
+from .zero3 import is_partitioned, partition, whole_module
 
 
 def find_head(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
@@ -99,7 +99,8 @@ class Head:
         for key, value in current.items():
             old = saved.get(key)
             if self.owns(key) and old is not None and old.shape[1:] == value.shape[1:] and len(old) < len(value):
-                out[key] = torch.cat([old, value.detach()[len(old) :].to(old.device, old.dtype)])
+                new_rows = full(value.detach())[len(old) :]  # ZeRO-3: the head's rows gathered (every rank calls)
+                out[key] = torch.cat([old, new_rows.to(old.device, old.dtype)])
         return out
 
     def grow(self, model: nn.Module, num_classes: int, fresh: nn.Linear | None = None) -> None:
@@ -108,20 +109,13 @@ class Head:
         old = self.module
         if num_classes <= old.out_features:
             return
-        if is_sharded(old.weight) or is_partitioned(old.weight):
-            fix = "a head sharded by FSDP2 or ZeRO-3 cannot grow in place: give tasks with new classes from the start."
+        if is_sharded(old.weight):
+            fix = "a head sharded by FSDP2 cannot grow in place: give tasks with new classes before training starts."
             raise invalid("num_labels", num_classes, fix)
-        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device)
-        new.to(old.weight.dtype)
-        with torch.no_grad():
-            for name in ("weight", "bias"):
-                if getattr(old, name) is None:
-                    continue
-                target = getattr(new, name)
-                if fresh is not None:
-                    target.copy_(getattr(fresh, name).to(target.device, target.dtype))
-                target[: old.out_features] = getattr(old, name)
-                target.requires_grad_(getattr(old, name).requires_grad)
+        with whole_module(old):  # ZeRO-3 (before any engine): the old rows gathered for the copy
+            new = _grown(old, num_classes, fresh)
+        if is_partitioned(old.weight):
+            partition(new)  # partitioned like the rest of the model
         base = unwrap(model)
         base = getattr(base, "get_base_model", lambda: base)()
         parent, _, child = self.name.rpartition(".")
@@ -141,6 +135,21 @@ class Head:
             for key, param in params.items():
                 if self.owns(key):
                     copy_rows(param, before[key], untouched)
+
+
+def _grown(old: nn.Linear, num_classes: int, fresh: nn.Linear | None) -> nn.Linear:
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device)
+    new.to(old.weight.dtype)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(old, name) is None:
+                continue
+            target = getattr(new, name)
+            if fresh is not None:
+                target.copy_(getattr(fresh, name).to(target.device, target.dtype))
+            target[: old.out_features] = getattr(old, name)
+            target.requires_grad_(getattr(old, name).requires_grad)
+    return new
 
 
 class NoHead:

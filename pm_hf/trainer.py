@@ -160,11 +160,13 @@ class PerturbationMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model` (the adapter; under FSDP the Trainer saves the sharded model beside it), then, for a
         checkpoint, what else a mid-task resume needs: the fully trained parameters (the head, `modules_to_save`),
-        whole, and this trainer's branch counts and late branch losses. Every rank calls it (FSDP gathers)."""
+        whole (not under DeepSpeed: its own checkpoint holds them), and this trainer's branch counts and late branch
+        losses. Every rank calls it (FSDP gathers)."""
         super().save_model(output_dir, _internal_call)
         if output_dir is None or not _internal_call:
             return
-        tensors = {k: v.cpu().contiguous() for k, v in gather(full_trainable_params(self.model)).items()}
+        trained = {} if self.is_deepspeed_enabled else full_trainable_params(self.model)
+        tensors = {k: v.cpu().contiguous() for k, v in gather(trained).items()}
         late = every_process(self._late_losses)  # each process's own losses: their sums make L_minus and L_0
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)  # under FSDP with sharded state dicts the Trainer writes it later

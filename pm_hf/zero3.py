@@ -124,6 +124,19 @@ def serve(model: nn.Module, engine) -> None:
 
 
 @contextmanager
+def whole_module(module: nn.Module) -> Iterator[None]:
+    """A module's ZeRO-3 parameters gathered whole for reading (a collective); nothing to do for others."""
+    params = [p for p in module.parameters() if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        yield
+
+
+@contextmanager
 def gathered_unless_served(model: nn.Module) -> Iterator[None]:
     """A forward pass on a partitioned model before any engine or `serve` installed ZeRO-3's hooks (a resumed run's
     first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""

@@ -4,7 +4,7 @@ writes what it saw to OUT/rank<r>.json: its alphas, score matrices, Hub calls an
 (S, G) it holds, and (rank 0) the checkpoint's merged weights sit in OUT/run as usual.
 
     python tests/ddp_script.py MODEL_DIR OUT PER_DEVICE_BATCH [push | poison | zero2 | zero3 | sharded]
-        [crash | continue] [k=v ...]
+        [crash | continue] [api] [k=v ...]
 
 `poison`: process 1 alone gets NaN adapter weights after step 1 of task 2 (its loss alone is NaN at step 2); each
 process writes OUT/diverged<r>.json with the error it stopped on and the tasks its checkpoint holds. `zero2`: under
@@ -12,7 +12,8 @@ DeepSpeed ZeRO-2 (its CPU accelerator; see `pm_hf.testing.deepspeed_on_cpu`). `s
 `pm_hf.testing.fsdp_on_cpu`), the tiny BERT's layers and its root (embeddings, pooler, head) sharded. `k=v`: any
 field of the run's arguments (`head_align=prototypes`). `crash`: killed (an exception on every rank) at step `kill_at=N`
 (2) of task 2, writes only OUT/crashed<r>.json with the task's newest checkpoint (give `save_strategy=steps
-save_steps=1`); `continue` resumes that run.
+save_steps=1`); `continue` resumes that run. `api`: the run built by the Python API from class-incremental tasks given
+as datasets (`api_classes=[[0, 1], [2, 3]]`).
 """
 
 import json
@@ -25,6 +26,7 @@ import yaml  # noqa: E402
 from conftest import ZERO2, ZERO3, end_processes, groups  # noqa: E402  (sets the offline switches first)
 from fsdp_script import FirstSteps, Kill, KillAt  # noqa: E402
 from hub_standin import GOOD_TOKEN, FakeHub  # noqa: E402
+from test_api import task  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import pm_hf.hub  # noqa: E402
@@ -64,6 +66,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     push, poison, zero2, zero3, sharded = (flag in flags for flag in ("push", "poison", "zero2", "zero3", "sharded"))
     options = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in flags if "=" in f)}  # e.g. head_align=seen
     kill_at = options.pop("kill_at", 2)
+    api_classes = options.pop("api_classes", [[0, 1], [2, 3]])
     if zero2 or zero3:
         deepspeed_on_cpu()
     if sharded:
@@ -90,7 +93,12 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
             (Path(out) / f"crashed{args[2].process_index}.json").write_text(json.dumps({"checkpoint": found}))
         return
     first = FirstSteps()
-    trainer = ContinualTrainer.from_args(*args, callbacks=[first])
+    if "api" in flags:  # the Python API, every task given up front as datasets (the head sized by them all)
+        tasks = [task(*classes) for classes in api_classes]
+        trainer = ContinualTrainer(model=model_dir, args=args[2], tasks=tasks, lora_args=args[3], fisher_args=args[4],
+                                   merge_args=args[5], callbacks=[first])  # fmt: skip
+    else:
+        trainer = ContinualTrainer.from_args(*args, callbacks=[first])
     results, strategy = trainer.train(resume_from_checkpoint="continue" in flags), trainer.loop.strategy
     state = [*strategy.S.values(), *strategy.G.values(), *trainer.loop.weights.master.values()]
     held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)

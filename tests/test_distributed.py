@@ -6,11 +6,14 @@ own shard, and the ranks' models drifted apart.)"""
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from conftest import checkpoint_tensors, groups, llm_groups, torchrun
+from conftest import DATA, checkpoint_tensors, groups, llm_groups, torchrun
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -45,44 +48,74 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
 
 
 ALIGNED = {"head_align": "prototypes", "head_align_drift": "sdc", "class_groups": [[0, 1], [2, 3]]}
+SETUPS = {"sharded": ("FSDP", "fsdp2"), "zero3": ("DEEPSPEED", "zero3")}
 
 
-@pytest.fixture(scope="module")
-def aligned_one(model_dir, tmp_path_factory):
-    """The 1-process reference (batch 8) of the sharded classifier runs: 2 tasks, the prototype head alignment."""
-    out = tmp_path_factory.mktemp("aligned_one")
-    return out, run_continual(*groups(model_dir, out, per_device_train_batch_size=8, **ALIGNED))
+def one_process(model_dir, out, batch: int, *flags) -> dict:
+    """tests/ddp_script.py in one process (the reference of a 2-process run); returns what it recorded."""
+    script = ROOT / "tests" / "ddp_script.py"
+    done = subprocess.run([sys.executable, str(script), model_dir, str(out), str(batch), *flags],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((Path(out) / "rank0.json").read_text())
 
 
-@pytest.mark.parametrize(("flag", "setup"), [("sharded", ("FSDP", "fsdp2")), ("zero3", ("DEEPSPEED", "zero3"))])
-def test_a_classifier_with_sharded_weights_equals_one_process_with_its_head_sharded_and_aligned(
-    model_dir, aligned_one, tmp_path, flag, setup
-):
-    """The tiny BERT with its weights sharded (FSDP2: its layers and its root, i.e. the embeddings, the trained
-    pooler and the class head; ZeRO-3: every weight partitioned) on 2 processes x batch 4, with the prototype head
-    alignment and drift compensation, against 1 process x batch 8: the same alphas (within 1e-6) and accuracy
-    matrices; task vector norms, merged weights, S, G, the class statistics and the export within float tolerance;
-    the head, refitted by 100 Adam steps on pseudo-features, within 1e-3; each rank holds half of S and G."""
-    options = [f"{k}={json.dumps(v)}" for k, v in ALIGNED.items()]
+def equals_one_process(model_dir, tmp_path, flag: str, *options: str) -> dict:
+    """A classifier run on 2 processes x batch 4 with its weights sharded (`flag`) against 1 process x batch 8: the
+    same alphas (within 1e-6) and score matrices; task vector norms, merged weights, S, G, the callbacks' state and
+    the export within float tolerance (the class head within 1e-3: refitted by 100 Adam steps when aligned); each
+    rank holds half of S and G. Returns rank 0's record."""
     rank0, rank1 = torchrun(model_dir, tmp_path / flag, 4, flag, *options)
-    out, single = aligned_one
-    assert rank0 == rank1 and rank0["distributed"] == {"type": setup[0], "num_processes": 2, "sharding": setup[1]}
+    single = one_process(model_dir, tmp_path / "one", 8, *options)
+    assert rank0 == rank1 and rank0["distributed"] == dict(zip(("type", "num_processes", "sharding"),
+                                                               (SETUPS[flag][0], 2, SETUPS[flag][1])))  # fmt: skip
     assert rank0["state_fraction"] == 0.5 and len(rank0["alphas"]) == 2 and 0 < rank0["alphas"][1] < 1
     for a, b in zip(rank0["alphas"], single["alphas"]):
         assert abs(a - b) < 1e-6, (rank0["alphas"], single["alphas"])
     assert rank0["delta_norms"] == pytest.approx(single["delta_norms"], rel=1e-5)
-    assert rank0["scores"] == single["score_matrices"]
-    two, one = checkpoint_tensors(tmp_path / flag / "run"), checkpoint_tensors(out)
-    assert two.keys() == one.keys() and "callbacks/head_align/scatter" in one and "weights/classifier.weight" in one
-    exported = [
-        load_file(str(p / "merged_adapter" / "adapter_model.safetensors")) for p in (tmp_path / flag / "run", out)
-    ]
-    assert exported[0].keys() == exported[1].keys()
+    assert rank0["scores"] == single["scores"]
+    runs = (tmp_path / flag / "run", tmp_path / "one" / "run")
+    two, one = (checkpoint_tensors(run) for run in runs)
+    exported = [load_file(str(run / "merged_adapter" / "adapter_model.safetensors")) for run in runs]
+    assert two.keys() == one.keys() and exported[0].keys() == exported[1].keys() and "weights/classifier.weight" in one
     for name, (got, ref) in {"checkpoint": (two, one), "export": exported}.items():
         for key in ref:
             scale = ref[key].abs().max().clamp_min(1e-12)
             tolerance = 1e-3 if "classifier." in key else 1e-4
             assert float((got[key] - ref[key]).abs().max() / scale) < tolerance, (name, key)
+    return rank0
+
+
+@pytest.mark.parametrize("flag", SETUPS)
+def test_a_classifier_with_sharded_weights_equals_one_process_with_its_head_sharded_and_aligned(
+    model_dir, tmp_path, flag
+):
+    """The tiny BERT with its weights sharded (FSDP2: its layers and its root, i.e. the embeddings, the trained
+    pooler and the class head; ZeRO-3: every weight partitioned), built by the Python API from two tasks given up
+    front (classes 0 and 7, then 3 and 9: the head grows from 8 to 10 rows before training, partitioned under ZeRO-3,
+    and every task trains rows of both ranks), with the prototype head alignment and drift compensation: it equals
+    the 1-process run (`equals_one_process`)."""
+    align = [f"{k}={v}" for k, v in ALIGNED.items() if k != "class_groups"]
+    rank0 = equals_one_process(model_dir, tmp_path, flag, "api", "api_classes=[[0, 7], [3, 9]]", *align)
+    assert rank0["scores"]["accuracy"][1][1] is not None
+
+
+@pytest.mark.parametrize("flag", [*SETUPS][:1] + [pytest.param("zero3", marks=pytest.mark.slow)])
+def test_a_domain_incremental_classifier_with_sharded_weights_merges_its_shared_head_as_one_process(
+    model_dir, tmp_path, flag
+):
+    """Two domains of the same 4 classes: the head is merged like any parameter, its rows split among the ranks
+    (rows 0-1 on rank 0, 2-3 on rank 1); the run equals the 1-process run (`equals_one_process`). ZeRO-3: `slow`."""
+    frame, test = (pd.read_parquet(DATA / f"{split}.parquet") for split in ("train", "test"))
+    domains = []
+    for d in range(2):
+        folder = tmp_path / f"domain{d}"
+        folder.mkdir()
+        pick = lambda f, d=d: pd.concat([f[f.label == c].iloc[d::2].head(16) for c in range(4)])  # noqa: E731
+        pick(frame).to_parquet(folder / "train.parquet")
+        pick(test).to_parquet(folder / "test.parquet")
+        domains.append({"data_files": {s: str(folder / f"{s}.parquet") for s in ("train", "test")}})
+    equals_one_process(model_dir, tmp_path, flag, "scenario=domain_incremental", f"task_datasets={json.dumps(domains)}")
 
 
 @pytest.mark.slow  # three 2-process launches per setup (about 40 s each)
