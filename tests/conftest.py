@@ -169,6 +169,23 @@ ZERO3 = {
 }  # every weight partitioned
 
 
+def two_domains(folder) -> list[dict]:
+    """Two domains of the same 4 classes (alternate rows of each class), as `task_datasets` entries with their
+    parquet files written under `folder`."""
+    import pandas as pd
+
+    frame, test = (pd.read_parquet(DATA / f"{split}.parquet") for split in ("train", "test"))
+    domains = []
+    for d in range(2):
+        path = Path(folder) / f"domain{d}"
+        path.mkdir(parents=True)
+        pick = lambda f, d=d: pd.concat([f[f.label == c].iloc[d::2].head(16) for c in range(4)])  # noqa: E731
+        pick(frame).to_parquet(path / "train.parquet")
+        pick(test).to_parquet(path / "test.parquet")
+        domains.append({"data_files": {s: str(path / f"{s}.parquet") for s in ("train", "test")}})
+    return domains
+
+
 def groups(model_dir, out, **kw):
     """The six argument groups of a 3-task class-incremental run on the tiny BERT; `kw` overrides any field."""
     from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig

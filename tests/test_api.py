@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_bert
+from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_bert, two_domains
 from peft import PeftModel
 from sklearn.metrics import f1_score
 
@@ -138,16 +138,7 @@ def test_hub_loading_options_reach_from_pretrained(model_dir, tmp_path, monkeypa
 
 def test_domain_incremental_runs_end_to_end_and_merges_the_shared_head(model_dir, tmp_path):
     """Two domains of the same 4 classes: one head, merged like any parameter (the same alpha)."""
-    frame = pd.read_parquet(DATA / "train.parquet")
-    test = pd.read_parquet(DATA / "test.parquet")
-    domains = []
-    for d in range(2):
-        folder = tmp_path / f"domain{d}"
-        folder.mkdir()
-        pick = lambda f, d=d: pd.concat([f[f.label == c].iloc[d::2].head(16) for c in range(4)])  # noqa: E731
-        pick(frame).to_parquet(folder / "train.parquet")
-        pick(test).to_parquet(folder / "test.parquet")
-        domains.append({"data_files": {s: str(folder / f"{s}.parquet") for s in ("train", "test")}})
+    domains = two_domains(tmp_path)
 
     class HeadAround(Recorder):
         def on_task_begin(self, t, model, task):

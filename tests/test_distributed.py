@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
-from conftest import DATA, checkpoint_tensors, groups, llm_groups, torchrun
+from conftest import checkpoint_tensors, groups, llm_groups, torchrun, two_domains
 from datasets import Dataset
 from safetensors.torch import load_file
 
@@ -106,15 +105,7 @@ def test_a_domain_incremental_classifier_with_sharded_weights_merges_its_shared_
 ):
     """Two domains of the same 4 classes: the head is merged like any parameter, its rows split among the ranks
     (rows 0-1 on rank 0, 2-3 on rank 1); the run equals the 1-process run (`equals_one_process`). ZeRO-3: `slow`."""
-    frame, test = (pd.read_parquet(DATA / f"{split}.parquet") for split in ("train", "test"))
-    domains = []
-    for d in range(2):
-        folder = tmp_path / f"domain{d}"
-        folder.mkdir()
-        pick = lambda f, d=d: pd.concat([f[f.label == c].iloc[d::2].head(16) for c in range(4)])  # noqa: E731
-        pick(frame).to_parquet(folder / "train.parquet")
-        pick(test).to_parquet(folder / "test.parquet")
-        domains.append({"data_files": {s: str(folder / f"{s}.parquet") for s in ("train", "test")}})
+    domains = two_domains(tmp_path)
     equals_one_process(model_dir, tmp_path, flag, "scenario=domain_incremental", f"task_datasets={json.dumps(domains)}")
 
 
