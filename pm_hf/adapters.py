@@ -134,11 +134,13 @@ def active_adapter(model: nn.Module) -> str:
 def full_trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable parameters that are not LoRA factors (fully trained modules, heads), by merge key (a ZeRO-3
     parameter as the rows its partition holds, `presented`)."""
-    return {
-        strip_prefix(n): presented(p)
-        for n, p in unwrap(model).named_parameters()
-        if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n
-    }
+    return {strip_prefix(n): presented(p) for n, p in _fully_trained(model)}
+
+
+def _fully_trained(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for n, p in unwrap(model).named_parameters():
+        if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n:
+            yield n, p
 
 
 def presented(param: torch.Tensor) -> torch.Tensor:
@@ -369,9 +371,7 @@ def merge_key_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The shape of every LoRA-adapted layer's base weight and of every fully trained parameter, by merge key (a
     ZeRO-3 weight's own, not its empty local data)."""
     out = {key: _shape(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
-    trained = (n for n, p in unwrap(model).named_parameters() if p.requires_grad and ".lora_" not in n)
-    params = dict(unwrap(model).named_parameters())
-    return {**out, **{strip_prefix(n): _shape(params[n]) for n in trained if "lora_magnitude" not in n}}
+    return {**out, **{strip_prefix(n): _shape(p) for n, p in _fully_trained(model)}}
 
 
 def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], name: str) -> None:

@@ -115,8 +115,10 @@ def assemble(
     model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
     if partitions_weights(args) and (low_rank or uses_fan_in_fan_out(model)):
         raise invalid(*sharding_field(args), "a quantized base or Conv1D layers (GPT-2) are not sharded yet.")
-    uneven = {k: s for k, s in merge_key_shapes(model).items() if not s or s[0] % args.world_size}
-    if zero_stage(args) == 3 and uneven:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.zero3.rows`)
+    uneven = zero_stage(args) == 3 and {
+        k: s for k, s in merge_key_shapes(model).items() if not s or s[0] % args.world_size
+    }
+    if uneven:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.zero3.rows`)
         fix = f"the rows of {next(iter(uneven.items()))} do not divide among {args.world_size} processes: use FSDP2 "
         raise invalid(*sharding_field(args), fix + "or a number of processes that divides them.")
     config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)

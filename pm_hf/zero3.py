@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -136,17 +136,10 @@ def whole_module(module: nn.Module) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def gathered_unless_served(model: nn.Module) -> Iterator[None]:
+def gathered_unless_served(model: nn.Module):
     """A forward pass on a partitioned model before any engine or `serve` installed ZeRO-3's hooks (a resumed run's
     first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""
-    if not partitioned(model) or getattr(model, "_pm_hf_zero3", None) is not None:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        yield
+    return nullcontext() if getattr(model, "_pm_hf_zero3", None) is not None else whole_module(model)
 
 
 def unserve(model: nn.Module) -> None:
