@@ -491,6 +491,24 @@ def ensure_assets(suite: str, threads: int) -> None:
     module.pretrain(folder, threads=threads)
 
 
+def base_weights_sha256(model: str) -> str:
+    """sha256 over the weight files (*.safetensors, *.bin, *.gguf) of the run's base model folder (a Hub id resolved
+    through the HF cache), so that a committed run names the exact weights it started from."""
+    from pm_hf.fileio import file_digest
+    from pm_hf.models import resolve_model_path
+
+    folder = Path(resolve_model_path(model)).expanduser()
+    if not folder.is_dir():  # a Hub id: its snapshot in the HF cache (`make install` seeds the offline ones)
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - reported as unresolved in the run's JSON
+            return f"unresolved:{model}"
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")] if folder.is_dir() else []
+    return file_digest(files) if files else f"unresolved:{model}"
+
+
 def _overrides(values: dict) -> list[str]:
     out = []
     for key, value in values.items():
@@ -534,6 +552,7 @@ def run_accuracy(
                 description=table[method][1],
                 config=str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
                 wall_s=time.perf_counter() - start,
+                base_weights_sha256=base_weights_sha256(groups[0].model_name_or_path),
             )
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".json.tmp")
