@@ -41,7 +41,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(model_dir, tmp_path)
         for key in one:
             if key.startswith("weights/"):
                 scale = one[key].abs().max().clamp_min(1e-12)
-                assert float((two[key] - one[key]).abs().max() / scale) < 1e-5, (flags, key)
+                assert float((two[key] - one[key]).abs().max() / scale) < 5e-5, (flags, key)
         assert rank0["distributed"] == {"type": setup[0], "num_processes": 2, "sharding": setup[1]}
     assert single["distributed"] == {"type": "NO", "num_processes": 1, "sharding": "none"}
 
