@@ -1,4 +1,4 @@
-"""The merge coefficient across the class-incremental suites (README, "The merge coefficient"): mean ACC of the
+"""The merge coefficient across the class-incremental suites (docs/results.md, "The merge coefficient"): mean ACC of the
 alpha rules that share the recommended head treatment, the bars the recommended preset has to meet on every suite,
 and how well the quadratic model predicts the loss increase of a merge, raw and calibrated. Reads the committed
 per-run JSON under `results/<suite>/runs/`; runs nothing.

@@ -1,4 +1,4 @@
-"""Benchmarks of pm_hf (README, Results). Ratios are measured side by side in one run; medians.
+"""Benchmarks of pm_hf (docs/results.md). Ratios are measured side by side in one run; medians.
 
     python scripts/benchmark.py cost [--quick] [--out results/cost]
     python scripts/benchmark.py text-cil|vision-cil [--methods pm seq ...] [--seeds 3] [--out results/<suite>]
@@ -7,7 +7,8 @@ Accuracy suites: every (method, seed) is one `pm-hf train` run of `configs/bench
 overrides (`METHODS`); finished runs are skipped (the suite is resumable, an interrupted run resumes from its last
 task). Per run a compact JSON goes to `<out>/runs/<method>/seed<k>.json` (committed); checkpoints and adapters stay
 in `outputs/bench/<suite>/` (not committed). `<out>/summary.json`, `<out>/table.md` (mean +- std over seeds of ACC,
-AAA, BWT, forgetting, within-task ACC, alpha per task) and `<out>/curves.png` are rebuilt from all finished runs.
+AAA, BWT, forgetting, within-task ACC, alpha per task) and `<out>/curves.png` are rebuilt from all finished runs;
+`--docs` also copies the table into docs/results.md, between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->`.
 
 `cost`: PM / plain Trainer step rate, Fisher pass / one epoch, alpha + merge / task training, and the growth of the
 saved continual state and of RSS from task 2 to task 10. The last stdout line is one JSON object with the figures;
@@ -638,18 +639,21 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
     return summary
 
 
-def update_readme(suite: str, out: Path, readme: Path = ROOT / "README.md") -> bool:
-    """Replace the README block between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->` by table.md."""
+RESULTS_DOC = ROOT / "docs" / "results.md"
+
+
+def update_results_doc(suite: str, out: Path, doc: Path = RESULTS_DOC) -> bool:
+    """Replace the block of `doc` between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->` by table.md."""
     start, end = f"<!-- results:{suite} -->", f"<!-- /results:{suite} -->"
-    text = readme.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     table = (out / "table.md").read_text(encoding="utf-8").strip()
-    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp = doc.with_name(f".{doc.name}.tmp")
     tmp.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
-    os.replace(tmp, readme)
+    os.replace(tmp, doc)
     return True
 
 
@@ -665,7 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--work", default=None, help="run folders (default: outputs/bench/<suite>)")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild table/plot from finished runs")
-    parser.add_argument("--readme", action="store_true", help="also write the table into README.md's results block")
+    parser.add_argument(
+        "--docs", "--readme", dest="docs", action="store_true", help="also write the table into docs/results.md"
+    )
     parser.add_argument(
         "--threads", type=int, default=THREADS, help="torch threads (1 when sharing 2 cores with another job)"
     )
@@ -685,8 +691,8 @@ def main(argv: list[str] | None = None) -> None:
                 SUITES[args.suite], methods, list(range(args.first_seed, args.seeds)), out, work, {"disable_tqdm": True}
             )
         summary = summarize_accuracy(out)
-        if args.readme and not update_readme(args.suite, out):
-            print(f"README.md has no <!-- results:{args.suite} --> block; not updated")
+        if args.docs and not update_results_doc(args.suite, out):
+            print(f"{RESULTS_DOC.relative_to(ROOT)} has no <!-- results:{args.suite} --> block; not updated")
         print((out / "table.md").read_text())
         print(json.dumps({m: round(r["acc"]["mean"], 4) for m, r in summary.items()}))
         return

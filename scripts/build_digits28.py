@@ -1,6 +1,6 @@
 """Build `data/digits28`: scikit-learn's bundled digits (8x8, values 0..16) upsampled to 28x28 grayscale PNGs.
 
-The images of the `vision-cil` accuracy suite (README, Results): the same size and layout as the
+The images of the `vision-cil` accuracy suite (docs/results.md): the same size and layout as the
 Animal-MNIST images the suite's ViT was pretrained on (scripts/pretrain_vit_animal_mnist.py), so no resize is needed.
 
 Each 8x8 image is scaled to 0..255 (x * 255 / 16), upsampled with bilinear interpolation

@@ -1,4 +1,4 @@
-"""2 processes against 1 with the same global batch (README, "Several processes"): `configs/ci_tiny.yaml` (the tiny
+"""2 processes against 1 with the same global batch (docs/distributed.md, "DDP"): `configs/ci_tiny.yaml` (the tiny
 BERT of data/tiny-bert, 2 tasks; `--num_tasks` for more) run by `torchrun --nproc_per_node 2` on CPU (gloo) with
 per-device batch B and by one process with batch 2B; prints the largest |alpha difference| per task, the largest
 relative difference of the merged weights (checkpoint `weights/`), and the setup each run recorded.

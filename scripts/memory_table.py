@@ -1,15 +1,15 @@
-"""The continual state's memory per rank (README, "Memory"): for model shapes built on the meta device (no weights
-are allocated), what `pm` keeps next to the model — S and G (`accumulator_dtype`), the fp32 master copy of the
-adapted weights (kept when the model is not fp32), and, while a task is merged, its Fisher and its dense task vector
-— against the model's bf16 adapted part, for 1 and 8 ranks, under the settings that exist: the default, S and G in
-bf16, and CPU offload (`accumulator_device: cpu`, `fisher_device: cpu`: S, G, the master, the Fisher and the task
-vector live in host memory and the accelerator holds one layer's transient tensors at a time). The same formula is
-checked against the tensors a real run holds (a tiny bf16 Llama, `--check`).
+"""The continual state's memory per rank (docs/distributed.md, "Memory"): for model shapes built on the meta device (no
+weights are allocated), what `pm` keeps next to the model — S and G (`accumulator_dtype`), the fp32 master copy of the
+adapted weights (kept when the model is not fp32), and, while a task is merged, its Fisher and its dense task vector —
+against the model's bf16 adapted part, for 1 and 8 ranks, under the settings that exist: the default, S and G in bf16,
+and CPU offload (`accumulator_device: cpu`, `fisher_device: cpu`: S, G, the master, the Fisher and the task vector live
+in host memory and the accelerator holds one layer's transient tensors at a time). The same formula is checked against
+the tensors a real run holds (a tiny bf16 Llama, `--check`).
 
     python scripts/memory_table.py [--check] [--markdown]
 
-Under FSDP2 and ZeRO-3 (see README) S, G, the master copy, the Fisher and the task vector are sharded like the
-weights they shadow, so every figure divides by the number of ranks (the "FSDP2, 8 ranks" columns); a 2-process run
+Under FSDP2 and ZeRO-3 (see docs/distributed.md) S, G, the master copy, the Fisher and the task vector are sharded like
+the weights they shadow, so every figure divides by the number of ranks (the "FSDP2, 8 ranks" columns); a 2-process run
 holds exactly half of S and G per rank (`tests/test_distributed.py`). Under DDP every rank holds the whole state.
 """
 

@@ -1,4 +1,4 @@
-"""Pretrain a small ViT on Animal-MNIST: the backbone of the `vision-cil` accuracy suite (README, Results).
+"""Pretrain a small ViT on Animal-MNIST: the backbone of the `vision-cil` accuracy suite (docs/results.md).
 
 No pretrained ViT loads offline here, so the project trains its own: a 4-layer `ViTForImageClassification` (28x28
 grayscale, patch 7, hidden 96, ~0.3M parameters, ~1.2 MB) trained from scratch with a plain torch loop on the 10,000

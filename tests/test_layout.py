@@ -101,6 +101,7 @@ def test_cited_documents_exist_inside_the_repository():
     for path in [
         *PACKAGE.rglob("*.py"),
         ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
         *(p for p in (ROOT / "configs").rglob("*") if p.is_file()),
     ]:
         text = path.read_text()
