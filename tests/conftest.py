@@ -48,6 +48,32 @@ from pm_hf.testing import tiny_bert_folder, tiny_tokenizer  # noqa: E402, F401  
 
 torch.set_num_threads(2)
 
+# Test tiers (markers registered in pyproject.toml). A test's tier follows from what it runs, so no test file has to
+# carry the marker: `distributed` = it launches several processes (torchrun or spawned gloo groups); `unit` = it is in
+# a module of small pure functions checked by hand (math, layout, parsing: no training run); `integration` = the rest
+# (tiny models trained end to end). `slow` is set by hand on heavy runs and stays out of `make test`.
+UNIT_MODULES = {
+    "test_calibration", "test_fisher", "test_layout", "test_memory", "test_merge", "test_metrics", "test_strategies",
+    "test_zero3",
+}  # fmt: skip
+LAUNCHES = ("torchrun(", "on_two_processes(", "one_process(")
+RUNS = ("run_continual(", "build_loop(", ".train(", "main([")  # a training run or a command in this process
+
+
+def _tier(item) -> str:
+    import inspect
+
+    source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+    if any(launch in source for launch in LAUNCHES):
+        return "distributed"
+    trains = any(run in source for run in RUNS) or {"model_dir", "llm_dir"} & set(item.fixturenames)
+    return "unit" if item.module.__name__ in UNIT_MODULES and not trains else "integration"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(_tier(item))
+
 
 def tiny_bert(num_labels: int = 4, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
