@@ -108,7 +108,8 @@ def _plan(data_args: DataArguments, sources: list[Source]) -> tuple[list[_Plan],
     label_names = [names.get(c, str(c)) for c in range(num_classes)]
     for plan in plans:
         classes = [c + plan.offset for c in plan.local_classes]
-        plan.name += sources[plan.source_index].short if domain else _summary(classes, label_names)
+        short = sources[plan.source_index].short  # a multi-dataset stream's task names its dataset
+        plan.name += short if domain else f"{short} ({_summary(classes, label_names)})"
     return plans, num_classes, label_names
 
 

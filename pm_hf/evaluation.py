@@ -60,6 +60,11 @@ class Evaluator:
         """The primary score of one task's eval split."""
         return self.scores(task, seen)[self.primary]
 
+    def pre_merge(self, task, seen: list[int]) -> tuple[float, float | None]:
+        """The primary score of a task just trained, over the seen classes, and its accuracy within its own classes
+        (None: this evaluator has no classes)."""
+        return self.score(task, seen), None
+
     def evaluate_seen(self, tasks: Sequence) -> dict[str, list[float]]:
         """Every score of every task in `tasks` (tasks 0..t), predicting over all classes they hold: row t of each
         score matrix."""
@@ -107,6 +112,13 @@ class ClassifierEvaluator(Evaluator):
 
     def score(self, task, seen):
         return self.accuracy(task.eval, seen)
+
+    def pre_merge(self, task, seen):
+        """From one pass: the logits masked to the seen classes, then restricted to the task's own (a subset)."""
+        logits, labels = self._logits(task.eval, seen), np.asarray(task.eval["labels"])
+        own = np.asarray(task.classes)
+        within = own[logits[:, own].argmax(-1)]
+        return float((logits.argmax(-1) == labels).mean()), float((within == labels).mean())
 
 
 def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Dataset], np.ndarray]:

@@ -32,6 +32,7 @@ from .alignment import HeadAlignment
 from .callbacks import CallbackList, ContinualCallback
 from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, state_files
 from .checks import check_finite, invalid
+from .diagnostics import learning_warnings, training_losses
 from .config import FisherArguments, PMConfig
 from .evaluation import seen_classes
 from .export import (
@@ -130,7 +131,7 @@ class ContinualLoop:
         before = self.follow_sharding(before)
         self.callbacks.call("on_train_end", t, self.model, task)
         delta_norm = task_vector_norm(self.model)
-        pre = self.evaluator.score(task, seen_classes(self.stream.tasks[: t + 1]))  # plasticity, before the merge
+        pre, within = self.evaluator.pre_merge(task, seen_classes(self.stream.tasks[: t + 1]))  # before the merge
         # task vector: new classes' head rows are taken as trained, other classes' rows restored exactly
         with timer("merge"):
             merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
@@ -151,12 +152,17 @@ class ContinualLoop:
         # log
         entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
         losses = {str(b): v for b, v in trainer.branch_losses().items()} if hasattr(trainer, "branch_losses") else None
-        entry.update(measured, calibration=plan.calibration, branch_losses=losses)
+        entry.update(measured, calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
+        entry["train_losses"] = training_losses(trainer.state.log_history)  # as logged: one per logging window
+        entry["warnings"] = learning_warnings(task.name, within, len(task.classes), entry["train_losses"])
+        for warning in entry["warnings"]:
+            logger.warning(warning)
         self.callbacks.call("on_task_end", t, self.model, entry)
         self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
         row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
         trainer.log({"continual/task": t, "continual/alpha": plan.choice.alpha, "continual/pre_merge_acc": pre,
-                     "continual/acc_seen": seen_accuracy(row, sizes), "continual/delta_norm": delta_norm})  # fmt: skip
+                     "continual/acc_seen": seen_accuracy(row, sizes), "continual/delta_norm": delta_norm,
+                     "continual/learning_warnings": len(entry["warnings"])})  # fmt: skip
         return entry
 
     def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:

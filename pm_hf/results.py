@@ -27,6 +27,8 @@ PER_TASK = {
     "alphas": "alpha",
     "alphas_raw": "alpha_raw",
     "pre_merge_acc": "pre_merge_acc",
+    "pre_merge_til_acc": "pre_merge_til_acc",
+    "train_losses": "train_losses",
     "oracle_scores": "oracle_scores",
     "alpha_terms": "terms",
     "delta_norms": "delta_norm",
@@ -105,6 +107,7 @@ def results_dict(log: list[dict], eval_sizes: list[int], primary: str, config: d
         out["til_accuracy_matrix"] = matrices["til_accuracy"]
         out["til_acc"] = metrics.summarize(_as_nan(matrices["til_accuracy"]))["acc"]
     out.update({key: [e.get(name) for e in log] for key, name in PER_TASK.items()})
+    out["warnings"] = [warning for e in log for warning in e.get("warnings", [])]  # tasks that did not learn
     out.update({"peak_rss_mb": _peak_rss_mb(), "eval_sizes": sizes, "config": config, "output_dir": output_dir})
     return out
 

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "pm_hf"
 LAYERS = [
     ["zero3"],
     ["sharding"],
-    ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
+    ["fileio", "timing", "perturb", "images", "checks", "testing", "card", "diagnostics"],
     ["launch"],
     ["training_args", "arguments"],
     ["config", "metrics", "presets", "rundir"],

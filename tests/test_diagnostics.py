@@ -1,0 +1,51 @@
+"""A task that did not learn is said so: the chance and loss rules by hand, then a run whose loss cannot fall."""
+
+import json
+
+from conftest import groups
+
+from pm_hf.continual import run_continual
+from pm_hf.diagnostics import learning_warnings, loss_fell, near_chance, training_losses
+
+
+def test_near_chance_is_a_quarter_of_the_way_from_chance_to_perfect():
+    # 5 classes: chance 0.2, the line at 0.2 + 0.25 * 0.8 = 0.4; 2 classes: 0.5 + 0.25 * 0.5 = 0.625
+    assert near_chance(0.28, 5) and near_chance(0.399, 5) and not near_chance(0.40, 5)
+    assert near_chance(0.6, 2) and not near_chance(0.625, 2) and not near_chance(0.95, 2)
+
+
+def test_the_loss_fell_when_its_last_logged_value_is_5_percent_under_its_first():
+    assert loss_fell([2.0, 1.0]) and loss_fell([1.0, 1.2, 0.95])
+    assert loss_fell([1.0, 0.96]) is False and loss_fell([1.0, 1.1]) is False
+    assert loss_fell([1.0]) is None and loss_fell([]) is None
+
+
+def test_training_losses_are_the_logged_ones_in_order():
+    history = [{"loss": 2.0, "step": 1}, {"eval_loss": 9.0}, {"loss": 1.5, "step": 2}, {"train_runtime": 3.0}]
+    assert training_losses(history) == [2.0, 1.5]
+
+
+def test_the_warnings_name_the_task_and_its_figures():
+    bad = learning_warnings("task_1: sst5", 0.24, 5, [1.61, 1.60])
+    assert len(bad) == 2 and all(w.startswith("task_1: sst5") for w in bad)
+    assert "24.0%" in bad[0] and "chance 20.0%" in bad[0] and "learning rate" in bad[0]
+    assert "1.61 -> 1.6" in bad[1]
+    assert learning_warnings("task_0", 0.9, 5, [1.6, 0.3]) == []
+    assert learning_warnings("task_0", None, 0, [1.6]) == []  # instruction tuning, one logged loss: nothing to say
+
+
+def test_a_task_whose_loss_cannot_fall_is_named_in_results_json(model_dir, tmp_path):
+    """A learning rate of 1e-12 and one full batch per epoch: every logged loss is the same number to float precision,
+    so the rule must fire on every task; the per-task figures and the warnings agree with the rule applied to them."""
+    out = tmp_path / "run"
+    config = groups(model_dir, out, learning_rate=1e-12, num_train_epochs=2, logging_steps=1,
+                    class_groups=[[0, 1], [2, 3]], max_train_samples_per_class=4)  # fmt: skip
+    run_continual(*config)
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["warnings"]) >= 2
+    for t, name in enumerate(results["tasks"]):
+        losses = results["train_losses"][t]
+        assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-4 * losses[0]
+        expected = learning_warnings(name, results["pre_merge_til_acc"][t], 2, losses)
+        assert any("did not fall" in w for w in expected)
+        assert all(w in results["warnings"] for w in expected)
