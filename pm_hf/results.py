@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import resource
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,8 +109,20 @@ def results_dict(log: list[dict], eval_sizes: list[int], primary: str, config: d
     return out
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB: `resource` where there is one (POSIX), else psutil's peak working
+    set (Windows), else None."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows only
+        return None if peak is None else peak / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 
 
 def write_outputs(out_dir: Path, results: dict) -> None:
