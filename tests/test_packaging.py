@@ -105,3 +105,23 @@ def test_public_names_resolve():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         pm_hf.nope  # noqa: B018
+
+
+def test_a_run_without_deepspeed_neither_imports_it_nor_warns_about_peft(tmp_path):
+    """A Trainer built and a LoRA adapter attached, as a run without DeepSpeed does: deepspeed stays unimported (no
+    "Setting accelerator to CPU" line) and PEFT's read of `is_gradient_checkpointing` prints no FutureWarning."""
+    code = f"""
+import sys
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+from pm_hf.adapters import attach_lora
+from pm_hf.config import LoraArguments
+import pm_hf.launch  # noqa: F401 (imported by every run)
+model = AutoModelForSequenceClassification.from_pretrained({str(ROOT / "data" / "tiny-bert")!r}, num_labels=2)
+model = attach_lora(model, LoraArguments(r=2, target_modules=["query", "value"]), trainable_modules=["classifier"])
+args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, use_cpu=True, report_to="none")
+Trainer(model=model, args=args)
+assert "deepspeed" not in sys.modules, "a run without DeepSpeed imported it"
+"""
+    proc = _python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "is_gradient_checkpointing" not in proc.stderr and "Setting accelerator" not in proc.stdout + proc.stderr
