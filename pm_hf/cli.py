@@ -13,7 +13,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DivergenceError, InputError, NonFiniteError, invalid
+from .errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
 from .usage import USAGE, ArgParser, did_you_mean, train_help
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
@@ -63,11 +63,11 @@ def _end_processes() -> None:
 @contextlib.contextmanager
 def _errors(debug: bool):
     """Bad input: `pm-hf: error: <field> = <value>: <fix>`, exit 2, nothing written. A diverged or non-finite run:
-    its message, exit 1, the last checkpoint intact. `--debug` shows the traceback instead; anything else (a bug)
-    keeps its traceback."""
+    its message, exit 1, the last checkpoint intact; so is a missing optional extra (`pip install 'pm_hf[...]'`).
+    `--debug` shows the traceback instead; anything else (a bug) keeps its traceback."""
     try:
         yield
-    except (InputError, NonFiniteError, DivergenceError) as err:
+    except (InputError, NonFiniteError, DivergenceError, MissingExtraError) as err:
         if debug:
             raise
         _fail(" ".join(str(err).split()), code=2 if isinstance(err, InputError) else 1)

@@ -27,3 +27,17 @@ def _show(value: Any) -> str:
 def invalid(name: str, value: Any, fix: str) -> InputError:
     """The error for a bad value: `<field> = <value>: <fix>`."""
     return InputError(f"{name} = {_show(value)}: {fix}")
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed: the message names the extra that installs it."""
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Raise `MissingExtraError` unless every one of `modules` can be imported (checked without importing them)."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        names = ", ".join(missing)
+        raise MissingExtraError(f"{what} needs {names}, not installed: pip install 'pm_hf[{extra}]'.")

@@ -9,6 +9,7 @@ score. Summaries follow `pm_hf.metrics` (ACC, AAA sample-weighted over the tasks
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ from . import metrics
 from .evaluation import LOWER_IS_BETTER
 from .fileio import atomic_write_text
 from .strategies import MergePlan
+
+logger = logging.getLogger(__name__)
 
 # per-task log keys copied to results.json lists (results key -> log key)
 PER_TASK = {
@@ -129,6 +132,9 @@ def write_outputs(out_dir: Path, results: dict) -> None:
     """results.json and the plots: the primary score's matrix, every other LM score's, and the seen-score curve."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=float))
+    if not metrics.can_plot():
+        logger.warning("No plots in %s: matplotlib is not installed (pip install 'pm_hf[plots]').", out_dir)
+        return
     R = _as_nan(results["accuracy_matrix"])
     metrics.plot_accuracy_matrix(R, out_dir / "accuracy_matrix.png", title="R[t][j]")
     for name, matrix in results["score_matrices"].items():

@@ -125,3 +125,24 @@ assert "deepspeed" not in sys.modules, "a run without DeepSpeed imported it"
     proc = _python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "is_gradient_checkpointing" not in proc.stderr and "Setting accelerator" not in proc.stdout + proc.stderr
+
+
+def test_plots_without_matplotlib_name_the_extra_and_a_run_still_writes_its_results(tmp_path, monkeypatch, caplog):
+    from pm_hf import metrics, results
+    from pm_hf.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtraError, match=r"matplotlib, not installed: pip install 'pm_hf\[plots\]'"):
+        metrics.plot_accuracy_matrix([[0.5]], tmp_path / "matrix.png")
+    results.write_outputs(tmp_path, {"accuracy_matrix": [[0.5]]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert "pm_hf[plots]" in caplog.text
+
+
+def test_generation_scores_without_rouge_score_name_the_extra_before_training(monkeypatch):
+    from pm_hf.errors import MissingExtraError
+    from pm_hf.evaluation import CausalLMEvaluator
+
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    with pytest.raises(MissingExtraError, match=r"rouge_score, not installed: pip install 'pm_hf\[text-metrics\]'"):
+        CausalLMEvaluator(None, None, None, batch_size=1, max_new_tokens=1, primary="rougeL")
