@@ -8,13 +8,16 @@ end-of-run summary is `pm_hf.results.format_results`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
-from .usage import USAGE, ArgParser, did_you_mean, train_help
+from .usage import USAGE, ArgParser, did_you_mean
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
 # a command once its arguments are read, so `pm-hf --help` and every subcommand's `--help` answer at once.
@@ -24,6 +27,51 @@ def _is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+HELP_CACHE = Path("~/.cache/pm_hf/help")
+
+
+def _help_key() -> str:
+    """What the `train` help depends on: pm_hf's sources (the argument dataclasses, presets), the installed
+    transformers (TrainingArguments' fields), this interpreter and the terminal width (argparse wraps to it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    try:
+        digest.update(version("transformers").encode())
+    except PackageNotFoundError:
+        pass
+    digest.update(f"{sys.version}|{sys.prefix}|{shutil.get_terminal_size().columns}".encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def train_help(cache: Path = HELP_CACHE) -> str:
+    """The text of `pm-hf train --help`. Its ~200 fields come from `TrainingArguments`, whose import takes seconds, so
+    the text is kept in `cache` (default ~/.cache/pm_hf/help) under a key of everything it depends on: the first call
+    builds it, later ones read it without importing torch or transformers (an unwritable cache costs the rebuild)."""
+    try:
+        path = cache.expanduser() / f"train-{_help_key()}.txt"
+    except RuntimeError:  # no home folder
+        path = None
+    if path is not None and path.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return path.read_text(encoding="utf-8")
+    from .parsing import build_parser
+
+    text = build_parser(cli_options=True).format_help()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+            for old in path.parent.glob("train-*.txt"):  # the texts of older sources or versions
+                if old != path:
+                    old.unlink(missing_ok=True)
+    return text
 
 
 def _train(argv: list[str]) -> int:

@@ -1,18 +1,13 @@
-"""What `pm-hf` shows before any work: the usage text, a parser whose errors are `InputError`s, and the help of
-`pm-hf train`. Stdlib and `pm_hf.errors` only: no torch or transformers, so `pm-hf --help` and every subcommand's
-`--help` answer at once (`pm_hf.parsing` builds the full `train` parser from the argument dataclasses)."""
+"""What `pm-hf` shows before any work: the usage text and a parser whose errors are `InputError`s. Stdlib and
+`pm_hf.errors` only: no torch or transformers, so `pm-hf --help` and every subcommand's `--help` answer at once
+(`pm_hf.parsing` builds the full `train` parser from the argument dataclasses)."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
-import os
 import re
-import shutil
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from .errors import InputError, invalid
 
@@ -68,48 +63,3 @@ class ArgParser(InputErrors, argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
-
-
-def _help_cache_key() -> str:
-    """What the `train` help depends on: pm_hf's sources (the argument dataclasses, presets), the installed
-    transformers (TrainingArguments' fields), this interpreter and the terminal width (argparse wraps to it)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    digest = hashlib.sha256()
-    try:
-        digest.update(version("transformers").encode())
-    except PackageNotFoundError:
-        pass
-    digest.update(f"{sys.version}|{sys.prefix}|{shutil.get_terminal_size().columns}".encode())
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def help_cache_dir() -> Path:
-    return Path(os.environ.get("PM_HF_CACHE") or Path.home() / ".cache" / "pm_hf") / "help"
-
-
-def train_help() -> str:
-    """The text of `pm-hf train --help`. Its ~200 fields come from `TrainingArguments`, whose import takes seconds, so
-    the text is kept in `${PM_HF_CACHE:-~/.cache/pm_hf}/help/` under a key of everything it depends on: the first
-    call builds it, later ones read it (an unwritable cache only costs the rebuild)."""
-    path = help_cache_dir() / f"train-{_help_cache_key()}.txt"
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        pass
-    from .parsing import build_parser
-
-    text = build_parser(cli_options=True).format_help()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        for old in path.parent.glob("train-*.txt"):  # texts of older sources or versions
-            if old != path:
-                old.unlink(missing_ok=True)
-    except OSError:
-        pass
-    return text

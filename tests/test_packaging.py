@@ -16,7 +16,7 @@ HEAVY = ("torch", "transformers", "peft", "datasets", "accelerate", "deepspeed",
 
 
 def _python(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PM_HF_CACHE": str(tmp_path / "cache"), "COLUMNS": "100", **env}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path / "home"), "COLUMNS": "100", **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -42,15 +42,15 @@ def test_help_imports_no_heavy_library(argv, tmp_path):
 
 def test_train_help_is_kept_and_then_read_without_heavy_libraries(tmp_path, monkeypatch):
     """`pm-hf train --help` lists TrainingArguments' fields, which takes transformers: the first call keeps the text
-    (under PM_HF_CACHE), later ones print it without importing anything heavy."""
-    monkeypatch.setenv("PM_HF_CACHE", str(tmp_path / "cache"))
+    (in ~/.cache/pm_hf/help), later ones print it without importing anything heavy."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "100")
+    from pm_hf.cli import train_help
     from pm_hf.parsing import build_parser
-    from pm_hf.usage import train_help
 
     text = train_help()
     assert text == build_parser(cli_options=True).format_help()
-    assert len(list((tmp_path / "cache" / "help").glob("train-*.txt"))) == 1
+    assert len(list((tmp_path / "home" / ".cache" / "pm_hf" / "help").glob("train-*.txt"))) == 1
     proc = _python(LOADED_AFTER_HELP.format(argv=["train", "--help"], heavy=HEAVY), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == text and "TrainingArguments (inherited)" in proc.stdout
