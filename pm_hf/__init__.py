@@ -8,11 +8,17 @@ weights), `merge_task` with a strategy from `pm_hf.strategies` (closed-form alph
 is in `pm_hf.merge`, the PEFT plumbing in `pm_hf.adapters`; docs/method.md is the specification.
 """
 
-from .callbacks import ContinualCallback
-from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from .fisher import estimate_fisher
-from .strategies import build_strategy, merge_task
-from .trainer import PMTrainer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` below imports each name on first use
+    from .callbacks import ContinualCallback
+    from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+    from .continual import ContinualTrainer, run_continual
+    from .fisher import estimate_fisher
+    from .posthoc import merge_adapters
+    from .runs import evaluate_export, export_run_dir, load_export, push_run_dir
+    from .strategies import build_strategy, merge_task
+    from .trainer import PMTrainer
 
 __version__ = "0.2.0"
 __all__ = [
@@ -35,20 +41,39 @@ __all__ = [
     "push_run_dir",
     "run_continual",
 ]
-LAZY = {  # name -> module: the loop imports datasets and the evaluation stack, so these load on first use
+# name -> the module that defines it. Importing `pm_hf` loads none of them (nor torch or transformers), so
+# `pm-hf --help` and light tools stay fast; each loads on first use, e.g. `from pm_hf import PMConfig`.
+LAZY = {
+    "ContinualCallback": "callbacks",
     "ContinualTrainer": "continual",
-    "run_continual": "continual",
-    "export_run_dir": "runs",
-    "push_run_dir": "runs",
+    "DataArguments": "config",
+    "FisherArguments": "config",
+    "LoraArguments": "config",
+    "MergeArguments": "config",
+    "ModelArguments": "config",
+    "PMConfig": "config",
+    "PMTrainer": "trainer",
+    "build_strategy": "strategies",
+    "estimate_fisher": "fisher",
     "evaluate_export": "runs",
+    "export_run_dir": "runs",
     "load_export": "runs",
     "merge_adapters": "posthoc",
+    "merge_task": "strategies",
+    "push_run_dir": "runs",
+    "run_continual": "continual",
 }
 
 
 def __getattr__(name: str):
-    if name in LAZY:  # the loop imports datasets and the evaluation stack: lazily
+    if name in LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{LAZY[name]}", __name__), name)
+        globals()[name] = value  # found once: later lookups do not come back here
+        return value
     raise AttributeError(f"module 'pm_hf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -10,6 +10,7 @@ Keys of every tensor dict ("merge keys") are parameter names relative to the wra
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -24,6 +25,10 @@ from .checks import invalid
 from .config import LoraArguments
 from .merge import LoraFactors
 from .sharding import from_rows, full, is_sharded, local, row_range, shard_like
+
+# PeftModel.__init__ (get_peft_model, PeftModel.from_pretrained) reads transformers' deprecated alias
+# `is_gradient_checkpointing`: a FutureWarning about PEFT's code, printed at every adapter attached or loaded.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 _PREFIXES = ("base_model.model.", "module.")
 # Known attention projection names per family, in detection order (transformers 5.x: ViT/Llama q_proj..., BERT query).

@@ -13,25 +13,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputError, NonFiniteError, invalid  # noqa: F401 (re-exported)
 from .sharding import all_finite, scalar
-
-
-class InputError(ValueError):
-    """A bad config value, data or model folder, found before anything is written: `<field> = <value>: <fix>`."""
-
-
-class NonFiniteError(ValueError):
-    """A tensor about to be used or written holds NaN or inf (nothing was written)."""
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def invalid(name: str, value: Any, fix: str) -> InputError:
-    """The error for a bad value: `<field> = <value>: <fix>`."""
-    return InputError(f"{name} = {_show(value)}: {fix}")
 
 
 def check_choice(name: str, value: Any, choices: Iterable) -> None:

@@ -8,15 +8,19 @@ end-of-run summary is `pm_hf.results.format_results`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import shutil
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checks import InputError, NonFiniteError, invalid
-from .parsing import USAGE, Parser, build_parser, did_you_mean, parse_config
-from .results import format_evaluation, format_export, format_results
-from .trainer import DivergenceError
+from .errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
+from .usage import USAGE, ArgParser, did_you_mean
+
+# Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
+# a command once its arguments are read, so `pm-hf --help` and every subcommand's `--help` answer at once.
 
 
 def _is_main_process() -> bool:
@@ -25,21 +29,70 @@ def _is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+HELP_CACHE = Path("~/.cache/pm_hf/help")
+
+
+def _help_key() -> str:
+    """What the `train` help depends on: pm_hf's sources (the argument dataclasses, presets), the installed
+    transformers (TrainingArguments' fields), this interpreter and the terminal width (argparse wraps to it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    try:
+        digest.update(version("transformers").encode())
+    except PackageNotFoundError:
+        pass
+    digest.update(f"{sys.version}|{sys.prefix}|{shutil.get_terminal_size().columns}".encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def train_help(cache: Path = HELP_CACHE) -> str:
+    """The text of `pm-hf train --help`. Its ~200 fields come from `TrainingArguments`, whose import takes seconds, so
+    the text is kept in `cache` (default ~/.cache/pm_hf/help) under a key of everything it depends on: the first call
+    builds it, later ones read it without importing torch or transformers (an unwritable cache costs the rebuild)."""
+    try:
+        path = cache.expanduser() / f"train-{_help_key()}.txt"
+    except RuntimeError:  # no home folder
+        path = None
+    if path is not None and path.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            return path.read_text(encoding="utf-8")
+    from .parsing import build_parser
+
+    text = build_parser(cli_options=True).format_help()
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+            for old in path.parent.glob("train-*.txt"):  # the texts of older sources or versions
+                if old != path:
+                    old.unlink(missing_ok=True)
+    return text
+
+
 def _train(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
-        build_parser(cli_options=True).print_help()
+        print(train_help(), end="")
         raise SystemExit(0)
-    pre = Parser(None, add_help=False, allow_abbrev=False)
+    pre = ArgParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--debug", action="store_true")
     known, rest = pre.parse_known_args(argv)
     with _errors(known.debug):
+        from .parsing import parse_config
+
         parsed = parse_config(known.config, rest)
         from .continual import run_continual  # heavy (models, datasets): only once the config is valid
 
         results = run_continual(*parsed, resume=known.resume)
     if _is_main_process():
+        from .results import format_results
+
         print(format_results(results))
     _end_processes()
     return 0
@@ -58,18 +111,18 @@ def _end_processes() -> None:
 @contextlib.contextmanager
 def _errors(debug: bool):
     """Bad input: `pm-hf: error: <field> = <value>: <fix>`, exit 2, nothing written. A diverged or non-finite run:
-    its message, exit 1, the last checkpoint intact. `--debug` shows the traceback instead; anything else (a bug)
-    keeps its traceback."""
+    its message, exit 1, the last checkpoint intact; so is a missing optional extra (`pip install 'pm_hf[...]'`).
+    `--debug` shows the traceback instead; anything else (a bug) keeps its traceback."""
     try:
         yield
-    except (InputError, NonFiniteError, DivergenceError) as err:
+    except (InputError, NonFiniteError, DivergenceError, MissingExtraError) as err:
         if debug:
             raise
         _fail(" ".join(str(err).split()), code=2 if isinstance(err, InputError) else 1)
 
 
 def _evaluate(argv: list[str]) -> int:
-    parser = Parser(None, prog="pm-hf evaluate", description="Score a saved run, an export folder or a Hub model.")
+    parser = ArgParser(prog="pm-hf evaluate", description="Score a saved run, an export folder or a Hub model.")
     parser.add_argument("source", help="a run's output_dir, or an export folder / Hub model id (with --config)")
     parser.add_argument("--config", default=None, help="the data config (YAML) to score an export or Hub model on")
     parser.add_argument("--revision", default=None, help="the Hub revision (branch, tag such as task-3, or commit)")
@@ -86,18 +139,22 @@ def _evaluate(argv: list[str]) -> int:
 
             evaluation = evaluate_run(known.source)
         else:
+            from .parsing import parse_config
+
             overrides = [*rest, "--model_name_or_path", known.source, "--output_dir", "pm-hf-evaluate"]
             parsed = parse_config(known.config, overrides)
             from .runs import evaluate_export
 
             evaluation = evaluate_export(known.source, parsed, known.revision)
     if _is_main_process():
+        from .results import format_evaluation
+
         print(format_evaluation(evaluation, known.source))
     return 0
 
 
 def _export(argv: list[str]) -> int:
-    parser = Parser(None, prog="pm-hf export", description="Write a run's merged model as a self-describing folder.")
+    parser = ArgParser(prog="pm-hf export", description="Write a run's merged model as a self-describing folder.")
     parser.add_argument("run_dir", help="output_dir of a `pm-hf train` run")
     parser.add_argument("--mode", default="adapter", help="adapter (exact), adapter-svd, merged or per-task")
     parser.add_argument("--rank", type=int, default=None, help="the rank kept by --mode adapter-svd")
@@ -109,12 +166,14 @@ def _export(argv: list[str]) -> int:
 
         info = export_run_dir(args.run_dir, args.output, args.mode, args.rank)
     if _is_main_process():
+        from .results import format_export
+
         print(format_export(info, args.output))
     return 0
 
 
 def _push(argv: list[str]) -> int:
-    parser = Parser(None, prog="pm-hf push", description="Push a finished run's merged adapter and card to the Hub.")
+    parser = ArgParser(prog="pm-hf push", description="Push a finished run's merged adapter and card to the Hub.")
     parser.add_argument("run_dir", help="output_dir of a `pm-hf train` run")
     parser.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repository")
     parser.add_argument("--private", action="store_true", help="create the repository private")
@@ -134,7 +193,7 @@ def _push(argv: list[str]) -> int:
 
 
 def _merge(argv: list[str]) -> int:
-    parser = Parser(None, prog="pm-hf merge", description="Merge trained LoRA adapters of one base, in order.")
+    parser = ArgParser(prog="pm-hf merge", description="Merge trained LoRA adapters of one base, in order.")
     parser.add_argument("--adapters", nargs="+", required=True, help="adapter folders or Hub ids, in task order")
     parser.add_argument("--output", required=True, help="the export folder to write")
     parser.add_argument("--merge_method", default=None, help="the merge strategy (default: the config's, else pm)")
@@ -142,6 +201,7 @@ def _merge(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     with _errors("--debug" in argv):
         known, rest = parser.parse_known_args(argv)
+        from .parsing import parse_config
         from .posthoc import merge_adapters
 
         if known.config is not None:
@@ -154,6 +214,8 @@ def _merge(argv: list[str]) -> int:
             merge_args = parse_config(None, [*rest, *extra, *placeholders])[5]
             info = merge_adapters(known.adapters, known.output, merge_args)
     if _is_main_process():
+        from .results import format_export
+
         print(format_export(info, known.output))
     return 0
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import require_extra
 from .instruct import (
     PROMPT_IDS_COLUMN,
     REFERENCE_COLUMN,
@@ -137,6 +138,7 @@ class CausalLMEvaluator(Evaluator):
     """Generation scores (exact match, ROUGE-L) and the response-token eval loss of a task's eval split."""
 
     def __init__(self, model: nn.Module, tokenizer, collate_fn, batch_size: int, max_new_tokens: int, primary: str):
+        require_text_metrics()  # before any training, not at the first evaluation
         self.model, self.tokenizer, self.collate_fn = model, tokenizer, collate_fn
         self.batch_size, self.max_new_tokens, self.primary = batch_size, max_new_tokens, primary
 
@@ -308,9 +310,16 @@ def metric_path(name: str) -> str:
     return str(path)
 
 
+def require_text_metrics() -> None:
+    """The generation scores need the extra `pm_hf[text-metrics]` (evaluate, rouge_score): `MissingExtraError` if not
+    installed."""
+    require_extra("text-metrics", "scoring generations (exact match, ROUGE-L)", "evaluate", "rouge_score")
+
+
 @functools.cache
 def load_metric(name: str):
     """`evaluate.load` of a shipped metric module (offline; cached per process)."""
+    require_text_metrics()
     import evaluate
 
     return evaluate.load(metric_path(name))

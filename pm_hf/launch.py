@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,6 +46,24 @@ MIXED_FIX = (
     "merges: leave it off (`mixed_precision: no`, `bf16: false`) and load the model in bf16 with `dtype: bfloat16` "
     "(pm_hf keeps an fp32 master of the adapted weights)."
 )
+
+
+def _deepspeed_imported() -> bool:
+    return "deepspeed" in sys.modules
+
+
+def unwrap_without_importing_deepspeed() -> None:
+    """Accelerate's `extract_model_from_parallel` (run by every `Trainer.__init__` and model unwrap) imports deepspeed
+    whenever it is installed, only to check whether the model is a `DeepSpeedEngine`: half a second, and DeepSpeed's
+    "Setting accelerator to CPU" warning, on runs that do not use it. No model is an engine before deepspeed is
+    imported, so the check is asked only once it is (a DeepSpeed run imports it when its engine is built)."""
+    from accelerate.utils import other
+
+    if callable(getattr(other, "is_deepspeed_available", None)):
+        other.is_deepspeed_available = _deepspeed_imported
+
+
+unwrap_without_importing_deepspeed()
 
 
 def fsdp_requested(args) -> bool:

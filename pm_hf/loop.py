@@ -32,8 +32,8 @@ from .alignment import HeadAlignment
 from .callbacks import CallbackList, ContinualCallback
 from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, state_files
 from .checks import check_finite, invalid
-from .diagnostics import learning_warnings, training_losses
 from .config import FisherArguments, PMConfig
+from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
 from .export import (
     EXPORT_DIR,

@@ -13,7 +13,7 @@ accuracy "over all seen classes" of class-incremental learning (one pooled test 
     F    = mean_{j<T-1} (max_{j<=t<=T-2} R[t][j] - R[T-1][j])  (forgetting, Chaudhry et al. 2018; 0.0 for T = 1)
 
 Plots build a ``matplotlib.figure.Figure`` on an Agg canvas (no pyplot, no global backend change) and write
-atomically (``pm_hf.fileio``).
+atomically (``pm_hf.fileio``). matplotlib is the optional extra ``pm_hf[plots]``, imported by the plots only.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from .errors import require_extra
 from .fileio import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MatrixLike = np.ndarray | Sequence[Sequence[float]]
 Vector = np.ndarray | Sequence[float]
@@ -198,8 +201,24 @@ def summarize(R: MatrixLike, sizes: Vector | None = None) -> dict[str, float]:
     }
 
 
+def can_plot() -> bool:
+    """Whether matplotlib (the extra ``pm_hf[plots]``) is installed."""
+    from importlib.util import find_spec
+
+    return find_spec("matplotlib") is not None
+
+
+def _figure(**kwargs) -> Figure:
+    require_extra("plots", "plotting", "matplotlib")
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save(fig: Figure, path: PathLike) -> str:
     """Write ``fig`` to ``path`` as a PNG, atomically; return the path as a string."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     atomic_write(path, lambda tmp: FigureCanvasAgg(fig).print_png(tmp))
     return os.fspath(path)
 
@@ -226,7 +245,7 @@ def plot_accuracy_matrix(
     seen = M[~np.isnan(M)]
     percent = bool(np.all((seen >= 0) & (seen <= 1)))
     lo, hi = (0.0, 1.0) if percent else (float(seen.min()), float(seen.max()))
-    fig = Figure(figsize=(1.2 + 0.8 * T, 1.0 + 0.7 * T), layout="constrained")
+    fig = _figure(figsize=(1.2 + 0.8 * T, 1.0 + 0.7 * T), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(M), cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
     for t in range(T):
@@ -269,7 +288,7 @@ def plot_accuracy_curve(
                 f"and {arr.shape}. Use NaN for tasks without an alpha."
             )
     x = np.arange(1, acc.size + 1)
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    fig = _figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
     lines = ax.plot(x, acc, "-o", color="tab:blue", label="seen-class accuracy")
     ax.set_xlabel("task")
@@ -302,7 +321,7 @@ def plot_method_curves(
     """
     if not curves or any(len(v) == 0 for v in curves.values()):
         raise ValueError(f"curves must map at least one method name to a non-empty list of values; got {curves!r}.")
-    fig = Figure(figsize=(8.0, 5.0), layout="constrained")
+    fig = _figure(figsize=(8.0, 5.0), layout="constrained")
     ax = fig.add_subplot()
     for name, values in curves.items():
         values = np.asarray(values, dtype=np.float64)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,7 +18,6 @@ import yaml
 from transformers import HfArgumentParser
 
 from .alignment import HeadAlignment
-from .checks import InputError, invalid
 from .config import (
     RENAMED_FIELDS,
     DataArguments,
@@ -30,40 +27,17 @@ from .config import (
     ModelArguments,
     PMConfig,
 )
+from .errors import InputError, invalid
 from .presets import PRESETS, RECOMMENDED_PRESET, get_preset
 from .strategies import check_merge_args
+from .usage import HELP_HINT, TRAIN_DESCRIPTION, USAGE, InputErrors, did_you_mean  # noqa: F401 (USAGE re-exported)
 
 DATACLASSES = (ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments)
 ParsedArgs = tuple[ModelArguments, DataArguments, PMConfig, LoraArguments, FisherArguments, MergeArguments]
-HELP_HINT = "run `pm-hf train --help` to list every field"
-USAGE = """usage: pm-hf <command> [options]
-
-commands:
-  train     --config FILE.yaml [--preset NAME] [--resume] [--debug] [--<field> value ...]
-            continual LoRA fine-tuning with Perturb-and-Merge (`pm-hf train --help` lists every field)
-  evaluate  RUN_DIR | EXPORT_DIR_OR_HUB_ID --config DATA.yaml [--revision REV] [--debug]
-            re-evaluate a saved run (or score an export or Hub model on a data config) on every task
-  export    RUN_DIR --output DIR [--mode adapter|adapter-svd|merged|per-task] [--rank K]
-            write the merged model as a folder that loads alone (AutoPeftModelFor... or AutoModelFor...)
-  push      RUN_DIR --hub_model_id USER/NAME [--private] [--revision BRANCH] [--push_continual_state]
-            push a finished run's merged adapter, model card and plots to the Hub
-  merge     --adapters A B ... --output DIR [--merge_method NAME] [--config DATA.yaml]
-            merge trained LoRA adapters of one base in order (the Fisher from each task's data in --config)
-
-Bad input prints `pm-hf: error: <field> = <value>: <fix>` and exits 2 before anything is written; --debug shows the
-traceback instead.
-"""
-TRAIN_DESCRIPTION = (
-    "Continual LoRA fine-tuning with Perturb-and-Merge. Values come from --config (a flat YAML mapping "
-    "`field: value` of the fields below), then command-line flags override them; an unknown key or flag is an error. "
-    "Mappings and nested lists (data_files, task_datasets, class_groups) take one YAML/JSON value on the command "
-    "line, e.g. --data_files '{train: a.parquet, test: b.parquet}' or --class_groups '[[0, 1], [2, 3]]'. "
-    "--debug shows the traceback of an error (TrainingArguments' own `debug` field can be set in the YAML file)."
-)
 
 
-class Parser(HfArgumentParser):
-    """`HfArgumentParser` that raises `ValueError` instead of exiting, and shows one help group per dataclass.
+class Parser(InputErrors, HfArgumentParser):
+    """`HfArgumentParser` that raises `InputError` instead of exiting, and shows one help group per dataclass.
 
     Fields inherited from a parent dataclass (`TrainingArguments` under `PMConfig`) get their own group, listed last,
     so the P&M fields are not buried among ~150 Trainer flags.
@@ -95,15 +69,6 @@ class Parser(HfArgumentParser):
             if action in self._optionals._group_actions:
                 self._optionals._group_actions.remove(action)
                 group._group_actions.append(action)
-
-    def error(self, message: str):
-        """argparse's complaint as `<field> = <value>: <fix>` (an `InputError`)."""
-        match = re.match(r"argument --([\w-]+)[^:]*: (.*)", message)
-        if not match:
-            raise InputError(f"arguments = {message}: {HELP_HINT}.")
-        name, problem = match.group(1).replace("-", "_"), match.group(2)
-        value = re.search(r"value: (.*)$", problem)
-        raise invalid(name, value.group(1).strip("'") if value else None, f"{problem}.")
 
 
 def _first_line(doc: str | None) -> str | None:
@@ -231,11 +196,6 @@ def load_yaml_config(config_path: str | os.PathLike) -> dict[str, Any]:
     if bad:
         raise invalid("config", path, f"every key must be a field name (a string), not {bad!r}.")
     return dict(data)
-
-
-def did_you_mean(name: str, valid: Sequence[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
 
 
 def _check_renamed(values: Mapping[str, Any]) -> None:

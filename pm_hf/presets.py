@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checks import invalid
+from .errors import invalid
 
 PRESETS: dict[str, dict[str, Any]] = {
     "pm": {"merge_method": "pm", "perturbation": "task_vector", "head_align": "none"},

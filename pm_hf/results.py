@@ -9,8 +9,9 @@ score. Summaries follow `pm_hf.metrics` (ACC, AAA sample-weighted over the tasks
 from __future__ import annotations
 
 import json
+import logging
 import math
-import resource
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from . import metrics
 from .evaluation import LOWER_IS_BETTER
 from .fileio import atomic_write_text
 from .strategies import MergePlan
+
+logger = logging.getLogger(__name__)
 
 # per-task log keys copied to results.json lists (results key -> log key)
 PER_TASK = {
@@ -112,14 +115,29 @@ def results_dict(log: list[dict], eval_sizes: list[int], primary: str, config: d
     return out
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB: `resource` where there is one (POSIX), else psutil's peak working
+    set (Windows), else None."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", None)  # Windows only
+        return None if peak is None else peak / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB on Linux
 
 
 def write_outputs(out_dir: Path, results: dict) -> None:
     """results.json and the plots: the primary score's matrix, every other LM score's, and the seen-score curve."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1, default=float))
+    if not metrics.can_plot():
+        logger.warning("No plots in %s: matplotlib is not installed (pip install 'pm_hf[plots]').", out_dir)
+        return
     R = _as_nan(results["accuracy_matrix"])
     metrics.plot_accuracy_matrix(R, out_dir / "accuracy_matrix.png", title="R[t][j]")
     for name, matrix in results["score_matrices"].items():

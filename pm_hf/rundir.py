@@ -5,13 +5,13 @@ config and its data and model fingerprints — or it is refused with the list of
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+from filelock import FileLock, Timeout
 
 from .checks import invalid
 from .fileio import TMP_MARK
@@ -44,16 +44,16 @@ def output_lock(out: Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fix = "in use by another pm_hf process; choose another output_dir (several processes launched on purpose: "
-            raise invalid("output_dir", str(out), fix + "on a machine without a GPU set `use_cpu: true`).") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = FileLock(out / LOCK)  # flock on POSIX, msvcrt on Windows; the file stays, the lock goes with the process
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        fix = "in use by another pm_hf process; choose another output_dir (several processes launched on purpose: "
+        raise invalid("output_dir", str(out), fix + "on a machine without a GPU set `use_cpu: true`).") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def holds_run(out: Path) -> bool:

@@ -31,14 +31,11 @@ from .adapters import (
     unwrap,
 )
 from .config import PerturbationArguments
+from .errors import DivergenceError
 from .perturb import noise_seed, sample_branch
 from .sharding import every_process, gather, per_process, shard_like
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a NaN/inf loss, or one above `divergence_threshold` times the task's first loss."""
 
 
 class PerturbationMixin:

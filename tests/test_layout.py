@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pm_hf"
 # Lower layers never import higher ones; modules of one layer do not import each other (a package's own modules may).
 LAYERS = [
-    ["zero3"],
-    ["sharding"],
+    ["zero3", "errors"],
+    ["sharding", "usage"],
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card", "diagnostics"],
     ["launch"],
     ["training_args", "arguments"],

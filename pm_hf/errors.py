@@ -1,0 +1,43 @@
+"""The errors a run reports to its user (stdlib only, so the CLI can catch them without importing torch):
+`InputError` (bad input, `<field> = <value>: <fix>`, exit 2), `NonFiniteError` (a tensor holds NaN or inf) and
+`DivergenceError` (the loss diverged). `pm_hf.checks` and `pm_hf.trainer` re-export them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class InputError(ValueError):
+    """A bad config value, data or model folder, found before anything is written: `<field> = <value>: <fix>`."""
+
+
+class NonFiniteError(ValueError):
+    """A tensor about to be used or written holds NaN or inf (nothing was written)."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a NaN/inf loss, or one above `divergence_threshold` times the task's first loss."""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def invalid(name: str, value: Any, fix: str) -> InputError:
+    """The error for a bad value: `<field> = <value>: <fix>`."""
+    return InputError(f"{name} = {_show(value)}: {fix}")
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed: the message names the extra that installs it."""
+
+
+def require_extra(extra: str, what: str, *modules: str) -> None:
+    """Raise `MissingExtraError` unless every one of `modules` can be imported (checked without importing them)."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        names = ", ".join(missing)
+        raise MissingExtraError(f"{what} needs {names}, not installed: pip install 'pm_hf[{extra}]'.")
