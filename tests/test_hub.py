@@ -197,6 +197,7 @@ def test_pm_hf_push_of_a_finished_run(hub, pushed, capsys):
     assert not any(f.startswith("continual_state/") for f in files)
 
 
+@pytest.mark.slow  # a 2-process launch
 def test_only_the_main_process_pushes(model_dir, tmp_path):
     """Two gloo processes (torchrun): rank 0 checks access and pushes, rank 1 makes no Hub call at all."""
     rank0, rank1 = torchrun(model_dir, tmp_path, 4, "push")
