@@ -13,6 +13,7 @@ PACKAGE = ROOT / "pm_hf"
 LAYERS = [
     ["zero3"],
     ["sharding"],
+    ["origin"],
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
     ["launch"],
     ["training_args", "arguments"],
