@@ -1,6 +1,8 @@
-"""Self-describing exports (`pm-hf export`, `pm_hf.runs.export_run_dir`): each mode loads alone with the class of its
-task and reproduces the run's logits; the SVD export's errors against a brute-force SVD; `pm-hf evaluate` of an export
-folder with a data config gives the run's last row; an image classifier's export loads with `AutoPeftModel`."""
+"""Self-describing exports (`pm-hf export`, `pm_hf.runs.export_run_dir`): each mode loads alone (pm_hf's loader, PEFT
+on the folder's base/, plain `AutoModelFor...` when merged) and reproduces the run's logits, with the card of its kind;
+the SVD export's errors against a brute-force SVD; `pm-hf evaluate` of an export folder with a data config gives the
+run's last row; an image classifier's export loads; a copy of an export loads elsewhere after the run and the original
+are deleted, with the same logits."""
 
 import copy
 import json
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from card_checks import check_card
 from conftest import groups, randomize_lora, tiny_vit
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -46,6 +49,8 @@ def test_adapter_export_loads_alone_and_reproduces_the_logits(run, tmp_path, cap
     base = AutoModelForSequenceClassification.from_pretrained(str(folder / "base"))  # PEFT alone, as the card says
     with torch.no_grad():
         torch.testing.assert_close(PeftModel.from_pretrained(base, str(folder))(**batch).logits, logits)
+    card = check_card(folder)
+    assert card.data.library_name == "peft" and card.data.base_model is None  # the tiny BERT is a local model
     info = json.loads((folder / "pm_hf_export.json").read_text())
     assert info["task"] == "sequence_classification" and info["alphas"] == results["alphas"]
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -61,6 +66,9 @@ def test_merged_export_loads_with_the_plain_auto_class(run, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+    card = check_card(tmp_path / "m")
+    assert card.data.library_name == "transformers" and "AutoPeft" not in card.text
+    assert 'pipeline("text-classification"' in card.text and "![accuracy matrix](accuracy_matrix.png)" in card.text
 
 
 def test_svd_export_errors_equal_a_brute_force_svd(run, tmp_path, capsys):
@@ -82,6 +90,7 @@ def test_svd_export_errors_equal_a_brute_force_svd(run, tmp_path, capsys):
     model = load_adapter_export(full, "sequence_classification")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, logits, atol=1e-4, rtol=1e-4)
+    assert "truncated by SVD" in check_card(full).text
 
 
 def test_evaluate_an_export_folder_on_a_data_config(run, tmp_path, capsys):

@@ -14,6 +14,7 @@ LAYERS = [
     ["zero3"],
     ["sharding"],
     ["origin"],
+    ["card_text"],
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card"],
     ["launch"],
     ["training_args", "arguments"],

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from card_checks import check_card
 from conftest import llm_groups
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
@@ -42,7 +43,10 @@ def test_merging_a_runs_adapters_with_its_data_gives_the_runs_model(run, llm_dir
     assert again["score_matrices"]["exact_match"] == results["score_matrices"]["exact_match"]
     torch.testing.assert_close(_logits(tmp_path / "merged"), _logits(out / "run" / "merged_adapter"), atol=1e-5,
                                rtol=1e-5)  # fmt: skip
-    assert "pm" in (tmp_path / "merged" / "README.md").read_text()
+    card = check_card(tmp_path / "merged")
+    assert "merged in this order by `pm-hf merge` (`pm_hf`) with each adapter's task data" in card.text
+    assert "the merge rule `pm`" in card.text and all(f"`{a}`" in card.text for a in adapters)
+    assert card.data.eval_results and f"## Score matrix ({results['primary_metric']})" in card.text
 
 
 def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys):  # noqa: F811
@@ -54,6 +58,12 @@ def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys
     base = dict(AutoModelForCausalLM.from_pretrained(llm_dir).named_parameters())
     config = json.loads((tmp_path / "ta" / "pm_hf_export.json").read_text())
     assert config["alphas"] == [0.7, 0.7]
+    card = check_card(tmp_path / "ta")  # the merge rule and its inputs; no score table, image or unset field
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model is None and not card.data.eval_results  # a local base; nothing evaluated
+    assert "without data, with the merge rule `task-arithmetic`" in card.text and "- merge scale 0.7" in card.text
+    assert all(f"{t + 1}. `{a}`" in card.text for t, a in enumerate(adapters)) and "![" not in card.text
+    assert "| 1. " in card.text and "matrix" not in card.text and "trained a LoRA adapter" not in card.text
     expected = {}
     for folder in adapters:
         lora = json.loads(open(f"{folder}/adapter_config.json").read())
