@@ -3,6 +3,7 @@ merged with the run's data config give the run's merged model; a data-free strat
 by hand from the adapter files; adapters that do not belong together and strategies that need data are refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from pm_hf.checks import InputError
 from pm_hf.cli import main as cli_main
 from pm_hf.continual import run_continual
 from pm_hf.posthoc import merge_adapters
+from pm_hf.runs import load_export
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,23 @@ def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys
     assert expected
     for key, delta in expected.items():
         torch.testing.assert_close(params[key], base[key] + delta, atol=1e-6, rtol=1e-5)
+
+
+def test_a_merged_causal_lm_adapter_loads_after_it_is_moved(run, llm_dir, tmp_path):  # noqa: F811
+    """A causal LM's adapter names its local base by absolute path (a Hub base by id): a copy of the export loads
+    elsewhere, with PEFT's AutoPeft class and pm_hf's loader, after the original is deleted."""
+    _, _, adapters = run
+    assert (
+        cli_main(["merge", "--adapters", *adapters, "--merge_method", "average", "--output", str(tmp_path / "m")]) == 0
+    )
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"] == llm_dir
+    before = _logits(tmp_path / "m")
+    shutil.copytree(tmp_path / "m", tmp_path / "elsewhere" / "m")
+    shutil.rmtree(tmp_path / "m")
+    torch.testing.assert_close(_logits(tmp_path / "elsewhere" / "m"), before, atol=0, rtol=0)
+    model = load_export(str(tmp_path / "elsewhere" / "m"))[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=torch.arange(3, 19).view(2, 8)).logits, before, atol=1e-5, rtol=1e-5)
 
 
 def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_path, capsys):
