@@ -15,9 +15,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .card_text import PIPELINES, SUMMARY, alpha_table, body, is_posthoc, matrix_table
+from .card_text import PIPELINES, SUMMARY, alpha_table, body, is_posthoc, matrix_table, task_body
 
-__all__ = ["alpha_table", "card_data", "matrix_table", "write_card"]
+__all__ = ["alpha_table", "card_data", "matrix_table", "write_card", "write_task_card"]
 
 LOCAL_BUILDERS = {"parquet", "csv", "json", "text", "arrow", "imagefolder", "audiofolder", None}
 
@@ -67,5 +67,17 @@ def write_card(folder: Path, results: dict, repo_id: str | None = None) -> Model
     info = json.loads((folder / "pm_hf_export.json").read_text())
     text = body(results, info, repo_id, folder)
     card = ModelCard(f"---\n{card_data(results, info, repo_id).to_yaml()}\n---\n{text}")
+    card.save(folder / "README.md")
+    return card
+
+
+def write_task_card(folder: Path) -> ModelCard:
+    """Write the card of one task's adapter (`pm-hf export --mode per-task`) from its pm_hf_export.json."""
+    folder = Path(folder)
+    info = json.loads((folder / "pm_hf_export.json").read_text())
+    data = ModelCardData(base_model=info.get("hub_id") or None, library_name="peft",
+                         pipeline_tag=PIPELINES[info.get("task", "causal_lm")],
+                         tags=["continual-learning", "pm_hf", "lora", "peft"])  # fmt: skip
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{task_body(info, folder)}")
     card.save(folder / "README.md")
     return card

@@ -107,7 +107,7 @@ def _format(info: dict, folder: Path) -> str:
     if info.get("format") == "merged":
         return "This folder is the full model, the merged adapters folded into the base weights: a Transformers model."
     config = json.loads((folder / "adapter_config.json").read_text())
-    text = f"This folder is one PEFT LoRA adapter of rank {config.get('r')}"
+    text = f"This folder is one PEFT LoRA adapter of rank {_rank(folder)}"
     if info.get("mode") == "adapter-svd":
         errors = list(info.get("relative_error", {}).values()) or [0.0]
         text += f", the merged delta truncated by SVD (relative error per module at most {max(errors):.4f})"
@@ -160,13 +160,41 @@ def _load_note(info: dict, repo_id: str | None, folder: Path) -> str:
     return tagged
 
 
+def _versions(info: dict) -> str:
+    versions = "\n".join(f"- {k} {v}" for k, v in (info.get("versions") or {}).items())
+    return f"## Framework versions\n\n{versions}" if versions else ""
+
+
+def task_body(info: dict, folder: Path) -> str:
+    """The markdown of the card of one task's adapter (`pm-hf export --mode per-task`)."""
+    t, task, rank = info["per_task"], info.get("task", "causal_lm"), _rank(folder)
+    name = f" ({info['task_name']})" if info.get("task_name") else ""
+    alphas = sorted(set((info.get("alpha_used") or {}).values()))
+    used = f"α = {alphas[0]:.4f}" if len(alphas) == 1 else "α per layer in `pm_hf_export.json`"
+    peft = PEFT_CLASSES[task]
+    usage = f'from peft import {peft}\n\nmodel = {peft}.from_pretrained("path/to/this/folder")'
+    parts = [
+        f"# Task {t + 1}'s LoRA adapter{name}",
+        f"The LoRA adapter (rank {rank}) that `pm_hf` trained on task {t + 1}{name} of a continual run from "
+        f"{_base(info)}, as trained, before any merge (the run merged it with {used}). `pm-hf merge --adapters "
+        "task_0 task_1 ... --output merged` merges such adapters, in order, with any merge rule.",
+        f"## How to load\n\n```python\n{usage}\n```",
+        _versions(info),
+        f"## Citation\n\n```bibtex\n{CITATION}\n```",
+    ]
+    return "\n" + "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _rank(folder: Path):
+    return json.loads((folder / "adapter_config.json").read_text()).get("r")
+
+
 def body(results: dict, info: dict, repo_id: str | None, folder: Path) -> str:
     """The card's markdown below its metadata."""
     posthoc = is_posthoc(info)
     title = repo_id or ("A merge of LoRA adapters" if posthoc else "A continually fine-tuned model")
     settings = "\n".join(f"- {s}" for s in _settings(results, info))
     recorded = "`results.json` holds every number above and the config; " if results.get("config") else ""
-    versions = "\n".join(f"- {k} {v}" for k, v in (info.get("versions") or {}).items())
     parts = [
         f"# {title}",
         _intro(results, info),
@@ -177,7 +205,7 @@ def body(results: dict, info: dict, repo_id: str | None, folder: Path) -> str:
         f"## Key settings\n\n{settings}\n\n{recorded}`pm_hf_export.json` records the export.",
         f"## How to load\n\n```python\n{_usage(info, repo_id, folder)}\n```",
         _load_note(info, repo_id, folder),
-        f"## Framework versions\n\n{versions}" if versions else "",
+        _versions(info),
         f"## Citation\n\n```bibtex\n{CITATION}\n```",
     ]
     return "\n" + "\n\n".join(p for p in parts if p) + "\n"

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import lora_layers, set_lora_factors, strip_prefix
-from .card import write_card
+from .card import write_card, write_task_card
 from .checks import check_finite
 from .fileio import atomic_dir, atomic_write
 from .merge import LoraFactors
@@ -206,8 +206,8 @@ def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: 
 
 
 def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: ExportSpec, out_dir: Path) -> Path:
-    """Each task's trained adapter as its own PEFT adapter, `out_dir/task_<t>` (factors as trained, before any alpha;
-    LoRA layers only: the log keeps no head per task), for `pm-hf merge` or other tools."""
+    """Each task's trained adapter as its own PEFT adapter with its card, `out_dir/task_<t>` (factors as trained,
+    before any alpha; LoRA layers only: the log keeps no head per task), for `pm-hf merge` or other tools."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp, quiet_loading():
         for t, rec in enumerate(history):
@@ -222,10 +222,13 @@ def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: 
             set_lora_factors(model, rec.A, rec.B, "default")
             model.save_pretrained(tmp / f"task_{t}", save_embedding_layers=False)
             _point_adapter_at(tmp / f"task_{t}", *base_reference(spec.base_model, spec.revision))
+            names = (spec.info or {}).get("tasks") or []
             info = {**export_info(spec), "format": "adapter", "per_task": t, "alpha_used": rec.alpha}
+            info["task_name"] = names[t] if t < len(names) else None
             (tmp / f"task_{t}" / INFO).write_text(json.dumps(info, indent=1))
             if spec.processor is not None:
                 spec.processor.save_pretrained(tmp / f"task_{t}")
+            write_task_card(tmp / f"task_{t}")
     return out_dir
 
 

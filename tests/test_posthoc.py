@@ -51,6 +51,15 @@ def test_merging_a_runs_adapters_with_its_data_gives_the_runs_model(run, llm_dir
     assert card.data.eval_results and f"## Score matrix ({results['primary_metric']})" in card.text
 
 
+def test_each_per_task_adapter_has_its_card(run):
+    _, results, adapters = run
+    for t, folder in enumerate(adapters):
+        card = check_card(folder)
+        assert card.data.library_name == "peft" and card.data.base_model is None  # the tiny Llama is local
+        assert f"# Task {t + 1}'s LoRA adapter ({results['tasks'][t]})" in card.text
+        assert "AutoPeftModelForCausalLM.from_pretrained(" in card.text
+
+
 def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys):  # noqa: F811
     _, _, adapters = run
     argv = ["merge", "--adapters", *adapters, "--merge_method", "task-arithmetic", "--merge_scale", "0.7"]
