@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from .origin import resolve_base
+from .origin import IN_MEMORY, resolve_base
 
 PIPELINES = {"sequence_classification": "text-classification", "image_classification": "image-classification",
              "causal_lm": "text-generation"}  # fmt: skip
@@ -69,7 +69,9 @@ def _base(info: dict) -> str:
     if info.get("hub_id"):
         at = f" (revision `{info['revision']}`)" if info.get("revision") else ""
         return f"[`{info['hub_id']}`](https://huggingface.co/{info['hub_id']}){at}"
-    return f"a local model (`{info['base_model']}`, not from the Hub)" if info.get("base_model") else "its base model"
+    if info.get("base_model") in (None, "", IN_MEMORY):
+        return "a model given as an object (no folder or Hub id recorded)"
+    return f"a local model (`{info['base_model']}`, not from the Hub)"
 
 
 def _settings(results: dict, info: dict) -> list[str]:

@@ -11,6 +11,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 FRAMEWORKS = ("pm_hf", "transformers", "peft", "torch", "huggingface_hub")
+IN_MEMORY = "in-memory"  # model_name_or_path of a model given as an object with no folder behind it
 
 
 def cached_hub_id(path: str | Path) -> tuple[str, str] | None:
@@ -26,7 +27,7 @@ def cached_hub_id(path: str | Path) -> tuple[str, str] | None:
 def hub_origin(name: str | None, revision: str | None = None) -> tuple[str, str | None] | None:
     """(Hub id, revision) of a base model named `name` (`model_name_or_path`) when it came from the Hub: a name
     that is not a local path, or a snapshot folder of the HF cache; None for a local model."""
-    if not name:
+    if not name or name == IN_MEMORY:
         return None
     if Path(name).expanduser().exists():
         return cached_hub_id(name)
@@ -40,7 +41,7 @@ def hub_origin(name: str | None, revision: str | None = None) -> tuple[str, str 
 def base_reference(name: str, revision: str | None = None) -> tuple[str, str | None]:
     """How an adapter outside the base's folder names its base: the Hub id (and revision) when it came from the Hub,
     else the local folder's absolute path (valid wherever the adapter is moved on this machine)."""
-    if not name:
+    if not name or name == IN_MEMORY:
         return name, revision
     return hub_origin(name, revision) or (str(Path(name).expanduser().resolve()), None)
 

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 from pm_hf.adapters import adapter_factors
 from pm_hf.export import ExportSpec, task_record, write_export
-from pm_hf.origin import base_reference, hub_origin, resolve_base
+from pm_hf.origin import IN_MEMORY, base_reference, hub_origin, resolve_base
 
 HUB_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 RESULTS = {
@@ -98,5 +98,6 @@ def test_where_a_base_comes_from(tmp_path):
     assert hub_origin(snapshot)[0] == HUB_BASE and base_reference(snapshot)[0] == HUB_BASE
     assert hub_origin("gpt2", "v1") == ("gpt2", "v1") and hub_origin(str(tmp_path)) is None
     assert hub_origin("./not/a/repo") is None and base_reference(str(tmp_path)) == (str(tmp_path), None)
+    assert hub_origin(IN_MEMORY) is None and base_reference(IN_MEMORY) == (IN_MEMORY, None)  # a model object
     (tmp_path / "base").mkdir()
     assert resolve_base(tmp_path, "base") == str(tmp_path / "base") and resolve_base(tmp_path, "gpt2") == "gpt2"
