@@ -29,17 +29,20 @@ def datasets_of(config: dict) -> list[str]:
     return sorted({n for n in names if n not in LOCAL_BUILDERS})
 
 
-def _evals(results: dict, task: str, datasets: list[str]) -> list[EvalResult]:
-    """The model-index: the summary scores (percent) of an evaluated export; none for a merge without data."""
+def _evals(results: dict, info: dict, datasets: list[str]) -> list[EvalResult]:
+    """The model-index: the summary scores (percent) of an evaluated export; none for a merge without data. An SVD
+    export has only its own ACC (`score_after`): the run's other scores are of its exact model."""
     if not results.get("accuracy_matrix"):
         return []
-    metric = results.get("primary_metric", "accuracy")
+    task, metric = info.get("task", "sequence_classification"), results.get("primary_metric", "accuracy")
     where = datasets[0] if len(datasets) == 1 else "continual"
     values = {name: results.get(key) for name, key, _ in SUMMARY}
+    if info.get("mode") == "adapter-svd":
+        values = {"ACC": info.get("score_after")}
     return [
         EvalResult(task_type=PIPELINES[task], dataset_type=where, dataset_name=f"{len(results['tasks'])}-task sequence",
                    metric_type=kind or metric, metric_name=name, metric_value=round(100 * values[name], 4))
-        for name, _, kind in SUMMARY if values[name] is not None and math.isfinite(values[name])
+        for name, _, kind in SUMMARY if values.get(name) is not None and math.isfinite(values[name])
     ]  # fmt: skip
 
 
@@ -49,14 +52,15 @@ def card_data(results: dict, info: dict, repo_id: str | None) -> ModelCardData:
     method = info.get("merge_method") or results.get("config", {}).get("MergeArguments", {}).get("merge_method")
     tags = ["continual-learning", "pm_hf", "lora"] + ([] if merged else ["peft"])
     tags += (["perturb-and-merge"] if method == "pm" else []) + (["model-merging"] if is_posthoc(info) else [])
+    evals = _evals(results, info, datasets)
     return ModelCardData(
         base_model=info.get("hub_id") or None,
         library_name="transformers" if merged else "peft",
         pipeline_tag=PIPELINES[task],
         tags=tags,
         datasets=datasets or None,
-        eval_results=_evals(results, task, datasets) or None,
-        model_name=repo_id or "pm_hf continual model",
+        eval_results=evals or None,
+        model_name=(repo_id or "pm_hf continual model") if evals else None,  # the model-index's name
     )
 
 

@@ -110,13 +110,19 @@ def _format(info: dict, folder: Path) -> str:
         return "This folder is the full model, the merged adapters folded into the base weights: a Transformers model."
     config = json.loads((folder / "adapter_config.json").read_text())
     text = f"This folder is one PEFT LoRA adapter of rank {_rank(folder)}"
-    if info.get("mode") == "adapter-svd":
-        errors = list(info.get("relative_error", {}).values()) or [0.0]
-        text += f", the merged delta truncated by SVD (relative error per module at most {max(errors):.4f})"
     if resolve_base(folder, config["base_model_name_or_path"]) != config["base_model_name_or_path"]:
         text += (f", on `{config['base_model_name_or_path']}/` (the pretrained model with a head of the run's classes),"
                  " which `adapter_config.json` names relative to this folder")  # fmt: skip
-    return text + "."
+    return text + (_svd_note(info) if info.get("mode") == "adapter-svd" else "") + "."
+
+
+def _svd_note(info: dict) -> str:
+    errors = list(info.get("relative_error", {}).values()) or [0.0]
+    text = f"; it is the merged delta truncated by SVD (relative error per module at most {max(errors):.4f})"
+    if info.get("score_after") is None:
+        return text
+    before, after = _pct(info.get("score_before")), _pct(info["score_after"])
+    return f"{text}: it scores ACC {after} where the run's exact model, whose scores this card gives, scores {before}"
 
 
 def _scores(results: dict, info: dict, folder: Path) -> str:
