@@ -27,6 +27,7 @@ from .export import ExportSpec, dense_record, task_record, write_export
 from .hub import HUB_ERRORS
 from .launch import fsdp_requested, sharding_field, zero_stage
 from .loop import ContinualLoop
+from .origin import base_reference, resolve_base
 from .rundir import check_claim, claim, output_lock
 from .runs import MODEL_CLASSES
 from .strategies import build_strategy, merge_task
@@ -109,8 +110,9 @@ def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: Merg
 def _merge_with_data(adapters, config, output: Path, parsed: tuple, merge_args) -> dict:
     model_args, data_args, args, _, fisher_args, config_merge = parsed
     merge_args = merge_args or config_merge
-    if model_args.model_name_or_path != config.base_model_name_or_path:
-        fix = f"the adapters were trained from {config.base_model_name_or_path!r}: give that model in the config."
+    base = resolve_base(adapters[0], config.base_model_name_or_path)
+    if base_reference(model_args.model_name_or_path)[0] != base_reference(base)[0]:
+        fix = f"the adapters were trained from {base!r}: give that model in the config."
         raise invalid("model_name_or_path", model_args.model_name_or_path, fix)
     if zero_stage(args) is not None or fsdp_requested(args):  # nothing to train (ZeRO-3 could not even load it)
         fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
@@ -137,7 +139,8 @@ def _merge_data_free(adapters, config, output: Path, merge_args: MergeArguments)
         fix = "the adapters train modules in full (a classifier's head): give the data config (--config)."
         raise invalid("adapters", list(adapters), fix)
     task = PEFT_TASKS.get(config.task_type, "causal_lm")
-    pristine = MODEL_CLASSES[task].from_pretrained(config.base_model_name_or_path, revision=config.revision)
+    base = resolve_base(adapters[0], config.base_model_name_or_path)
+    pristine = MODEL_CLASSES[task].from_pretrained(base, revision=config.revision)
     lora = lora_arguments(config)
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
                              use_rslora=lora.use_rslora, fan_in_fan_out=config.fan_in_fan_out)  # fmt: skip
@@ -160,14 +163,14 @@ def _merge_data_free(adapters, config, output: Path, merge_args: MergeArguments)
     results = {"tasks": names, "alphas": [a for a, _ in alphas], "alphas_raw": [raw for _, raw in alphas],
                "accuracy_matrix": [], "config": {"MergeArguments": dataclasses.asdict(merge_args)}}  # fmt: skip
     info = {"merge_method": strategy.name, "tasks": names, "alphas": results["alphas"], "merged_adapters": names}
-    spec = ExportSpec(config.base_model_name_or_path, config.revision, task, [], _tokenizer(config), info)
+    spec = ExportSpec(base, config.revision, task, [], _tokenizer(base, config.revision), info)
     write_export(pristine, history, {}, spec, output, results=results)
     return {**info, "mode": "adapter", "base_model": spec.base_model}
 
 
-def _tokenizer(config):
+def _tokenizer(base: str, revision: str | None):
     """The base model's tokenizer, saved beside the merged adapter (None when the base has none)."""
     try:
-        return AutoTokenizer.from_pretrained(config.base_model_name_or_path, revision=config.revision)
+        return AutoTokenizer.from_pretrained(base, revision=revision)
     except (*HUB_ERRORS, TypeError):
         return None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from card_checks import check_card
 from conftest import groups, torchrun
 from hub_standin import GOOD_TOKEN, FakeHub
 from huggingface_hub import ModelCard
@@ -110,14 +111,17 @@ def test_each_pushed_revision_reloads_alone_with_that_tasks_logits(pushed):
 
 def test_card_parses_and_its_numbers_are_results_json(pushed):
     fake, _, results, _ = pushed
-    card = ModelCard.load(fake.snapshot("me/seq") / "README.md")
+    card = check_card(fake.snapshot("me/seq"))
     data = card.data
-    assert data.base_model == results["config"]["ModelArguments"]["model_name_or_path"]
+    local = results["config"]["ModelArguments"]["model_name_or_path"]  # the tiny BERT: a local model, not the Hub's
+    assert data.base_model is None and f"a local model (`{local}`" in card.text
     assert data.library_name == "peft" and data.pipeline_tag == "text-classification"
     assert {"continual-learning", "pm_hf"} <= set(data.tags)
-    metrics = {r.metric_name: r.metric_value for r in data.eval_results}
+    metrics = {r.metric_name: (r.metric_type, r.metric_value) for r in data.eval_results}
     expected = {"ACC": "acc", "AAA": "aaa", "BWT": "bwt", "forgetting": "forgetting"}
-    assert metrics == {name: round(100 * results[key], 4) for name, key in expected.items()}
+    types = {"ACC": "accuracy", "AAA": "accuracy", "BWT": "backward_transfer", "forgetting": "forgetting"}
+    assert metrics == {name: (types[name], round(100 * results[key], 4)) for name, key in expected.items()}
+    assert 'AutoPeftModelForSequenceClassification.from_pretrained("me/seq", revision="task-3")' in card.text
     for a, raw in zip(results["alphas"], results["alphas_raw"]):
         assert f"{a:.4f} | {raw:.4f}" in card.text
     for row in results["accuracy_matrix"]:

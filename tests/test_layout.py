@@ -13,6 +13,8 @@ PACKAGE = ROOT / "pm_hf"
 LAYERS = [
     ["zero3", "errors"],
     ["sharding", "usage"],
+    ["origin"],
+    ["card_text"],
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card", "diagnostics"],
     ["launch"],
     ["training_args", "arguments"],
