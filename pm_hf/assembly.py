@@ -86,13 +86,7 @@ def assemble(
 ) -> ContinualLoop:
     """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
     causal = stream.modality == MODALITY
-    if partitions_weights(args):  # before the model is loaded (every entry point assembles here)
-        check_sharded_run(strategy, args, fisher_args, merge_args)
-    if causal and merge_args.head_align != "none":
-        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
-    if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
-        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
-        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
+    check_before_loading(strategy, causal, data_args, args, fisher_args, merge_args)  # every entry point assembles here
 
     def load_base():
         """A pristine pretrained model with a head of the stream's classes (the export's base)."""
@@ -156,6 +150,18 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
     return model, head, evaluator, extra, [*head.modules, *(lora_args.modules_to_save or [])], lora_args
 
 
+def check_before_loading(strategy, causal: bool, data_args, args, fisher_args, merge_args) -> None:
+    """What the stream's modality, the scenario and the launch allow of the strategy, checked before the model is
+    loaded (`assemble`, and `pm-hf check`, which loads no model)."""
+    if partitions_weights(args):
+        check_sharded_run(strategy, args, fisher_args, merge_args)
+    if causal and merge_args.head_align != "none":
+        raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
+    if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
+        fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
+        raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
+
+
 def check_sharded_run(strategy, args: PMConfig, fisher_args: FisherArguments, merge_args: MergeArguments) -> None:
     """What an FSDP2 or ZeRO-3 run supports (checked before loading): any model (a classifier's head and the fully
     trained modules sharded too), a merge rule whose math runs on sharded weights, the continual state beside the
@@ -182,7 +188,11 @@ def check_sharded_run(strategy, args: PMConfig, fisher_args: FisherArguments, me
 def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:
     """Whether merges go to a merged adapter (`merge_into: adapter`, or 'auto' with a quantized base), which needs a
     strategy with one alpha per task merged from theta_hat_{t-1} and no measurement along the merge line."""
-    quantized = is_quantized(model)
+    return merges_into_adapter(is_quantized(model), strategy, merge_args)
+
+
+def merges_into_adapter(quantized: bool, strategy, merge_args: MergeArguments) -> bool:
+    """`uses_merged_adapter` for a base known to be quantized or not (`pm-hf check` reads it from the config)."""
     if merge_args.merge_into == "weights" and quantized:
         raise invalid("merge_into", "weights", "the base is quantized and cannot be written: use 'adapter' or 'auto'.")
     if merge_args.merge_into == "weights" or (merge_args.merge_into == "auto" and not quantized):
@@ -215,14 +225,15 @@ def build_loop(
     model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
     processor = processor if processor is not None else load_processor(model_args)
     with quiet_datasets():
-        stream = _config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
+        stream = config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
     stream = strategy.transform_stream(stream)
     groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
     loaded = None if model is None else lambda: model
     return assemble(*groups, callbacks, strategy, stream, processor, loaded, loop_class=loop_class)
 
 
-def _config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:
+def config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:
+    """The task stream of a config (instructions for a causal LM, else classes), validated as it is built."""
     mpf = args.main_process_first
     if causal:
         return build_instruction_stream(data_args, processor, seed=args.seed, main_process_first=mpf)

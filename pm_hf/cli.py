@@ -1,4 +1,5 @@
 """The `pm-hf` command: `pm-hf train --config FILE.yaml [--preset NAME] [--resume] [--<field> value ...]`,
+`pm-hf check FILE.yaml [--<field> value ...]` (train's checks and its plan; no model loaded, nothing written),
 `pm-hf evaluate RUN_DIR | EXPORT --config DATA.yaml`, `pm-hf export RUN_DIR --mode ... --output DIR`,
 `pm-hf push RUN_DIR --hub_model_id USER/NAME` and `pm-hf merge --adapters A B ... --output DIR`. Config problems
 print `pm-hf: error: <message>` and exit with code 2 before anything is written (parsing: `pm_hf.parsing`); the
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
-from .usage import USAGE, ArgParser, did_you_mean
+from .usage import CHECK_HELP, USAGE, ArgParser, did_you_mean
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
 # a command once its arguments are read, so `pm-hf --help` and every subcommand's `--help` answer at once.
@@ -95,6 +96,29 @@ def _train(argv: list[str]) -> int:
 
         print(format_results(results))
     _end_processes()
+    return 0
+
+
+def _check(argv: list[str]) -> int:
+    """`pm-hf check CONFIG [--<field> value ...]`: train's validation, data included, without loading weights or
+    writing anything; prints what the run would do (`pm_hf.preflight`)."""
+    if "-h" in argv or "--help" in argv:
+        print(CHECK_HELP, end="")
+        raise SystemExit(0)
+    pre = ArgParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", action="store_true")
+    pre.add_argument("--debug", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    with _errors(known.debug):
+        if known.config is None and rest and not rest[0].startswith("-"):
+            known.config, rest = rest[0], rest[1:]
+        if known.config is None:
+            raise invalid("config", None, "give the YAML config to check: `pm-hf check CONFIG [--<field> value ...]`.")
+        from .preflight import check_config, format_plan
+
+        plan = check_config(known.config, rest, resume=known.resume)
+    print(format_plan(plan))
     return 0
 
 
@@ -227,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (before anything is written); errors during training propagate with their traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": _train, "evaluate": _evaluate, "export": _export, "push": _push, "merge": _merge}
+    commands = {"train": _train, "check": _check, "evaluate": _evaluate, "export": _export, "push": _push}
+    commands["merge"] = _merge
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr, end="")
         raise SystemExit(0 if argv else 2)

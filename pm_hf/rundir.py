@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,8 +75,21 @@ def _others(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.name != LOCK and not is_stale(p)] if out.is_dir() else []
 
 
+def check_writable(out: Path) -> None:
+    """`out` is a folder, or can be made one: no file in its place or above it, its nearest existing folder writable."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing in (out, out.absolute()) else f"lies under {str(existing)!r}, which is a file"
+        raise invalid("output_dir", str(out), f"{where}: give a folder (new or empty).")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise invalid("output_dir", str(out), f"{str(existing)!r} is not writable here: give a folder you can write.")
+
+
 def check_claim(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse (reading only) a folder that holds a run or foreign files, unless resuming or overwriting."""
+    """Refuse (reading only) a path that is not a folder one can create or write, and a folder that holds a run or
+    foreign files, unless resuming or overwriting."""
+    check_writable(out)
     others = _others(out)
     if resume or overwrite or not others:
         return

@@ -17,6 +17,8 @@ USAGE = """usage: pm-hf <command> [options]
 commands:
   train     --config FILE.yaml [--preset NAME] [--resume] [--debug] [--<field> value ...]
             continual LoRA fine-tuning with Perturb-and-Merge (`pm-hf train --help` lists every field)
+  check     FILE.yaml [--preset NAME] [--resume] [--debug] [--<field> value ...]
+            validate a train config and its data without loading the model or writing anything; print the plan
   evaluate  RUN_DIR | EXPORT_DIR_OR_HUB_ID --config DATA.yaml [--revision REV] [--debug]
             re-evaluate a saved run (or score an export or Hub model on a data config) on every task
   export    RUN_DIR --output DIR [--mode adapter|adapter-svd|merged|per-task] [--rank K]
@@ -28,6 +30,21 @@ commands:
 
 Bad input prints `pm-hf: error: <field> = <value>: <fix>` and exits 2 before anything is written; --debug shows the
 traceback instead.
+"""
+CHECK_HELP = """usage: pm-hf check FILE.yaml [-h] [--preset NAME] [--resume] [--debug] [--<field> value ...]
+
+Run the checks `pm-hf train` makes before it loads a model, on the same config and flags (`pm-hf train --help` lists
+the fields): the config's values, the launch, the output folder, the strategy, and the data (every task's splits,
+columns and classes, built as the run builds them). Only the tokenizer or processor and the model's config are loaded;
+nothing is written (the datasets cache aside). Then print what the run would do: its tasks, classes, training samples
+and optimizer steps per task, the strategy and its calibration, the head alignment, where it writes and what it
+pushes. Exit 0 when valid; otherwise `pm-hf: error: <field> = <value>: <fix>` and exit 2.
+
+options:
+  FILE.yaml      the config (or --config FILE.yaml)
+  --preset NAME  named defaults applied first, as with train
+  --resume       check a resume of the run in output_dir (a folder holding a run is then accepted)
+  --debug        show the traceback of an error
 """
 TRAIN_DESCRIPTION = (
     "Continual LoRA fine-tuning with Perturb-and-Merge. Values come from --config (a flat YAML mapping "

@@ -29,7 +29,7 @@ LAYERS = [
     ["loop"],
     ["assembly"],
     ["continual", "parsing", "sft"],
-    ["runs"],
+    ["runs", "preflight"],
     ["posthoc"],
     ["cli", "__init__"],
 ]
