@@ -32,8 +32,8 @@ assert not heavy, f"--help imported {{heavy}}"
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["export", "--help"], ["push", "--help"],
-                                  ["merge", "--help"]])  # fmt: skip
+@pytest.mark.parametrize("argv", [["--help"], ["check", "--help"], ["evaluate", "--help"], ["export", "--help"],
+                                  ["push", "--help"], ["merge", "--help"]])  # fmt: skip
 def test_help_imports_no_heavy_library(argv, tmp_path):
     proc = _python(LOADED_AFTER_HELP.format(argv=argv, heavy=HEAVY), tmp_path)
     assert proc.returncode == 0, proc.stderr
