@@ -41,12 +41,17 @@ def _table(out: str) -> list[tuple[int, int, int, int]]:
 
 
 def test_check_ci_tiny_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
     monkeypatch.chdir(ROOT)
+    loads = []  # no model weights are loaded
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", lambda *a, **k: loads.append(a))
     before = _files(ROOT)
     out = tmp_path / "run"
     code, printed, err = _check([str(CONFIG), "--output_dir", str(out)], capsys)
     assert code == 0, err
     assert not out.exists() and not any(tmp_path.iterdir())  # no output folder, lock or cache file
+    assert not loads
     assert _files(ROOT) == before  # nothing beside the config either
 
     # the expected plan, computed from the data files as the config cuts them
@@ -176,3 +181,29 @@ def test_check_takes_config_as_a_flag_and_requires_one(tmp_path, capsys, monkeyp
     assert code == 0 and "valid" in printed
     code, _, err = _check([], capsys)
     assert code == 2 and err.startswith("pm-hf: error: config = None: give the YAML config")
+
+
+def test_check_an_instruction_config_loads_no_weights(llm_dir, tmp_path, capsys, monkeypatch):
+    """A causal LM: the stream is built with its tokenizer, the model's weights are never loaded."""
+    import json
+
+    from conftest import INSTRUCT, TASKS
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(ROOT)
+    loads = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
+    tasks = [{"dataset_name": "json", "data_files": {s: str(INSTRUCT / t / f"{s}.jsonl") for s in ("train", "test")}}
+             for t in TASKS]  # fmt: skip
+    out = tmp_path / "run"
+    argv = [str(ROOT / "configs" / "llm_wordnet.yaml"), "--model_name_or_path", llm_dir, "--task_datasets",
+            json.dumps(tasks), "--max_train_samples", "10", "--max_eval_samples", "4", "--output_dir", str(out),
+            "--per_device_train_batch_size", "4"]  # fmt: skip
+    code, printed, err = _check(argv, capsys)
+    assert code == 0, err
+    assert "(causal LM)" in printed and "instruction tasks: 2 tasks" in printed
+    rows = re.findall(r"^  (\d+)\s+-\s+(\d+)\s+(\d+)\s+(\d+)\s+task_", printed, flags=re.M)
+    assert [tuple(int(v) for v in r[1:]) for r in rows] == [(10, 4, 3), (10, 4, 3)]  # ceil(10 / 4) steps
+    assert not loads and not out.exists()
+    code, _, err = _check([*argv, "--head_align", "prototypes"], capsys)
+    assert code == 2 and err.startswith("pm-hf: error: head_align = 'prototypes': a causal LM has no class head")
