@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import datasets
 import torch
@@ -28,7 +29,7 @@ from .launch import partitions_weights, refuse_sharding, sharding_field, zero_st
 from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .origin import IN_MEMORY  # model_name_or_path of a model given as an object (re-exported for pm_hf.continual)
-from .rundir import dataset_digest
+from .rundir import check_writable, dataset_digest
 from .strategies import build_strategy
 from .weights import LowRankWeights
 
@@ -152,7 +153,10 @@ def _classifier_parts(model, groups, stream, processor, compute_metrics=None) ->
 
 def check_before_loading(strategy, causal: bool, data_args, args, fisher_args, merge_args) -> None:
     """What the stream's modality, the scenario and the launch allow of the strategy, checked before the model is
-    loaded (`assemble`, and `pm-hf check`, which loads no model)."""
+    loaded (`assemble`, and `pm-hf check`, which loads no model); and that output_dir can be a folder (the evaluator's
+    `Trainer` makes it as it is built)."""
+    if args.should_save:
+        check_writable(Path(args.output_dir))
     if partitions_weights(args):
         check_sharded_run(strategy, args, fisher_args, merge_args)
     if causal and merge_args.head_align != "none":

@@ -207,3 +207,16 @@ def test_check_an_instruction_config_loads_no_weights(llm_dir, tmp_path, capsys,
     assert not loads and not out.exists()
     code, _, err = _check([*argv, "--head_align", "prototypes"], capsys)
     assert code == 2 and err.startswith("pm-hf: error: head_align = 'prototypes': a causal LM has no class head")
+
+
+def test_train_refuses_an_output_dir_that_is_a_file_too(tmp_path, capsys, monkeypatch):
+    """The output-folder check `check` runs is train's own (`rundir.check_claim`): a file in its place is an input
+    error, not a traceback from the lock's mkdir."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "a-file"
+    out.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", str(CONFIG), "--output_dir", str(out)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(f"pm-hf: error: output_dir = '{out}': is a file")
+    assert out.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [out]
