@@ -154,12 +154,12 @@ def _quantized(model_args) -> bool:
 def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str] = (), resume: bool = False) -> RunPlan:
     """Validate a `pm-hf train` config without loading model weights or writing anything, and plan the run.
 
-    The checks are train's own, in its order: the config (`parse_config`), the strategy and head alignment, the
-    launch (`refuse_sharding`), where resuming from another run starts, the output folder (`check_claim`, which
-    `train` runs before taking its lock), the model's config, the task stream (built with the tokenizer or processor
-    as the run builds it: splits, columns, classes of every split), and what the stream's modality and the scenario
-    allow of the strategy. What needs the weights (their shapes under ZeRO-3, a quantized base's layers) and the Hub
-    (the token's write access) is checked by `train` only.
+    The checks are train's own: the config (`parse_config`), the strategy and head alignment, the launch
+    (`refuse_sharding`), where resuming from another run starts, the output folder (`check_claim`, which `train` runs
+    before taking its lock; here before the data, so a refused folder is reported at once), the model's config, the
+    task stream (built with the tokenizer or processor as the run builds it: splits, columns, classes of every split),
+    and what the stream's modality and the scenario allow of the strategy. What needs the weights (their shapes under
+    ZeRO-3, a quantized base's layers) and the Hub (the token's write access) is checked by `train` only.
 
     Raises:
         InputError: the first problem, `<field> = <value>: <fix>`.
