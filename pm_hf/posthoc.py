@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, TrainerState
 
 from .adapters import load_adapter_weights
 from .assembly import build_loop
@@ -55,6 +55,7 @@ class LoadedAdapter:
 
     def __init__(self, model, source: str):
         self.model, self.source, self.branch_counts = model, source, {}
+        self.state = TrainerState()  # nothing trained here: no training loss logged
 
     def train(self, resume_from_checkpoint=None) -> None:
         load_adapter_weights(self.model, self.source)
@@ -92,14 +93,13 @@ def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: Merg
     Returns:
         What the export's pm_hf_export.json records (alpha per task, strategy, ...).
     """
-    configs = adapter_configs(adapters)
-    output = Path(output)
+    config, modules = adapter_configs(adapters)[0], adapter_modules(adapters)
     if parsed is not None:
-        return _merge_with_data(adapters, configs[0], output, parsed, merge_args)
-    return _merge_data_free(adapters, configs[0], output, merge_args or MergeArguments())
+        return _merge_with_data(adapters, config, modules, Path(output), parsed, merge_args)
+    return _merge_data_free(adapters, config, modules, Path(output), merge_args or MergeArguments())
 
 
-def _merge_with_data(adapters, config, output: Path, parsed: tuple, merge_args) -> dict:
+def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, merge_args) -> dict:
     model_args, data_args, args, _, fisher_args, config_merge = parsed
     merge_args = merge_args or config_merge
     base = resolve_base(adapters[0], config.base_model_name_or_path)
@@ -109,7 +109,6 @@ def _merge_with_data(adapters, config, output: Path, parsed: tuple, merge_args) 
     if zero_stage(args) is not None or fsdp_requested(args):  # nothing to train (ZeRO-3 could not even load it)
         fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
         raise invalid(*sharding_field(args) if fsdp_requested(args) else ("deepspeed", "DeepSpeed config"), fix)
-    modules = adapter_modules(adapters)
     run = Path(tempfile.mkdtemp(prefix=f".{output.name}.run-", dir=_parent(output)))
     args.output_dir = str(run)  # the loop's run folder: temporary, next to the output (room for its checkpoint)
     try:
@@ -133,12 +132,11 @@ def _parent(output: Path) -> Path:
     return output.resolve().parent
 
 
-def _merge_data_free(adapters, config, output: Path, merge_args: MergeArguments) -> dict:
+def _merge_data_free(adapters, config, modules, output: Path, merge_args: MergeArguments) -> dict:
     strategy = build_strategy(merge_args)
     if strategy.needs_fisher or strategy.needs_score:
         fix = "needs each adapter's task data: give a data config with one task per adapter (--config)."
         raise invalid("merge_method", merge_args.merge_method, fix)
-    modules = adapter_modules(adapters)
     task = PEFT_TASKS.get(config.task_type, "causal_lm")
     base = resolve_base(adapters[0], config.base_model_name_or_path)
     pristine = _load_base(base, config.revision, task, modules[0])

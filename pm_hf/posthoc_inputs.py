@@ -93,11 +93,16 @@ def adapter_modules(adapters: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         if set(shapes) != set(first):
             fix = f"the tensors the adapter {source} trains in full; the first adapter's are {sorted(first)}"
             raise invalid("modules_to_save", sorted(shapes), f"{fix}: {ALIKE}")
-        for key, shape in shapes.items():
-            if shape != first[key]:
+        for key in _weights_first(shapes):
+            if shapes[key] != first[key]:
                 fix = f"the shape of the adapter {source}'s {key}; the first adapter's is {first[key]}"
-                raise invalid(key, shape, f"{fix}: merge adapters with one head size (num_labels) from one base.")
+                raise invalid(key, shapes[key], f"{fix}: merge adapters with one head size (num_labels) from one base.")
     return modules
+
+
+def _weights_first(keys) -> list[str]:
+    """`keys` sorted, a module's weight before its bias (the weight's shape tells the head size)."""
+    return sorted(keys, key=lambda key: (not key.endswith(".weight"), key))
 
 
 def _shapes(tensors: Mapping[str, torch.Tensor]) -> dict[str, list[int]]:
@@ -125,7 +130,8 @@ def model_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 def check_modules_fit(modules: Mapping[str, torch.Tensor], shapes: Mapping[str, list[int]], where: str, fix: str):
     """Every fully trained tensor of the adapters has a parameter of its shape in the model (`shapes`)."""
-    for key, tensor in modules.items():
+    for key in _weights_first(modules):
+        tensor = modules[key]
         if key not in shapes:
             raise invalid("modules_to_save", key, f"{where} has no parameter {key}: {fix}")
         if list(tensor.shape) != shapes[key]:
