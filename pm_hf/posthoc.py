@@ -68,9 +68,18 @@ class PosthocLoop(ContinualLoop):
     """The continual loop with task t's training replaced by loading `adapters[t]`."""
 
     adapters: Sequence[str] = ()
+    output: str | None = None  # the export folder, which results.json names (the run folder is a temporary one)
 
     def trainer(self, t: int, task) -> LoadedAdapter:
         return LoadedAdapter(self.model, self.adapters[t])
+
+    def results(self) -> dict:
+        out = super().results()
+        if self.output is not None:
+            config = out.get("config", {})
+            training = {**config.get("PMConfig", {}), "output_dir": self.output}
+            out.update(output_dir=self.output, config={**config, "PMConfig": training})
+        return out
 
 
 def lora_arguments(config: LoraConfig) -> LoraArguments:
@@ -119,7 +128,7 @@ def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, mer
             raise invalid("adapters", list(adapters), fix)
         fix = "give the data config the adapters were trained with (its classes set the head's size)."
         check_modules_fit(modules[0], model_shapes(loop.model), "the config's model", fix)
-        loop.adapters = list(adapters)
+        loop.adapters, loop.output = list(adapters), str(output)
         loop.run()
         return loop.export(output, info={"merged_adapters": list(adapters)})
     finally:

@@ -181,5 +181,7 @@ def test_a_merge_with_data_writes_nothing_outside_its_output(adapters, tmp_path,
     out = tmp_path / "merged"
     assert cli_main(["merge", "--adapters", *adapters[4], "--config", config, "--output", str(out)]) == 0
     assert sorted(p for p in listing() if not p.startswith("merged")) == before
-    assert (out / "results.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    results = json.loads((out / "results.json").read_text())  # it names the output, not the temporary run folder
+    assert results["output_dir"] == results["config"]["PMConfig"]["output_dir"] == str(out)
+    assert len(results["accuracy_matrix"]) == 2 and (out / "adapter_model.safetensors").is_file()
     assert "with each adapter's task data" in (out / "README.md").read_text()
