@@ -37,8 +37,9 @@ from .posthoc_inputs import (
     adapter_configs,
     adapter_modules,
     average_modules,
-    check_modules_fit,
+    check_fit,
     head_labels,
+    lora_weight_shapes,
     model_shapes,
     same_model,
 )
@@ -97,7 +98,8 @@ def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: Merg
         output: the export folder to write (`pm_hf.export.write_export`: adapter, card, pm_hf_export.json).
         merge_args: the strategy and its knobs (default: the config's, else `MergeArguments()`).
         parsed: the six argument groups of a data config (`pm_hf.parsing.parse_config`) with one task per adapter;
-            its `output_dir` receives the run folder (results.json, plots, checkpoint).
+            its `output_dir` is not used: the loop runs in a temporary folder next to `output`, removed at the
+            end (results.json and the plots are written into the export).
 
     Returns:
         What the export's pm_hf_export.json records (alpha per task, strategy, ...).
@@ -126,8 +128,7 @@ def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, mer
         if len(loop.stream.tasks) != len(adapters):
             fix = f"the config has {len(loop.stream.tasks)} tasks for {len(adapters)} adapters: give one per adapter."
             raise invalid("adapters", list(adapters), fix)
-        fix = "give the data config the adapters were trained with (its classes set the head's size)."
-        check_modules_fit(modules[0], model_shapes(loop.model), "the config's model", fix)
+        _check_model(adapters[0], config, modules[0], model_shapes(loop.model), "the config's model")
         loop.adapters, loop.output = list(adapters), str(output)
         loop.run()
         return loop.export(output, info={"merged_adapters": list(adapters)})
@@ -148,7 +149,7 @@ def _merge_data_free(adapters, config, modules, output: Path, merge_args: MergeA
         raise invalid("merge_method", merge_args.merge_method, fix)
     task = PEFT_TASKS.get(config.task_type, "causal_lm")
     base = resolve_base(adapters[0], config.base_model_name_or_path)
-    pristine = _load_base(base, config.revision, task, modules[0])
+    pristine = _load_base(adapters[0], config, base, task, modules[0])
     history, alphas = _merge_lora(pristine, config, adapters, strategy)
     names = [str(a) for a in adapters]
     results = {"tasks": names, "alphas": [a for a, _ in alphas], "alphas_raw": [raw for _, raw in alphas],
@@ -162,26 +163,35 @@ def _merge_data_free(adapters, config, modules, output: Path, merge_args: MergeA
     return {**info, "mode": "adapter", "base_model": spec.base_model}
 
 
-def _load_base(base: str, revision: str | None, task: str, modules: dict):
-    """The pristine base model, checked first (on the meta device, from its config) to hold a parameter of each
-    shape the adapters train in full; a classifier's head with as many classes as the adapters' heads."""
+def _load_base(source: str, config: LoraConfig, base: str, task: str, modules: dict):
+    """The pristine base model, checked first (on the meta device, from its config) to hold a weight of each shape
+    the adapters adapt or train in full; a classifier's head with as many classes as the adapters' heads."""
+    revision = config.revision
     try:
         model_config = AutoConfig.from_pretrained(base, revision=revision)
     except (*HUB_ERRORS, TypeError) as err:
         raise invalid("base_model_name_or_path", base, f"cannot be read ({type(err).__name__}).") from None
-    labels = None
-    if modules:
-        with torch.device("meta"):
-            meta = MODEL_CLASSES[task].from_config(model_config)
-        if task != "causal_lm" and head_labels(meta, model_config.num_labels, modules) != model_config.num_labels:
-            labels = head_labels(meta, model_config.num_labels, modules)
-            model_config.num_labels = labels
-            with torch.device("meta"):
-                meta = MODEL_CLASSES[task].from_config(model_config)
-        fix = "merge adapters trained from this base model."
-        check_modules_fit(modules, model_shapes(meta), f"the base model {base}", fix)
+    labels, meta = None, _on_meta(task, model_config)
+    if task != "causal_lm" and head_labels(meta, model_config.num_labels, modules) != model_config.num_labels:
+        model_config.num_labels = labels = head_labels(meta, model_config.num_labels, modules)
+        meta = _on_meta(task, model_config)
+    _check_model(source, config, modules, model_shapes(meta), f"the base model {base}")
     extra = {} if labels is None else {"num_labels": labels, "ignore_mismatched_sizes": True}
     return MODEL_CLASSES[task].from_pretrained(base, revision=revision, **extra)
+
+
+def _check_model(source: str, config: LoraConfig, modules: dict, shapes: dict, where: str) -> None:
+    """The model (its parameters' `shapes`) holds a weight of each shape the adapter `source` adapts or trains in
+    full; a mismatch is `<key> = <shape>: ...`."""
+    fix = "merge adapters trained from this model (a classifier's head: with the classes they were trained on)."
+    check_fit(lora_weight_shapes(source, config.fan_in_fan_out), shapes, where, fix, field="target_modules")
+    check_fit(modules, shapes, where, fix)
+
+
+def _on_meta(task: str, model_config):
+    """The model of `model_config` on the meta device: its parameters' shapes, nothing allocated or loaded."""
+    with torch.device("meta"):
+        return MODEL_CLASSES[task].from_config(model_config)
 
 
 def _merge_lora(pristine, config, adapters, strategy) -> tuple[list, list]:

@@ -75,13 +75,29 @@ def same_model(a: str, b: str) -> bool:
     return base_reference(a)[0] == base_reference(b)[0]
 
 
-def saved_modules(source: str) -> dict[str, torch.Tensor]:
-    """The tensors an adapter trains in full (its `modules_to_save`), by merge key (e.g. `classifier.weight`)."""
+def _saved(source: str) -> dict[str, torch.Tensor]:
     try:
         weights = load_peft_weights(source)
     except (*HUB_ERRORS, TypeError) as err:
         raise invalid("adapters", source, f"its adapter weights cannot be read ({type(err).__name__}).") from None
-    return {strip_prefix(k): v.float() for k, v in weights.items() if ".lora_" not in k}
+    return {strip_prefix(k): v for k, v in weights.items()}
+
+
+def saved_modules(source: str) -> dict[str, torch.Tensor]:
+    """The tensors an adapter trains in full (its `modules_to_save`), by merge key (e.g. `classifier.weight`)."""
+    return {k: v.float() for k, v in _saved(source).items() if ".lora_" not in k}
+
+
+def lora_weight_shapes(source: str, fan_in_fan_out: bool = False) -> dict[str, torch.Size]:
+    """The shape of the base weight each LoRA layer of an adapter adapts (B @ A, transposed for fan_in_fan_out), by
+    merge key: what the model it is merged on must hold."""
+    saved, out = _saved(source), {}
+    for key, A in saved.items():
+        if key.endswith(".lora_A.weight") and A.dim() == 2:
+            B = saved[key.replace(".lora_A.", ".lora_B.")]
+            shape = [B.shape[0], A.shape[1]]
+            out[key.replace(".lora_A.weight", ".weight")] = torch.Size(shape[::-1] if fan_in_fan_out else shape)
+    return out
 
 
 def adapter_modules(adapters: Sequence[str]) -> list[dict[str, torch.Tensor]]:
@@ -119,8 +135,9 @@ def model_shapes(model: nn.Module) -> dict[str, list[int]]:
     shapes = {}
     for name, param in unwrap(model).named_parameters():
         parts = strip_prefix(name).split(".")
-        if "original_module" in parts:
+        if "original_module" in parts or any(p.startswith("lora_") for p in parts):
             continue
+        parts = [p for p in parts if p != "base_layer"]
         if "modules_to_save" in parts:
             i = parts.index("modules_to_save")
             parts = parts[:i] + parts[i + 2 :]
@@ -128,14 +145,16 @@ def model_shapes(model: nn.Module) -> dict[str, list[int]]:
     return shapes
 
 
-def check_modules_fit(modules: Mapping[str, torch.Tensor], shapes: Mapping[str, list[int]], where: str, fix: str):
-    """Every fully trained tensor of the adapters has a parameter of its shape in the model (`shapes`)."""
-    for key in _weights_first(modules):
-        tensor = modules[key]
+def check_fit(tensors: Mapping[str, torch.Tensor | torch.Size], shapes: Mapping[str, list[int]], where: str,
+              fix: str, field: str = "modules_to_save") -> None:  # fmt: skip
+    """Every tensor (or shape) of the adapters by merge key has a parameter of its shape in the model (`shapes`);
+    a key the model lacks is reported as `field`."""
+    for key in _weights_first(tensors):
+        shape = list(getattr(tensors[key], "shape", tensors[key]))
         if key not in shapes:
-            raise invalid("modules_to_save", key, f"{where} has no parameter {key}: {fix}")
-        if list(tensor.shape) != shapes[key]:
-            raise invalid(key, list(tensor.shape), f"the adapters' shape; {where}'s is {shapes[key]}: {fix}")
+            raise invalid(field, key, f"{where} has no parameter {key}: {fix}")
+        if shape != shapes[key]:
+            raise invalid(key, shape, f"the adapters' shape; {where}'s is {shapes[key]}: {fix}")
 
 
 def head_labels(model: nn.Module, num_labels: int, modules: Mapping[str, torch.Tensor]) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import randomize_lora, two_domains
+from conftest import randomize_lora, tiny_bert, two_domains
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
@@ -150,6 +150,24 @@ def test_each_mismatch_names_its_field_and_writes_nothing(adapters, field, tmp_p
     message = capsys.readouterr().err
     assert err.value.code == 2 and message.startswith(f"pm-hf: error: {field} = "), message
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, nothing else
+
+
+def test_adapters_that_do_not_fit_their_base_are_refused_before_loading(adapters, tmp_path, capsys):
+    """Two adapters that name another base (hidden size 16, not 32): the first adapted weight's shape is refused."""
+    tiny_bert(num_labels=2).save_pretrained(tmp_path / "small")
+    moved = []
+    for i, folder in enumerate(adapters[None]):
+        moved.append(shutil.copytree(folder, tmp_path / f"adapter_{i}"))
+        config = json.loads((moved[-1] / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(tmp_path / "small")
+        (moved[-1] / "adapter_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        cli_main(["merge", "--adapters", *map(str, moved), "--merge_method", "ties", "--output", str(tmp_path / "m")])
+    message = capsys.readouterr().err
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert err.value.code == 2 and message.startswith(f"pm-hf: error: {key} = [32, 32]: "), message
+    assert "the base model" in message and "is [16, 16]" in message and not (tmp_path / "m").exists()
 
 
 def _config(tmp_path: Path, out: Path) -> str:
