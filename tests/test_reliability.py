@@ -113,9 +113,14 @@ def test_an_output_dir_that_is_or_sits_under_a_file_is_refused_before_loading(wh
 
 
 IN_PROCESS_FAULTS = [f for f in rel.FAULTS if f[1] in ("checkpoint", "pointer", "results", "record", "disk", "train")]
+DEFAULT_FAULTS = ("training, task 2", "checkpoint write, task 1")  # the rest of the sweep: slow tier (CI runs it)
 
 
-@pytest.mark.parametrize("name, point, nth", IN_PROCESS_FAULTS, ids=[f[0] for f in IN_PROCESS_FAULTS])
+@pytest.mark.parametrize(
+    "name, point, nth",
+    [f if f[0] in DEFAULT_FAULTS else pytest.param(*f, marks=pytest.mark.slow) for f in IN_PROCESS_FAULTS],
+    ids=[f[0] for f in IN_PROCESS_FAULTS],
+)
 def test_a_run_stopped_at_any_step_resumes_to_identical_results(name, point, nth, assets, reference, tmp_path):
     out = tmp_path / "run"
 
