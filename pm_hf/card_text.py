@@ -98,8 +98,9 @@ def _intro(results: dict, info: dict) -> str:
     if is_posthoc(info):
         inputs = "\n".join(f"{t + 1}. `{a}`" for t, a in enumerate(info["merged_adapters"]))
         data = " with each adapter's task data" if results.get("accuracy_matrix") else ", without data"
+        rule = f"\n\nIn the merge, {info['head_rule']}." if info.get("head_rule") else ""
         return (f"{n} LoRA adapters trained from {base}, merged in this order by `pm-hf merge` (`pm_hf`){data}, with "
-                f"the merge rule `{method}`:\n\n{inputs}")  # fmt: skip
+                f"the merge rule `{method}`:\n\n{inputs}{rule}")  # fmt: skip
     return (f"Fine-tuned on {n} tasks, one after another, by `pm_hf` from {base}: each task trained a LoRA "
             f"adapter, then was merged into the running model with the coefficient α of the merge strategy "
             f"`{method}`.")  # fmt: skip

@@ -46,6 +46,11 @@ options:
   --resume       check a resume of the run in output_dir (a folder holding a run is then accepted)
   --debug        show the traceback of an error
 """
+HEAD_RULE = (  # `pm-hf merge` without data: the rule for what PEFT's adapters train in full (pm_hf.posthoc)
+    "the modules the adapters train in full (PEFT's `modules_to_save`, such as the `classifier` head of a SEQ_CLS "
+    "adapter) are the plain average of the adapters' copies (weight 1/N each, whatever the merge rule of the LoRA "
+    "weights)"
+)
 TRAIN_DESCRIPTION = (
     "Continual LoRA fine-tuning with Perturb-and-Merge. Values come from --config (a flat YAML mapping "
     "`field: value` of the fields below), then command-line flags override them; an unknown key or flag is an error. "

@@ -23,7 +23,7 @@ LAYERS = [
     ["adapters", "callbacks", "sources", "models", "hub", "reporting"],
     ["data", "weights"],
     ["fisher", "trainer", "heads", "instruct"],
-    ["alignment"],
+    ["alignment", "posthoc_inputs"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results", "measure"],
     ["loop"],

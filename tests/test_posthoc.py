@@ -40,7 +40,8 @@ def test_merging_a_runs_adapters_with_its_data_gives_the_runs_model(run, llm_dir
     out, results, adapters = run
     info = merge_adapters(adapters, tmp_path / "merged", parsed=llm_groups(llm_dir, tmp_path / "posthoc_run"))
     assert info["alphas"] == pytest.approx(results["alphas"], abs=1e-6)
-    again = json.loads((tmp_path / "posthoc_run" / "results.json").read_text())
+    assert not (tmp_path / "posthoc_run").exists()  # the config's output_dir: nothing written outside the output
+    again = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert again["alphas_raw"] == pytest.approx(results["alphas_raw"], abs=1e-6)
     assert again["score_matrices"]["exact_match"] == results["score_matrices"]["exact_match"]
     torch.testing.assert_close(_logits(tmp_path / "merged"), _logits(out / "run" / "merged_adapter"), atol=1e-5,
@@ -119,7 +120,7 @@ def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_pat
     (other / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 1}))
     with pytest.raises(SystemExit) as err:
         cli_main(["merge", "--adapters", adapters[0], str(other), "--output", str(tmp_path / "x")])
-    assert err.value.code == 2 and "its r is" in capsys.readouterr().err
+    assert err.value.code == 2 and f"pm-hf: error: r = {config['r'] + 1}: " in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -46,6 +46,7 @@ def quantized_bert(tok, seed=0):
     return model
 
 
+@pytest.mark.slow  # two full runs with a merged adapter (about 40 s alone)
 def test_a_merged_adapter_run_equals_the_run_that_writes_the_weights(model_dir, tmp_path):
     written = run_continual(*groups(model_dir, tmp_path / "weights"))
     adapter = run_continual(*groups(model_dir, tmp_path / "adapter", merge_into="adapter"))
@@ -118,6 +119,7 @@ def test_4bit_loading_without_a_gpu_is_an_input_error(tmp_path):
     assert copy.copy(hub_kwargs(ModelArguments(model_name_or_path="x"), weights=True)) == {"trust_remote_code": False}
 
 
+@pytest.mark.slow  # two full runs with a merged adapter (about 40 s alone)
 def test_a_merged_adapter_run_resumes_and_exports_what_it_computes(model_dir, tmp_path):
     from transformers import AutoTokenizer
 
