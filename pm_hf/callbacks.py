@@ -83,6 +83,19 @@ class History(TrainerCallback):
         if logs and "train_loss" in logs:  # the end of a task's training: its mean training loss
             self.train_losses.append(logs["train_loss"])
 
+    def output(self, log: list[dict], mark: int, results: dict) -> ContinualTrainOutput:
+        """The `TrainOutput` of a `train()` call that logged the task losses after the first `mark` (`log`: the
+        loop's per-task entries): the sequence's step, the step-weighted mean training loss of its tasks, their
+        training time and the run's ACC, AAA, BWT and forgetting."""
+        losses = self.train_losses[mark:]
+        new = log[len(log) - len(losses) :] if losses else []
+        steps = [sum(e["branch_counts"].values()) for e in new]
+        loss = sum(x * n for x, n in zip(losses, steps)) / max(sum(steps), 1)
+        self.state.global_step = sum(sum(e["branch_counts"].values()) for e in log)
+        metrics = {"train_loss": loss, "train_runtime": sum(e["timings"]["train"] for e in new)}
+        metrics.update({k: results[k] for k in ("acc", "aaa", "bwt", "forgetting") if k in results})
+        return ContinualTrainOutput(self.state.global_step, loss, metrics, results)
+
 
 class ContinualTrainOutput(TrainOutput):
     """What `ContinualTrainer.train()` returns: `TrainOutput(global_step, training_loss, metrics)` as `Trainer.train`'s,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,17 +26,21 @@ from .checks import InputError, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, collator_for, task_from_datasets, task_splits
 from .errors import python_names
+from .evaluation import evaluation_metrics
 from .export import copy_task_records
 from .heads import find_head
 from .hub import BASE_BRANCH, connect, download_state, is_repo_id, push_run
 from .instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
 from .launch import refuse_sharding
 from .loop import ContinualLoop, seeded
-from .metrics import seen_accuracy
 from .models import load_processor
 from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
 from .zero3 import loading_whole
+
+# the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
+RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
+PYTHON_FLAGS = {"resume": RESUME, "overwrite_output_dir": OVERWRITE}
 
 
 class ContinualTrainer:
@@ -92,7 +95,8 @@ class ContinualTrainer:
         self.model_args = model_args or ModelArguments(model_name_or_path=name or IN_MEMORY)
         self.state = TrainerState(is_local_process_zero=args.local_process_index == 0,
                                   is_world_process_zero=args.process_index == 0)  # fmt: skip
-        self._history, self._cli, self._results = History(self.state), False, None
+        self._history, self._results = History(self.state), None
+        self._cli = self.__dict__.get("_cli", False)  # set by `from_args`: the errors keep the config's names
         self._callbacks, self._claimed = [*(callbacks or []), self._history], False
         self._pending = list(tasks)
         self.loop: ContinualLoop | None = None
@@ -123,20 +127,9 @@ class ContinualTrainer:
             yield
         except InputError as err:
             if not self._cli:
-                groups = {
-                    "args": self.args,
-                    "lora_args": self.lora_args,
-                    "fisher_args": self.fisher_args,
-                    "merge_args": self.merge_args,
-                    "data_args": self.data_args,
-                    "model_args": self.model_args,
-                }
-                fields = {f.name: g for g, obj in groups.items() for f in dataclasses.fields(obj)}  # fmt: skip
-                flags = {
-                    "resume": "train(resume_from_checkpoint=True)",
-                    "overwrite_output_dir": "args.overwrite_output_dir=True",
-                }
-                err.args = (python_names(str(err), fields, flags),)
+                groups = ("args", "lora_args", "fisher_args", "merge_args", "data_args", "model_args")
+                fields = {f.name: g for g in groups for f in dataclasses.fields(getattr(self, g))}
+                err.args = (python_names(str(err), fields, PYTHON_FLAGS),)
             raise
 
     @classmethod
@@ -152,8 +145,9 @@ class ContinualTrainer:
     ) -> ContinualTrainer:
         """The trainer of a YAML/CLI config: model, data and every setting from the six argument groups."""
         groups = (lora_args, fisher_args, merge_args, data_args, model_args)
-        trainer = cls(model_args.model_name_or_path, training_args, (), None, None, callbacks, *groups)
+        trainer = cls.__new__(cls)
         trainer._cli = True
+        trainer.__init__(model_args.model_name_or_path, training_args, (), None, None, callbacks, *groups)
         trainer.loop = build_loop(model_args, data_args, training_args, lora_args, fisher_args, merge_args,
                                   trainer._callbacks, trainer.strategy)  # fmt: skip
         return trainer
@@ -223,15 +217,9 @@ class ContinualTrainer:
         with self._python_names():
             if self._pending:
                 self._add_pending()
-            done, losses = len(loop.log), len(self._history.train_losses)
+            mark = len(self._history.train_losses)
             self._results = self._run(loop, resume_from_checkpoint, stop_after)
-        new = loop.log[len(loop.log) - len(self._history.train_losses[losses:]) :] if loop.log[done:] else []
-        steps = [sum(e["branch_counts"].values()) for e in new]
-        loss = sum(x * n for x, n in zip(self._history.train_losses[losses:], steps)) / max(sum(steps), 1)
-        self.state.global_step = sum(sum(e["branch_counts"].values()) for e in loop.log)
-        metrics = {"train_loss": loss, "train_runtime": sum(e["timings"]["train"] for e in new)}
-        metrics.update({k: self._results[k] for k in ("acc", "aaa", "bwt", "forgetting") if k in self._results})
-        return ContinualTrainOutput(self.state.global_step, loss, metrics, self._results)
+        return self._history.output(loop.log, mark, self._results)
 
     def _run(self, loop: ContinualLoop, resume_from_checkpoint: bool, stop_after: int | None) -> dict:
         save, overwrite, first = self.args.should_save, self.args.overwrite_output_dir, not self._claimed
@@ -262,11 +250,7 @@ class ContinualTrainer:
         tasks = loop.stream.tasks[: len(loop.log)] or loop.stream.tasks
         scores, sizes = loop.evaluator.evaluate_seen(tasks), [task.eval_size for task in tasks]
         loop.head.set_active(None)  # the model predicts over every class again
-        p, metrics = metric_key_prefix, {}
-        for name, row in scores.items():
-            metrics[f"{p}_{name}"] = seen_accuracy(row, sizes)
-            metrics.update({f"{p}_task_{j}_{name}": v for j, v in enumerate(row) if v is not None})
-        metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+        metrics = evaluation_metrics(scores, sizes, metric_key_prefix)
         self.state.log_history.append({**metrics, "step": self.state.global_step})
         for callback in loop.trainer_callbacks:
             callback.on_evaluate(self.args, self.state, TrainerControl(), metrics=metrics)

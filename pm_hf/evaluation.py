@@ -126,6 +126,16 @@ class ClassifierEvaluator(Evaluator):
         return float((logits.argmax(-1) == labels).mean()), float((within == labels).mean())
 
 
+def evaluation_metrics(scores: dict[str, list], sizes: Sequence[int], prefix: str = "eval") -> dict[str, float]:
+    """`Trainer.evaluate`'s metrics of one row of scores (`Evaluator.evaluate_seen`): `<prefix>_<score>` over the
+    tasks' eval rows pooled and `<prefix>_task_<j>_<score>` per task; tasks without an eval split have none."""
+    metrics = {}
+    for name, row in scores.items():
+        metrics[f"{prefix}_{name}"] = seen_accuracy(row, sizes)
+        metrics.update({f"{prefix}_task_{j}_{name}": v for j, v in enumerate(row) if v is not None})
+    return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+
+
 def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Dataset], np.ndarray]:
     """`Trainer.predict(...).predictions` of one quiet Trainer kept for the run (no trackers, no progress bars)."""
     from transformers import Trainer
