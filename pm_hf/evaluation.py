@@ -128,9 +128,11 @@ class ClassifierEvaluator(Evaluator):
 
 def evaluation_metrics(scores: dict[str, list], sizes: Sequence[int], prefix: str = "eval") -> dict[str, float]:
     """`Trainer.evaluate`'s metrics of one row of scores (`Evaluator.evaluate_seen`): `<prefix>_<score>` over the
-    tasks' eval rows pooled and `<prefix>_task_<j>_<score>` per task; tasks without an eval split have none."""
+    tasks' eval rows pooled and `<prefix>_task_<j>_<score>` per task ('eval_loss' as `<prefix>_loss`); tasks without
+    an eval split have none."""
     metrics = {}
-    for name, row in scores.items():
+    for score, row in scores.items():
+        name = score.removeprefix("eval_")
         metrics[f"{prefix}_{name}"] = seen_accuracy(row, sizes)
         metrics.update({f"{prefix}_task_{j}_{name}": v for j, v in enumerate(row) if v is not None})
     return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}

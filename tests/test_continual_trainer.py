@@ -191,3 +191,21 @@ def test_push_to_hub_pushes_the_merged_model(run, monkeypatch):
     commit = fake.repos[repo]["commits"][oid]
     assert commit["message"] == "my model" and "adapter_model.safetensors" in commit["files"]
     assert json.loads(commit["files"]["results.json"])["tasks"] == seq.results["tasks"]
+
+
+def test_a_causal_lm_task_given_as_rows_is_trained_merged_and_unscored(llm_dir, tmp_path):
+    pairs = [{"prompt": f"word {i}", "response": f"answer {i % 7}"} for i in range(8)]
+    tasks = [{"train": pairs, "validation": pairs[:4]}, pairs]  # rows per split; rows alone: no eval split
+    lora, fisher = LoraArguments(r=2), FisherArguments(fisher_max_samples=4)
+    seq = ContinualTrainer(
+        llm_dir, args(tmp_path / "run", max_steps=2), tasks=tasks, lora_args=lora, fisher_args=fisher
+    )
+    output = seq.train()
+    results = seq.results
+    assert output.global_step == 4 and results["unscored_tasks"] == ["task_1: 1"] and results["eval_sizes"] == [4, 0]
+    for name, matrix in results["score_matrices"].items():  # rougeL, exact_match, eval_loss: task 1 has no column
+        assert matrix[1][1] is None and matrix[1][0] is not None, name
+        assert results["score_summaries"][name]["final"] == pytest.approx(matrix[1][0]), name
+    metrics = seq.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(results["score_matrices"]["eval_loss"][1][0])
+    assert set(metrics) == {f"eval_{p}{n}" for p in ("", "task_0_") for n in ("rougeL", "exact_match", "loss")}
