@@ -305,10 +305,12 @@ def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], a
             _write(module.weight, value)
 
 
-def load_adapter_weights(model: nn.Module, source: str) -> None:
-    """Load a saved PEFT adapter (a folder or Hub id: its LoRA factors and `modules_to_save`) into the active adapter
-    of `model`, which must have the same LoRA layers and ranks."""
+def load_adapter_weights(model: nn.Module, source: str, lora_only: bool = False) -> None:
+    """Load a saved PEFT adapter (a folder or Hub id: its LoRA factors and `modules_to_save`, or with `lora_only` its
+    LoRA factors alone) into the active adapter of `model`, which must have the same LoRA layers and ranks."""
     weights = load_peft_weights(source)
+    if lora_only:
+        weights = {k: v for k, v in weights.items() if ".lora_" in k}
     name = active_adapter(model)
     try:
         result = set_peft_model_state_dict(unwrap(model), weights, adapter_name=name)

@@ -27,13 +27,12 @@ from .instruct import MODALITY, build_instruction_stream
 from .launch import partitions_weights, refuse_sharding, sharding_field, zero_stage
 from .loop import ContinualLoop, seeded
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
+from .origin import IN_MEMORY  # model_name_or_path of a model given as an object (re-exported for pm_hf.continual)
 from .rundir import dataset_digest
 from .strategies import build_strategy
 from .weights import LowRankWeights
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]
-
-IN_MEMORY = "in-memory"  # model_name_or_path of a model given as an object with no folder behind it
 
 
 def task_fingerprint(task: Task) -> str:

@@ -1,7 +1,11 @@
-"""The model card of an export folder (`README.md`), built with `huggingface_hub`'s `ModelCard`/`ModelCardData`:
-metadata (base model, library, pipeline tag, tags, datasets, a model-index with ACC, AAA, BWT and forgetting), the
-task sequence, alpha per task, the accuracy matrix as a table and as the heatmap image, the method and its key
-config, how to load the model, and the paper's citation. Every number comes from results.json."""
+"""The model card of an export folder (`README.md`), built with `huggingface_hub`'s `ModelCard`/`ModelCardData`, one
+kind per output: an adapter export gets a PEFT card (`library_name: peft`, loaded on its base), a merged export a
+Transformers card (`library_name: transformers`, loaded with `pipeline` or `AutoModelFor...`), a post-hoc merge
+(`pm-hf merge`) a card naming the merge rule and the adapters it merged. Metadata: the base model's Hub id (only when
+it came from the Hub; a local base is named in the text), the Hub datasets of the run, and a model-index of ACC and
+AAA (the primary metric) and BWT and forgetting (typed as such) when the export was evaluated. The text: the task
+sequence and alpha per task, the score matrix and the plots present in the folder, the key settings (none unset),
+how to load it, the framework versions and the paper's citation. Every number comes from results.json."""
 
 from __future__ import annotations
 
@@ -11,125 +15,73 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-PIPELINES = {"sequence_classification": "text-classification", "image_classification": "image-classification",
-             "causal_lm": "text-generation"}  # fmt: skip
-LOADERS = {"sequence_classification": "AutoPeftModelForSequenceClassification", "causal_lm": "AutoPeftModelForCausalLM",
-           "image_classification": "AutoPeftModel"}  # fmt: skip
-CITATION = """@inproceedings{qiu2025perturbmerge,
-  title     = {Train with Perturbation, Infer after Merging: A Two-Stage Framework for Continual Learning},
-  author    = {Qiu, Haomiao and Zhang, Miao and Qiao, Ziyue and Nie, Liqiang},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2025},
-  url       = {https://arxiv.org/abs/2505.22389}
-}"""
-SUMMARY = (("ACC", "acc"), ("AAA", "aaa"), ("BWT", "bwt"), ("forgetting", "forgetting"))
+from .card_text import PIPELINES, SUMMARY, alpha_table, body, is_posthoc, matrix_table, task_body
+
+__all__ = ["alpha_table", "card_data", "matrix_table", "write_card", "write_task_card"]
+
+LOCAL_BUILDERS = {"parquet", "csv", "json", "text", "arrow", "imagefolder", "audiofolder", None}
 
 
-def _pct(v) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
-
-
-def _datasets(config: dict) -> list[str]:
+def datasets_of(config: dict) -> list[str]:
     """Hub dataset ids of the run (local files are not datasets of the Hub)."""
     data = config.get("DataArguments", {})
     names = [data.get("dataset_name")] + [t.get("dataset_name") for t in data.get("task_datasets") or []]
-    local = {"parquet", "csv", "json", "text", "arrow", "imagefolder", "audiofolder", None}
-    return sorted({n for n in names if n not in local})
+    return sorted({n for n in names if n not in LOCAL_BUILDERS})
+
+
+def _evals(results: dict, info: dict, datasets: list[str]) -> list[EvalResult]:
+    """The model-index: the summary scores (percent) of an evaluated export; none for a merge without data. An SVD
+    export has only its own ACC (`score_after`): the run's other scores are of its exact model."""
+    if not results.get("accuracy_matrix"):
+        return []
+    task, metric = info.get("task", "sequence_classification"), results.get("primary_metric", "accuracy")
+    where = datasets[0] if len(datasets) == 1 else "continual"
+    values = {name: results.get(key) for name, key, _ in SUMMARY}
+    if info.get("mode") == "adapter-svd":
+        values = {"ACC": info.get("score_after")}
+    return [
+        EvalResult(task_type=PIPELINES[task], dataset_type=where, dataset_name=f"{len(results['tasks'])}-task sequence",
+                   metric_type=kind or metric, metric_name=name, metric_value=round(100 * values[name], 4))
+        for name, _, kind in SUMMARY if values.get(name) is not None and math.isfinite(values[name])
+    ]  # fmt: skip
 
 
 def card_data(results: dict, info: dict, repo_id: str | None) -> ModelCardData:
-    task = info.get("task", "sequence_classification")
-    metric = results.get("primary_metric", "accuracy")
-    evals = [
-        EvalResult(task_type=PIPELINES[task], dataset_type="continual", dataset_name="task sequence",
-                   metric_type=metric, metric_name=name, metric_value=round(100 * results[key], 4))
-        for name, key in SUMMARY if results.get(key) is not None
-    ]  # fmt: skip
+    task, merged = info.get("task", "sequence_classification"), info.get("format") == "merged"
+    datasets = datasets_of(results.get("config", {}))
+    method = info.get("merge_method") or results.get("config", {}).get("MergeArguments", {}).get("merge_method")
+    tags = ["continual-learning", "pm_hf", "lora"] + ([] if merged else ["peft"])
+    tags += (["perturb-and-merge"] if method == "pm" else []) + (["model-merging"] if is_posthoc(info) else [])
+    evals = _evals(results, info, datasets)
     return ModelCardData(
-        base_model=info.get("base_model") or None,
-        library_name="peft",
+        base_model=info.get("hub_id") or None,
+        library_name="transformers" if merged else "peft",
         pipeline_tag=PIPELINES[task],
-        tags=["continual-learning", "pm_hf", "perturb-and-merge", "lora", "peft"],
-        datasets=_datasets(results.get("config", {})) or None,
+        tags=tags,
+        datasets=datasets or None,
         eval_results=evals or None,
-        model_name=repo_id or "pm_hf continual model",
+        model_name=(repo_id or "pm_hf continual model") if evals else None,  # the model-index's name
     )
-
-
-def matrix_table(results: dict) -> str:
-    """R[t][j] of results.json as a markdown table (percent)."""
-    tasks, R = results["tasks"], results["accuracy_matrix"]
-    head = "| after task | " + " | ".join(f"{j + 1}. {n.split(': ', 1)[-1]}" for j, n in enumerate(tasks)) + " |"
-    rows = [f"| {t + 1} | " + " | ".join(_pct(v) for v in row) + " |" for t, row in enumerate(R)]
-    return "\n".join([head, "|---" * (len(tasks) + 1) + "|", *rows])
-
-
-def alpha_table(results: dict) -> str:
-    """alpha per task (used and raw) as a markdown table."""
-    rows = ["| task | α used | α raw |", "|---|---|---|"]
-    for t, (a, raw) in enumerate(zip(results["alphas"], results["alphas_raw"])):
-        rows.append(f"| {t + 1}. {results['tasks'][t]} | {a:.4f} | {raw:.4f} |")
-    return "\n".join(rows)
-
-
-def _body(results: dict, info: dict, repo_id: str | None) -> str:
-    task, where = info.get("task", "sequence_classification"), repo_id or "path/to/this/folder"
-    merge = results.get("config", {}).get("MergeArguments", {})
-    train = results.get("config", {}).get("PMConfig", {})
-    summary = ", ".join(f"{name} {_pct(results.get(key))}" for name, key in SUMMARY)
-    tagged, metric = info.get("tagged"), results.get("primary_metric", "accuracy")
-    knobs = (
-        f"merge strategy `{merge.get('merge_method')}`, perturbation `{train.get('perturbation')}` "
-        f"(ε = {train.get('perturb_eps')}), head alignment `{merge.get('head_align')}`, learning rate "
-        f"{train.get('learning_rate')}, epochs per task {train.get('num_train_epochs')}, seed {train.get('seed')}"
-    )
-    revision = f', revision="task-{len(results["tasks"])}"' if tagged else ""
-    tags_note = "\nThe model after task t is the revision (tag) `task-t` of this repository.\n" if tagged else ""
-    return f"""
-# {repo_id or "A continually fine-tuned model"}
-
-Fine-tuned on {len(results["tasks"])} tasks, one after another, with **Perturb-and-Merge** (P&M, NeurIPS 2025) by
-`pm_hf`, from `{info.get("base_model")}`: each task trained a fresh LoRA adapter (perturbation
-`{train.get("perturbation")}`), then was merged into the running model with the coefficient α of the merge
-strategy `{info.get("merge_method", merge.get("merge_method"))}`. Scores ({metric}, %): {summary}.
-
-## Task sequence and α per task
-
-{alpha_table(results)}
-
-## Accuracy matrix
-
-R[t][j] = {metric} (%) on task j after training task t, over all classes seen so far.
-
-{matrix_table(results)}
-
-![accuracy matrix](accuracy_matrix.png)
-
-## Method and key settings
-
-{knobs}. Every number above and the run's full config are in `results.json` of this folder;
-`pm_hf_export.json` records the export.
-
-## How to load
-
-```python
-from peft import {LOADERS[task]}
-
-model = {LOADERS[task]}.from_pretrained("{where}"{revision})
-```
-{tags_note}
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
 
 
 def write_card(folder: Path, results: dict, repo_id: str | None = None) -> ModelCard:
-    """Write `folder/README.md` (and the matrix heatmap next to it) from results.json's content."""
+    """Write `folder/README.md` from results.json's content and the folder's pm_hf_export.json (the plots it links
+    are those present in the folder)."""
     folder = Path(folder)
     info = json.loads((folder / "pm_hf_export.json").read_text())
-    card = ModelCard(f"---\n{card_data(results, info, repo_id).to_yaml()}\n---\n{_body(results, info, repo_id)}")
+    text = body(results, info, repo_id, folder)
+    card = ModelCard(f"---\n{card_data(results, info, repo_id).to_yaml()}\n---\n{text}")
+    card.save(folder / "README.md")
+    return card
+
+
+def write_task_card(folder: Path) -> ModelCard:
+    """Write the card of one task's adapter (`pm-hf export --mode per-task`) from its pm_hf_export.json."""
+    folder = Path(folder)
+    info = json.loads((folder / "pm_hf_export.json").read_text())
+    data = ModelCardData(base_model=info.get("hub_id") or None, library_name="peft",
+                         pipeline_tag=PIPELINES[info.get("task", "causal_lm")],
+                         tags=["continual-learning", "pm_hf", "lora", "peft"])  # fmt: skip
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{task_body(info, folder)}")
     card.save(folder / "README.md")
     return card

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checks import check_finite, invalid
+from .checks import NonFiniteError, check_finite, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .export import ADAPTERS_DIR
 from .fileio import atomic_dir, atomic_write_text, file_digest
@@ -133,13 +133,16 @@ def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
         return None
     meta = json.loads((folder / META).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{folder} was written by an earlier pm_hf (checkpoint format {meta.get('format', 1)}, this version reads "
-            f"{FORMAT}); it cannot be resumed: start the run again in a new output_dir."
-        )
+        version = meta.get("format", 1)
+        fix = f"{folder.name} was written by an earlier pm_hf (checkpoint format {version}, this version reads "
+        fix += f"{FORMAT}); it cannot be resumed: start the run again in a new output_dir."
+        raise invalid("output_dir", str(out_dir), fix)
     _verify(folder)
     tensors = load_file(str(folder / STATE))
-    check_finite(tensors, f"{folder}")
+    try:
+        check_finite(tensors, folder.name)
+    except NonFiniteError as err:  # a damaged checkpoint is bad input: refused by the contract, nothing written
+        raise invalid("output_dir", str(out_dir), f"{err} The checkpoint is damaged.") from None
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

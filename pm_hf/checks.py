@@ -5,10 +5,12 @@ when a tensor that is about to be used or written holds NaN or inf."""
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,6 +127,25 @@ def check_data_files(name: str, value: Any) -> None:
     per_split = isinstance(value, Mapping) and bool(value)
     if not files_ok(value) and not (per_split and all(isinstance(k, str) and files_ok(v) for k, v in value.items())):
         raise invalid(name, value, "give files per split as a mapping, e.g. '{train: a.parquet, test: b.parquet}'.")
+
+
+def check_output_dir(value: Any, name: str = "output_dir") -> None:
+    """A folder path: an existing folder, or a new one that can be made — no file (or broken link) at the path or at
+    a folder above it, which the Trainer would only trip over once the model and data are loaded. Reads only; a value
+    that is not a path is left to the type checks."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        return
+    path = Path(os.path.expanduser(value))
+    if path.is_symlink() and not path.exists():
+        raise invalid(name, os.fspath(value), "is a broken link: remove it or give another folder.")
+    if path.exists() and not path.is_dir():
+        raise invalid(name, os.fspath(value), "is a file, not a folder: give a folder (existing or new) for the run.")
+    for above in path.absolute().parents:  # the nearest existing folder above must be a folder, not a file
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                fix = f"{os.fspath(above)!r} is a file, so no folder can be made under it: give another output path."
+                raise invalid(name, os.fspath(value), fix)
+            return
 
 
 def _check_trainer_choices(args) -> None:

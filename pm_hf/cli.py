@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
-from .usage import USAGE, ArgParser, did_you_mean
+from .usage import HEAD_RULE, USAGE, ArgParser, did_you_mean
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
 # a command once its arguments are read, so `pm-hf --help` and every subcommand's `--help` answer at once.
@@ -193,7 +193,12 @@ def _push(argv: list[str]) -> int:
 
 
 def _merge(argv: list[str]) -> int:
-    parser = ArgParser(prog="pm-hf merge", description="Merge trained LoRA adapters of one base, in order.")
+    epilog = (
+        f"Without --config, {HEAD_RULE}. Adapters made by plain PEFT (`get_peft_model(...).save_pretrained`) merge."
+    )
+    parser = ArgParser(
+        prog="pm-hf merge", description="Merge trained LoRA adapters of one base, in order.", epilog=epilog
+    )
     parser.add_argument("--adapters", nargs="+", required=True, help="adapter folders or Hub ids, in task order")
     parser.add_argument("--output", required=True, help="the export folder to write")
     parser.add_argument("--merge_method", default=None, help="the merge strategy (default: the config's, else pm)")

@@ -23,11 +23,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import lora_layers, set_lora_factors, strip_prefix
-from .card import write_card
+from .card import write_card, write_task_card
 from .checks import check_finite
 from .fileio import atomic_dir, atomic_write
 from .merge import LoraFactors
 from .models import quiet_loading
+from .origin import base_reference, framework_versions, hub_origin
 
 ADAPTERS_DIR = "adapters"
 EXPORT_DIR = "merged_adapter"
@@ -174,9 +175,11 @@ def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: 
                  plots: Sequence[Path] = (), base_ref: tuple[str, str] | None = None) -> Path:  # fmt: skip
     """Write a self-describing export folder atomically: the adapter (or, `merged`, the full merged model), the
     tokenizer or image processor, `pm_hf_export.json`, and for classifiers the pretrained base with a head of the
-    run's classes under `base/`, which `adapter_config.json` points to, so the folder loads alone with
-    `AutoPeftModelForSequenceClassification` (`AutoPeftModel` for images, `AutoPeftModelForCausalLM`) or plain
-    `AutoModelFor...`. `base_ref` (repo id, revision) names where `base/` is pushed, for a folder bound for the Hub."""
+    run's classes under `base/`, which `adapter_config.json` names relative to the folder (`"base"`), so the folder
+    loads wherever it is moved or copied with `pm_hf.load_export` (or PEFT on `base/`, see `pm_hf.runs`); a causal
+    LM's adapter names its base by Hub id (or absolute local path), so `AutoPeftModelForCausalLM` loads it alone; a
+    merged export is a plain `AutoModelFor...` folder. `base_ref` (repo id, revision) names where `base/` is pushed,
+    for a folder bound for the Hub (which `AutoPeftModelFor...` then loads by id)."""
     out_dir = Path(out_dir)
     classifier = spec.task != "causal_lm"
     with atomic_dir(out_dir) as tmp, quiet_loading():
@@ -186,13 +189,13 @@ def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: 
         if merged:
             _clear_adapter_files(tmp)
             model.merge_and_unload().save_pretrained(tmp)
-        else:
-            local = (str((out_dir / BASE_DIR).resolve()), None)
-            _point_adapter_at(tmp, *((base_ref or local) if classifier else (spec.base_model, spec.revision)))
+        else:  # the base by Hub id, or `base/` relative to this folder: the folder loads wherever it is copied
+            own = base_ref or (BASE_DIR, None)
+            _point_adapter_at(tmp, *(own if classifier else base_reference(spec.base_model, spec.revision)))
         if spec.processor is not None:
             spec.processor.save_pretrained(tmp)
-        info = {"base_model": spec.base_model, "revision": spec.revision, "task": spec.task, **(spec.info or {})}
-        (tmp / INFO).write_text(json.dumps({**info, "format": "merged" if merged else "adapter"}, indent=1))
+        info = {**export_info(spec), **(spec.info or {}), "format": "merged" if merged else "adapter"}
+        (tmp / INFO).write_text(json.dumps(info, indent=1))
         for plot in plots:
             if Path(plot).is_file():
                 shutil.copyfile(plot, tmp / Path(plot).name)
@@ -203,8 +206,8 @@ def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: 
 
 
 def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: ExportSpec, out_dir: Path) -> Path:
-    """Each task's trained adapter as its own PEFT adapter, `out_dir/task_<t>` (factors as trained, before any alpha;
-    LoRA layers only: the log keeps no head per task), for `pm-hf merge` or other tools."""
+    """Each task's trained adapter as its own PEFT adapter with its card, `out_dir/task_<t>` (factors as trained,
+    before any alpha; LoRA layers only: the log keeps no head per task), for `pm-hf merge` or other tools."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp, quiet_loading():
         for t, rec in enumerate(history):
@@ -218,13 +221,24 @@ def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: 
             model = get_peft_model(copy.deepcopy(base_model), config)
             set_lora_factors(model, rec.A, rec.B, "default")
             model.save_pretrained(tmp / f"task_{t}", save_embedding_layers=False)
-            _point_adapter_at(tmp / f"task_{t}", spec.base_model, spec.revision)
-            info = {"base_model": spec.base_model, "revision": spec.revision, "task": spec.task, "format": "adapter"}
-            info.update(per_task=t, alpha_used=rec.alpha)
+            _point_adapter_at(tmp / f"task_{t}", *base_reference(spec.base_model, spec.revision))
+            names = (spec.info or {}).get("tasks") or []
+            info = {**export_info(spec), "format": "adapter", "per_task": t, "alpha_used": rec.alpha}
+            info["task_name"] = names[t] if t < len(names) else None
             (tmp / f"task_{t}" / INFO).write_text(json.dumps(info, indent=1))
             if spec.processor is not None:
                 spec.processor.save_pretrained(tmp / f"task_{t}")
+            write_task_card(tmp / f"task_{t}")
     return out_dir
+
+
+def export_info(spec: ExportSpec) -> dict:
+    """What pm_hf_export.json records of the base (its Hub id or absolute local path, `hub_id` None for a local
+    model, and the revision), the task and the framework versions the export was written with."""
+    base, revision = base_reference(spec.base_model, spec.revision)
+    hub_id = base if hub_origin(spec.base_model) else None
+    return {"base_model": base, "hub_id": hub_id, "revision": revision, "task": spec.task,
+            "versions": framework_versions()}  # fmt: skip
 
 
 def _clear_adapter_files(folder: Path) -> None:

@@ -64,10 +64,11 @@ def connect(args) -> HubTarget:
     name = args.hub_model_id or Path(args.output_dir).absolute().name
     api = _client(args.hub_token, "hub_model_id", name)
     try:
-        user = api.whoami()["name"]
+        identity = api.whoami()
     except HUB_ERRORS as err:
         raise invalid("hub_token", "<hidden>", f"the Hub did not accept the token ({type(err).__name__}).") from None
-    repo_id = name if "/" in name else f"{user}/{name}"
+    repo_id = name if "/" in name else f"{identity['name']}/{name}"
+    check_write_access(identity, repo_id)
     try:
         repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
         if args.hub_revision:
@@ -76,6 +77,31 @@ def connect(args) -> HubTarget:
         fix = f"the repository cannot be created or written with this token ({type(err).__name__}: {err})."
         raise invalid("hub_model_id", repo_id, " ".join(fix.split())) from None
     return HubTarget(api, repo_id, args.hub_revision)
+
+
+def check_write_access(identity: dict, repo_id: str) -> None:
+    """Refuse a token that `whoami` (`identity`) shows cannot write to `repo_id`: a 'read' token, a fine-grained one
+    without `repo.write` on the repository or its namespace, or a namespace that is neither the token's user nor one
+    of their organisations (as a member with more than read access). `create_repo(exist_ok=True)` cannot tell: it
+    turns the Hub's 403 on an existing repository into success, and the push would fail after training. An identity
+    that does not say (no role) is left to `create_repo`."""
+    namespace = repo_id.split("/")[0]
+    token = (identity.get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    if role == "fineGrained":
+        scopes = (token.get("fineGrained") or {}).get("scoped") or []
+        here = [s for s in scopes if (s.get("entity") or {}).get("name") in (namespace, repo_id)]
+        if not any("repo.write" in (s.get("permissions") or []) for s in here):
+            fix = f"this fine-grained token has no 'repo.write' on {namespace!r}: add it, or use a write token."
+            raise invalid("hub_token", "<hidden>", fix)
+        return
+    if role is not None and role not in ("write", "admin"):
+        fix = f"the token's role is {role!r}: pushing needs a 'write' token (or a fine-grained one with repo.write)."
+        raise invalid("hub_token", "<hidden>", fix)
+    orgs = {org.get("name"): org.get("roleInOrg") for org in identity.get("orgs") or []}
+    if namespace != identity.get("name") and (namespace not in orgs or orgs[namespace] == "read"):
+        fix = f"the token (user {identity.get('name')!r}) cannot write under {namespace!r}: use your own namespace "
+        raise invalid("hub_model_id", repo_id, fix + "or an organisation where you have write access.")
 
 
 def _files(folder: Path, prefix: str = "") -> dict[str, Path]:

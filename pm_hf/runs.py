@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from peft import AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+from peft import PeftConfig, PeftModel
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -25,6 +25,7 @@ from .export import INFO
 from .hub import connect, download_export
 from .loop import ContinualLoop
 from .metrics import seen_accuracy
+from .origin import resolve_base
 from .results import write_outputs
 from .rundir import output_lock, refuse_changes
 
@@ -32,11 +33,6 @@ from .rundir import output_lock, refuse_changes
 # its training was launched (FSDP, DeepSpeed: a saved run is evaluated and exported by one process, whole).
 QUIET = {"report_to": "none", "push_to_hub": False, "hub_model_id": None, "hub_token": None, "resume_from": None,
          "deepspeed": None, "fsdp": "", "fsdp_config": None}  # fmt: skip
-PEFT_CLASSES = {
-    "sequence_classification": AutoPeftModelForSequenceClassification,
-    "image_classification": AutoPeftModel,
-    "causal_lm": AutoPeftModelForCausalLM,
-}
 MODEL_CLASSES = {
     "sequence_classification": AutoModelForSequenceClassification,
     "image_classification": AutoModelForImageClassification,
@@ -114,16 +110,27 @@ def read_export_info(folder: Path) -> dict:
 
 def load_export(source: str, revision: str | None = None):
     """(model with the adapter merged in, tokenizer or image processor, pm_hf_export.json) of an export folder or Hub
-    model (downloaded first), loaded with the AutoPeft class of its task (plain `AutoModelFor...` when merged)."""
+    model (downloaded first): the adapter on its base (`load_adapter_export`), or plain `AutoModelFor...` when
+    merged. A folder loads wherever it was moved or copied."""
     folder = Path(source) if Path(source).is_dir() else download_export(source, revision)
     info = read_export_info(folder)
     task = info["task"]
     if info.get("format") == "merged":
         model = MODEL_CLASSES[task].from_pretrained(str(folder))
     else:
-        model = PEFT_CLASSES[task].from_pretrained(str(folder)).merge_and_unload()
+        model = load_adapter_export(folder, task).merge_and_unload()
     auto = AutoImageProcessor if task == "image_classification" else AutoTokenizer
     return model, auto.from_pretrained(str(folder)), info
+
+
+def load_adapter_export(folder: str | Path, task: str) -> PeftModel:
+    """The PEFT adapter in `folder` on its base model, as `AutoPeftModelFor...` of `task` loads it, except that a
+    `base_model_name_or_path` relative to the folder (a classifier export's own `base/`) is resolved against the
+    folder, where PEFT would resolve it against the working directory."""
+    config = PeftConfig.from_pretrained(str(folder))
+    base = resolve_base(folder, config.base_model_name_or_path)
+    model = MODEL_CLASSES[task].from_pretrained(base, revision=config.revision)
+    return PeftModel.from_pretrained(model, str(folder))
 
 
 def evaluate_export(source: str, parsed: tuple, revision: str | None = None) -> dict:

@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .checks import check_choice, check_field_types, check_number, check_training_arguments, invalid, is_number
+from .checks import (
+    check_choice,
+    check_field_types,
+    check_number,
+    check_output_dir,
+    check_training_arguments,
+    invalid,
+    is_number,
+)
 from .launch import check_deepspeed_config, deepspeed_config
 
 PERTURBATIONS = ("task_vector", "gaussian", "none")
@@ -105,6 +113,7 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         self.check_perturbation()
         check_choice("hub_strategy", self.hub_strategy, HUB_STRATEGIES)
         check_training_arguments(self)  # after head_learning_rate: learning_rate 0 is allowed with a head lr
+        check_output_dir(self.output_dir)  # a file there: refused now, not by the Trainer after loading everything
         if self.deepspeed:  # configs pm_hf cannot run refused here, before the Trainer sets DeepSpeed up
             check_deepspeed_config(deepspeed_config(self.deepspeed), "deepspeed config")
         config = self.fsdp_config if isinstance(self.fsdp_config, dict) else {}  # a JSON path: checked at launch

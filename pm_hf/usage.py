@@ -29,6 +29,11 @@ commands:
 Bad input prints `pm-hf: error: <field> = <value>: <fix>` and exits 2 before anything is written; --debug shows the
 traceback instead.
 """
+HEAD_RULE = (  # `pm-hf merge` without data: the rule for what PEFT's adapters train in full (pm_hf.posthoc)
+    "the modules the adapters train in full (PEFT's `modules_to_save`, such as the `classifier` head of a SEQ_CLS "
+    "adapter) are the plain average of the adapters' copies (weight 1/N each, whatever the merge rule of the LoRA "
+    "weights)"
+)
 TRAIN_DESCRIPTION = (
     "Continual LoRA fine-tuning with Perturb-and-Merge. Values come from --config (a flat YAML mapping "
     "`field: value` of the fields below), then command-line flags override them; an unknown key or flag is an error. "

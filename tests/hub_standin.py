@@ -2,20 +2,30 @@
 its client (`pm_hf.hub.HfApi`). It keeps every created repository, commit (with its files' bytes), branch and tag,
 and every call, and writes each commit into the Hugging Face cache in the standard layout (refs per branch and tag),
 so that offline `from_pretrained(repo_id, revision="task-2")` — transformers, PEFT's AutoPeft classes — loads what was
-pushed, through the real loading code."""
+pushed, through the real loading code.
+
+It answers as the real client does: 401 for a token the Hub does not know, 403 for writing with a read-only token
+or to a namespace the token cannot write, 404 (`RepositoryNotFoundError`) for a repository it cannot see, 409 for
+creating what exists; `create_repo(exist_ok=True)` turns a 401/403 on an existing, visible repository into success (as
+`HfApi.create_repo` does, through `repo_info`); `whoami` tells the token's role (`auth.accessToken.role`: 'write',
+'read' or 'fineGrained' with scoped permissions). Every method (and the constructor) binds its arguments to the
+installed `HfApi`'s signature first: an argument the real method does not take is a `TypeError` here too."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, constants
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-from huggingface_hub.hf_api import GitRefInfo, GitRefs
+from huggingface_hub.hf_api import GitRefInfo, GitRefs, ModelInfo, RepoUrl
 
-GOOD_TOKEN = "hf_standin_token_0123456789"
+GOOD_TOKEN = "hf_standin_token_0123456789"  # the user's token with the 'write' role
+READ_TOKEN = "hf_standin_read_token_0123456789"  # the user's token with the 'read' role
 
 
 def _error(cls, status: int, message: str):
@@ -23,22 +33,72 @@ def _error(cls, status: int, message: str):
     return cls(message, response=httpx2.Response(status, request=request))
 
 
+def _as_real(method):
+    """Bind every call to the installed `HfApi` method of the same name first (a drifted stand-in fails here)."""
+    real = inspect.signature(getattr(HfApi, method.__name__))
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        real.bind(self, *args, **kwargs)  # TypeError: an argument the real method does not take
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
 class FakeHub:
     """The whole stand-in Hub: `repos[repo_id]` = {"private", "branches": {name: oid}, "tags": {name: oid},
-    "commits": {oid: {"files": {path: bytes}, "message", "parent", "branch"}}}; `calls`: (method, repo_id, details)."""
+    "commits": {oid: {"files": {path: bytes}, "message", "parent", "branch"}}}; `calls`: (method, repo_id, details).
+    `tokens` get the 'write' role and `read_tokens` the 'read' role, both of `user`, a member of `orgs` (names, with
+    write access, or {name: role in the org}, 'read' for read access only); `fine_grained` maps a token to
+    {namespace or repo_id: [permissions]} (e.g. {"me": ["repo.content.read", "repo.write"]})."""
 
-    def __init__(self, user: str = "me", tokens=(GOOD_TOKEN,), cache_dir: str | Path | None = None):
-        self.user, self.tokens = user, set(tokens)
+    def __init__(self, user: str = "me", tokens=(GOOD_TOKEN,), cache_dir: str | Path | None = None, *,
+                 read_tokens=(READ_TOKEN,), fine_grained: dict | None = None, orgs=()):  # fmt: skip
+        self.user = user
+        self.orgs = dict(orgs) if isinstance(orgs, dict) else dict.fromkeys(orgs, "write")
+        self.tokens: dict[str, dict] = {t: {"role": "write"} for t in tokens}
+        self.tokens.update({t: {"role": "read"} for t in read_tokens})
+        for token, grants in (fine_grained or {}).items():
+            scoped = [{"entity": {"type": self._entity_type(name), "name": name}, "permissions": list(perms)}
+                      for name, perms in grants.items()]  # fmt: skip
+            self.tokens[token] = {"role": "fineGrained", "fineGrained": {"global": [], "scoped": scoped}}
         self.cache = Path(cache_dir or constants.HF_HUB_CACHE)
         self.repos: dict[str, dict] = {}
         self.calls: list[tuple] = []
         self.clients: list[RecordingApi] = []
 
-    def api(self, token=None, **kwargs) -> RecordingApi:
+    def api(self, *args, **kwargs) -> RecordingApi:
         """Stands in for `HfApi(token=...)`."""
-        client = RecordingApi(self, token)
+        bound = inspect.signature(HfApi.__init__).bind(None, *args, **kwargs)  # TypeError as the real constructor
+        client = RecordingApi(self, bound.arguments.get("token"))
         self.clients.append(client)
         return client
+
+    def add_repo(self, repo_id: str, private: bool = False) -> dict:
+        """A repository that exists before the test (e.g. another user's)."""
+        return self.repos.setdefault(repo_id, {"private": bool(private), "branches": {"main": None}, "tags": {},
+                                               "commits": {}})  # fmt: skip
+
+    # ------------------------------------------------------------------------------------- who may do what
+    def _entity_type(self, name: str) -> str:
+        return "model" if "/" in name else "user" if name == self.user else "org"
+
+    def _namespaces(self, write: bool = False) -> list[str]:
+        return [self.user, *(o for o, role in self.orgs.items() if not write or role != "read")]
+
+    def can_read(self, record: dict | None, repo_id: str) -> bool:
+        repo = self.repos.get(repo_id)
+        return repo is not None and (not repo["private"] or record is not None and
+                                     repo_id.split("/")[0] in self._namespaces())  # fmt: skip
+
+    def can_write(self, record: dict | None, repo_id: str) -> bool:
+        namespace = repo_id.split("/")[0]
+        if record is None or record["role"] == "read":
+            return False
+        if record["role"] == "write":
+            return namespace in self._namespaces(write=True)
+        return any(s["entity"]["name"] in (namespace, repo_id) and "repo.write" in s["permissions"]
+                   for s in record["fineGrained"]["scoped"])  # fmt: skip
 
     # ------------------------------------------------------------------------------------- reading what was sent
     def repo(self, repo_id: str) -> dict:
@@ -98,28 +158,72 @@ class RecordingApi:
     def _call(self, method: str, repo_id: str | None = None, **details) -> None:
         self.hub.calls.append((method, repo_id, details))
 
-    def _authorised(self) -> None:
+    def _record(self, required: bool = False) -> dict | None:
+        """The token's record (None: anonymous); 401 for a token the Hub does not know, or none where one is needed."""
+        if self.token is None and not required:
+            return None
         if self.token not in self.hub.tokens:
-            raise _error(HfHubHTTPError, 401, "401 Unauthorized: invalid token")
+            raise _error(HfHubHTTPError, 401, "401 Unauthorized: Invalid user token.")
+        return self.hub.tokens[self.token]
 
-    def whoami(self, token=None, **kwargs) -> dict:
+    def _visible(self, repo_id: str, record: dict | None) -> dict:
+        if not self.hub.can_read(record, repo_id):
+            raise _error(RepositoryNotFoundError, 404, f"404 Repository Not Found for url: .../{repo_id}")
+        return self.hub.repos[repo_id]
+
+    def _writable(self, repo_id: str) -> dict:
+        """The repository, for a write: 401 without a valid token, 404 if unseen, 403 if the token cannot write it."""
+        record = self._record(required=True)
+        repo = self._visible(repo_id, record)
+        if not self.hub.can_write(record, repo_id):
+            raise _error(HfHubHTTPError, 403, f"403 Forbidden: you don't have the rights to write to {repo_id}")
+        return repo
+
+    @_as_real
+    def whoami(self, token=None, *, cache=False) -> dict:
         self._call("whoami")
-        self._authorised()
-        return {"name": self.hub.user, "type": "user"}
+        token = self.token if token is None else token
+        if token not in self.hub.tokens:
+            raise _error(HfHubHTTPError, 401, "401 Unauthorized: Invalid user token.")
+        orgs = [{"type": "org", "name": o, "roleInOrg": role} for o, role in self.hub.orgs.items()]
+        access = {"displayName": "stand-in", **self.hub.tokens[token]}
+        return {"type": "user", "name": self.hub.user, "orgs": orgs, "auth": {"type": "access_token",
+                                                                              "accessToken": access}}  # fmt: skip
 
-    def create_repo(self, repo_id: str, *, private=None, exist_ok=False, **kwargs):
+    @_as_real
+    def repo_info(self, repo_id: str, *, revision=None, **kwargs) -> ModelInfo:
+        self._call("repo_info", repo_id, revision=revision)
+        repo = self._visible(repo_id, self._record())
+        return ModelInfo(id=repo_id, private=repo["private"], sha=self.hub.resolve(repo_id, revision))
+
+    @_as_real
+    def create_repo(self, repo_id: str, *, private=None, exist_ok=False, **kwargs) -> RepoUrl:
         self._call("create_repo", repo_id, private=private, exist_ok=exist_ok)
-        self._authorised()
-        if repo_id in self.hub.repos and not exist_ok:
-            raise _error(HfHubHTTPError, 409, f"409 {repo_id} exists")
-        self.hub.repos.setdefault(repo_id, {"private": bool(private), "branches": {"main": None}, "tags": {},
-                                            "commits": {}})  # fmt: skip
-        return SimpleNamespace(repo_id=repo_id, url=f"https://huggingface.co/{repo_id}")
+        url = RepoUrl(f"https://huggingface.co/{repo_id}")
+        try:  # the Hub's answer to POST /api/repos/create
+            record = self._record(required=True)
+            if not self.hub.can_write(record, repo_id):
+                raise _error(HfHubHTTPError, 403, f"403 Forbidden: you don't have the rights to create {repo_id}")
+            if repo_id in self.hub.repos:
+                raise _error(HfHubHTTPError, 409, f"409 Conflict: You already created this model repo: {repo_id}")
+        except HfHubHTTPError as err:  # what HfApi.create_repo makes of it
+            status = err.response.status_code
+            if exist_ok and status == 409:
+                return url
+            if exist_ok and status in (401, 402, 403):  # the repository may exist: asked with repo_info
+                try:
+                    self.repo_info(repo_id, token=kwargs.get("token"))
+                    return url
+                except HfHubHTTPError:
+                    raise err from None
+            raise
+        self.hub.add_repo(repo_id, private)
+        return url
 
+    @_as_real
     def create_branch(self, repo_id: str, *, branch: str, revision=None, exist_ok=False, **kwargs) -> None:
         self._call("create_branch", repo_id, branch=branch)
-        self._authorised()
-        repo = self.hub.repo(repo_id)
+        repo = self._writable(repo_id)
         if branch in repo["branches"]:
             if not exist_ok:
                 raise _error(HfHubHTTPError, 409, f"409 branch {branch} exists")
@@ -127,20 +231,23 @@ class RecordingApi:
         repo["branches"][branch] = self.hub.resolve(repo_id, revision)
         self.hub._write_ref(repo_id, branch, repo["branches"][branch])
 
+    @_as_real
     def list_repo_files(self, repo_id: str, *, revision=None, **kwargs) -> list[str]:
         self._call("list_repo_files", repo_id, revision=revision)
+        self._visible(repo_id, self._record())
         return sorted(self.hub.files(repo_id, revision))
 
+    @_as_real
     def list_repo_refs(self, repo_id: str, **kwargs) -> GitRefs:
-        repo = self.hub.repo(repo_id)
+        repo = self._visible(repo_id, self._record())
         refs = lambda kind, prefix: [  # noqa: E731
             GitRefInfo(name=n, ref=f"refs/{prefix}/{n}", target_commit=o or "") for n, o in repo[kind].items()
         ]
         return GitRefs(branches=refs("branches", "heads"), converts=[], tags=refs("tags", "tags"))
 
+    @_as_real
     def create_commit(self, repo_id: str, operations, *, commit_message: str, revision=None, **kwargs):
-        self._authorised()
-        repo, branch = self.hub.repo(repo_id), revision or "main"
+        repo, branch = self._writable(repo_id), revision or "main"
         if branch not in repo["branches"]:
             raise _error(RevisionNotFoundError, 404, f"404 branch {branch} not found")
         parent = repo["branches"][branch]
@@ -163,21 +270,23 @@ class RecordingApi:
                    added=paths(CommitOperationAdd), deleted=paths(CommitOperationDelete))  # fmt: skip
         return SimpleNamespace(oid=oid, commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}")
 
+    @_as_real
     def create_tag(self, repo_id: str, *, tag: str, revision=None, exist_ok=False, **kwargs) -> None:
         self._call("create_tag", repo_id, tag=tag, revision=revision)
-        self._authorised()
-        repo = self.hub.repo(repo_id)
+        repo = self._writable(repo_id)
         if tag in repo["tags"] and not exist_ok:
             raise _error(HfHubHTTPError, 409, f"409 tag {tag} exists")
         repo["tags"][tag] = self.hub.resolve(repo_id, revision)
         self.hub._write_ref(repo_id, tag, repo["tags"][tag])
 
+    @_as_real
     def delete_tag(self, repo_id: str, *, tag: str, **kwargs) -> None:
         self._call("delete_tag", repo_id, tag=tag)
-        self._authorised()
-        self.hub.repo(repo_id)["tags"].pop(tag)
+        self._writable(repo_id)["tags"].pop(tag)
         self.hub._write_ref(repo_id, tag, None)
 
+    @_as_real
     def snapshot_download(self, repo_id: str, *, revision=None, allow_patterns=None, **kwargs) -> str:
         self._call("snapshot_download", repo_id, revision=revision, allow_patterns=allow_patterns)
+        self._visible(repo_id, self._record())
         return str(self.hub.snapshot(repo_id, revision))

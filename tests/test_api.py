@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from card_checks import check_card
 from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_bert, two_domains
 from peft import PeftModel
 from sklearn.metrics import f1_score
@@ -103,6 +104,8 @@ def test_a_model_object_with_no_folder_trains_and_exports(tmp_path):
     with torch.no_grad():  # `model` itself is the merged model: PEFT wrapped it in place
         expected, got = model.eval()(**batch).logits, loaded(**batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    card = check_card(tmp_path / "run" / "merged_adapter")
+    assert card.data.base_model is None and "a model given as an object" in card.text
 
 
 def test_a_streamed_training_split_needs_steps_and_a_fisher_sample(model_dir, tmp_path):

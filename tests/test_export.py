@@ -1,22 +1,27 @@
-"""Self-describing exports (`pm-hf export`, `pm_hf.runs.export_run_dir`): each mode loads alone with the class of its
-task and reproduces the run's logits; the SVD export's errors against a brute-force SVD; `pm-hf evaluate` of an export
-folder with a data config gives the run's last row; an image classifier's export loads with `AutoPeftModel`."""
+"""Self-describing exports (`pm-hf export`, `pm_hf.runs.export_run_dir`): each mode loads alone (pm_hf's loader, PEFT
+on the folder's base/, plain `AutoModelFor...` when merged) and reproduces the run's logits, with the card of its kind;
+the SVD export's errors against a brute-force SVD; `pm-hf evaluate` of an export folder with a data config gives the
+run's last row; an image classifier's export loads; a copy of an export loads elsewhere after the run and the original
+are deleted, with the same logits."""
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from card_checks import check_card
 from conftest import groups, randomize_lora, tiny_vit
-from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, LoraConfig, get_peft_model
+from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pm_hf.adapters import adapter_factors, full_trainable_params
 from pm_hf.cli import main as cli_main
 from pm_hf.continual import build_loop
 from pm_hf.export import ExportSpec, history_delta, load_task_records, task_record, write_export
+from pm_hf.runs import load_adapter_export, load_export
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +43,14 @@ def test_adapter_export_loads_alone_and_reproduces_the_logits(run, tmp_path, cap
     assert cli_main(["export", str(out), "--output", str(tmp_path / "a")]) == 0
     assert "mode adapter" in capsys.readouterr().out
     folder = tmp_path / "a"
-    model = AutoPeftModelForSequenceClassification.from_pretrained(str(folder))
+    model = load_adapter_export(folder, "sequence_classification")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+    base = AutoModelForSequenceClassification.from_pretrained(str(folder / "base"))  # PEFT alone, as the card says
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(base, str(folder))(**batch).logits, logits)
+    card = check_card(folder)
+    assert card.data.library_name == "peft" and card.data.base_model is None  # the tiny BERT is a local model
     info = json.loads((folder / "pm_hf_export.json").read_text())
     assert info["task"] == "sequence_classification" and info["alphas"] == results["alphas"]
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -56,6 +66,9 @@ def test_merged_export_loads_with_the_plain_auto_class(run, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m")).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+    card = check_card(tmp_path / "m")
+    assert card.data.library_name == "transformers" and "AutoPeft" not in card.text
+    assert 'pipeline("text-classification"' in card.text and "![accuracy matrix](accuracy_matrix.png)" in card.text
 
 
 def test_svd_export_errors_equal_a_brute_force_svd(run, tmp_path, capsys):
@@ -70,11 +83,16 @@ def test_svd_export_errors_equal_a_brute_force_svd(run, tmp_path, capsys):
     assert info["score_before"] == pytest.approx(results["acc"], abs=1e-9)
     assert info["score_change"] == pytest.approx(info["score_after"] - info["score_before"])
     assert json.loads((tmp_path / "s" / "adapter_config.json").read_text())["r"] == 2
+    card = check_card(tmp_path / "s")  # its model-index: this adapter's own ACC, not the run's exact model's scores
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
+        ("ACC", round(100 * info["score_after"], 4))
+    ]
+    assert "truncated by SVD" in card.text and f"it scores ACC {100 * info['score_after']:.2f}" in card.text
     full = tmp_path / "full"
     assert cli_main(["export", str(out), "--mode", "adapter-svd", "--rank", "12", "--output", str(full)]) == 0
     info = json.loads((full / "pm_hf_export.json").read_text())
     assert max(info["relative_error"].values()) < 1e-6 and info["score_change"] == 0.0  # rank sum(r): exact
-    model = AutoPeftModelForSequenceClassification.from_pretrained(str(full))
+    model = load_adapter_export(full, "sequence_classification")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, logits, atol=1e-4, rtol=1e-4)
 
@@ -128,6 +146,36 @@ def test_an_image_classifier_export_loads_with_auto_peft_model(tmp_path):
         for key, value in head.items():
             params[key].copy_(value)
     pixels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    loaded = AutoPeftModel.from_pretrained(str(tmp_path / "vit"))
+    loaded = load_adapter_export(tmp_path / "vit", "image_classification")
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixels).logits, expected.eval()(pixel_values=pixels).logits)
+
+
+def test_an_export_moved_elsewhere_loads_with_the_same_logits(model_dir, tmp_path, monkeypatch):
+    """Export a run (adapter and merged), copy the folders elsewhere, delete the run and the originals: the copies
+    load (pm_hf's loader; PEFT's AutoPeft class from inside the folder, which it resolves `base` against) and give
+    the original exports' logits."""
+    run_dir = tmp_path / "run"
+    loop = build_loop(*groups(model_dir, run_dir, class_groups=[[0, 1], [2, 3]]))
+    loop.run()
+    batch = loop.stream.collate_fn([loop.stream.tasks[0].eval[i] for i in range(6)])
+    batch.pop("labels")
+    expected = {}
+    for mode in ("adapter", "merged"):
+        assert cli_main(["export", str(run_dir), "--mode", mode, "--output", str(tmp_path / "orig" / mode)]) == 0
+        with torch.no_grad():
+            expected[mode] = load_export(str(tmp_path / "orig" / mode))[0].eval()(**batch).logits
+    config = json.loads((tmp_path / "orig" / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("base", None)  # relative to the folder
+    shutil.copytree(tmp_path / "orig", tmp_path / "elsewhere" / "copy")
+    shutil.rmtree(run_dir)
+    shutil.rmtree(tmp_path / "orig")
+    for mode in ("adapter", "merged"):
+        model, processor, info = load_export(str(tmp_path / "elsewhere" / "copy" / mode))
+        assert info["format"] == mode and processor("a cat")["input_ids"]
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(**batch).logits, expected[mode], atol=1e-6, rtol=1e-6)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "copy" / "adapter")
+    model = AutoPeftModelForSequenceClassification.from_pretrained(".").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected["adapter"], atol=1e-6, rtol=1e-6)

@@ -4,14 +4,18 @@ commit, file, branch and tag and serves them to offline `from_pretrained` throug
 the model card's metadata against results.json, the token checked before training and never written, a sequence
 continued from the Hub equal to the uninterrupted run, and `pm-hf push`."""
 
+import inspect
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from card_checks import check_card
 from conftest import groups, torchrun
-from hub_standin import GOOD_TOKEN, FakeHub
+from hub_standin import GOOD_TOKEN, READ_TOKEN, FakeHub, RecordingApi
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
 
@@ -110,14 +114,17 @@ def test_each_pushed_revision_reloads_alone_with_that_tasks_logits(pushed):
 
 def test_card_parses_and_its_numbers_are_results_json(pushed):
     fake, _, results, _ = pushed
-    card = ModelCard.load(fake.snapshot("me/seq") / "README.md")
+    card = check_card(fake.snapshot("me/seq"))
     data = card.data
-    assert data.base_model == results["config"]["ModelArguments"]["model_name_or_path"]
+    local = results["config"]["ModelArguments"]["model_name_or_path"]  # the tiny BERT: a local model, not the Hub's
+    assert data.base_model is None and f"a local model (`{local}`" in card.text
     assert data.library_name == "peft" and data.pipeline_tag == "text-classification"
     assert {"continual-learning", "pm_hf"} <= set(data.tags)
-    metrics = {r.metric_name: r.metric_value for r in data.eval_results}
+    metrics = {r.metric_name: (r.metric_type, r.metric_value) for r in data.eval_results}
     expected = {"ACC": "acc", "AAA": "aaa", "BWT": "bwt", "forgetting": "forgetting"}
-    assert metrics == {name: round(100 * results[key], 4) for name, key in expected.items()}
+    types = {"ACC": "accuracy", "AAA": "accuracy", "BWT": "backward_transfer", "forgetting": "forgetting"}
+    assert metrics == {name: (types[name], round(100 * results[key], 4)) for name, key in expected.items()}
+    assert 'AutoPeftModelForSequenceClassification.from_pretrained("me/seq", revision="task-3")' in card.text
     for a, raw in zip(results["alphas"], results["alphas_raw"]):
         assert f"{a:.4f} | {raw:.4f}" in card.text
     for row in results["accuracy_matrix"]:
@@ -147,13 +154,111 @@ def test_end_pushes_once_without_tags(hub, model_dir, tmp_path):
     assert "revision=" not in ModelCard.load(hub.snapshot("me/seq-end") / "README.md").text
 
 
-@pytest.mark.parametrize(("token", "field"), [(None, "hub_model_id"), ("hf_wrong", "hub_token")])
+@pytest.mark.parametrize(
+    ("token", "field"), [(None, "hub_model_id"), ("hf_wrong", "hub_token"), (READ_TOKEN, "hub_token")]
+)
 def test_a_missing_or_refused_token_fails_before_anything_runs(hub, model_dir, tmp_path, token, field):
     out = tmp_path / "run"
     with pytest.raises(InputError, match=rf"^{field} = ") as err:
         ContinualTrainer.from_args(*hub_groups(model_dir, out, hub_token=token))
-    assert "token" in str(err.value) and "hf_wrong" not in str(err.value)
+    assert "token" in str(err.value) and (token is None or token not in str(err.value))
     assert not out.exists() and not hub.repos  # nothing loaded, trained, written or created
+
+
+def _status(call) -> int:
+    with pytest.raises(HfHubHTTPError) as err:
+        call()
+    return err.value.response.status_code
+
+
+def test_the_stand_in_answers_as_the_real_client():
+    fake = FakeHub()
+    write, read, wrong = fake.api(token=GOOD_TOKEN), fake.api(token=READ_TOKEN), fake.api(token="hf_wrong")
+    assert _status(wrong.whoami) == 401
+    assert [api.whoami()["auth"]["accessToken"]["role"] for api in (write, read)] == ["write", "read"]
+    assert _status(lambda: read.create_repo("me/new")) == 403 and "me/new" not in fake.repos
+    assert _status(lambda: write.create_repo("other/new")) == 403 and "other/new" not in fake.repos
+    assert _status(lambda: wrong.create_repo("me/new", exist_ok=True)) == 401
+    write.create_repo("me/seq")
+    assert _status(lambda: write.create_repo("me/seq")) == 409
+    assert write.create_repo("me/seq", exist_ok=True).repo_id == "me/seq"
+    fake.calls.clear()
+    # HfApi.create_repo's fallback: a 403 on a repository that exists is success (asked with repo_info) ...
+    assert read.create_repo("me/seq", exist_ok=True).repo_id == "me/seq"
+    assert [c[0] for c in fake.calls] == ["create_repo", "repo_info"]
+    # ... and the 403 itself where it does not (repo_info: 404), or where the token cannot see it
+    assert _status(lambda: read.create_repo("me/none", exist_ok=True)) == 403
+    fake.add_repo("other/private", private=True)
+    assert _status(lambda: write.create_repo("other/private", exist_ok=True)) == 403
+    with pytest.raises(RepositoryNotFoundError):
+        write.repo_info("me/missing")
+    with pytest.raises(RepositoryNotFoundError):
+        write.repo_info("other/private")
+    assert write.repo_info("me/seq").id == "me/seq"
+    writes = [
+        lambda: read.create_commit("me/seq", [], commit_message="x"),
+        lambda: read.create_branch("me/seq", branch="b"),
+        lambda: read.create_tag("me/seq", tag="t"),
+    ]
+    assert [_status(call) for call in writes] == [403, 403, 403]
+    assert fake.commits("me/seq") == [] and set(fake.repos["me/seq"]["branches"]) == {"main"}
+
+
+def test_the_stand_in_takes_only_the_real_arguments():
+    fake = FakeHub()
+    api = fake.api(token=GOOD_TOKEN)
+    with pytest.raises(TypeError):
+        api.create_repo("me/x", privat=True)
+    with pytest.raises(TypeError):
+        api.whoami(refresh=True)
+    with pytest.raises(TypeError):
+        api.create_commit("me/x", [], message="x")  # commit_message
+    with pytest.raises(TypeError):
+        fake.api(tokn=GOOD_TOKEN)
+    assert not fake.repos and not fake.calls  # refused before it acted or recorded anything
+    methods = [n for n, m in inspect.getmembers(RecordingApi, inspect.isfunction) if not n.startswith("_")]
+    assert methods and all(hasattr(getattr(RecordingApi, n), "__wrapped__") for n in methods)  # each one checked
+
+
+def _hub_args(repo: str, token: str, **kw) -> SimpleNamespace:
+    fields = {"hub_model_id": repo, "hub_token": token, "output_dir": "run", "hub_private_repo": None}
+    return SimpleNamespace(**{**fields, "hub_revision": None, **kw})
+
+
+FINE_WRITE, FINE_READ = "hf_standin_fine_write_0123456789", "hf_standin_fine_read_0123456789"
+
+
+@pytest.mark.parametrize(
+    ("token", "repo", "field"),
+    [
+        (READ_TOKEN, "me/seq", "hub_token"),  # an existing repository: create_repo(exist_ok=True) would say yes
+        (READ_TOKEN, "me/new", "hub_token"),
+        (FINE_READ, "me/seq", "hub_token"),  # fine-grained, read permission only
+        (GOOD_TOKEN, "other/theirs", "hub_model_id"),  # another user's public repository: readable, not writable
+        (GOOD_TOKEN, "team/seq", "hub_model_id"),  # an organisation where the user may only read
+    ],
+)
+def test_write_access_is_checked_before_anything_runs(monkeypatch, token, repo, field):
+    fake = FakeHub(fine_grained={FINE_READ: {"me": ["repo.content.read"]}}, orgs={"team": "read"})
+    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    for existing in ("me/seq", "other/theirs", "team/seq"):
+        fake.add_repo(existing)
+    with pytest.raises(InputError, match=rf"^{field} = ") as err:
+        pm_hf.hub.connect(_hub_args(repo, token))
+    assert token not in str(err.value)
+    assert not [c for c in fake.calls if c[0] != "whoami"]  # no repository created, asked about or written
+
+
+@pytest.mark.parametrize(("token", "repo"), [(GOOD_TOKEN, "me/seq"), (GOOD_TOKEN, "team/seq"), (FINE_WRITE, "me/seq"),
+                                             (FINE_WRITE, "me/new"), (GOOD_TOKEN, "named-after-output")])  # fmt: skip
+def test_a_token_that_can_write_passes_and_the_repository_is_made(monkeypatch, token, repo):
+    fake = FakeHub(fine_grained={FINE_WRITE: {"me": ["repo.content.read", "repo.write"]}}, orgs=["team"])
+    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    fake.add_repo("me/seq")
+    target = pm_hf.hub.connect(_hub_args(repo, token))
+    expected = repo if "/" in repo else f"me/{repo}"
+    assert target.repo_id == expected and expected in fake.repos
+    assert [c[0] for c in fake.calls] == ["whoami", "create_repo"]
 
 
 def test_resume_from_a_pushed_repo_equals_the_uninterrupted_run(hub, model_dir, tmp_path, pushed):
@@ -197,6 +302,7 @@ def test_pm_hf_push_of_a_finished_run(hub, pushed, capsys):
     assert not any(f.startswith("continual_state/") for f in files)
 
 
+@pytest.mark.slow  # a 2-process launch
 def test_only_the_main_process_pushes(model_dir, tmp_path):
     """Two gloo processes (torchrun): rank 0 checks access and pushes, rank 1 makes no Hub call at all."""
     rank0, rank1 = torchrun(model_dir, tmp_path, 4, "push")

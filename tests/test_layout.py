@@ -13,6 +13,8 @@ PACKAGE = ROOT / "pm_hf"
 LAYERS = [
     ["zero3", "errors"],
     ["sharding", "usage"],
+    ["origin"],
+    ["card_text"],
     ["fileio", "timing", "perturb", "images", "checks", "testing", "card", "diagnostics"],
     ["launch"],
     ["training_args", "arguments"],
@@ -21,7 +23,7 @@ LAYERS = [
     ["adapters", "callbacks", "sources", "models", "hub", "reporting"],
     ["data", "weights"],
     ["fisher", "trainer", "heads", "instruct"],
-    ["alignment"],
+    ["alignment", "posthoc_inputs"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results", "measure"],
     ["loop"],

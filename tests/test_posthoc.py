@@ -3,9 +3,11 @@ merged with the run's data config give the run's merged model; a data-free strat
 by hand from the adapter files; adapters that do not belong together and strategies that need data are refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from card_checks import check_card
 from conftest import llm_groups
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
@@ -15,6 +17,7 @@ from pm_hf.checks import InputError
 from pm_hf.cli import main as cli_main
 from pm_hf.continual import run_continual
 from pm_hf.posthoc import merge_adapters
+from pm_hf.runs import load_export
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +40,25 @@ def test_merging_a_runs_adapters_with_its_data_gives_the_runs_model(run, llm_dir
     out, results, adapters = run
     info = merge_adapters(adapters, tmp_path / "merged", parsed=llm_groups(llm_dir, tmp_path / "posthoc_run"))
     assert info["alphas"] == pytest.approx(results["alphas"], abs=1e-6)
-    again = json.loads((tmp_path / "posthoc_run" / "results.json").read_text())
+    assert not (tmp_path / "posthoc_run").exists()  # the config's output_dir: nothing written outside the output
+    again = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert again["alphas_raw"] == pytest.approx(results["alphas_raw"], abs=1e-6)
     assert again["score_matrices"]["exact_match"] == results["score_matrices"]["exact_match"]
     torch.testing.assert_close(_logits(tmp_path / "merged"), _logits(out / "run" / "merged_adapter"), atol=1e-5,
                                rtol=1e-5)  # fmt: skip
-    assert "pm" in (tmp_path / "merged" / "README.md").read_text()
+    card = check_card(tmp_path / "merged")
+    assert "merged in this order by `pm-hf merge` (`pm_hf`) with each adapter's task data" in card.text
+    assert "the merge rule `pm`" in card.text and all(f"`{a}`" in card.text for a in adapters)
+    assert card.data.eval_results and f"## Score matrix ({results['primary_metric']})" in card.text
+
+
+def test_each_per_task_adapter_has_its_card(run):
+    _, results, adapters = run
+    for t, folder in enumerate(adapters):
+        card = check_card(folder)
+        assert card.data.library_name == "peft" and card.data.base_model is None  # the tiny Llama is local
+        assert f"# Task {t + 1}'s LoRA adapter ({results['tasks'][t]})" in card.text
+        assert "AutoPeftModelForCausalLM.from_pretrained(" in card.text
 
 
 def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys):  # noqa: F811
@@ -54,6 +70,12 @@ def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys
     base = dict(AutoModelForCausalLM.from_pretrained(llm_dir).named_parameters())
     config = json.loads((tmp_path / "ta" / "pm_hf_export.json").read_text())
     assert config["alphas"] == [0.7, 0.7]
+    card = check_card(tmp_path / "ta")  # the merge rule and its inputs; no score table, image or unset field
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert card.data.base_model is None and not card.data.eval_results  # a local base; nothing evaluated
+    assert "without data, with the merge rule `task-arithmetic`" in card.text and "- merge scale 0.7" in card.text
+    assert all(f"{t + 1}. `{a}`" in card.text for t, a in enumerate(adapters)) and "![" not in card.text
+    assert "| 1. " in card.text and "matrix" not in card.text and "trained a LoRA adapter" not in card.text
     expected = {}
     for folder in adapters:
         lora = json.loads(open(f"{folder}/adapter_config.json").read())
@@ -70,6 +92,23 @@ def test_a_data_free_merge_equals_its_closed_form(run, llm_dir, tmp_path, capsys
         torch.testing.assert_close(params[key], base[key] + delta, atol=1e-6, rtol=1e-5)
 
 
+def test_a_merged_causal_lm_adapter_loads_after_it_is_moved(run, llm_dir, tmp_path):  # noqa: F811
+    """A causal LM's adapter names its local base by absolute path (a Hub base by id): a copy of the export loads
+    elsewhere, with PEFT's AutoPeft class and pm_hf's loader, after the original is deleted."""
+    _, _, adapters = run
+    assert (
+        cli_main(["merge", "--adapters", *adapters, "--merge_method", "average", "--output", str(tmp_path / "m")]) == 0
+    )
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"] == llm_dir
+    before = _logits(tmp_path / "m")
+    shutil.copytree(tmp_path / "m", tmp_path / "elsewhere" / "m")
+    shutil.rmtree(tmp_path / "m")
+    torch.testing.assert_close(_logits(tmp_path / "elsewhere" / "m"), before, atol=0, rtol=0)
+    model = load_export(str(tmp_path / "elsewhere" / "m"))[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=torch.arange(3, 19).view(2, 8)).logits, before, atol=1e-5, rtol=1e-5)
+
+
 def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_path, capsys):
     _, _, adapters = run
     with pytest.raises(SystemExit) as err:
@@ -81,7 +120,7 @@ def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_pat
     (other / "adapter_config.json").write_text(json.dumps({**config, "r": config["r"] + 1}))
     with pytest.raises(SystemExit) as err:
         cli_main(["merge", "--adapters", adapters[0], str(other), "--output", str(tmp_path / "x")])
-    assert err.value.code == 2 and "its r is" in capsys.readouterr().err
+    assert err.value.code == 2 and f"pm-hf: error: r = {config['r'] + 1}: " in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -119,8 +119,9 @@ def test_4bit_loading_without_a_gpu_is_an_input_error(tmp_path):
 
 
 def test_a_merged_adapter_run_resumes_and_exports_what_it_computes(model_dir, tmp_path):
-    from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
+
+    from pm_hf.runs import load_adapter_export
 
     full = run_continual(*groups(model_dir, tmp_path / "full", merge_into="adapter"))
     run_continual(*groups(model_dir, tmp_path / "staged", merge_into="adapter"), stop_after=2)
@@ -131,12 +132,12 @@ def test_a_merged_adapter_run_resumes_and_exports_what_it_computes(model_dir, tm
     )
     logits = []
     for mode in ("full", "staged"):
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / mode / "merged_adapter"))
+        model = load_adapter_export(tmp_path / mode / "merged_adapter", "sequence_classification")
         with torch.no_grad():
             logits.append(model(**batch).logits)
     torch.testing.assert_close(logits[0], logits[1])
     weights_run = run_continual(*groups(model_dir, tmp_path / "weights"))
-    model = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "weights" / "merged_adapter"))
+    model = load_adapter_export(tmp_path / "weights" / "merged_adapter", "sequence_classification")
     with torch.no_grad():  # the same model as the run that writes its weights
         torch.testing.assert_close(model(**batch).logits, logits[0], rtol=1e-4, atol=1e-5)
     assert weights_run["alphas"] == pytest.approx(full["alphas"], abs=1e-6)

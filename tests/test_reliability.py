@@ -66,12 +66,50 @@ def train(assets, out: Path, *flags, **fields) -> tuple[int, str]:
 def test_a_bad_config_fails_cleanly_before_writing(case, assets, tmp_path):
     ok, detail = rel.run_bad_config(case, assets, tmp_path / "case")
     assert ok, detail
+    assert detail.startswith(f"pm-hf: error: {case.expect} = "), detail  # the error names the field to fix
 
 
 @pytest.mark.parametrize("name", rel.CORRUPTIONS)
 def test_a_damaged_checkpoint_is_refused_and_left_alone(name, finished, assets, tmp_path):
     ok, detail = rel.run_corruption(name, finished, assets, tmp_path)
     assert ok, detail
+    assert detail.startswith(f"pm-hf: error: {rel.CORRUPTIONS[name]} = "), detail
+
+
+def test_the_tables_count_only_contract_refusals():
+    """What the tables accept as a refusal: exit 2 with one contract line naming the case's field, nothing else."""
+    line = "pm-hf: error: seed = -3: use an integer >= 0."
+    assert rel.contract_error(2, f"loading...\n{line}\n", "seed") == (True, line)
+    refused = {
+        "another field": (2, line, "learning_rate"),
+        "exit 1": (1, line, "seed"),
+        "exit 0": (0, "", "seed"),
+        "a traceback": (2, f"Traceback (most recent call last):\n  ...\n{line}", "seed"),
+        "no contract line": (2, "pm-hf: error: something went wrong", "seed"),
+        "two error lines": (2, f"{line}\n{line}", "seed"),
+    }
+    for what, (code, stderr, expect) in refused.items():
+        assert not rel.contract_error(code, stderr, expect)[0], what
+    with pytest.raises(ValueError, match="expect"):
+        rel.BadConfig("a case without its field", {"seed": -3})
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_an_output_dir_that_is_or_sits_under_a_file_is_refused_before_loading(where, tmp_path):
+    from pm_hf.parsing import parse_config
+    from pm_hf.training_args import PMConfig
+
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"not a folder")
+    out = blocker if where == "file" else blocker / "runs" / "one"
+    overrides = ["--output_dir", str(out), "--model_name_or_path", "never-loaded", "--use_cpu", "true"]
+    with pytest.raises(InputError, match=r"^output_dir = .*(is a file, not a folder|is a file, so no folder)"):
+        parse_config(None, overrides)  # the config alone: no model or data is looked at
+    with pytest.raises(InputError, match="^output_dir = "):
+        PMConfig(output_dir=str(out), use_cpu=True)  # the Python API refuses it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"] and blocker.read_bytes() == b"not a folder"
+    PMConfig(output_dir=str(tmp_path / "new" / "run"), use_cpu=True)  # a folder that does not exist yet is fine
+    assert not (tmp_path / "new").exists()
 
 
 IN_PROCESS_FAULTS = [f for f in rel.FAULTS if f[1] in ("checkpoint", "pointer", "results", "record", "disk", "train")]
@@ -114,20 +152,23 @@ def test_resume_refuses_another_config_or_other_data_and_allows_paths(assets, re
     frame = rel.pd.read_parquet(changed_data / "train.parquet")
     frame.loc[frame.index[0], "text"] = "an edited gloss"
     frame.to_parquet(changed_data / "train.parquet")
-    changes = {
-        "seed": {"seed": 1},
-        "class_groups": {"class_groups": [[1, 0], [3, 2], [4, 5]] and [[0, 2], [1, 3], [4, 5]]},
-        "learning_rate": {"learning_rate": 0.01},
-        "merge_method": {"merge_method": "average"},
-        "r": {"r": 4},
-        "perturb_eps": {"perturb_eps": 0.25},
-        "global batch": {"per_device_train_batch_size": 2},
-        "model": {"model_name_or_path": other_model},
-        "data of tasks": {
+    saved_groups = rel.base_config(assets, out)["class_groups"]
+    reordered, regrouped = [[1, 0], [3, 2], [4, 5]], [[0, 2], [1, 3], [4, 5]]  # classes in another order; other tasks
+    changes = [  # (what the refusal must name, the changed fields)
+        ("seed", {"seed": 1}),
+        (f"class_groups: {saved_groups!r} -> {reordered!r}", {"class_groups": reordered}),
+        (f"class_groups: {saved_groups!r} -> {regrouped!r}", {"class_groups": regrouped}),
+        ("learning_rate", {"learning_rate": 0.01}),
+        ("merge_method", {"merge_method": "average"}),
+        ("r", {"r": 4}),
+        ("perturb_eps", {"perturb_eps": 0.25}),
+        ("global batch", {"per_device_train_batch_size": 2}),
+        ("model", {"model_name_or_path": other_model}),
+        ("data of tasks", {
             "data_files": {"train": str(changed_data / "train.parquet"), "test": assets["files"]["test"]}
-        },
-    }
-    for what, fields in changes.items():
+        }),
+    ]  # fmt: skip
+    for what, fields in changes:
         code, err = train(assets, out, "--resume", **fields)
         assert code == 2 and err.startswith("pm-hf: error: resume = ") and what in err, (what, err)
         assert rel._snapshot(out) == before, what  # nothing written
