@@ -221,6 +221,8 @@ def log_evaluation(trainer, metrics: dict) -> None:
     nan = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
     metrics = {f"eval_{k}": v for k, v in metrics.items() if not nan(v)}
     trainer.log(metrics)
+    if not hasattr(trainer, "callback_handler"):  # a stand-in for a task's Trainer (`pm_hf.posthoc`): no callbacks
+        return
     trainer.state.global_step += trainer.step_offset
     try:
         control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=metrics)
