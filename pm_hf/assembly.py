@@ -37,7 +37,11 @@ Callbacks = Sequence[ContinualCallback | TrainerCallback]
 
 
 def task_fingerprint(task: Task) -> str:
-    digest = lambda ds: dataset_digest(ds) if isinstance(ds, datasets.Dataset) else f"stream:{ds.info.dataset_name}"
+    def digest(ds) -> str:
+        if ds is None:  # a task without an eval split
+            return "none"
+        return dataset_digest(ds) if isinstance(ds, datasets.Dataset) else f"stream:{ds.info.dataset_name}"
+
     return f"{task.name}|{task.classes}|{digest(task.train)}|{digest(task.eval)}"
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 
 class ContinualCallback:
@@ -66,3 +68,44 @@ class CallbackList:
             raise ValueError(f"the checkpoint holds state of callbacks {sorted(unknown)} that this run does not have")
         for key, cb in zip(self.keys, self.callbacks):
             cb.load_state_dict(states.get(key, {}))
+
+
+class History(TrainerCallback):
+    """Keeps a `TrainerState` of the whole sequence, as `Trainer.state` is kept: every log of the tasks' Trainers
+    (training losses, each task's `eval_continual/*` metrics) in `log_history` at the sequence's step."""
+
+    def __init__(self, state: TrainerState):
+        self.state, self.train_losses = state, []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.state.global_step = max(self.state.global_step, state.global_step)
+        self.state.log_history.append({**(logs or {}), "step": state.global_step})
+        if logs and "train_loss" in logs:  # the end of a task's training: its mean training loss
+            self.train_losses.append(logs["train_loss"])
+
+    def output(self, log: list[dict], mark: int, results: dict) -> ContinualTrainOutput:
+        """The `TrainOutput` of a `train()` call that logged the task losses after the first `mark` (`log`: the
+        loop's per-task entries): the sequence's step, the step-weighted mean training loss of its tasks, their
+        training time and the run's ACC, AAA, BWT and forgetting."""
+        losses = self.train_losses[mark:]
+        new = log[len(log) - len(losses) :] if losses else []
+        steps = [sum(e["branch_counts"].values()) for e in new]
+        loss = sum(x * n for x, n in zip(losses, steps)) / max(sum(steps), 1)
+        self.state.global_step = sum(sum(e["branch_counts"].values()) for e in log)
+        metrics = {"train_loss": loss, "train_runtime": sum(e["timings"]["train"] for e in new)}
+        metrics.update({k: results[k] for k in ("acc", "aaa", "bwt", "forgetting") if k in results})
+        return ContinualTrainOutput(self.state.global_step, loss, metrics, results)
+
+
+class ContinualTrainOutput(TrainOutput):
+    """What `ContinualTrainer.train()` returns: `TrainOutput(global_step, training_loss, metrics)` as `Trainer.train`'s,
+    with `.results` (results.json's content); `output["accuracy_matrix"]` reads `.results` as `train()` returned it
+    before."""
+
+    def __new__(cls, global_step: int, training_loss: float, metrics: dict, results: dict | None = None):
+        out = super().__new__(cls, global_step, training_loss, metrics)
+        out.results = results or {}
+        return out
+
+    def __getitem__(self, key):
+        return self.results[key] if isinstance(key, str) else super().__getitem__(key)

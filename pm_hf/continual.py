@@ -1,29 +1,35 @@
 """`ContinualTrainer`: continual fine-tuning of one model on a sequence of tasks with Perturb-and-Merge, in the style
-of TRL's trainers — construct it, `.train()`, `.add_task(...)`, `.train()` again. Models and datasets may be objects,
-Hub ids or paths; the YAML/CLI path (`run_continual`, `pm-hf train`) builds the same object from the six argument
-groups; `pm_hf.assembly` puts the parts together.
+of TRL's trainers — construct it, `.train()`, `.add_task(...)`, `.train()` again, `.evaluate()`, `.save_model()`,
+`.push_to_hub()`. Models and datasets may be objects, Hub ids or paths; the YAML/CLI path (`run_continual`,
+`pm-hf train`) builds the same object from the six argument groups; `pm_hf.assembly` puts the parts together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 from accelerate import PartialState
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
 
 from .alignment import HeadAlignment
 from .assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
-from .checkpoint import LATEST, copy_checkpoint
-from .checks import invalid
+from .callbacks import CallbackList, ContinualCallback, ContinualTrainOutput, History
+from .checkpoint import LATEST, copy_checkpoint, state_files
+from .checks import InputError, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from .data import Task, TaskStream, collator_for, task_from_datasets
+from .data import Task, TaskStream, collator_for, task_from_datasets, task_splits
+from .errors import python_names
+from .evaluation import evaluation_metrics
 from .export import copy_task_records
 from .heads import find_head
-from .hub import connect, download_state, is_repo_id
+from .hub import BASE_BRANCH, connect, download_state, is_repo_id, push_run
 from .instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
 from .launch import refuse_sharding
 from .loop import ContinualLoop, seeded
@@ -32,26 +38,35 @@ from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
 from .zero3 import loading_whole
 
+# the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
+RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
+PYTHON_FLAGS = {"resume": RESUME, "overwrite_output_dir": OVERWRITE}
+
 
 class ContinualTrainer:
     """Train one model on a sequence of tasks with Perturb-and-Merge.
 
         trainer = ContinualTrainer(model="sentence-transformers/all-MiniLM-L6-v2", args=PMConfig(output_dir="out"),
-                                   tasks=[{"train": ds0, "test": ds0_eval}, {"train": ds1, "test": ds1_eval}])
-        results = trainer.train()                     # results["accuracy_matrix"]: row t after task t
+                                   tasks=[DatasetDict(train=ds0, test=ds0_eval), {"train": ds1, "validation": ds1v}])
+        trainer.train()                               # TrainOutput(global_step, training_loss, metrics)
+        trainer.results["accuracy_matrix"]            # row t: scores after task t (results.json)
         trainer.add_task({"train": ds2, "test": ds2_eval}).train()  # only the new task trains
+        trainer.evaluate(); trainer.save_model(); trainer.push_to_hub()
 
     Args:
         model: a Hub id, a local folder or a `PreTrainedModel` (a classifier or a causal LM, not yet LoRA-wrapped).
-        args: `PMConfig` (TrainingArguments + perturbation).
-        tasks: `{"train": Dataset, "test": Dataset}` per task. Classifiers: columns `text` (or `image`) and `label`,
-            labels are global class ids and a task's classes are its training labels (the training split may be an
-            `IterableDataset` with text and `classes` given). Causal LMs: columns `prompt` and `response`. Column
-            names and the scenario come from `data_args`.
+        args: a `PMConfig` (TrainingArguments + perturbation; a plain `TrainingArguments` is refused).
+        tasks: per task a `DatasetDict` or dict of splits (Datasets or lists of rows) under `data_args.train_split`
+            and `data_args.eval_split` ('test', 'validation' or 'eval' while it is left at 'test'), or the training
+            split alone (a Dataset or a list of rows): such a task is trained and merged, never scored. Classifiers:
+            columns `text` (or `image`) and `label`, labels are global class ids and a task's classes are its training
+            labels (the training split may be an `IterableDataset` with text and `classes` given). Causal LMs: columns
+            `prompt` and `response`. Column names and the scenario come from `data_args`.
         processing_class: the tokenizer or image processor (default: loaded with the model).
         compute_metrics: `fn(EvalPrediction) -> dict` for classifiers, scored on every seen task after every task
             (each key becomes a score matrix next to 'accuracy').
-        callbacks: `ContinualCallback`s (hooks of the loop) and `TrainerCallback`s (given to every task's trainer).
+        callbacks: `ContinualCallback`s (hooks of the loop) and `TrainerCallback`s (given to every task's trainer;
+            `on_evaluate` gets each task's `eval_continual/*` metrics).
         lora_args, fisher_args, merge_args, data_args, model_args: the other argument groups (defaults otherwise).
     """
 
@@ -59,7 +74,7 @@ class ContinualTrainer:
         self,
         model,
         args: PMConfig,
-        tasks: Sequence[dict] = (),
+        tasks: Sequence = (),
         processing_class=None,
         compute_metrics: Callable | None = None,
         callbacks: Callbacks | None = None,
@@ -69,19 +84,32 @@ class ContinualTrainer:
         data_args: DataArguments | None = None,
         model_args: ModelArguments | None = None,
     ):
+        if not isinstance(args, PMConfig):
+            what = "a transformers TrainingArguments" if isinstance(args, TrainingArguments) else "not a PMConfig"
+            fix = f"{what}: give pm_hf's PMConfig, which takes every TrainingArguments field (and the perturbation's)."
+            raise invalid("args", type(args).__name__, fix)
         self.args, self.lora_args = args, lora_args or LoraArguments()
         self.fisher_args, self.merge_args = fisher_args or FisherArguments(), merge_args or MergeArguments()
         self.data_args = data_args or DataArguments()
         name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "name_or_path", "")
         self.model_args = model_args or ModelArguments(model_name_or_path=name or IN_MEMORY)
+        self.state = TrainerState(is_local_process_zero=args.local_process_index == 0,
+                                  is_world_process_zero=args.process_index == 0)  # fmt: skip
+        self._history, self._results = History(self.state), None
+        self._cli = self.__dict__.get("_cli", False)  # set by `from_args`: the errors keep the config's names
+        self._callbacks, self._claimed = [*(callbacks or []), self._history], False
+        self._pending = list(tasks)
+        self.loop: ContinualLoop | None = None
+        with self._python_names():
+            self._check_and_connect(model)
+        self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
+
+    def _check_and_connect(self, model) -> None:
+        args = self.args
         self.strategy = build_strategy(self.merge_args)  # every merge knob checked first
         HeadAlignment.check_args(self.merge_args)
-        self._callbacks, self._claimed = list(callbacks or []), False
-        self._pending = list(tasks)
         if not isinstance(model, (str, PreTrainedModel)):
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
-        self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
-        self.loop: ContinualLoop | None = None
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
@@ -90,6 +118,19 @@ class ContinualTrainer:
         if source and main and is_repo_id(source):
             source = str(download_state(source, args.hub_token))
         self._source = source
+
+    @contextlib.contextmanager
+    def _python_names(self):
+        """Errors raised under it name the Python arguments (`args.resume_from`, `merge_args.merge_method`), not the
+        CLI's flags; a trainer built from a config (`from_args`: the CLI's) keeps the config's names."""
+        try:
+            yield
+        except InputError as err:
+            if not self._cli:
+                groups = ("args", "lora_args", "fisher_args", "merge_args", "data_args", "model_args")
+                fields = {f.name: g for g in groups for f in dataclasses.fields(getattr(self, g))}
+                err.args = (python_names(str(err), fields, PYTHON_FLAGS),)
+            raise
 
     @classmethod
     def from_args(
@@ -103,29 +144,12 @@ class ContinualTrainer:
         callbacks: Callbacks | None = None,
     ) -> ContinualTrainer:
         """The trainer of a YAML/CLI config: model, data and every setting from the six argument groups."""
-        trainer = cls(
-            model_args.model_name_or_path,
-            training_args,
-            (),
-            None,
-            None,
-            callbacks,
-            lora_args,
-            fisher_args,
-            merge_args,
-            data_args,
-            model_args,
-        )
-        trainer.loop = build_loop(
-            model_args,
-            data_args,
-            training_args,
-            lora_args,
-            fisher_args,
-            merge_args,
-            trainer._callbacks,
-            trainer.strategy,
-        )
+        groups = (lora_args, fisher_args, merge_args, data_args, model_args)
+        trainer = cls.__new__(cls)
+        trainer._cli = True
+        trainer.__init__(model_args.model_name_or_path, training_args, (), None, None, callbacks, *groups)
+        trainer.loop = build_loop(model_args, data_args, training_args, lora_args, fisher_args, merge_args,
+                                  trainer._callbacks, trainer.strategy)  # fmt: skip
         return trainer
 
     # --------------------------------------------------------------------------------------------- tasks
@@ -137,16 +161,36 @@ class ContinualTrainer:
     def stream(self) -> TaskStream:
         return self._build().stream
 
-    def add_task(self, task: dict) -> ContinualTrainer:
+    @property
+    def results(self) -> dict:
+        """results.json's content after the last `train()` (accuracy_matrix: row t = scores after task t)."""
+        if self._results is None and self.loop is not None and self.loop.log:
+            self._results = self.loop.results()
+        return self._results or {}
+
+    def add_task(self, task) -> ContinualTrainer:
         """Append a task to the sequence; the next `train()` trains it (and any other new task) on top."""
         self._pending.append(task)
         if self.loop is not None:
-            self._add_pending()
+            with self._python_names():
+                self._add_pending()
         return self
+
+    def add_callback(self, callback) -> None:
+        """Add a `ContinualCallback` (a hook of the loop) or a `TrainerCallback` (class or instance), as Trainer's."""
+        callback = callback() if isinstance(callback, type) else callback
+        self._callbacks.append(callback)
+        if self.loop is None:
+            return
+        if isinstance(callback, ContinualCallback):
+            self.loop.callbacks = CallbackList([*self.loop.callbacks.callbacks, callback])
+        else:
+            self.loop.trainer_callbacks.append(callback)
 
     def _build(self) -> ContinualLoop:
         if self.loop is None:
-            self.loop = _loop_from_objects(self)
+            with self._python_names():
+                self.loop = _loop_from_objects(self)
         return self.loop
 
     def _add_pending(self) -> None:
@@ -165,12 +209,19 @@ class ContinualTrainer:
             loop.head.grow(loop.model, needed, fresh)
 
     # --------------------------------------------------------------------------------------------- training
-    def train(self, resume_from_checkpoint: bool = False, stop_after: int | None = None) -> dict:
-        """Train every task not trained yet (resuming `output_dir`'s run first when asked); returns the results,
-        as written to `output_dir/results.json` (`accuracy_matrix`: row t = scores after task t)."""
+    def train(self, resume_from_checkpoint: bool = False, stop_after: int | None = None) -> ContinualTrainOutput:
+        """Train every task not trained yet (resuming `output_dir`'s run first when asked). Returns
+        `TrainOutput(global_step, training_loss, metrics)` as `Trainer.train` does (`.results`: results.json's
+        content, also `self.results`); each task's metrics reach the callbacks' `on_evaluate` and `self.state`."""
         loop = self._build()
-        if self._pending:
-            self._add_pending()
+        with self._python_names():
+            if self._pending:
+                self._add_pending()
+            mark = len(self._history.train_losses)
+            self._results = self._run(loop, resume_from_checkpoint, stop_after)
+        return self._history.output(loop.log, mark, self._results)
+
+    def _run(self, loop: ContinualLoop, resume_from_checkpoint: bool, stop_after: int | None) -> dict:
         save, overwrite, first = self.args.should_save, self.args.overwrite_output_dir, not self._claimed
         source = self._source if first else None
         loop.hub = self.hub
@@ -186,13 +237,72 @@ class ContinualTrainer:
             resume = first and (resume_from_checkpoint or source is not None)
             return loop.run(resume=resume, stop_after=stop_after)
 
+    # --------------------------------------------------------------------------------------------- after training
+    def evaluate(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score the current (merged) model on every task trained so far (before any training: on every task given),
+        as `Trainer.evaluate` does: `eval_<score>` over all those tasks' eval rows pooled (`eval_accuracy`: the
+        accuracy over all seen classes) and `eval_task_<j>_<score>` per task; logged, reported to the trackers and
+        to the callbacks' `on_evaluate`. A task without an eval split has no score."""
+        loop = self._build()
+        with self._python_names():
+            if self._pending:
+                self._add_pending()
+        tasks = loop.stream.tasks[: len(loop.log)] or loop.stream.tasks
+        scores, sizes = loop.evaluator.evaluate_seen(tasks), [task.eval_size for task in tasks]
+        loop.head.set_active(None)  # the model predicts over every class again
+        metrics = evaluation_metrics(scores, sizes, metric_key_prefix)
+        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        for callback in loop.trainer_callbacks:
+            callback.on_evaluate(self.args, self.state, TrainerControl(), metrics=metrics)
+        loop.reporters.log(self.state.global_step, metrics)
+        loop.reporters.close()
+        return metrics
+
+    def _trained(self, what: str) -> ContinualLoop:
+        if self.loop is None or not self.loop.log:
+            raise invalid(what, None, "nothing is trained yet: call train() first.")
+        return self.loop
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write the merged model as the run does at its end (the exact merged adapter with its card and
+        pm_hf_export.json, see `ContinualLoop.export`) to `output_dir` (default: args.output_dir/merged_adapter)."""
+        loop = self._trained("save_model")
+        if self.args.should_save:
+            loop.export(Path(output_dir) if output_dir else None)
+
+    def push_to_hub(self, commit_message: str | None = None, token: str | None = None, revision: str | None = None,
+                    **kwargs) -> str | None:  # fmt: skip
+        """Push the merged model (the export, card and plots, and with `push_continual_state` the continual state) to
+        `args.hub_model_id` as one commit, as a run pushes (`pm_hf.hub`); write access is checked first. Returns the
+        commit id (None on other processes)."""
+        loop = self._trained("push_to_hub")
+        if not self.args.should_save:
+            return None
+        a, target = self.args, self.hub
+        if target is None or token is not None or revision is not None:
+            hub = SimpleNamespace(
+                hub_model_id=a.hub_model_id,
+                hub_token=token or a.hub_token,
+                output_dir=a.output_dir,
+                hub_private_repo=a.hub_private_repo,
+                hub_revision=revision or a.hub_revision,
+            )
+            with self._python_names():
+                target = connect(hub)
+        t, info = len(loop.log) - 1, {"repo_id": target.repo_id, "tagged": False}
+        message = commit_message or f"pm_hf: after task {t + 1}/{len(loop.stream.tasks)} ({loop.log[t]['task']})"
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "export"
+            loop.export(folder, info=info, base_ref=(target.repo_id, BASE_BRANCH))
+            state = state_files(loop.out) if a.push_continual_state else None
+            return push_run(target, folder, state, message, None)
+
 
 # ------------------------------------------------------------------------------------------------ assembly
 def _prepare_task(trainer: ContinualTrainer, t: int, entry, stream: TaskStream) -> Task:
     if isinstance(entry, Task):
         return entry
-    if not isinstance(entry, dict):
-        raise invalid(f"tasks[{t}]", type(entry).__name__, "give {'train': Dataset, 'test': Dataset} per task.")
+    entry = task_splits(t, entry, trainer.data_args)
     if stream.modality == MODALITY:
         return instruction_task(t, entry, trainer.loop.evaluator.tokenizer, trainer.data_args, trainer.args.seed)
     task, modality, names = task_from_datasets(t, entry, trainer.loop.processor, trainer.data_args)
@@ -206,8 +316,9 @@ def _prepare_task(trainer: ContinualTrainer, t: int, entry, stream: TaskStream) 
     return task
 
 
-def _first_task_stream(trainer: ContinualTrainer, causal: bool, processor, first: dict) -> TaskStream:
+def _first_task_stream(trainer: ContinualTrainer, causal: bool, processor, first) -> TaskStream:
     """The stream of the first task given as datasets: it fixes the modality (instructions, text or images)."""
+    first = task_splits(0, first, trainer.data_args)
     if causal:
         if trainer._compute_metrics is not None:
             fix = "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss."
@@ -287,4 +398,6 @@ def run_continual(
         The results dict written to `output_dir/results.json`.
     """
     groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
-    return ContinualTrainer.from_args(*groups, callbacks=callbacks).train(resume, stop_after)
+    trainer = ContinualTrainer.from_args(*groups, callbacks=callbacks)
+    trainer.train(resume, stop_after)
+    return trainer.results

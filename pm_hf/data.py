@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import datasets
@@ -42,8 +42,13 @@ class Task:
     name: str  # "task_0: act, animal"
     classes: list[int]  # global class ids of this task, sorted
     train: datasets.Dataset  # model inputs + "labels" (global class ids)
-    eval: datasets.Dataset
+    eval: datasets.Dataset | None  # None: a task given without an eval split (trained and merged, never scored)
     heldout: datasets.Dataset | None = None  # part of the training data held out for a strategy's probe
+
+    @property
+    def eval_size(self) -> int:
+        """Rows of the eval split (0 without one): the task's weight in the scores over all seen tasks."""
+        return 0 if self.eval is None else len(self.eval)
 
 
 @dataclass
@@ -236,16 +241,56 @@ def collator_for(modality: str, processor) -> Callable:
     return DataCollatorWithPadding(processor) if modality == "text" else default_data_collator
 
 
+EXTRA_KEYS = ("classes", "name")  # keys of a task dict that are not splits
+EVAL_SPLITS = ("test", "validation", "eval")  # tried in this order while `eval_split` is left at 'test'
+
+
+def _rows(splits: Mapping) -> dict:
+    """What an error shows of a task: its split names and row counts (never the datasets' reprs)."""
+    return {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in splits.items() if k not in EXTRA_KEYS}
+
+
+def _as_split(where: str, name: str, value):
+    if isinstance(value, (datasets.Dataset, datasets.IterableDataset)):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(row, Mapping) for row in value):
+        return datasets.Dataset.from_list([dict(row) for row in value])
+    fix = "give a Dataset, an IterableDataset (training only) or a non-empty list of rows (dicts)."
+    raise invalid(f"{where}[{name!r}]", type(value).__name__, fix)
+
+
+def task_splits(t: int, entry, data_args: DataArguments) -> dict:
+    """Task t as `{"train": ..., "test": ... or None, ["classes", "name"]}` from what a user may give: a
+    `DatasetDict` or dict of splits with any names (`data_args.train_split`, `data_args.eval_split`; while that is
+    left at 'test', 'validation' and 'eval' are eval splits too), each a Dataset or a list of rows; or a Dataset or a
+    list of rows alone, the training split. A task without an eval split is trained and merged but never scored."""
+    where, train = f"tasks[{t}]", data_args.train_split
+    if isinstance(entry, (list, tuple, datasets.Dataset, datasets.IterableDataset)):
+        entry = {train: entry}
+    if not isinstance(entry, Mapping):
+        fix = "give a DatasetDict, a dict of splits, a Dataset or a list of rows (dicts) per task."
+        raise invalid(where, type(entry).__name__, fix)
+    splits = {k: _as_split(where, k, v) for k, v in entry.items() if k not in EXTRA_KEYS}
+    if train not in splits:
+        fix = f"has no '{train}' split (data_args.train_split; the value shows rows per split)."
+        raise invalid(where, _rows(splits), fix)
+    names = EVAL_SPLITS if data_args.eval_split == "test" else (data_args.eval_split,)
+    found = [n for n in names if n in splits]
+    if not found and set(splits) - {train}:
+        fix = f"none of its splits is an eval split {list(names)}: set data_args.eval_split to the one to score."
+        raise invalid(where, _rows(splits), fix)
+    out = {k: entry[k] for k in EXTRA_KEYS if k in entry}
+    return {**out, "train": splits[train], "test": splits[found[0]] if found else None}
+
+
 def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments) -> tuple[Task, str, dict[int, str]]:
-    """Task t from in-memory splits `{"train": ..., "test": ...}` whose labels are global class ids; the task's
-    classes are its training labels (or `entry["classes"]`, required when the training split is an
-    `IterableDataset`, which the text path streams). Returns (task, modality, label names by class)."""
-    train, evaluation = entry.get("train"), entry.get("test", entry.get("eval"))
-    if not isinstance(evaluation, datasets.Dataset) or not isinstance(
-        train, (datasets.Dataset, datasets.IterableDataset)
-    ):
-        raise invalid(f"tasks[{t}]", entry, "give {'train': Dataset, 'test': Dataset} (the train split may stream).")
-    columns = train.column_names or evaluation.column_names
+    """Task t from in-memory splits (`task_splits`' form: `{"train": ..., "test": ... or None}`) whose labels are
+    global class ids; the task's classes are its training labels (or `entry["classes"]`, required when the training
+    split is an `IterableDataset`, which the text path streams). Returns (task, modality, label names by class)."""
+    train, evaluation = entry["train"], entry["test"]
+    if evaluation is not None and not isinstance(evaluation, datasets.Dataset):
+        raise invalid(f"tasks[{t}]", _rows(entry), "its eval split must be a Dataset (only training may stream).")
+    columns = train.column_names or (evaluation.column_names if evaluation is not None else [])
     modality = "text" if data_args.text_column in columns else "image"
     where = f"tasks[{t}]"
     labels = {}
@@ -254,12 +299,13 @@ def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments)
             labels[split] = labels_of(ds, data_args.label_column, split, where)
     classes = sorted(entry["classes"]) if "classes" in entry else np.unique(labels.get("train", [])).tolist()
     if "train" not in labels and (modality != "text" or "classes" not in entry):
-        raise invalid(where, entry, "a streamed training split needs text data and `classes`: the task's class ids.")
-    feature = evaluation.features[data_args.label_column]
+        fix = "a streamed training split needs text data and `classes`: the task's class ids."
+        raise invalid(where, _rows(entry), fix)
+    feature = (evaluation if evaluation is not None else train).features[data_args.label_column]
     names = dict(enumerate(feature.names)) if isinstance(feature, datasets.ClassLabel) else {}
-    splits = [_prepare(ds, modality, processor, data_args, 0, f"Preparing task {t}") for ds in (train, evaluation)]
+    prepare = lambda ds: _prepare(ds, modality, processor, data_args, 0, f"Preparing task {t}")  # noqa: E731
     name = f"task_{t}: " + _summary(classes, [names.get(c, str(c)) for c in range(max(classes) + 1)])
-    return Task(name, classes, splits[0], splits[1]), modality, names
+    return Task(name, classes, prepare(train), None if evaluation is None else prepare(evaluation)), modality, names
 
 
 def split_holdout(train, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:

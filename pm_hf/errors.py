@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -27,6 +29,21 @@ def _show(value: Any) -> str:
 def invalid(name: str, value: Any, fix: str) -> InputError:
     """The error for a bad value: `<field> = <value>: <fix>`."""
     return InputError(f"{name} = {_show(value)}: {fix}")
+
+
+def python_names(message: str, groups: Mapping[str, str], flags: Mapping[str, str]) -> str:
+    """`message` as a Python user reads it: the field it names and every `--field` given with its argument
+    (`groups`: field -> the argument holding it, e.g. 'resume_from' -> 'args': `args.resume_from`), and the CLI's own
+    flags (`flags`: e.g. 'resume' -> 'train(resume_from_checkpoint=True)') spelled as in Python."""
+    field, sep, rest = message.partition(" = ")
+    if sep and field in groups:
+        message = f"{groups[field]}.{field} = {rest}"
+
+    def spell(match: re.Match) -> str:
+        name = match[1]
+        return flags.get(name) or (f"{groups[name]}.{name}" if name in groups else match[0])
+
+    return re.sub(r"--(\w+)", spell, message)
 
 
 class MissingExtraError(ImportError):

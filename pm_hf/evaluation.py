@@ -63,20 +63,22 @@ class Evaluator:
 
     def pre_merge(self, task, seen: list[int]) -> tuple[float, float | None]:
         """The primary score of a task just trained, over the seen classes, and its accuracy within its own classes
-        (None: this evaluator has no classes)."""
-        return self.score(task, seen), None
+        (None: this evaluator has no classes, or the task no eval split)."""
+        return (None, None) if task.eval is None else (self.score(task, seen), None)
 
     def evaluate_seen(self, tasks: Sequence) -> dict[str, list[float]]:
         """Every score of every task in `tasks` (tasks 0..t), predicting over all classes they hold: row t of each
-        score matrix."""
+        score matrix (None for a task without an eval split)."""
         seen = seen_classes(tasks)
-        per_task = [self.scores(task, seen) for task in tasks]
-        return {name: [s[name] for s in per_task] for name in per_task[0]}
+        per_task = [None if task.eval is None else self.scores(task, seen) for task in tasks]
+        names = next((s for s in per_task if s is not None), {self.primary: None})
+        return {name: [None if s is None else s[name] for s in per_task] for name in names}
 
     def seen_score(self, tasks: Sequence) -> float:
-        """The primary score over the pooled eval sets of `tasks` (sample-weighted mean)."""
+        """The primary score over the pooled eval sets of `tasks` (sample-weighted mean; NaN if none has one)."""
         seen = seen_classes(tasks)
-        return seen_accuracy([self.score(task, seen) for task in tasks], [len(task.eval) for task in tasks])
+        scores = [None if task.eval is None else self.score(task, seen) for task in tasks]
+        return seen_accuracy(scores, [task.eval_size for task in tasks])
 
 
 class ClassifierEvaluator(Evaluator):
@@ -116,10 +118,24 @@ class ClassifierEvaluator(Evaluator):
 
     def pre_merge(self, task, seen):
         """From one pass: the logits masked to the seen classes, then restricted to the task's own (a subset)."""
+        if task.eval is None:
+            return None, None
         logits, labels = self._logits(task.eval, seen), np.asarray(task.eval["labels"])
         own = np.asarray(task.classes)
         within = own[logits[:, own].argmax(-1)]
         return float((logits.argmax(-1) == labels).mean()), float((within == labels).mean())
+
+
+def evaluation_metrics(scores: dict[str, list], sizes: Sequence[int], prefix: str = "eval") -> dict[str, float]:
+    """`Trainer.evaluate`'s metrics of one row of scores (`Evaluator.evaluate_seen`): `<prefix>_<score>` over the
+    tasks' eval rows pooled and `<prefix>_task_<j>_<score>` per task ('eval_loss' as `<prefix>_loss`); tasks without
+    an eval split have none."""
+    metrics = {}
+    for score, row in scores.items():
+        name = score.removeprefix("eval_")
+        metrics[f"{prefix}_{name}"] = seen_accuracy(row, sizes)
+        metrics.update({f"{prefix}_task_{j}_{name}": v for j, v in enumerate(row) if v is not None})
+    return {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
 
 
 def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Dataset], np.ndarray]:

@@ -330,9 +330,11 @@ def causal_lm_collator(tokenizer, pad_to_multiple_of: int | None = None) -> Caus
 
 
 def instruction_task(t: int, entry: dict, tokenizer, data_args: DataArguments, seed: int = 0) -> Task:
-    """Task t from in-memory splits `{"train": Dataset, "test": Dataset}` of prompt/response pairs."""
+    """Task t from in-memory splits of prompt/response pairs (`pm_hf.data.task_splits`' form: `{"train": Dataset,
+    "test": Dataset or None}`; None: trained and merged, never scored)."""
     where = f"tasks[{t}]"
-    loaded = {data_args.train_split: entry.get("train"), data_args.eval_split: entry.get("test", entry.get("eval"))}
+    loaded = {data_args.train_split: entry["train"], data_args.eval_split: entry["test"]}
     max_length = data_args.max_length  # `max_length_per_task` is for `task_datasets`
-    splits = [_task_split(loaded, where, t, code, tokenizer, data_args, max_length, seed) for code in (0, 1)]
-    return Task(f"task_{t}: {entry.get('name', t)}", [], splits[0], splits[1])
+    codes = (0, 1) if entry["test"] is not None else (0,)
+    splits = [_task_split(loaded, where, t, code, tokenizer, data_args, max_length, seed) for code in codes]
+    return Task(f"task_{t}: {entry.get('name', t)}", [], splits[0], splits[1] if len(splits) > 1 else None)

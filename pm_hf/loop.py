@@ -59,7 +59,7 @@ from .rundir import refuse_changes
 from .sharding import gather, model_sharding, scalar, shard_state
 from .strategies import MergeStrategy, merge_task
 from .timing import Timer
-from .trainer import PMTrainer, TaskProgress, task_checkpoint
+from .trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
 from .weights import LowRankWeights, ModelWeights
 from .zero3 import loading_whole
 
@@ -159,10 +159,11 @@ class ContinualLoop:
             logger.warning(warning)
         self.callbacks.call("on_task_end", t, self.model, entry)
         self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
-        row, sizes = scores[self.evaluator.primary], [len(task.eval) for task in self.stream.tasks[: t + 1]]
-        trainer.log({"continual/task": t, "continual/alpha": plan.choice.alpha, "continual/pre_merge_acc": pre,
-                     "continual/acc_seen": seen_accuracy(row, sizes), "continual/delta_norm": delta_norm,
-                     "continual/learning_warnings": len(entry["warnings"])})  # fmt: skip
+        row, sizes = scores[self.evaluator.primary], [task.eval_size for task in self.stream.tasks[: t + 1]]
+        log_evaluation(trainer, {"continual/task": t, "continual/alpha": plan.choice.alpha,  # eval/continual/*
+                                 "continual/pre_merge_acc": pre, "continual/acc_seen": seen_accuracy(row, sizes),
+                                 "continual/delta_norm": delta_norm,
+                                 "continual/learning_warnings": len(entry["warnings"])})  # fmt: skip
         return entry
 
     def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:
@@ -311,7 +312,7 @@ class ContinualLoop:
                 self.push(t, whole)
 
     def results(self) -> dict:
-        sizes = [len(task.eval) for task in self.stream.tasks]
+        sizes = [task.eval_size for task in self.stream.tasks]
         out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
         return {**out, "distributed": distributed_setup(self.args, self.model)}
 

@@ -36,8 +36,9 @@ Vector = np.ndarray | Sequence[float]
 PathLike = str | os.PathLike[str]
 
 
-def _as_matrix(R: MatrixLike) -> np.ndarray:
-    """Validate ``R`` and return it as a float64 T x T array (NaN above the diagonal)."""
+def _as_matrix(R: MatrixLike, unscored_ok: bool = False) -> np.ndarray:
+    """Validate ``R`` and return it as a float64 T x T array (NaN above the diagonal; with ``unscored_ok``, also in
+    whole columns: tasks trained without an eval split)."""
     rows = list(R) if not isinstance(R, np.ndarray) and isinstance(R, Sequence) else []
     if rows and all(isinstance(r, Sequence | np.ndarray) and len(r) == i + 1 for i, r in enumerate(rows)):
         R = [list(r) + [math.nan] * (len(rows) - i - 1) for i, r in enumerate(rows)]  # ragged triangle
@@ -61,7 +62,8 @@ def _as_matrix(R: MatrixLike) -> np.ndarray:
             f"R[{t}][{j}] = {float(M[t, j])} is above the diagonal (task {j} is not yet trained after task {t}); "
             f"set every R[t][j] with j > t to NaN."
         )
-    bad = np.argwhere(~upper & ~np.isfinite(M))
+    unscored = np.isnan(M).all(axis=0) if unscored_ok else np.zeros(M.shape[1], dtype=bool)
+    bad = np.argwhere(~upper & ~np.isfinite(M) & ~unscored[None, :])
     if bad.size:
         t, j = (int(x) for x in bad[0])
         raise ValueError(
@@ -93,14 +95,18 @@ def seen_accuracy(scores: Vector, sizes: Vector) -> float:
     and the benchmark runner.
 
     Args:
-        scores: per-task scores (e.g. row t of R, tasks 0..t).
-        sizes: eval samples per task, same length, all > 0.
+        scores: per-task scores (e.g. row t of R, tasks 0..t); None or NaN where a task has no eval split.
+        sizes: eval samples per task, same length, >= 0; a task of size 0 (no eval split) is left out.
+
+    Returns:
+        The pooled score; NaN when no task has eval samples.
     """
     s = np.asarray(sizes, dtype=np.float64)
     v = np.asarray(scores, dtype=np.float64)
     if v.shape != s.shape or v.ndim != 1 or v.size == 0:
         raise ValueError(f"scores and sizes must be non-empty 1-D and of one length; got {v.shape} and {s.shape}.")
-    return float(np.dot(v, s) / s.sum())
+    scored = s > 0
+    return float(np.dot(v[scored], s[scored]) / s[scored].sum()) if scored.any() else math.nan
 
 
 def _row_mean(M: np.ndarray, t: int, s: np.ndarray | None) -> float:
@@ -224,7 +230,11 @@ def _save(fig: Figure, path: PathLike) -> str:
 
 
 def plot_accuracy_matrix(
-    R: MatrixLike, path: PathLike, task_names: Sequence[str] | None = None, title: str | None = None
+    R: MatrixLike,
+    path: PathLike,
+    task_names: Sequence[str] | None = None,
+    title: str | None = None,
+    unscored_ok: bool = False,
 ) -> str:
     """Heatmap of ``R`` with each seen cell annotated in percent (raw values if any score lies outside [0, 1]).
 
@@ -233,23 +243,24 @@ def plot_accuracy_matrix(
         path: output PNG path.
         task_names: optional T labels (default "task 0", ...); rows read "after <name>".
         title: optional figure title.
+        unscored_ok: allow columns of NaN (tasks trained without an eval split); they are left blank.
 
     Returns:
         ``path`` as a string.
     """
-    M = _as_matrix(R)
+    M = _as_matrix(R, unscored_ok)
     T = M.shape[0]
     names = [f"task {j}" for j in range(T)] if task_names is None else [str(n) for n in task_names]
     if len(names) != T:
         raise ValueError(f"task_names must have {T} entries (one per task of R); got {len(names)}: {names!r}.")
     seen = M[~np.isnan(M)]
     percent = bool(np.all((seen >= 0) & (seen <= 1)))
-    lo, hi = (0.0, 1.0) if percent else (float(seen.min()), float(seen.max()))
+    lo, hi = (0.0, 1.0) if percent or not seen.size else (float(seen.min()), float(seen.max()))
     fig = _figure(figsize=(1.2 + 0.8 * T, 1.0 + 0.7 * T), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(M), cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1.0)
     for t in range(T):
-        for j in range(t + 1):
+        for j in (j for j in range(t + 1) if np.isfinite(M[t, j])):
             frac = (M[t, j] - lo) / (hi - lo) if hi > lo else 0.5
             text = f"{100 * M[t, j]:.1f}" if percent else f"{M[t, j]:.3g}"
             ax.text(j, t, text, ha="center", va="center", fontsize=8, color="black" if frac > 0.6 else "white")

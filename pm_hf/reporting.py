@@ -1,7 +1,8 @@
 """One logging run per sequence: the `report_to` integrations (TensorBoard, W&B, ...) are created once per run, given
 to every task's Trainer, and written at the sequence's step (the trainers log at step offset + their own step), so
-the steps never go back; `continual/*` scalars are curves over tasks; at the end of the run the summary, the accuracy
-matrix and the alpha table are logged. TensorBoard writes to `output_dir/runs` (a resumed run appends to it)."""
+the steps never go back; `eval_continual/*` scalars (eval/continual/* in TensorBoard) are curves over tasks; at the end
+of the run the summary, the accuracy matrix and the alpha table are logged. TensorBoard writes one event file per run
+to `output_dir/runs` (the tasks' Trainers do not close it; a resumed run adds one)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ class SequenceReporters:
         names = [n for n in names if n and n != "none"]
         self.callbacks = [cls() for cls in get_reporting_integration_callbacks(names)] if names else []
         for cb in self.callbacks:
-            if hasattr(cb, "tb_writer"):  # TensorBoard: one folder for the whole sequence
+            if hasattr(cb, "tb_writer"):  # TensorBoard: one folder and one writer for the whole sequence
                 cb.logging_dir = str(Path(out) / "runs")
+                cb.on_train_end = _keep_open  # closed by `close()` at the end of the sequence
         self.args = args
 
     def log(self, step: int, logs: dict) -> None:
@@ -39,9 +41,15 @@ class SequenceReporters:
                 cb.tb_writer = None
 
 
+def _keep_open(*args, **kwargs) -> None:
+    """A task's `on_train_end` for TensorBoard: its writer stays open for the next task."""
+
+
 def summary_logs(results: dict) -> dict:
-    """What the end of the run reports: ACC, AAA, BWT, forgetting, the matrix and the alpha table."""
-    logs = {f"continual/{k}": results[k] for k in ("acc", "aaa", "bwt", "forgetting") if results.get(k) is not None}
-    logs["continual/accuracy_matrix"] = matrix_table(results)
-    logs["continual/alpha_table"] = alpha_table(results)
+    """What the end of the run reports (under eval/ in the trackers): ACC, AAA, BWT, forgetting, the matrix and the
+    alpha table."""
+    keys = ("acc", "aaa", "bwt", "forgetting")
+    logs = {f"eval_continual/{k}": results[k] for k in keys if results.get(k) is not None}
+    logs["eval_continual/accuracy_matrix"] = matrix_table(results)
+    logs["eval_continual/alpha_table"] = alpha_table(results)
     return logs

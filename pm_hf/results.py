@@ -49,22 +49,47 @@ def _as_nan(m: list[list]) -> np.ndarray:
 
 
 def score_matrices(log: list[dict]) -> dict[str, list[list]]:
-    """R[t][j] per score name from the per-task log (None above the diagonal)."""
+    """R[t][j] per score name from the per-task log (None above the diagonal, and in the column of a task trained
+    without an eval split)."""
     T = len(log)
-    names = list(log[0]["scores"]) if T else []
-    return {n: [[e["scores"][n][j] if j <= t else None for j in range(T)] for t, e in enumerate(log)] for n in names}
+    names = list(dict.fromkeys(n for e in log for n in e["scores"]))  # a row before any scored task holds fewer
+    value = lambda e, n, j: e["scores"][n][j] if n in e["scores"] else None  # noqa: E731
+    return {n: [[value(e, n, j) if j <= t else None for j in range(T)] for t, e in enumerate(log)] for n in names}
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def summarize(R: list[list], sizes: list[int], weighted: bool = True) -> dict:
+    """`metrics.summarize` of R (sample-weighted ACC and AAA unless `weighted` is False), over the tasks that have
+    scores: a task trained without an eval split (size 0, a column of None) is left out of every summary; None
+    where no task has a score."""
+    M, T = _as_nan(R), len(R)
+    if all(n > 0 for n in sizes):
+        return metrics.summarize(M, sizes=sizes if weighted else None)
+    old = [j for j in range(T - 1) if sizes[j] > 0]
+    weights = sizes if weighted else [int(n > 0) for n in sizes]
+    rows = [metrics.seen_accuracy(M[t, : t + 1], weights[: t + 1]) for t in range(T)]
+    rows = [r for r in rows if math.isfinite(r)]
+    if not rows:
+        return {"acc": None, "aaa": None, "bwt": None, "forgetting": None}
+    return {
+        "acc": _finite_or_none(metrics.seen_accuracy(M[T - 1], weights)),
+        "aaa": float(np.mean(rows)),
+        "bwt": float(np.mean([M[T - 1, j] - M[j, j] for j in old])) if old else 0.0,
+        "forgetting": float(np.mean([M[j : T - 1, j].max() - M[T - 1, j] for j in old])) if old else 0.0,
+    }
 
 
 def score_summary(name: str, R: list[list], sizes: list[int]) -> dict:
     """final / aaa / bwt / forgetting of one score matrix. Higher is better, except losses (`LOWER_IS_BETTER`): their
     matrix is negated for the summaries, so the conventions of accuracy hold: bwt < 0 and forgetting > 0 mean
     forgetting (for a loss: it went up); `final` and `aaa` are the losses themselves."""
-    M = _as_nan(R)
-    if name in LOWER_IS_BETTER:
-        neg = metrics.summarize(-M, sizes=sizes)
-        return {"final": -neg["acc"], "aaa": -neg["aaa"], "bwt": neg["bwt"], "forgetting": neg["forgetting"]}
-    out = metrics.summarize(M, sizes=sizes)
-    return {"final": out["acc"], "aaa": out["aaa"], "bwt": out["bwt"], "forgetting": out["forgetting"]}
+    sign = -1.0 if name in LOWER_IS_BETTER else 1.0
+    out = summarize([[None if v is None else sign * v for v in row] for row in R], sizes)
+    signed = lambda v: None if v is None else sign * v  # noqa: E731
+    return {"final": signed(out["acc"]), "aaa": signed(out["aaa"]), "bwt": out["bwt"], "forgetting": out["forgetting"]}
 
 
 def task_entry(task, scores: dict, pre: float, plan: MergePlan, delta_norm: float, branches, seconds) -> dict:
@@ -102,15 +127,16 @@ def results_dict(log: list[dict], eval_sizes: list[int], primary: str, config: d
         "tasks": [e["task"] for e in log],
         "primary_metric": primary,
         "accuracy_matrix": R,
-        **(metrics.summarize(_as_nan(R), sizes=sizes) if T else {}),
+        **(summarize(R, sizes) if T else {}),
         "score_matrices": matrices,
         "score_summaries": {n: score_summary(n, m, sizes) for n, m in matrices.items()},
     }
     if "til_accuracy" in matrices:
         out["til_accuracy_matrix"] = matrices["til_accuracy"]
-        out["til_acc"] = metrics.summarize(_as_nan(matrices["til_accuracy"]))["acc"]
+        out["til_acc"] = summarize(matrices["til_accuracy"], sizes, weighted=False)["acc"]
     out.update({key: [e.get(name) for e in log] for key, name in PER_TASK.items()})
     out["warnings"] = [warning for e in log for warning in e.get("warnings", [])]  # tasks that did not learn
+    out["unscored_tasks"] = [e["task"] for e, n in zip(log, sizes) if n == 0]  # trained without an eval split
     out.update({"peak_rss_mb": _peak_rss_mb(), "eval_sizes": sizes, "config": config, "output_dir": output_dir})
     return out
 
@@ -139,11 +165,11 @@ def write_outputs(out_dir: Path, results: dict) -> None:
         logger.warning("No plots in %s: matplotlib is not installed (pip install 'pm_hf[plots]').", out_dir)
         return
     R = _as_nan(results["accuracy_matrix"])
-    metrics.plot_accuracy_matrix(R, out_dir / "accuracy_matrix.png", title="R[t][j]")
+    metrics.plot_accuracy_matrix(R, out_dir / "accuracy_matrix.png", title="R[t][j]", unscored_ok=True)
     for name, matrix in results["score_matrices"].items():
         if name not in ("accuracy", "til_accuracy", results["primary_metric"]):
             metrics.plot_accuracy_matrix(
-                _as_nan(matrix), out_dir / f"score_matrix_{name}.png", title=f"{name}: R[t][j]"
+                _as_nan(matrix), out_dir / f"score_matrix_{name}.png", title=f"{name}: R[t][j]", unscored_ok=True
             )
     sizes = results["eval_sizes"]
     seen = [metrics.seen_accuracy(R[t, : t + 1], sizes[: t + 1]) for t in range(len(R))]
@@ -167,6 +193,10 @@ def _fmt(v: Any, percent: bool, signed: bool = False) -> str:
         return "-"
     spec = ("+" if signed else "") + (".2f" if percent else ".4f")
     return format(v * 100 if percent else v, spec)
+
+
+def _fmt_g(v: Any, sign: str = "") -> str:
+    return format(v, sign + ".4g") if _finite(v) else "-"
 
 
 def _fmt_alpha(a: Any) -> str:
@@ -207,8 +237,12 @@ def format_results(results: Mapping[str, Any]) -> str:
             lines.append(f"{name + unit:<16}{_fmt(results[key], percent, signed):>8}   {what}")
     for name, summary in (results.get("score_summaries") or {}).items():
         if name not in ("accuracy", score):
-            final, bwt, forgetting = summary["final"], summary["bwt"], summary["forgetting"]
-            lines.append(f"{name:<16}final {final:.4g}  BWT {bwt:+.4g}  forgetting {forgetting:.4g}")
+            final, bwt, forgetting = (
+                _fmt_g(summary["final"]),
+                _fmt_g(summary["bwt"], "+"),
+                _fmt_g(summary["forgetting"]),
+            )
+            lines.append(f"{name:<16}final {final}  BWT {bwt}  forgetting {forgetting}")
     alphas, raw = list(results.get("alphas") or []), list(results.get("alphas_raw") or [])
     if alphas or raw:
         lines += ["", "alpha per task (merge coefficient: clamped, raw)"]
@@ -217,6 +251,8 @@ def format_results(results: Mapping[str, Any]) -> str:
             clamped = _fmt_alpha(alphas[t]) if t < len(alphas) else "-"
             unclamped = _fmt_alpha(raw[t]) if t < len(raw) else "-"
             lines.append(f"  {t + 1:>2}  {str(name):<14}  {clamped:>8}  raw {unclamped}")
+    if results.get("unscored_tasks"):
+        lines += ["", "Trained and merged without an eval split (not scored): " + ", ".join(results["unscored_tasks"])]
     if results.get("output_dir"):
         lines += ["", f"Results written to {results['output_dir']}"]
     return "\n".join(lines)

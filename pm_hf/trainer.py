@@ -214,6 +214,23 @@ class PerturbationMixin:
             self.state.global_step -= self.step_offset
 
 
+def log_evaluation(trainer, metrics: dict) -> None:
+    """Report `metrics` the way `Trainer.evaluate` does, from a Trainer that has trained: as `eval_<key>` (the trackers
+    file them under eval/), logged, then every callback's `on_evaluate`, at the sequence's step. None and NaN values
+    (a task without an eval split) are left out."""
+    nan = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+    metrics = {f"eval_{k}": v for k, v in metrics.items() if not nan(v)}
+    trainer.log(metrics)
+    if not hasattr(trainer, "callback_handler"):  # a stand-in for a task's Trainer (`pm_hf.posthoc`): no callbacks
+        return
+    trainer.state.global_step += trainer.step_offset
+    try:
+        control = trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=metrics)
+        trainer.control = control
+    finally:
+        trainer.state.global_step -= trainer.step_offset
+
+
 def own_late_losses(saved: list[dict] | dict, args) -> dict[int, list[float]]:
     """This process's late branch losses from a checkpoint's list of every process's: its own with as many
     processes as saved them, else all of them on the main process and none elsewhere (the sums that make the branch

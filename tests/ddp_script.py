@@ -99,7 +99,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
                                    merge_args=args[5], callbacks=[first])  # fmt: skip
     else:
         trainer = ContinualTrainer.from_args(*args, callbacks=[first])
-    results, strategy = trainer.train(resume_from_checkpoint="continue" in flags), trainer.loop.strategy
+    results, strategy = trainer.train(resume_from_checkpoint="continue" in flags).results, trainer.loop.strategy
     state = [*strategy.S.values(), *strategy.G.values(), *trainer.loop.weights.master.values()]
     held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)
     record = {"calls": [c[0] for c in fake.calls], "repos": sorted(fake.repos), "world_size": args[2].world_size,

@@ -107,7 +107,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
         ContinualTrainer.from_args(*args).train(stop_after=1)
     first = FirstSteps()
     trainer = ContinualTrainer.from_args(*args, callbacks=[first, kill])  # kill: its optimizer references only
-    results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags)))
+    results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags))).results
     strategy, weights = trainer.loop.strategy, trainer.loop.weights
     state = [*getattr(strategy, "S", {}).values(), *getattr(strategy, "G", {}).values(), *weights.master.values()]
     held = sum(local(t).numel() for t in state) / max(1, sum(t.numel() for t in state))

@@ -33,7 +33,7 @@ def main(tok_dir: Path, out: Path, batch: int, zero2: bool) -> None:
     trainer = ContinualTrainer(model=model, args=args(out / "run", per_device_train_batch_size=batch, **extra),
                                tasks=[task(0, 1), task(2, 3)], processing_class=tok, lora_args=LoraArguments(r=2),
                                data_args=DataArguments(max_length=24))  # fmt: skip
-    results = trainer.train()
+    results = trainer.train().results
     after = [p.detach() for p in model.parameters() if p.dtype == torch.int8]
     untouched = len(int8) == len(after) == 4 and all(torch.equal(a, b) for a, b in zip(int8, after))
     record = {"alphas": results["alphas"], "accuracy_matrix": results["accuracy_matrix"], "int8_untouched": untouched,

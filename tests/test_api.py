@@ -60,13 +60,13 @@ def same_state(a: Path, b: Path) -> bool:
 
 def test_appending_tasks_equals_the_longer_run_bit_for_bit(model_dir, tmp_path):
     tasks = [task(0, 1), task(2, 3), task(4, 5)]
-    at_once = trainer(model_dir, tmp_path / "once", tasks).train()
+    at_once = trainer(model_dir, tmp_path / "once", tasks).train().results
     staged = trainer(model_dir, tmp_path / "staged", tasks[:2])
-    assert len(staged.train()["accuracy_matrix"]) == 2
+    assert len(staged.train().results["accuracy_matrix"]) == 2
     shutil.copytree(tmp_path / "staged", tmp_path / "later")  # the 2-task run, continued in another process below
-    assert numbers(staged.add_task(tasks[2]).train()) == numbers(at_once)  # new classes grew the head
+    assert numbers(staged.add_task(tasks[2]).train().results) == numbers(at_once)  # new classes grew the head
     assert same_state(tmp_path / "staged", tmp_path / "once")
-    later = trainer(model_dir, tmp_path / "later", tasks).train(resume_from_checkpoint=True)
+    later = trainer(model_dir, tmp_path / "later", tasks).train(resume_from_checkpoint=True).results
     assert numbers(later) == numbers(at_once) and same_state(tmp_path / "later", tmp_path / "once")
 
 
@@ -77,7 +77,7 @@ def test_user_metrics_get_their_own_score_matrix(model_dir, tmp_path):
         seen.append(prediction)
         return {"macro_f1": f1_score(prediction.label_ids, prediction.predictions.argmax(-1), average="macro")}
 
-    results = trainer(model_dir, tmp_path / "run", [task(0, 1), task(2, 3)], compute_metrics=macro_f1).train()
+    results = trainer(model_dir, tmp_path / "run", [task(0, 1), task(2, 3)], compute_metrics=macro_f1).train().results
     f1 = results["score_matrices"]["macro_f1"]
     assert len(f1) == 2 and f1[0][1] is None and all(0 <= v <= 1 for v in (f1[0][0], f1[1][0], f1[1][1]))
     # the predictions it was given are those the accuracy matrix was computed from (seen classes, every task)
@@ -95,7 +95,7 @@ def test_a_model_object_with_no_folder_trains_and_exports(tmp_path):
     model.resize_token_embeddings(len(tok))
     results = ContinualTrainer(model=model, args=args(tmp_path / "run"), tasks=[task(0, 1), task(2, 3)],
                                processing_class=tok, lora_args=LoraArguments(r=2),
-                               data_args=DataArguments(max_length=24)).train()  # fmt: skip
+                               data_args=DataArguments(max_length=24)).train().results  # fmt: skip
     assert len(results["accuracy_matrix"]) == 2 and model.classifier.out_features == 4  # grew for classes 2, 3
     base = tiny_bert(num_labels=4, seed=0)  # the same backbone with a head of the final size
     base.resize_token_embeddings(len(tok))
@@ -115,7 +115,7 @@ def test_a_streamed_training_split_needs_steps_and_a_fisher_sample(model_dir, tm
         trainer(model_dir, tmp_path / "a", [task(0, 1), streamed]).train()
     run = ContinualTrainer(model=model_dir, args=args(tmp_path / "b", max_steps=3), tasks=[task(0, 1), streamed],
                            lora_args=LoraArguments(r=2), fisher_args=FisherArguments(fisher_max_samples=8))  # fmt: skip
-    results = run.train()
+    results = run.train().results
     assert len(results["accuracy_matrix"]) == 2 and results["alpha_terms"][1]["denominator"] > 0
 
 

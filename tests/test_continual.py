@@ -143,7 +143,7 @@ def test_constant_alpha_and_tensorboard(model_dir, tmp_path):
         acc = EventAccumulator(str(events))
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
-    assert {"train/continual/alpha", "train/continual/acc_seen", "train/loss"} <= tags, sorted(tags)
+    assert {"eval/continual/alpha", "eval/continual/acc_seen", "train/loss"} <= tags, sorted(tags)
 
 
 def test_build_loop_rejects_bad_modules(model_dir, tmp_path):

@@ -1,6 +1,6 @@
 """Long runs: a kill in the middle of a task resumes from the task's last Trainer checkpoint (`save_strategy`) to the
 uninterrupted run's numbers, and one logging run per sequence (TensorBoard, offline): the step never goes back from
-task to task, `continual/*` are curves over tasks, the summary, matrix and alpha table are logged at the end."""
+task to task, `eval/continual/*` are curves over tasks, the summary, matrix and alpha table are logged at the end."""
 
 import json
 
@@ -48,10 +48,11 @@ def test_one_tensorboard_run_for_the_whole_sequence(model_dir, tmp_path):
     assert losses == sorted(losses) and len(set(losses)) == len(losses)  # the step never goes back
     per_task = [sum(counts.values()) for counts in results["branch_counts"]]
     assert losses[-1] == sum(per_task)
-    alphas = events.Scalars("train/continual/alpha")
+    alphas = events.Scalars("eval/continual/alpha")
     assert [round(e.value, 6) for e in alphas] == [round(a, 6) for a in results["alphas"]]
     assert [e.step for e in alphas] == [sum(per_task[: t + 1]) for t in range(3)]  # one point per task: a curve
-    assert events.Scalars("train/continual/acc")[0].value == pytest.approx(results["acc"])
+    assert events.Scalars("eval/continual/acc")[0].value == pytest.approx(results["acc"])
     tags = events.Tags()["tensors"]
     assert any("continual/accuracy_matrix" in tag for tag in tags) and any("alpha_table" in tag for tag in tags)
     assert not list((tmp_path / "tasks").glob("*/runs"))  # no per-task run folders
+    assert len(list((tmp_path / "runs").rglob("events.out.tfevents*"))) == 1  # one event file for the sequence
