@@ -104,7 +104,7 @@ def test_task_incremental_offsets_and_domain_incremental_keeps(tok, tmp_path):
     stream = build_task_stream(DataArguments(task_datasets=specs, scenario="task_incremental"), tok)
     assert stream.num_classes == 5 and stream.label_names == ["red", "green", "blue", "0", "1"]
     assert [t.classes for t in stream.tasks] == [[0, 1, 2], [3, 4]]
-    assert stream.tasks[1].name == "task_1: 0, 1"
+    assert stream.tasks[1].name == "task_1: b (0, 1)"  # a multi-dataset stream names the dataset
     assert sorted(set(labels_of(stream.tasks[1].train))) == [3, 4] and sorted(set(labels_of(stream.tasks[1].eval))) == [
         3,
         4,
