@@ -75,15 +75,20 @@ def train_help(cache: Path = HELP_CACHE) -> str:
     return text
 
 
-def _train(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        print(train_help(), end="")
-        raise SystemExit(0)
+def _config_flags(argv: list[str]):
+    """`--config`, `--resume` and `--debug` of `train` and `check`; the rest are the config's field flags."""
     pre = ArgParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--debug", action="store_true")
-    known, rest = pre.parse_known_args(argv)
+    return pre.parse_known_args(argv)
+
+
+def _train(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(train_help(), end="")
+        raise SystemExit(0)
+    known, rest = _config_flags(argv)
     with _errors(known.debug):
         from .parsing import parse_config
 
@@ -105,11 +110,7 @@ def _check(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(CHECK_HELP, end="")
         raise SystemExit(0)
-    pre = ArgParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
-    pre.add_argument("--resume", action="store_true")
-    pre.add_argument("--debug", action="store_true")
-    known, rest = pre.parse_known_args(argv)
+    known, rest = _config_flags(argv)
     with _errors(known.debug):
         if known.config is None and rest and not rest[0].startswith("-"):
             known.config, rest = rest[0], rest[1:]
