@@ -1,6 +1,7 @@
-"""Whether a task learned, said after each task: its accuracy within its own classes before the merge against chance,
-and whether its training loss fell. A task that did not learn is merged all the same (the run goes on), but the
-console, the tracker and results.json (`warnings`) name it, with the figures and the usual causes."""
+"""Whether a task learned, said after each task: a classifier's accuracy within its own classes before the merge
+against chance; for a task without classes (instruction tuning), whether its training loss fell. A task that did not
+learn is merged all the same (the run goes on), but the console, the tracker and results.json (`warnings`) name it,
+with the figures and the usual causes."""
 
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ def training_losses(log_history: Sequence[dict]) -> list[float]:
 
 def learning_warnings(task: str, within: float | None, num_classes: int, losses: Sequence[float]) -> list[str]:
     """The warnings of one task: `within` is its accuracy within its own classes before the merge (None where the
-    task has no classes, e.g. instruction tuning), `losses` its logged training losses."""
-    out = []
-    if within is not None and num_classes >= 2 and near_chance(within, num_classes):
-        out.append(
+    task has no classes, e.g. instruction tuning), `losses` its logged training losses. A classifier is judged by its
+    accuracy (a loss can stop falling because the task was learned within the first logging window); a task without
+    classes by its loss."""
+    fell = loss_fell(losses)
+    trend = f"; its training loss went {losses[0]:.4g} -> {losses[-1]:.4g}" if fell is not None else ""
+    if within is not None and num_classes >= 2:
+        if not near_chance(within, num_classes):
+            return []
+        return [
             f"{task} did not learn: its accuracy within its own {num_classes} classes before the merge is "
-            f"{within:.1%} (chance {1 / num_classes:.1%}); {CAUSES}."
-        )
-    if loss_fell(losses) is False:
-        out.append(f"{task}: the training loss did not fall ({losses[0]:.4g} -> {losses[-1]:.4g}); {CAUSES}.")
-    return out
+            f"{within:.1%} (chance {1 / num_classes:.1%}){trend}; {CAUSES}."
+        ]
+    if fell is False:
+        return [f"{task}: the training loss did not fall ({losses[0]:.4g} -> {losses[-1]:.4g}); {CAUSES}."]
+    return []
