@@ -183,19 +183,6 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
     check_before_loading(strategy, causal, data_args, args, fisher_args, merge_args)
     low_rank = merges_into_adapter(quantized, strategy, merge_args)
 
-    tasks = []
-    for task in stream.tasks:
-        rows = len(task.train)
-        heldout = heldout_rows(rows, strategy.holdout)
-        trained = rows - heldout
-        steps = optimizer_steps(trained, args)
-        tasks.append(TaskPlan(task.name, list(task.classes), trained, heldout, len(task.eval), steps))
-    batch = {
-        "per_device_train_batch_size": args.per_device_train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "processes": args.world_size,
-    }
-    batch.update({"max_steps": args.max_steps} if args.max_steps > 0 else {"num_train_epochs": args.num_train_epochs})
     kind = "causal LM" if causal else f"{stream.modality} classifier"
     merges_into = "a merged adapter (the base stays as loaded)" if low_rank else "the base weights"
     notes = [source] if source else []
@@ -208,8 +195,8 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
         kind=kind,
         scenario="instruction tasks" if causal else data_args.scenario,
         num_classes=stream.num_classes,
-        tasks=tasks,
-        batch=batch,
+        tasks=_task_plans(stream, strategy, args),
+        batch=_batch(args),
         strategy=strategy.name,
         preset=_preset(config, overrides),
         calibration=_calibration(strategy),
@@ -221,6 +208,29 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
         hub=_hub(args),
         notes=notes,
     )
+
+
+def _task_plans(stream, strategy, args) -> list[TaskPlan]:
+    """Each task's rows (trained, held out for the strategy's probe), eval rows and optimizer steps."""
+    tasks = []
+    for task in stream.tasks:
+        rows = len(task.train)
+        heldout = heldout_rows(rows, strategy.holdout)
+        trained = rows - heldout
+        steps = optimizer_steps(trained, args)
+        tasks.append(TaskPlan(task.name, list(task.classes), trained, heldout, len(task.eval), steps))
+    return tasks
+
+
+def _batch(args) -> dict:
+    """What one optimizer step takes, and how long the training of a task is."""
+    batch = {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "processes": args.world_size,
+    }
+    batch.update({"max_steps": args.max_steps} if args.max_steps > 0 else {"num_train_epochs": args.num_train_epochs})
+    return batch
 
 
 def _ids(classes: list[int]) -> str:
