@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from .adapters import attach_lora, detect_target_modules, is_quantized, merge_key_shapes, uses_fan_in_fan_out
 from .alignment import HeadAlignment
 from .callbacks import ContinualCallback
-from .checkpoint import config_dict
+from .checkpoint import config_dict, seeded
 from .checks import invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, build_task_stream
@@ -26,7 +26,7 @@ from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .heads import Head, NoHead
 from .instruct import MODALITY, build_instruction_stream
 from .launch import partitions_weights, refuse_sharding, sharding_field, zero_stage
-from .loop import ContinualLoop, seeded
+from .loop import ContinualLoop
 from .models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
 from .origin import IN_MEMORY  # model_name_or_path of a model given as an object (re-exported for pm_hf.continual)
 from .rundir import check_writable, dataset_digest

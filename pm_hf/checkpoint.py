@@ -10,6 +10,7 @@ so an interruption never leaves a half-written state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import set_seed
 
 from .checks import NonFiniteError, check_finite, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
@@ -209,3 +211,14 @@ def dataclasses_from_config(config: dict, overrides: dict[str, dict] | None = No
             }
         out.append(cls(**values))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed every RNG for a block (model loading initialises new heads from the global RNG, as in HF scripts), then
+    give the caller's global RNG states back."""
+    rng = capture_rng()
+    with torch.random.fork_rng():
+        set_seed(seed)
+        yield
+    restore_rng(rng)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, TrainerControl, TrainerState, Training
 from .alignment import HeadAlignment
 from .assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
 from .callbacks import CallbackList, ContinualCallback, ContinualTrainOutput, History
-from .checkpoint import LATEST, copy_checkpoint, state_files
+from .checkpoint import LATEST, copy_checkpoint, seeded, state_files
 from .checks import InputError, invalid
 from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from .data import Task, TaskStream, collator_for, task_from_datasets, task_splits
@@ -32,8 +32,9 @@ from .heads import find_head
 from .hub import BASE_BRANCH, connect, download_state, is_repo_id, push_run
 from .instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
 from .launch import refuse_sharding
-from .loop import ContinualLoop, seeded
+from .loop import ContinualLoop
 from .models import load_processor
+from .run_export import export_run
 from .rundir import check_claim, claim, output_lock
 from .strategies import build_strategy
 from .zero3 import loading_whole
@@ -268,7 +269,7 @@ class ContinualTrainer:
         pm_hf_export.json, see `ContinualLoop.export`) to `output_dir` (default: args.output_dir/merged_adapter)."""
         loop = self._trained("save_model")
         if self.args.should_save:
-            loop.export(Path(output_dir) if output_dir else None)
+            export_run(loop, Path(output_dir) if output_dir else None)
 
     def push_to_hub(self, commit_message: str | None = None, token: str | None = None, revision: str | None = None,
                     **kwargs) -> str | None:  # fmt: skip
@@ -293,7 +294,7 @@ class ContinualTrainer:
         message = commit_message or f"pm_hf: after task {t + 1}/{len(loop.stream.tasks)} ({loop.log[t]['task']})"
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "export"
-            loop.export(folder, info=info, base_ref=(target.repo_id, BASE_BRANCH))
+            export_run(loop, folder, info=info, base_ref=(target.repo_id, BASE_BRANCH))
             state = state_files(loop.out) if a.push_continual_state else None
             return push_run(target, folder, state, message, None)
 

@@ -11,70 +11,47 @@ import copy
 import itertools
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import PrinterCallback, ProgressCallback, set_seed
+from transformers import PrinterCallback, ProgressCallback
 
 from .adapters import (
-    base_weights,
     load_adapter_factors,
     reset_adapter,
     scale_active_adapter,
     task_vector_norm,
-    uses_fan_in_fan_out,
 )
 from .alignment import HeadAlignment
 from .callbacks import CallbackList, ContinualCallback
-from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, state_files
+from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .checks import check_finite, invalid
 from .config import FisherArguments, PMConfig
 from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
 from .export import (
-    EXPORT_DIR,
-    ExportSpec,
-    has_task_records,
-    history_delta,
-    merged_record,
-    run_history,
     save_task_record,
-    svd_record,
     task_record,
-    write_export,
-    write_task_adapters,
 )
 from .fisher import estimate_fisher, normalize_fisher
-from .hub import BASE_BRANCH, HubTarget, push_run
+from .hub import HubTarget
 from .launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
+from .run_export import export_run, push_task
 from .rundir import refuse_changes
 from .sharding import gather, model_sharding, scalar, shard_state
 from .strategies import MergeStrategy, merge_task
 from .timing import Timer
 from .trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
 from .weights import LowRankWeights, ModelWeights
-from .zero3 import loading_whole
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Seed every RNG for a block (model loading initialises new heads from the global RNG, as in HF scripts), then
-    give the caller's global RNG states back."""
-    rng = capture_rng()
-    with torch.random.fork_rng():
-        set_seed(seed)
-        yield
-    restore_rng(rng)
 
 
 class ContinualLoop:
@@ -309,91 +286,12 @@ class ContinualLoop:
         if self.args.should_save:
             self.save(t, state)
             if self.hub is not None and whole is not None:
-                self.push(t, whole)
+                push_task(self, t, whole)
 
     def results(self) -> dict:
         sizes = [task.eval_size for task in self.stream.tasks]
         out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
         return {**out, "distributed": distributed_setup(self.args, self.model)}
-
-    def export_spec(self, info: dict | None = None) -> ExportSpec:
-        """How this run's model is described in an export folder."""
-        model_args = self.config.get("ModelArguments", {})
-        task = {"text": "sequence_classification", "image": "image_classification"}.get(self.stream.modality)
-        info = {"merge_method": self.strategy.name, "tasks": [e["task"] for e in self.log],
-                "alphas": [e["alpha"] for e in self.log], **(info or {})}  # fmt: skip
-        base = model_args.get("model_name_or_path", "")
-        return ExportSpec(
-            base, model_args.get("revision"), task or "causal_lm", self.save_modules, self.processor, info
-        )
-
-    def export(self, out: Path | None = None, mode: str = "adapter", rank: int | None = None, info: dict | None = None,
-               base_ref: tuple[str, str] | None = None, whole: tuple[dict, dict] | None = None) -> dict:  # fmt: skip
-        """Write the merged model as a self-describing folder (default output_dir/merged_adapter), see
-        `pm_hf.export.write_export`: mode 'adapter' (exact, rank sum(r)), 'adapter-svd' (rank `rank`, with each
-        module's relative reconstruction error and the accuracy change) or 'merged' (a full model). `info` is added
-        to pm_hf_export.json, `base_ref` names a Hub base (see `pm_hf.hub`). Returns what pm_hf_export.json records."""
-        with seeded(self.args.seed), loading_whole():  # the main process alone: never partitioned by ZeRO-3
-            base = self.load_base()
-        if self.stream.label_names and hasattr(base.config, "id2label"):
-            base.config.id2label = dict(enumerate(self.stream.label_names))
-            base.config.label2id = {n: i for i, n in enumerate(self.stream.label_names)}
-        theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
-        merged, full = whole or self.weights.whole()
-        fan = uses_fan_in_fan_out(self.model)
-        if self.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
-            history = [merged_record(self.weights, fan)]
-            if mode not in ("adapter", "per-task"):
-                raise invalid("mode", mode, "a run with a merged adapter exports it as it is: use 'adapter'.")
-        else:
-            history = run_history(self.out, len(self.log), theta0, merged, fan)
-        info = {**(info or {}), "mode": mode}
-        out = out or self.out / EXPORT_DIR
-        if mode == "per-task":
-            if self.stream.modality != "instruction" or not has_task_records(self.out, len(self.log)):
-                fix = "needs a causal LM run of a low-rank strategy (a classifier's head per task is not logged)."
-                raise invalid("mode", mode, fix)
-            spec = self.export_spec()
-            write_task_adapters(base, history, spec, out)
-            return {"mode": mode, "tasks": spec.info["tasks"], "base_model": spec.base_model}
-        if mode == "adapter-svd":
-            record, errors = svd_record(history_delta(history), rank, fan)
-            history = [record]
-            info.update(rank=rank, relative_error=errors, **self._score_change(theta0, record))
-        elif mode not in ("adapter", "merged"):
-            raise invalid("mode", mode, "use 'adapter', 'adapter-svd', 'merged' or 'per-task'.")
-        spec = self.export_spec(info)
-        plots = [self.out / "accuracy_matrix.png", self.out / "accuracy_curve.png"]
-        write_export(base, history, full, spec, out, mode == "merged", self.results(), plots, base_ref)
-        return {**spec.info, "base_model": spec.base_model}
-
-    def push(self, t: int, whole: tuple[dict, dict] | None = None) -> str:
-        """Push the model after task t to `self.hub` (see `pm_hf.hub`): the export with its card and plots, with
-        `push_continual_state` the state a later run continues from, tagged `task-<t+1>` with hub_strategy
-        every_task. Returns the commit id."""
-        every = self.args.hub_strategy == "every_task"
-        entry, total = self.log[t], len(self.stream.tasks)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "export"
-            info = {"repo_id": self.hub.repo_id, "tagged": every}
-            self.export(folder, info=info, base_ref=(self.hub.repo_id, BASE_BRANCH), whole=whole)
-            state = state_files(self.out) if self.args.push_continual_state else None
-            message = f"pm_hf: after task {t + 1}/{total} ({entry['task']}), alpha {entry['alpha']:.4f}"
-            return push_run(self.hub, folder, state, message, f"task-{t + 1}" if every else None)
-
-    def _score_change(self, theta0: dict, record) -> dict:
-        """The primary score over all trained tasks with the adapted weights replaced by theta_0 + the record's delta
-        (then put back exactly)."""
-        saved = {k: self.weights.value(k, w).float().clone() for k, w in base_weights(self.model).items()}
-        tasks = self.stream.tasks[: len(self.log)]
-        before = self.evaluator.seen_score(tasks)
-        deltas = history_delta([record])
-        self.weights.apply(deltas, dict.fromkeys(deltas, 1.0), base=theta0)
-        try:
-            after = self.evaluator.seen_score(tasks)
-        finally:
-            self.weights.restore(saved)
-        return {"score_before": before, "score_after": after, "score_change": after - before}
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
@@ -412,9 +310,9 @@ class ContinualLoop:
         if len(self.log) == T:
             whole = self.weights.whole(self.args.should_save)
             if self.args.should_save:
-                self.export(whole=whole)
+                export_run(self, whole=whole)
                 if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:
-                    self.push(T - 1, whole)
+                    push_task(self, T - 1, whole)
         self.head.set_active(None)  # the model predicts over every class again
         results = self.results()
         if len(self.log) > done:  # the summary, the matrix and the alpha table, at the sequence's last step

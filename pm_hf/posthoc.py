@@ -43,6 +43,7 @@ from .posthoc_inputs import (
     model_shapes,
     same_model,
 )
+from .run_export import export_run
 from .runs import MODEL_CLASSES
 from .strategies import build_strategy, merge_task
 from .usage import HEAD_RULE
@@ -131,7 +132,7 @@ def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, mer
         _check_model(adapters[0], config, modules[0], model_shapes(loop.model), "the config's model")
         loop.adapters, loop.output = list(adapters), str(output)
         loop.run()
-        return loop.export(output, info={"merged_adapters": list(adapters)})
+        return export_run(loop, output, info={"merged_adapters": list(adapters)})
     finally:
         shutil.rmtree(run, ignore_errors=True)
 

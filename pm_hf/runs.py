@@ -27,6 +27,7 @@ from .loop import ContinualLoop
 from .metrics import seen_accuracy
 from .origin import resolve_base
 from .results import write_outputs
+from .run_export import export_run, push_task
 from .rundir import output_lock, refuse_changes
 
 # Settings a run folder may hold that evaluating or exporting it must never act on: trackers, Hub pushes, and how
@@ -85,7 +86,7 @@ def export_run_dir(run_dir: str | Path, output: str | Path, mode: str = "adapter
     if Path(output).resolve() == Path(run_dir).resolve():
         raise invalid("output", str(output), "give a new folder, not the run folder itself.")
     loop = load_run(run_dir)
-    return loop.export(Path(output), mode, rank)
+    return export_run(loop, Path(output), mode, rank)
 
 
 def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = None, revision: str | None = None,
@@ -97,7 +98,7 @@ def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = 
     target = connect(hub)
     loop = load_run(run_dir)
     loop.hub, loop.args.hub_strategy, loop.args.push_continual_state = target, "end", push_continual_state
-    return loop.push(len(loop.log) - 1)
+    return push_task(loop, len(loop.log) - 1)
 
 
 def read_export_info(folder: Path) -> dict:

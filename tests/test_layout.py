@@ -26,6 +26,7 @@ LAYERS = [
     ["alignment", "posthoc_inputs"],
     ["strategies", "evaluation", "export"],
     ["checkpoint", "results", "measure"],
+    ["run_export"],
     ["loop"],
     ["assembly"],
     ["continual", "parsing", "sft"],
