@@ -1,24 +1,25 @@
 """pm_hf: Perturb-and-Merge (P&M) continual LoRA fine-tuning on the Hugging Face stack.
 
 Public API: `PMConfig` and `PMTrainer` (train with perturbation), `estimate_fisher` (diagonal Fisher at the trained
-weights), `merge_task` with a strategy from `pm_hf.strategies` (closed-form alpha and the baselines),
+weights), `merge_task` with a strategy from `pm_hf.method.strategies` (closed-form alpha and the baselines),
 `ContinualCallback` (hooks of the loop), `ContinualTrainer` (the whole sequence, from Python) and `run_continual`
 (the same from the six argument groups of a YAML config); `export_run_dir`, `push_run_dir`, `evaluate_export`,
-`load_export` (a saved run or an export, `pm_hf.runs`) and `merge_adapters` (post-hoc, `pm_hf.posthoc`). The math
-is in `pm_hf.merge`, the PEFT plumbing in `pm_hf.adapters`; docs/method.md is the specification.
+`load_export` (a saved run or an export, `pm_hf.run.runs`) and `merge_adapters` (post-hoc, `pm_hf.run.posthoc`). The
+math
+is in `pm_hf.method.merge`, the PEFT plumbing in `pm_hf.method.adapters`; docs/method.md is the specification.
 """
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` below imports each name on first use
-    from .callbacks import ContinualCallback
-    from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+    from .config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
     from .continual import ContinualTrainer, run_continual
-    from .fisher import estimate_fisher
-    from .posthoc import merge_adapters
-    from .runs import evaluate_export, export_run_dir, load_export, push_run_dir
-    from .strategies import build_strategy, merge_task
-    from .trainer import PMTrainer
+    from .method.callbacks import ContinualCallback
+    from .method.fisher import estimate_fisher
+    from .method.strategies import build_strategy, merge_task
+    from .method.trainer import PMTrainer
+    from .run.posthoc import merge_adapters
+    from .run.runs import evaluate_export, export_run_dir, load_export, push_run_dir
 
 __version__ = "0.2.0"
 __all__ = [
@@ -44,23 +45,23 @@ __all__ = [
 # name -> the module that defines it. Importing `pm_hf` loads none of them (nor torch or transformers), so
 # `pm-hf --help` and light tools stay fast; each loads on first use, e.g. `from pm_hf import PMConfig`.
 LAZY = {
-    "ContinualCallback": "callbacks",
+    "ContinualCallback": "method.callbacks",
     "ContinualTrainer": "continual",
-    "DataArguments": "config",
-    "FisherArguments": "config",
-    "LoraArguments": "config",
-    "MergeArguments": "config",
-    "ModelArguments": "config",
-    "PMConfig": "config",
-    "PMTrainer": "trainer",
-    "build_strategy": "strategies",
-    "estimate_fisher": "fisher",
-    "evaluate_export": "runs",
-    "export_run_dir": "runs",
-    "load_export": "runs",
-    "merge_adapters": "posthoc",
-    "merge_task": "strategies",
-    "push_run_dir": "runs",
+    "DataArguments": "config.groups",
+    "FisherArguments": "config.groups",
+    "LoraArguments": "config.groups",
+    "MergeArguments": "config.groups",
+    "ModelArguments": "config.groups",
+    "PMConfig": "config.groups",
+    "PMTrainer": "method.trainer",
+    "build_strategy": "method.strategies",
+    "estimate_fisher": "method.fisher",
+    "evaluate_export": "run.runs",
+    "export_run_dir": "run.runs",
+    "load_export": "run.runs",
+    "merge_adapters": "run.posthoc",
+    "merge_task": "method.strategies",
+    "push_run_dir": "run.runs",
     "run_continual": "continual",
 }
 

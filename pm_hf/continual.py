@@ -1,7 +1,7 @@
 """`ContinualTrainer`: continual fine-tuning of one model on a sequence of tasks with Perturb-and-Merge, in the style
 of TRL's trainers — construct it, `.train()`, `.add_task(...)`, `.train()` again, `.evaluate()`, `.save_model()`,
 `.push_to_hub()`. Models and datasets may be objects, Hub ids or paths; the YAML/CLI path (`run_continual`,
-`pm-hf train`) builds the same object from the six argument groups; `pm_hf.assembly` puts the parts together.
+`pm-hf train`) builds the same object from the six argument groups; `pm_hf.run.assembly` puts the parts together.
 """
 
 from __future__ import annotations
@@ -18,26 +18,26 @@ import datasets
 from accelerate import PartialState
 from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
 
-from .alignment import HeadAlignment
-from .assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
-from .callbacks import CallbackList, ContinualCallback, ContinualTrainOutput, History
-from .checkpoint import LATEST, copy_checkpoint, seeded, state_files
-from .checks import InputError, invalid
-from .config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from .data import Task, TaskStream, collator_for, task_from_datasets, task_splits
+from .config.checks import InputError, invalid
+from .config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from .data.instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
+from .data.streams import Task, TaskStream, collator_for, task_from_datasets, task_splits
+from .distributed.launch import refuse_sharding
+from .distributed.zero3 import loading_whole
 from .errors import python_names
-from .evaluation import evaluation_metrics
-from .export import copy_task_records
-from .heads import find_head
-from .hub import BASE_BRANCH, connect, download_state, is_repo_id, push_run
-from .instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
-from .launch import refuse_sharding
-from .loop import ContinualLoop
-from .models import load_processor
-from .run_export import export_run
-from .rundir import check_claim, claim, output_lock
-from .strategies import build_strategy
-from .zero3 import loading_whole
+from .heads.alignment import HeadAlignment
+from .heads.head import find_head
+from .hub.export import copy_task_records
+from .hub.repository import BASE_BRANCH, connect, download_state, is_repo_id, push_run
+from .method.callbacks import CallbackList, ContinualCallback, ContinualTrainOutput, History
+from .method.models import load_processor
+from .method.strategies import build_strategy
+from .run.assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
+from .run.checkpoint import LATEST, copy_checkpoint, seeded, state_files
+from .run.evaluation import evaluation_metrics
+from .run.loop import ContinualLoop
+from .run.run_export import export_run
+from .run.rundir import check_claim, claim, output_lock
 
 # the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
 RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
@@ -274,7 +274,8 @@ class ContinualTrainer:
     def push_to_hub(self, commit_message: str | None = None, token: str | None = None, revision: str | None = None,
                     **kwargs) -> str | None:  # fmt: skip
         """Push the merged model (the export, card and plots, and with `push_continual_state` the continual state) to
-        `args.hub_model_id` as one commit, as a run pushes (`pm_hf.hub`); write access is checked first. Returns the
+        `args.hub_model_id` as one commit, as a run pushes (`pm_hf.hub.repository`); write access is checked first.
+        Returns the
         commit id (None on other processes)."""
         loop = self._trained("push_to_hub")
         if not self.args.should_save:
@@ -389,7 +390,7 @@ def run_continual(
     """Run (or resume) the sequence of a config: `ContinualTrainer.from_args(...).train(resume)`.
 
     Args:
-        *_args: the six argument groups (see `pm_hf.config`).
+        *_args: the six argument groups (see `pm_hf.config.groups`).
         resume: continue after the last completed task of `output_dir` (a config whose tasks extend the saved ones
             trains the new tasks on top; any other change is refused).
         callbacks: `ContinualCallback`s (hooks of the loop) and `TrainerCallback`s (given to every task's trainer).

@@ -1,6 +1,6 @@
 """The errors a run reports to its user (stdlib only, so the CLI can catch them without importing torch):
 `InputError` (bad input, `<field> = <value>: <fix>`, exit 2), `NonFiniteError` (a tensor holds NaN or inf) and
-`DivergenceError` (the loss diverged). `pm_hf.checks` and `pm_hf.trainer` re-export them."""
+`DivergenceError` (the loss diverged). `pm_hf.config.checks` and `pm_hf.method.trainer` re-export them."""
 
 from __future__ import annotations
 

@@ -42,7 +42,8 @@ def fsdp_on_cpu() -> None:
 
     Accelerate sets FSDP up on accelerators only (on CPU it runs the config as DDP, and pm_hf refuses that). torch's
     FSDP2 itself runs on CPU, so this makes Accelerate take its FSDP path there too (the same `fully_shard`, the same
-    Trainer code); pm_hf's launch check (`pm_hf.launch.accelerate_runs_on`) sees the patch. Call it in each process
+    Trainer code); pm_hf's launch check (`pm_hf.distributed.launch.accelerate_runs_on`) sees the patch. Call it in each
+    process
     before the run is built."""
     _on_cpu("fsdp")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pm_hf.presets import RECOMMENDED_PRESET  # noqa: E402
+from pm_hf.config.presets import RECOMMENDED_PRESET  # noqa: E402
 
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
 METHODS = ("pm", "pm-proto", "pm-secant-proto", "pm-branch-proto", "pm-curve-proto", "coma-proto",

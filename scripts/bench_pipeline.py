@@ -11,8 +11,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from pm_hf.commands.parsing import parse_config
 from pm_hf.continual import build_loop
-from pm_hf.parsing import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo_text_cil.yaml"

@@ -46,14 +46,14 @@ from datasets import Dataset
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from pm_hf import ContinualCallback, FisherArguments, LoraArguments, PMConfig, PMTrainer, estimate_fisher, merge_task
-from pm_hf.adapters import attach_lora, base_weights, full_trainable_params, lora_layers
-from pm_hf.config import DataArguments, MergeArguments, ModelArguments
-from pm_hf.export import task_record
-from pm_hf.metrics import plot_method_curves, seen_accuracy
-from pm_hf.presets import get_preset
-from pm_hf.strategies import build_strategy
+from pm_hf.config.groups import DataArguments, MergeArguments, ModelArguments
+from pm_hf.config.presets import get_preset
+from pm_hf.hub.export import task_record
+from pm_hf.method.adapters import attach_lora, base_weights, full_trainable_params, lora_layers
+from pm_hf.method.strategies import build_strategy
+from pm_hf.method.weights import ModelWeights
+from pm_hf.run.metrics import plot_method_curves, seen_accuracy
 from pm_hf.testing import tiny_bert_folder
-from pm_hf.weights import ModelWeights
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data" / "wordnet_supersense20"
@@ -480,7 +480,7 @@ def ensure_assets(suite: str, threads: int) -> None:
     """Build what a suite's config names but a fresh machine lacks: the vision-cil ViT (pretrained by the project)."""
     if not suite.startswith("vision-cil"):
         return
-    from pm_hf.parsing import load_yaml_config
+    from pm_hf.commands.parsing import load_yaml_config
 
     folder = Path(load_yaml_config(SUITES[suite])["model_name_or_path"]).expanduser()
     if folder.is_dir():
@@ -496,7 +496,7 @@ def base_weights_sha256(model: str) -> str:
     """sha256 over the weight files (*.safetensors, *.bin, *.gguf) of the run's base model folder (a Hub id resolved
     through the HF cache), so that a committed run names the exact weights it started from."""
     from pm_hf.fileio import file_digest
-    from pm_hf.models import resolve_model_path
+    from pm_hf.method.models import resolve_model_path
 
     folder = Path(resolve_model_path(model)).expanduser()
     if not folder.is_dir():  # a Hub id: its snapshot in the HF cache (`make install` seeds the offline ones)
@@ -527,8 +527,8 @@ def run_accuracy(
     method_table: dict | None = None,
 ) -> list[Path]:
     """Run every unfinished (method, seed) of one suite; returns the per-run JSON paths written now."""
+    from pm_hf.commands.parsing import parse_config
     from pm_hf.continual import run_continual
-    from pm_hf.parsing import parse_config
 
     table = method_table or METHODS
     written = []

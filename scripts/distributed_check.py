@@ -25,8 +25,8 @@ CONFIG = ROOT / "configs" / "ci_tiny.yaml"
 
 
 def worker(out: Path, batch: int, num_tasks: int) -> dict:
+    from pm_hf.commands.parsing import parse_config
     from pm_hf.continual import run_continual
-    from pm_hf.parsing import parse_config
 
     flags = ["--output_dir", str(out), "--per_device_train_batch_size", str(batch), "--num_tasks", str(num_tasks),
              "--model_name_or_path", str(ROOT / "data" / "tiny-bert"), "--disable_tqdm", "true",

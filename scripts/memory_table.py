@@ -77,7 +77,7 @@ def check() -> dict:
     from datasets import Dataset
 
     from pm_hf import ContinualTrainer, PMConfig
-    from pm_hf.config import LoraArguments, ModelArguments
+    from pm_hf.config.groups import LoraArguments, ModelArguments
     from pm_hf.testing import tiny_tokenizer
 
     torch.manual_seed(0)

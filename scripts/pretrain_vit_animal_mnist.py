@@ -11,7 +11,8 @@ The default 22 epochs take ~100 s on 2 idle CPU cores and reach ~91% test accura
 
 The saved folder (``save_pretrained`` + a matching ``ViTImageProcessor``: grayscale 28x28, no resize, rescale 1/255,
 normalise with mean 0.5 / std 0.5) holds the backbone only: the Animal-MNIST classifier is left out, so
-``pm_hf.models.load_model`` (``from_pretrained(..., num_labels=N)``) always starts a NEW, freshly initialised head,
+``pm_hf.method.models.load_model`` (``from_pretrained(..., num_labels=N)``) always starts a NEW, freshly initialised
+head,
 even when N is 10 like Animal-MNIST's (``ignore_mismatched_sizes`` alone would keep a same-shaped animal head).
 
 Atomic and idempotent: the folder is written under a temporary name, the marker ``pretrain_info.json`` (test

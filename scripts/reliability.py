@@ -362,7 +362,7 @@ def _case_config(case: BadConfig, assets: dict, work: Path, out: Path) -> tuple[
 
 def run_bad_config(case: BadConfig, assets: dict, work: Path) -> tuple[bool, str]:
     """Run one case through `pm-hf train`; (passed, the error line or what went wrong)."""
-    from pm_hf.cli import main
+    from pm_hf.commands.cli import main
 
     work.mkdir(parents=True)
     out = work / "out"
@@ -483,7 +483,7 @@ def _snapshot(folder: Path) -> dict:
 
 def run_corruption(name: str, finished: Path, assets: dict, work: Path) -> tuple[bool, str]:
     """Damage a copy of a finished 2-task run; resuming it with a third task must be refused, nothing changed."""
-    from pm_hf.cli import main
+    from pm_hf.commands.cli import main
 
     run = work / "run"
     shutil.copytree(finished, run)
@@ -508,7 +508,7 @@ def run_corruption(name: str, finished: Path, assets: dict, work: Path) -> tuple
 
 def finished_run(assets: dict, out: Path) -> Path:
     """A finished 2-task run of the base config (the corruption tables damage copies of it)."""
-    from pm_hf.cli import main
+    from pm_hf.commands.cli import main
 
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(base_config(assets, out, class_groups=[[0, 1], [2, 3]])))
@@ -534,9 +534,9 @@ FAULTS = [  # (name, the function whose call is the fault point, which call of i
 
 def _fault_points():
     """(module, attribute) of every step a fault can hit."""
-    import pm_hf.checkpoint as checkpoint
-    import pm_hf.export as export
-    import pm_hf.loop as continual
+    import pm_hf.hub.export as export
+    import pm_hf.run.checkpoint as checkpoint
+    import pm_hf.run.loop as continual
 
     return [(continual.ContinualLoop, "trainer"), (continual, "estimate_fisher"), (continual, "merge_task"),
             (continual, "write_outputs"), (export, "save_file"), (export, "export_merged_adapter"),
@@ -558,9 +558,9 @@ def install_fault(point: str, nth: int, die) -> None:
     """Make the nth call of the loop's step `point` end the process (`die()`), before or in the middle of it."""
     from transformers import TrainerCallback
 
-    import pm_hf.checkpoint as checkpoint
-    import pm_hf.export as export
-    import pm_hf.loop as continual
+    import pm_hf.hub.export as export
+    import pm_hf.run.checkpoint as checkpoint
+    import pm_hf.run.loop as continual
 
     calls = {"n": 0}
 
@@ -615,7 +615,7 @@ def _with_callback(trainer, callback):
 
 
 def _child(config: str, point: str | None, nth: int, resume: bool) -> int:
-    from pm_hf.cli import main
+    from pm_hf.commands.cli import main
 
     if point:
         install_fault(point, nth, lambda: os.kill(os.getpid(), signal.SIGKILL))

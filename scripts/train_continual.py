@@ -5,7 +5,7 @@ The same command as `pm-hf train` (flags, errors and printed summary), as a scri
 
 import sys
 
-from pm_hf.cli import main
+from pm_hf.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

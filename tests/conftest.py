@@ -26,7 +26,7 @@ from transformers import (  # noqa: E402
     ViTForImageClassification,
 )
 
-from pm_hf.callbacks import ContinualCallback  # noqa: E402
+from pm_hf.method.callbacks import ContinualCallback  # noqa: E402
 
 
 def _seed_hf_cache() -> None:
@@ -214,7 +214,14 @@ def two_domains(folder) -> list[dict]:
 
 def groups(model_dir, out, **kw):
     """The six argument groups of a 3-task class-incremental run on the tiny BERT; `kw` overrides any field."""
-    from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+    from pm_hf.config.groups import (
+        DataArguments,
+        FisherArguments,
+        LoraArguments,
+        MergeArguments,
+        ModelArguments,
+        PMConfig,
+    )
 
     data = dict(
         dataset_name="parquet",
@@ -259,7 +266,7 @@ class Recorder(ContinualCallback):
         self.keep, self.model, self.logs, self.params = keep, None, [], []
 
     def on_task_end(self, t, model, log):
-        from pm_hf.adapters import full_trainable_params
+        from pm_hf.method.adapters import full_trainable_params
 
         self.model = model
         self.logs.append(log)
@@ -270,7 +277,7 @@ class Recorder(ContinualCallback):
 def end_processes() -> None:
     """The end of a script run by `torchrun`: every process waits for the others and takes the process group down
     (the CLI's `_end_processes`), so no communication thread is left running when the interpreter exits."""
-    from pm_hf.cli import _end_processes
+    from pm_hf.commands.cli import _end_processes
 
     _end_processes()
 
@@ -349,7 +356,14 @@ def llm_dir(tmp_path_factory):
 
 def llm_groups(model_dir, out, merge_method="pm", **kw):
     """The six argument groups of a 2-task instruction run on the tiny Llama; `kw` overrides any field."""
-    from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+    from pm_hf.config.groups import (
+        DataArguments,
+        FisherArguments,
+        LoraArguments,
+        MergeArguments,
+        ModelArguments,
+        PMConfig,
+    )
 
     data = dict(
         task_datasets=[

@@ -29,11 +29,11 @@ from hub_standin import GOOD_TOKEN, FakeHub  # noqa: E402
 from test_api import task  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-import pm_hf.hub  # noqa: E402
+import pm_hf.hub.repository  # noqa: E402
 from pm_hf.continual import ContinualTrainer, run_continual  # noqa: E402
-from pm_hf.sharding import local  # noqa: E402
+from pm_hf.distributed.sharding import local  # noqa: E402
+from pm_hf.method.trainer import DivergenceError, task_checkpoint  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
-from pm_hf.trainer import DivergenceError, task_checkpoint  # noqa: E402
 
 FSDP = {
     "fsdp": "full_shard",
@@ -72,7 +72,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     if sharded:
         fsdp_on_cpu()
     fake = FakeHub(cache_dir=Path(out) / "hub_cache")
-    pm_hf.hub.HfApi = fake.api
+    pm_hf.hub.repository.HfApi = fake.api
     hub = {"push_to_hub": True, "hub_model_id": "me/ddp", "hub_token": GOOD_TOKEN} if push else {}
     args = groups(model_dir, Path(out) / "run", per_device_train_batch_size=batch, **hub, **options,
                   **({"deepspeed": ZERO2} if zero2 else {"deepspeed": ZERO3} if zero3 else {}),

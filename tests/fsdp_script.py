@@ -28,10 +28,10 @@ from conftest import ZERO2, ZERO3, end_processes, llm_groups  # noqa: E402  (set
 from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
-from pm_hf.launch import hand_over  # noqa: E402
-from pm_hf.sharding import local  # noqa: E402
+from pm_hf.distributed.launch import hand_over  # noqa: E402
+from pm_hf.distributed.sharding import local  # noqa: E402
+from pm_hf.method.trainer import task_checkpoint  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
-from pm_hf.trainer import task_checkpoint  # noqa: E402
 
 FSDP = {
     "fsdp": "full_shard",

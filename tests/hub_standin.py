@@ -1,5 +1,6 @@
 """A recording stand-in for the Hugging Face Hub: `FakeHub.api` replaces `huggingface_hub.HfApi` where pm_hf makes
-its client (`pm_hf.hub.HfApi`). It keeps every created repository, commit (with its files' bytes), branch and tag,
+its client (`pm_hf.hub.repository.HfApi`). It keeps every created repository, commit (with its files' bytes), branch
+and tag,
 and every call, and writes each commit into the Hugging Face cache in the standard layout (refs per branch and tag),
 so that offline `from_pretrained(repo_id, revision="task-2")` — transformers, PEFT's AutoPeft classes — loads what was
 pushed, through the real loading code.

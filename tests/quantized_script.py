@@ -18,7 +18,7 @@ from conftest import ZERO2, end_processes  # noqa: E402  (sets the offline switc
 from test_api import WORDNET, args, task  # noqa: E402
 from test_quantized import quantized_bert  # noqa: E402
 
-from pm_hf.config import DataArguments, LoraArguments  # noqa: E402
+from pm_hf.config.groups import DataArguments, LoraArguments  # noqa: E402
 from pm_hf.continual import ContinualTrainer  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, tiny_tokenizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests of `pm_hf.adapters`: LoRA task vectors in effective-weight space, merging through the fp32 master copy,
+"""Tests of `pm_hf.method.adapters`: LoRA task vectors in effective-weight space, merging through the fp32 master copy,
 the per-task history, the temporary adapter rescale and the Gaussian-noise ablation (docs/method.md, "Which parameters,
 which space"). LoRA factors are randomized with `randomize_lora`, so B != 0 and nothing passes by accident."""
 
@@ -13,7 +13,9 @@ import torch
 from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 from peft import LoraConfig
 
-from pm_hf.adapters import (
+from pm_hf.config.groups import LoraArguments
+from pm_hf.hub.export import history_delta, task_record
+from pm_hf.method.adapters import (
     active_adapter,
     adapter_factors,
     attach_lora,
@@ -27,9 +29,7 @@ from pm_hf.adapters import (
     scale_active_adapter,
     task_vector_norm,
 )
-from pm_hf.config import LoraArguments
-from pm_hf.export import history_delta, task_record
-from pm_hf.weights import ModelWeights
+from pm_hf.method.weights import ModelWeights
 
 FAMILIES = {  # name: (factory, expected targets, input builder)
     "vit": (tiny_vit, ["q_proj", "v_proj"], lambda g: {"pixel_values": torch.randn(2, 1, 8, 8, generator=g)}),

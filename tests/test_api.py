@@ -19,8 +19,8 @@ from peft import PeftModel
 from sklearn.metrics import f1_score
 
 from pm_hf import ContinualTrainer, PMConfig
-from pm_hf.checks import InputError
-from pm_hf.config import DataArguments, FisherArguments, LoraArguments
+from pm_hf.config.checks import InputError
+from pm_hf.config.groups import DataArguments, FisherArguments, LoraArguments
 from pm_hf.continual import run_continual
 from pm_hf.testing import tiny_tokenizer
 
@@ -189,7 +189,7 @@ def test_the_cli_extends_a_run_with_more_tasks_bit_for_bit(how, model_dir, tmp_p
 
 
 def test_progress_is_one_bar_over_tasks(capsys, tmp_path):
-    from pm_hf.cli import main
+    from pm_hf.commands.cli import main
 
     root = Path(__file__).resolve().parents[1]
     err = io.StringIO()

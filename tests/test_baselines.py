@@ -8,9 +8,9 @@ from conftest import Recorder, checkpoint_tensors, groups
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from pm_hf.adapters import lora_layers
-from pm_hf.alignment import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
 from pm_hf.continual import build_loop, run_continual
+from pm_hf.heads.alignment import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
+from pm_hf.method.adapters import lora_layers
 
 
 def _run(model_dir, out, **kw):
@@ -273,8 +273,8 @@ def test_domain_incremental_rejects_pretrained_start_rules(model_dir, tmp_path):
 def test_joint_stream_keeps_lazy_image_transforms():
     import datasets
 
-    from pm_hf.data import Task, TaskStream
-    from pm_hf.strategies.alpha import joint_stream
+    from pm_hf.data.streams import Task, TaskStream
+    from pm_hf.method.strategies.alpha import joint_stream
 
     def part(label):
         ds = datasets.Dataset.from_dict({"raw": [[float(label)] * 4], "labels": [label]})
@@ -302,7 +302,7 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_with_a_clear_message(model
 
 
 def test_results_from_the_task_log_by_hand():
-    from pm_hf.results import results_dict
+    from pm_hf.run.results import results_dict
 
     log = [
         {"task": "a", "scores": {"accuracy": [0.9], "til_accuracy": [0.9]}, "alpha": 1.0, "alpha_raw": 1.0},

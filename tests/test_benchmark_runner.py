@@ -19,7 +19,7 @@ def bench():
 
 
 def test_every_method_of_the_suites_is_a_registered_config(bench):
-    from pm_hf.parsing import parse_config
+    from pm_hf.commands.parsing import parse_config
 
     for name, (overrides, _) in bench.METHODS.items():
         groups = parse_config(bench.SUITES["text-cil"], bench._overrides({**overrides, "output_dir": "/tmp/x"}))

@@ -10,14 +10,14 @@ import pytest
 import torch
 from conftest import groups, tiny_bert
 
-from pm_hf.adapters import attach_lora, lora_layers, scale_active_adapter
-from pm_hf.checks import NonFiniteError
-from pm_hf.config import FisherArguments, LoraArguments, MergeArguments
+from pm_hf.config.checks import NonFiniteError
+from pm_hf.config.groups import FisherArguments, LoraArguments, MergeArguments
 from pm_hf.continual import build_loop, run_continual
-from pm_hf.fisher import estimate_fisher
-from pm_hf.merge import LoraFactors, TaskVector, branch_secant, curve_alpha, secant_kappa
-from pm_hf.strategies import build_strategy
-from pm_hf.strategies.base import TaskProbe
+from pm_hf.method.adapters import attach_lora, lora_layers, scale_active_adapter
+from pm_hf.method.fisher import estimate_fisher
+from pm_hf.method.merge import LoraFactors, TaskVector, branch_secant, curve_alpha, secant_kappa
+from pm_hf.method.strategies import build_strategy
+from pm_hf.method.strategies.base import TaskProbe
 
 D = torch.float64
 SHAPES = {"a.weight": (3, 4), "b.weight": (2, 2)}

@@ -1,4 +1,5 @@
-"""Model cards right for every output (`pm_hf.card`), on exports written directly from tiny models: an adapter export
+"""Model cards right for every output (`pm_hf.hub.card`), on exports written directly from tiny models: an adapter
+export
 gets a PEFT card, a merged export a Transformers card used through `pipeline`/`AutoModelFor...`; `base_model` is the
 Hub id when the base came from the Hub (also from a snapshot of the HF cache) and absent for a local base; the Hub
 datasets, the framework versions and typed metrics are recorded; only images present in the folder are linked. The
@@ -13,9 +14,9 @@ from conftest import randomize_lora, tiny_bert, tiny_llama
 from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model
 
-from pm_hf.adapters import adapter_factors
-from pm_hf.export import ExportSpec, task_record, write_export
-from pm_hf.origin import IN_MEMORY, base_reference, hub_origin, resolve_base
+from pm_hf.hub.export import ExportSpec, task_record, write_export
+from pm_hf.hub.origin import IN_MEMORY, base_reference, hub_origin, resolve_base
+from pm_hf.method.adapters import adapter_factors
 
 HUB_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 RESULTS = {

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pm_hf.cli import main
+from pm_hf.commands.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "ci_tiny.yaml"
@@ -97,11 +97,11 @@ def test_check_reports_preset_alignment_calibration_and_hub(tmp_path, capsys, mo
      (5, 8, 1, 2, -1, False), (40, 4, 1, 1, 7, False)],
 )  # fmt: skip
 def test_optimizer_steps_are_the_trainers(tmp_path, samples, batch, accumulation, epochs, max_steps, drop_last):
-    """`pm_hf.preflight.optimizer_steps` against the installed Trainer's own count on the same dataloader."""
+    """`pm_hf.commands.preflight.optimizer_steps` against the installed Trainer's own count on the same dataloader."""
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from pm_hf.preflight import optimizer_steps
+    from pm_hf.commands.preflight import optimizer_steps
 
     args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=batch, use_cpu=True,
                              gradient_accumulation_steps=accumulation, num_train_epochs=epochs, max_steps=max_steps,

@@ -1,4 +1,4 @@
-"""Tests for pm_hf.cli: YAML-then-flags parsing, error messages (before anything is written), help, committed
+"""Tests for pm_hf.commands.cli: YAML-then-flags parsing, error messages (before anything is written), help, committed
 configs, the printed summary, and the `train`/`evaluate` wiring with a stand-in `pm_hf.continual` (no training)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from pm_hf.cli import main
-from pm_hf.config import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
-from pm_hf.parsing import parse_config
-from pm_hf.results import format_evaluation, format_results
+from pm_hf.commands.cli import main
+from pm_hf.commands.parsing import parse_config
+from pm_hf.config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from pm_hf.run.results import format_evaluation, format_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -56,9 +56,9 @@ def fake_continual(monkeypatch):
     module = types.ModuleType("pm_hf.continual")
     module.run_continual = run_continual
     monkeypatch.setitem(sys.modules, "pm_hf.continual", module)
-    runs = types.ModuleType("pm_hf.runs")
+    runs = types.ModuleType("pm_hf.run.runs")
     runs.evaluate_run = evaluate_run
-    monkeypatch.setitem(sys.modules, "pm_hf.runs", runs)
+    monkeypatch.setitem(sys.modules, "pm_hf.run.runs", runs)
     return calls
 
 
@@ -208,7 +208,7 @@ def test_flags_override_yaml_and_types_are_converted(tmp_path):
 
 
 def test_preset_fills_fields_that_the_file_and_flags_override(tmp_path):
-    from pm_hf.presets import PRESETS, RECOMMENDED_PRESET
+    from pm_hf.config.presets import PRESETS, RECOMMENDED_PRESET
 
     assert RECOMMENDED_PRESET in PRESETS
     path = write_config(tmp_path, "preset: pm-proto\nperturb_eps: 0.25\n")

@@ -11,9 +11,9 @@ from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_vit
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from pm_hf.config import LoraArguments, ModelArguments
+from pm_hf.config.groups import LoraArguments, ModelArguments
 from pm_hf.continual import build_loop, output_lock, run_continual
-from pm_hf.runs import evaluate_run
+from pm_hf.run.runs import evaluate_run
 
 
 def numbers(results):
@@ -155,7 +155,7 @@ def test_build_loop_rejects_bad_modules(model_dir, tmp_path):
 
 
 def test_cli_train_then_evaluate(model_dir, tmp_path, capsys):
-    from pm_hf.cli import main
+    from pm_hf.commands.cli import main
 
     config = Path(__file__).parent.parent / "configs" / "ci_tiny.yaml"
     files = json.dumps({"train": str(DATA / "train.parquet"), "test": str(DATA / "test.parquet")})

@@ -14,12 +14,12 @@ from hub_standin import GOOD_TOKEN, FakeHub
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-import pm_hf.hub
+import pm_hf.hub.repository
 from pm_hf import ContinualTrainer, PMConfig
-from pm_hf.checks import InputError
-from pm_hf.config import DataArguments, FisherArguments, LoraArguments
-from pm_hf.data import task_splits
-from pm_hf.results import results_dict
+from pm_hf.config.checks import InputError
+from pm_hf.config.groups import DataArguments, FisherArguments, LoraArguments
+from pm_hf.data.streams import task_splits
+from pm_hf.run.results import results_dict
 
 WORDNET = {s: pd.read_parquet(DATA / f"{s}.parquet") for s in ("train", "test")}
 
@@ -184,8 +184,8 @@ def test_evaluate_save_model_and_a_new_task(run, tmp_path):
 def test_push_to_hub_pushes_the_merged_model(run, monkeypatch):
     seq, *_ = run
     fake = FakeHub()
-    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
-    monkeypatch.setattr(pm_hf.hub, "get_token", lambda: None)
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
+    monkeypatch.setattr(pm_hf.hub.repository, "get_token", lambda: None)
     oid = seq.push_to_hub(commit_message="my model", token=GOOD_TOKEN)
     (repo,) = fake.repos
     commit = fake.repos[repo]["commits"][oid]

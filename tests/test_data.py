@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_tokenizer
 from PIL import Image
 
-from pm_hf.config import DataArguments
-from pm_hf.data import build_task_stream
+from pm_hf.config.groups import DataArguments
+from pm_hf.data.streams import build_task_stream
 
 WORDNET = Path(__file__).resolve().parents[1] / "data" / "wordnet_supersense10"
 WORDS = "alpha beta gamma delta river stone green small house tree bird fish cloud light".split()

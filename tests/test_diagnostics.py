@@ -5,7 +5,7 @@ import json
 from conftest import groups
 
 from pm_hf.continual import run_continual
-from pm_hf.diagnostics import learning_warnings, loss_fell, near_chance, training_losses
+from pm_hf.run.diagnostics import learning_warnings, loss_fell, near_chance, training_losses
 
 
 def test_near_chance_is_a_quarter_of_the_way_from_chance_to_perfect():

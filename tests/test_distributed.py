@@ -16,10 +16,10 @@ from conftest import checkpoint_tensors, groups, llm_groups, torchrun, two_domai
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from pm_hf.checks import InputError
-from pm_hf.config import MergeArguments, PMConfig
+from pm_hf.config.checks import InputError
+from pm_hf.config.groups import MergeArguments, PMConfig
 from pm_hf.continual import ContinualTrainer, run_continual
-from pm_hf.runs import load_run
+from pm_hf.run.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO3_ROWS = {"stage": 3, "stage3_param_persistence_threshold": 0}
@@ -217,7 +217,8 @@ def test_zero2_llm_killed_late_in_a_task_resumes_as_the_same_run_and_leaves_no_e
 @pytest.mark.slow  # one 2-process launch and a 1-process run
 def test_zero3_on_two_processes_equals_one_process_with_the_state_divided(llm_dir, tmp_path):
     """DeepSpeed ZeRO-3 (`pm_hf.testing.deepspeed_on_cpu`; the weights partitioned as they load, each rank's
-    partition presented as its rows by `pm_hf.zero3`) on 2 processes x batch 1 against 1 process x batch 2: the same
+    partition presented as its rows by `pm_hf.distributed.zero3`) on 2 processes x batch 1 against 1 process x batch 2:
+    the same
     alphas, scores, checkpoint and export within float tolerance, each rank holding half of S and G; no optimizer or
     hook is left behind; the saved run, reloaded by one process, scores the same."""
     rank0, rank1 = torchrun(llm_dir, tmp_path / "zero3", 1, "zero3", script="fsdp_script.py")
@@ -316,7 +317,7 @@ def test_deepspeed_where_accelerate_would_run_ddp_or_zero3_pm_hf_cannot_run_is_r
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ROOT / "configs" / "deepspeed" / "zero3.json"))
     with pytest.raises(InputError, match=r"^deepspeed = 'DeepSpeed config': Accelerate runs DeepSpeed on GPUs only"):
         ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run"))  # configs/accelerate/zero3.yaml passes
-    monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
+    monkeypatch.setattr("pm_hf.distributed.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
     with pytest.raises(InputError, match=r"^merge_method = 'ties': is not available on sharded weights"):
         ContinualTrainer.from_args(*groups(model_dir, tmp_path / "run", merge_method="ties"))
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
@@ -361,7 +362,7 @@ def test_fsdp_where_accelerate_would_run_ddp_is_refused_before_anything_loads(mo
 def test_what_fsdp2_does_not_support_is_refused_before_loading(
     model_dir, llm_dir, tmp_path, monkeypatch, which, kw, match
 ):
-    monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
+    monkeypatch.setattr("pm_hf.distributed.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
     fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}
     make = groups if which == "bert" else llm_groups
     lora = {"modules_to_save": kw.pop("modules_to_save")} if "modules_to_save" in kw else {}
@@ -373,7 +374,7 @@ def test_what_fsdp2_does_not_support_is_refused_before_loading(
 
 
 def test_the_python_api_refuses_what_fsdp2_does_not_support(llm_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("pm_hf.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
+    monkeypatch.setattr("pm_hf.distributed.launch.accelerate_runs_on", lambda args, kind: True)  # as on GPUs
     rows = [{"prompt": f"word {i}", "response": f"answer {i % 7}"} for i in range(8)]
     task = {"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:4])}
     fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2, "state_dict_type": "SHARDED_STATE_DICT"}}

@@ -1,4 +1,5 @@
-"""Self-describing exports (`pm-hf export`, `pm_hf.runs.export_run_dir`): each mode loads alone (pm_hf's loader, PEFT
+"""Self-describing exports (`pm-hf export`, `pm_hf.run.runs.export_run_dir`): each mode loads alone (pm_hf's loader,
+PEFT
 on the folder's base/, plain `AutoModelFor...` when merged) and reproduces the run's logits, with the card of its kind;
 the SVD export's errors against a brute-force SVD; `pm-hf evaluate` of an export folder with a data config gives the
 run's last row; an image classifier's export loads; a copy of an export loads elsewhere after the run and the original
@@ -17,11 +18,11 @@ from conftest import groups, randomize_lora, tiny_vit
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pm_hf.adapters import adapter_factors, full_trainable_params
-from pm_hf.cli import main as cli_main
+from pm_hf.commands.cli import main as cli_main
 from pm_hf.continual import build_loop
-from pm_hf.export import ExportSpec, history_delta, load_task_records, task_record, write_export
-from pm_hf.runs import load_adapter_export, load_export
+from pm_hf.hub.export import ExportSpec, history_delta, load_task_records, task_record, write_export
+from pm_hf.method.adapters import adapter_factors, full_trainable_params
+from pm_hf.run.runs import load_adapter_export, load_export
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests of `pm_hf.fisher` (docs/method.md, "Fisher estimator"): the hook-based estimate against brute-force autograd on
+"""Tests of `pm_hf.method.fisher` (docs/method.md, "Fisher estimator"): the hook-based estimate against brute-force
+autograd on
 single samples (gradient w.r.t. each LoRA layer's effective weight = w.r.t. its base weight), batch mode, the sample
 cap, sampled labels, model-state restoration, a 2-process gloo run, normalisation and input errors."""
 
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
-from pm_hf.adapters import attach_lora, lora_layers, strip_prefix
-from pm_hf.config import FisherArguments, LoraArguments
-from pm_hf.fisher import default_fisher_keys, estimate_fisher, normalize_fisher
+from pm_hf.config.groups import FisherArguments, LoraArguments
+from pm_hf.method.adapters import attach_lora, lora_layers, strip_prefix
+from pm_hf.method.fisher import default_fisher_keys, estimate_fisher, normalize_fisher
 
 D = torch.float64
 

@@ -19,11 +19,11 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
 
-import pm_hf.hub
-from pm_hf.callbacks import ContinualCallback
-from pm_hf.checks import InputError
-from pm_hf.cli import main as cli_main
+import pm_hf.hub.repository
+from pm_hf.commands.cli import main as cli_main
+from pm_hf.config.checks import InputError
 from pm_hf.continual import ContinualTrainer, run_continual
+from pm_hf.method.callbacks import ContinualCallback
 
 TEXTS = ["a large feline of the jungle", "move fast on foot", "a feeling of deep joy", "the colour of the sky"]
 EXPORT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "pm_hf_export.json", "results.json",
@@ -33,8 +33,10 @@ EXPORT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors",
 @pytest.fixture
 def hub(monkeypatch):
     fake = FakeHub()
-    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
-    monkeypatch.setattr(pm_hf.hub, "get_token", lambda: None)  # no login on this machine: only hub_token counts
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
+    monkeypatch.setattr(
+        pm_hf.hub.repository, "get_token", lambda: None
+    )  # no login on this machine: only hub_token counts
     return fake
 
 
@@ -63,7 +65,7 @@ def pushed(model_dir, tmp_path_factory):
     """A 3-task run pushing every task with its continual state, and the logits after each task."""
     mp = pytest.MonkeyPatch()
     fake = FakeHub()
-    mp.setattr(pm_hf.hub, "HfApi", fake.api)
+    mp.setattr(pm_hf.hub.repository, "HfApi", fake.api)
     out = tmp_path_factory.mktemp("pushed")
     logits = Logits(model_dir)
     results = run_continual(*hub_groups(model_dir, out, push_continual_state=True), callbacks=[logits])
@@ -240,11 +242,11 @@ FINE_WRITE, FINE_READ = "hf_standin_fine_write_0123456789", "hf_standin_fine_rea
 )
 def test_write_access_is_checked_before_anything_runs(monkeypatch, token, repo, field):
     fake = FakeHub(fine_grained={FINE_READ: {"me": ["repo.content.read"]}}, orgs={"team": "read"})
-    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
     for existing in ("me/seq", "other/theirs", "team/seq"):
         fake.add_repo(existing)
     with pytest.raises(InputError, match=rf"^{field} = ") as err:
-        pm_hf.hub.connect(_hub_args(repo, token))
+        pm_hf.hub.repository.connect(_hub_args(repo, token))
     assert token not in str(err.value)
     assert not [c for c in fake.calls if c[0] != "whoami"]  # no repository created, asked about or written
 
@@ -253,9 +255,9 @@ def test_write_access_is_checked_before_anything_runs(monkeypatch, token, repo, 
                                              (FINE_WRITE, "me/new"), (GOOD_TOKEN, "named-after-output")])  # fmt: skip
 def test_a_token_that_can_write_passes_and_the_repository_is_made(monkeypatch, token, repo):
     fake = FakeHub(fine_grained={FINE_WRITE: {"me": ["repo.content.read", "repo.write"]}}, orgs=["team"])
-    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
     fake.add_repo("me/seq")
-    target = pm_hf.hub.connect(_hub_args(repo, token))
+    target = pm_hf.hub.repository.connect(_hub_args(repo, token))
     expected = repo if "/" in repo else f"me/{repo}"
     assert target.repo_id == expected and expected in fake.repos
     assert [c[0] for c in fake.calls] == ["whoami", "create_repo"]
@@ -316,7 +318,7 @@ def test_evaluate_a_hub_revision_on_a_data_config(pushed, monkeypatch, tmp_path,
     import yaml
 
     fake, _, results, _ = pushed
-    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
     data = groups("unused", tmp_path / "unused", class_groups=[[0, 1], [2, 3]])[1]
     config = {"dataset_name": "parquet", "data_files": data.data_files, "class_groups": data.class_groups,
               "max_train_samples_per_class": 16, "max_eval_samples_per_class": 8, "max_length": 24, "seed": 3,

@@ -13,10 +13,8 @@ from conftest import randomize_lora, tiny_llama, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from rouge_score import rouge_scorer
 
-from pm_hf.config import DataArguments
-from pm_hf.evaluation import generate_responses, instruction_eval_loss, metric_path, score_generations
-from pm_hf.fisher import per_sample_loss
-from pm_hf.instruct import (
+from pm_hf.config.groups import DataArguments
+from pm_hf.data.instruct import (
     EVAL_COLUMNS,
     TRAIN_COLUMNS,
     CausalLMCollator,
@@ -26,6 +24,8 @@ from pm_hf.instruct import (
     resolve_pad_token_id,
     truncate_pair,
 )
+from pm_hf.method.fisher import per_sample_loss
+from pm_hf.run.evaluation import generate_responses, instruction_eval_loss, metric_path, score_generations
 
 INSTRUCT = Path(__file__).resolve().parents[1] / "data" / "wordnet_instruct"
 TASKS = ("define", "synonym")

@@ -9,30 +9,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pm_hf"
-# Lower layers never import higher ones; modules of one layer do not import each other (a package's own modules may).
+# The floors of the package: a module imports only from floors below its own, never above, and a package's own
+# modules import each other without cycles (`test_no_cycles_inside_a_package`). docs/architecture.md draws this map.
 LAYERS = [
-    ["zero3", "errors"],
-    ["sharding", "usage"],
-    ["origin"],
-    ["card_text"],
-    ["fileio", "timing", "perturb", "images", "checks", "testing", "card", "diagnostics"],
-    ["launch"],
-    ["training_args", "arguments"],
-    ["config", "metrics", "presets", "rundir"],
-    ["merge"],
-    ["adapters", "callbacks", "sources", "models", "hub", "reporting"],
-    ["data", "weights"],
-    ["fisher", "trainer", "heads", "instruct"],
-    ["alignment", "posthoc_inputs"],
-    ["strategies", "evaluation", "export"],
-    ["checkpoint", "results", "measure"],
-    ["run_export"],
-    ["loop"],
-    ["assembly"],
-    ["continual", "parsing", "sft"],
-    ["runs", "preflight"],
-    ["posthoc"],
-    ["cli", "__init__"],
+    ["errors", "fileio", "timing", "testing"],  # stdlib-only bases
+    ["distributed"],  # where a weight lives, how a run is launched
+    ["config"],  # PMConfig, the argument groups, presets, input checks
+    ["data"],  # task streams
+    ["method"],  # the paper: trainer, perturbation, Fisher, merge math, strategies, weights, PEFT plumbing
+    ["heads"],  # the class head and its alignment
+    ["hub"],  # the repository, export folders, cards
+    ["run"],  # the task loop and everything around one run
+    ["continual"],  # `ContinualTrainer`
+    ["commands"],  # `pm-hf`
+    ["__init__", "__main__"],
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
@@ -47,7 +37,7 @@ def _top(name: str) -> str:
 
 def _imports(path: Path, module: str) -> set[str]:
     """pm_hf modules imported by `module` (relative or absolute, at any depth in the file)."""
-    package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+    package = module.split(".")[:-1]  # a package's `__init__` is named `<package>.__init__`
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -80,16 +70,35 @@ def test_imports_only_go_down():
             continue
         for target in _imports(path, module):
             if _top(target) == _top(module):
-                continue  # within one package
+                continue  # within one package: `test_no_cycles_inside_a_package`
             if RANK[_top(target)] >= RANK[_top(module)]:
                 wrong.append(f"{module} imports {target}")
     assert not wrong, wrong
 
 
+def test_no_cycles_inside_a_package():
+    graph = {m: {t for t in _imports(p, m) if _top(t) == _top(m) and t != m} for m, p in _modules().items()}
+    graph = {m: {t if t in graph else t.rsplit(".", 1)[0] for t in targets} for m, targets in graph.items()}
+    done, active = set(), []
+
+    def visit(m):
+        assert m not in active, " -> ".join([*active[active.index(m) :], m])
+        if m in done:
+            return
+        active.append(m)
+        for t in graph.get(m, ()):
+            visit(t)
+        active.pop()
+        done.add(m)
+
+    for m in graph:
+        visit(m)
+
+
 def test_peft_layer_internals_only_in_adapters():
     for module, path in _modules().items():
         text = path.read_text()
-        if module != "adapters":
+        if module != "method.adapters":
             assert "get_base_layer" not in text and ".lora_A[" not in text and ".lora_B[" not in text, module
 
 

@@ -10,10 +10,10 @@ from conftest import INSTRUCT, TASKS, llm_groups
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from pm_hf.adapters import base_weights, lora_layers
-from pm_hf.cli import main as cli_main
+from pm_hf.commands.cli import main as cli_main
 from pm_hf.continual import build_loop, run_continual
-from pm_hf.evaluation import generate_responses
+from pm_hf.method.adapters import base_weights, lora_layers
+from pm_hf.run.evaluation import generate_responses
 
 
 def test_pm_on_a_tiny_llama_writes_score_matrices(llm_dir, tmp_path):

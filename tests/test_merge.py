@@ -1,4 +1,5 @@
-"""Tests of the closed-form merge math of docs/method.md, stage 2 (`pm_hf.merge`), and the per-parameter pieces of
+"""Tests of the closed-form merge math of docs/method.md, stage 2 (`pm_hf.method.merge`), and the per-parameter pieces
+of
 the baselines, each against brute force or a hand example."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import re
 import pytest
 import torch
 
-from pm_hf.merge import (
+from pm_hf.method.merge import (
     AlphaChoice,
     AlphaTerms,
     alpha_terms,
@@ -212,7 +213,7 @@ def test_update_accumulators_is_pure_and_checks_alpha():
 
 def test_per_parameter_alpha_accumulators_match_the_direct_sum():
     """G = sum_{i<t} F_i (theta_hat_{t-1} - theta*_i) stays exact when alpha is a tensor (CoFiMA), by brute force."""
-    from pm_hf.merge import cofima_weights
+    from pm_hf.method.merge import cofima_weights
 
     gen = torch.Generator().manual_seed(5)
     theta = torch.zeros(7, dtype=torch.float64)
@@ -233,7 +234,7 @@ def test_per_parameter_alpha_accumulators_match_the_direct_sum():
 
 
 def test_cofima_weights_by_hand():
-    from pm_hf.merge import cofima_weights
+    from pm_hf.method.merge import cofima_weights
 
     F = torch.tensor([1.0, 0.0, 3.0, 0.0])
     S = torch.tensor([1.0, 2.0, 0.0, 0.0])
@@ -244,7 +245,7 @@ def test_cofima_weights_by_hand():
 
 
 def test_ties_trim_and_merge_by_hand():
-    from pm_hf.merge import ties_merge, ties_trim
+    from pm_hf.method.merge import ties_merge, ties_trim
 
     tau = torch.tensor([0.1, -3.0, 2.0, 0.5, -0.2])
     assert torch.equal(ties_trim(tau, 0.4), torch.tensor([0.0, -3.0, 2.0, 0.0, 0.0]))
@@ -257,7 +258,7 @@ def test_ties_trim_and_merge_by_hand():
 
 
 def test_magmax_update_by_hand():
-    from pm_hf.merge import magmax_update
+    from pm_hf.method.merge import magmax_update
 
     a = torch.tensor([1.0, -2.0, 0.5])
     b = torch.tensor([-3.0, 1.0, 0.5])

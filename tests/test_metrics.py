@@ -1,4 +1,4 @@
-"""Tests for pm_hf.metrics: hand-computed CL metrics, validation errors, and atomic PNG plots."""
+"""Tests for pm_hf.run.metrics: hand-computed CL metrics, validation errors, and atomic PNG plots."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pm_hf import metrics
+from pm_hf.run import metrics
 
 NAN = math.nan
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

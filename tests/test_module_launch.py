@@ -1,4 +1,4 @@
-"""Several processes need no repository script: `accelerate launch -m pm_hf.cli train ...` and `torchrun -m pm_hf.cli
+"""Several processes need no repository script: `accelerate launch -m pm_hf train ...` and `torchrun -m pm_hf
 train ...` run the CLI module on every process, and give the same run."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TRAIN = ["-m", "pm_hf.cli", "train", "--config", "configs/ci_tiny.yaml", "--use_cpu", "true"]
+TRAIN = ["-m", "pm_hf", "train", "--config", "configs/ci_tiny.yaml", "--use_cpu", "true"]
 
 
 def _launch(launcher: list[str], out: Path) -> dict:

@@ -22,7 +22,7 @@ def _python(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProces
 
 LOADED_AFTER_HELP = """
 import sys
-from pm_hf.cli import main
+from pm_hf.commands.cli import main
 try:
     main({argv!r})
 except SystemExit as exit_info:
@@ -45,8 +45,8 @@ def test_train_help_is_kept_and_then_read_without_heavy_libraries(tmp_path, monk
     (in ~/.cache/pm_hf/help), later ones print it without importing anything heavy."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("COLUMNS", "100")
-    from pm_hf.cli import train_help
-    from pm_hf.parsing import build_parser
+    from pm_hf.commands.cli import train_help
+    from pm_hf.commands.parsing import build_parser
 
     text = train_help()
     assert text == build_parser(cli_options=True).format_help()
@@ -63,7 +63,8 @@ import sys
 sys.modules["fcntl"] = None
 sys.modules["resource"] = None
 import pm_hf
-from pm_hf import cli, usage, errors
+from pm_hf import errors
+from pm_hf.commands import cli, usage
 assert set(pm_hf.__all__) <= set(dir(pm_hf)), sorted(set(pm_hf.__all__) - set(dir(pm_hf)))
 assert all(pm_hf.LAZY[name] for name in pm_hf.__all__)
 try:
@@ -113,9 +114,9 @@ def test_a_run_without_deepspeed_neither_imports_it_nor_warns_about_peft(tmp_pat
     code = f"""
 import sys
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
-from pm_hf.adapters import attach_lora
-from pm_hf.config import LoraArguments
-import pm_hf.launch  # noqa: F401 (imported by every run)
+from pm_hf.method.adapters import attach_lora
+from pm_hf.config.groups import LoraArguments
+import pm_hf.distributed.launch  # noqa: F401 (imported by every run)
 model = AutoModelForSequenceClassification.from_pretrained({str(ROOT / "data" / "tiny-bert")!r}, num_labels=2)
 model = attach_lora(model, LoraArguments(r=2, target_modules=["query", "value"]), trainable_modules=["classifier"])
 args = TrainingArguments(output_dir={str(tmp_path / "out")!r}, use_cpu=True, report_to="none")
@@ -128,7 +129,7 @@ assert "deepspeed" not in sys.modules, "a run without DeepSpeed imported it"
 
 
 def test_plots_without_matplotlib_name_the_extra_and_a_run_still_writes_its_results(tmp_path, monkeypatch, caplog):
-    from pm_hf import metrics, results
+    from pm_hf.run import metrics, results
     from pm_hf.errors import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -141,7 +142,7 @@ def test_plots_without_matplotlib_name_the_extra_and_a_run_still_writes_its_resu
 
 def test_generation_scores_without_rouge_score_name_the_extra_before_training(monkeypatch):
     from pm_hf.errors import MissingExtraError
-    from pm_hf.evaluation import CausalLMEvaluator
+    from pm_hf.run.evaluation import CausalLMEvaluator
 
     monkeypatch.setitem(sys.modules, "rouge_score", None)
     with pytest.raises(MissingExtraError, match=r"rouge_score, not installed: pip install 'pm_hf\[text-metrics\]'"):

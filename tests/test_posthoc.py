@@ -1,4 +1,5 @@
-"""Post-hoc merge (`pm-hf merge`, `pm_hf.posthoc.merge_adapters`) on a tiny Llama: the per-task adapters of a P&M run
+"""Post-hoc merge (`pm-hf merge`, `pm_hf.run.posthoc.merge_adapters`) on a tiny Llama: the per-task adapters of a P&M
+run
 merged with the run's data config give the run's merged model; a data-free strategy equals its closed form computed
 by hand from the adapter files; adapters that do not belong together and strategies that need data are refused."""
 
@@ -13,11 +14,11 @@ from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pm_hf.checks import InputError
-from pm_hf.cli import main as cli_main
+from pm_hf.commands.cli import main as cli_main
+from pm_hf.config.checks import InputError
 from pm_hf.continual import run_continual
-from pm_hf.posthoc import merge_adapters
-from pm_hf.runs import load_export
+from pm_hf.run.posthoc import merge_adapters
+from pm_hf.run.runs import load_export
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from pm_hf.cli import main as cli_main
-from pm_hf.posthoc_inputs import same_model
-from pm_hf.usage import HEAD_RULE
+from pm_hf.commands.cli import main as cli_main
+from pm_hf.hub.card_text import HEAD_RULE
+from pm_hf.hub.posthoc_inputs import same_model
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "data" / "tiny-bert")

@@ -13,10 +13,10 @@ from conftest import checkpoint_tensors, groups, tiny_bert
 from test_api import WORDNET, args, task
 from torch import nn
 
-from pm_hf.checks import InputError
-from pm_hf.config import DataArguments, LoraArguments, MergeArguments, ModelArguments
+from pm_hf.config.checks import InputError
+from pm_hf.config.groups import DataArguments, LoraArguments, MergeArguments, ModelArguments
 from pm_hf.continual import ContinualTrainer, run_continual
-from pm_hf.merge import compress_factors
+from pm_hf.method.merge import compress_factors
 from pm_hf.testing import tiny_tokenizer
 
 
@@ -112,7 +112,7 @@ def test_compress_factors_against_a_dense_svd():
 
 
 def test_4bit_loading_without_a_gpu_is_an_input_error(tmp_path):
-    from pm_hf.models import hub_kwargs
+    from pm_hf.method.models import hub_kwargs
 
     with pytest.raises(InputError, match=r"^load_in_4bit = True: needs a CUDA GPU"):
         hub_kwargs(ModelArguments(model_name_or_path="x", load_in_4bit=True), weights=True)
@@ -123,7 +123,7 @@ def test_4bit_loading_without_a_gpu_is_an_input_error(tmp_path):
 def test_a_merged_adapter_run_resumes_and_exports_what_it_computes(model_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from pm_hf.runs import load_adapter_export
+    from pm_hf.run.runs import load_adapter_export
 
     full = run_continual(*groups(model_dir, tmp_path / "full", merge_into="adapter"))
     run_continual(*groups(model_dir, tmp_path / "staged", merge_into="adapter"), stop_after=2)

@@ -50,11 +50,11 @@ def test_hub_loading_runs(model_dir, tmp_path, monkeypatch):
     from conftest import groups
     from hub_standin import GOOD_TOKEN, FakeHub
 
-    import pm_hf.hub
+    import pm_hf.hub.repository
     from pm_hf.continual import run_continual
 
     fake = FakeHub(user="USER")
-    monkeypatch.setattr(pm_hf.hub, "HfApi", fake.api)
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
     hub = {"push_to_hub": True, "hub_model_id": "USER/NAME", "hub_token": GOOD_TOKEN}
     run_continual(*groups(model_dir, tmp_path / "run", **hub))
     scope = {"__name__": "readme"}

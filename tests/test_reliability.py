@@ -16,9 +16,9 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
-from pm_hf.checks import InputError
-from pm_hf.cli import main
-from pm_hf.trainer import DivergenceError
+from pm_hf.commands.cli import main
+from pm_hf.config.checks import InputError
+from pm_hf.method.trainer import DivergenceError
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
@@ -96,8 +96,8 @@ def test_the_tables_count_only_contract_refusals():
 
 @pytest.mark.parametrize("where", ["file", "under-file"])
 def test_an_output_dir_that_is_or_sits_under_a_file_is_refused_before_loading(where, tmp_path):
-    from pm_hf.parsing import parse_config
-    from pm_hf.training_args import PMConfig
+    from pm_hf.commands.parsing import parse_config
+    from pm_hf.config.training_args import PMConfig
 
     blocker = tmp_path / "blocker"
     blocker.write_bytes(b"not a folder")
@@ -138,8 +138,8 @@ def test_a_run_stopped_at_any_step_resumes_to_identical_results(name, point, nth
 
 def _stopped_run(assets, out: Path) -> dict:
     """A 3-task run stopped after 2 tasks; returns the bytes of its files."""
+    from pm_hf.commands.parsing import parse_config
     from pm_hf.continual import run_continual
-    from pm_hf.parsing import parse_config
 
     config = out.parent / "stopped.yaml"
     config.write_text(yaml.safe_dump(rel.base_config(assets, out)))
@@ -226,8 +226,8 @@ class PoisonAt(TrainerCallback):
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(assets, reference, tmp_path):
+    from pm_hf.commands.parsing import parse_config
     from pm_hf.continual import run_continual
-    from pm_hf.parsing import parse_config
 
     code, err = train(assets, tmp_path / "lr", merge_method="seq-merge", learning_rate=1e30)
     assert code == 1 and "training diverged in task 0" in err and "Traceback" not in err
@@ -246,7 +246,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(assets, referenc
 def test_an_exploding_loss_is_divergence_too(tmp_path):
     from types import SimpleNamespace
 
-    from pm_hf.trainer import PMTrainer
+    from pm_hf.method.trainer import PMTrainer
 
     trainer = SimpleNamespace(_first_loss=None, task_index=2, state=SimpleNamespace(global_step=6),
                               args=SimpleNamespace(divergence_threshold=1000.0))  # fmt: skip
@@ -262,7 +262,7 @@ def test_an_exploding_loss_is_divergence_too(tmp_path):
 
 
 def test_non_finite_state_is_never_written(assets, tmp_path, monkeypatch):
-    import pm_hf.loop as continual
+    import pm_hf.run.loop as continual
 
     real = continual.estimate_fisher
 
@@ -298,6 +298,6 @@ def test_evaluate_never_acts_on_hub_or_tracker_settings_and_rewrites_stale_resul
 
 
 def test_input_errors_are_input_errors():
-    from pm_hf.checks import invalid
+    from pm_hf.config.checks import invalid
 
     assert isinstance(invalid("x", 1, "fix"), InputError) and str(invalid("x", 1, "use 2.")) == "x = 1: use 2."

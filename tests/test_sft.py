@@ -1,4 +1,5 @@
-"""P&M composed with TRL's SFTTrainer (`pm_hf.sft`): the perturbation runs inside TRL's own training step, and with
+"""P&M composed with TRL's SFTTrainer (`pm_hf.method.sft`): the perturbation runs inside TRL's own training step, and
+with
 the perturbation off the trainer is TRL's, bit for bit."""
 
 import pytest
@@ -10,9 +11,9 @@ from conftest import tiny_llama, tiny_tokenizer  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from pm_hf.adapters import attach_lora, lora_layers  # noqa: E402
-from pm_hf.config import LoraArguments  # noqa: E402
-from pm_hf.sft import PMSFTConfig, PMSFTTrainer  # noqa: E402
+from pm_hf.config.groups import LoraArguments  # noqa: E402
+from pm_hf.method.adapters import attach_lora, lora_layers  # noqa: E402
+from pm_hf.method.sft import PMSFTConfig, PMSFTTrainer  # noqa: E402
 
 WORDS = "red green blue small big tree house river stone bird".split()
 

@@ -1,4 +1,5 @@
-"""`pm_hf.sharding`'s row operations by hand on 2 gloo processes: a 5-row tensor sharded by FSDP2's dim-0 split (3
+"""`pm_hf.distributed.sharding`'s row operations by hand on 2 gloo processes: a 5-row tensor sharded by FSDP2's dim-0
+split (3
 rows on rank 0, 2 on rank 1), each operation against the same operation on the whole tensor; a sharded head refuses
 to grow; FSDP2's root module reshards between tasks. The whole FSDP2 runs: tests/test_distributed.py."""
 
@@ -12,9 +13,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from pm_hf.checks import InputError
-from pm_hf.heads import Head
-from pm_hf.sharding import copy_rows, full, is_sharded, keep_rows, local, root_reshards, row_range
+from pm_hf.config.checks import InputError
+from pm_hf.distributed.sharding import copy_rows, full, is_sharded, keep_rows, local, root_reshards, row_range
+from pm_hf.heads.head import Head
 
 
 def _worker(rank: int) -> None:

@@ -1,4 +1,5 @@
-"""Merge strategies (`pm_hf.strategies`) by hand on small tensors: what each merges, where each starts, what it keeps
+"""Merge strategies (`pm_hf.method.strategies`) by hand on small tensors: what each merges, where each starts, what it
+keeps
 (`state_dict` round trips give the same next merge), its knobs' checks, and `merge_task` on a real LoRA model."""
 
 from __future__ import annotations
@@ -7,12 +8,19 @@ import pytest
 import torch
 from conftest import randomize_lora, tiny_bert
 
-from pm_hf.adapters import attach_lora, base_weights, lora_layers, lora_task_vector
-from pm_hf.config import LoraArguments, MergeArguments
-from pm_hf.merge import LoraFactors, TaskVector, closed_form_alpha, cofima_weights
-from pm_hf.strategies import STRATEGIES, MergeStrategy, build_strategy, check_merge_args, get_strategy, merge_task
-from pm_hf.strategies.base import register
-from pm_hf.weights import ModelWeights
+from pm_hf.config.groups import LoraArguments, MergeArguments
+from pm_hf.method.adapters import attach_lora, base_weights, lora_layers, lora_task_vector
+from pm_hf.method.merge import LoraFactors, TaskVector, closed_form_alpha, cofima_weights
+from pm_hf.method.strategies import (
+    STRATEGIES,
+    MergeStrategy,
+    build_strategy,
+    check_merge_args,
+    get_strategy,
+    merge_task,
+)
+from pm_hf.method.strategies.base import register
+from pm_hf.method.weights import ModelWeights
 
 D = torch.float64
 

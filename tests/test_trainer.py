@@ -11,8 +11,8 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback
 
 from pm_hf import LoraArguments, PMConfig, PMTrainer
-from pm_hf.adapters import active_adapter, attach_lora, lora_layers
-from pm_hf.perturb import expected_curvature_weight, sample_branch
+from pm_hf.method.adapters import active_adapter, attach_lora, lora_layers
+from pm_hf.method.perturb import expected_curvature_weight, sample_branch
 
 
 def make_model(seed=0, random_lora=True):
@@ -245,7 +245,7 @@ def test_head_learning_rate_moves_only_the_head(tmp_path, head_lr):
 def test_late_branch_losses_come_back_per_process_or_with_their_sums_kept():
     from types import SimpleNamespace
 
-    from pm_hf.trainer import own_late_losses
+    from pm_hf.method.trainer import own_late_losses
 
     saved = [{"-1": [1.0, 2.0], "0": [], "1": [5.0]}, {"-1": [3.0], "0": [4.0], "1": []}]  # as the JSON holds them
     two = [own_late_losses(saved, SimpleNamespace(world_size=2, process_index=r)) for r in (0, 1)]

@@ -39,9 +39,9 @@ needs_animal_mnist = pytest.mark.skipif(
 def test_pretrain_end_to_end_then_noop_and_loads_with_new_head(pretrain, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from pm_hf.config import ModelArguments
-    from pm_hf.heads import find_head
-    from pm_hf.models import load_model, load_processor
+    from pm_hf.config.groups import ModelArguments
+    from pm_hf.heads.head import find_head
+    from pm_hf.method.models import load_model, load_processor
 
     out = tmp_path / "vit"
     args = ["--output_dir", str(out), "--max_steps", "3", "--max_train_samples", "100", "--max_test_samples", "50"]

@@ -1,4 +1,5 @@
-"""`pm_hf.zero3` by hand: a ZeRO-3 partition (rank r holds elements [r*ps, (r+1)*ps) of the flattened weight, zero
+"""`pm_hf.distributed.zero3` by hand: a ZeRO-3 partition (rank r holds elements [r*ps, (r+1)*ps) of the flattened
+weight, zero
 padded) seen as rows, written, and refused where it is not whole rows; on 2 gloo processes with stand-in parameters
 that carry DeepSpeed's partition attributes. The whole ZeRO-3 run: tests/test_distributed.py."""
 
@@ -10,8 +11,8 @@ from conftest import on_two_processes
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
-from pm_hf import zero3
-from pm_hf.sharding import full, local, shard_like
+from pm_hf.distributed import zero3
+from pm_hf.distributed.sharding import full, local, shard_like
 
 
 def _param(whole: torch.Tensor, rank: int, world: int) -> nn.Parameter:

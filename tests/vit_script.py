@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import ZERO3, end_processes, groups, tiny_vit  # noqa: E402  (sets the offline switches first)
 
-from pm_hf.config import LoraArguments, ModelArguments  # noqa: E402
+from pm_hf.config.groups import LoraArguments, ModelArguments  # noqa: E402
 from pm_hf.continual import run_continual  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Normalised exact match, an `evaluate` metric module shipped inside pm_hf so that it loads offline.
 
-Load it with ``evaluate.load(<path of this folder>)`` (``pm_hf.instruct.metric_path("exact_match")``). One import
+Load it with ``evaluate.load(<path of this folder>)`` (``pm_hf.data.instruct.metric_path("exact_match")``). One import
 per line: evaluate's import scanner misreads ``import a, b``.
 
 Normalisation (both prediction and reference), in this order:

@@ -1,6 +1,7 @@
 """ROUGE-L F-measure through `rouge_score`, an `evaluate` metric module shipped inside pm_hf so that it loads offline.
 
-Load it with ``evaluate.load(<path of this folder>)`` (``pm_hf.instruct.metric_path("rouge")``). One import per line:
+Load it with ``evaluate.load(<path of this folder>)`` (``pm_hf.data.instruct.metric_path("rouge")``). One import per
+line:
 evaluate's import scanner misreads ``import a, b``.
 
 For every pair, ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=...)`` scores the prediction against

@@ -1,0 +1,1 @@
+"""The `pm-hf` command: subcommands, config parsing, usage, and `pm-hf check`."""

@@ -1,0 +1,1 @@
+"""The configuration: `PMConfig` and the argument groups, presets, and the checks of user input."""

@@ -1,0 +1,39 @@
+"""Named presets: a few `field: value` defaults under one name (`preset: pm-proto` in a YAML config, or
+`--preset pm-proto`). The config file and command-line flags override a preset's fields.
+
+- `pm`: P&M exactly as specified (docs/method.md): closed-form alpha, task-vector perturbation, no head refit.
+- `pm-proto` (recommended for class-incremental classifiers): `pm` plus the class-balanced head alignment
+  (`head_align: prototypes`, `head_align_drift: sdc`). After each merge every seen class's head row is refitted on
+  pseudo-features drawn from per-class feature means (moved along the feature drift measured on the new task's
+  data) and one shared covariance, kept in the continual state (fixed size, no old data). The merged backbone is
+  exactly `pm`'s; only the head changes. Causal LMs have no class head: use `pm` for them. Measurements:
+  docs/results.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import invalid
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "pm": {"merge_method": "pm", "perturbation": "task_vector", "head_align": "none"},
+    "pm-proto": {
+        "merge_method": "pm",
+        "perturbation": "task_vector",
+        "head_align": "prototypes",
+        "head_align_drift": "sdc",
+    },
+}
+RECOMMENDED_PRESET = "pm-proto"
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """The fields of preset `name` (a copy).
+
+    Raises:
+        ValueError: an unknown name, naming the valid ones.
+    """
+    if name not in PRESETS:
+        raise invalid("preset", name, f"not a preset; use one of {sorted(PRESETS)} (or leave it out).")
+    return dict(PRESETS[name])

@@ -1,0 +1,1 @@
+"""Task streams from Hugging Face datasets: sources, class splits, images, instruction pairs."""

@@ -1,0 +1,277 @@
+"""The head alignment remedies of docs/method.md as a `ContinualCallback` (`HeadAlignment`): after each merge the
+head rows are refitted on the merged model's features — on the task's data ('task', 'seen') or on class-balanced
+pseudo-features from per-class statistics kept as the callback's state ('prototypes', optionally with semantic drift
+compensation). The backbone is never touched."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..config.checks import check_choice, check_number
+from ..config.groups import HEAD_ALIGN, MergeArguments
+from ..distributed.sharding import full, shard_like
+from ..distributed.zero3 import gathered_unless_served
+from ..method.callbacks import ContinualCallback
+from ..timing import Timer
+from .head import Head
+
+
+@torch.no_grad()
+def head_features(
+    model: nn.Module, head: nn.Module, dataset, collate_fn, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's inputs (fp32 features, flattened) and the labels of `dataset` under the model, in dataset order."""
+    feats, labels = [], []
+
+    def grab(module, args):
+        feats.append(args[0].detach().float().reshape(args[0].shape[0], -1))
+
+    handle = head.register_forward_pre_hook(grab)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with gathered_unless_served(model):  # ZeRO-3 before its hooks are on: whole for the pass
+            for batch in loader:
+                labels.append(batch.pop("labels"))
+                model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_head_rows(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: list[int],
+    classes: list[int],
+    steps: int = 100,
+    lr: float = 1e-2,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refit head rows `rows` (weight and bias) by full-batch Adam on cross-entropy over the logits of `classes`,
+    starting from their current values; every other row is returned unchanged (head alignment, docs/method.md).
+    Deterministic: full-batch Adam draws nothing at random.
+
+    Args:
+        features: [N, d] inputs of the head; labels: [N] global class ids (each in `classes`).
+        weight: [C, d] and bias: [C] (or None) of the head.
+        rows: the rows to refit (the new classes); classes: the logits the loss runs over (task or all seen).
+
+    Returns:
+        New (weight, bias) tensors (inputs are not modified).
+    """
+    if not set(rows) <= set(classes):
+        raise ValueError(f"head alignment: rows {rows} must be among the classes {classes} the loss runs over.")
+    cls = torch.tensor(sorted(classes), device=weight.device)
+    position = {c: i for i, c in enumerate(cls.tolist())}
+    target = torch.tensor([position[int(y)] for y in labels.tolist()], device=weight.device)
+    x = features.float().to(weight.device)
+    row_idx = torch.tensor(sorted(rows), device=weight.device)
+    w_new = weight.detach().float()[row_idx].clone().requires_grad_(True)
+    b_new = None if bias is None else bias.detach().float()[row_idx].clone().requires_grad_(True)
+    w_all, b_all = weight.detach().float().clone(), None if bias is None else bias.detach().float().clone()
+    opt = torch.optim.Adam([p for p in (w_new, b_new) if p is not None], lr=lr)
+    for _ in range(steps):
+        w = w_all.index_copy(0, row_idx, w_new)
+        logits = x @ w[cls].T
+        if b_all is not None:
+            logits = logits + b_all.index_copy(0, row_idx, b_new)[cls]
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        w_out = w_all.index_copy(0, row_idx, w_new.detach()).to(weight.dtype)
+        b_out = None if b_all is None else b_all.index_copy(0, row_idx, b_new.detach()).to(bias.dtype)
+    return w_out, b_out
+
+
+def pad_class_stats(stats: dict[str, torch.Tensor], num_classes: int) -> dict[str, torch.Tensor]:
+    """Class statistics with rows for `num_classes` (zeros for classes added since; a copy)."""
+    if not stats or len(stats["count"]) >= num_classes:
+        return dict(stats)
+    extra = num_classes - len(stats["count"])
+    mean = torch.cat([stats["mean"], stats["mean"].new_zeros(extra, stats["mean"].shape[1])])
+    return {
+        "mean": mean,
+        "count": torch.cat([stats["count"], stats["count"].new_zeros(extra)]),
+        "scatter": stats["scatter"],
+    }
+
+
+def update_class_stats(
+    stats: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> dict[str, torch.Tensor]:
+    """Add a batch of head inputs to per-class feature statistics (exact, order-independent; Chan et al.'s update).
+
+    `stats` holds `mean` [C, d], `count` [C] and `scatter` [d, d], the pooled within-class scatter
+    sum_c sum_i (x_i - mu_c)(x_i - mu_c)^T; all of fixed size (C = the head's classes), so they do not grow with
+    the number of tasks. Returns a new dict (the input is not modified); an empty dict starts from zero.
+    """
+    x = features.detach().double().reshape(features.shape[0], -1)
+    d = x.shape[1]
+    mean = stats["mean"].double().clone() if stats else torch.zeros(num_classes, d, dtype=torch.float64)
+    count = stats["count"].double().clone() if stats else torch.zeros(num_classes, dtype=torch.float64)
+    scatter = stats["scatter"].double().clone() if stats else torch.zeros(d, d, dtype=torch.float64)
+    for c in labels.unique().tolist():
+        xc = x[labels.cpu() == c]
+        n_b, mu_b = xc.shape[0], xc.mean(0)
+        centred = xc - mu_b
+        n_a, mu_a = count[c].item(), mean[c]
+        n = n_a + n_b
+        gap = (mu_b - mu_a).unsqueeze(1)
+        scatter += centred.T @ centred + (n_a * n_b / n) * (gap @ gap.T)
+        mean[c] = mu_a + (n_b / n) * (mu_b - mu_a)
+        count[c] = n
+    return {"mean": mean.float(), "count": count.float(), "scatter": scatter.float()}
+
+
+def sample_class_features(
+    stats: dict[str, torch.Tensor], classes: list[int], n_per_class: int, seed: int = 0, shrinkage: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `n_per_class` features for each class from N(mu_c, Sigma), Sigma the pooled within-class covariance
+    (scatter / (N - C), shrunk towards its mean variance by `shrinkage` so it is positive definite): the class-
+    balanced pseudo-features of the prototype head alignment (classifier alignment as in SLCA, with one shared
+    covariance). Returns (features [n_per_class * len(classes), d], labels)."""
+    missing = [c for c in classes if stats["count"][c] <= 0]
+    if missing:
+        raise ValueError(f"head alignment: no feature statistics for classes {missing}; they were never trained.")
+    counts = stats["count"][classes].double()
+    dof = max(float(counts.sum()) - len(classes), 1.0)
+    cov = stats["scatter"].double() / dof
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d) * torch.eye(d, dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov + 1e-10 * torch.eye(d, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(classes) * n_per_class, d, generator=gen, dtype=torch.float64)
+    labels = torch.tensor(classes).repeat_interleave(n_per_class)
+    feats = stats["mean"].double()[labels] + z @ chol.T
+    return feats.float(), labels
+
+
+def compensate_drift(
+    means: torch.Tensor, classes: list[int], before: torch.Tensor, after: torch.Tensor
+) -> torch.Tensor:
+    """Move stored class means along the feature drift measured on the current task's data (semantic drift
+    compensation, Yu et al. 2020): for each class c in `classes`, mu_c += sum_i w_i (after_i - before_i) / sum_i w_i,
+    w_i = exp(-||before_i - mu_c||^2 / (2 s_c^2)), s_c^2 = the median of those squared distances (so the samples
+    nearest to the class count most, whatever the feature scale). Returns new means (the input is not modified).
+
+    Args:
+        means: [C, d] stored means (computed under the previous model).
+        before, after: [N, d] the same samples' head inputs under the previous and the new model.
+    """
+    if before.shape != after.shape:
+        raise ValueError(f"drift compensation: before {tuple(before.shape)} and after {tuple(after.shape)} differ.")
+    out = means.clone()
+    b, drift = before.double(), (after - before).double()
+    for c in classes:
+        dist = ((b - means[c].double()) ** 2).sum(1)
+        scale = dist.median().clamp_min(1e-12)
+        w = torch.softmax(-dist / (2 * scale), dim=0)
+        out[c] = (means[c].double() + w @ drift).to(means.dtype)
+    return out
+
+
+class HeadAlignment(ContinualCallback):
+    """After each merge, refit head rows on the merged model's features (docs/method.md, remedies).
+
+    'task' / 'seen': the new classes' rows on the task's data, with cross-entropy over the task's classes or over all
+    seen classes (old rows frozen). 'prototypes': the task's features are added to per-class statistics kept as this
+    callback's state (fixed size: a mean per class and one pooled scatter, no old data); with drift 'sdc' the stored
+    means of old classes first follow the feature drift measured on the task's data between theta_hat_{t-1} (taken in
+    `on_task_begin`) and theta_hat_t; then every seen row is refitted on class-balanced pseudo-features drawn from
+    those Gaussians. The merged backbone is never touched. Its time goes to the task's `timings["head_align"]`.
+    """
+
+    state_key = "head_align"
+
+    def __init__(self, head: Head, stream, args: MergeArguments, batch_size: int, seed: int):
+        self.check_args(args)
+        self.head, self.stream, self.batch_size, self.seed = head, stream, batch_size, seed
+        self.mode, self.drift = args.head_align, args.head_align_drift
+        self.steps, self.lr, self.samples = args.head_align_steps, args.head_align_lr, args.head_align_samples
+        self.stats: dict[str, torch.Tensor] = {}
+        self.timer, self.before = Timer("head_align"), None
+
+    @staticmethod
+    def check_args(args: MergeArguments) -> None:
+        check_choice("head_align", args.head_align, HEAD_ALIGN)
+        check_choice("head_align_drift", args.head_align_drift, ("none", "sdc"))
+        check_number("head_align_steps", args.head_align_steps, 1, integer=True)
+        check_number("head_align_samples", args.head_align_samples, 1, integer=True)
+        check_number("head_align_lr", args.head_align_lr, 0, low_open=True)
+
+    def _features(self, model: nn.Module, task) -> tuple[torch.Tensor, torch.Tensor]:
+        return head_features(model, self.head.module, task.train, self.stream.collate_fn, self.batch_size)
+
+    def on_task_begin(self, t, model, task):
+        self.timer, self.before = Timer("head_align"), None
+        if self.mode == "prototypes" and self.drift == "sdc" and t > 0:
+            with self.timer("head_align"):  # under theta_hat_{t-1}: the old means' drift is measured against it
+                self.before = self._features(model, task)[0]
+
+    def on_merge(self, t, model, task):
+        with self.timer("head_align"):
+            self._align(t, model, task)
+
+    def on_task_end(self, t, model, log):
+        log["timings"]["head_align"] = self.timer.seconds["head_align"]
+
+    def _align(self, t: int, model: nn.Module, task) -> None:
+        x, y = self._features(model, task)
+        weight_param, bias_param = self.head.parameters()  # after the pass (ZeRO-3: checked at rest, then written)
+        seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
+        classes, rows = (task.classes if self.mode == "task" else seen), task.classes
+        if self.mode == "prototypes":
+            stats = pad_class_stats(self.stats, weight_param.shape[0])
+            if stats and self.before is not None:
+                old = [c for c in classes if c not in task.classes and stats["count"][c] > 0]
+                stats["mean"] = compensate_drift(stats["mean"], old, self.before.cpu(), x.cpu())
+            self.stats = update_class_stats(stats, x.cpu(), y.cpu(), weight_param.shape[0])
+            x, y = sample_class_features(self.stats, classes, self.samples, seed=self.seed + t)
+            rows = classes
+        weight, bias = fit_head_rows(  # on the whole head (FSDP2: gathered; every rank fits the same rows)
+            x,
+            y.to(weight_param.device),
+            full(weight_param.detach()),
+            None if bias_param is None else full(bias_param.detach()),
+            rows=rows,
+            classes=classes,
+            steps=self.steps,
+            lr=self.lr,
+        )
+        with torch.no_grad():
+            weight_param.copy_(shard_like(weight, weight_param))
+            if bias_param is not None:
+                bias_param.copy_(shard_like(bias, bias_param))
+
+    @contextlib.contextmanager
+    def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:
+        """The head as this merge would align it, then exactly as before (the class statistics too): for an oracle
+        that scores a merge with the head treatment the run applies."""
+        stats = {k: v.clone() for k, v in self.stats.items()}
+        params = [p for p in self.head.parameters() if p is not None]
+        saved = [p.detach().clone() for p in params]
+        try:
+            self._align(t, model, task)
+            yield
+        finally:
+            self.stats = stats
+            with torch.no_grad():
+                for p, value in zip(params, saved):
+                    p.copy_(value)
+
+    def state_dict(self):
+        return dict(self.stats)
+
+    def load_state_dict(self, state):
+        self.stats = dict(state)

@@ -1,0 +1,166 @@
+"""The Hugging Face Hub side of a run: the repository checked before any training, one commit per push (the export
+folder, its card and plots, and with `push_continual_state` the state a later run continues from), a tag `task-<t>`
+per task, and that state downloaded again for `resume_from`. The Trainer's own fields drive it: `push_to_hub`,
+`hub_model_id`, `hub_private_repo`, `hub_revision`, `hub_token`; `hub_strategy` is `end` or `every_task`.
+
+Layout of a pushed revision (classifiers):
+
+    README.md  adapter_config.json  adapter_model.safetensors  pm_hf_export.json  accuracy_matrix.png
+    accuracy_curve.png  tokenizer files / preprocessor_config.json  [continual_state/...]
+
+and the branch `pm-hf-base` holds the pretrained model with a head of the run's classes, which
+`adapter_config.json` names as its base (`revision="pm-hf-base"`), so `AutoPeftModelFor...` loads a revision alone.
+A causal LM's adapter names the pretrained model's own Hub id instead.
+
+Every call goes through `HfApi`; the token is handed to it and never written or logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+from ..config.checks import invalid
+
+logger = logging.getLogger(__name__)
+
+BASE_BRANCH = "pm-hf-base"  # the classifier's base model (pretrained weights + a head of the run's classes)
+STATE_DIR = "continual_state"  # checkpoint, adapter log and results: what `resume_from USER/NAME` continues from
+HUB_ERRORS = (HfHubHTTPError, OfflineModeIsEnabled, HFValidationError, OSError, ValueError)
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")  # USER/NAME, optionally @revision (a branch or tag)
+
+
+@dataclass
+class HubTarget:
+    """Where a run pushes: the client (holding the token), the repository and its branch."""
+
+    api: HfApi
+    repo_id: str
+    revision: str | None = None
+
+
+def is_repo_id(value: str) -> bool:
+    return bool(REPO_ID.match(value)) and not Path(value).exists()
+
+
+def _client(token: str | None, field: str, value) -> HfApi:
+    token = token or get_token()
+    if not token:
+        fix = "no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass `hub_token`."
+        raise invalid(field, value, fix)
+    return HfApi(token=token)
+
+
+def connect(args) -> HubTarget:
+    """Check the token and write access to the repository (created if needed, with `hub_private_repo`) and its
+    branch `hub_revision`, before anything is trained; an error names the field to fix. The repository name defaults
+    to output_dir's folder name under the token's user, as with the Trainer."""
+    name = args.hub_model_id or Path(args.output_dir).absolute().name
+    api = _client(args.hub_token, "hub_model_id", name)
+    try:
+        identity = api.whoami()
+    except HUB_ERRORS as err:
+        raise invalid("hub_token", "<hidden>", f"the Hub did not accept the token ({type(err).__name__}).") from None
+    repo_id = name if "/" in name else f"{identity['name']}/{name}"
+    check_write_access(identity, repo_id)
+    try:
+        repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
+        if args.hub_revision:
+            api.create_branch(repo_id, branch=args.hub_revision, exist_ok=True)
+    except HUB_ERRORS as err:
+        fix = f"the repository cannot be created or written with this token ({type(err).__name__}: {err})."
+        raise invalid("hub_model_id", repo_id, " ".join(fix.split())) from None
+    return HubTarget(api, repo_id, args.hub_revision)
+
+
+def check_write_access(identity: dict, repo_id: str) -> None:
+    """Refuse a token that `whoami` (`identity`) shows cannot write to `repo_id`: a 'read' token, a fine-grained one
+    without `repo.write` on the repository or its namespace, or a namespace that is neither the token's user nor one
+    of their organisations (as a member with more than read access). `create_repo(exist_ok=True)` cannot tell: it
+    turns the Hub's 403 on an existing repository into success, and the push would fail after training. An identity
+    that does not say (no role) is left to `create_repo`."""
+    namespace = repo_id.split("/")[0]
+    token = (identity.get("auth") or {}).get("accessToken") or {}
+    role = token.get("role")
+    if role == "fineGrained":
+        scopes = (token.get("fineGrained") or {}).get("scoped") or []
+        here = [s for s in scopes if (s.get("entity") or {}).get("name") in (namespace, repo_id)]
+        if not any("repo.write" in (s.get("permissions") or []) for s in here):
+            fix = f"this fine-grained token has no 'repo.write' on {namespace!r}: add it, or use a write token."
+            raise invalid("hub_token", "<hidden>", fix)
+        return
+    if role is not None and role not in ("write", "admin"):
+        fix = f"the token's role is {role!r}: pushing needs a 'write' token (or a fine-grained one with repo.write)."
+        raise invalid("hub_token", "<hidden>", fix)
+    orgs = {org.get("name"): org.get("roleInOrg") for org in identity.get("orgs") or []}
+    if namespace != identity.get("name") and (namespace not in orgs or orgs[namespace] == "read"):
+        fix = f"the token (user {identity.get('name')!r}) cannot write under {namespace!r}: use your own namespace "
+        raise invalid("hub_model_id", repo_id, fix + "or an organisation where you have write access.")
+
+
+def _files(folder: Path, prefix: str = "") -> dict[str, Path]:
+    return {prefix + p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _commit(target: HubTarget, files: dict[str, Path], message: str, revision: str | None) -> str:
+    """One commit: add `files` (path in repo -> local file), delete what the revision holds besides them."""
+    try:
+        present = target.api.list_repo_files(target.repo_id, revision=revision)
+    except HUB_ERRORS:  # a new branch or an empty repository
+        present = []
+    stale = [p for p in present if p not in files and not fnmatch.fnmatch(p, ".gitattributes")]
+    ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+    ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
+    info = target.api.create_commit(target.repo_id, ops, commit_message=message, revision=revision)
+    return info.oid
+
+
+def push_run(target: HubTarget, export: Path, state: dict[str, Path] | None, message: str, tag: str | None) -> str:
+    """Push an export folder written for this repository (its `base/`, if any, to the branch `pm-hf-base`), with the
+    continual state's files (name -> local file) under `continual_state/`, as one commit; `tag` then names it.
+    Returns the commit id."""
+    export = Path(export)
+    base = export / "base"
+    if base.is_dir():
+        target.api.create_branch(target.repo_id, branch=BASE_BRANCH, exist_ok=True)
+        _commit(target, _files(base), "pm_hf: the base model with a head of the run's classes", BASE_BRANCH)
+    files = {k: v for k, v in _files(export).items() if not k.startswith("base/")}
+    files.update({f"{STATE_DIR}/{name}": path for name, path in (state or {}).items()})
+    oid = _commit(target, files, message, target.revision)
+    if tag:
+        if any(ref.name == tag for ref in target.api.list_repo_refs(target.repo_id).tags):
+            target.api.delete_tag(target.repo_id, tag=tag)  # a task trained again: the tag moves to the new commit
+        target.api.create_tag(target.repo_id, tag=tag, revision=oid)
+    logger.info("pushed %s to %s (%s)", export, target.repo_id, tag or target.revision or "main")
+    return oid
+
+
+def download_state(source: str, token: str | None) -> Path:
+    """The `continual_state/` folder of a pushed run `USER/NAME` (the newest) or `USER/NAME@task-3` (after task 3),
+    downloaded; an error names `resume_from`."""
+    repo_id, _, revision = source.partition("@")
+    api = _client(token, "resume_from", source)
+    try:
+        folder = Path(api.snapshot_download(repo_id, revision=revision or None, allow_patterns=[f"{STATE_DIR}/*"]))
+    except HUB_ERRORS as err:
+        raise invalid("resume_from", source, f"cannot download it ({type(err).__name__}: {err}).") from None
+    if not (folder / STATE_DIR / "latest.json").is_file():
+        fix = f"the repository holds no {STATE_DIR}/: push the run with `push_continual_state: true`."
+        raise invalid("resume_from", source, fix)
+    return folder / STATE_DIR
+
+
+def download_export(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """A pushed export (the files of one revision, without the continual state), downloaded; an error names `model`."""
+    try:
+        api = HfApi(token=token or get_token())
+        return Path(api.snapshot_download(repo_id, revision=revision, ignore_patterns=[f"{STATE_DIR}/*"]))
+    except HUB_ERRORS as err:
+        fix = f"not a local folder, and cannot be downloaded ({type(err).__name__})."
+        raise invalid("model", repo_id, fix) from None

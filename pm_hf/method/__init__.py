@@ -1,0 +1,1 @@
+"""The paper: the perturbation, `PMTrainer`, the Fisher, merge math, strategies, weights, PEFT plumbing."""

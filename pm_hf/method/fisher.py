@@ -1,0 +1,270 @@
+"""Diagonal Fisher estimation at theta*_t (docs/method.md, 'Fisher estimator').
+
+What is squared and what is averaged, named once:
+- `per_sample` (default, the empirical Fisher): F = (1/N) sum_n (d l_n / d theta)^2, l_n = the training loss of
+  sample n (its true label; for causal LMs the mean token CE over its supervised tokens).
+- `batch`: F = (1/N) sum_k B_k (d Lbar_k / d theta)^2, Lbar_k = mean loss of mini-batch k of size B_k (cheaper;
+  biased towards zero when per-sample gradients disagree).
+- `fisher_labels='sampled'`: the labels are drawn from the model's predictive distribution (the true Fisher).
+
+Gradients w.r.t. a LoRA layer's effective weight W + s B A equal those w.r.t. its base weight, so they come from
+hooks: per-sample grad = delta_n^T X_n (output grads times inputs, summed over that sample's tokens). No parameter
+`.grad` is touched. Model in eval mode (no dropout), adapter unscaled, fp32 accumulation. In a distributed run
+every rank takes a shard of the samples and the sums and the count are all-reduced, so the result does not depend
+on the number of processes. Under FSDP2 the sums are sharded like the weights: the ranks all-gather the probes'
+inputs and output gradients, each accumulates its own rows over every rank's samples (`pm_hf.distributed.sharding`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config.groups import FisherArguments
+from ..distributed.sharding import all_gather_padded, is_sharded, local, row_range, scalar
+from .adapters import base_weights, full_trainable_params, lora_layers, presented, strip_prefix, unwrap
+
+PerSampleLoss = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def per_sample_loss(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    sample_labels: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Loss of every sample in `batch` (shape [B]): CE for classifiers (labels [B]); for causal LMs (labels [B, T],
+    -100 = unsupervised) the mean token CE over that sample's supervised tokens, after the usual one-token shift.
+    With `sample_labels`, labels are drawn from the model's own predictive distribution at the supervised places."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    logits = model(**inputs).logits.float()
+    if labels.dim() == 1:
+        if sample_labels:
+            labels = _sample(logits, generator)
+        return F.cross_entropy(logits, labels, reduction="none")
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    if sample_labels:
+        labels = torch.where(mask, _sample(logits, generator), labels)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=-100)
+    ce = ce.view(labels.shape) * mask
+    return ce.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    probs = torch.softmax(logits.detach().float(), -1).reshape(-1, logits.shape[-1]).cpu()
+    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1]).to(logits.device)
+
+
+class _Probe:
+    """Captures input and output of a linear-like module during the forward pass."""
+
+    def __init__(self, module: nn.Module, keys: dict[str, str], transpose: bool):
+        self.keys, self.transpose = keys, transpose  # role ('weight'/'bias') -> merge key
+        self.x = self.y = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        if self.y is not None:
+            raise ValueError(
+                "a module probed for the Fisher ran twice in one forward pass (shared weights); "
+                "use fisher_mode='batch' or leave that module out of the merge."
+            )
+        self.x, self.y = args[0], output
+
+    def clear(self):
+        self.x = self.y = None
+
+
+def _build_probes(model: nn.Module, keys: Sequence[str]) -> dict[str, _Probe]:
+    """One probe per module that owns a merge key; raises for keys no linear-like module owns."""
+    lora = lora_layers(model)
+    modules = {strip_prefix(n): m for n, m in unwrap(model).named_modules()}
+    wanted: dict[str, dict[str, str]] = {}
+    transpose: dict[str, bool] = {}
+    for key in keys:
+        mod_name, role = key.rsplit(".", 1)
+        module = lora.get(key) if key in lora else modules.get(mod_name)
+        linear_like = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D" or key in lora
+        if module is None or role not in ("weight", "bias") or not linear_like:
+            raise ValueError(
+                f"Fisher key {key!r} is not the weight or bias of a linear (or Conv1D) module; "
+                "leave it out of the merged parameters."
+            )
+        wanted.setdefault(mod_name, {})[role] = key
+        transpose[mod_name] = bool(getattr(module, "fan_in_fan_out", False)) or type(module).__name__ == "Conv1D"
+    return {
+        name: _Probe(lora.get(f"{name}.weight") or modules[name], roles, transpose[name])
+        for name, roles in wanted.items()
+    }
+
+
+def default_fisher_keys(model: nn.Module) -> list[str]:
+    """LoRA effective weights plus fully trained linear parameters."""
+    return list(lora_layers(model)) + list(full_trainable_params(model))
+
+
+def _accumulate(
+    probes: dict[str, _Probe], loss_terms: torch.Tensor, per_sample: bool, sums: dict[str, torch.Tensor]
+) -> None:
+    ys = [p.y for p in probes.values()]
+    grads = torch.autograd.grad(loss_terms.sum(), ys, allow_unused=True)
+    for probe, g in zip(probes.values(), grads):
+        if g is None:
+            continue
+        x = probe.x.detach().float().reshape(g.shape[0], -1, probe.x.shape[-1])
+        g = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
+        sharded = next((sums[k] for k in probe.keys.values() if is_sharded(sums[k])), None)
+        if sharded is not None:  # every rank's samples, this rank's rows (pm_hf.distributed.sharding)
+            start, stop = row_range(sharded)
+            x, g = all_gather_padded(x), all_gather_padded(g)[..., start:stop]
+        if per_sample:
+            gw = torch.einsum("bto,bti->boi", g, x)
+            gb = g.sum(1)
+        else:  # batch mode: gradient of the mean loss, squared, times the batch size
+            gw = torch.einsum("bto,bti->oi", g, x).unsqueeze(0) / g.shape[0]
+            gb = g.sum((0, 1)).unsqueeze(0) / g.shape[0]
+        scale = 1.0 if per_sample else float(g.shape[0])
+        for role, key in probe.keys.items():
+            grad = gw if role == "weight" else gb
+            if role == "weight" and probe.transpose:
+                grad = grad.transpose(1, 2)
+            local(sums[key]).add_((grad.square().sum(0) * scale).to(local(sums[key]).device))
+
+
+def estimate_fisher(
+    model: nn.Module,
+    dataset,
+    collate_fn: Callable[[list], dict] | None = None,
+    args: FisherArguments | None = None,
+    keys: Sequence[str] | None = None,
+    loss_fn: PerSampleLoss | None = None,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of `model` at its current weights over `dataset`.
+
+    Args:
+        model: a PEFT LoRA model (or any model whose merge keys are linear weights/biases).
+        dataset: a map-style dataset of examples; `collate_fn` turns a list of them into a batch dict with `labels`.
+        args: `FisherArguments` (mode, sample cap, batch size, labels, device).
+        keys: merge keys to estimate (default: LoRA effective weights + fully trained linear parameters).
+        loss_fn: `fn(model, batch) -> per-sample losses [B]` (default `per_sample_loss`).
+        seed: seeds the sample cap's subset and sampled labels.
+        show_progress: a tqdm bar on the main process.
+
+    Returns:
+        `{key: fp32 tensor}` shaped like each parameter: the mean over samples of the squared gradients.
+    """
+    args = args or FisherArguments()
+    keys = list(keys) if keys is not None else default_fisher_keys(model)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mine = _sample_order(len(dataset), args.fisher_max_samples, seed)[rank::world]
+    device = next(unwrap(model).parameters()).device
+    sums = _zero_sums(model, keys, torch.device(args.fisher_device) if args.fisher_device else device)
+    generator = torch.Generator().manual_seed(seed + 1 + rank)
+    loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))
+    probes = _build_probes(model, keys)
+    sharded = any(is_sharded(v) for v in sums.values())
+    if sharded and (args.fisher_mode != "per_sample" or any(p.transpose for p in probes.values())):
+        raise ValueError("a sharded model's Fisher is per sample, over untransposed weights: fisher_mode 'per_sample'")
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for batch, real in tqdm(_batches(mine, args.fisher_batch_size, world if sharded else 1, device), desc="Fisher",
+                                disable=not show_progress or rank != 0, leave=False):  # fmt: skip
+            batch = collate_fn([dataset[i] for i in batch])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for p in probes.values():
+                p.clear()
+            losses = loss_fn(model, batch)
+            _accumulate(
+                probes, losses * real.to(losses.device) if sharded else losses, args.fisher_mode == "per_sample", sums
+            )
+            count += int(real.sum()) if sharded else losses.shape[0]
+    finally:
+        for p in probes.values():
+            p.handle.remove()
+            p.clear()
+        model.train(was_training)
+    return _reduce_mean(sums, count, world)
+
+
+def _batches(mine: list[int], size: int, world: int, device: torch.device):
+    """(sample indices, 1/0 per sample: real or filler) per batch. A sharded model's forward is a collective, so
+    with `world` > 1 every rank runs the same number of batches: a rank out of samples repeats one with weight 0."""
+    if world > 1:
+        n = torch.tensor([len(mine)], device=device)  # on the backend's device (NCCL: the GPU)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        total = -(-int(n) // size) * size
+    else:
+        total = len(mine)
+    for start in range(0, total, size):
+        part = mine[start : start + size]
+        real = torch.ones(len(part))
+        if world > 1 and len(part) < size:  # pad to the batch size with a filler sample (weight 0)
+            filler = (mine or [0])[0]
+            part, real = part + [filler] * (size - len(part)), torch.cat([real, torch.zeros(size - len(part))])
+        yield part, real
+
+
+def fisher_sample(dataset, cap: int | None, seed: int):
+    """The samples a Fisher pass with this cap and seed uses (all of them, or the same seeded subset), as a list."""
+    return [dataset[i] for i in _sample_order(len(dataset), cap, seed)]
+
+
+def _sample_order(n: int, cap: int | None, seed: int) -> list[int]:
+    """The samples of the pass: all of them in order, or a seeded random subset of `cap`."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return order[:cap] if cap else list(range(n))
+
+
+def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """fp32 zero accumulators shaped like each key's parameter (a LoRA key: its layer's base weight)."""
+    if not keys:
+        raise ValueError("no parameters to estimate the Fisher of: the model has no LoRA layer or trainable module.")
+    params = {strip_prefix(n): p for n, p in unwrap(model).named_parameters()}
+    bases = base_weights(model)
+    unknown = [k for k in keys if k not in bases and k not in params]
+    if unknown:
+        raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
+    like = {k: bases[k] if k in bases else presented(params[k]) for k in keys}
+    return {
+        k: torch.zeros_like(w, dtype=torch.float32)
+        if is_sharded(w)
+        else torch.zeros(w.shape, dtype=torch.float32, device=device)
+        for k, w in like.items()
+    }
+
+
+def _reduce_mean(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[str, torch.Tensor]:
+    if world > 1:
+        n = torch.tensor([float(count)], dtype=torch.float64, device=next(iter(sums.values())).device)
+        dist.all_reduce(n)
+        count = int(n.item())
+        for t in sums.values():
+            if not is_sharded(t):  # a sharded sum already holds every rank's samples (`_accumulate`)
+                dist.all_reduce(t)
+    if count == 0:
+        raise ValueError("the Fisher dataset is empty; pass the task's training data.")
+    return {k: v / count for k, v in sums.items()}
+
+
+def normalize_fisher(fisher: Mapping[str, torch.Tensor], mode: str = "mean") -> dict[str, torch.Tensor]:
+    """Rescale a Fisher so that its mean over all entries is 1 ('mean'), or return it unchanged ('none')."""
+    if mode == "none":
+        return dict(fisher)
+    if mode != "mean":
+        raise ValueError(f"`fisher_normalize` = {mode!r} is invalid: use 'none' or 'mean'.")
+    total = sum(scalar(v.double().sum()) for v in fisher.values())
+    numel = sum(v.numel() for v in fisher.values())
+    if total <= 0:
+        return dict(fisher)
+    return {k: v * (numel / total) for k, v in fisher.items()}

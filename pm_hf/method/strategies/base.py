@@ -1,0 +1,241 @@
+"""Merge strategies, one class each (in the style of mergekit's merge methods): a strategy owns its knobs (checked by
+itself), its reference, whether it needs the Fisher or a held-out score, where task t's training starts, how the
+trained task is merged, and what it keeps across tasks (`state_dict()` / `load_state_dict()`). The loop never names
+a strategy; a new baseline is one class here, registered with `@register`.
+
+Every `merge` returns a `MergePlan`: theta_hat_t = origin + alpha * deltas, key by key, where the origin is the
+previous merged model theta_hat_{t-1} or the pretrained weights theta_0. `merge_task` applies a plan to a model.
+
+This module holds the base class, the registry and `merge_task`; `alpha.py` the strategies that merge
+theta_hat_{t-1} + alpha * Delta_t, `task_vectors.py` those that combine task vectors relative to theta_0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ...config.checks import check_number, invalid
+from ...config.groups import MergeArguments
+from ..adapters import zero_adapter
+from ..merge import (
+    AlphaChoice,
+    AlphaTerms,
+    LoraFactors,
+    TaskVector,
+)
+from ..weights import LowRankWeights, ModelWeights
+
+Start = Literal["merged", "pretrained", "chain"]
+Score = Callable[[float], float]
+
+
+@dataclass
+class MergePlan:
+    """theta_hat_t[k] = origin[k] + alpha[k] * deltas[k]; `choices` is what is logged per key (alpha, raw, fallback)."""
+
+    deltas: dict[str, torch.Tensor]
+    alpha: dict[str, float | torch.Tensor]
+    choices: dict[str, AlphaChoice]
+    origin: Literal["previous", "pretrained"] = "previous"
+    terms: AlphaTerms | None = None  # the closed form's sums (strategies that compute them)
+    per_key: bool = False  # log one alpha per key (per-module ablation)
+    oracle_scores: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None  # what a calibrated closed form measured (kappa, losses, curve)
+
+    @property
+    def choice(self) -> AlphaChoice:
+        """The logged alpha of the task (the first key's; all keys share it unless `per_key`)."""
+        return next(iter(self.choices.values()))
+
+    @property
+    def low_rank(self) -> bool:
+        """Whether theta_hat_t - theta_hat_{t-1} is alpha * s B A exactly (one float alpha per key, previous origin):
+        then the task's adapter factors are the exact export record."""
+        return self.origin == "previous" and all(not isinstance(a, torch.Tensor) for a in self.alpha.values())
+
+
+@dataclass
+class TaskProbe:
+    """Measurements of the trained task for the calibrated closed forms (strategies with `needs_probe`): its loss
+    along the merge line theta_hat_{t-1} + alpha Delta_t (adapter off, the task's training mask, eval mode) on a sample
+    of its training data and on its held-out part, and the perturbation's late branch losses."""
+
+    loss: Score | None = None  # alpha -> mean loss on the task's training sample (the Fisher's)
+    heldout_loss: Score | None = None  # alpha -> mean loss on the held-out part of the task's training data
+    branch_losses: dict[int, float | None] = field(default_factory=dict)
+    eps: float = 0.0  # the perturbation's epsilon (branch b = -1 trains at 1 - eps)
+
+
+@dataclass
+class StartPoint:
+    """Where task t trains from when it is not theta_hat_{t-1} with a fresh adapter."""
+
+    weights: dict[str, torch.Tensor]  # merge key -> value to load before training
+    adapter: dict[str, LoraFactors] | None = None  # factors to continue from (None: a fresh adapter)
+
+
+class MergeStrategy:
+    """Base class. Subclasses set the class attributes and implement `merge`."""
+
+    name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    knobs: ClassVar[tuple[str, ...]] = ()  # the `MergeArguments` fields the strategy reads
+    needs_fisher: ClassVar[bool] = False
+    needs_score: ClassVar[bool] = False  # score(alpha): held-out accuracy of theta_hat_{t-1} + alpha Delta
+    needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
+    shards: ClassVar[bool] = False  # its math is elementwise plus global sums: runs on FSDP-sharded weights
+    holdout: ClassVar[float] = 0.0  # the fraction of each task's training data held out for the probe
+    start: ClassVar[Start] = "merged"
+
+    def __init__(self, **knobs):
+        unknown = set(knobs) - set(self.knobs)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} takes the knobs {list(self.knobs)}, not {sorted(unknown)}")
+        defaults = MergeArguments()
+        for name in self.knobs:
+            setattr(self, name, knobs.get(name, getattr(defaults, name)))
+        self.check(self)
+        self.pretrained: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_args(cls, args: MergeArguments) -> MergeStrategy:
+        return cls(**{name: getattr(args, name) for name in cls.knobs})
+
+    @staticmethod
+    def check(values) -> None:
+        """Raise `ValueError` naming field, value and fix for a bad knob; `values` has the knobs as attributes."""
+
+    @property
+    def needs_pretrained(self) -> bool:
+        return self.start != "merged"
+
+    def transform_stream(self, stream):
+        """The task stream this strategy trains on (the identity, except for `joint`)."""
+        return stream
+
+    def start_point(self, t: int) -> StartPoint | None:
+        """Where task t (0-based) trains from; None: theta_hat_{t-1} with a fresh adapter."""
+        if self.start == "merged":
+            return None
+        return StartPoint(dict(self._theta0()))
+
+    def merge(self, t: int, vector: TaskVector, fisher=None, score: Score | None = None) -> MergePlan:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(
+                f"merge strategy {self.name!r} keeps no state, but the checkpoint holds {sorted(state)[:3]}"
+            )
+
+    def _theta0(self) -> dict[str, torch.Tensor]:
+        if self.pretrained is None:
+            raise ValueError(f"merge strategy {self.name!r} needs the pretrained weights: set `strategy.pretrained`.")
+        return self.pretrained
+
+
+STRATEGIES: dict[str, type[MergeStrategy]] = {}
+RETIRED = {"fixed": "'fixed' is the same rule as 'coma': use `merge_method: coma` with `fixed_alpha`"}
+
+
+def register(cls: type[MergeStrategy]) -> type[MergeStrategy]:
+    """Class decorator: make a strategy available as `merge_method: <cls.name>`."""
+    if not cls.name or cls.name in STRATEGIES:
+        raise ValueError(f"merge strategy {cls.__name__}: a unique `name` is required (got {cls.name!r})")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[MergeStrategy]:
+    if name in RETIRED:
+        raise invalid("merge_method", name, RETIRED[name] + ".")
+    if name not in STRATEGIES:
+        raise invalid("merge_method", name, f"use one of {sorted(STRATEGIES)}.")
+    return STRATEGIES[name]
+
+
+def check_merge_args(args: MergeArguments) -> None:
+    """Every knob of `args` checked by the strategy that owns it, and the strategy name itself."""
+    cls = get_strategy(args.merge_method)
+    for other in STRATEGIES.values():
+        other.check(args)
+    if args.merge_into == "adapter":
+        strategy = cls.from_args(args)
+        if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
+            fix = "is not available with a merged adapter (merge_into: adapter): use pm, coma, average, seq-merge or "
+            fix += "sqrt-t."
+            raise invalid("merge_method", args.merge_method, fix)
+
+
+def build_strategy(args: MergeArguments) -> MergeStrategy:
+    """The strategy `args.merge_method` with its knobs from `args` (all knobs of `args` checked first)."""
+    check_merge_args(args)
+    return get_strategy(args.merge_method).from_args(args)
+
+
+def fraction(values, name: str, lo_open: bool = False) -> None:
+    """Knob `name` of `values` is a number in [0, 1] ((0, 1] when `lo_open`)."""
+    check_number(name, getattr(values, name), 0, 1, low_open=lo_open)
+
+
+def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a state dict under `prefix`, with the prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def constant(keys, a: float) -> dict[str, AlphaChoice]:
+    choice = AlphaChoice(float(a), float(a))
+    return dict.fromkeys(keys, choice)
+
+
+def alpha_plan(vector: TaskVector, choices: dict[str, AlphaChoice], **kw) -> MergePlan:
+    return MergePlan(vector.deltas, {k: c.value for k, c in choices.items()}, choices, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ applying
+def merge_task(
+    weights: ModelWeights,
+    strategy: MergeStrategy,
+    t: int,
+    vector: TaskVector,
+    before: Mapping[str, torch.Tensor] | None = None,
+    fisher: Mapping[str, torch.Tensor] | None = None,
+    score: Score | None = None,
+    probe: TaskProbe | None = None,
+) -> MergePlan:
+    """Merge task t (0-based) into the model: the strategy's plan, written through `weights`, then the adapter
+    zeroed (theta_hat_t now lives in the base weights; a fresh adapter starts the next task).
+
+    Args:
+        weights: the model's `ModelWeights` (one per run: it keeps the fp32 master copies).
+        strategy: the merge strategy (keeps its own state across tasks).
+        vector: the task's `TaskVector` (`weights.task_vector(before, ...)` right after training).
+        before: fp32 values of the fully trained parameters when the task started (their theta_hat_{t-1}).
+        fisher: the task's diagonal Fisher over `vector.deltas` (strategies with `needs_fisher`).
+        score: score(alpha) for strategies with `needs_score`.
+        probe: the task's `TaskProbe` for strategies with `needs_probe`.
+
+    Returns:
+        The applied `MergePlan` (alpha per key, what was logged, the closed form's terms).
+    """
+    extra = {"probe": probe} if strategy.needs_probe else {}
+    plan = strategy.merge(t, vector, fisher=fisher, score=score, **extra)
+    base = strategy.pretrained if plan.origin == "pretrained" else before
+    if isinstance(weights, LowRankWeights):  # a base that cannot be written: the LoRA deltas join a merged adapter
+        if not plan.low_rank:
+            fix = "a quantized base keeps its merges as a low-rank adapter: use a strategy with one alpha per task."
+            raise invalid("merge_method", strategy.name, fix)
+        weights.append(vector.adapter, plan.alpha)
+        dense = {k: d for k, d in plan.deltas.items() if k not in vector.adapter}
+        weights.apply(dense, {k: plan.alpha[k] for k in dense}, base=base)
+    else:
+        weights.apply(plan.deltas, plan.alpha, base=base)
+    zero_adapter(weights.model)
+    return plan

@@ -1,0 +1,218 @@
+"""theta_hat as the model holds it: `ModelWeights`, the one writer of merged weights (an fp32 master copy of every
+written tensor when the model is not fp32), its snapshots and checkpointed state, and the task vector read from the
+trained adapter. Merge keys are those of `pm_hf.method.adapters`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..config.checks import NonFiniteError, check_finite
+from ..distributed.sharding import all_finite, gather, shard_like
+from .adapters import (
+    adapter_factors,
+    base_weights,
+    full_trainable_params,
+    lora_layers,
+    lora_task_vector,
+    merged_delta_hooks,
+    presented,
+    strip_prefix,
+    unwrap,
+)
+from .merge import LoraFactors, TaskVector, compress_factors
+
+
+class ModelWeights:
+    """theta_hat as the model holds it, and the only writer of merged weights: LoRA keys live in the adapted layers'
+    base weights, the other keys are the fully trained parameters (heads, `modules_to_save`).
+
+    When the model's weights are not fp32, an fp32 master copy of every written tensor is kept (on `device`) and the
+    model's weight is re-cast from it after every write, so many merges do not accumulate rounding.
+    """
+
+    def __init__(self, model: nn.Module, device: str | None = None):
+        self.model = model
+        self.device = device
+        self.master: dict[str, torch.Tensor] = {}
+
+    def full(self) -> dict[str, nn.Parameter]:
+        """The fully trained parameters, by merge key."""
+        return full_trainable_params(self.model)
+
+    def targets(self, keys) -> dict[str, torch.Tensor]:
+        """The tensor each merge key writes to (LoRA key: the base layer's weight)."""
+        layers = base_weights(self.model)
+        params = {strip_prefix(n): p for n, p in unwrap(self.model).named_parameters()}
+        out = {}
+        for key in keys:
+            if key not in layers and key not in params:
+                raise ValueError(f"merge key {key!r} is neither a LoRA layer nor a parameter of the model.")
+            out[key] = layers[key] if key in layers else presented(params[key])
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensor of every merge key: the adapted layers' base weights and the fully trained parameters."""
+        return {**base_weights(self.model), **self.full()}
+
+    def value(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The exact value of a written tensor: its fp32 master copy if one is kept, else the tensor itself."""
+        return self.master.get(key, tensor.detach())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """theta_hat as checkpointed: every adapted layer's merged weight and every fully trained parameter."""
+        out = {k: self.value(k, w) for k, w in base_weights(self.model).items()}
+        out.update({k: p.detach() for k, p in self.full().items()})
+        return out
+
+    def whole(self, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """fp32 whole copies of the merged adapted weights and of the fully trained parameters (an export's input;
+        gathered to host memory when FSDP shards them: every rank calls this, `keep` on the rank that writes)."""
+        merged = {k: self.value(k, w).float() for k, w in base_weights(self.model).items()}
+        return gather(merged, keep), gather({k: p.detach().float() for k, p in self.full().items()}, keep)
+
+    def snapshot(self, exclude: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
+        """fp32 copies of the adapted layers' weights and the fully trained parameters (keys `exclude` rejects are
+        left out): the pretrained theta_0 when taken right after loading."""
+        out = {k: self.value(k, w).float().clone() for k, w in base_weights(self.model).items() if not exclude(k)}
+        out.update({k: p.detach().float().clone() for k, p in self.full().items() if not exclude(k)})
+        return out
+
+    def restore(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write `weights` (merge key -> value) into the model exactly; master copies follow."""
+        targets = self.targets(weights)
+        for key, value in weights.items():
+            if targets[key].shape != value.shape:
+                raise ValueError(f"{key!r}: value of shape {tuple(value.shape)}, weight {tuple(targets[key].shape)}")
+        with torch.no_grad():
+            for key, value in weights.items():
+                value = shard_like(value, targets[key])  # a whole value into a sharded weight: this rank's rows
+                if targets[key].dtype != torch.float32:
+                    self.master[key] = value.float().to(self.device or targets[key].device)
+                targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
+
+    def load_state(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Restore a checkpointed `state()` exactly: the same keys and shapes, or nothing is written."""
+        expected = self.targets(self.state())
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"the checkpoint's weights do not match the model: missing {missing[:3]}, extra {extra[:3]}"
+            )
+        self.restore(weights)
+
+    def apply(
+        self,
+        deltas: Mapping[str, torch.Tensor],
+        alpha: Mapping[str, float | torch.Tensor],
+        base: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Set each key to base + alpha * delta; `base` defaults per key to the current value (its master copy if
+        any); alpha is a float or a per-parameter tensor per key. Every key is checked before any is written."""
+        targets = self.targets(deltas)
+        for key, delta in deltas.items():
+            a = alpha.get(key)
+            finite = a is not None and (all_finite(a) if isinstance(a, torch.Tensor) else math.isfinite(a))
+            if not finite:
+                raise NonFiniteError(f"no finite alpha for merge key {key!r}; nothing was written.")
+            if targets[key].shape != delta.shape:
+                raise ValueError(
+                    f"delta for {key!r} has shape {tuple(delta.shape)}, weight {tuple(targets[key].shape)}"
+                )
+        new_value = lambda key: self._merged(targets[key], key, deltas[key], alpha[key], base)  # noqa: E731
+        with torch.no_grad():
+            for key in deltas:  # every new value is checked before any is written
+                check_finite({key: new_value(key)}, "merged weights")
+            for key in deltas:
+                weight, new = targets[key], new_value(key)
+                if weight.dtype != torch.float32:
+                    self.master[key] = new.to(self.device or weight.device)
+                weight.copy_(new.to(weight.device, weight.dtype))
+
+    def _merged(self, weight, key: str, delta: torch.Tensor, a, base) -> torch.Tensor:
+        start = base[key].float() if base is not None and key in base else self.value(key, weight).float()
+        a = a.to(delta.device) if isinstance(a, torch.Tensor) else a
+        return start.to(delta.device) + a * delta.float()
+
+    def task_vector(
+        self,
+        before: Mapping[str, torch.Tensor],
+        is_head: Callable[[str], bool] = lambda key: False,
+        head_delta: Callable[[str, torch.Tensor], torch.Tensor | None] = lambda key, delta: None,
+    ) -> TaskVector:
+        """The trained adapter's Delta W and the fully trained parameters' change since `before`.
+
+        Args:
+            before: fp32 values of the fully trained parameters when the task started (`snapshot`).
+            is_head: whether a key belongs to the class head (left out of `trained`).
+            head_delta: the merged part of a head key's change, or None when nothing of it is merged.
+        """
+        lora = lora_task_vector(self.model, self.device)
+        full, trained = {}, {}
+        for key, param in self.full().items():
+            delta = param.detach().float() - before[key]
+            if is_head(key):
+                delta = head_delta(key, delta)
+            else:
+                trained[key] = param.detach().float().clone()
+            if delta is not None:
+                full[key] = delta
+        return TaskVector(lora, full, trained, adapter_factors(self.model))
+
+
+class LowRankWeights(ModelWeights):
+    """theta_hat for a base whose weights cannot be written (quantized, `merge_into: adapter`): the base stays as
+    loaded and every merged LoRA delta alpha s B A is appended to a frozen merged adapter next to the trained one —
+    exact (its rank is the sum of the task ranks) or compressed back to `max_rank` after each merge (the best
+    approximation, its relative error kept in `errors`). Fully trained parameters are written as usual."""
+
+    SEP = "::"  # state keys: "<merge key>::A" / "<merge key>::B"
+
+    def __init__(self, model: nn.Module, device: str | None = None, max_rank: int | None = None):
+        super().__init__(model, device)
+        self.max_rank, self.errors = max_rank, []
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = merged_delta_hooks(model, self.factors)
+
+    def append(self, adapter: Mapping[str, LoraFactors], alpha: Mapping[str, float]) -> None:
+        """theta_hat_t = theta_hat_{t-1} + alpha s B A for every LoRA key: the factors joined to the merged adapter."""
+        error = 0.0
+        for key, f in adapter.items():
+            A, B = f.A.float(), float(alpha[key]) * f.scaling * f.B.float()
+            if key in self.factors:
+                A = torch.cat([self.factors[key][0].cpu(), A], 0)
+                B = torch.cat([self.factors[key][1].cpu(), B], 1)
+            if self.max_rank is not None and A.shape[0] > self.max_rank:
+                A, B, e = compress_factors(A, B, self.max_rank)
+                error = max(error, e)
+            check_finite({"A": A, "B": B}, f"the merged adapter of {key}")
+            device = base_weights(self.model)[key].device
+            self.factors[key] = (A.to(device), B.to(device))
+        self.errors.append(error)
+
+    def apply(self, deltas, alpha, base=None) -> None:
+        lora = [k for k in deltas if k in base_weights(self.model)]
+        if lora:
+            raise ValueError(f"{lora[:2]}: a quantized base is never written; LoRA deltas are appended (`append`).")
+        super().apply(deltas, alpha, base)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {k: p.detach() for k, p in self.full().items()}
+        for key, (A, B) in self.factors.items():
+            out[f"{key}{self.SEP}A"], out[f"{key}{self.SEP}B"] = A, B
+        return out
+
+    def load_state(self, weights: Mapping[str, torch.Tensor]) -> None:
+        pairs = {k for k in weights if self.SEP in k}
+        super().restore({k: v for k, v in weights.items() if k not in pairs})
+        layers = lora_layers(self.model)
+        for name in pairs:
+            key, part = name.rsplit(self.SEP, 1)
+            if key not in layers:
+                raise ValueError(f"the checkpoint's merged adapter has a layer {key!r} the model does not")
+        for key in {n.rsplit(self.SEP, 1)[0] for n in pairs}:
+            device = base_weights(self.model)[key].device
+            self.factors[key] = tuple(weights[f"{key}{self.SEP}{p}"].float().to(device) for p in "AB")

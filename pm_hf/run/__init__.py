@@ -1,0 +1,1 @@
+"""A continual run: the task loop, its assembly, checkpoint, run folder, evaluation, results, exports."""

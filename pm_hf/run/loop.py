@@ -1,0 +1,321 @@
+"""The task loop. For each task t (docs/method.md): prepare (theta_hat_{t-1}, a fresh adapter) -> train with
+perturbation -> task vector Delta_t -> Fisher at theta*_t -> the strategy's merge -> callbacks -> evaluate every seen
+task -> log and checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT plumbing in `adapters`,
+the class head in `heads`, the scores in `evaluation`; `pm_hf.continual` assembles the parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, ProgressCallback
+
+from ..config.checks import check_finite, invalid
+from ..config.groups import FisherArguments, PMConfig
+from ..distributed.launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
+from ..distributed.sharding import gather, model_sharding, scalar, shard_state
+from ..heads.alignment import HeadAlignment
+from ..hub.export import (
+    save_task_record,
+    task_record,
+)
+from ..hub.repository import HubTarget
+from ..method.adapters import (
+    load_adapter_factors,
+    reset_adapter,
+    scale_active_adapter,
+    task_vector_norm,
+)
+from ..method.callbacks import CallbackList, ContinualCallback
+from ..method.fisher import estimate_fisher, normalize_fisher
+from ..method.strategies import MergeStrategy, merge_task
+from ..method.trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
+from ..method.weights import LowRankWeights, ModelWeights
+from ..timing import Timer
+from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .diagnostics import learning_warnings, training_losses
+from .evaluation import seen_classes
+from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
+from .metrics import seen_accuracy
+from .reporting import SequenceReporters, summary_logs
+from .results import results_dict, task_entry, write_outputs
+from .run_export import export_run, push_task
+from .rundir import refuse_changes
+
+logger = logging.getLogger(__name__)
+
+
+class ContinualLoop:
+    """The parts of one continual run and the task loop over them (built by `build_loop`)."""
+
+    def __init__(
+        self,
+        model,
+        stream,
+        head,
+        evaluator,
+        strategy: MergeStrategy,
+        args: PMConfig,
+        fisher_args: FisherArguments,
+        callbacks: Sequence,
+        load_base,
+        save_modules: list[str],
+        accumulator_device: str | None = None,
+        config: dict | None = None,
+        weights: ModelWeights | None = None,
+    ):
+        self.model, self.stream, self.head, self.evaluator, self.strategy = model, stream, head, evaluator, strategy
+        self.args, self.fisher_args, self.out = args, fisher_args, Path(args.output_dir)
+        self.weights = weights or ModelWeights(model, accumulator_device)  # or a merged adapter (`LowRankWeights`)
+        self.callbacks = CallbackList([cb for cb in callbacks if isinstance(cb, ContinualCallback)])
+        self.trainer_callbacks = [cb for cb in callbacks if not isinstance(cb, ContinualCallback)]
+        self.load_base, self.save_modules, self.config = load_base, save_modules, config or {}
+        self.log: list[dict] = []
+        self.processor = None  # the tokenizer or image processor the stream was prepared with
+        self.record = None  # the last task's exact export record, written with its checkpoint
+        self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub.repository`
+        self.log_loss_increase = False  # `MergeArguments.log_loss_increase`
+        self.reporters = SequenceReporters(args, self.out)  # report_to, once for the whole sequence
+        self.resuming = False
+        if strategy.needs_pretrained:
+            strategy.pretrained = self.weights.snapshot(exclude=head.owns)
+
+    # --------------------------------------------------------------------------------------- one task
+    def run_task(self, t: int) -> dict:
+        """Train, merge and evaluate task t; returns its log entry."""
+        task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
+        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
+        seen_before = set(seen_classes(self.stream.tasks[:t]))
+        # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
+        self.callbacks.call("on_task_begin", t, self.model, task)
+        self.prepare(t)
+        before = {k: p.detach().float().clone() for k, p in self.weights.full().items()}
+        self.head.set_active(self.head.train_classes(task))
+        # train with perturbation
+        trainer = self.trainer(t, task)
+        with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
+            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
+        self.resuming = False
+        before = self.follow_sharding(before)
+        self.callbacks.call("on_train_end", t, self.model, task)
+        delta_norm = task_vector_norm(self.model)
+        pre, within = self.evaluator.pre_merge(task, seen_classes(self.stream.tasks[: t + 1]))  # before the merge
+        # task vector: new classes' head rows are taken as trained, other classes' rows restored exactly
+        with timer("merge"):
+            merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
+            vector = self.weights.task_vector(before, self.head.owns, merged_head)
+            check_finite(vector.deltas, f"the task vector of task {t}")
+            self.head.restore_untouched(self.weights.full(), before, task)
+        # Fisher at theta*_t, on the task's training loss
+        fisher = None
+        if self.strategy.needs_fisher:
+            with timer("fisher"):
+                fisher = self.fisher(t, task, list(vector.deltas))
+            check_finite(fisher, f"the Fisher of task {t}")
+        # merge: theta_hat_t by the strategy, the adapter zeroed; then the callbacks (head alignment)
+        plan, measured = self.merge(t, task, vector, before, fisher, trainer, timer)
+        # evaluate every seen task
+        with timer("eval"):
+            scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
+        # log
+        entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
+        losses = {str(b): v for b, v in trainer.branch_losses().items()} if hasattr(trainer, "branch_losses") else None
+        entry.update(measured, calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
+        entry["train_losses"] = training_losses(trainer.state.log_history)  # as logged: one per logging window
+        entry["warnings"] = learning_warnings(task.name, within, len(task.classes), entry["train_losses"])
+        for warning in entry["warnings"]:
+            logger.warning(warning)
+        self.callbacks.call("on_task_end", t, self.model, entry)
+        self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
+        row, sizes = scores[self.evaluator.primary], [task.eval_size for task in self.stream.tasks[: t + 1]]
+        log_evaluation(trainer, {"continual/task": t, "continual/alpha": plan.choice.alpha,  # eval/continual/*
+                                 "continual/pre_merge_acc": pre, "continual/acc_seen": seen_accuracy(row, sizes),
+                                 "continual/delta_norm": delta_norm,
+                                 "continual/learning_warnings": len(entry["warnings"])})  # fmt: skip
+        return entry
+
+    def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:
+        """The strategy's merge of task t (with what it measures along the merge line first: the oracle's scores,
+        the calibrated forms' probe), then `on_merge`; returns the plan and what was measured for the log."""
+        log_increase = self.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
+        needs_line = self.strategy.needs_score or self.strategy.needs_probe or log_increase
+        line = MergeLine(self.weights, vector, before) if needs_line else None  # a copy of the adapted weights
+        at_one = line.at(1.0, lambda: eval_loss(self, task)) if log_increase else None
+        with timer("merge"):
+            score = self.oracle_score(t, line) if self.strategy.needs_score else None
+            probe = task_probe(line, self, t, task, trainer) if self.strategy.needs_probe else None
+            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score, probe)
+        self.callbacks.call("on_merge", t, self.model, task)
+        measured = {"fisher_trace": sum(scalar(f.double().sum()) for f in fisher.values())} if fisher else {}
+        if at_one is not None:
+            measured["loss_increase"] = loss_increase(self, task, plan, at_one)
+        return plan, measured
+
+    def follow_sharding(self, before: dict) -> dict:
+        """Once FSDP has sharded the model (the first Trainer prepares it), the continual state loaded or built
+        before (a resumed S and G, fp32 masters, the task's `before`) is split the same way, each rank keeping its
+        rows. Returns `before` so split."""
+        if model_sharding(self.model) == "none":
+            return before
+        like = self.weights.tensors()
+        self.strategy.load_state_dict(shard_state(self.strategy.state_dict(), like))
+        self.weights.master = shard_state(self.weights.master, like)
+        return shard_state(before, like)
+
+    def prepare(self, t: int) -> None:
+        """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""
+        start = self.strategy.start_point(t)
+        if start is None or start.adapter is None:
+            reset_adapter(self.model, torch.Generator().manual_seed(self.args.seed + 7919 * t))
+        else:
+            load_adapter_factors(self.model, start.adapter)
+        if start is not None:
+            self.weights.restore(start.weights)
+
+    def trainer(self, t: int, task) -> PMTrainer:
+        args = copy.deepcopy(self.args)
+        args.output_dir = str(self.out / "tasks" / f"task_{t}")  # mid-task checkpoints (save_strategy) go here
+        args.eval_strategy, args.report_to = "no", "none"  # the run's reporters are shared below: one logging run
+        args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
+        args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+        # Accelerate marks a model it prepared for evaluation (unwrapped) and then skips wrapping it for training:
+        # without this, every task after the first trained without DDP, each rank on its own.
+        self.model.__dict__.pop("_is_accelerate_prepared", None)
+        share_deepspeed_plugin(args)  # one DeepSpeed plugin per process: a later task's Trainer reuses the first's
+        hand_over(self.model)  # ZeRO-3: the between-task parameter hooks come off; the task's engine brings its own
+        trainer = PMTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=task.train,
+            data_collator=self.stream.collate_fn,
+            task_index=t,
+            callbacks=[*self.trainer_callbacks, *self.reporters.callbacks],
+            head_modules=self.head.modules,
+            step_offset=sum(sum(e["branch_counts"].values()) for e in self.log),
+        )
+        check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
+        trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
+        trainer.remove_callback(PrinterCallback)
+        if not args.disable_tqdm:
+            trainer.add_callback(TaskProgress(t))
+        return trainer
+
+    def fisher(self, t: int, task, keys: list[str]) -> dict[str, torch.Tensor]:
+        """F_t on the task's training loss (docs/method.md): its classes' mask (all seen classes with `fisher_classes:
+        seen`), at theta*_t (or with the adapter at 1 - eps with `fisher_point: perturbed`)."""
+        fa = self.fisher_args
+        seen = fa.fisher_classes == "seen" and self.head.train_classes(task) is not None
+        self.head.set_active(seen_classes(self.stream.tasks[: t + 1]) if seen else task.classes)
+        data = task.train
+        if isinstance(data, datasets.IterableDataset):  # a streamed split: its first `fisher_max_samples` examples
+            data = list(itertools.islice(data, fa.fisher_max_samples))
+        point = 1.0 - self.args.perturb_eps if fa.fisher_point == "perturbed" else 1.0
+        with scale_active_adapter(self.model, point):
+            fisher = estimate_fisher(self.model, data, self.stream.collate_fn, fa, keys=keys, seed=self.args.seed + t,
+                                     show_progress=not self.args.disable_tqdm)  # fmt: skip
+        return normalize_fisher(fisher, fa.fisher_normalize)
+
+    @property
+    def low_rank(self) -> bool:
+        return isinstance(self.weights, LowRankWeights)
+
+    def oracle_score(self, t: int, line: MergeLine):
+        """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off),
+        with the head aligned as the run's `HeadAlignment` would after that merge (then restored)."""
+        tasks = self.stream.tasks[: t + 1]
+
+        def score() -> float:
+            with contextlib.ExitStack() as stack:
+                for aligner in (cb for cb in self.callbacks.callbacks if isinstance(cb, HeadAlignment)):
+                    stack.enter_context(aligner.trial(t, self.model, tasks[t]))
+                return self.evaluator.seen_score(tasks)
+
+        return lambda a: line.at(a, score)
+
+    # --------------------------------------------------------------------------------------- the sequence
+    def state(self) -> ContinualState:
+        """The run's state with whole tensors (gathered when FSDP shards them: every rank calls this)."""
+        keep = self.args.should_save
+        callbacks = {key: gather(value, keep) for key, value in self.callbacks.state_dict().items()}
+        weights, strategy = gather(self.weights.state(), keep), gather(self.strategy.state_dict(), keep)
+        return ContinualState(len(self.log), weights, strategy, callbacks, self.log, capture_rng())
+
+    def resume(self) -> None:
+        """Continue the saved run: the same config and data (else refused), its state loaded and verified."""
+        loaded = load_checkpoint(self.out)
+        if loaded is None:
+            logger.warning("--resume: no checkpoint in %s, starting from task 0", self.out)
+            return
+        state, saved = loaded
+        refuse_changes(saved, self.config, self.out)
+        try:
+            self.weights.load_state(self.head.fit_saved(state.weights, self.weights.full()))
+            self.strategy.load_state_dict(shard_state(state.strategy, self.weights.tensors()))
+            self.callbacks.load_state_dict(state.callbacks)
+        except ValueError as err:  # keys or shapes that do not fit: a damaged or foreign checkpoint
+            raise invalid("output_dir", str(self.out), f"its checkpoint does not fit this run: {err}") from err
+        self.log = list(state.log)
+        if state.rng is not None:  # the global RNGs as they were after that task (user callbacks may draw from them)
+            restore_rng(state.rng)
+        if self.args.should_save:  # results.json follows the state, also when a kill left it one task behind
+            write_outputs(self.out, self.results())
+
+    def save(self, t: int, state: ContinualState | None = None) -> None:
+        if self.record is not None:
+            save_task_record(self.out, t, self.record)
+        path = save_checkpoint(self.out, state or self.state(), self.config)
+        shutil.rmtree(self.out / "tasks" / f"task_{t}", ignore_errors=True)  # its mid-task checkpoints are spent
+        write_outputs(self.out, self.results())
+        self.callbacks.call("on_save", t, path)
+
+    def checkpoint(self, t: int) -> None:
+        """After task t: the checkpoint (and, with hub_strategy every_task, the push). Every rank calls it (under FSDP
+        the state is gathered to the saving rank's host memory; nothing of it outlives the call)."""
+        state = self.state()
+        every_task = self.args.push_to_hub and self.args.hub_strategy == "every_task"  # the same on every rank
+        whole = self.weights.whole(self.args.should_save) if every_task else None
+        if self.args.should_save:
+            self.save(t, state)
+            if self.hub is not None and whole is not None:
+                push_task(self, t, whole)
+
+    def results(self) -> dict:
+        sizes = [task.eval_size for task in self.stream.tasks]
+        out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
+        return {**out, "distributed": distributed_setup(self.args, self.model)}
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
+        if resume:
+            self.resume()
+            self.resuming = True  # the next task continues from its last mid-task checkpoint, if it has one
+        T = len(self.stream.tasks)
+        last = T if stop_after is None else min(T, stop_after)
+        show = not self.args.disable_tqdm and self.args.should_log
+        done = len(self.log)
+        bar = tqdm(range(len(self.log), last), desc="tasks", initial=len(self.log), total=T, disable=not show)
+        for t in bar:
+            self.log.append(self.run_task(t))
+            self.checkpoint(t)
+            bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
+        if len(self.log) == T:
+            whole = self.weights.whole(self.args.should_save)
+            if self.args.should_save:
+                export_run(self, whole=whole)
+                if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:
+                    push_task(self, T - 1, whole)
+        self.head.set_active(None)  # the model predicts over every class again
+        results = self.results()
+        if len(self.log) > done:  # the summary, the matrix and the alpha table, at the sequence's last step
+            self.reporters.log(sum(sum(e["branch_counts"].values()) for e in self.log), summary_logs(results))
+        self.reporters.close()
+        return results

@@ -1,0 +1,82 @@
+"""Measurements of a trained task before its merge, along the merge line theta_hat_{t-1} + alpha Delta_t (adapter off,
+weights put back exactly after each point): the oracle's held-out score, the calibrated closed forms' `TaskProbe`
+(the task's loss on its Fisher sample and on its held-out part, the perturbation's late branch losses), and the
+logged comparison of the quadratic model's predicted loss increase with the measured one."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import datasets
+
+from ..data.streams import split_holdout
+from ..method.adapters import adapter_disabled, base_weights
+from ..method.fisher import fisher_sample
+from ..method.strategies.base import MergePlan, TaskProbe
+from .evaluation import mean_loss
+
+
+class MergeLine:
+    """theta_hat_{t-1} + alpha Delta_t with the adapter off: `at(alpha, fn)` evaluates fn() there."""
+
+    def __init__(self, weights, vector, before: dict):
+        self.weights, self.deltas = weights, vector.deltas
+        self.origin = {k: weights.value(k, w).float().clone() for k, w in base_weights(weights.model).items()}
+        self.origin.update(before)
+
+    def at(self, alpha: float, fn: Callable[[], float]) -> float:
+        self.weights.apply(self.deltas, dict.fromkeys(self.deltas, alpha), base=self.origin)
+        try:
+            with adapter_disabled(self.weights.model):
+                return fn()
+        finally:  # back to theta_hat_{t-1} exactly (origin + 0 * delta), as the merge expects
+            self.weights.apply(self.deltas, dict.fromkeys(self.deltas, 0.0), base=self.origin)
+
+
+def training_sample(task, cap: int | None, seed: int):
+    """The task's training samples a Fisher pass with this cap and seed uses (a streamed split: its first `cap`)."""
+    if isinstance(task.train, datasets.IterableDataset):
+        return list(itertools.islice(task.train, cap))
+    return fisher_sample(task.train, cap, seed)
+
+
+def hold_out(task, fraction: float, seed: int) -> None:
+    """Hold out `fraction` of the task's training data for the probe, once (it is not trained on)."""
+    if fraction > 0 and getattr(task, "heldout", None) is None:
+        task.train, task.heldout = split_holdout(task.train, fraction, seed)
+
+
+def task_probe(line: MergeLine, loop, t: int, task, trainer) -> TaskProbe:
+    """The calibrated closed forms' measurements of task t (its training mask; eval mode)."""
+    batch, collate = loop.fisher_args.fisher_batch_size, loop.stream.collate_fn
+    sample = training_sample(task, loop.fisher_args.fisher_max_samples, loop.args.seed + t)
+
+    def loss_on(data) -> Callable[[float], float]:
+        def at(alpha: float) -> float:
+            loop.head.set_active(loop.head.train_classes(task))
+            return line.at(alpha, lambda: mean_loss(loop.model, data, collate, batch))
+
+        return at
+
+    heldout = getattr(task, "heldout", None)
+    losses = trainer.branch_losses() if hasattr(trainer, "branch_losses") else {}
+    return TaskProbe(loss_on(sample), loss_on(heldout) if heldout is not None else None, losses, loop.args.perturb_eps)
+
+
+def eval_loss(loop, task) -> float:
+    """The task's loss on its eval split under its training mask (for `log_loss_increase`)."""
+    loop.head.set_active(loop.head.train_classes(task))
+    return mean_loss(loop.model, task.eval, loop.stream.collate_fn, loop.args.per_device_eval_batch_size)
+
+
+def loss_increase(loop, task, plan: MergePlan, at_one: float) -> dict:
+    """The quadratic model's predicted loss increase of the task, (1/2)(1 - alpha)^2 <F_t, Delta^2> (raw, and with the
+    calibrated Fisher), against the measured L(alpha) - L(1) on its eval split, right after the merge (adapter zero);
+    `at_one` is L(1), measured on the merge line before."""
+    a, terms, calib = plan.choice.alpha, plan.terms, plan.calibration or {}
+    raw = calib.get("fisher_delta_sq", terms.fisher_delta_sq if terms else float("nan"))
+    out = {"alpha": a, "measured": eval_loss(loop, task) - at_one, "predicted": 0.5 * (1 - a) ** 2 * raw}
+    if "kappa" in calib:
+        out["predicted_calibrated"] = 0.5 * (1 - a) ** 2 * calib["kappa"] * raw
+    return out

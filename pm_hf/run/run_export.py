@@ -1,0 +1,107 @@
+"""A run's model written out and pushed: the export folder of the merged model (`pm-hf export`, the end of a run),
+the push after a task or at the end (`hub_strategy`), and the score change of a compressed export. Functions of a
+finished or running `ContinualLoop` (`loop`), called by the loop after a task and at the end, and by the commands."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ..config.checks import invalid
+from ..distributed.zero3 import loading_whole
+from ..hub.export import (
+    EXPORT_DIR,
+    ExportSpec,
+    has_task_records,
+    history_delta,
+    merged_record,
+    run_history,
+    svd_record,
+    write_export,
+    write_task_adapters,
+)
+from ..hub.repository import BASE_BRANCH, push_run
+from ..method.adapters import base_weights, uses_fan_in_fan_out
+from .checkpoint import seeded, state_files
+
+
+def export_spec(loop, info: dict | None = None) -> ExportSpec:
+    """How this run's model is described in an export folder."""
+    model_args = loop.config.get("ModelArguments", {})
+    task = {"text": "sequence_classification", "image": "image_classification"}.get(loop.stream.modality)
+    info = {"merge_method": loop.strategy.name, "tasks": [e["task"] for e in loop.log],
+            "alphas": [e["alpha"] for e in loop.log], **(info or {})}  # fmt: skip
+    base = model_args.get("model_name_or_path", "")
+    return ExportSpec(base, model_args.get("revision"), task or "causal_lm", loop.save_modules, loop.processor, info)
+
+
+def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int | None = None, info: dict | None = None,
+               base_ref: tuple[str, str] | None = None, whole: tuple[dict, dict] | None = None) -> dict:  # fmt: skip
+    """Write the merged model as a self-describing folder (default output_dir/merged_adapter), see
+    `pm_hf.hub.export.write_export`: mode 'adapter' (exact, rank sum(r)), 'adapter-svd' (rank `rank`, with each
+    module's relative reconstruction error and the accuracy change) or 'merged' (a full model). `info` is added
+    to pm_hf_export.json, `base_ref` names a Hub base (see `pm_hf.hub.repository`). Returns what pm_hf_export.json
+    records."""
+    with seeded(loop.args.seed), loading_whole():  # the main process alone: never partitioned by ZeRO-3
+        base = loop.load_base()
+    if loop.stream.label_names and hasattr(base.config, "id2label"):
+        base.config.id2label = dict(enumerate(loop.stream.label_names))
+        base.config.label2id = {n: i for i, n in enumerate(loop.stream.label_names)}
+    theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
+    merged, full = whole or loop.weights.whole()
+    fan = uses_fan_in_fan_out(loop.model)
+    if loop.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
+        history = [merged_record(loop.weights, fan)]
+        if mode not in ("adapter", "per-task"):
+            raise invalid("mode", mode, "a run with a merged adapter exports it as it is: use 'adapter'.")
+    else:
+        history = run_history(loop.out, len(loop.log), theta0, merged, fan)
+    info = {**(info or {}), "mode": mode}
+    out = out or loop.out / EXPORT_DIR
+    if mode == "per-task":
+        if loop.stream.modality != "instruction" or not has_task_records(loop.out, len(loop.log)):
+            fix = "needs a causal LM run of a low-rank strategy (a classifier's head per task is not logged)."
+            raise invalid("mode", mode, fix)
+        spec = export_spec(loop)
+        write_task_adapters(base, history, spec, out)
+        return {"mode": mode, "tasks": spec.info["tasks"], "base_model": spec.base_model}
+    if mode == "adapter-svd":
+        record, errors = svd_record(history_delta(history), rank, fan)
+        history = [record]
+        info.update(rank=rank, relative_error=errors, **score_change(loop, theta0, record))
+    elif mode not in ("adapter", "merged"):
+        raise invalid("mode", mode, "use 'adapter', 'adapter-svd', 'merged' or 'per-task'.")
+    spec = export_spec(loop, info)
+    plots = [loop.out / "accuracy_matrix.png", loop.out / "accuracy_curve.png"]
+    write_export(base, history, full, spec, out, mode == "merged", loop.results(), plots, base_ref)
+    return {**spec.info, "base_model": spec.base_model}
+
+
+def push_task(loop, t: int, whole: tuple[dict, dict] | None = None) -> str:
+    """Push the model after task t to `loop.hub` (see `pm_hf.hub.repository`): the export with its card and plots, with
+    `push_continual_state` the state a later run continues from, tagged `task-<t+1>` with hub_strategy
+    every_task. Returns the commit id."""
+    every = loop.args.hub_strategy == "every_task"
+    entry, total = loop.log[t], len(loop.stream.tasks)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "export"
+        info = {"repo_id": loop.hub.repo_id, "tagged": every}
+        export_run(loop, folder, info=info, base_ref=(loop.hub.repo_id, BASE_BRANCH), whole=whole)
+        state = state_files(loop.out) if loop.args.push_continual_state else None
+        message = f"pm_hf: after task {t + 1}/{total} ({entry['task']}), alpha {entry['alpha']:.4f}"
+        return push_run(loop.hub, folder, state, message, f"task-{t + 1}" if every else None)
+
+
+def score_change(loop, theta0: dict, record) -> dict:
+    """The primary score over all trained tasks with the adapted weights replaced by theta_0 + the record's delta
+    (then put back exactly)."""
+    saved = {k: loop.weights.value(k, w).float().clone() for k, w in base_weights(loop.model).items()}
+    tasks = loop.stream.tasks[: len(loop.log)]
+    before = loop.evaluator.seen_score(tasks)
+    deltas = history_delta([record])
+    loop.weights.apply(deltas, dict.fromkeys(deltas, 1.0), base=theta0)
+    try:
+        after = loop.evaluator.seen_score(tasks)
+    finally:
+        loop.weights.restore(saved)
+    return {"score_before": before, "score_after": after, "score_change": after - before}

@@ -1,0 +1,165 @@
+"""The run folder (`output_dir`): one process owns it at a time (an exclusive lock), `train` never writes over a run
+it was not asked to continue, temporaries left by a killed run are removed, and a resumed run is the saved run — its
+config and its data and model fingerprints — or it is refused with the list of differences."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+from filelock import FileLock, Timeout
+
+from ..config.checks import invalid
+from ..fileio import TMP_MARK
+
+LOCK = ".pm_hf.lock"
+OWNED = ("latest.json", "results.json", "adapters", "merged_adapter", "tasks", "accuracy_matrix.png",
+         "accuracy_curve.png")  # fmt: skip
+# Fields that do not change what a run computes: paths, logging, progress bars, evaluation batching, Hub pushes.
+INERT = {
+    "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter",
+    "report_to", "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id",
+    "disable_tqdm", "log_level", "log_level_replica", "log_on_each_node", "per_device_eval_batch_size",
+    "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+    "dataloader_prefetch_factor", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
+    "save_only_model", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
+    "hub_always_push", "hub_revision", "push_continual_state", "overwrite_output_dir", "skip_memory_metrics",
+    "ddp_timeout", "local_rank",
+    "resume_from_checkpoint", "resume_from", "do_train", "do_eval", "do_predict", "debug", "divergence_threshold",
+    "log_loss_increase",
+}  # fmt: skip
+APPENDABLE = ("class_groups", "task_datasets", "max_length_per_task")  # a longer list = more tasks appended
+BATCH = ("per_device_train_batch_size", "gradient_accumulation_steps")  # only their product x processes matters
+LAUNCH = ("deepspeed", "fsdp", "fsdp_config")  # how training ran: nothing a finished run's evaluation depends on
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, enabled: bool = True) -> Iterator[None]:
+    """An exclusive lock on output_dir for the run: a second process writing there fails at once."""
+    if not enabled:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / LOCK)  # flock on POSIX, msvcrt on Windows; the file stays, the lock goes with the process
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        fix = "in use by another pm_hf process; choose another output_dir (several processes launched on purpose: "
+        raise invalid("output_dir", str(out), fix + "on a machine without a GPU set `use_cpu: true`).") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in OWNED) or any(out.glob("checkpoint-task*"))
+
+
+def remove_stale(out: Path) -> list[str]:
+    """Remove temporaries that a killed run left (`.<name>.tmp-<pid>`, `.<name>.old-*`); returns their names."""
+    stale = [p for folder in (out, out / "adapters") if folder.is_dir() for p in folder.iterdir()]
+    stale = [p for p in stale if p.name.startswith(".") and (TMP_MARK in p.name or ".old-" in p.name)]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [p.name for p in stale]
+
+
+def _others(out: Path) -> list[Path]:
+    is_stale = lambda p: p.name.startswith(".") and (TMP_MARK in p.name or ".old-" in p.name)  # noqa: E731
+    return [p for p in out.iterdir() if p.name != LOCK and not is_stale(p)] if out.is_dir() else []
+
+
+def check_writable(out: Path) -> None:
+    """`out` is a folder, or can be made one: no file in its place or above it, its nearest existing folder writable."""
+    out = Path(out)
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing in (out, out.absolute()) else f"lies under {str(existing)!r}, which is a file"
+        raise invalid("output_dir", str(out), f"{where}: give a folder (new or empty).")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise invalid("output_dir", str(out), f"{str(existing)!r} is not writable here: give a folder you can write.")
+
+
+def check_claim(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse (reading only) a path that is not a folder one can create or write, and a folder that holds a run or
+    foreign files, unless resuming or overwriting."""
+    check_writable(out)
+    others = _others(out)
+    if resume or overwrite or not others:
+        return
+    if holds_run(out):
+        fix = "holds a pm_hf run: pass --resume to continue it, or --overwrite_output_dir to replace it."
+    else:
+        fix = f"is not empty and holds no pm_hf run ({sorted(p.name for p in others)[:3]}): use a new or empty folder."
+    raise invalid("output_dir", str(out), fix)
+
+
+def claim(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make `out` this run's folder (under its lock): temporaries of a killed run removed, an old run replaced when
+    overwriting, a run or foreign files refused otherwise."""
+    check_claim(out, resume, overwrite)
+    remove_stale(out)
+    if overwrite and not resume:
+        for path in _others(out):
+            if path.name in OWNED or path.name.startswith("checkpoint-task"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _group_differences(name: str, saved: dict, new: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        if key in INERT or key in BATCH or key in skip or key.startswith("_"):
+            continue
+        old, now = saved.get(key), new.get(key)
+        if key in APPENDABLE and isinstance(old, list) and isinstance(now, list) and now[: len(old)] == old:
+            continue
+        if old != now:
+            out.append(f"{key}: {old!r} -> {now!r}")
+    return out
+
+
+def _global_batch(record: dict) -> int:
+    args = record.get("PMConfig", {})
+    return args.get(BATCH[0], 1) * args.get(BATCH[1], 1) * record.get("world_size", 1)
+
+
+def config_differences(saved: dict, new: dict, training: bool = True) -> list[str]:
+    """What differs between a saved run record and a new one, in fields that change what is computed; with
+    `training=False` (a finished run evaluated or exported) how its training was launched and batched is left out."""
+    diffs = []
+    for group in sorted({k for k in (*saved, *new) if k.endswith("Arguments") or k == "PMConfig"}):
+        diffs += _group_differences(group, saved.get(group, {}), new.get(group, {}), () if training else LAUNCH)
+    if training and _global_batch(saved) != _global_batch(new):
+        what = "global batch (per-device x accumulation x processes)"
+        diffs.append(f"{what}: {_global_batch(saved)} -> {_global_batch(new)}")
+    old_fp, new_fp = saved.get("fingerprints", {}), new.get("fingerprints", {})
+    if old_fp.get("model") != new_fp.get("model"):
+        diffs.append("the model's files (config, weights, tokenizer) differ from the saved run's")
+    tasks = old_fp.get("tasks", [])
+    changed = [t for t, (a, b) in enumerate(zip(tasks, new_fp.get("tasks", []))) if a != b]
+    if changed or len(new_fp.get("tasks", [])) < len(tasks):
+        diffs.append(f"the data of tasks {changed or 'at the end'} differs from the saved run's")
+    return diffs
+
+
+def refuse_changes(saved: dict, new: dict, out: Path, training: bool = True) -> None:
+    diffs = config_differences(saved, new, training)
+    if diffs:
+        fix = "resume continues the same run; these differ from the saved one: " + "; ".join(diffs)
+        raise invalid("resume", str(out), fix + ". Start a new output_dir for a different run.")
+
+
+def dataset_digest(ds) -> str:
+    """sha256 of a dataset's rows as stored (before lazy transforms), independent of how they are chunked."""
+    table = ds.with_format("arrow")[:]
+    table = pa.Table.from_batches(table.combine_chunks().to_batches()) if table.num_rows else table
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema.remove_metadata()) as writer:
+        writer.write_table(table.replace_schema_metadata(None))
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()

@@ -1,0 +1,150 @@
+"""What can be done with a finished run folder or an export: evaluate it again, export it (`pm-hf export`), push it
+(`pm-hf push`), and evaluate an export folder or Hub model on a data config (`pm-hf evaluate EXPORT --config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from peft import PeftConfig, PeftModel
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from ..config.checks import invalid
+from ..hub.export import INFO
+from ..hub.origin import resolve_base
+from ..hub.repository import connect, download_export
+from .assembly import build_loop
+from .checkpoint import dataclasses_from_config, load_checkpoint
+from .loop import ContinualLoop
+from .metrics import seen_accuracy
+from .results import write_outputs
+from .run_export import export_run, push_task
+from .rundir import output_lock, refuse_changes
+
+# Settings a run folder may hold that evaluating or exporting it must never act on: trackers, Hub pushes, and how
+# its training was launched (FSDP, DeepSpeed: a saved run is evaluated and exported by one process, whole).
+QUIET = {"report_to": "none", "push_to_hub": False, "hub_model_id": None, "hub_token": None, "resume_from": None,
+         "deepspeed": None, "fsdp": "", "fsdp_config": None}  # fmt: skip
+MODEL_CLASSES = {
+    "sequence_classification": AutoModelForSequenceClassification,
+    "image_classification": AutoModelForImageClassification,
+    "causal_lm": AutoModelForCausalLM,
+}
+
+
+def load_run(run_dir: str | Path) -> ContinualLoop:
+    """A finished (or stopped) run rebuilt from its last checkpoint, verified, with the merged weights loaded and its
+    log; trackers and Hub settings stored in the run folder are ignored. A changed model or data is refused."""
+    out = Path(run_dir)
+    if not out.is_dir():
+        raise invalid("run_dir", str(run_dir), "not found: pass the output_dir of a `pm-hf train` run.")
+    loaded = load_checkpoint(out)
+    if loaded is None:
+        raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
+    state, saved = loaded
+    loop = build_loop(*dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}}))
+    refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
+    loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.full()))
+    loop.log = list(state.log)
+    return loop
+
+
+def evaluate_run(run_dir: str) -> dict:
+    """Re-evaluate every trained task of a saved run; results.json is rewritten from the checkpoint's state.
+
+    Returns:
+        {"last_row": primary score per task (accuracy over all seen classes, or the LM's `primary_metric`),
+        "acc": sample-weighted mean, "saved_last_row": as saved in the checkpoint's log}.
+    """
+    loop = load_run(run_dir)
+    tasks = loop.stream.tasks[: len(loop.log)]
+    row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
+    with output_lock(loop.out):
+        write_outputs(loop.out, loop.results())
+    return {
+        "last_row": row,
+        "acc": seen_accuracy(row, [len(task.eval) for task in tasks]),
+        "saved_last_row": loop.log[-1]["scores"][loop.evaluator.primary],
+    }
+
+
+def export_run_dir(run_dir: str | Path, output: str | Path, mode: str = "adapter", rank: int | None = None) -> dict:
+    """Write a run's merged model as a self-describing folder (see `ContinualLoop.export`): mode 'adapter' (exact),
+    'adapter-svd' (rank `rank`: each module's relative error and the score change are returned) or 'merged'.
+    Returns what the folder's pm_hf_export.json records."""
+    if mode == "adapter-svd" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise invalid("rank", rank, "adapter-svd needs the rank to keep: give --rank K with K >= 1.")
+    if Path(output).resolve() == Path(run_dir).resolve():
+        raise invalid("output", str(output), "give a new folder, not the run folder itself.")
+    loop = load_run(run_dir)
+    return export_run(loop, Path(output), mode, rank)
+
+
+def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = None, revision: str | None = None,
+                 token: str | None = None, push_continual_state: bool = False) -> str:  # fmt: skip
+    """Push a run's export (exact adapter, card, plots, and its continual state if asked) to `hub_model_id` in one
+    commit; access is checked first. Returns the commit id."""
+    hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private,
+                          hub_revision=revision, output_dir=str(run_dir))  # fmt: skip
+    target = connect(hub)
+    loop = load_run(run_dir)
+    loop.hub, loop.args.hub_strategy, loop.args.push_continual_state = target, "end", push_continual_state
+    return push_task(loop, len(loop.log) - 1)
+
+
+def read_export_info(folder: Path) -> dict:
+    """pm_hf_export.json of an export folder (an error names `model` when there is none)."""
+    try:
+        return json.loads((Path(folder) / INFO).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise invalid("model", str(folder), f"not a pm_hf export (no readable {INFO}: {type(err).__name__}).") from None
+
+
+def load_export(source: str, revision: str | None = None):
+    """(model with the adapter merged in, tokenizer or image processor, pm_hf_export.json) of an export folder or Hub
+    model (downloaded first): the adapter on its base (`load_adapter_export`), or plain `AutoModelFor...` when
+    merged. A folder loads wherever it was moved or copied."""
+    folder = Path(source) if Path(source).is_dir() else download_export(source, revision)
+    info = read_export_info(folder)
+    task = info["task"]
+    if info.get("format") == "merged":
+        model = MODEL_CLASSES[task].from_pretrained(str(folder))
+    else:
+        model = load_adapter_export(folder, task).merge_and_unload()
+    auto = AutoImageProcessor if task == "image_classification" else AutoTokenizer
+    return model, auto.from_pretrained(str(folder)), info
+
+
+def load_adapter_export(folder: str | Path, task: str) -> PeftModel:
+    """The PEFT adapter in `folder` on its base model, as `AutoPeftModelFor...` of `task` loads it, except that a
+    `base_model_name_or_path` relative to the folder (a classifier export's own `base/`) is resolved against the
+    folder, where PEFT would resolve it against the working directory."""
+    config = PeftConfig.from_pretrained(str(folder))
+    base = resolve_base(folder, config.base_model_name_or_path)
+    model = MODEL_CLASSES[task].from_pretrained(base, revision=config.revision)
+    return PeftModel.from_pretrained(model, str(folder))
+
+
+def evaluate_export(source: str, parsed: tuple, revision: str | None = None) -> dict:
+    """Score an export folder or Hub model on every task of a data config (`parsed`: the six argument groups of
+    `pm_hf.commands.parsing.parse_config`). Returns {"tasks", "last_row", "acc", "info"}."""
+    model, processor, info = load_export(source, revision)
+    model_args, data_args, args, lora_args, fisher_args, merge_args = parsed
+    model_args = dataclasses.replace(model_args, model_name_or_path=source, revision=revision)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = dataclasses.replace(args, output_dir=tmp, **{k: v for k, v in QUIET.items() if k != "hub_token"})
+        groups = (model_args, data_args, args, lora_args, fisher_args, merge_args)
+        loop = build_loop(*groups, model=model, processor=processor)
+    tasks = loop.stream.tasks
+    row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
+    names = [task.name for task in tasks]
+    return {"tasks": names, "last_row": row, "acc": seen_accuracy(row, [len(t.eval) for t in tasks]), "info": info}
