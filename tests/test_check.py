@@ -218,5 +218,6 @@ def test_train_refuses_an_output_dir_that_is_a_file_too(tmp_path, capsys, monkey
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--config", str(CONFIG), "--output_dir", str(out)])
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.startswith(f"pm-hf: error: output_dir = '{out}': is a file")
+    err = capsys.readouterr().err  # the value is shortened when the path is long
+    assert err.startswith("pm-hf: error: output_dir = '") and ": is a file, not a folder" in err
     assert out.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [out]
