@@ -42,6 +42,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import transformers
+import yaml
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -339,6 +340,9 @@ _NO_PERTURB = {"perturbation": "none"}
 # paper's tables); P&M variants and the oracle train with it.
 _PROTO = {"head_align": "prototypes", "head_align_drift": "sdc"}
 _LOG = {"log_loss_increase": True}
+# a method key, not a config field: the backbone's learning rate is this times the suite's `learning_rate`, the head
+# keeps the full rate (`head_learning_rate`)
+BACKBONE_LR_SCALE = "backbone_lr_scale"
 METHODS: dict[str, tuple[dict, str]] = {
     "seq": ({"merge_method": "seq", **_NO_PERTURB}, "one LoRA continued through all tasks, no merge"),
     "seq-merge": ({"merge_method": "seq-merge", **_NO_PERTURB}, "new LoRA per task, merged with alpha = 1"),
@@ -448,6 +452,16 @@ METHODS: dict[str, tuple[dict, str]] = {
     "pm-secant-proto": ({**get_preset("pm-proto"), "alpha_calibration": "secant", **_LOG}, "pm-secant + prototypes"),
     "pm-branch-proto": ({**get_preset("pm-proto"), "alpha_calibration": "branch", **_LOG}, "pm-branch + prototypes"),
     "pm-curve-proto": ({**get_preset("pm-proto"), "alpha_calibration": "curve", **_LOG}, "pm-curve + prototypes"),
+    # the rivals a user would pick instead (docs/baselines.md)
+    "seq-proto": (
+        {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},
+        "sequential LoRA (a new LoRA per task merged with alpha = 1) + the prototype head alignment",
+    ),
+    "slow-proto": (
+        {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO, BACKBONE_LR_SCALE: 0.01},
+        "slow learner (SLCA-style): backbone LoRA at 0.01 x the suite's learning rate, the head at the full rate, "
+        "alpha = 1, + the prototype head alignment",
+    ),
 }
 COMPACT_KEYS = (
     "tasks",
@@ -510,6 +524,16 @@ def base_weights_sha256(model: str) -> str:
     return file_digest(files) if files else f"unresolved:{model}"
 
 
+def _resolve(values: dict, config: Path) -> dict:
+    """`BACKBONE_LR_SCALE` turned into config fields against the suite's learning rate (or an override of it)."""
+    values = dict(values)
+    scale = values.pop(BACKBONE_LR_SCALE, None)
+    if scale is not None:
+        lr = float(values.get("learning_rate", yaml.safe_load(config.read_text())["learning_rate"]))
+        values.update(learning_rate=lr * scale, head_learning_rate=lr)
+    return values
+
+
 def _overrides(values: dict) -> list[str]:
     out = []
     for key, value in values.items():
@@ -540,7 +564,7 @@ def run_accuracy(
                 continue
             run_dir = work / method / f"seed{seed}"
             values = {**(extra or {}), **table[method][0], "seed": seed, "output_dir": str(run_dir)}
-            groups = parse_config(config, _overrides(values))
+            groups = parse_config(config, _overrides(_resolve(values, config)))
             resume = run_dir.exists()  # an interrupted run (or one killed before its first checkpoint) continues
             print(f"[run] {method} seed {seed}{' (resuming)' if resume else ''}", flush=True)
             start = time.perf_counter()

@@ -22,8 +22,21 @@ def test_every_method_of_the_suites_is_a_registered_config(bench):
     from pm_hf.commands.parsing import parse_config
 
     for name, (overrides, _) in bench.METHODS.items():
-        groups = parse_config(bench.SUITES["text-cil"], bench._overrides({**overrides, "output_dir": "/tmp/x"}))
+        values = bench._resolve({**overrides, "output_dir": "/tmp/x"}, bench.SUITES["text-cil"])
+        groups = parse_config(bench.SUITES["text-cil"], bench._overrides(values))
         assert groups[5].merge_method == overrides["merge_method"], name
+
+
+def test_the_slow_learner_trains_the_backbone_at_a_hundredth_and_the_head_at_the_suite_rate(bench):
+    from pm_hf.commands.parsing import parse_config
+
+    for suite in ("text-cil", "vision-cil"):  # learning rates 5e-3 and 2e-3
+        values = bench._resolve({**bench.METHODS["slow-proto"][0], "output_dir": "/tmp/x"}, bench.SUITES[suite])
+        args = parse_config(bench.SUITES[suite], bench._overrides(values))[2]
+        lr = {"text-cil": 5e-3, "vision-cil": 2e-3}[suite]
+        assert args.learning_rate == pytest.approx(lr / 100) and args.head_learning_rate == lr
+    values = bench._resolve({**bench.METHODS["slow-proto"][0], "learning_rate": 1e-2}, bench.SUITES["text-cil"])
+    assert values["learning_rate"] == pytest.approx(1e-4) and values["head_learning_rate"] == 1e-2  # an override
 
 
 def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):
