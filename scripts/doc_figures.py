@@ -7,7 +7,9 @@ them. Sources: `results/<suite>/table.md`, `summary.json` and `runs/*/seed*.json
 memory formula (scripts/memory_table.py).
 
     python scripts/doc_figures.py            # rewrite every block from the committed results
-    python scripts/doc_figures.py --check    # exit 1 and name each block that differs (tests/test_doc_figures.py)
+    python scripts/doc_figures.py --check    # exit 1 and name each block that differs (tests/test_doc_figures.py),
+                                             # and each results/<suite>/table.md or summary.json that is not what
+                                             # `benchmark.py <suite> --summary-only` writes from the runs
 
 Workflow after a benchmark: rerun it (results/<suite>/ changes), run this script, read the prose next to the blocks
 that changed, commit.
@@ -374,6 +376,29 @@ FIGURES = [
 ]  # fmt: skip
 
 
+def check_sources(suites: tuple[str, ...] = ACCURACY_SUITES, results: Path = RESULTS) -> list[str]:
+    """One line per suite whose committed `table.md` or `summary.json` is not what `benchmark.py <suite>
+    --summary-only` writes from its committed runs (the plot is not redrawn)."""
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPTS / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.plot_method_curves = lambda *args, **kwargs: None
+    problems = []
+    for suite in suites:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "runs").symlink_to(results / suite / "runs", target_is_directory=True)
+            benchmark.summarize_accuracy(Path(tmp))
+            for name in ("table.md", "summary.json"):
+                written, committed = Path(tmp) / name, results / suite / name
+                if written.read_text(encoding="utf-8") != committed.read_text(encoding="utf-8"):
+                    problems.append(f"results/{suite}/{name} differs from its runs: run "
+                                    f"`python scripts/benchmark.py {suite} --summary-only`")  # fmt: skip
+    return problems
+
+
 def check(root: Path = ROOT, figures: list[Figure] = FIGURES) -> list[str]:
     """One line per block of the pages under `root` that is missing or differs from what its source writes."""
     problems, pages = [], {}
@@ -411,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"{f.page}\t{f.name}\t{f.sources}" for f in FIGURES))
         return 0
     if args.check:
-        problems = check()
-        print("\n".join(problems) or f"all {len(FIGURES)} figure blocks match their sources")
+        problems = check_sources() + check()
+        print("\n".join(problems) or f"the suites' tables match their runs; all {len(FIGURES)} figure blocks match "
+              "their sources")  # fmt: skip
         return 1 if problems else 0
     changed = write()
     print("\n".join(f"rewritten: {c}" for c in changed) or "no block changed")

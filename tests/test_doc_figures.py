@@ -35,6 +35,25 @@ def test_every_block_matches_its_source(written):
     assert not problems, "run `python scripts/doc_figures.py` and commit:\n" + "\n".join(problems)
 
 
+def test_suite_tables_match_their_runs():
+    """The suite tables' own source: results/<suite>/table.md and summary.json from results/<suite>/runs."""
+    problems = doc_figures.check_sources()
+    assert not problems, "\n".join(problems)
+
+
+def test_check_reports_a_suite_table_edited_by_hand(tmp_path):
+    shutil.copytree(ROOT / "results" / "text-cil-10", tmp_path / "text-cil-10")
+    table = tmp_path / "text-cil-10" / "table.md"
+    text = table.read_text(encoding="utf-8")
+    acc = re.search(r"\| (\d+)\.(\d) ± ", text)  # the first ACC of the table, one tenth up
+    table.write_text(text.replace(acc.group(0), f"| {float(acc.group(1) + '.' + acc.group(2)) + 0.1:.1f} ± ", 1))
+    assert table.read_text(encoding="utf-8") != text
+    assert doc_figures.check_sources(("text-cil-10",), tmp_path) == [
+        "results/text-cil-10/table.md differs from its runs: run "
+        "`python scripts/benchmark.py text-cil-10 --summary-only`"
+    ]
+
+
 def test_every_marker_on_the_pages_is_written_by_the_script():
     names = {fig.name for fig in doc_figures.FIGURES}
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
