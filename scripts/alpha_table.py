@@ -70,9 +70,9 @@ def loss_prediction(suite: str) -> tuple[float, float, int] | None:
     return (statistics.median(raw), statistics.median(calibrated), len(raw)) if raw else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+def tables() -> tuple[str, str, bool]:
+    """The two Markdown tables of docs/results.md ("The merge coefficient"; written there by scripts/doc_figures.py)
+    and whether every bar is met."""
     accs = {suite: load_accs(suite) for suite in SUITES}
     lines = ["| method | " + " | ".join(SUITES) + " |", "|---|" + "---|" * len(SUITES)]
     for m in METHODS:
@@ -82,14 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(
         "| bars met by the preset | " + " | ".join("yes" if not b else "; ".join(b) for b in bars.values()) + " |"
     )
-    lines += ["", "| suite | predicted / measured loss increase, raw Fisher (median) | calibrated | merges |",
-              "|---|---|---|---|"]  # fmt: skip
+    loss = [
+        "| suite | predicted / measured loss increase, raw Fisher (median) | calibrated | merges |",
+        "|---|---|---|---|",
+    ]
     for suite in SUITES:
         pred = loss_prediction(suite)
         if pred:
-            lines.append(f"| {suite} | {pred[0]:.4f} | {pred[1]:.2f} | {pred[2]} |")
-    print("\n".join(lines))
-    return 1 if any(bars.values()) else 0
+            loss.append(f"| {suite} | {pred[0]:.4f} | {pred[1]:.2f} | {pred[2]} |")
+    return "\n".join(lines), "\n".join(loss), not any(bars.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    acc, loss, met = tables()
+    print(acc + "\n\n" + loss)
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ overrides (`METHODS`); finished runs are skipped (the suite is resumable, an int
 task). Per run a compact JSON goes to `<out>/runs/<method>/seed<k>.json` (committed); checkpoints and adapters stay
 in `outputs/bench/<suite>/` (not committed). `<out>/summary.json`, `<out>/table.md` (mean +- std over seeds of ACC,
 AAA, BWT, forgetting, within-task ACC, alpha per task) and `<out>/curves.png` are rebuilt from all finished runs;
-`--docs` also copies the table into docs/results.md, between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->`.
+`--docs` also copies the table into docs/results.md, between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->`;
+`python scripts/doc_figures.py` then rewrites every other figure of the README and docs/ from results/.
 
 `cost`: PM / plain Trainer step rate, Fisher pass / one epoch, alpha + merge / task training, and the growth of the
 saved continual state and of RSS from task 2 to task 10. The last stdout line is one JSON object with the figures;
@@ -667,18 +668,13 @@ RESULTS_DOC = ROOT / "docs" / "results.md"
 
 
 def update_results_doc(suite: str, out: Path, doc: Path = RESULTS_DOC) -> bool:
-    """Replace the block of `doc` between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->` by table.md."""
-    start, end = f"<!-- results:{suite} -->", f"<!-- /results:{suite} -->"
-    text = doc.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
+    """Replace the block of `doc` between `<!-- results:<suite> -->` and `<!-- /results:<suite> -->` by table.md
+    (the writer of scripts/doc_figures.py, which also writes every other figure of the docs from results/)."""
+    spec = importlib.util.spec_from_file_location("doc_figures", Path(__file__).resolve().parent / "doc_figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
     table = (out / "table.md").read_text(encoding="utf-8").strip()
-    tmp = doc.with_name(f".{doc.name}.tmp")
-    tmp.write_text(f"{head}{start}\n{table}\n{end}{tail}", encoding="utf-8")
-    os.replace(tmp, doc)
-    return True
+    return figures.write_block(doc, f"<!-- results:{suite} -->", f"<!-- /results:{suite} -->", table)
 
 
 def main(argv: list[str] | None = None) -> None:

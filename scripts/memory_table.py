@@ -108,27 +108,30 @@ def check() -> dict:
     }
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table of docs/distributed.md ("Memory"; written there by scripts/doc_figures.py)."""
+    head = ["model", "LoRA targets", "adapted weights", "bf16 adapted part",
+            "pm state per rank, 1 rank or DDP: peak (persistent)", "S, G in bf16: peak", "CPU offload: host",
+            "FSDP2, 8 ranks: peak (persistent)", "FSDP2, 8 ranks, S, G in bf16: peak",
+            "bar, 8 ranks: bf16 part / 8"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        cells = [r["model"], r["targets"], f"{r['adapted_params'] / 1e9:.3f} B", f"{r['bf16_adapted_gb']:.2f} GB",
+                 f"{r['default_peak_gb']:.1f} GB ({r['default_persistent_gb']:.1f} GB)",
+                 f"{r['bf16_state_peak_gb']:.1f} GB", f"{r['cpu_offload_host_gb']:.1f} GB",
+                 f"{r['fsdp2_8_ranks_peak_gb']:.2f} GB ({r['fsdp2_8_ranks_persistent_gb']:.2f} GB)",
+                 f"{r['fsdp2_8_ranks_bf16_state_peak_gb']:.2f} GB", f"{r['bar_8_ranks_gb']:.2f} GB"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="also compare the formula with a real run's tensors")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = parser.parse_args()
     rows = table()
-    if args.markdown:
-        head = ["model", "LoRA targets", "adapted weights", "bf16 adapted part",
-                "pm state per rank, 1 rank or DDP: peak (persistent)", "S, G in bf16: peak", "CPU offload: host",
-                "FSDP2, 8 ranks: peak (persistent)", "FSDP2, 8 ranks, S, G in bf16: peak",
-                "bar, 8 ranks: bf16 part / 8"]  # fmt: skip
-        print("| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
-        for r in rows:
-            cells = [r["model"], r["targets"], f"{r['adapted_params'] / 1e9:.3f} B", f"{r['bf16_adapted_gb']:.2f} GB",
-                     f"{r['default_peak_gb']:.1f} GB ({r['default_persistent_gb']:.1f} GB)",
-                     f"{r['bf16_state_peak_gb']:.1f} GB", f"{r['cpu_offload_host_gb']:.1f} GB",
-                     f"{r['fsdp2_8_ranks_peak_gb']:.2f} GB ({r['fsdp2_8_ranks_persistent_gb']:.2f} GB)",
-                     f"{r['fsdp2_8_ranks_bf16_state_peak_gb']:.2f} GB", f"{r['bar_8_ranks_gb']:.2f} GB"]  # fmt: skip
-            print("| " + " | ".join(cells) + " |")
-    else:
-        print(json.dumps(rows, indent=1))
+    print(markdown(rows) if args.markdown else json.dumps(rows, indent=1))
     if args.check:
         print(json.dumps(check(), indent=1))
 

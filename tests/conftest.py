@@ -54,8 +54,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # a module of small pure functions checked by hand (math, layout, parsing: no training run); `integration` = the rest
 # (tiny models trained end to end). `slow` is set by hand on heavy runs and stays out of `make test`.
 UNIT_MODULES = {
-    "test_calibration", "test_fisher", "test_layout", "test_memory", "test_merge", "test_metrics", "test_strategies",
-    "test_zero3",
+    "test_calibration", "test_doc_figures", "test_fisher", "test_layout", "test_memory", "test_merge", "test_metrics",
+    "test_strategies", "test_zero3",
 }  # fmt: skip
 LAUNCHES = ("torchrun(", "on_two_processes(", "one_process(")
 RUNS = ("run_continual(", "build_loop(", ".train(", "main([")  # a training run or a command in this process

@@ -1,0 +1,112 @@
+"""Every measured figure of README.md and docs/*.md is the block scripts/doc_figures.py writes from the committed
+results (results/<suite>/, results/cost/, the memory formula): a block that differs from its source fails here.
+After a benchmark, `python scripts/doc_figures.py` rewrites the blocks."""
+
+import importlib.util
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("doc_figures", ROOT / "scripts" / "doc_figures.py")
+doc_figures = importlib.util.module_from_spec(spec)
+sys.modules.setdefault("doc_figures", doc_figures)
+spec.loader.exec_module(doc_figures)
+
+PAGES = sorted({fig.page for fig in doc_figures.FIGURES})
+
+
+@pytest.fixture(scope="module")
+def written() -> dict[str, str]:
+    """What the script writes for every block, computed once (the memory table builds model shapes on meta)."""
+    return {fig.name: fig.write() for fig in doc_figures.FIGURES}
+
+
+def _figures(written):
+    """The registry with the blocks' texts precomputed."""
+    return [fig._replace(write=lambda name=fig.name: written[name]) for fig in doc_figures.FIGURES]
+
+
+def test_every_block_matches_its_source(written):
+    problems = doc_figures.check(ROOT, _figures(written))
+    assert not problems, "run `python scripts/doc_figures.py` and commit:\n" + "\n".join(problems)
+
+
+def test_suite_tables_match_their_runs():
+    """The suite tables' own source: results/<suite>/table.md and summary.json from results/<suite>/runs."""
+    problems = doc_figures.check_sources()
+    assert not problems, "\n".join(problems)
+
+
+def test_check_reports_a_suite_table_edited_by_hand(tmp_path):
+    shutil.copytree(ROOT / "results" / "text-cil-10", tmp_path / "text-cil-10")
+    table = tmp_path / "text-cil-10" / "table.md"
+    text = table.read_text(encoding="utf-8")
+    acc = re.search(r"\| (\d+)\.(\d) ± ", text)  # the first ACC of the table, one tenth up
+    table.write_text(text.replace(acc.group(0), f"| {float(acc.group(1) + '.' + acc.group(2)) + 0.1:.1f} ± ", 1))
+    assert table.read_text(encoding="utf-8") != text
+    assert doc_figures.check_sources(("text-cil-10",), tmp_path) == [
+        "results/text-cil-10/table.md differs from its runs: run "
+        "`python scripts/benchmark.py text-cil-10 --summary-only`"
+    ]
+
+
+def test_every_marker_on_the_pages_is_written_by_the_script():
+    names = {fig.name for fig in doc_figures.FIGURES}
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        found = set(re.findall(r"<!-- ((?:figure|results):[\w.-]+|memory-table) -->", page.read_text(encoding="utf-8")))
+        assert found <= names, f"{page.name}: blocks no script writes: {sorted(found - names)}"
+
+
+def _copy(tmp_path: Path) -> Path:
+    for page in PAGES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / page, tmp_path / page)
+    return tmp_path
+
+
+def test_check_reports_a_changed_number(tmp_path, written):
+    root, figures = _copy(tmp_path), _figures(written)
+    page = root / "docs" / "results.md"
+    text = page.read_text(encoding="utf-8")
+    block = doc_figures.read_block(text, "<!-- figure:cost -->", "<!-- /figure:cost -->")
+    number = re.search(r"\| (\d+)\.(\d+) \|", block)  # the first value of the cost table, one last digit up
+    digits = len(number.group(2))
+    changed = f"{float(number.group(1) + '.' + number.group(2)) + 10**-digits:.{digits}f}"
+    tampered = block.replace(number.group(0), f"| {changed} |", 1)
+    assert tampered != block
+    page.write_text(text.replace(block, tampered), encoding="utf-8")
+    assert doc_figures.check(root, figures) == [
+        "docs/results.md: figure:cost differs from results/cost/cost.json, results/cost/cost.md"
+    ]
+    assert doc_figures.write(root, figures) == ["docs/results.md: figure:cost"]  # the default mode repairs it
+    assert doc_figures.check(root, figures) == []
+    assert page.read_text(encoding="utf-8") == text
+
+
+def test_check_reports_a_changed_suite_table_and_a_lost_marker(tmp_path, written):
+    root, figures = _copy(tmp_path), _figures(written)
+    page = root / "README.md"
+    text = page.read_text(encoding="utf-8")
+    block = doc_figures.read_block(text, "<!-- figure:readme-acc -->", "<!-- /figure:readme-acc -->")
+    page.write_text(text.replace(block, block.replace(" ± ", " +- ", 1)), encoding="utf-8")
+    results = root / "docs" / "results.md"
+    results.write_text(results.read_text(encoding="utf-8").replace("<!-- /results:text-cil -->", ""), encoding="utf-8")
+    assert doc_figures.check(root, figures) == [
+        "README.md: figure:readme-acc differs from results/<suite>/summary.json",
+        "docs/results.md: no <!-- results:text-cil --> ... <!-- /results:text-cil --> block",
+    ]
+
+
+def test_replace_block_keeps_the_rest_of_the_page():
+    text = "a\n<!-- figure:x -->\nold\n<!-- /figure:x -->\nb\n"
+    new = doc_figures.replace_block(text, "<!-- figure:x -->", "<!-- /figure:x -->", "new 1\nnew 2")
+    assert new == "a\n<!-- figure:x -->\nnew 1\nnew 2\n<!-- /figure:x -->\nb\n"
+    assert doc_figures.read_block(new, "<!-- figure:x -->", "<!-- /figure:x -->") == "new 1\nnew 2"
+    assert (
+        doc_figures.read_block("a <!-- /figure:x --> <!-- figure:x -->", "<!-- figure:x -->", "<!-- /figure:x -->")
+        is None
+    )
