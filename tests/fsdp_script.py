@@ -29,7 +29,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
 from pm_hf.distributed.launch import hand_over  # noqa: E402
-from pm_hf.distributed.sharding import local  # noqa: E402
+from pm_hf.distributed.sharding import local_rows  # noqa: E402
 from pm_hf.method.trainer import task_checkpoint  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 
@@ -110,7 +110,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags))).results
     strategy, weights = trainer.loop.strategy, trainer.loop.weights
     state = [*getattr(strategy, "S", {}).values(), *getattr(strategy, "G", {}).values(), *weights.master.values()]
-    held = sum(local(t).numel() for t in state) / max(1, sum(t.numel() for t in state))
+    held = sum(local_rows(t).numel() for t in state) / max(1, sum(t.numel() for t in state))
     record = {"alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
               "scores": results["score_matrices"], "distributed": results.get("distributed"),
               "first_steps": first.steps, "branch_counts": results["branch_counts"],

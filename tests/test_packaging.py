@@ -129,8 +129,8 @@ assert "deepspeed" not in sys.modules, "a run without DeepSpeed imported it"
 
 
 def test_plots_without_matplotlib_name_the_extra_and_a_run_still_writes_its_results(tmp_path, monkeypatch, caplog):
-    from pm_hf.run import metrics, results
     from pm_hf.errors import MissingExtraError
+    from pm_hf.run import metrics, results
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtraError, match=r"matplotlib, not installed: pip install 'pm_hf\[plots\]'"):

@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from transformers import Trainer
 
 from ..errors import invalid
-from .sharding import model_sharding, root_reshards
-from .zero3 import serve, unserve
+from .placement import detect
+from .sharding import root_reshards
+from .zero3 import attach_hooks, detach_hooks
 
 ZERO3_DEFAULTS = {  # the ZeRO-3 settings pm_hf runs with, as DeepSpeed's defaults
     "zero_hpz_partition_size": (1, None),
@@ -89,7 +90,7 @@ def sharding_field(args) -> tuple[str, object]:
 def hand_over(model) -> None:
     """Before a task's Trainer builds its DeepSpeed engine: the hooks that served ZeRO-3's partitioned weights between
     tasks come off (the engine installs its own). An FSDP2 root keeps its weights whole after forward again."""
-    unserve(model)
+    detach_hooks(model)
     root_reshards(model, between_tasks=False)
 
 
@@ -240,7 +241,7 @@ def check_prepared(trainer) -> None:
     if kind != DistributedType.FSDP:
         raise invalid("fsdp", trainer.args.fsdp or "accelerate config (FSDP)",
                       f"Accelerate set the run up as {kind.value}, not FSDP: launch on GPUs.")  # fmt: skip
-    if model_sharding(trainer.model) != "none":  # already sharded: Accelerate's prepare keeps it as it is
+    if detect(trainer.model).name != "none":  # already sharded: Accelerate's prepare keeps it as it is
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
 
 
@@ -252,7 +253,7 @@ def distributed_setup(args, model=None) -> dict:
     from accelerate.utils import DistributedType
 
     state = PartialState()
-    sharding = model_sharding(model) if model is not None else "none"
+    sharding = detect(model).name if model is not None else "none"
     kind = "FSDP" if sharding == "fsdp2" else state.distributed_type.value
     if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
         kind, sharding = "DEEPSPEED", f"zero{AcceleratorState().deepspeed_plugin.zero_stage}"
@@ -311,7 +312,7 @@ def release(trainer, serve_weights: bool = True) -> None:
                 getattr(engine, hook).remove()
         trainer.deepspeed = None
         if serve_weights and engine.zero_optimization_partition_weights():  # ZeRO-3: they still need gathering
-            serve(engine.module, engine)
+            attach_hooks(engine.module, engine)
     root_reshards(trainer.model, between_tasks=True)  # FSDP2: the root's weights sharded, as pm_hf reads them
     trainer.accelerator.free_memory()
     trainer.model_wrapped = trainer.model

@@ -1,19 +1,19 @@
-"""Weights partitioned by DeepSpeed ZeRO-3, presented to the rest of pm_hf as FSDP2's are. Every DeepSpeed internal
-pm_hf touches is in this module.
+"""Weights partitioned by DeepSpeed ZeRO-3, read and written by the rest of pm_hf as FSDP2's rows are (through
+`pm_hf.distributed.placement.ZeRO3Rows`). The DeepSpeed private state it touches is named in
+`pm_hf.distributed.private`.
 
 A ZeRO-3 parameter keeps its partition only: `param.ds_tensor` on rank r holds elements [r*ps, (r+1)*ps) of the
 flattened weight (ps = ceil(numel / world), zero-padded at the end), and `param.data` is empty outside the forward
 and backward of its module. When a weight's rows divide evenly among the ranks that partition is a block of whole
-rows, the rows FSDP2 gives the rank: `rows` presents it as a dim-0 sharded `DTensor` over the same storage, so the
-FSDP2 code (`pm_hf.distributed.sharding`: the merge, the Fisher's rows, S, G and the master beside the weights, the
-gathers of a
-checkpoint) runs unchanged on it and divides the continual state by the number of ranks, and what the merge writes
-lands in the partition. The small LoRA factors are read whole (`whole`, a gather) and written partition by
-partition (`write`, no communication).
+rows, the rows FSDP2 gives the rank: `partition_rows` shows it as a dim-0 sharded `DTensor` over the same storage,
+so the FSDP2 code (`pm_hf.distributed.sharding`: the merge, the Fisher's rows, S, G and the master beside the
+weights, the gathers of a checkpoint) runs unchanged on it and divides the continual state by the number of ranks,
+and what the merge writes lands in the partition. The small LoRA factors are read whole (`whole`, a gather) and
+written partition by partition (`write`, no communication).
 
 Outside a task's training, forward and backward passes (the Fisher, evaluation, generation) need the weights gathered
-module by module: `serve` installs DeepSpeed's ZeRO-3 parameter hooks without an optimizer (so no gradient hook
-fires in the Fisher's backward passes), `unserve` takes them off before the next task's engine installs its own.
+module by module: `attach_hooks` installs DeepSpeed's ZeRO-3 parameter hooks without an optimizer (so no gradient hook
+fires in the Fisher's backward passes), `detach_hooks` takes them off before the next task's engine installs its own.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _mesh(device_type: str):
     return _MESHES[key]
 
 
-def rows(param: nn.Parameter):
+def partition_rows(param: nn.Parameter):
     """This rank's partition of a ZeRO-3 weight as a dim-0 sharded `DTensor` of the weight's shape, sharing the
     partition's storage (in-place writes change the weight). Needs the weight's rows to divide among the ranks."""
     from torch.distributed.tensor import DTensor, Shard
@@ -59,7 +59,7 @@ def rows(param: nn.Parameter):
     per_row = math.prod(shape[1:])
     if not shape or shape[0] % world or param.ds_tensor.numel() != shape[0] // world * per_row:
         raise ValueError(
-            f"a ZeRO-3 weight of shape {shape} cannot be presented by rows on {world} ranks: pm_hf needs the rows of "
+            f"a ZeRO-3 weight of shape {shape} cannot be read by rows on {world} ranks: pm_hf needs the rows of "
             "every adapted weight to divide evenly among the ranks (use FSDP2, or another number of processes)."
         )
     local = param.ds_tensor.data.view(shape[0] // world, *shape[1:])
@@ -98,14 +98,14 @@ def write(param: nn.Parameter, value: torch.Tensor) -> None:
         part[: mine.numel()].copy_(mine)
 
 
-def serve(model: nn.Module, engine) -> None:
+def attach_hooks(model: nn.Module, engine) -> None:
     """Install ZeRO-3's parameter hooks (gather before a module's forward and backward, release after) on `model`
     with `engine`'s settings and no optimizer: the weights stay partitioned between tasks and forward passes run.
     The destroyed engine's optimizer, which every ZeRO-3 parameter still references, is let go."""
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.utils.timer import NoopTimer
 
-    unserve(model)
+    detach_hooks(model)
     for param in model.parameters():
         param.__dict__.pop("_z3_optimizer", None)
     model._pm_hf_zero3 = coordinator = DeepSpeedZeRoOffload(
@@ -137,15 +137,15 @@ def whole_module(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def gathered_unless_served(model: nn.Module):
-    """A forward pass on a partitioned model before any engine or `serve` installed ZeRO-3's hooks (a resumed run's
-    first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""
+def gathered_unless_hooked(model: nn.Module):
+    """A forward pass on a partitioned model before any engine or `attach_hooks` installed ZeRO-3's hooks (a resumed
+    run's first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""
     return nullcontext() if getattr(model, "_pm_hf_zero3", None) is not None else whole_module(model)
 
 
-def unserve(model: nn.Module) -> None:
-    """Take `serve`'s hooks off (before a task's engine installs its own) and the backward functions DeepSpeed left
-    on the modules: it creates them once per module, bound to the first engine, and keeps them otherwise."""
+def detach_hooks(model: nn.Module) -> None:
+    """Take `attach_hooks`'s hooks off (before a task's engine installs its own) and the backward functions DeepSpeed
+    left on the modules: it creates them once per module, bound to the first engine, and keeps them otherwise."""
     coordinator = getattr(model, "_pm_hf_zero3", None)
     if coordinator is not None:
         coordinator.destroy()

@@ -36,7 +36,7 @@ from ..data.instruct import (
     token_ids,
 )
 from ..distributed.launch import predicting_trainer, share_deepspeed_plugin
-from ..distributed.sharding import model_sharding
+from ..distributed.placement import placement_of
 from ..errors import require_extra
 from .metrics import seen_accuracy
 
@@ -254,7 +254,7 @@ def generate_responses(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[str | None] = [None] * len(prompt_ids)
     device = _device(model)
-    sharded = model_sharding(model) != "none"  # FSDP: every rank runs forward passes until all ranks are done
+    sharded = placement_of(model).collective_forward  # split weights: every rank runs until all ranks are done
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
