@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import invalid
-from . import sharding, zero3
+from . import private, sharding, zero3
 from .fisher_sums import ReplicatedSums, ShardedSums
 
 _ATTRIBUTE = "pm_hf_placement"
@@ -171,7 +171,7 @@ class ZeRO3Rows(ShardedRows):
         return zero3.partition_rows(param) if zero3.is_partitioned(param) else param
 
     def shape(self, param):
-        return tuple(param.ds_shape) if zero3.is_partitioned(param) else tuple(param.shape)
+        return private.whole_shape(param) if zero3.is_partitioned(param) else tuple(param.shape)
 
     def write(self, param, value):
         if zero3.is_partitioned(param):

@@ -35,7 +35,7 @@ from ..data.instruct import (
     resolve_pad_token_id,
     token_ids,
 )
-from ..distributed.launch import predicting_trainer, share_deepspeed_plugin
+from ..distributed.launch import BACKEND
 from ..distributed.placement import placement_of
 from ..errors import require_extra
 from .metrics import seen_accuracy
@@ -145,8 +145,8 @@ def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Da
     args = copy.deepcopy(args)
     args.report_to, args.disable_tqdm, args.push_to_hub = [], True, False
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-    share_deepspeed_plugin(args)
-    trainer = predicting_trainer(Trainer(model=model, args=args, data_collator=collate_fn))
+    BACKEND.share_deepspeed_plugin(args)
+    trainer = BACKEND.predicting(Trainer(model=model, args=args, data_collator=collate_fn))
     return lambda dataset: trainer.predict(dataset).predictions
 
 

@@ -21,7 +21,7 @@ from transformers import PrinterCallback, ProgressCallback
 
 from ..config.checks import check_finite, invalid
 from ..config.groups import FisherArguments, PMConfig
-from ..distributed.launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
+from ..distributed.launch import BACKEND, task_training
 from ..distributed.sharding import scalar
 from ..heads.alignment import HeadAlignment
 from ..hub.export import (
@@ -187,11 +187,9 @@ class ContinualLoop:
         args.eval_strategy, args.report_to = "no", "none"  # the run's reporters are shared below: one logging run
         args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
         args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-        # Accelerate marks a model it prepared for evaluation (unwrapped) and then skips wrapping it for training:
-        # without this, every task after the first trained without DDP, each rank on its own.
-        self.model.__dict__.pop("_is_accelerate_prepared", None)
-        share_deepspeed_plugin(args)  # one DeepSpeed plugin per process: a later task's Trainer reuses the first's
-        hand_over(self.model)  # ZeRO-3: the between-task parameter hooks come off; the task's engine brings its own
+        # the model wrapped for training again (else every task after the first trained without DDP), the DeepSpeed
+        # plugin of the first task shared, ZeRO-3's between-task parameter hooks off (the task's engine brings its own)
+        BACKEND.before_task_trainer(self.model, args)
         trainer = PMTrainer(
             model=self.model,
             args=args,
@@ -202,7 +200,7 @@ class ContinualLoop:
             head_modules=self.head.modules,
             step_offset=sum(sum(e["branch_counts"].values()) for e in self.log),
         )
-        check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
+        BACKEND.check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
         trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
         trainer.remove_callback(PrinterCallback)
         if not args.disable_tqdm:
@@ -291,7 +289,7 @@ class ContinualLoop:
     def results(self) -> dict:
         sizes = [task.eval_size for task in self.stream.tasks]
         out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
-        return {**out, "distributed": distributed_setup(self.args, self.model)}
+        return {**out, "distributed": BACKEND.describe(self.args, self.model)}
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
