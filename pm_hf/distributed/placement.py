@@ -1,6 +1,6 @@
 """Where the weights of a run live, as one value chosen when the run is assembled: `Replicated` (one process, or DDP:
 every rank holds every weight whole), `ShardedRows` (FSDP2: a weight's dim-0 rows split among the ranks as
-`DTensor`s, `Shard(0)`) or `ZeRO3Rows` (DeepSpeed ZeRO-3: each rank's partition presented as those same rows,
+`DTensor`s, `Shard(0)`) or `ZeRO3Rows` (DeepSpeed ZeRO-3: each rank's partition read as those same rows,
 `pm_hf.distributed.zero3`). The method code (Fisher, adapters, weights, heads) asks the placement to read and write
 whole tensors or this rank's rows, to gather, zero-fill, reduce scalars and check finiteness across ranks, and to
 accumulate the Fisher's sums over the ranks' samples; it never asks which launch mode runs.
@@ -161,7 +161,7 @@ class ShardedRows(Replicated):
 
 
 class ZeRO3Rows(ShardedRows):
-    """DeepSpeed ZeRO-3: a parameter's partition presented as its rows (`zero3.partition_rows`, a dim-0 sharded
+    """DeepSpeed ZeRO-3: a parameter's partition read as its rows (`zero3.partition_rows`, a dim-0 sharded
     `DTensor` over the partition's storage), so the state beside it is split as under FSDP2; LoRA factors are read
     gathered and written partition by partition."""
 
