@@ -72,6 +72,12 @@ def sharding_field(args) -> tuple[str, object]:
     return "deepspeed", args.deepspeed if isinstance(args.deepspeed, str) else "DeepSpeed config (ZeRO-3)"
 
 
+def refuse_any_launch_mode(args, fix: str) -> None:
+    """Refuse FSDP and DeepSpeed (any ZeRO stage) for a command that trains nothing (`pm-hf merge`)."""
+    if zero_stage(args) is not None or fsdp_requested(args):
+        raise invalid(*sharding_field(args) if fsdp_requested(args) else ("deepspeed", "DeepSpeed config"), fix)
+
+
 def fsdp_plugin(args):
     """The FSDP settings the run's Trainer will use: from the training arguments, or `accelerate launch`'s config."""
     from accelerate.utils import FullyShardedDataParallelPlugin
@@ -264,6 +270,11 @@ class AccelerateBackend:
             fix = "this process already runs another DeepSpeed config (Accelerate keeps one): run it in a new process."
             raise invalid("deepspeed", args.deepspeed, fix)
         args.deepspeed_plugin = None
+
+    def checkpoint_holds_trained_params(self, trainer) -> bool:
+        """Whether a mid-task checkpoint of the Trainer's own already holds the fully trained parameters (DeepSpeed's
+        engine saves and loads its whole module)."""
+        return bool(trainer.is_deepspeed_enabled)
 
     def predicting(self, trainer):
         """A Trainer that only predicts runs the plain model under DeepSpeed (ZeRO 0-2: whole weights on every rank;
