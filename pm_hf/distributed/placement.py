@@ -29,7 +29,10 @@ class Replicated:
     """Every weight whole on every rank (one process, DDP, DeepSpeed ZeRO 0-2): reads and writes are plain."""
 
     name = "none"  # results.json `distributed.sharding`
-    collective_forward = False  # whether a forward pass needs every rank (generation then syncs the ranks)
+
+    def forward_is_collective(self, model: nn.Module) -> bool:
+        """Whether a forward pass of `model` needs every rank (generation then keeps the ranks in step)."""
+        return False
 
     def as_rows(self, param: torch.Tensor) -> torch.Tensor:
         """A parameter as pm_hf reads and writes it: here the parameter itself."""
@@ -115,7 +118,9 @@ class ShardedRows(Replicated):
     before the first Trainer prepares the model, is read and written whole."""
 
     name = "fsdp2"
-    collective_forward = True
+
+    def forward_is_collective(self, model):
+        return any(sharding.is_sharded(p) for p in model.parameters())  # once the first Trainer has sharded it
 
     def whole(self, tensor):
         return sharding.whole(tensor)
@@ -166,6 +171,9 @@ class ZeRO3Rows(ShardedRows):
     gathered and written partition by partition."""
 
     name = "zero3"
+
+    def forward_is_collective(self, model):
+        return any(zero3.is_partitioned(p) for p in model.parameters()) or super().forward_is_collective(model)
 
     def as_rows(self, param):
         return zero3.partition_rows(param) if zero3.is_partitioned(param) else param

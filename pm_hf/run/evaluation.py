@@ -254,7 +254,7 @@ def generate_responses(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[str | None] = [None] * len(prompt_ids)
     device = _device(model)
-    sharded = placement_of(model).collective_forward  # split weights: every rank runs until all ranks are done
+    sharded = placement_of(model).forward_is_collective(model)  # split weights: every rank runs until all are done
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
