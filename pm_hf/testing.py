@@ -42,8 +42,7 @@ def fsdp_on_cpu() -> None:
 
     Accelerate sets FSDP up on accelerators only (on CPU it runs the config as DDP, and pm_hf refuses that). torch's
     FSDP2 itself runs on CPU, so this makes Accelerate take its FSDP path there too (the same `fully_shard`, the same
-    Trainer code); pm_hf's launch check (`pm_hf.distributed.launch.accelerate_runs_on`) sees the patch. Call it in each
-    process
+    Trainer code), and tells pm_hf's launch backend so (`AccelerateBackend.run_on_cpu`). Call it in each process
     before the run is built."""
     _on_cpu("fsdp")
 
@@ -65,6 +64,11 @@ def deepspeed_on_cpu() -> None:
 def _on_cpu(kind: str) -> None:
     import accelerate.state
 
+    from .distributed import private
+    from .distributed.launch import BACKEND
+
+    BACKEND.run_on_cpu(kind)  # an explicit statement to the backend: it reads nothing this harness patches
+
     state_cls = accelerate.state.AcceleratorState
     flag = f"_pm_hf_{kind}_on_cpu"
     if getattr(state_cls.__init__, flag, False):
@@ -81,7 +85,7 @@ def _on_cpu(kind: str) -> None:
         if kind == "deepspeed" and plugin is not None:
             self.distributed_type = accelerate.state.DistributedType.DEEPSPEED
             plugin.set_mixed_precision("no")
-            plugin.select(_from_accelerator_state=True)
+            private.select_as_accelerator_state(plugin)
             self.deepspeed_plugins = plugin
 
     for name in dir(original):

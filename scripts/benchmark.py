@@ -176,7 +176,7 @@ def bench_fisher_merge(model, init, tok, tmp, rounds: int, n: int) -> dict:
     weights, strategy = ModelWeights(model), build_strategy(MergeArguments(merge_method="pm"))
     for r in range(rounds):
         restore(model, init)
-        before = {k: p.detach().float().clone() for k, p in weights.full().items()}
+        before = {k: p.detach().float().clone() for k, p in weights.trained_params().items()}
         clock = train(model, init, True, data, collate, tmp, num_train_epochs=1)
         raw["epoch"].append(clock.end - clock.begin)
         keys = list(lora_layers(model)) + list(full_trainable_params(model))

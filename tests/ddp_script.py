@@ -31,7 +31,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 import pm_hf.hub.repository  # noqa: E402
 from pm_hf.continual import ContinualTrainer, run_continual  # noqa: E402
-from pm_hf.distributed.sharding import local  # noqa: E402
+from pm_hf.distributed.sharding import local_rows  # noqa: E402
 from pm_hf.method.trainer import DivergenceError, task_checkpoint  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 
@@ -101,7 +101,7 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
         trainer = ContinualTrainer.from_args(*args, callbacks=[first])
     results, strategy = trainer.train(resume_from_checkpoint="continue" in flags).results, trainer.loop.strategy
     state = [*strategy.S.values(), *strategy.G.values(), *trainer.loop.weights.master.values()]
-    held = sum(local(t).numel() for t in state) / sum(t.numel() for t in state)
+    held = sum(local_rows(t).numel() for t in state) / sum(t.numel() for t in state)
     record = {"calls": [c[0] for c in fake.calls], "repos": sorted(fake.repos), "world_size": args[2].world_size,
               "alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
               "distributed": results.get("distributed"), "scores": results["score_matrices"],

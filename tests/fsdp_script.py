@@ -28,8 +28,8 @@ from conftest import ZERO2, ZERO3, end_processes, llm_groups  # noqa: E402  (set
 from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.continual import ContinualTrainer  # noqa: E402
-from pm_hf.distributed.launch import hand_over  # noqa: E402
-from pm_hf.distributed.sharding import local  # noqa: E402
+from pm_hf.distributed.launch import BACKEND  # noqa: E402
+from pm_hf.distributed.sharding import local_rows  # noqa: E402
 from pm_hf.method.trainer import task_checkpoint  # noqa: E402
 from pm_hf.testing import deepspeed_on_cpu, fsdp_on_cpu  # noqa: E402
 
@@ -110,13 +110,13 @@ def main(model_dir: str, out: str, batch: int, flags: list[str]) -> None:
     results = trainer.train(resume_from_checkpoint=bool({"resume", "continue"} & set(flags))).results
     strategy, weights = trainer.loop.strategy, trainer.loop.weights
     state = [*getattr(strategy, "S", {}).values(), *getattr(strategy, "G", {}).values(), *weights.master.values()]
-    held = sum(local(t).numel() for t in state) / max(1, sum(t.numel() for t in state))
+    held = sum(local_rows(t).numel() for t in state) / max(1, sum(t.numel() for t in state))
     record = {"alphas": results["alphas"], "delta_norms": results["delta_norms"], "state_fraction": held,
               "scores": results["score_matrices"], "distributed": results.get("distributed"),
               "first_steps": first.steps, "branch_counts": results["branch_counts"],
               "branch_losses": results["branch_losses"], "forward_hooks": forward_hooks(trainer.loop.model),
               "live_optimizers": live(kill.optimizers)}  # fmt: skip
-    hand_over(trainer.loop.model)  # what a next task's Trainer would do first
+    BACKEND.end_between_tasks(trainer.loop.model)  # what a next task's Trainer would do first
     record["hooks_left"] = forward_hooks(trainer.loop.model)  # ZeRO-3: the between-task hooks are gone too
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(record))
 

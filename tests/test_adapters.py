@@ -300,9 +300,9 @@ def test_task_vector_splits_lora_full_trained_and_head():
                         trainable_modules=["classifier"])  # fmt: skip
     randomize_lora(model, seed=4)
     weights = ModelWeights(model)
-    before = {k: p.detach().float().clone() for k, p in weights.full().items()}
+    before = {k: p.detach().float().clone() for k, p in weights.trained_params().items()}
     with torch.no_grad():
-        for p in weights.full().values():
+        for p in weights.trained_params().values():
             p.add_(0.5)
     is_head = lambda key: key.startswith("classifier.")  # noqa: E731
     vector = weights.task_vector(before, is_head, lambda key, delta: None if key.endswith("bias") else 2 * delta)

@@ -217,7 +217,7 @@ def test_zero2_llm_killed_late_in_a_task_resumes_as_the_same_run_and_leaves_no_e
 @pytest.mark.slow  # one 2-process launch and a 1-process run
 def test_zero3_on_two_processes_equals_one_process_with_the_state_divided(llm_dir, tmp_path):
     """DeepSpeed ZeRO-3 (`pm_hf.testing.deepspeed_on_cpu`; the weights partitioned as they load, each rank's
-    partition presented as its rows by `pm_hf.distributed.zero3`) on 2 processes x batch 1 against 1 process x batch 2:
+    partition read as its rows by `pm_hf.distributed.zero3`) on 2 processes x batch 1 against 1 process x batch 2:
     the same
     alphas, scores, checkpoint and export within float tolerance, each rank holding half of S and G; no optimizer or
     hook is left behind; the saved run, reloaded by one process, scores the same."""

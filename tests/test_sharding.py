@@ -14,7 +14,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from pm_hf.config.checks import InputError
-from pm_hf.distributed.sharding import copy_rows, full, is_sharded, keep_rows, local, root_reshards, row_range
+from pm_hf.distributed.sharding import copy_rows, is_sharded, keep_rows, local_rows, root_reshards, row_range, whole
 from pm_hf.heads.head import Head
 
 
@@ -24,17 +24,17 @@ def _worker(rank: int) -> None:
     sharded = distribute_tensor(W, mesh, [Shard(0)])
     assert row_range(sharded) == [(0, 3), (3, 5)][rank]
     kept = keep_rows(sharded, [1, 3])  # the merged part of a head: rows of classes trained before and now
-    assert is_sharded(kept) and local(kept).shape[0] == [3, 2][rank]
+    assert is_sharded(kept) and local_rows(kept).shape[0] == [3, 2][rank]
     expected = torch.zeros(5, 3)
     expected[[1, 3]] = W[[1, 3]]
-    assert torch.equal(full(kept), expected) and torch.equal(keep_rows(W, [1, 3]), expected)
+    assert torch.equal(whole(kept), expected) and torch.equal(keep_rows(W, [1, 3]), expected)
     before = distribute_tensor(-W, mesh, [Shard(0)])
     copy_rows(sharded, before, [0, 4])  # rows of classes not in the task restored exactly
     expected = W.clone()
     expected[[0, 4]] = -W[[0, 4]]
-    assert torch.equal(full(sharded), expected)
+    assert torch.equal(whole(sharded), expected)
     bias = distribute_tensor(torch.arange(5.0), mesh, [Shard(0)])
-    assert torch.equal(full(keep_rows(bias, [4])), torch.tensor([0.0, 0, 0, 0, 4]))
+    assert torch.equal(whole(keep_rows(bias, [4])), torch.tensor([0.0, 0, 0, 0, 4]))
     model = nn.Sequential(nn.Linear(3, 4))
     model[0].weight = nn.Parameter(distribute_tensor(model[0].weight.detach(), mesh, [Shard(0)]))
     with pytest.raises(InputError, match=r"^num_labels = 6: a head sharded by FSDP2 cannot grow"):

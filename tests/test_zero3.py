@@ -12,7 +12,7 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
 from pm_hf.distributed import zero3
-from pm_hf.distributed.sharding import full, local, shard_like
+from pm_hf.distributed.sharding import local_rows, shard_like, whole
 
 
 def _param(whole: torch.Tensor, rank: int, world: int) -> nn.Parameter:
@@ -28,21 +28,21 @@ def _param(whole: torch.Tensor, rank: int, world: int) -> nn.Parameter:
 def _worker(rank: int) -> None:
     W = torch.arange(12.0).view(4, 3)
     p = _param(W, rank, 2)
-    view = zero3.rows(p)
-    assert torch.equal(local(view), W[2 * rank : 2 * rank + 2]) and torch.equal(full(view), W)
+    view = zero3.partition_rows(p)
+    assert torch.equal(local_rows(view), W[2 * rank : 2 * rank + 2]) and torch.equal(whole(view), W)
     D = torch.full((4, 3), 0.5)
     view.add_(shard_like(D, view))  # a merge's in-place write lands in the partition
     assert torch.equal(p.ds_tensor, (W + D).flatten()[6 * rank : 6 * rank + 6])
     odd = _param(torch.ones(3, 3), rank, 2)  # 9 elements: 5 per rank, rank 1 padded, rows split
-    with pytest.raises(ValueError, match="cannot be presented by rows on 2 ranks"):
-        zero3.rows(odd)
+    with pytest.raises(ValueError, match="cannot be read by rows on 2 ranks"):
+        zero3.partition_rows(odd)
     V = torch.arange(9.0).view(3, 3) + 1
     zero3.write(odd, V)
     expected = [torch.tensor([1.0, 2, 3, 4, 5]), torch.tensor([6.0, 7, 8, 9, 0])]
     assert torch.equal(odd.ds_tensor, expected[rank])  # the padding stays zero
     p.ds_status = ZeroParamStatus.AVAILABLE  # gathered: a write to the partition would not be seen
     with pytest.raises(RuntimeError, match="is gathered"):
-        zero3.rows(p)
+        zero3.partition_rows(p)
 
 
 def test_a_partition_is_read_and_written_as_the_rows_it_holds():

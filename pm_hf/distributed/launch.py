@@ -7,29 +7,30 @@
   are partitioned, the weights stay whole on every rank, so pm_hf's own state (S, G, master, Fisher) is whole too,
   as under DDP. Each task's Trainer builds a DeepSpeed engine for that task's adapter and optimizer; it is destroyed
   when the task's training ends (its gradient hooks removed) before the Fisher, the merge and the next task's engine.
-- DeepSpeed ZeRO-3 (`configs/accelerate/zero3.yaml`): the weights are partitioned; pm_hf presents each rank's
-  partition as FSDP2's rows (`pm_hf.distributed.zero3`), so its state is divided by the ranks as under FSDP2, with the
-  same
-  limits (`assembly.check_sharded_run`). Between tasks ZeRO-3's parameter hooks without an optimizer
-  serve the forward passes (Fisher, evaluation).
+- DeepSpeed ZeRO-3 (`configs/accelerate/zero3.yaml`): the weights are partitioned; pm_hf reads each rank's partition
+  as FSDP2's rows (`pm_hf.distributed.zero3`), so its state is divided by the ranks as under FSDP2, with the same
+  limits (`assembly.check_sharded_run`). Between tasks ZeRO-3's parameter hooks without an optimizer run the forward
+  passes (Fisher, evaluation).
 
 Everything else is refused before anything is loaded (`refuse_sharding`), or once the Trainer is built where only the
-Trainer knows (`check_prepared`): never a silent fallback to DDP.
+Trainer knows (`AccelerateBackend.check_prepared`): never a silent fallback to DDP. Each task's Trainer goes through
+one `AccelerateBackend` (`BACKEND`): built, checked, its training, its release.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from transformers import Trainer
 
 from ..errors import invalid
-from .sharding import model_sharding, root_reshards
-from .zero3 import serve, unserve
+from . import private
+from .placement import detect
+from .sharding import root_reshards
+from .zero3 import attach_hooks, detach_hooks
 
 ZERO3_DEFAULTS = {  # the ZeRO-3 settings pm_hf runs with, as DeepSpeed's defaults
     "zero_hpz_partition_size": (1, None),
@@ -49,22 +50,7 @@ MIXED_FIX = (
 )
 
 
-def _deepspeed_imported() -> bool:
-    return "deepspeed" in sys.modules
-
-
-def unwrap_without_importing_deepspeed() -> None:
-    """Accelerate's `extract_model_from_parallel` (run by every `Trainer.__init__` and model unwrap) imports deepspeed
-    whenever it is installed, only to check whether the model is a `DeepSpeedEngine`: half a second, and DeepSpeed's
-    "Setting accelerator to CPU" warning, on runs that do not use it. No model is an engine before deepspeed is
-    imported, so the check is asked only once it is (a DeepSpeed run imports it when its engine is built)."""
-    from accelerate.utils import other
-
-    if callable(getattr(other, "is_deepspeed_available", None)):
-        other.is_deepspeed_available = _deepspeed_imported
-
-
-unwrap_without_importing_deepspeed()
+private.unwrap_without_importing_deepspeed()
 
 
 def fsdp_requested(args) -> bool:
@@ -86,11 +72,10 @@ def sharding_field(args) -> tuple[str, object]:
     return "deepspeed", args.deepspeed if isinstance(args.deepspeed, str) else "DeepSpeed config (ZeRO-3)"
 
 
-def hand_over(model) -> None:
-    """Before a task's Trainer builds its DeepSpeed engine: the hooks that served ZeRO-3's partitioned weights between
-    tasks come off (the engine installs its own). An FSDP2 root keeps its weights whole after forward again."""
-    unserve(model)
-    root_reshards(model, between_tasks=False)
+def refuse_any_launch_mode(args, fix: str) -> None:
+    """Refuse FSDP and DeepSpeed (any ZeRO stage) for a command that trains nothing (`pm-hf merge`)."""
+    if zero_stage(args) is not None or fsdp_requested(args):
+        raise invalid(*sharding_field(args) if fsdp_requested(args) else ("deepspeed", "DeepSpeed config"), fix)
 
 
 def fsdp_plugin(args):
@@ -163,12 +148,10 @@ def zero_stage(args) -> int | None:
 
 
 def accelerate_runs_on(args, kind: str) -> bool:
-    """Whether Accelerate runs an FSDP / DeepSpeed config as such on this run's device: on accelerators only; on CPU
-    it would silently run plain DDP (unless `pm_hf.testing.fsdp_on_cpu` / `deepspeed_on_cpu` made it take that path
-    on CPU, in tests)."""
-    from accelerate.state import AcceleratorState
-
-    return args.device.type != "cpu" or getattr(AcceleratorState.__init__, f"_pm_hf_{kind}_on_cpu", False)
+    """Whether Accelerate runs an FSDP / DeepSpeed config as such on this run's device: on accelerators only (on CPU
+    it would silently run plain DDP), unless the backend was told Accelerate runs `kind` on CPU
+    (`AccelerateBackend.run_on_cpu`, which a caller that makes it so says explicitly)."""
+    return args.device.type != "cpu" or kind in BACKEND.cpu_kinds
 
 
 def refuse_sharding(args) -> None:
@@ -223,98 +206,128 @@ def refuse_fsdp(args) -> None:
         raise invalid("fsdp_config", "FULL_STATE_DICT", fix)
 
 
-def check_prepared(trainer) -> None:
-    """After a task's Trainer is built: an FSDP / DeepSpeed run really runs as such (never a silent fallback to DDP),
-    with a ZeRO stage pm_hf supports, and a model already sharded by an earlier task's Trainer is not wrapped again
-    (one model preparation per run)."""
-    from accelerate.utils import DistributedType
+class AccelerateBackend:
+    """The lifecycle of each task's Trainer under Accelerate (DDP, FSDP2, DeepSpeed): what comes off the model before a
+    task's Trainer prepares it again, the check that it really runs as asked, the task's engine released when its
+    training ends (ZeRO-3's between-task hooks attached instead), the one DeepSpeed plugin the tasks share, and the
+    launch as results.json records it. One per process (`BACKEND`): Accelerate's own state is per process."""
 
-    kind = trainer.accelerator.distributed_type
-    if zero_stage(trainer.args) is not None or trainer.is_deepspeed_enabled:
-        if kind != DistributedType.DEEPSPEED:
-            raise invalid("deepspeed", "accelerate config (DeepSpeed)", f"Accelerate set the run up as {kind.value}.")
-        zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        check_deepspeed_config({"zero_optimization": zero}, "the DeepSpeed config Accelerate runs")
-    if not fsdp_requested(trainer.args):
-        return
-    if kind != DistributedType.FSDP:
-        raise invalid("fsdp", trainer.args.fsdp or "accelerate config (FSDP)",
-                      f"Accelerate set the run up as {kind.value}, not FSDP: launch on GPUs.")  # fmt: skip
-    if model_sharding(trainer.model) != "none":  # already sharded: Accelerate's prepare keeps it as it is
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
+    def __init__(self) -> None:
+        self.cpu_kinds: set[str] = set()  # FSDP / DeepSpeed configs Accelerate was made to run on CPU
+
+    def run_on_cpu(self, kind: str) -> None:
+        """Say that Accelerate runs `kind` ('fsdp' or 'deepspeed') as such on CPU (tests: `pm_hf.testing`)."""
+        self.cpu_kinds.add(kind)
+
+    def before_task_trainer(self, model, args) -> None:
+        """Before a task's Trainer is built: the model is wrapped for training again (Accelerate skips a model it
+        prepared for evaluation), the DeepSpeed plugin is shared, ZeRO-3's between-task hooks come off (the task's
+        engine installs its own) and an FSDP2 root keeps its weights whole after forward again."""
+        private.forget_accelerate_prepared(model)
+        self.share_deepspeed_plugin(args)
+        self.end_between_tasks(model)
+
+    def end_between_tasks(self, model) -> None:
+        """What held the model between tasks comes off: ZeRO-3's parameter hooks without an optimizer; an FSDP2 root
+        goes back to keeping its weights whole after forward (training's backward needs them at once)."""
+        detach_hooks(model)
+        root_reshards(model, between_tasks=False)
+
+    def check_prepared(self, trainer) -> None:
+        """After a task's Trainer is built: an FSDP / DeepSpeed run really runs as such (never a silent fallback to
+        DDP), with a ZeRO stage pm_hf supports, and a model already sharded by an earlier task's Trainer is not
+        wrapped again (one model preparation per run)."""
+        from accelerate.utils import DistributedType
+
+        kind = trainer.accelerator.distributed_type
+        if zero_stage(trainer.args) is not None or trainer.is_deepspeed_enabled:
+            if kind != DistributedType.DEEPSPEED:
+                fix = f"Accelerate set the run up as {kind.value}."
+                raise invalid("deepspeed", "accelerate config (DeepSpeed)", fix)
+            zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            check_deepspeed_config({"zero_optimization": zero}, "the DeepSpeed config Accelerate runs")
+        if not fsdp_requested(trainer.args):
+            return
+        if kind != DistributedType.FSDP:
+            raise invalid("fsdp", trainer.args.fsdp or "accelerate config (FSDP)",
+                          f"Accelerate set the run up as {kind.value}, not FSDP: launch on GPUs.")  # fmt: skip
+        if detect(trainer.model).name != "none":  # already sharded: Accelerate's prepare keeps it as it is
+            trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = None
+
+    def share_deepspeed_plugin(self, args) -> None:
+        """Before a later Trainer: Accelerate keeps one DeepSpeed plugin per process (a second Accelerator may not
+        bring its own), so the Trainer's copy of the arguments leaves it out and Accelerate reuses the first's."""
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+
+        if not private.accelerator_state_exists() or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
+            return
+        shared, own = AcceleratorState().deepspeed_plugin, args.deepspeed_plugin
+        if own is not None and (own.zero_stage, own.offload_optimizer_device) != (
+            shared.zero_stage,
+            shared.offload_optimizer_device,
+        ):
+            fix = "this process already runs another DeepSpeed config (Accelerate keeps one): run it in a new process."
+            raise invalid("deepspeed", args.deepspeed, fix)
+        args.deepspeed_plugin = None
+
+    def checkpoint_holds_trained_params(self, trainer) -> bool:
+        """Whether a mid-task checkpoint of the Trainer's own already holds the fully trained parameters (DeepSpeed's
+        engine saves and loads its whole module)."""
+        return bool(trainer.is_deepspeed_enabled)
+
+    def predicting(self, trainer):
+        """A Trainer that only predicts runs the plain model under DeepSpeed (ZeRO 0-2: whole weights on every rank;
+        ZeRO-3: the between-task hooks gather them module by module) rather than asking DeepSpeed for an engine."""
+        trainer.is_deepspeed_enabled = False
+        return trainer
+
+    @contextmanager
+    def training(self, trainer) -> Iterator[None]:
+        """A task's training, its trainer released when it ends (`release`); also when it stops with an error, which
+        then propagates as it is (ZeRO-3's hooks are not attached again: nothing runs after)."""
+        try:
+            yield
+        except BaseException:
+            self.release(trainer, attach=False)
+            raise
+        self.release(trainer)
+
+    def release(self, trainer, attach: bool = True) -> None:
+        """Drop a task's trainer's hold on the model once its training ends: the DeepSpeed engine is destroyed (its
+        gradient hooks would otherwise fire in the Fisher's backward passes and in the next task's; under ZeRO-3 the
+        parameter hooks without an optimizer are attached instead), and the accelerator's references (the DDP
+        wrapper, the optimizer) are freed before the next task's trainer prepares the model again."""
+        if not isinstance(trainer, Trainer):
+            return
+        engine = getattr(trainer, "deepspeed", None)
+        if engine is not None:
+            engine.destroy()  # removes its gradient hooks, not the forward hooks it put on the model
+            private.remove_engine_forward_hooks(engine)
+            trainer.deepspeed = None
+            if attach and engine.zero_optimization_partition_weights():  # ZeRO-3: they still need gathering
+                attach_hooks(engine.module, engine)
+        root_reshards(trainer.model, between_tasks=True)  # FSDP2: the root's weights sharded, as pm_hf reads them
+        trainer.accelerator.free_memory()
+        trainer.model_wrapped = trainer.model
+        trainer.optimizer = trainer.lr_scheduler = trainer.callback_handler.optimizer = None
+        trainer.callback_handler.lr_scheduler = None
+        gc.collect()
+
+    def describe(self, args, model=None) -> dict:
+        """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding
+        ('fsdp2' for sharded weights, 'zero<stage>' for DeepSpeed's partitioned optimizer state)."""
+        from accelerate import PartialState
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
+
+        state = PartialState()
+        sharding = detect(model).name if model is not None else "none"
+        kind = "FSDP" if sharding == "fsdp2" else state.distributed_type.value
+        if private.accelerator_state_exists() and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
+            kind, sharding = "DEEPSPEED", f"zero{AcceleratorState().deepspeed_plugin.zero_stage}"
+        return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
 
 
-def distributed_setup(args, model=None) -> dict:
-    """How the run actually ran: Accelerate's distributed type, the number of processes, and the sharding ('fsdp2'
-    for sharded weights, 'zero<stage>' for DeepSpeed's partitioned optimizer state)."""
-    from accelerate import PartialState
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    state = PartialState()
-    sharding = model_sharding(model) if model is not None else "none"
-    kind = "FSDP" if sharding == "fsdp2" else state.distributed_type.value
-    if AcceleratorState._shared_state and AcceleratorState().distributed_type == DistributedType.DEEPSPEED:
-        kind, sharding = "DEEPSPEED", f"zero{AcceleratorState().deepspeed_plugin.zero_stage}"
-    return {"type": kind, "num_processes": state.num_processes, "sharding": sharding}
-
-
-def share_deepspeed_plugin(args) -> None:
-    """Before a later task's Trainer: Accelerate keeps one DeepSpeed plugin per process (a second Accelerator may not
-    bring its own), so the Trainer's copy of the arguments leaves it out and Accelerate reuses the first task's."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    if not AcceleratorState._shared_state or AcceleratorState().distributed_type != DistributedType.DEEPSPEED:
-        return
-    shared, own = AcceleratorState().deepspeed_plugin, args.deepspeed_plugin
-    if own is not None and (own.zero_stage, own.offload_optimizer_device) != (
-        shared.zero_stage,
-        shared.offload_optimizer_device,
-    ):
-        fix = "this process already runs another DeepSpeed config (Accelerate keeps one): run it in a new process."
-        raise invalid("deepspeed", args.deepspeed, fix)
-    args.deepspeed_plugin = None
-
-
-def predicting_trainer(trainer):
-    """A Trainer that only predicts runs the plain model under DeepSpeed (ZeRO 0-2: whole weights on every rank;
-    ZeRO-3: `serve`'s hooks gather them module by module) rather than asking DeepSpeed for an engine. Returns it."""
-    trainer.is_deepspeed_enabled = False
-    return trainer
-
-
-@contextmanager
-def task_training(trainer) -> Iterator[None]:
-    """A task's training, its trainer released when it ends (`release`); also when it stops with an error, which then
-    propagates as it is (ZeRO-3's weights are not served again: nothing runs after)."""
-    try:
-        yield
-    except BaseException:
-        release(trainer, serve_weights=False)
-        raise
-    release(trainer)
-
-
-def release(trainer, serve_weights: bool = True) -> None:
-    """Drop a task's trainer's hold on the model once its training ends: the DeepSpeed engine is destroyed (its
-    gradient hooks would otherwise fire in the Fisher's backward passes and in the next task's; under ZeRO-3 the
-    partitioned weights are served between tasks instead), and the accelerator's references (the DDP wrapper, the
-    optimizer) are freed before the next task's trainer prepares the model again."""
-    if not isinstance(trainer, Trainer):
-        return
-    engine = getattr(trainer, "deepspeed", None)
-    if engine is not None:
-        engine.destroy()  # removes its gradient hooks, not the forward hooks it put on the model
-        for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
-            if getattr(engine, hook, None) is not None:
-                getattr(engine, hook).remove()
-        trainer.deepspeed = None
-        if serve_weights and engine.zero_optimization_partition_weights():  # ZeRO-3: they still need gathering
-            serve(engine.module, engine)
-    root_reshards(trainer.model, between_tasks=True)  # FSDP2: the root's weights sharded, as pm_hf reads them
-    trainer.accelerator.free_memory()
-    trainer.model_wrapped = trainer.model
-    trainer.optimizer = trainer.lr_scheduler = trainer.callback_handler.optimizer = None
-    trainer.callback_handler.lr_scheduler = None
-    gc.collect()
+BACKEND = AccelerateBackend()
+task_training = BACKEND.training  # `with task_training(trainer):` a task's training, its trainer released after

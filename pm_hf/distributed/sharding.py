@@ -15,8 +15,6 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
-from .zero3 import partitioned
-
 try:  # torch >= 2.4
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -28,19 +26,26 @@ def is_sharded(tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (a collective for a sharded one: every rank must call it)."""
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, gathered (a collective for a sharded one: every rank must call it)."""
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
-def local(tensor: torch.Tensor) -> torch.Tensor:
+def local_rows(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (its rows), or the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def zeros_like(tensor: torch.Tensor, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Zeros shaped like `tensor`: split as it is when sharded, else whole on `device` (default: the tensor's)."""
+    if is_sharded(tensor):
+        return torch.zeros_like(tensor, dtype=dtype)
+    return torch.zeros(tensor.shape, dtype=dtype, device=device or tensor.device)
+
+
 def scalar(value: torch.Tensor | float) -> float:
     """A Python float from a 0-d tensor, with a partial sum over shards completed across ranks."""
-    return float(full(value)) if isinstance(value, torch.Tensor) else float(value)
+    return float(whole(value)) if isinstance(value, torch.Tensor) else float(value)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -112,7 +117,7 @@ def keep_rows(tensor: torch.Tensor, rows) -> torch.Tensor:
     """`tensor` with every dim-0 row not in `rows` zeroed; a sharded tensor on each rank's own rows (no
     communication), sharded as it was."""
     start, stop = row_range(tensor)
-    part = local(tensor)
+    part = local_rows(tensor)
     keep = torch.zeros(stop - start, dtype=torch.bool, device=part.device)
     keep[[r - start for r in rows if start <= r < stop]] = True
     kept = part * keep.view(-1, *([1] * (part.dim() - 1)))
@@ -128,7 +133,7 @@ def copy_rows(target: torch.Tensor, source: torch.Tensor, rows) -> None:
         raise ValueError("copy_rows: the source is not sharded like the target")
     mine = [r - start for r in rows if start <= r < stop]
     if mine:
-        local(target)[mine] = local(source)[mine].to(target.dtype)
+        local_rows(target)[mine] = local_rows(source)[mine].to(target.dtype)
 
 
 def from_rows(rows: torch.Tensor, like: torch.Tensor, columns: int) -> torch.Tensor:
@@ -158,14 +163,6 @@ def _root_trains(root: tuple[str, torch.nn.Module], *inner: tuple[str, torch.nn.
     name, module = root
     prefixes = tuple(n[len(name) + 1 :] + "." if name else n + "." for n, _ in inner)
     return any(p.requires_grad and not n.startswith(prefixes) for n, p in module.named_parameters())
-
-
-def model_sharding(model: torch.nn.Module) -> str:
-    """'fsdp2' when any parameter of the model is sharded by FSDP2, 'zero3' when DeepSpeed partitions them, else
-    'none' (results.json `distributed.sharding`)."""
-    if any(is_sharded(p) for p in model.parameters()):
-        return "fsdp2"
-    return "zero3" if partitioned(model) else "none"
 
 
 def all_gather_padded(x: torch.Tensor) -> torch.Tensor:

@@ -1,19 +1,19 @@
-"""Weights partitioned by DeepSpeed ZeRO-3, presented to the rest of pm_hf as FSDP2's are. Every DeepSpeed internal
-pm_hf touches is in this module.
+"""Weights partitioned by DeepSpeed ZeRO-3, read and written by the rest of pm_hf as FSDP2's rows are (through
+`pm_hf.distributed.placement.ZeRO3Rows`). The DeepSpeed private state it touches is named in
+`pm_hf.distributed.private`.
 
 A ZeRO-3 parameter keeps its partition only: `param.ds_tensor` on rank r holds elements [r*ps, (r+1)*ps) of the
 flattened weight (ps = ceil(numel / world), zero-padded at the end), and `param.data` is empty outside the forward
 and backward of its module. When a weight's rows divide evenly among the ranks that partition is a block of whole
-rows, the rows FSDP2 gives the rank: `rows` presents it as a dim-0 sharded `DTensor` over the same storage, so the
-FSDP2 code (`pm_hf.distributed.sharding`: the merge, the Fisher's rows, S, G and the master beside the weights, the
-gathers of a
-checkpoint) runs unchanged on it and divides the continual state by the number of ranks, and what the merge writes
-lands in the partition. The small LoRA factors are read whole (`whole`, a gather) and written partition by
-partition (`write`, no communication).
+rows, the rows FSDP2 gives the rank: `partition_rows` shows it as a dim-0 sharded `DTensor` over the same storage,
+so the FSDP2 code (`pm_hf.distributed.sharding`: the merge, the Fisher's rows, S, G and the master beside the
+weights, the gathers of a checkpoint) runs unchanged on it and divides the continual state by the number of ranks,
+and what the merge writes lands in the partition. The small LoRA factors are read whole (`whole`, a gather) and
+written partition by partition (`write`, no communication).
 
 Outside a task's training, forward and backward passes (the Fisher, evaluation, generation) need the weights gathered
-module by module: `serve` installs DeepSpeed's ZeRO-3 parameter hooks without an optimizer (so no gradient hook
-fires in the Fisher's backward passes), `unserve` takes them off before the next task's engine installs its own.
+module by module: `attach_hooks` installs DeepSpeed's ZeRO-3 parameter hooks without an optimizer (so no gradient hook
+fires in the Fisher's backward passes), `detach_hooks` takes them off before the next task's engine installs its own.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import private
+from .private import is_partitioned
+
 _MESHES: dict[tuple, object] = {}
-
-
-def is_partitioned(param) -> bool:
-    """Whether `param` is a ZeRO-3 parameter (its value lives in `ds_tensor`, one partition per rank)."""
-    return hasattr(param, "ds_tensor") and hasattr(param, "ds_id")
 
 
 def partitioned(model: nn.Module) -> bool:
@@ -49,20 +47,20 @@ def _mesh(device_type: str):
     return _MESHES[key]
 
 
-def rows(param: nn.Parameter):
+def partition_rows(param: nn.Parameter):
     """This rank's partition of a ZeRO-3 weight as a dim-0 sharded `DTensor` of the weight's shape, sharing the
     partition's storage (in-place writes change the weight). Needs the weight's rows to divide among the ranks."""
     from torch.distributed.tensor import DTensor, Shard
 
     _check_at_rest(param)
-    shape, world = tuple(param.ds_shape), dist.get_world_size()
+    shape, world, part = private.whole_shape(param), dist.get_world_size(), private.partition_of(param)
     per_row = math.prod(shape[1:])
-    if not shape or shape[0] % world or param.ds_tensor.numel() != shape[0] // world * per_row:
+    if not shape or shape[0] % world or part.numel() != shape[0] // world * per_row:
         raise ValueError(
-            f"a ZeRO-3 weight of shape {shape} cannot be presented by rows on {world} ranks: pm_hf needs the rows of "
+            f"a ZeRO-3 weight of shape {shape} cannot be read by rows on {world} ranks: pm_hf needs the rows of "
             "every adapted weight to divide evenly among the ranks (use FSDP2, or another number of processes)."
         )
-    local = param.ds_tensor.data.view(shape[0] // world, *shape[1:])
+    local = part.view(shape[0] // world, *shape[1:])
     stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
     mesh = _mesh(local.device.type)
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
@@ -70,10 +68,8 @@ def rows(param: nn.Parameter):
 
 def _check_at_rest(param: nn.Parameter) -> None:
     """A partition is written only while the parameter is not gathered (a gathered copy would not see the write)."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE or param.ds_tensor.dtype != param.dtype:
-        raise RuntimeError(f"a ZeRO-3 parameter {tuple(param.ds_shape)} is gathered or stored quantized here")
+    if not private.at_rest(param):
+        raise RuntimeError(f"a ZeRO-3 parameter {private.whole_shape(param)} is gathered or stored quantized here")
 
 
 def whole(param: nn.Parameter) -> torch.Tensor:
@@ -87,9 +83,10 @@ def whole(param: nn.Parameter) -> torch.Tensor:
 def write(param: nn.Parameter, value: torch.Tensor) -> None:
     """Set a ZeRO-3 parameter to `value` (its whole shape, the same on every rank): each rank writes its partition."""
     _check_at_rest(param)
-    if tuple(value.shape) != tuple(param.ds_shape):
-        raise ValueError(f"a value of shape {tuple(value.shape)} for a ZeRO-3 parameter of {tuple(param.ds_shape)}")
-    part = param.ds_tensor.data
+    shape = private.whole_shape(param)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"a value of shape {tuple(value.shape)} for a ZeRO-3 parameter of {shape}")
+    part = private.partition_of(param)
     flat = value.detach().reshape(-1).to(part.device, part.dtype)
     start = dist.get_rank() * part.numel()
     mine = flat[start : start + part.numel()]
@@ -98,29 +95,14 @@ def write(param: nn.Parameter, value: torch.Tensor) -> None:
         part[: mine.numel()].copy_(mine)
 
 
-def serve(model: nn.Module, engine) -> None:
+def attach_hooks(model: nn.Module, engine) -> None:
     """Install ZeRO-3's parameter hooks (gather before a module's forward and backward, release after) on `model`
     with `engine`'s settings and no optimizer: the weights stay partitioned between tasks and forward passes run.
     The destroyed engine's optimizer, which every ZeRO-3 parameter still references, is let go."""
-    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
-    from deepspeed.utils.timer import NoopTimer
-
-    unserve(model)
+    detach_hooks(model)
     for param in model.parameters():
-        param.__dict__.pop("_z3_optimizer", None)
-    model._pm_hf_zero3 = coordinator = DeepSpeedZeRoOffload(
-        model,
-        timers=NoopTimer(),
-        ds_config=engine.config,
-        overlap_comm=engine.zero_overlap_comm(),
-        prefetch_bucket_size=engine.zero_prefetch_bucket_size(),
-        max_reuse_distance=engine.zero_max_reuse_distance(),
-        max_live_parameters=engine.zero_max_live_parameters(),
-        param_persistence_threshold=engine.zero_param_persistence_threshold(),
-        model_persistence_threshold=engine.zero_model_persistence_threshold(),
-        offload_param_config=engine.zero_offload_param(),
-        zero_module_granularity_threshold=engine.zero_module_granularity_threshold(),
-    )
+        private.drop_optimizer_reference(param)
+    model._pm_hf_zero3 = coordinator = private.parameter_hooks(model, engine)
     coordinator.get_param_coordinator().release_and_reset_all(model)  # nothing left gathered by the training
 
 
@@ -137,22 +119,21 @@ def whole_module(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def gathered_unless_served(model: nn.Module):
-    """A forward pass on a partitioned model before any engine or `serve` installed ZeRO-3's hooks (a resumed run's
-    first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""
+def gathered_unless_hooked(model: nn.Module):
+    """A forward pass on a partitioned model before any engine or `attach_hooks` installed ZeRO-3's hooks (a resumed
+    run's first drift measurement, before its first task's Trainer): the weights are gathered whole for the pass."""
     return nullcontext() if getattr(model, "_pm_hf_zero3", None) is not None else whole_module(model)
 
 
-def unserve(model: nn.Module) -> None:
-    """Take `serve`'s hooks off (before a task's engine installs its own) and the backward functions DeepSpeed left
-    on the modules: it creates them once per module, bound to the first engine, and keeps them otherwise."""
+def detach_hooks(model: nn.Module) -> None:
+    """Take `attach_hooks`'s hooks off (before a task's engine installs its own) and the backward functions DeepSpeed
+    left on the modules: it creates them once per module, bound to the first engine, and keeps them otherwise."""
     coordinator = getattr(model, "_pm_hf_zero3", None)
     if coordinator is not None:
         coordinator.destroy()
         del model._pm_hf_zero3
     for module in model.modules():
-        for name in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "ds_grads_remaining"):
-            module.__dict__.pop(name, None)
+        private.drop_backward_functions(module)
 
 
 @contextmanager
@@ -194,11 +175,5 @@ def partition(model: nn.Module) -> nn.Module:
 def loading_whole() -> Iterator[None]:
     """Load a model whole, on this process alone, while ZeRO-3 is on (transformers would partition it as it loads, a
     collective every rank must join): an export's pristine base, loaded by the main process only."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
+    with private.hf_deepspeed_config_cleared():
         yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

@@ -13,8 +13,7 @@ from torch import nn
 
 from ..config.checks import check_choice, check_number
 from ..config.groups import HEAD_ALIGN, MergeArguments
-from ..distributed.sharding import full, shard_like
-from ..distributed.zero3 import gathered_unless_served
+from ..distributed.placement import placement_of
 from ..method.callbacks import ContinualCallback
 from ..timing import Timer
 from .head import Head
@@ -36,7 +35,7 @@ def head_features(
     model.eval()
     device = next(model.parameters()).device
     try:
-        with gathered_unless_served(model):  # ZeRO-3 before its hooks are on: whole for the pass
+        with placement_of(model).forward_ready(model):  # ZeRO-3 before its hooks are on: whole for the pass
             for batch in loader:
                 labels.append(batch.pop("labels"))
                 model(**{k: v.to(device) for k, v in batch.items()})
@@ -239,20 +238,21 @@ class HeadAlignment(ContinualCallback):
             self.stats = update_class_stats(stats, x.cpu(), y.cpu(), weight_param.shape[0])
             x, y = sample_class_features(self.stats, classes, self.samples, seed=self.seed + t)
             rows = classes
-        weight, bias = fit_head_rows(  # on the whole head (FSDP2: gathered; every rank fits the same rows)
+        place = placement_of(model)
+        weight, bias = fit_head_rows(  # on the whole head (gathered where split; every rank fits the same rows)
             x,
             y.to(weight_param.device),
-            full(weight_param.detach()),
-            None if bias_param is None else full(bias_param.detach()),
+            place.whole(weight_param.detach()),
+            None if bias_param is None else place.whole(bias_param.detach()),
             rows=rows,
             classes=classes,
             steps=self.steps,
             lr=self.lr,
         )
         with torch.no_grad():
-            weight_param.copy_(shard_like(weight, weight_param))
+            weight_param.copy_(place.shard_like(weight, weight_param))
             if bias_param is not None:
-                bias_param.copy_(shard_like(bias, bias_param))
+                bias_param.copy_(place.shard_like(bias, bias_param))
 
     @contextlib.contextmanager
     def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:

@@ -14,10 +14,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..config.checks import invalid
-from ..distributed.sharding import copy_rows, full, is_sharded, keep_rows
-from ..distributed.zero3 import is_partitioned, partition, whole_module
-from ..method.adapters import presented, strip_prefix, unwrap
+from ..distributed.placement import Replicated, placement_of
+from ..method.adapters import strip_prefix, unwrap
 
 
 def find_head(model: nn.Module, num_labels: int) -> tuple[str, nn.Linear]:
@@ -62,6 +60,7 @@ class Head:
 
     def __init__(self, model: nn.Module, num_classes: int, domain_incremental: bool = False):
         self.name, self.module = find_head(model, num_classes)
+        self.model = model
         self.num_classes = num_classes
         self.mask = ClassMask(self.module, num_classes)
         self.domain_incremental = domain_incremental
@@ -73,10 +72,15 @@ class Head:
     def owns(self, key: str) -> bool:
         return key.startswith(self.name + ".")
 
+    @property
+    def placement(self) -> Replicated:
+        """Where the model's weights live (`pm_hf.distributed.placement`)."""
+        return placement_of(self.model)
+
     def parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's weight and bias (or None) as pm_hf reads and writes them (`pm_hf.method.adapters.presented`)."""
-        bias = self.module.bias
-        return presented(self.module.weight), None if bias is None else presented(bias)
+        """The head's weight and bias (or None) as pm_hf reads and writes them (the placement's `as_rows`)."""
+        bias, as_rows = self.module.bias, self.placement.as_rows
+        return as_rows(self.module.weight), None if bias is None else as_rows(bias)
 
     def set_active(self, classes: Iterable[int] | None) -> None:
         self.mask.set_active(classes)
@@ -90,7 +94,7 @@ class Head:
         rows = sorted(set(task.classes) & seen_before)
         if not rows:
             return None  # class-/task-incremental: new rows are taken as trained, old rows are untouched
-        return keep_rows(delta, rows)  # sharded (FSDP2): each rank its own rows
+        return self.placement.keep_rows(delta, rows)  # split by rows: each rank its own
 
     def fit_saved(self, saved: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> dict:
         """Saved head tensors with fewer rows than the head (tasks with new classes were appended since) get the
@@ -99,7 +103,7 @@ class Head:
         for key, value in current.items():
             old = saved.get(key)
             if self.owns(key) and old is not None and old.shape[1:] == value.shape[1:] and len(old) < len(value):
-                new_rows = full(value.detach())[len(old) :]  # ZeRO-3: the head's rows gathered (every rank calls)
+                new_rows = self.placement.whole(value.detach())[len(old) :]  # gathered where split (every rank calls)
                 out[key] = torch.cat([old, new_rows.to(old.device, old.dtype)])
         return out
 
@@ -109,13 +113,7 @@ class Head:
         old = self.module
         if num_classes <= old.out_features:
             return
-        if is_sharded(old.weight):
-            fix = "a head sharded by FSDP2 cannot grow in place: give tasks with new classes before training starts."
-            raise invalid("num_labels", num_classes, fix)
-        with whole_module(old):  # ZeRO-3 (before any engine): the old rows gathered for the copy
-            new = _grown(old, num_classes, fresh)
-        if is_partitioned(old.weight):
-            partition(new)  # partitioned like the rest of the model
+        new = placement_of(model).grown(old, lambda: _grown(old, num_classes, fresh), num_classes)
         base = unwrap(model)
         base = getattr(base, "get_base_model", lambda: base)()
         parent, _, child = self.name.rpartition(".")
@@ -134,7 +132,7 @@ class Head:
         with torch.no_grad():
             for key, param in params.items():
                 if self.owns(key):
-                    copy_rows(param, before[key], untouched)
+                    self.placement.copy_rows(param, before[key], untouched)
 
 
 def _grown(old: nn.Linear, num_classes: int, fresh: nn.Linear | None) -> nn.Linear:

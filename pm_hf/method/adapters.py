@@ -22,8 +22,7 @@ from torch import nn
 
 from ..config.checks import invalid
 from ..config.groups import LoraArguments
-from ..distributed import zero3
-from ..distributed.sharding import from_rows, full, is_sharded, local, row_range, shard_like
+from ..distributed.placement import Replicated, placement_of
 from .merge import LoraFactors
 
 # PeftModel.__init__ (get_peft_model, PeftModel.from_pretrained) reads transformers' deprecated alias
@@ -137,22 +136,16 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def full_trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters that are not LoRA factors (fully trained modules, heads), by merge key (a ZeRO-3
-    parameter as the rows its partition holds, `presented`)."""
-    return {strip_prefix(n): presented(p) for n, p in _fully_trained(model)}
+    """Trainable parameters that are not LoRA factors (fully trained modules, heads), by merge key, as the run's
+    placement reads and writes them (a ZeRO-3 parameter as the rows its partition holds)."""
+    as_rows = placement_of(model).as_rows
+    return {strip_prefix(n): as_rows(p) for n, p in _fully_trained(model)}
 
 
 def _fully_trained(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for n, p in unwrap(model).named_parameters():
         if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n:
             yield n, p
-
-
-def presented(param: torch.Tensor) -> torch.Tensor:
-    """A parameter as pm_hf reads and writes it: a ZeRO-3 parameter's partition as its rows
-    (`pm_hf.distributed.zero3.rows`, a
-    sharded DTensor over the partition's storage), any other parameter as it is (an FSDP2 one already a DTensor)."""
-    return zero3.rows(param) if zero3.is_partitioned(param) else param
 
 
 @contextmanager
@@ -177,56 +170,36 @@ def scale_active_adapter(model: nn.Module, factor: float) -> Iterator[None]:
             layer.scaling[name] = s
 
 
-def _factors(layer: LoraLayer, name: str, whole: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """A, B (whole: gathered when FSDP shards them; always when ZeRO-3 partitions them) and the scaling s of adapter
-    `name`."""
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if zero3.is_partitioned(A):
-        A, B = zero3.whole(A), zero3.whole(B)
-    elif whole:
-        A, B = full(A.detach()), full(B.detach())
+def _factors(layer: LoraLayer, name: str, placement: Replicated) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A, B whole (gathered where they are split) and the scaling s of adapter `name`."""
+    A, B = placement.factors(layer.lora_A[name].weight, layer.lora_B[name].weight)
     return A, B, float(layer.scaling[name])
 
 
-def _write(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Set a parameter to a whole `value` (the same on every rank): this rank's rows when FSDP shards it, its
-    partition when ZeRO-3 does."""
-    with torch.no_grad():
-        if zero3.is_partitioned(param):
-            zero3.write(param, value)
-        else:
-            param.copy_(shard_like(value.to(param.dtype), param))
-
-
-def lora_delta(layer: LoraLayer, name: str) -> torch.Tensor:
-    """Delta W = s * B @ A in fp32, in the layout of the base weight (transposed for GPT-2 Conv1D); sharded like the
-    base weight when FSDP or ZeRO-3 shards it (B's rows are the weight's rows)."""
-    A, B, s = _factors(layer, name, whole=False)
-    if is_sharded(B):  # this rank's rows of B times the whole A: the weight's rows of Delta W
-        return from_rows((local(B.detach()).float() @ full(A.detach()).float()) * s, B, A.shape[1])
+def lora_delta(layer: LoraLayer, name: str, placement: Replicated | None = None) -> torch.Tensor:
+    """Delta W = s * B @ A in fp32, in the layout of the base weight (transposed for GPT-2 Conv1D), split by rows as
+    the base weight is (B's rows are the weight's rows)."""
+    placement = placement or placement_of(layer)
     weight = layer.get_base_layer().weight
-    if zero3.is_partitioned(weight) and not layer.fan_in_fan_out:  # the rows the rank's partition holds
-        view = zero3.rows(weight)
-        start, stop = row_range(view)
-        return from_rows((B[start:stop].float() @ A.float()) * s, view, A.shape[1])
-    delta = (B.detach().float() @ A.detach().float()) * s
-    return delta.T if layer.fan_in_fan_out else delta
+    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return placement.lora_delta(A, B, float(layer.scaling[name]), weight, bool(layer.fan_in_fan_out))
 
 
 def lora_task_vector(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Delta W of the active adapter for every LoRA layer, by merge key (moved to `device` layer by layer, so the
     accelerator holds one layer's at a time)."""
-    name = active_adapter(model)
-    return {key: lora_delta(layer, name).to(device or layer.weight.device) for key, layer in lora_layers(model).items()}
+    name, placement = active_adapter(model), placement_of(model)
+    layers = lora_layers(model)
+    return {key: lora_delta(layer, name, placement).to(device or layer.weight.device) for key, layer in layers.items()}
 
 
 def task_vector_norm(model: nn.Module) -> float:
     """||Delta||_F over all LoRA layers, via r x r Gram matrices (never forms B @ A)."""
-    name = active_adapter(model)
+    name, placement = active_adapter(model), placement_of(model)
     total = 0.0
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            A, B, s = _factors(layer, name)
+            A, B, s = _factors(layer, name, placement)
             A, B = A.float(), B.float()
             total += s * s * float(((B.T @ B) * (A @ A.T)).sum())  # A, B whole (`_factors`): r x r products
     return math.sqrt(max(total, 0.0))
@@ -239,12 +212,12 @@ def gaussian_adapter_noise(model: nn.Module, eps: float, sign: int, seed: int) -
     The noise matrix is drawn from `seed` (so micro-batches of one optimizer step share it) and does not depend on
     the parameters: this is the paper's isotropic-noise ablation, not a task-vector perturbation.
     """
-    name = active_adapter(model)
+    name, placement = active_adapter(model), placement_of(model)
     handles = []
     gen = torch.Generator().manual_seed(seed)
     try:
         for layer in lora_layers(model).values():
-            A, B, s = _factors(layer, name)
+            A, B, s = _factors(layer, name, placement)
             with torch.no_grad():
                 norm = s * math.sqrt(max(float(((B.float().T @ B.float()) * (A.float() @ A.float().T)).sum()), 0.0))
             if norm == 0.0:
@@ -262,28 +235,23 @@ def gaussian_adapter_noise(model: nn.Module, eps: float, sign: int, seed: int) -
 def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """Start a fresh adapter for the next task, as PEFT initialises one: A Kaiming-uniform (drawn on the CPU from
     `generator`, else the global RNG), B = 0."""
-    name = active_adapter(model)
+    name, place = active_adapter(model), placement_of(model)
     for layer in lora_layers(model).values():
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
-        fresh = torch.empty(_shape(A), dtype=torch.float32)
+        fresh = torch.empty(place.shape(A), dtype=torch.float32)
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-        _write(A, fresh)
-        _write(B, torch.zeros(_shape(B)))
+        place.write(A, fresh)
+        place.write(B, torch.zeros(place.shape(B)))
         if getattr(layer.lora_B[name], "bias", None) is not None:
-            _write(layer.lora_B[name].bias, torch.zeros(_shape(layer.lora_B[name].bias)))
-
-
-def _shape(param: torch.Tensor) -> tuple[int, ...]:
-    """A parameter's shape (a ZeRO-3 parameter's own is empty outside its module's forward)."""
-    return tuple(param.ds_shape) if zero3.is_partitioned(param) else tuple(param.shape)
+            place.write(layer.lora_B[name].bias, torch.zeros(place.shape(layer.lora_B[name].bias)))
 
 
 def adapter_factors(model: nn.Module) -> dict[str, LoraFactors]:
     """The active adapter's factors (fp32 CPU copies) and scaling, by merge key."""
-    name = active_adapter(model)
+    name, placement = active_adapter(model), placement_of(model)
     out = {}
     for key, layer in lora_layers(model).items():
-        A, B, s = _factors(layer, name)
+        A, B, s = _factors(layer, name, placement)
         out[key] = LoraFactors(
             A.detach().float().cpu().clone(), B.detach().float().cpu().clone(), s, bool(layer.fan_in_fan_out)
         )
@@ -292,7 +260,7 @@ def adapter_factors(model: nn.Module) -> dict[str, LoraFactors]:
 
 def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], adapter: str | None = None) -> None:
     """Write A and B of `factors` into an adapter (default: the active one); every layer must be given."""
-    name = adapter or active_adapter(model)
+    name, place = adapter or active_adapter(model), placement_of(model)
     layers = lora_layers(model)
     if set(layers) != set(factors):
         missing, extra = sorted(set(layers) - set(factors)), sorted(set(factors) - set(layers))
@@ -301,9 +269,9 @@ def load_adapter_factors(model: nn.Module, factors: Mapping[str, LoraFactors], a
         )
     for key, layer in layers.items():
         for module, value in ((layer.lora_A[name], factors[key].A), (layer.lora_B[name], factors[key].B)):
-            if _shape(module.weight) != tuple(value.shape):
-                raise ValueError(f"{key}: factor of shape {tuple(value.shape)}, adapter {_shape(module.weight)}")
-            _write(module.weight, value)
+            if place.shape(module.weight) != tuple(value.shape):
+                raise ValueError(f"{key}: factor of shape {tuple(value.shape)}, adapter {place.shape(module.weight)}")
+            place.write(module.weight, value)
 
 
 def load_adapter_weights(model: nn.Module, source: str, lora_only: bool = False) -> None:
@@ -353,10 +321,10 @@ def merged_delta_hooks(model: nn.Module, factors: Mapping[str, tuple[torch.Tenso
 
 def zero_adapter(model: nn.Module) -> None:
     """B = 0 in the active adapter: its contribution vanishes (after its delta has been merged into the base)."""
-    name = active_adapter(model)
+    name, place = active_adapter(model), placement_of(model)
     for layer in lora_layers(model).values():
         B = layer.lora_B[name].weight
-        _write(B, torch.zeros(_shape(B)))
+        place.write(B, torch.zeros(place.shape(B)))
 
 
 @contextmanager
@@ -371,19 +339,21 @@ def adapter_disabled(model: nn.Module) -> Iterator[None]:
 
 def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base weight of every LoRA-adapted layer (the tensor a merge writes), by merge key."""
-    out = {key: layer.get_base_layer().weight for key, layer in lora_layers(model).items()}
-    return {key: presented(w) for key, w in out.items()}  # ZeRO-3: its rows
+    as_rows = placement_of(model).as_rows  # ZeRO-3: the rows its partition holds
+    return {key: as_rows(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
 
 
 def merge_key_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     """The shape of every LoRA-adapted layer's base weight and of every fully trained parameter, by merge key (a
     ZeRO-3 weight's own, not its empty local data)."""
-    out = {key: _shape(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
-    return {**out, **{strip_prefix(n): _shape(p) for n, p in _fully_trained(model)}}
+    shape = placement_of(model).shape
+    out = {key: shape(layer.get_base_layer().weight) for key, layer in lora_layers(model).items()}
+    return {**out, **{strip_prefix(n): shape(p) for n, p in _fully_trained(model)}}
 
 
 def set_lora_factors(model: nn.Module, A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor], name: str) -> None:
     """Copy full A and B matrices into adapter `name` of every LoRA layer (export of a merged adapter)."""
+    place = placement_of(model)
     for key, layer in lora_layers(model).items():
         for module, value in ((layer.lora_A[name], A[key]), (layer.lora_B[name], B[key])):
-            _write(module.weight, value)
+            place.write(module.weight, value)

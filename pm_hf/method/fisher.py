@@ -11,8 +11,8 @@ Gradients w.r.t. a LoRA layer's effective weight W + s B A equal those w.r.t. it
 hooks: per-sample grad = delta_n^T X_n (output grads times inputs, summed over that sample's tokens). No parameter
 `.grad` is touched. Model in eval mode (no dropout), adapter unscaled, fp32 accumulation. In a distributed run
 every rank takes a shard of the samples and the sums and the count are all-reduced, so the result does not depend
-on the number of processes. Under FSDP2 the sums are sharded like the weights: the ranks all-gather the probes'
-inputs and output gradients, each accumulates its own rows over every rank's samples (`pm_hf.distributed.sharding`).
+on the number of processes. How the sums are held and accumulated over the ranks' samples (whole, or split by rows
+like the weights) is the run's placement's (`pm_hf.distributed.placement`, `pm_hf.distributed.fisher_sums`).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..config.groups import FisherArguments
-from ..distributed.sharding import all_gather_padded, is_sharded, local, row_range, scalar
-from .adapters import base_weights, full_trainable_params, lora_layers, presented, strip_prefix, unwrap
+from ..distributed.placement import Replicated, placement_of, process_rank_world
+from ..distributed.sharding import scalar
+from .adapters import base_weights, full_trainable_params, lora_layers, strip_prefix, unwrap
 
 PerSampleLoss = Callable[[nn.Module, dict], torch.Tensor]
 
@@ -110,9 +110,8 @@ def default_fisher_keys(model: nn.Module) -> list[str]:
     return list(lora_layers(model)) + list(full_trainable_params(model))
 
 
-def _accumulate(
-    probes: dict[str, _Probe], loss_terms: torch.Tensor, per_sample: bool, sums: dict[str, torch.Tensor]
-) -> None:
+def _accumulate(probes: dict[str, _Probe], loss_terms: torch.Tensor, per_sample: bool, sums) -> None:
+    """Add a batch's squared gradients to `sums` (a placement's `fisher_sums`)."""
     ys = [p.y for p in probes.values()]
     grads = torch.autograd.grad(loss_terms.sum(), ys, allow_unused=True)
     for probe, g in zip(probes.values(), grads):
@@ -120,10 +119,7 @@ def _accumulate(
             continue
         x = probe.x.detach().float().reshape(g.shape[0], -1, probe.x.shape[-1])
         g = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
-        sharded = next((sums[k] for k in probe.keys.values() if is_sharded(sums[k])), None)
-        if sharded is not None:  # every rank's samples, this rank's rows (pm_hf.distributed.sharding)
-            start, stop = row_range(sharded)
-            x, g = all_gather_padded(x), all_gather_padded(g)[..., start:stop]
+        x, g = sums.probe(x, g, probe.keys.values())
         if per_sample:
             gw = torch.einsum("bto,bti->boi", g, x)
             gb = g.sum(1)
@@ -135,7 +131,7 @@ def _accumulate(
             grad = gw if role == "weight" else gb
             if role == "weight" and probe.transpose:
                 grad = grad.transpose(1, 2)
-            local(sums[key]).add_((grad.square().sum(0) * scale).to(local(sums[key]).device))
+            sums.add(key, grad.square().sum(0) * scale)
 
 
 def estimate_fisher(
@@ -164,55 +160,35 @@ def estimate_fisher(
     """
     args = args or FisherArguments()
     keys = list(keys) if keys is not None else default_fisher_keys(model)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = process_rank_world()
     mine = _sample_order(len(dataset), args.fisher_max_samples, seed)[rank::world]
     device = next(unwrap(model).parameters()).device
-    sums = _zero_sums(model, keys, torch.device(args.fisher_device) if args.fisher_device else device)
+    placement = placement_of(model)
+    zeros = _zero_sums(model, keys, torch.device(args.fisher_device) if args.fisher_device else device, placement)
+    sums = placement.fisher_sums(zeros)
     generator = torch.Generator().manual_seed(seed + 1 + rank)
     loss_fn = loss_fn or (lambda m, b: per_sample_loss(m, b, args.fisher_labels == "sampled", generator))
     probes = _build_probes(model, keys)
-    sharded = any(is_sharded(v) for v in sums.values())
-    if sharded and (args.fisher_mode != "per_sample" or any(p.transpose for p in probes.values())):
-        raise ValueError("a sharded model's Fisher is per sample, over untransposed weights: fisher_mode 'per_sample'")
+    sums.check(args.fisher_mode == "per_sample", any(p.transpose for p in probes.values()))
     was_training = model.training
     model.eval()
     count = 0
     try:
-        for batch, real in tqdm(_batches(mine, args.fisher_batch_size, world if sharded else 1, device), desc="Fisher",
+        for batch, real in tqdm(sums.batches(mine, args.fisher_batch_size, device), desc="Fisher",
                                 disable=not show_progress or rank != 0, leave=False):  # fmt: skip
             batch = collate_fn([dataset[i] for i in batch])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             for p in probes.values():
                 p.clear()
             losses = loss_fn(model, batch)
-            _accumulate(
-                probes, losses * real.to(losses.device) if sharded else losses, args.fisher_mode == "per_sample", sums
-            )
-            count += int(real.sum()) if sharded else losses.shape[0]
+            _accumulate(probes, sums.weigh(losses, real), args.fisher_mode == "per_sample", sums)
+            count += sums.count(losses, real)
     finally:
         for p in probes.values():
             p.handle.remove()
             p.clear()
         model.train(was_training)
-    return _reduce_mean(sums, count, world)
-
-
-def _batches(mine: list[int], size: int, world: int, device: torch.device):
-    """(sample indices, 1/0 per sample: real or filler) per batch. A sharded model's forward is a collective, so
-    with `world` > 1 every rank runs the same number of batches: a rank out of samples repeats one with weight 0."""
-    if world > 1:
-        n = torch.tensor([len(mine)], device=device)  # on the backend's device (NCCL: the GPU)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        total = -(-int(n) // size) * size
-    else:
-        total = len(mine)
-    for start in range(0, total, size):
-        part = mine[start : start + size]
-        real = torch.ones(len(part))
-        if world > 1 and len(part) < size:  # pad to the batch size with a filler sample (weight 0)
-            filler = (mine or [0])[0]
-            part, real = part + [filler] * (size - len(part)), torch.cat([real, torch.zeros(size - len(part))])
-        yield part, real
+    return sums.mean(count)
 
 
 def fisher_sample(dataset, cap: int | None, seed: int):
@@ -226,8 +202,8 @@ def _sample_order(n: int, cap: int | None, seed: int) -> list[int]:
     return order[:cap] if cap else list(range(n))
 
 
-def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """fp32 zero accumulators shaped like each key's parameter (a LoRA key: its layer's base weight)."""
+def _zero_sums(model: nn.Module, keys: list[str], device: torch.device, placement: Replicated) -> dict:
+    """fp32 zero accumulators shaped like each key's parameter (a LoRA key: its layer's base weight), split as it is."""
     if not keys:
         raise ValueError("no parameters to estimate the Fisher of: the model has no LoRA layer or trainable module.")
     params = {strip_prefix(n): p for n, p in unwrap(model).named_parameters()}
@@ -235,26 +211,8 @@ def _zero_sums(model: nn.Module, keys: list[str], device: torch.device) -> dict[
     unknown = [k for k in keys if k not in bases and k not in params]
     if unknown:
         raise ValueError(f"Fisher keys {unknown} are neither LoRA layers nor parameters of the model.")
-    like = {k: bases[k] if k in bases else presented(params[k]) for k in keys}
-    return {
-        k: torch.zeros_like(w, dtype=torch.float32)
-        if is_sharded(w)
-        else torch.zeros(w.shape, dtype=torch.float32, device=device)
-        for k, w in like.items()
-    }
-
-
-def _reduce_mean(sums: dict[str, torch.Tensor], count: int, world: int) -> dict[str, torch.Tensor]:
-    if world > 1:
-        n = torch.tensor([float(count)], dtype=torch.float64, device=next(iter(sums.values())).device)
-        dist.all_reduce(n)
-        count = int(n.item())
-        for t in sums.values():
-            if not is_sharded(t):  # a sharded sum already holds every rank's samples (`_accumulate`)
-                dist.all_reduce(t)
-    if count == 0:
-        raise ValueError("the Fisher dataset is empty; pass the task's training data.")
-    return {k: v / count for k, v in sums.items()}
+    like = {k: bases[k] if k in bases else placement.as_rows(params[k]) for k in keys}
+    return {k: placement.zeros(w, device) for k, w in like.items()}
 
 
 def normalize_fisher(fisher: Mapping[str, torch.Tensor], mode: str = "mean") -> dict[str, torch.Tensor]:

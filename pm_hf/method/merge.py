@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.checks import NonFiniteError
-from ..distributed.sharding import all_finite, is_sharded, scalar
+from ..distributed.sharding import all_finite, scalar, zeros_like
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -149,12 +149,7 @@ def zeros_like_dict(
     tensors: TensorDict, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
     """Zero buffers shaped like `tensors` (the initial S and G; fp32 unless stored in bf16)."""
-    return {
-        k: torch.zeros_like(v, dtype=dtype)
-        if is_sharded(v)
-        else torch.zeros(v.shape, dtype=dtype, device=device or v.device)
-        for k, v in tensors.items()
-    }
+    return {k: zeros_like(v, dtype, device) for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)

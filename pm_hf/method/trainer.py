@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from ..config.groups import PerturbationArguments
-from ..distributed.sharding import every_process, gather, per_process, shard_like
+from ..distributed.launch import BACKEND
+from ..distributed.placement import placement_of
+from ..distributed.sharding import every_process, per_process
 from ..errors import DivergenceError
 from .adapters import (
     full_trainable_params,
@@ -162,8 +164,8 @@ class PerturbationMixin:
         super().save_model(output_dir, _internal_call)
         if output_dir is None or not _internal_call:
             return
-        trained = {} if self.is_deepspeed_enabled else full_trainable_params(self.model)
-        tensors = {k: v.cpu().contiguous() for k, v in gather(trained).items()}
+        trained = {} if BACKEND.checkpoint_holds_trained_params(self) else full_trainable_params(self.model)
+        tensors = {k: v.cpu().contiguous() for k, v in placement_of(self.model).gather(trained).items()}
         late = every_process(self._late_losses)  # each process's own losses: their sums make L_minus and L_0
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)  # under FSDP with sharded state dicts the Trainer writes it later
@@ -194,12 +196,13 @@ class PerturbationMixin:
         path = os.path.join(resume_from_checkpoint, TRAINER_EXTRA)
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        params = full_trainable_params(model if model is not None else self.model)
+        model = model if model is not None else self.model
+        params, place = full_trainable_params(model), placement_of(model)
         if set(params) != set(tensors):
             raise ValueError(f"{path} does not fit the model: {sorted(set(params) ^ set(tensors))[:3]}")
         with torch.no_grad():
             for key, value in tensors.items():
-                params[key].copy_(shard_like(value.to(params[key].dtype), params[key]))
+                params[key].copy_(place.shard_like(value.to(params[key].dtype), params[key]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.args.perturbation != "none":

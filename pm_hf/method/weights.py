@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config.checks import NonFiniteError, check_finite
-from ..distributed.sharding import all_finite, gather, shard_like
+from ..distributed.placement import Replicated, placement_of
 from .adapters import (
     adapter_factors,
     base_weights,
@@ -19,7 +19,6 @@ from .adapters import (
     lora_layers,
     lora_task_vector,
     merged_delta_hooks,
-    presented,
     strip_prefix,
     unwrap,
 )
@@ -39,9 +38,16 @@ class ModelWeights:
         self.device = device
         self.master: dict[str, torch.Tensor] = {}
 
-    def full(self) -> dict[str, nn.Parameter]:
-        """The fully trained parameters, by merge key."""
+    @property
+    def placement(self) -> Replicated:
+        """Where the model's weights live (`pm_hf.distributed.placement`), chosen when the run was assembled."""
+        return placement_of(self.model)
+
+    def trained_params(self) -> dict[str, nn.Parameter]:
+        """The fully trained parameters (heads, `modules_to_save`), by merge key."""
         return full_trainable_params(self.model)
+
+    full = trained_params  # the old name, until `ContinualLoop.run_task` (worked on in another branch) moves over
 
     def targets(self, keys) -> dict[str, torch.Tensor]:
         """The tensor each merge key writes to (LoRA key: the base layer's weight)."""
@@ -51,12 +57,12 @@ class ModelWeights:
         for key in keys:
             if key not in layers and key not in params:
                 raise ValueError(f"merge key {key!r} is neither a LoRA layer nor a parameter of the model.")
-            out[key] = layers[key] if key in layers else presented(params[key])
+            out[key] = layers[key] if key in layers else self.placement.as_rows(params[key])
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The model's tensor of every merge key: the adapted layers' base weights and the fully trained parameters."""
-        return {**base_weights(self.model), **self.full()}
+        return {**base_weights(self.model), **self.trained_params()}
 
     def value(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         """The exact value of a written tensor: its fp32 master copy if one is kept, else the tensor itself."""
@@ -65,20 +71,21 @@ class ModelWeights:
     def state(self) -> dict[str, torch.Tensor]:
         """theta_hat as checkpointed: every adapted layer's merged weight and every fully trained parameter."""
         out = {k: self.value(k, w) for k, w in base_weights(self.model).items()}
-        out.update({k: p.detach() for k, p in self.full().items()})
+        out.update({k: p.detach() for k, p in self.trained_params().items()})
         return out
 
-    def whole(self, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def gathered(self, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """fp32 whole copies of the merged adapted weights and of the fully trained parameters (an export's input;
-        gathered to host memory when FSDP shards them: every rank calls this, `keep` on the rank that writes)."""
+        gathered to host memory where the rows are split: every rank calls this, `keep` on the rank that writes)."""
         merged = {k: self.value(k, w).float() for k, w in base_weights(self.model).items()}
-        return gather(merged, keep), gather({k: p.detach().float() for k, p in self.full().items()}, keep)
+        trained = {k: p.detach().float() for k, p in self.trained_params().items()}
+        return self.placement.gather(merged, keep), self.placement.gather(trained, keep)
 
     def snapshot(self, exclude: Callable[[str], bool] = lambda key: False) -> dict[str, torch.Tensor]:
         """fp32 copies of the adapted layers' weights and the fully trained parameters (keys `exclude` rejects are
         left out): the pretrained theta_0 when taken right after loading."""
         out = {k: self.value(k, w).float().clone() for k, w in base_weights(self.model).items() if not exclude(k)}
-        out.update({k: p.detach().float().clone() for k, p in self.full().items() if not exclude(k)})
+        out.update({k: p.detach().float().clone() for k, p in self.trained_params().items() if not exclude(k)})
         return out
 
     def restore(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -89,7 +96,7 @@ class ModelWeights:
                 raise ValueError(f"{key!r}: value of shape {tuple(value.shape)}, weight {tuple(targets[key].shape)}")
         with torch.no_grad():
             for key, value in weights.items():
-                value = shard_like(value, targets[key])  # a whole value into a sharded weight: this rank's rows
+                value = self.placement.shard_like(value, targets[key])  # a whole value into split rows: this rank's
                 if targets[key].dtype != torch.float32:
                     self.master[key] = value.float().to(self.device or targets[key].device)
                 targets[key].copy_(value.to(targets[key].device, targets[key].dtype))
@@ -115,7 +122,9 @@ class ModelWeights:
         targets = self.targets(deltas)
         for key, delta in deltas.items():
             a = alpha.get(key)
-            finite = a is not None and (all_finite(a) if isinstance(a, torch.Tensor) else math.isfinite(a))
+            finite = a is not None and (
+                self.placement.all_finite(a) if isinstance(a, torch.Tensor) else math.isfinite(a)
+            )
             if not finite:
                 raise NonFiniteError(f"no finite alpha for merge key {key!r}; nothing was written.")
             if targets[key].shape != delta.shape:
@@ -152,7 +161,7 @@ class ModelWeights:
         """
         lora = lora_task_vector(self.model, self.device)
         full, trained = {}, {}
-        for key, param in self.full().items():
+        for key, param in self.trained_params().items():
             delta = param.detach().float() - before[key]
             if is_head(key):
                 delta = head_delta(key, delta)
@@ -200,7 +209,7 @@ class LowRankWeights(ModelWeights):
         super().apply(deltas, alpha, base)
 
     def state(self) -> dict[str, torch.Tensor]:
-        out = {k: p.detach() for k, p in self.full().items()}
+        out = {k: p.detach() for k, p in self.trained_params().items()}
         for key, (A, B) in self.factors.items():
             out[f"{key}{self.SEP}A"], out[f"{key}{self.SEP}B"] = A, B
         return out

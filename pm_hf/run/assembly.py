@@ -19,7 +19,8 @@ from ..config.checks import invalid
 from ..config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
 from ..data.instruct import MODALITY, build_instruction_stream
 from ..data.streams import Task, TaskStream, build_task_stream
-from ..distributed.launch import partitions_weights, refuse_sharding, sharding_field, zero_stage
+from ..distributed.launch import fsdp_requested, partitions_weights, refuse_sharding, sharding_field, zero_stage
+from ..distributed.placement import for_run, place
 from ..heads.alignment import HeadAlignment
 from ..heads.head import Head, NoHead
 from ..hub.origin import IN_MEMORY  # model_name_or_path of a model given as an object (re-exported for pm_hf.continual)
@@ -107,6 +108,7 @@ def assemble(
 
     with seeded(args.seed):  # the new head's initialisation must not depend on what ran before in the process
         model = loaded() if loaded is not None else load_base()
+    place(model, for_run(model, fsdp=fsdp_requested(args)))  # where its weights live, chosen once for the run
     low_rank = uses_merged_adapter(model, strategy, merge_args)  # checked before any Trainer exists
     groups = (model_args, data_args, args, lora_args, merge_args)
     build = _causal_parts if causal else _classifier_parts
@@ -116,7 +118,7 @@ def assemble(
     uneven = zero_stage(args) == 3 and {
         k: s for k, s in merge_key_shapes(model).items() if not s or s[0] % args.world_size
     }
-    if uneven:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.distributed.zero3.rows`)
+    if uneven:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.distributed.zero3.partition_rows`)
         fix = f"the rows of {next(iter(uneven.items()))} do not divide among {args.world_size} processes: use FSDP2 "
         raise invalid(*sharding_field(args), fix + "or a number of processes that divides them.")
     config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)

@@ -35,8 +35,8 @@ from ..data.instruct import (
     resolve_pad_token_id,
     token_ids,
 )
-from ..distributed.launch import predicting_trainer, share_deepspeed_plugin
-from ..distributed.sharding import model_sharding
+from ..distributed.launch import BACKEND
+from ..distributed.placement import placement_of
 from ..errors import require_extra
 from .metrics import seen_accuracy
 
@@ -145,8 +145,8 @@ def trainer_predict(model: nn.Module, args, collate_fn) -> Callable[[datasets.Da
     args = copy.deepcopy(args)
     args.report_to, args.disable_tqdm, args.push_to_hub = [], True, False
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-    share_deepspeed_plugin(args)
-    trainer = predicting_trainer(Trainer(model=model, args=args, data_collator=collate_fn))
+    BACKEND.share_deepspeed_plugin(args)
+    trainer = BACKEND.predicting(Trainer(model=model, args=args, data_collator=collate_fn))
     return lambda dataset: trainer.predict(dataset).predictions
 
 
@@ -254,7 +254,7 @@ def generate_responses(
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     out: list[str | None] = [None] * len(prompt_ids)
     device = _device(model)
-    sharded = model_sharding(model) != "none"  # FSDP: every rank runs forward passes until all ranks are done
+    sharded = placement_of(model).forward_is_collective(model)  # split weights: every rank runs until all are done
     with _eval_mode(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]

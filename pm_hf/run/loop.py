@@ -21,8 +21,8 @@ from transformers import PrinterCallback, ProgressCallback
 
 from ..config.checks import check_finite, invalid
 from ..config.groups import FisherArguments, PMConfig
-from ..distributed.launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
-from ..distributed.sharding import gather, model_sharding, scalar, shard_state
+from ..distributed.launch import BACKEND, task_training
+from ..distributed.sharding import scalar
 from ..heads.alignment import HeadAlignment
 from ..hub.export import (
     save_task_record,
@@ -163,13 +163,13 @@ class ContinualLoop:
     def follow_sharding(self, before: dict) -> dict:
         """Once FSDP has sharded the model (the first Trainer prepares it), the continual state loaded or built
         before (a resumed S and G, fp32 masters, the task's `before`) is split the same way, each rank keeping its
-        rows. Returns `before` so split."""
-        if model_sharding(self.model) == "none":
+        rows (the placement's `shard_state`; whole tensors stay whole). Returns `before` so split."""
+        placement, like = self.weights.placement, self.weights.tensors()
+        if not placement.splits(like):  # nothing split (one process, DDP, or not prepared yet): nothing to follow
             return before
-        like = self.weights.tensors()
-        self.strategy.load_state_dict(shard_state(self.strategy.state_dict(), like))
-        self.weights.master = shard_state(self.weights.master, like)
-        return shard_state(before, like)
+        self.strategy.load_state_dict(placement.shard_state(self.strategy.state_dict(), like))
+        self.weights.master = placement.shard_state(self.weights.master, like)
+        return placement.shard_state(before, like)
 
     def prepare(self, t: int) -> None:
         """Task t's start: a fresh adapter (A drawn from (seed, t) only) or the strategy's, and its weights."""
@@ -187,11 +187,9 @@ class ContinualLoop:
         args.eval_strategy, args.report_to = "no", "none"  # the run's reporters are shared below: one logging run
         args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
         args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-        # Accelerate marks a model it prepared for evaluation (unwrapped) and then skips wrapping it for training:
-        # without this, every task after the first trained without DDP, each rank on its own.
-        self.model.__dict__.pop("_is_accelerate_prepared", None)
-        share_deepspeed_plugin(args)  # one DeepSpeed plugin per process: a later task's Trainer reuses the first's
-        hand_over(self.model)  # ZeRO-3: the between-task parameter hooks come off; the task's engine brings its own
+        # the model wrapped for training again (else every task after the first trained without DDP), the DeepSpeed
+        # plugin of the first task shared, ZeRO-3's between-task parameter hooks off (the task's engine brings its own)
+        BACKEND.before_task_trainer(self.model, args)
         trainer = PMTrainer(
             model=self.model,
             args=args,
@@ -202,7 +200,7 @@ class ContinualLoop:
             head_modules=self.head.modules,
             step_offset=sum(sum(e["branch_counts"].values()) for e in self.log),
         )
-        check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
+        BACKEND.check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
         trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
         trainer.remove_callback(PrinterCallback)
         if not args.disable_tqdm:
@@ -243,8 +241,8 @@ class ContinualLoop:
 
     # --------------------------------------------------------------------------------------- the sequence
     def state(self) -> ContinualState:
-        """The run's state with whole tensors (gathered when FSDP shards them: every rank calls this)."""
-        keep = self.args.should_save
+        """The run's state with whole tensors (gathered where the rows are split: every rank calls this)."""
+        keep, gather = self.args.should_save, self.weights.placement.gather
         callbacks = {key: gather(value, keep) for key, value in self.callbacks.state_dict().items()}
         weights, strategy = gather(self.weights.state(), keep), gather(self.strategy.state_dict(), keep)
         return ContinualState(len(self.log), weights, strategy, callbacks, self.log, capture_rng())
@@ -258,8 +256,8 @@ class ContinualLoop:
         state, saved = loaded
         refuse_changes(saved, self.config, self.out)
         try:
-            self.weights.load_state(self.head.fit_saved(state.weights, self.weights.full()))
-            self.strategy.load_state_dict(shard_state(state.strategy, self.weights.tensors()))
+            self.weights.load_state(self.head.fit_saved(state.weights, self.weights.trained_params()))
+            self.strategy.load_state_dict(self.weights.placement.shard_state(state.strategy, self.weights.tensors()))
             self.callbacks.load_state_dict(state.callbacks)
         except ValueError as err:  # keys or shapes that do not fit: a damaged or foreign checkpoint
             raise invalid("output_dir", str(self.out), f"its checkpoint does not fit this run: {err}") from err
@@ -282,7 +280,7 @@ class ContinualLoop:
         the state is gathered to the saving rank's host memory; nothing of it outlives the call)."""
         state = self.state()
         every_task = self.args.push_to_hub and self.args.hub_strategy == "every_task"  # the same on every rank
-        whole = self.weights.whole(self.args.should_save) if every_task else None
+        whole = self.weights.gathered(self.args.should_save) if every_task else None
         if self.args.should_save:
             self.save(t, state)
             if self.hub is not None and whole is not None:
@@ -291,7 +289,7 @@ class ContinualLoop:
     def results(self) -> dict:
         sizes = [task.eval_size for task in self.stream.tasks]
         out = results_dict(self.log, sizes, self.evaluator.primary, self.config, str(self.out))
-        return {**out, "distributed": distributed_setup(self.args, self.model)}
+        return {**out, "distributed": BACKEND.describe(self.args, self.model)}
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
         """Run (or resume) the sequence; writes checkpoints, results.json, plots and, at the end, the export."""
@@ -308,7 +306,7 @@ class ContinualLoop:
             self.checkpoint(t)
             bar.set_postfix(alpha=f"{self.log[-1]['alpha']:.3f}")
         if len(self.log) == T:
-            whole = self.weights.whole(self.args.should_save)
+            whole = self.weights.gathered(self.args.should_save)
             if self.args.should_save:
                 export_run(self, whole=whole)
                 if self.hub is not None and self.args.hub_strategy == "end" and len(self.log) > done:

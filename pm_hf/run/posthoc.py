@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoTokenizer, TrainerState
 
 from ..config.checks import invalid
 from ..config.groups import LoraArguments, MergeArguments
-from ..distributed.launch import fsdp_requested, sharding_field, zero_stage
+from ..distributed.launch import refuse_any_launch_mode
 from ..hub.card_text import HEAD_RULE
 from ..hub.export import ExportSpec, dense_record, task_record, write_export
 from ..hub.origin import resolve_base
@@ -119,9 +119,8 @@ def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, mer
     if not same_model(model_args.model_name_or_path, base):
         fix = f"the adapters were trained from {base!r}: give that model in the config."
         raise invalid("model_name_or_path", model_args.model_name_or_path, fix)
-    if zero_stage(args) is not None or fsdp_requested(args):  # nothing to train (ZeRO-3 could not even load it)
-        fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
-        raise invalid(*sharding_field(args) if fsdp_requested(args) else ("deepspeed", "DeepSpeed config"), fix)
+    fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
+    refuse_any_launch_mode(args, fix)  # nothing to train (ZeRO-3 could not even load it)
     run = Path(tempfile.mkdtemp(prefix=f".{output.name}.run-", dir=_parent(output)))
     args.output_dir = str(run)  # the loop's run folder: temporary, next to the output (room for its checkpoint)
     try:

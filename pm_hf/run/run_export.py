@@ -48,7 +48,7 @@ def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int |
         base.config.id2label = dict(enumerate(loop.stream.label_names))
         base.config.label2id = {n: i for i, n in enumerate(loop.stream.label_names)}
     theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
-    merged, full = whole or loop.weights.whole()
+    merged, full = whole or loop.weights.gathered()
     fan = uses_fan_in_fan_out(loop.model)
     if loop.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
         history = [merged_record(loop.weights, fan)]

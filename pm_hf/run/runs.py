@@ -53,7 +53,7 @@ def load_run(run_dir: str | Path) -> ContinualLoop:
     state, saved = loaded
     loop = build_loop(*dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}}))
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
-    loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.full()))
+    loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.trained_params()))
     loop.log = list(state.log)
     return loop
 
