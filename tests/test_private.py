@@ -1,5 +1,6 @@
 """`pm_hf.distributed.private`: every touch of another library's private state still fits the installed libraries,
-the entries were checked against the installed versions, and no other module of pm_hf touches those names."""
+and no other module of pm_hf touches those names. `CHECKED` records the versions the entries were last read against; a
+newer release that changes one fails the entry's own test here (CI installs the newest versions allowed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import inspect
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 from pm_hf.distributed import private
@@ -18,15 +18,6 @@ PM_HF = Path(__file__).resolve().parents[1] / "pm_hf"
 
 def _source(module_name: str) -> str:
     return inspect.getsource(importlib.import_module(module_name))
-
-
-@pytest.mark.parametrize("library", sorted(private.CHECKED))
-def test_entries_were_checked_against_the_installed_version(library):
-    installed = importlib.metadata.version(library).split("+")[0]
-    assert installed == private.CHECKED[library], (
-        f"{library} {installed} is installed, the private-state entries were checked against "
-        f"{private.CHECKED[library]}: re-check pm_hf/distributed/private.py (this test) and update CHECKED"
-    )
 
 
 def test_every_library_of_an_entry_has_a_checked_version():
