@@ -16,7 +16,7 @@ from pm_hf.continual import build_loop, run_continual
 from pm_hf.method.adapters import attach_lora, lora_layers, scale_active_adapter
 from pm_hf.method.fisher import estimate_fisher
 from pm_hf.method.merge import LoraFactors, TaskVector, branch_secant, curve_alpha, secant_kappa
-from pm_hf.method.strategies import build_strategy
+from pm_hf.method.strategies import MergeContext, build_strategy
 from pm_hf.method.strategies.base import TaskProbe
 
 D = torch.float64
@@ -78,7 +78,7 @@ def test_secant_calibrated_alpha_equals_the_direct_formula_over_calibrated_fishe
         num = -sum(float(((theta[k] - o[k]) * f[k] * delta[k]).sum()) for o, f in zip(optima, calibrated) for k in o)
         den = sum(float((f[k] * delta[k] ** 2).sum()) for f in calibrated for k in f)
         S = [sum(f[k] for f in calibrated[:-1]) if t else 0 for k in SHAPES]
-        plan = strategy.merge(t, _vector(delta), fisher=fisher, probe=probe)
+        plan = strategy.merge(MergeContext(t, _vector(delta), fisher=fisher, probe=probe))
         assert plan.choice.raw == pytest.approx(num / den, rel=1e-6)  # S, G in fp32
         assert plan.calibration["kappa"] == pytest.approx(kappa) and plan.calibration["target"] == pytest.approx(2 * dl)
         if t:
@@ -92,7 +92,7 @@ def test_curve_picks_the_minimum_of_the_measured_loss_for_a_first_task():
     strategy = build_strategy(MergeArguments(merge_method="pm", alpha_calibration="curve"))
     delta, fisher = _task(torch.Generator().manual_seed(2))
     probe = TaskProbe(heldout_loss=lambda a: (a - 0.7) ** 2 + 1.0)
-    plan = strategy.merge(0, _vector(delta), fisher=fisher, probe=probe)
+    plan = strategy.merge(MergeContext(0, _vector(delta), fisher=fisher, probe=probe))
     assert plan.choice.alpha == pytest.approx(0.7)  # S = G = 0: the new task's own curve decides
     assert plan.calibration["kappa"] == pytest.approx(2 * (0.49 - 0.09) / plan.calibration["fisher_delta_sq"])
 
@@ -101,9 +101,11 @@ def test_branch_calibration_uses_the_branch_secant_else_falls_back():
     strategy = build_strategy(MergeArguments(merge_method="pm", alpha_calibration="branch"))
     delta, fisher = _task(torch.Generator().manual_seed(3))
     probe = TaskProbe(loss=lambda a: 1.0 - 0.5 * a, branch_losses={-1: 0.3, 0: 0.1, 1: 0.2}, eps=0.5)
-    assert strategy.merge(0, _vector(delta), fisher=fisher, probe=probe).calibration["target"] == pytest.approx(1.6)
+    assert strategy.merge(MergeContext(0, _vector(delta), fisher=fisher, probe=probe)).calibration[
+        "target"
+    ] == pytest.approx(1.6)
     probe.branch_losses = {-1: None, 0: 0.1, 1: None}
-    plan = strategy.merge(1, _vector(delta), fisher=fisher, probe=probe)
+    plan = strategy.merge(MergeContext(1, _vector(delta), fisher=fisher, probe=probe))
     assert plan.calibration["target"] == pytest.approx(1.0) and plan.calibration["loss_at_0"] == 1.0
 
 

@@ -23,7 +23,7 @@ FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
 FISHER_POINTS = ("trained", "perturbed")
 FISHER_CLASSES = ("task", "seen")
-ALPHA_CALIBRATIONS = ("none", "secant", "branch", "curve")
+ALPHA_CALIBRATIONS = ("none", "secant", "branch", "curve")  # the built-in ones (`calibration.py` registers them)
 ALPHA_GRANULARITIES = ("global", "module")
 HEAD_ALIGN = ("none", "task", "seen", "prototypes")
 
@@ -142,6 +142,13 @@ class MergeArguments:
             "'seq-merge', 'average', 'coma', 'cofima', 'task-arithmetic', 'ties', 'magmax', 'oracle-alpha', 'joint'."
         },
     )
+    merge_parameters: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Knobs that a registered strategy or calibration declares itself (`pm_hf.method.strategies.knobs."
+            "Knob`) rather than as a field here, by name, e.g. {my_knob: 0.5}; each is checked by its owner."
+        },
+    )
     fixed_alpha: float = field(default=0.5, metadata={"help": "'coma': the constant alpha of every merge, in [0, 1]."})
     cofima_weight: float = field(
         default=0.5,
@@ -194,8 +201,8 @@ class MergeArguments:
             "task loses at alpha = 0 on its own training data. 'branch': the same secant from the perturbation's "
             "late branch losses, 2 (L_minus - L_0) / eps^2 (falls back to 'secant'). 'curve': alpha_t minimises the "
             "measured loss of the task along alpha on a held-out part of its training data plus the old tasks' "
-            "calibrated quadratic.",
-            "choices": list(ALPHA_CALIBRATIONS),
+            "calibrated quadratic. A calibration registered in `pm_hf.method.strategies.calibration` is named the "
+            "same way.",
         },
     )
     calibration_holdout: float = field(

@@ -127,7 +127,7 @@ def assemble(
     weights = LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank) if low_rank else None
     loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config, weights)
     loop.processor = processor
-    loop.log_loss_increase = merge_args.log_loss_increase
+    loop.options.log_loss_increase = merge_args.log_loss_increase
     return loop
 
 

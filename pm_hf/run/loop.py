@@ -6,13 +6,14 @@ the class head in `heads`, the scores in `evaluation`; `pm_hf.continual` assembl
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import itertools
 import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import torch
@@ -23,7 +24,6 @@ from ..config.checks import check_finite, invalid
 from ..config.groups import FisherArguments, PMConfig
 from ..distributed.launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
 from ..distributed.sharding import gather, model_sharding, scalar, shard_state
-from ..heads.alignment import HeadAlignment
 from ..hub.export import (
     save_task_record,
     task_record,
@@ -37,7 +37,7 @@ from ..method.adapters import (
 )
 from ..method.callbacks import CallbackList, ContinualCallback
 from ..method.fisher import estimate_fisher, normalize_fisher
-from ..method.strategies import MergeStrategy, merge_task
+from ..method.strategies import MergeContext, MergeStrategy, merge_task
 from ..method.trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
 from ..method.weights import LowRankWeights, ModelWeights
 from ..timing import Timer
@@ -83,7 +83,7 @@ class ContinualLoop:
         self.processor = None  # the tokenizer or image processor the stream was prepared with
         self.record = None  # the last task's exact export record, written with its checkpoint
         self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub.repository`
-        self.log_loss_increase = False  # `MergeArguments.log_loss_increase`
+        self.options = SimpleNamespace(log_loss_increase=False)
         self.reporters = SequenceReporters(args, self.out)  # report_to, once for the whole sequence
         self.resuming = False
         if strategy.needs_pretrained:
@@ -91,45 +91,103 @@ class ContinualLoop:
 
     # --------------------------------------------------------------------------------------- one task
     def run_task(self, t: int) -> dict:
-        """Train, merge and evaluate task t; returns its log entry."""
+        """Task t as docs/method.md's algorithm box; returns its log entry."""
         task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
-        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
-        seen_before = set(seen_classes(self.stream.tasks[:t]))
         # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
-        self.callbacks.call("on_task_begin", t, self.model, task)
-        self.prepare(t)
-        before = {k: p.detach().float().clone() for k, p in self.weights.full().items()}
-        self.head.set_active(self.head.train_classes(task))
+        before = self.prepare_task(t, task)
         # train with perturbation
-        trainer = self.trainer(t, task)
-        with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
-            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
-        self.resuming = False
+        trainer = self.train_task(t, task, timer)
         before = self.follow_sharding(before)
         self.callbacks.call("on_train_end", t, self.model, task)
-        delta_norm = task_vector_norm(self.model)
-        pre, within = self.evaluator.pre_merge(task, seen_classes(self.stream.tasks[: t + 1]))  # before the merge
+        trained = self.trained_scores(t, task)
         # task vector: new classes' head rows are taken as trained, other classes' rows restored exactly
         with timer("merge"):
-            merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
-            vector = self.weights.task_vector(before, self.head.owns, merged_head)
-            check_finite(vector.deltas, f"the task vector of task {t}")
-            self.head.restore_untouched(self.weights.full(), before, task)
-        # Fisher at theta*_t, on the task's training loss
-        fisher = None
-        if self.strategy.needs_fisher:
-            with timer("fisher"):
-                fisher = self.fisher(t, task, list(vector.deltas))
-            check_finite(fisher, f"the Fisher of task {t}")
-        # merge: theta_hat_t by the strategy, the adapter zeroed; then the callbacks (head alignment)
-        plan, measured = self.merge(t, task, vector, before, fisher, trainer, timer)
+            vector = self.task_vector(t, task, before)
+        # merge: theta_hat_t by the strategy, which asks the context for what it needs (Fisher, score, probe)
+        context, line = self.merge_context(t, task, vector, before, trainer, timer)
+        at_one = line().at(1.0, lambda: eval_loss(self, task)) if self.logs_loss_increase else None
+        with timer("merge"):
+            plan = merge_task(self.weights, self.strategy, context, before)
+        # callbacks (head alignment)
+        self.callbacks.call("on_merge", t, self.model, task)
+        measured = self.merge_measures(task, plan, context.made("fisher"), at_one)
         # evaluate every seen task
         with timer("eval"):
             scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
         # log
+        return self.log_task(t, task, trainer, vector, plan, scores, {**trained, "measured": measured}, timer)
+
+    def prepare_task(self, t: int, task) -> dict:
+        """Before training task t: its held-out part, the callbacks' `on_task_begin`, the start point; returns the
+        fp32 values the fully trained parameters start from (their theta_hat_{t-1})."""
+        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
+        self.callbacks.call("on_task_begin", t, self.model, task)
+        self.prepare(t)
+        before = {k: p.detach().float().clone() for k, p in self.weights.full().items()}
+        self.head.set_active(self.head.train_classes(task))
+        return before
+
+    def train_task(self, t: int, task, timer: Timer):
+        """Train task t with the perturbation (from its last mid-task checkpoint when resuming); returns the trainer."""
+        trainer = self.trainer(t, task)
+        with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
+            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
+        self.resuming = False
+        return trainer
+
+    def trained_scores(self, t: int, task) -> dict:
+        """What is measured of theta*_t before the merge: the task vector's norm, the pre-merge scores."""
+        delta_norm = task_vector_norm(self.model)
+        pre, within = self.evaluator.pre_merge(task, seen_classes(self.stream.tasks[: t + 1]))
+        return {"delta_norm": delta_norm, "pre": pre, "within": within}
+
+    def task_vector(self, t: int, task, before: dict):
+        """Delta_t, checked finite; the head rows of classes the task does not own are put back as they were."""
+        seen_before = set(seen_classes(self.stream.tasks[:t]))
+        merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
+        vector = self.weights.task_vector(before, self.head.owns, merged_head)
+        check_finite(vector.deltas, f"the task vector of task {t}")
+        self.head.restore_untouched(self.weights.full(), before, task)
+        return vector
+
+    def merge_context(self, t: int, task, vector, before: dict, trainer, timer: Timer) -> tuple:
+        """Task t's `MergeContext` (the Fisher, the oracle's score, the probe: each made when the strategy asks for
+        it) and the merge line they measure along (built on first use, a copy of the adapted weights)."""
+
+        @functools.cache
+        def line() -> MergeLine:
+            if self.strategy.needs_fisher:  # F_t is taken at theta*_t, and the line's measurements leave it
+                _ = context.fisher
+            return MergeLine(self.weights, vector, before)
+
+        context = MergeContext.on_demand(
+            t,
+            vector,
+            fisher=lambda: self.task_fisher(t, task, list(vector.deltas), timer),
+            score=lambda: self.oracle_score(t, line()),
+            probe=lambda: task_probe(line(), self, t, task, trainer),
+        )
+        return context, line
+
+    @property
+    def logs_loss_increase(self) -> bool:
+        """The quadratic model's predicted loss increase is logged (`log_loss_increase`) for a rule with a Fisher."""
+        return self.options.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
+
+    def merge_measures(self, task, plan, fisher, at_one: float | None) -> dict:
+        """What the log keeps of the merge: the Fisher's trace (if the strategy asked for one) and, with
+        `log_loss_increase`, the predicted against the measured loss increase."""
+        measured = {"fisher_trace": sum(scalar(f.double().sum()) for f in fisher.values())} if fisher else {}
+        if at_one is not None:
+            measured["loss_increase"] = loss_increase(self, task, plan, at_one)
+        return measured
+
+    def log_task(self, t: int, task, trainer, vector, plan, scores: dict, trained: dict, timer: Timer) -> dict:
+        """Task t's log entry (the callbacks' `on_task_end` may add to it), its export record and tracker logs."""
+        pre, within, delta_norm = trained["pre"], trained["within"], trained["delta_norm"]
         entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
         losses = {str(b): v for b, v in trainer.branch_losses().items()} if hasattr(trainer, "branch_losses") else None
-        entry.update(measured, calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
+        entry.update(trained["measured"], calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
         entry["train_losses"] = training_losses(trainer.state.log_history)  # as logged: one per logging window
         entry["warnings"] = learning_warnings(task.name, within, len(task.classes), entry["train_losses"])
         for warning in entry["warnings"]:
@@ -142,23 +200,6 @@ class ContinualLoop:
                                  "continual/delta_norm": delta_norm,
                                  "continual/learning_warnings": len(entry["warnings"])})  # fmt: skip
         return entry
-
-    def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:
-        """The strategy's merge of task t (with what it measures along the merge line first: the oracle's scores,
-        the calibrated forms' probe), then `on_merge`; returns the plan and what was measured for the log."""
-        log_increase = self.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
-        needs_line = self.strategy.needs_score or self.strategy.needs_probe or log_increase
-        line = MergeLine(self.weights, vector, before) if needs_line else None  # a copy of the adapted weights
-        at_one = line.at(1.0, lambda: eval_loss(self, task)) if log_increase else None
-        with timer("merge"):
-            score = self.oracle_score(t, line) if self.strategy.needs_score else None
-            probe = task_probe(line, self, t, task, trainer) if self.strategy.needs_probe else None
-            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score, probe)
-        self.callbacks.call("on_merge", t, self.model, task)
-        measured = {"fisher_trace": sum(scalar(f.double().sum()) for f in fisher.values())} if fisher else {}
-        if at_one is not None:
-            measured["loss_increase"] = loss_increase(self, task, plan, at_one)
-        return plan, measured
 
     def follow_sharding(self, before: dict) -> dict:
         """Once FSDP has sharded the model (the first Trainer prepares it), the continual state loaded or built
@@ -228,15 +269,20 @@ class ContinualLoop:
     def low_rank(self) -> bool:
         return isinstance(self.weights, LowRankWeights)
 
+    def task_fisher(self, t: int, task, keys: list[str], timer: Timer) -> dict[str, torch.Tensor]:
+        """F_t for a strategy that asks for it, timed as "fisher" and checked finite."""
+        with timer("fisher"):
+            fisher = self.fisher(t, task, keys)
+        check_finite(fisher, f"the Fisher of task {t}")
+        return fisher
+
     def oracle_score(self, t: int, line: MergeLine):
         """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off),
-        with the head aligned as the run's `HeadAlignment` would after that merge (then restored)."""
+        with the model as the callbacks would leave it after that merge (their `trial`: the head alignment)."""
         tasks = self.stream.tasks[: t + 1]
 
         def score() -> float:
-            with contextlib.ExitStack() as stack:
-                for aligner in (cb for cb in self.callbacks.callbacks if isinstance(cb, HeadAlignment)):
-                    stack.enter_context(aligner.trial(t, self.model, tasks[t]))
+            with self.callbacks.trial(t, self.model, tasks[t]):
                 return self.evaluator.seen_score(tasks)
 
         return lambda a: line.at(a, score)
