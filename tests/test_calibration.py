@@ -11,7 +11,7 @@ import torch
 from conftest import groups, tiny_bert
 
 from pm_hf.config.checks import NonFiniteError
-from pm_hf.config.groups import FisherArguments, LoraArguments, MergeArguments
+from pm_hf.config.groups import FisherArguments, LoraArguments, MergeArguments, RunConfig
 from pm_hf.continual import build_loop, run_continual
 from pm_hf.method.adapters import attach_lora, lora_layers, scale_active_adapter
 from pm_hf.method.fisher import estimate_fisher
@@ -136,7 +136,7 @@ def test_sqrt_t_merges_with_one_over_root_t(model_dir, tmp_path):
 
 @pytest.mark.parametrize("calibration", ["secant", "branch", "curve"])
 def test_calibrated_runs_log_what_they_measured(model_dir, tmp_path, calibration):
-    loop = build_loop(*groups(model_dir, tmp_path, alpha_calibration=calibration, log_loss_increase=True))
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path, alpha_calibration=calibration, log_loss_increase=True)))
     sizes = [len(task.train) for task in loop.stream.tasks]
     results = loop.run()
     for t, cal in enumerate(results["calibrations"]):
@@ -154,7 +154,7 @@ def test_calibrated_runs_log_what_they_measured(model_dir, tmp_path, calibration
 
 
 def test_the_oracle_with_head_alignment_leaves_the_head_as_it_found_it(model_dir, tmp_path):
-    loop = build_loop(*groups(model_dir, tmp_path, merge_method="oracle-alpha", head_align="prototypes"))
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path, merge_method="oracle-alpha", head_align="prototypes")))
     results = loop.run()
     scores = results["oracle_scores"]
     for t in range(1, 3):  # the chosen alpha's score is the best on the grid, measured with the head aligned

@@ -11,7 +11,7 @@ from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_vit
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from pm_hf.config.groups import LoraArguments, ModelArguments
+from pm_hf.config.groups import LoraArguments, ModelArguments, RunConfig
 from pm_hf.continual import build_loop, output_lock, run_continual
 from pm_hf.run.runs import evaluate_run
 
@@ -58,7 +58,7 @@ def test_outputs_and_alpha(full_run):
 
 def test_old_head_rows_bit_identical_and_adapter_roundtrip(model_dir, tmp_path):
     recorder = Recorder()
-    loop = build_loop(*groups(model_dir, tmp_path / "run"), callbacks=[recorder])
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "run")), callbacks=[recorder])
     loop.run()
     rows_after = recorder.params
     for t in range(1, 3):  # rows of classes of earlier tasks never change afterwards
@@ -150,7 +150,7 @@ def test_build_loop_rejects_bad_modules(model_dir, tmp_path):
     args = list(groups(model_dir, tmp_path))
     args[3] = LoraArguments(r=4, modules_to_save=["no_such_module"])
     with pytest.raises(ValueError, match="no_such_module"):
-        build_loop(*args)
+        build_loop(RunConfig(*args))
     assert not (tmp_path / "latest.json").exists()
 
 

@@ -1,11 +1,12 @@
-"""Configuration dataclasses: the argument groups for LoRA, the Fisher estimate and the merge; the model's and the
-data's (`ModelArguments`, `DataArguments`) are `pm_hf.config.arguments` and `PMConfig` (a `TrainingArguments` with the
-perturbation knobs) is `pm_hf.config.training_args`, both re-exported here. Every field
-has help text; every check names the field, the bad value and the fix, and runs in `__post_init__` (before anything
-is trained or written)."""
+"""Configuration dataclasses: the argument groups for LoRA, the Fisher estimate and the merge, and `RunConfig`, the six
+groups of a run as one object; the model's and the data's (`ModelArguments`, `DataArguments`) are
+`pm_hf.config.arguments` and `PMConfig` (a `TrainingArguments` with the perturbation knobs) is
+`pm_hf.config.training_args`, both re-exported here. Every field has help text; every check names the field, the bad
+value and the fix, and runs in `__post_init__` (before anything is trained or written)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .arguments import LM_METRICS, MODEL_TASKS, SCENARIOS, DataArguments, ModelArguments  # noqa: F401 (re-exported)
@@ -259,3 +260,29 @@ class MergeArguments:
         check_device("accumulator_device", self.accumulator_device)
         check_choice("merge_into", self.merge_into, ("auto", "weights", "adapter"))
         check_number("merged_adapter_rank", self.merged_adapter_rank, 1, integer=True, optional=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's configuration as one object: the six argument groups, in the order the CLI and `run_continual` take
+    them (`groups`)."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: PMConfig
+    lora_args: LoraArguments
+    fisher_args: FisherArguments
+    merge_args: MergeArguments
+
+    @classmethod
+    def of(cls, groups: RunConfig | tuple) -> RunConfig:
+        """A `RunConfig`, or the six groups as a tuple (`parse_config`'s) made into one."""
+        return groups if isinstance(groups, RunConfig) else cls(*groups)
+
+    @property
+    def groups(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def replace(self, **groups) -> RunConfig:
+        """The same run with some groups replaced (the groups themselves are not copied)."""
+        return dataclasses.replace(self, **groups)

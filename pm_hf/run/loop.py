@@ -13,7 +13,6 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import torch
@@ -21,9 +20,11 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback
 
 from ..config.checks import check_finite, invalid
-from ..config.groups import FisherArguments, PMConfig
+from ..config.groups import RunConfig
 from ..distributed.launch import check_prepared, distributed_setup, hand_over, share_deepspeed_plugin, task_training
 from ..distributed.sharding import gather, model_sharding, scalar, shard_state
+from ..distributed.zero3 import loading_whole
+from ..heads.head import find_head
 from ..hub.export import (
     save_task_record,
     task_record,
@@ -41,7 +42,7 @@ from ..method.strategies import MergeContext, MergeStrategy, merge_task
 from ..method.trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
 from ..method.weights import LowRankWeights, ModelWeights
 from ..timing import Timer
-from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seeded
 from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
@@ -64,26 +65,26 @@ class ContinualLoop:
         head,
         evaluator,
         strategy: MergeStrategy,
-        args: PMConfig,
-        fisher_args: FisherArguments,
+        run: RunConfig,
         callbacks: Sequence,
         load_base,
         save_modules: list[str],
-        accumulator_device: str | None = None,
         config: dict | None = None,
         weights: ModelWeights | None = None,
+        processor=None,
+        hub: HubTarget | None = None,
     ):
+        args, accumulator_device = run.training_args, run.merge_args.accumulator_device
         self.model, self.stream, self.head, self.evaluator, self.strategy = model, stream, head, evaluator, strategy
-        self.args, self.fisher_args, self.out = args, fisher_args, Path(args.output_dir)
+        self.run_config, self.args, self.fisher_args, self.out = run, args, run.fisher_args, Path(args.output_dir)
         self.weights = weights or ModelWeights(model, accumulator_device)  # or a merged adapter (`LowRankWeights`)
         self.callbacks = CallbackList([cb for cb in callbacks if isinstance(cb, ContinualCallback)])
         self.trainer_callbacks = [cb for cb in callbacks if not isinstance(cb, ContinualCallback)]
         self.load_base, self.save_modules, self.config = load_base, save_modules, config or {}
         self.log: list[dict] = []
-        self.processor = None  # the tokenizer or image processor the stream was prepared with
+        self.processor = processor  # the tokenizer or image processor the stream was prepared with
         self.record = None  # the last task's exact export record, written with its checkpoint
-        self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub.repository`
-        self.options = SimpleNamespace(log_loss_increase=False)
+        self.hub = hub  # where the run pushes (checked before training), see `pm_hf.hub.repository`
         self.reporters = SequenceReporters(args, self.out)  # report_to, once for the whole sequence
         self.resuming = False
         if strategy.needs_pretrained:
@@ -172,7 +173,7 @@ class ContinualLoop:
     @property
     def logs_loss_increase(self) -> bool:
         """The quadratic model's predicted loss increase is logged (`log_loss_increase`) for a rule with a Fisher."""
-        return self.options.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
+        return self.run_config.merge_args.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
 
     def merge_measures(self, task, plan, fisher, at_one: float | None) -> dict:
         """What the log keeps of the merge: the Fisher's trace (if the strategy asked for one) and, with
@@ -288,6 +289,30 @@ class ContinualLoop:
         return lambda a: line.at(a, score)
 
     # --------------------------------------------------------------------------------------- the sequence
+    def add_callback(self, callback) -> None:
+        """A `ContinualCallback` joins the loop's hooks; any other callback every later task's `Trainer`."""
+        if isinstance(callback, ContinualCallback):
+            self.callbacks = CallbackList([*self.callbacks.callbacks, callback])
+        else:
+            self.trainer_callbacks.append(callback)
+
+    def add_tasks(self, tasks: list, fingerprints: list[str]) -> None:
+        """Tasks appended to the sequence (their fingerprints to the run's config); classes not seen before grow the
+        head, their rows as a model loaded with every class has them."""
+        self.stream.tasks.extend(tasks)
+        self.config["fingerprints"]["tasks"] += fingerprints
+        needed = max([c + 1 for t in self.stream.tasks for c in t.classes], default=0)
+        if needed > self.stream.num_classes:
+            self.stream.num_classes = needed
+            with seeded(self.args.seed), loading_whole():
+                fresh = find_head(self.load_base(), needed)[1]
+            self.head.grow(self.model, needed, fresh)
+
+    def restore(self, state: ContinualState) -> None:
+        """A saved run's merged weights and log (a finished run evaluated, exported or pushed again)."""
+        self.weights.load_state(self.head.fit_saved(state.weights, self.weights.full()))
+        self.log = list(state.log)
+
     def state(self) -> ContinualState:
         """The run's state with whole tensors (gathered when FSDP shards them: every rank calls this)."""
         keep = self.args.should_save
