@@ -237,3 +237,37 @@ def test_a_new_calibration_or_strategy_is_one_class_with_its_own_knobs():
         STRATEGIES.pop("test-halfway")
         DECLARED.pop("calibration_scale")
         DECLARED.pop("halfway_alpha")
+
+
+def test_the_context_makes_only_what_a_strategy_asks_for_and_once():
+    made = []
+    make = lambda name, value: lambda: made.append(name) or value  # noqa: E731
+    context = MergeContext.on_demand(1, vector({"w": torch.ones(2)}), fisher=make("fisher", {"w": torch.ones(2)}),
+                                     score=make("score", lambda a: a), probe=make("probe", None))  # fmt: skip
+    strategy("coma").merge(context)
+    assert made == [] and context.made("fisher") is None  # a schedule asks for nothing
+    for _ in range(2):
+        assert strategy("oracle-alpha", oracle_grid=[0.0, 1.0]).merge(context).choice.alpha == 1.0
+    assert made == ["score"]  # made once, on the first request
+
+
+def test_callbacks_trial_enters_every_callback_and_leaves_in_reverse():
+    import contextlib
+
+    from pm_hf.method.callbacks import CallbackList, ContinualCallback
+
+    events = []
+
+    class Trial(ContinualCallback):
+        def __init__(self, n):
+            self.n = n
+
+        @contextlib.contextmanager
+        def trial(self, t, model, task):
+            events.append(("in", self.n))
+            yield
+            events.append(("out", self.n))
+
+    with CallbackList([Trial(1), ContinualCallback(), Trial(2)]).trial(0, None, None):
+        events.append("score")
+    assert events == [("in", 1), ("in", 2), "score", ("out", 2), ("out", 1)]
