@@ -108,7 +108,7 @@ class ContinualLoop:
         context, line = self.merge_context(t, task, vector, before, trainer, timer)
         at_one = line().at(1.0, lambda: eval_loss(self, task)) if self.logs_loss_increase else None
         with timer("merge"):
-            plan = merge_task(self.weights, self.strategy, context, before)
+            plan = merge_task(self.weights, self.strategy, context, before=before)
         # callbacks (head alignment)
         self.callbacks.call("on_merge", t, self.model, task)
         measured = self.merge_measures(task, plan, context.made("fisher"), at_one)

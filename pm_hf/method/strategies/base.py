@@ -243,6 +243,8 @@ def merge_task(
     """
     if not isinstance(context, MergeContext):
         context = MergeContext(context, vector, fisher=fisher, score=score, probe=probe)
+    elif any(x is not None for x in (vector, fisher, score, probe)):  # a context holds them: `before` is by keyword
+        raise TypeError("merge_task with a MergeContext takes `before=` by keyword and no vector, fisher, score, probe")
     vector = context.vector
     plan = strategy.merge(context)
     base = strategy.pretrained if plan.origin == "pretrained" else before
