@@ -1,7 +1,8 @@
-"""The task loop. For each task t (docs/method.md): prepare (theta_hat_{t-1}, a fresh adapter) -> train with
-perturbation -> task vector Delta_t -> Fisher at theta*_t -> the strategy's merge -> callbacks -> evaluate every seen
-task -> log and checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT plumbing in `adapters`,
-the class head in `heads`, the scores in `evaluation`; `pm_hf.continual` assembles the parts.
+"""The task loop. `run_task` is the algorithm of docs/method.md for task t: prepare (theta_hat_{t-1}, a fresh
+adapter) -> train with perturbation -> task vector Delta_t -> the strategy's merge, which asks its `MergeContext` for
+what it needs (the Fisher at theta*_t, the oracle's score, the calibration probe: made on demand) -> callbacks ->
+evaluate every seen task -> log; then the checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT
+plumbing in `adapters`, the class head in `heads`, the scores in `evaluation`; `pm_hf.run.assembly` assembles the parts.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class ContinualLoop:
 
     # --------------------------------------------------------------------------------------- one task
     def run_task(self, t: int) -> dict:
-        """Task t as docs/method.md's algorithm box; returns its log entry."""
+        """Train, merge and evaluate task t (the algorithm of docs/method.md); returns its log entry."""
         task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
         # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
         before = self.prepare_task(t, task)
