@@ -218,3 +218,19 @@ def test_a_second_process_on_the_same_output_dir_is_refused(model_dir, tmp_path)
         with pytest.raises(ValueError, match="in use by another pm_hf process"):
             run_continual(*groups(model_dir, tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".pm_hf.lock"]
+
+
+def test_nested_timer_intervals_add_up_without_counting_twice():
+    """An on-demand Fisher inside the merge is "fisher" time, not also "merge" time (`pm_hf.timing.Timer`)."""
+    import time
+
+    from pm_hf.timing import Timer
+
+    timer, start = Timer("merge", "fisher"), time.perf_counter()
+    with timer("merge"):
+        time.sleep(0.02)
+        with timer("fisher"):
+            time.sleep(0.03)
+    wall = time.perf_counter() - start
+    assert timer.seconds["merge"] >= 0.02 and timer.seconds["fisher"] >= 0.03
+    assert sum(timer.seconds.values()) == pytest.approx(wall, abs=5e-3)
