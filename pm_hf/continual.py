@@ -19,21 +19,27 @@ from accelerate import PartialState
 from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
 
 from .config.checks import InputError, invalid
-from .config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from .config.groups import (
+    DataArguments,
+    FisherArguments,
+    LoraArguments,
+    MergeArguments,
+    ModelArguments,
+    PMConfig,
+    RunConfig,
+)
 from .data.instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
 from .data.streams import Task, TaskStream, collator_for, task_from_datasets, task_splits
 from .distributed.launch import refuse_sharding
-from .distributed.zero3 import loading_whole
 from .errors import python_names
 from .heads.alignment import HeadAlignment
-from .heads.head import find_head
 from .hub.export import copy_task_records
 from .hub.repository import BASE_BRANCH, connect, download_state, is_repo_id, push_run
-from .method.callbacks import CallbackList, ContinualCallback, ContinualTrainOutput, History
+from .method.callbacks import ContinualTrainOutput, History
 from .method.models import load_processor
 from .method.strategies import build_strategy
 from .run.assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
-from .run.checkpoint import LATEST, copy_checkpoint, seeded, state_files
+from .run.checkpoint import LATEST, copy_checkpoint, state_files
 from .run.evaluation import evaluation_metrics
 from .run.loop import ContinualLoop
 from .run.run_export import export_run
@@ -149,9 +155,13 @@ class ContinualTrainer:
         trainer = cls.__new__(cls)
         trainer._cli = True
         trainer.__init__(model_args.model_name_or_path, training_args, (), None, None, callbacks, *groups)
-        trainer.loop = build_loop(model_args, data_args, training_args, lora_args, fisher_args, merge_args,
-                                  trainer._callbacks, trainer.strategy)  # fmt: skip
+        trainer.loop = build_loop(trainer.run_config, trainer._callbacks, trainer.strategy, hub=trainer.hub)
         return trainer
+
+    @property
+    def run_config(self) -> RunConfig:
+        """The six argument groups as one object."""
+        return RunConfig(self.model_args, self.data_args, self.args, self.lora_args, self.fisher_args, self.merge_args)
 
     # --------------------------------------------------------------------------------------------- tasks
     @property
@@ -181,12 +191,8 @@ class ContinualTrainer:
         """Add a `ContinualCallback` (a hook of the loop) or a `TrainerCallback` (class or instance), as Trainer's."""
         callback = callback() if isinstance(callback, type) else callback
         self._callbacks.append(callback)
-        if self.loop is None:
-            return
-        if isinstance(callback, ContinualCallback):
-            self.loop.callbacks = CallbackList([*self.loop.callbacks.callbacks, callback])
-        else:
-            self.loop.trainer_callbacks.append(callback)
+        if self.loop is not None:
+            self.loop.add_callback(callback)
 
     def _build(self) -> ContinualLoop:
         if self.loop is None:
@@ -200,14 +206,7 @@ class ContinualTrainer:
         first = len(loop.stream.tasks)
         with quiet_datasets():
             prepared = [_prepare_task(self, first + i, entry, loop.stream) for i, entry in enumerate(tasks)]
-        loop.stream.tasks.extend(prepared)
-        loop.config["fingerprints"]["tasks"] += [task_fingerprint(t) for t in prepared]
-        needed = max([c + 1 for t in loop.stream.tasks for c in t.classes], default=0)
-        if needed > loop.stream.num_classes:  # new classes grow the head
-            loop.stream.num_classes = needed
-            with seeded(self.args.seed), loading_whole():  # new rows as a model loaded with every class has them
-                fresh = find_head(loop.load_base(), needed)[1]
-            loop.head.grow(loop.model, needed, fresh)
+        loop.add_tasks(prepared, [task_fingerprint(t) for t in prepared])
 
     # --------------------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: bool = False, stop_after: int | None = None) -> ContinualTrainOutput:
@@ -225,7 +224,6 @@ class ContinualTrainer:
     def _run(self, loop: ContinualLoop, resume_from_checkpoint: bool, stop_after: int | None) -> dict:
         save, overwrite, first = self.args.should_save, self.args.overwrite_output_dir, not self._claimed
         source = self._source if first else None
-        loop.hub = self.hub
         if save and first:  # before the lock: a refused folder stays as it was
             check_claim(loop.out, resume_from_checkpoint, overwrite)
         with output_lock(loop.out, save):
@@ -338,7 +336,7 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     """The loop of a trainer built from objects: the first task fixes the modality; the others are appended."""
     if not trainer._pending:
         raise invalid("tasks", [], "give at least one task before training.")
-    args, model_args, model = trainer.args, trainer.model_args, trainer._model
+    model_args, model = trainer.model_args, trainer._model
     causal = is_causal(model, model_args)
     if causal:
         model_args = dataclasses.replace(model_args, model_task="causal_lm")
@@ -356,21 +354,9 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
             loaded_base = None
     else:
         loaded = loaded_base = None
-    loop = assemble(
-        model_args,
-        trainer.data_args,
-        args,
-        trainer.lora_args,
-        trainer.fisher_args,
-        trainer.merge_args,
-        trainer._callbacks,
-        trainer.strategy,
-        stream,
-        processor,
-        loaded,
-        trainer._compute_metrics,
-        loaded_base,
-    )
+    run = trainer.run_config.replace(model_args=model_args)
+    parts = (trainer._callbacks, trainer.strategy, stream, processor, loaded, trainer._compute_metrics, loaded_base)
+    loop = assemble(run, *parts, hub=trainer.hub)
     trainer.loop = loop
     trainer._add_pending()
     return loop
@@ -399,7 +385,7 @@ def run_continual(
     Returns:
         The results dict written to `output_dir/results.json`.
     """
-    groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
-    trainer = ContinualTrainer.from_args(*groups, callbacks=callbacks)
+    run = RunConfig(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
+    trainer = ContinualTrainer.from_args(*run.groups, callbacks=callbacks)
     trainer.train(resume, stop_after)
     return trainer.results

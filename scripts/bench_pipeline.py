@@ -12,6 +12,7 @@ import statistics
 from pathlib import Path
 
 from pm_hf.commands.parsing import parse_config
+from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ SEQ_MERGE = {"merge_method": "seq-merge", "perturbation": "none", "head_align": 
 def _run(overrides: dict, out: Path) -> tuple[float, dict]:
     values = {**overrides, "output_dir": str(out), "disable_tqdm": True}
     flags = [x for k, v in values.items() for x in (f"--{k}", str(v))]
-    results = build_loop(*parse_config(DEMO, flags)).run()
+    results = build_loop(RunConfig(*parse_config(DEMO, flags))).run()
     return sum(sum(t.values()) for t in results["timings"]), results
 
 

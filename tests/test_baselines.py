@@ -8,6 +8,7 @@ from conftest import Recorder, checkpoint_tensors, groups
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
+from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop, run_continual
 from pm_hf.heads.alignment import compensate_drift, fit_head_rows, sample_class_features, update_class_stats
 from pm_hf.method.adapters import lora_layers
@@ -130,8 +131,9 @@ def test_cofima_through_the_loop(model_dir, tmp_path):
 
 @pytest.mark.parametrize("method, knob", [("magmax", "merge_scale"), ("cofima", "cofima_weight")])
 def test_dense_export_reproduces_the_merged_model(model_dir, tmp_path, method, knob):
-    loop = build_loop(*groups(model_dir, tmp_path / method, merge_method=method, class_groups=[[0, 1], [2, 3]],
-                              **{knob: 0.7}))  # fmt: skip
+    run = RunConfig(*groups(model_dir, tmp_path / method, merge_method=method, class_groups=[[0, 1], [2, 3]],
+                            **{knob: 0.7}))  # fmt: skip
+    loop = build_loop(run)
     loop.run()
     loop.head.set_active(None)
     batch = loop.stream.collate_fn([loop.stream.tasks[0].eval[i] for i in range(4)])

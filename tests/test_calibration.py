@@ -11,12 +11,12 @@ import torch
 from conftest import groups, tiny_bert
 
 from pm_hf.config.checks import NonFiniteError
-from pm_hf.config.groups import FisherArguments, LoraArguments, MergeArguments
+from pm_hf.config.groups import FisherArguments, LoraArguments, MergeArguments, RunConfig
 from pm_hf.continual import build_loop, run_continual
 from pm_hf.method.adapters import attach_lora, lora_layers, scale_active_adapter
 from pm_hf.method.fisher import estimate_fisher
 from pm_hf.method.merge import LoraFactors, TaskVector, branch_secant, curve_alpha, secant_kappa
-from pm_hf.method.strategies import build_strategy
+from pm_hf.method.strategies import MergeContext, build_strategy
 from pm_hf.method.strategies.base import TaskProbe
 
 D = torch.float64
@@ -78,7 +78,7 @@ def test_secant_calibrated_alpha_equals_the_direct_formula_over_calibrated_fishe
         num = -sum(float(((theta[k] - o[k]) * f[k] * delta[k]).sum()) for o, f in zip(optima, calibrated) for k in o)
         den = sum(float((f[k] * delta[k] ** 2).sum()) for f in calibrated for k in f)
         S = [sum(f[k] for f in calibrated[:-1]) if t else 0 for k in SHAPES]
-        plan = strategy.merge(t, _vector(delta), fisher=fisher, probe=probe)
+        plan = strategy.merge(MergeContext(t, _vector(delta), fisher=fisher, probe=probe))
         assert plan.choice.raw == pytest.approx(num / den, rel=1e-6)  # S, G in fp32
         assert plan.calibration["kappa"] == pytest.approx(kappa) and plan.calibration["target"] == pytest.approx(2 * dl)
         if t:
@@ -92,7 +92,7 @@ def test_curve_picks_the_minimum_of_the_measured_loss_for_a_first_task():
     strategy = build_strategy(MergeArguments(merge_method="pm", alpha_calibration="curve"))
     delta, fisher = _task(torch.Generator().manual_seed(2))
     probe = TaskProbe(heldout_loss=lambda a: (a - 0.7) ** 2 + 1.0)
-    plan = strategy.merge(0, _vector(delta), fisher=fisher, probe=probe)
+    plan = strategy.merge(MergeContext(0, _vector(delta), fisher=fisher, probe=probe))
     assert plan.choice.alpha == pytest.approx(0.7)  # S = G = 0: the new task's own curve decides
     assert plan.calibration["kappa"] == pytest.approx(2 * (0.49 - 0.09) / plan.calibration["fisher_delta_sq"])
 
@@ -101,9 +101,11 @@ def test_branch_calibration_uses_the_branch_secant_else_falls_back():
     strategy = build_strategy(MergeArguments(merge_method="pm", alpha_calibration="branch"))
     delta, fisher = _task(torch.Generator().manual_seed(3))
     probe = TaskProbe(loss=lambda a: 1.0 - 0.5 * a, branch_losses={-1: 0.3, 0: 0.1, 1: 0.2}, eps=0.5)
-    assert strategy.merge(0, _vector(delta), fisher=fisher, probe=probe).calibration["target"] == pytest.approx(1.6)
+    assert strategy.merge(MergeContext(0, _vector(delta), fisher=fisher, probe=probe)).calibration[
+        "target"
+    ] == pytest.approx(1.6)
     probe.branch_losses = {-1: None, 0: 0.1, 1: None}
-    plan = strategy.merge(1, _vector(delta), fisher=fisher, probe=probe)
+    plan = strategy.merge(MergeContext(1, _vector(delta), fisher=fisher, probe=probe))
     assert plan.calibration["target"] == pytest.approx(1.0) and plan.calibration["loss_at_0"] == 1.0
 
 
@@ -134,7 +136,7 @@ def test_sqrt_t_merges_with_one_over_root_t(model_dir, tmp_path):
 
 @pytest.mark.parametrize("calibration", ["secant", "branch", "curve"])
 def test_calibrated_runs_log_what_they_measured(model_dir, tmp_path, calibration):
-    loop = build_loop(*groups(model_dir, tmp_path, alpha_calibration=calibration, log_loss_increase=True))
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path, alpha_calibration=calibration, log_loss_increase=True)))
     sizes = [len(task.train) for task in loop.stream.tasks]
     results = loop.run()
     for t, cal in enumerate(results["calibrations"]):
@@ -152,7 +154,7 @@ def test_calibrated_runs_log_what_they_measured(model_dir, tmp_path, calibration
 
 
 def test_the_oracle_with_head_alignment_leaves_the_head_as_it_found_it(model_dir, tmp_path):
-    loop = build_loop(*groups(model_dir, tmp_path, merge_method="oracle-alpha", head_align="prototypes"))
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path, merge_method="oracle-alpha", head_align="prototypes")))
     results = loop.run()
     scores = results["oracle_scores"]
     for t in range(1, 3):  # the chosen alpha's score is the best on the grid, measured with the head aligned

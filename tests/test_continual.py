@@ -11,7 +11,7 @@ from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_vit
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
-from pm_hf.config.groups import LoraArguments, ModelArguments
+from pm_hf.config.groups import LoraArguments, ModelArguments, RunConfig
 from pm_hf.continual import build_loop, output_lock, run_continual
 from pm_hf.run.runs import evaluate_run
 
@@ -58,7 +58,7 @@ def test_outputs_and_alpha(full_run):
 
 def test_old_head_rows_bit_identical_and_adapter_roundtrip(model_dir, tmp_path):
     recorder = Recorder()
-    loop = build_loop(*groups(model_dir, tmp_path / "run"), callbacks=[recorder])
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "run")), callbacks=[recorder])
     loop.run()
     rows_after = recorder.params
     for t in range(1, 3):  # rows of classes of earlier tasks never change afterwards
@@ -150,7 +150,7 @@ def test_build_loop_rejects_bad_modules(model_dir, tmp_path):
     args = list(groups(model_dir, tmp_path))
     args[3] = LoraArguments(r=4, modules_to_save=["no_such_module"])
     with pytest.raises(ValueError, match="no_such_module"):
-        build_loop(*args)
+        build_loop(RunConfig(*args))
     assert not (tmp_path / "latest.json").exists()
 
 
@@ -218,3 +218,19 @@ def test_a_second_process_on_the_same_output_dir_is_refused(model_dir, tmp_path)
         with pytest.raises(ValueError, match="in use by another pm_hf process"):
             run_continual(*groups(model_dir, tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".pm_hf.lock"]
+
+
+def test_nested_timer_intervals_add_up_without_counting_twice():
+    """An on-demand Fisher inside the merge is "fisher" time, not also "merge" time (`pm_hf.timing.Timer`)."""
+    import time
+
+    from pm_hf.timing import Timer
+
+    timer, start = Timer("merge", "fisher"), time.perf_counter()
+    with timer("merge"):
+        time.sleep(0.02)
+        with timer("fisher"):
+            time.sleep(0.03)
+    wall = time.perf_counter() - start
+    assert timer.seconds["merge"] >= 0.02 and timer.seconds["fisher"] >= 0.03
+    assert sum(timer.seconds.values()) == pytest.approx(wall, abs=5e-3)

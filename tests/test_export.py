@@ -19,6 +19,7 @@ from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pm_hf.commands.cli import main as cli_main
+from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop
 from pm_hf.hub.export import ExportSpec, history_delta, load_task_records, task_record, write_export
 from pm_hf.method.adapters import adapter_factors, full_trainable_params
@@ -29,7 +30,7 @@ from pm_hf.run.runs import load_adapter_export, load_export
 def run(model_dir, tmp_path_factory):
     """A finished 3-task run and its merged model's logits on a batch of the first task's test split."""
     out = tmp_path_factory.mktemp("export_run")
-    loop = build_loop(*groups(model_dir, out))
+    loop = build_loop(RunConfig(*groups(model_dir, out)))
     results = loop.run()
     batch = loop.stream.collate_fn([loop.stream.tasks[0].eval[i] for i in range(6)])
     batch.pop("labels")
@@ -157,7 +158,7 @@ def test_an_export_moved_elsewhere_loads_with_the_same_logits(model_dir, tmp_pat
     load (pm_hf's loader; PEFT's AutoPeft class from inside the folder, which it resolves `base` against) and give
     the original exports' logits."""
     run_dir = tmp_path / "run"
-    loop = build_loop(*groups(model_dir, run_dir, class_groups=[[0, 1], [2, 3]]))
+    loop = build_loop(RunConfig(*groups(model_dir, run_dir, class_groups=[[0, 1], [2, 3]])))
     loop.run()
     batch = loop.stream.collate_fn([loop.stream.tasks[0].eval[i] for i in range(6)])
     batch.pop("labels")

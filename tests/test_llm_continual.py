@@ -11,13 +11,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from pm_hf.commands.cli import main as cli_main
+from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop, run_continual
 from pm_hf.method.adapters import base_weights, lora_layers
 from pm_hf.run.evaluation import generate_responses
 
 
 def test_pm_on_a_tiny_llama_writes_score_matrices(llm_dir, tmp_path):
-    run = build_loop(*llm_groups(llm_dir, tmp_path / "pm"))
+    run = build_loop(RunConfig(*llm_groups(llm_dir, tmp_path / "pm")))
     results = run.run()
     # q/k/v/o detected for the Llama family when target_modules is not set
     assert {k.rsplit(".", 2)[-2] for k in lora_layers(run.model)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -62,7 +63,7 @@ def test_llm_resume_and_sequential_baseline(llm_dir, tmp_path):
 
 
 def test_bf16_keeps_an_fp32_master(llm_dir, tmp_path):
-    run = build_loop(*llm_groups(llm_dir, tmp_path / "bf16", dtype="bfloat16", merge_method="average"))
+    run = build_loop(RunConfig(*llm_groups(llm_dir, tmp_path / "bf16", dtype="bfloat16", merge_method="average")))
     results = run.run()
     master = run.weights.master
     assert results["alphas"] == [1.0, 0.5]

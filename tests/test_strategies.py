@@ -13,13 +13,14 @@ from pm_hf.method.adapters import attach_lora, base_weights, lora_layers, lora_t
 from pm_hf.method.merge import LoraFactors, TaskVector, closed_form_alpha, cofima_weights
 from pm_hf.method.strategies import (
     STRATEGIES,
+    MergeContext,
     MergeStrategy,
     build_strategy,
     check_merge_args,
     get_strategy,
     merge_task,
 )
-from pm_hf.method.strategies.base import register
+from pm_hf.method.strategies.base import alpha_plan, constant, register
 from pm_hf.method.weights import ModelWeights
 
 D = torch.float64
@@ -69,27 +70,27 @@ def test_closed_form_global_and_per_module_and_its_state():
     pos = lambda: {k: torch.rand(s, generator=gen, dtype=D) + 0.1 for k, s in shapes.items()}  # noqa: E731
     first, fisher1, second, fisher2 = rand(), pos(), rand(), pos()
     pm = strategy("pm", alpha_clip=False)
-    plan = pm.merge(0, vector(first), fisher=fisher1)
+    plan = pm.merge(MergeContext(0, vector(first), fisher=fisher1))
     assert plan.choice.alpha == 1.0 and plan.origin == "previous" and plan.low_rank
     S, G = {k: v.clone() for k, v in pm.S.items()}, {k: v.clone() for k, v in pm.G.items()}
-    plan = pm.merge(1, vector(second), fisher=fisher2)
+    plan = pm.merge(MergeContext(1, vector(second), fisher=fisher2))
     assert plan.choice.raw == pytest.approx(closed_form_alpha(second, fisher2, S, G), rel=1e-12)
     assert set(plan.alpha.values()) == {plan.choice.alpha} and not plan.per_key
     # one alpha per module (key minus its last component): enc.q's two keys share one, enc.v has its own
     per_module = strategy("pm", alpha_clip=False, alpha_granularity="module")
     per_module.load_state_dict({**{f"S/{k}": v for k, v in S.items()}, **{f"G/{k}": v for k, v in G.items()}})
-    plan = per_module.merge(1, vector(second), fisher=fisher2)
+    plan = per_module.merge(MergeContext(1, vector(second), fisher=fisher2))
     q = ["enc.q.weight", "enc.q.bias"]
     sub = lambda keys: [{k: d[k] for k in keys} for d in (second, fisher2, S, G)]  # noqa: E731
     assert plan.alpha["enc.q.bias"] == plan.alpha["enc.q.weight"] == closed_form_alpha(*sub(q))
     assert plan.alpha["enc.v.weight"] == closed_form_alpha(*sub(["enc.v.weight"])) and plan.per_key
     with pytest.raises(ValueError, match="Fisher"):
-        strategy("pm").merge(0, vector(first))
+        strategy("pm").merge(MergeContext(0, vector(first)))
 
 
 def test_schedules_by_hand():
     deltas = {"w": torch.ones(2, 2)}
-    alphas = lambda name, t, **kw: set(strategy(name, **kw).merge(t, vector(deltas)).alpha.values())  # noqa: E731
+    alphas = lambda name, t, **kw: set(strategy(name, **kw).merge(MergeContext(t, vector(deltas))).alpha.values())  # noqa: E731
     assert alphas("seq-merge", 3) == {1.0} and alphas("joint", 0) == {1.0}
     assert alphas("average", 0) == {1.0} and alphas("average", 3) == {0.25}
     assert alphas("coma", 2, fixed_alpha=0.3) == {0.3}
@@ -105,7 +106,7 @@ def test_cofima_by_hand_and_its_state():
     F, S = torch.tensor([1.0, 0.0, 3.0, 0.0]), torch.tensor([1.0, 2.0, 0.0, 0.0])
     cofima = strategy("cofima", cofima_weight=0.5)
     cofima.load_state_dict({"S/w": S})
-    plan = cofima.merge(1, vector({"w": torch.tensor([1.0, 1.0, 0.0, 0.0])}), fisher={"w": F})
+    plan = cofima.merge(MergeContext(1, vector({"w": torch.tensor([1.0, 1.0, 0.0, 0.0])}), fisher={"w": F}))
     assert plan.choice.alpha == pytest.approx(0.25)  # sum w d^2 / sum d^2 = (0.5 + 0) / 2
     assert torch.equal(plan.alpha["w"], cofima_weights(F, S, 0.5)) and not plan.low_rank
     assert torch.equal(cofima.state_dict()["S/w"], S + F)
@@ -114,9 +115,9 @@ def test_cofima_by_hand_and_its_state():
 def test_oracle_takes_the_first_best_grid_point():
     oracle = strategy("oracle-alpha", oracle_grid=[0.0, 0.5, 1.0])
     scores = {0.0: 0.2, 0.5: 0.7, 1.0: 0.7}
-    plan = oracle.merge(1, vector({"w": torch.ones(2)}), score=scores.__getitem__)
+    plan = oracle.merge(MergeContext(1, vector({"w": torch.ones(2)}), score=scores.__getitem__))
     assert plan.choice.alpha == 0.5 and plan.oracle_scores == {"0.0": 0.2, "0.5": 0.7, "1.0": 0.7}
-    first = oracle.merge(0, vector({"w": torch.ones(2)}), score=lambda a: 1 / 0)
+    first = oracle.merge(MergeContext(0, vector({"w": torch.ones(2)}), score=lambda a: 1 / 0))
     assert first.choice.alpha == 1.0  # task 1: nothing to trade off, not scored
 
 
@@ -129,7 +130,9 @@ def test_task_vector_strategies_by_hand():
                         "ties": {"merge_scale": 0.5, "ties_density": 1.0}, "seq": {}}.items():  # fmt: skip
         s = strategy(name, **knobs)
         s.pretrained = theta0
-        plans = [s.merge(t, vector({"w": x}, {"pooler": p})) for t, (x, p) in enumerate(((a, pa), (b, pb)))]
+        plans = [
+            s.merge(MergeContext(t, vector({"w": x}, {"pooler": p}))) for t, (x, p) in enumerate(((a, pa), (b, pb)))
+        ]
         assert all(plan.origin == "pretrained" and not plan.low_rank for plan in plans)
         runs[name] = plans[-1].deltas
     torch.testing.assert_close(runs["task-arithmetic"]["w"], 0.5 * (a + b))
@@ -140,7 +143,7 @@ def test_task_vector_strategies_by_hand():
     assert [get_strategy(n).start for n in ("seq", "magmax", "task-arithmetic", "ties", "pm")] == [
         "chain", "chain", "pretrained", "pretrained", "merged"]  # fmt: skip
     with pytest.raises(ValueError, match="pretrained"):
-        strategy("ties").merge(0, vector({"w": a}))
+        strategy("ties").merge(MergeContext(0, vector({"w": a})))
 
 
 @pytest.mark.parametrize("name", ["pm", "cofima", "task-arithmetic", "ties", "magmax", "seq"])
@@ -152,12 +155,15 @@ def test_state_dict_round_trip_gives_the_same_next_merge(name):
     for s in (a, b):
         s.pretrained = {"w": torch.zeros(3, 2)}
     for t, (delta, fisher) in enumerate(tasks[:2]):
-        a.merge(t, vector(delta), fisher=fisher)
+        a.merge(MergeContext(t, vector(delta), fisher=fisher))
     b.load_state_dict(a.state_dict())
     if name in ("seq", "magmax"):  # chain strategies continue from the stored adapter and weights
         assert b.start_point(2).adapter is not None
     delta, fisher = tasks[2]
-    plan_a, plan_b = a.merge(2, vector(delta), fisher=fisher), b.merge(2, vector(delta), fisher=fisher)
+    plan_a, plan_b = (
+        a.merge(MergeContext(2, vector(delta), fisher=fisher)),
+        b.merge(MergeContext(2, vector(delta), fisher=fisher)),
+    )
     assert (plan_a.choice.alpha, plan_a.choice.raw) == (plan_b.choice.alpha, plan_b.choice.raw)
     assert all(torch.equal(torch.as_tensor(plan_a.alpha[k]), torch.as_tensor(plan_b.alpha[k])) for k in plan_a.alpha)
     assert all(torch.equal(plan_a.deltas[k], plan_b.deltas[k]) for k in plan_a.deltas)
@@ -174,3 +180,94 @@ def test_merge_task_writes_theta_hat_and_zeroes_the_adapter():
     for key, w in base_weights(model).items():
         torch.testing.assert_close(w, start[key] + 0.25 * deltas[key])
     assert all(not layer.lora_B["default"].weight.any() for layer in lora_layers(model).values())
+
+
+def test_a_new_calibration_or_strategy_is_one_class_with_its_own_knobs():
+    """A calibration (and a strategy) registered with a knob of its own is chosen by name and reads its knob from
+    `merge_parameters`, checked by its declaration; `MergeArguments` is not edited."""
+    from pm_hf.config.checks import check_number
+    from pm_hf.method.strategies.calibration import CALIBRATIONS, Calibration, register_calibration
+    from pm_hf.method.strategies.knobs import DECLARED, Knob
+
+    positive = lambda name, value: check_number(name, value, 0, low_open=True)  # noqa: E731
+
+    @register_calibration
+    class Scaled(Calibration):  # kappa_t = a constant knob, no measurement
+        name = "test-scaled"
+        knobs = (Knob("calibration_scale", 1.0, positive),)
+        needs_probe = False
+
+        def calibrate(self, context, deltas, fisher):
+            return {k: v * self.calibration_scale for k, v in fisher.items()}, {"kappa": self.calibration_scale}
+
+    @register
+    class Halfway(MergeStrategy):  # alpha = a constant knob
+        name = "test-halfway"
+        knobs = (Knob("halfway_alpha", 0.5, lambda n, v: check_number(n, v, 0, 1)),)
+
+        def merge(self, context):
+            return alpha_plan(context.vector, constant(context.vector.deltas, self.halfway_alpha))
+
+    try:
+        gen = torch.Generator().manual_seed(4)
+        deltas = [{"w": torch.randn(3, 2, generator=gen, dtype=D)} for _ in range(2)]
+        fishers = [{"w": torch.rand(3, 2, generator=gen, dtype=D) + 0.1} for _ in range(2)]
+        scaled = strategy(
+            "pm", alpha_clip=False, alpha_calibration="test-scaled", merge_parameters={"calibration_scale": 4.0}
+        )
+        plain = strategy("pm", alpha_clip=False)
+        assert isinstance(scaled.calibration, Scaled) and scaled.calibration.calibration_scale == 4.0
+        for t in range(2):
+            got = scaled.merge(MergeContext(t, vector(deltas[t]), fisher=fishers[t]))
+            want = plain.merge(MergeContext(t, vector(deltas[t]), fisher={"w": 4.0 * fishers[t]["w"]}))
+            assert got.choice.raw == want.choice.raw and got.calibration == {"kappa": 4.0}
+        assert strategy("pm", alpha_calibration="test-scaled").calibration.calibration_scale == 1.0  # its default
+        plan = strategy("test-halfway", merge_parameters={"halfway_alpha": 0.25}).merge(
+            MergeContext(1, vector(deltas[0]))
+        )
+        assert plan.choice.alpha == 0.25
+        with pytest.raises(ValueError, match="^calibration_scale = -1"):
+            check_merge_args(MergeArguments(merge_parameters={"calibration_scale": -1}))
+        with pytest.raises(ValueError, match="^merge_parameters = .*'nope' is no knob"):
+            check_merge_args(MergeArguments(merge_parameters={"nope": 1}))
+        with pytest.raises(ValueError, match="^merge_parameters = .*set `fixed_alpha` directly"):
+            check_merge_args(MergeArguments(merge_parameters={"fixed_alpha": 0.3}))
+    finally:  # the registries as they were
+        CALIBRATIONS.pop("test-scaled")
+        STRATEGIES.pop("test-halfway")
+        DECLARED.pop("calibration_scale")
+        DECLARED.pop("halfway_alpha")
+
+
+def test_the_context_makes_only_what_a_strategy_asks_for_and_once():
+    made = []
+    make = lambda name, value: lambda: made.append(name) or value  # noqa: E731
+    context = MergeContext.on_demand(1, vector({"w": torch.ones(2)}), fisher=make("fisher", {"w": torch.ones(2)}),
+                                     score=make("score", lambda a: a), probe=make("probe", None))  # fmt: skip
+    strategy("coma").merge(context)
+    assert made == [] and context.made("fisher") is None  # a schedule asks for nothing
+    for _ in range(2):
+        assert strategy("oracle-alpha", oracle_grid=[0.0, 1.0]).merge(context).choice.alpha == 1.0
+    assert made == ["score"]  # made once, on the first request
+
+
+def test_callbacks_trial_enters_every_callback_and_leaves_in_reverse():
+    import contextlib
+
+    from pm_hf.method.callbacks import CallbackList, ContinualCallback
+
+    events = []
+
+    class Trial(ContinualCallback):
+        def __init__(self, n):
+            self.n = n
+
+        @contextlib.contextmanager
+        def trial(self, t, model, task):
+            events.append(("in", self.n))
+            yield
+            events.append(("out", self.n))
+
+    with CallbackList([Trial(1), ContinualCallback(), Trial(2)]).trial(0, None, None):
+        events.append("score")
+    assert events == [("in", 1), ("in", 2), "score", ("out", 2), ("out", 1)]

@@ -124,12 +124,12 @@ def _hub(args) -> str | None:
 
 
 def _calibration(strategy) -> str:
-    if "alpha_calibration" not in strategy.knobs:
+    calibration = getattr(strategy, "calibration", None)  # the closed form's (`pm_hf.method.strategies.calibration`)
+    if calibration is None:
         return "none (the strategy has none)"
-    mode = strategy.alpha_calibration
-    if mode == "curve":
-        return f"curve ({strategy.calibration_holdout:g} of each task's training data held out)"
-    return mode
+    if calibration.holdout:
+        return f"{calibration.name} ({calibration.holdout:g} of each task's training data held out)"
+    return calibration.name
 
 
 def _head_align(merge_args, causal: bool) -> str:

@@ -1,11 +1,12 @@
-"""Configuration dataclasses: the argument groups for LoRA, the Fisher estimate and the merge; the model's and the
-data's (`ModelArguments`, `DataArguments`) are `pm_hf.config.arguments` and `PMConfig` (a `TrainingArguments` with the
-perturbation knobs) is `pm_hf.config.training_args`, both re-exported here. Every field
-has help text; every check names the field, the bad value and the fix, and runs in `__post_init__` (before anything
-is trained or written)."""
+"""Configuration dataclasses: the argument groups for LoRA, the Fisher estimate and the merge, and `RunConfig`, the six
+groups of a run as one object; the model's and the data's (`ModelArguments`, `DataArguments`) are
+`pm_hf.config.arguments` and `PMConfig` (a `TrainingArguments` with the perturbation knobs) is
+`pm_hf.config.training_args`, both re-exported here. Every field has help text; every check names the field, the bad
+value and the fix, and runs in `__post_init__` (before anything is trained or written)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .arguments import LM_METRICS, MODEL_TASKS, SCENARIOS, DataArguments, ModelArguments  # noqa: F401 (re-exported)
@@ -23,7 +24,7 @@ FISHER_LABELS = ("empirical", "sampled")
 FISHER_NORMALIZE = ("none", "mean")
 FISHER_POINTS = ("trained", "perturbed")
 FISHER_CLASSES = ("task", "seen")
-ALPHA_CALIBRATIONS = ("none", "secant", "branch", "curve")
+ALPHA_CALIBRATIONS = ("none", "secant", "branch", "curve")  # the built-in ones (`calibration.py` registers them)
 ALPHA_GRANULARITIES = ("global", "module")
 HEAD_ALIGN = ("none", "task", "seen", "prototypes")
 
@@ -142,6 +143,13 @@ class MergeArguments:
             "'seq-merge', 'average', 'coma', 'cofima', 'task-arithmetic', 'ties', 'magmax', 'oracle-alpha', 'joint'."
         },
     )
+    merge_parameters: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Knobs that a registered strategy or calibration declares itself (`pm_hf.method.strategies.knobs."
+            "Knob`) rather than as a field here, by name, e.g. {my_knob: 0.5}; each is checked by its owner."
+        },
+    )
     fixed_alpha: float = field(default=0.5, metadata={"help": "'coma': the constant alpha of every merge, in [0, 1]."})
     cofima_weight: float = field(
         default=0.5,
@@ -194,8 +202,8 @@ class MergeArguments:
             "task loses at alpha = 0 on its own training data. 'branch': the same secant from the perturbation's "
             "late branch losses, 2 (L_minus - L_0) / eps^2 (falls back to 'secant'). 'curve': alpha_t minimises the "
             "measured loss of the task along alpha on a held-out part of its training data plus the old tasks' "
-            "calibrated quadratic.",
-            "choices": list(ALPHA_CALIBRATIONS),
+            "calibrated quadratic. A calibration registered in `pm_hf.method.strategies.calibration` is named the "
+            "same way.",
         },
     )
     calibration_holdout: float = field(
@@ -252,3 +260,29 @@ class MergeArguments:
         check_device("accumulator_device", self.accumulator_device)
         check_choice("merge_into", self.merge_into, ("auto", "weights", "adapter"))
         check_number("merged_adapter_rank", self.merged_adapter_rank, 1, integer=True, optional=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's configuration as one object: the six argument groups, in the order the CLI and `run_continual` take
+    them (`groups`)."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: PMConfig
+    lora_args: LoraArguments
+    fisher_args: FisherArguments
+    merge_args: MergeArguments
+
+    @classmethod
+    def of(cls, groups: RunConfig | tuple) -> RunConfig:
+        """A `RunConfig`, or the six groups as a tuple (`parse_config`'s) made into one."""
+        return groups if isinstance(groups, RunConfig) else cls(*groups)
+
+    @property
+    def groups(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def replace(self, **groups) -> RunConfig:
+        """The same run with some groups replaced (the groups themselves are not copied)."""
+        return dataclasses.replace(self, **groups)

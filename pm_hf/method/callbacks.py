@@ -3,12 +3,15 @@
 The loop calls, for every task t (0-based): `on_task_begin` (theta_hat_{t-1} in place, before the task's start point
 and fresh adapter), `on_train_end` (theta*_t: the trained adapter still active), `on_merge` (theta_hat_t written,
 adapter zeroed), `on_task_end` (scores done; the callback may add to the task's `log` entry before it is saved) and
-`on_save` (after the task's checkpoint is on disk). A callback that keeps something across tasks returns it from
-`state_dict()`; it is saved in every checkpoint and handed back by `load_state_dict()` on resume.
+`on_save` (after the task's checkpoint is on disk). `trial(t, model, task)` is a context manager around the
+measurement of a merge not yet made (the oracle's score of a candidate alpha): a callback that changes the merged
+model (head alignment) makes its change inside and undoes it on exit. A callback that keeps something across tasks
+returns it from `state_dict()`; it is saved in every checkpoint and handed back by `load_state_dict()` on resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -38,6 +41,11 @@ class ContinualCallback:
     def on_save(self, t: int, checkpoint_dir: Path) -> None:
         """The checkpoint after task t is on disk."""
 
+    def trial(self, t: int, model: nn.Module, task) -> contextlib.AbstractContextManager:
+        """Around a trial merge of task t (weights in place, adapter off): the model as `on_merge` would leave it,
+        restored exactly on exit. Default: nothing to do."""
+        return contextlib.nullcontext()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -57,6 +65,14 @@ class CallbackList:
     def call(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(*args)
+
+    @contextlib.contextmanager
+    def trial(self, t: int, model: nn.Module, task):
+        """Every callback's `trial`, entered in order and left in reverse."""
+        with contextlib.ExitStack() as stack:
+            for cb in self.callbacks:
+                stack.enter_context(cb.trial(t, model, task))
+            yield
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         states = {key: cb.state_dict() for key, cb in zip(self.keys, self.callbacks)}

@@ -47,8 +47,6 @@ class ModelWeights:
         """The fully trained parameters (heads, `modules_to_save`), by merge key."""
         return full_trainable_params(self.model)
 
-    full = trained_params  # the old name, until `ContinualLoop.run_task` (worked on in another branch) moves over
-
     def targets(self, keys) -> dict[str, torch.Tensor]:
         """The tensor each merge key writes to (LoRA key: the base layer's weight)."""
         layers = base_weights(self.model)

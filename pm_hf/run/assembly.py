@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 
 from ..config.checks import invalid
-from ..config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from ..config.groups import DataArguments, FisherArguments, MergeArguments, ModelArguments, PMConfig, RunConfig
 from ..data.instruct import MODALITY, build_instruction_stream
 from ..data.streams import Task, TaskStream, build_task_stream
 from ..distributed.launch import fsdp_requested, partitions_weights, refuse_sharding, sharding_field, zero_stage
@@ -24,6 +24,7 @@ from ..distributed.placement import for_run, place
 from ..heads.alignment import HeadAlignment
 from ..heads.head import Head, NoHead
 from ..hub.origin import IN_MEMORY  # model_name_or_path of a model given as an object (re-exported for pm_hf.continual)
+from ..hub.repository import HubTarget
 from ..method.adapters import attach_lora, detect_target_modules, is_quantized, merge_key_shapes, uses_fan_in_fan_out
 from ..method.callbacks import ContinualCallback
 from ..method.models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
@@ -75,12 +76,7 @@ def weights_digest(model) -> str:
 
 
 def assemble(
-    model_args,
-    data_args,
-    args,
-    lora_args,
-    fisher_args,
-    merge_args,
+    run: RunConfig,
     callbacks,
     strategy,
     stream,
@@ -88,9 +84,12 @@ def assemble(
     loaded=None,
     compute_metrics=None,
     loaded_base=None,
-    loop_class: type[ContinualLoop] = ContinualLoop,
+    loop_class: Callable[..., ContinualLoop] = ContinualLoop,
+    hub: HubTarget | None = None,
 ) -> ContinualLoop:
-    """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config."""
+    """Model (loaded with a head of the stream's classes unless given), LoRA, head, evaluator, callbacks, config;
+    `loop_class` is the loop's class or a function making one (a subclass with its own arguments bound)."""
+    model_args, data_args, args, lora_args, fisher_args, merge_args = run.groups
     causal = stream.modality == MODALITY
     check_before_loading(strategy, causal, data_args, args, fisher_args, merge_args)  # every entry point assembles here
 
@@ -110,9 +109,8 @@ def assemble(
         model = loaded() if loaded is not None else load_base()
     place(model, for_run(model, fsdp=fsdp_requested(args)))  # where its weights live, chosen once for the run
     low_rank = uses_merged_adapter(model, strategy, merge_args)  # checked before any Trainer exists
-    groups = (model_args, data_args, args, lora_args, merge_args)
     build = _causal_parts if causal else _classifier_parts
-    model, head, evaluator, extra, save_modules, lora_args = build(model, groups, stream, processor, compute_metrics)
+    model, head, evaluator, extra, save_modules, lora_args = build(model, run, stream, processor, compute_metrics)
     if partitions_weights(args) and (low_rank or uses_fan_in_fan_out(model)):
         raise invalid(*sharding_field(args), "a quantized base or Conv1D layers (GPT-2) are not sharded yet.")
     uneven = zero_stage(args) == 3 and {
@@ -121,21 +119,19 @@ def assemble(
     if uneven:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.distributed.zero3.partition_rows`)
         fix = f"the rows of {next(iter(uneven.items()))} do not divide among {args.world_size} processes: use FSDP2 "
         raise invalid(*sharding_field(args), fix + "or a number of processes that divides them.")
-    config = config_dict(model_args, data_args, args, lora_args, fisher_args, merge_args)
+    run = run.replace(lora_args=lora_args)  # with the target modules detected for a causal LM
+    config = config_dict(*run.groups)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
     config.update(world_size=args.world_size, fingerprints=fingerprints)
-    parts = (model, stream, head, evaluator, strategy, args, fisher_args, [*extra, *callbacks], load_base)
+    parts = (model, stream, head, evaluator, strategy, run, [*extra, *callbacks], load_base, save_modules)
     weights = LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank) if low_rank else None
-    loop = loop_class(*parts, save_modules, merge_args.accumulator_device, config, weights)
-    loop.processor = processor
-    loop.log_loss_increase = merge_args.log_loss_increase
-    return loop
+    return loop_class(*parts, config, weights, processor=processor, hub=hub)
 
 
-def _causal_parts(model, groups, stream, processor, compute_metrics=None) -> tuple:
+def _causal_parts(model, run: RunConfig, stream, processor, compute_metrics=None) -> tuple:
     """A causal LM: LoRA on q/k/v/o by default (detected per family), no class head, generation scores."""
-    model_args, _, args, lora_args, _ = groups
+    model_args, args, lora_args = run.model_args, run.training_args, run.lora_args
     if not lora_args.target_modules:
         lora_args = dataclasses.replace(lora_args, target_modules=detect_target_modules(model, "qkvo"))
     model = attach_lora(model, lora_args)
@@ -144,9 +140,9 @@ def _causal_parts(model, groups, stream, processor, compute_metrics=None) -> tup
     return model, NoHead(), evaluator, [], list(lora_args.modules_to_save or []), lora_args
 
 
-def _classifier_parts(model, groups, stream, processor, compute_metrics=None) -> tuple:
+def _classifier_parts(model, run: RunConfig, stream, processor, compute_metrics=None) -> tuple:
     """A classifier: a head of the stream's classes (trained in full), LoRA, accuracy scores, the head alignment."""
-    _, data_args, args, lora_args, merge_args = groups
+    data_args, args, lora_args, merge_args = run.data_args, run.training_args, run.lora_args, run.merge_args
     head = Head(model, model.config.num_labels, domain_incremental=data_args.scenario == "domain_incremental")
     head.grow(model, stream.num_classes)
     model = attach_lora(model, lora_args, trainable_modules=head.modules)
@@ -214,20 +210,18 @@ def merges_into_adapter(quantized: bool, strategy, merge_args: MergeArguments) -
 
 
 def build_loop(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: PMConfig,
-    lora_args: LoraArguments,
-    fisher_args: FisherArguments,
-    merge_args: MergeArguments,
+    run: RunConfig,
     callbacks: Callbacks = (),
     strategy=None,
     model: PreTrainedModel | None = None,
     processor=None,
-    loop_class: type[ContinualLoop] = ContinualLoop,
+    loop_class: Callable[..., ContinualLoop] = ContinualLoop,
+    hub: HubTarget | None = None,
 ) -> ContinualLoop:
     """Load the model and the task stream of a config and assemble the loop (nothing is written); `model` and
-    `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass."""
+    `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass (or a
+    function making one); `hub` is where the run pushes (checked before)."""
+    model_args, data_args, training_args, merge_args = run.model_args, run.data_args, run.training_args, run.merge_args
     strategy = strategy or build_strategy(merge_args)
     HeadAlignment.check_args(merge_args)
     refuse_sharding(training_args)
@@ -237,9 +231,9 @@ def build_loop(
     with quiet_datasets():
         stream = config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
     stream = strategy.transform_stream(stream)
-    groups = (model_args, data_args, training_args, lora_args, fisher_args, merge_args)
     loaded = None if model is None else lambda: model
-    return assemble(*groups, callbacks, strategy, stream, processor, loaded, loop_class=loop_class)
+    run = run.replace(model_args=model_args)
+    return assemble(run, callbacks, strategy, stream, processor, loaded, loop_class=loop_class, hub=hub)
 
 
 def config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:

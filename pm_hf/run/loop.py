@@ -1,13 +1,14 @@
-"""The task loop. For each task t (docs/method.md): prepare (theta_hat_{t-1}, a fresh adapter) -> train with
-perturbation -> task vector Delta_t -> Fisher at theta*_t -> the strategy's merge -> callbacks -> evaluate every seen
-task -> log and checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT plumbing in `adapters`,
-the class head in `heads`, the scores in `evaluation`; `pm_hf.continual` assembles the parts.
+"""The task loop. `run_task` is the algorithm of docs/method.md for task t: prepare (theta_hat_{t-1}, a fresh
+adapter) -> train with perturbation -> task vector Delta_t -> the strategy's merge, which asks its `MergeContext` for
+what it needs (the Fisher at theta*_t, the oracle's score, the calibration probe: made on demand) -> callbacks ->
+evaluate every seen task -> log; then the checkpoint. The math is in `merge`, the strategies in `strategies`, the PEFT
+plumbing in `adapters`, the class head in `heads`, the scores in `evaluation`; `pm_hf.run.assembly` assembles the parts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import itertools
 import logging
 import shutil
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback
 
 from ..config.checks import check_finite, invalid
-from ..config.groups import FisherArguments, PMConfig
+from ..config.groups import RunConfig
 from ..distributed.launch import BACKEND, task_training
 from ..distributed.sharding import scalar
-from ..heads.alignment import HeadAlignment
+from ..distributed.zero3 import loading_whole
+from ..heads.head import find_head
 from ..hub.export import (
     save_task_record,
     task_record,
@@ -37,11 +39,11 @@ from ..method.adapters import (
 )
 from ..method.callbacks import CallbackList, ContinualCallback
 from ..method.fisher import estimate_fisher, normalize_fisher
-from ..method.strategies import MergeStrategy, merge_task
+from ..method.strategies import MergeContext, MergeStrategy, merge_task
 from ..method.trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
 from ..method.weights import LowRankWeights, ModelWeights
 from ..timing import Timer
-from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seeded
 from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
 from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe
@@ -64,26 +66,26 @@ class ContinualLoop:
         head,
         evaluator,
         strategy: MergeStrategy,
-        args: PMConfig,
-        fisher_args: FisherArguments,
+        run: RunConfig,
         callbacks: Sequence,
         load_base,
         save_modules: list[str],
-        accumulator_device: str | None = None,
         config: dict | None = None,
         weights: ModelWeights | None = None,
+        processor=None,
+        hub: HubTarget | None = None,
     ):
+        args, accumulator_device = run.training_args, run.merge_args.accumulator_device
         self.model, self.stream, self.head, self.evaluator, self.strategy = model, stream, head, evaluator, strategy
-        self.args, self.fisher_args, self.out = args, fisher_args, Path(args.output_dir)
+        self.run_config, self.args, self.fisher_args, self.out = run, args, run.fisher_args, Path(args.output_dir)
         self.weights = weights or ModelWeights(model, accumulator_device)  # or a merged adapter (`LowRankWeights`)
         self.callbacks = CallbackList([cb for cb in callbacks if isinstance(cb, ContinualCallback)])
         self.trainer_callbacks = [cb for cb in callbacks if not isinstance(cb, ContinualCallback)]
         self.load_base, self.save_modules, self.config = load_base, save_modules, config or {}
         self.log: list[dict] = []
-        self.processor = None  # the tokenizer or image processor the stream was prepared with
+        self.processor = processor  # the tokenizer or image processor the stream was prepared with
         self.record = None  # the last task's exact export record, written with its checkpoint
-        self.hub: HubTarget | None = None  # where the run pushes (checked before training), see `pm_hf.hub.repository`
-        self.log_loss_increase = False  # `MergeArguments.log_loss_increase`
+        self.hub = hub  # where the run pushes (checked before training), see `pm_hf.hub.repository`
         self.reporters = SequenceReporters(args, self.out)  # report_to, once for the whole sequence
         self.resuming = False
         if strategy.needs_pretrained:
@@ -91,45 +93,103 @@ class ContinualLoop:
 
     # --------------------------------------------------------------------------------------- one task
     def run_task(self, t: int) -> dict:
-        """Train, merge and evaluate task t; returns its log entry."""
+        """Train, merge and evaluate task t (the algorithm of docs/method.md); returns its log entry."""
         task, timer = self.stream.tasks[t], Timer("train", "fisher", "merge", "eval")
-        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
-        seen_before = set(seen_classes(self.stream.tasks[:t]))
         # prepare: the strategy's start point (theta_hat_{t-1} by default) with a fresh adapter
-        self.callbacks.call("on_task_begin", t, self.model, task)
-        self.prepare(t)
-        before = {k: p.detach().float().clone() for k, p in self.weights.full().items()}
-        self.head.set_active(self.head.train_classes(task))
+        before = self.prepare_task(t, task)
         # train with perturbation
-        trainer = self.trainer(t, task)
-        with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
-            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
-        self.resuming = False
+        trainer = self.train_task(t, task, timer)
         before = self.follow_sharding(before)
         self.callbacks.call("on_train_end", t, self.model, task)
-        delta_norm = task_vector_norm(self.model)
-        pre, within = self.evaluator.pre_merge(task, seen_classes(self.stream.tasks[: t + 1]))  # before the merge
+        trained = self.trained_scores(t, task)
         # task vector: new classes' head rows are taken as trained, other classes' rows restored exactly
         with timer("merge"):
-            merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
-            vector = self.weights.task_vector(before, self.head.owns, merged_head)
-            check_finite(vector.deltas, f"the task vector of task {t}")
-            self.head.restore_untouched(self.weights.full(), before, task)
-        # Fisher at theta*_t, on the task's training loss
-        fisher = None
-        if self.strategy.needs_fisher:
-            with timer("fisher"):
-                fisher = self.fisher(t, task, list(vector.deltas))
-            check_finite(fisher, f"the Fisher of task {t}")
-        # merge: theta_hat_t by the strategy, the adapter zeroed; then the callbacks (head alignment)
-        plan, measured = self.merge(t, task, vector, before, fisher, trainer, timer)
+            vector = self.task_vector(t, task, before)
+        # merge: theta_hat_t by the strategy, which asks the context for what it needs (Fisher, score, probe)
+        context, line = self.merge_context(t, task, vector, before, trainer, timer)
+        at_one = line().at(1.0, lambda: eval_loss(self, task)) if self.logs_loss_increase else None
+        with timer("merge"):
+            plan = merge_task(self.weights, self.strategy, context, before=before)
+        # callbacks (head alignment)
+        self.callbacks.call("on_merge", t, self.model, task)
+        measured = self.merge_measures(task, plan, context.made("fisher"), at_one)
         # evaluate every seen task
         with timer("eval"):
             scores = self.evaluator.evaluate_seen(self.stream.tasks[: t + 1])
         # log
+        return self.log_task(t, task, trainer, vector, plan, scores, {**trained, "measured": measured}, timer)
+
+    def prepare_task(self, t: int, task) -> dict:
+        """Before training task t: its held-out part, the callbacks' `on_task_begin`, the start point; returns the
+        fp32 values the fully trained parameters start from (their theta_hat_{t-1})."""
+        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
+        self.callbacks.call("on_task_begin", t, self.model, task)
+        self.prepare(t)
+        before = {k: p.detach().float().clone() for k, p in self.weights.trained_params().items()}
+        self.head.set_active(self.head.train_classes(task))
+        return before
+
+    def train_task(self, t: int, task, timer: Timer):
+        """Train task t with the perturbation (from its last mid-task checkpoint when resuming); returns the trainer."""
+        trainer = self.trainer(t, task)
+        with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
+            trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
+        self.resuming = False
+        return trainer
+
+    def trained_scores(self, t: int, task) -> dict:
+        """What is measured of theta*_t before the merge: the task vector's norm, the pre-merge scores."""
+        delta_norm = task_vector_norm(self.model)
+        pre, within = self.evaluator.pre_merge(task, seen_classes(self.stream.tasks[: t + 1]))
+        return {"delta_norm": delta_norm, "pre": pre, "within": within}
+
+    def task_vector(self, t: int, task, before: dict):
+        """Delta_t, checked finite; the head rows of classes the task does not own are put back as they were."""
+        seen_before = set(seen_classes(self.stream.tasks[:t]))
+        merged_head = lambda key, delta: self.head.merged_delta(delta, task, seen_before)  # noqa: E731
+        vector = self.weights.task_vector(before, self.head.owns, merged_head)
+        check_finite(vector.deltas, f"the task vector of task {t}")
+        self.head.restore_untouched(self.weights.trained_params(), before, task)
+        return vector
+
+    def merge_context(self, t: int, task, vector, before: dict, trainer, timer: Timer) -> tuple:
+        """Task t's `MergeContext` (the Fisher, the oracle's score, the probe: each made when the strategy asks for
+        it) and the merge line they measure along (built on first use, a copy of the adapted weights)."""
+
+        @functools.cache
+        def line() -> MergeLine:
+            if self.strategy.needs_fisher:  # F_t is taken at theta*_t, and the line's measurements leave it
+                _ = context.fisher
+            return MergeLine(self.weights, vector, before)
+
+        context = MergeContext.on_demand(
+            t,
+            vector,
+            fisher=lambda: self.task_fisher(t, task, list(vector.deltas), timer),
+            score=lambda: self.oracle_score(t, line()),
+            probe=lambda: task_probe(line(), self, t, task, trainer),
+        )
+        return context, line
+
+    @property
+    def logs_loss_increase(self) -> bool:
+        """The quadratic model's predicted loss increase is logged (`log_loss_increase`) for a rule with a Fisher."""
+        return self.run_config.merge_args.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
+
+    def merge_measures(self, task, plan, fisher, at_one: float | None) -> dict:
+        """What the log keeps of the merge: the Fisher's trace (if the strategy asked for one) and, with
+        `log_loss_increase`, the predicted against the measured loss increase."""
+        measured = {"fisher_trace": sum(scalar(f.double().sum()) for f in fisher.values())} if fisher else {}
+        if at_one is not None:
+            measured["loss_increase"] = loss_increase(self, task, plan, at_one)
+        return measured
+
+    def log_task(self, t: int, task, trainer, vector, plan, scores: dict, trained: dict, timer: Timer) -> dict:
+        """Task t's log entry (the callbacks' `on_task_end` may add to it), its export record and tracker logs."""
+        pre, within, delta_norm = trained["pre"], trained["within"], trained["delta_norm"]
         entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
         losses = {str(b): v for b, v in trainer.branch_losses().items()} if hasattr(trainer, "branch_losses") else None
-        entry.update(measured, calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
+        entry.update(trained["measured"], calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
         entry["train_losses"] = training_losses(trainer.state.log_history)  # as logged: one per logging window
         entry["warnings"] = learning_warnings(task.name, within, len(task.classes), entry["train_losses"])
         for warning in entry["warnings"]:
@@ -142,23 +202,6 @@ class ContinualLoop:
                                  "continual/delta_norm": delta_norm,
                                  "continual/learning_warnings": len(entry["warnings"])})  # fmt: skip
         return entry
-
-    def merge(self, t: int, task, vector, before: dict, fisher, trainer, timer) -> tuple:
-        """The strategy's merge of task t (with what it measures along the merge line first: the oracle's scores,
-        the calibrated forms' probe), then `on_merge`; returns the plan and what was measured for the log."""
-        log_increase = self.log_loss_increase and self.strategy.needs_fisher and not self.low_rank
-        needs_line = self.strategy.needs_score or self.strategy.needs_probe or log_increase
-        line = MergeLine(self.weights, vector, before) if needs_line else None  # a copy of the adapted weights
-        at_one = line.at(1.0, lambda: eval_loss(self, task)) if log_increase else None
-        with timer("merge"):
-            score = self.oracle_score(t, line) if self.strategy.needs_score else None
-            probe = task_probe(line, self, t, task, trainer) if self.strategy.needs_probe else None
-            plan = merge_task(self.weights, self.strategy, t, vector, before, fisher, score, probe)
-        self.callbacks.call("on_merge", t, self.model, task)
-        measured = {"fisher_trace": sum(scalar(f.double().sum()) for f in fisher.values())} if fisher else {}
-        if at_one is not None:
-            measured["loss_increase"] = loss_increase(self, task, plan, at_one)
-        return plan, measured
 
     def follow_sharding(self, before: dict) -> dict:
         """Once FSDP has sharded the model (the first Trainer prepares it), the continual state loaded or built
@@ -226,20 +269,49 @@ class ContinualLoop:
     def low_rank(self) -> bool:
         return isinstance(self.weights, LowRankWeights)
 
+    def task_fisher(self, t: int, task, keys: list[str], timer: Timer) -> dict[str, torch.Tensor]:
+        """F_t for a strategy that asks for it, timed as "fisher" and checked finite."""
+        with timer("fisher"):
+            fisher = self.fisher(t, task, keys)
+        check_finite(fisher, f"the Fisher of task {t}")
+        return fisher
+
     def oracle_score(self, t: int, line: MergeLine):
         """score(alpha): held-out primary score on all seen tasks of theta_hat_{t-1} + alpha * Delta (adapter off),
-        with the head aligned as the run's `HeadAlignment` would after that merge (then restored)."""
+        with the model as the callbacks would leave it after that merge (their `trial`: the head alignment)."""
         tasks = self.stream.tasks[: t + 1]
 
         def score() -> float:
-            with contextlib.ExitStack() as stack:
-                for aligner in (cb for cb in self.callbacks.callbacks if isinstance(cb, HeadAlignment)):
-                    stack.enter_context(aligner.trial(t, self.model, tasks[t]))
+            with self.callbacks.trial(t, self.model, tasks[t]):
                 return self.evaluator.seen_score(tasks)
 
         return lambda a: line.at(a, score)
 
     # --------------------------------------------------------------------------------------- the sequence
+    def add_callback(self, callback) -> None:
+        """A `ContinualCallback` joins the loop's hooks; any other callback every later task's `Trainer`."""
+        if isinstance(callback, ContinualCallback):
+            self.callbacks = CallbackList([*self.callbacks.callbacks, callback])
+        else:
+            self.trainer_callbacks.append(callback)
+
+    def add_tasks(self, tasks: list, fingerprints: list[str]) -> None:
+        """Tasks appended to the sequence (their fingerprints to the run's config); classes not seen before grow the
+        head, their rows as a model loaded with every class has them."""
+        self.stream.tasks.extend(tasks)
+        self.config["fingerprints"]["tasks"] += fingerprints
+        needed = max([c + 1 for t in self.stream.tasks for c in t.classes], default=0)
+        if needed > self.stream.num_classes:
+            self.stream.num_classes = needed
+            with seeded(self.args.seed), loading_whole():
+                fresh = find_head(self.load_base(), needed)[1]
+            self.head.grow(self.model, needed, fresh)
+
+    def restore(self, state: ContinualState) -> None:
+        """A saved run's merged weights and log (a finished run evaluated, exported or pushed again)."""
+        self.weights.load_state(self.head.fit_saved(state.weights, self.weights.trained_params()))
+        self.log = list(state.log)
+
     def state(self) -> ContinualState:
         """The run's state with whole tensors (gathered where the rows are split: every rank calls this)."""
         keep, gather = self.args.should_save, self.weights.placement.gather

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoTokenizer, TrainerState
 
 from ..config.checks import invalid
-from ..config.groups import LoraArguments, MergeArguments
+from ..config.groups import LoraArguments, MergeArguments, RunConfig
 from ..distributed.launch import refuse_any_launch_mode
 from ..hub.card_text import HEAD_RULE
 from ..hub.export import ExportSpec, dense_record, task_record, write_export
@@ -67,10 +68,12 @@ class LoadedAdapter:
 
 
 class PosthocLoop(ContinualLoop):
-    """The continual loop with task t's training replaced by loading `adapters[t]`."""
+    """The continual loop with task t's training replaced by loading `adapters[t]`; `output` is the export folder,
+    which results.json names (the run folder is a temporary one)."""
 
-    adapters: Sequence[str] = ()
-    output: str | None = None  # the export folder, which results.json names (the run folder is a temporary one)
+    def __init__(self, *parts, adapters: Sequence[str] = (), output: str | None = None, **options):
+        super().__init__(*parts, **options)
+        self.adapters, self.output = list(adapters), output
 
     def trainer(self, t: int, task) -> LoadedAdapter:
         return LoadedAdapter(self.model, self.adapters[t])
@@ -98,23 +101,23 @@ def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: Merg
         adapters: PEFT LoRA adapters (folders or Hub ids) trained from the same base model.
         output: the export folder to write (`pm_hf.hub.export.write_export`: adapter, card, pm_hf_export.json).
         merge_args: the strategy and its knobs (default: the config's, else `MergeArguments()`).
-        parsed: the six argument groups of a data config (`pm_hf.commands.parsing.parse_config`) with one task per
-        adapter;
-            its `output_dir` is not used: the loop runs in a temporary folder next to `output`, removed at the
-            end (results.json and the plots are written into the export).
+        parsed: the `RunConfig` of a data config with one task per adapter (or its six argument groups, as
+            `pm_hf.commands.parsing.parse_config` gives them); its `output_dir` is not used: the loop runs in a
+            temporary folder next to `output`, removed at the end (results.json and the plots are written into the
+            export).
 
     Returns:
         What the export's pm_hf_export.json records (alpha per task, strategy, ...).
     """
     config, modules = adapter_configs(adapters)[0], adapter_modules(adapters)
     if parsed is not None:
-        return _merge_with_data(adapters, config, modules, Path(output), parsed, merge_args)
+        return _merge_with_data(adapters, config, modules, Path(output), RunConfig.of(parsed), merge_args)
     return _merge_data_free(adapters, config, modules, Path(output), merge_args or MergeArguments())
 
 
-def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, merge_args) -> dict:
-    model_args, data_args, args, _, fisher_args, config_merge = parsed
-    merge_args = merge_args or config_merge
+def _merge_with_data(adapters, config, modules, output: Path, run_config: RunConfig, merge_args) -> dict:
+    model_args, args = run_config.model_args, run_config.training_args
+    merge_args = merge_args or run_config.merge_args
     base = resolve_base(adapters[0], config.base_model_name_or_path)
     if not same_model(model_args.model_name_or_path, base):
         fix = f"the adapters were trained from {base!r}: give that model in the config."
@@ -124,13 +127,13 @@ def _merge_with_data(adapters, config, modules, output: Path, parsed: tuple, mer
     run = Path(tempfile.mkdtemp(prefix=f".{output.name}.run-", dir=_parent(output)))
     args.output_dir = str(run)  # the loop's run folder: temporary, next to the output (room for its checkpoint)
     try:
-        loop = build_loop(model_args, data_args, args, lora_arguments(config), fisher_args, merge_args,
-                          loop_class=PosthocLoop)  # fmt: skip
+        run_config = run_config.replace(lora_args=lora_arguments(config), merge_args=merge_args)
+        loop_class = functools.partial(PosthocLoop, adapters=adapters, output=str(output))
+        loop = build_loop(run_config, loop_class=loop_class)
         if len(loop.stream.tasks) != len(adapters):
             fix = f"the config has {len(loop.stream.tasks)} tasks for {len(adapters)} adapters: give one per adapter."
             raise invalid("adapters", list(adapters), fix)
         _check_model(adapters[0], config, modules[0], model_shapes(loop.model), "the config's model")
-        loop.adapters, loop.output = list(adapters), str(output)
         loop.run()
         return export_run(loop, output, info={"merged_adapters": list(adapters)})
     finally:

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from ..config.checks import invalid
+from ..config.groups import RunConfig
 from ..hub.export import INFO
 from ..hub.origin import resolve_base
 from ..hub.repository import connect, download_export
@@ -41,9 +42,10 @@ MODEL_CLASSES = {
 }
 
 
-def load_run(run_dir: str | Path) -> ContinualLoop:
+def load_run(run_dir: str | Path, hub=None, **training: object) -> ContinualLoop:
     """A finished (or stopped) run rebuilt from its last checkpoint, verified, with the merged weights loaded and its
-    log; trackers and Hub settings stored in the run folder are ignored. A changed model or data is refused."""
+    log; trackers and Hub settings stored in the run folder are ignored (`hub` and the `PMConfig` fields in
+    `training` are this call's: a push's). A changed model or data is refused."""
     out = Path(run_dir)
     if not out.is_dir():
         raise invalid("run_dir", str(run_dir), "not found: pass the output_dir of a `pm-hf train` run.")
@@ -51,10 +53,10 @@ def load_run(run_dir: str | Path) -> ContinualLoop:
     if loaded is None:
         raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
     state, saved = loaded
-    loop = build_loop(*dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out)}}))
+    groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out), **training}})
+    loop = build_loop(RunConfig(*groups), hub=hub)
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
-    loop.weights.load_state(loop.head.fit_saved(state.weights, loop.weights.trained_params()))
-    loop.log = list(state.log)
+    loop.restore(state)
     return loop
 
 
@@ -96,8 +98,7 @@ def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = 
     hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private,
                           hub_revision=revision, output_dir=str(run_dir))  # fmt: skip
     target = connect(hub)
-    loop = load_run(run_dir)
-    loop.hub, loop.args.hub_strategy, loop.args.push_continual_state = target, "end", push_continual_state
+    loop = load_run(run_dir, target, hub_strategy="end", push_continual_state=push_continual_state)
     return push_task(loop, len(loop.log) - 1)
 
 
@@ -134,16 +135,16 @@ def load_adapter_export(folder: str | Path, task: str) -> PeftModel:
     return PeftModel.from_pretrained(model, str(folder))
 
 
-def evaluate_export(source: str, parsed: tuple, revision: str | None = None) -> dict:
-    """Score an export folder or Hub model on every task of a data config (`parsed`: the six argument groups of
-    `pm_hf.commands.parsing.parse_config`). Returns {"tasks", "last_row", "acc", "info"}."""
+def evaluate_export(source: str, parsed: RunConfig | tuple, revision: str | None = None) -> dict:
+    """Score an export folder or Hub model on every task of a data config (`parsed`: its `RunConfig`, or the six
+    argument groups of `pm_hf.commands.parsing.parse_config`). Returns {"tasks", "last_row", "acc", "info"}."""
     model, processor, info = load_export(source, revision)
-    model_args, data_args, args, lora_args, fisher_args, merge_args = parsed
-    model_args = dataclasses.replace(model_args, model_name_or_path=source, revision=revision)
+    run = RunConfig.of(parsed)
+    model_args = dataclasses.replace(run.model_args, model_name_or_path=source, revision=revision)
     with tempfile.TemporaryDirectory() as tmp:
-        args = dataclasses.replace(args, output_dir=tmp, **{k: v for k, v in QUIET.items() if k != "hub_token"})
-        groups = (model_args, data_args, args, lora_args, fisher_args, merge_args)
-        loop = build_loop(*groups, model=model, processor=processor)
+        quiet = {k: v for k, v in QUIET.items() if k != "hub_token"}
+        args = dataclasses.replace(run.training_args, output_dir=tmp, **quiet)
+        loop = build_loop(run.replace(model_args=model_args, training_args=args), model=model, processor=processor)
     tasks = loop.stream.tasks
     row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
     names = [task.name for task in tasks]

@@ -4,6 +4,7 @@ from . import alpha, task_vectors  # noqa: F401  (registers the strategies)
 from .base import (
     RETIRED,
     STRATEGIES,
+    MergeContext,
     MergePlan,
     MergeStrategy,
     StartPoint,
@@ -17,6 +18,7 @@ from .base import (
 __all__ = [
     "RETIRED",
     "STRATEGIES",
+    "MergeContext",
     "MergePlan",
     "MergeStrategy",
     "StartPoint",

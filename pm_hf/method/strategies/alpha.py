@@ -8,22 +8,20 @@ import math
 import datasets
 import torch
 
-from ...config.checks import check_choice, check_number, invalid, is_number
-from ...config.groups import ALPHA_CALIBRATIONS
+from ...config.checks import check_choice, invalid
 from ...data.streams import Task, TaskStream
 from ...distributed.sharding import scalar
 from ..merge import (
     AlphaChoice,
     alpha_terms,
-    branch_secant,
     cofima_weights,
-    curve_alpha,
-    secant_kappa,
     select_alpha,
     update_accumulators,
     zeros_like_dict,
 )
 from .base import MergePlan, MergeStrategy, alpha_plan, constant, fraction, prefixed, register
+from .calibration import CALIBRATIONS, calibration_knobs, get_calibration
+from .knobs import knob_names
 
 
 @register
@@ -32,21 +30,27 @@ class ClosedForm(MergeStrategy):
     shards = True
     reference = "Qiu et al. 2025, Perturb-and-Merge: closed-form alpha over the S/G accumulators (docs/method.md)"
     knobs = ("alpha_clip", "alpha_min", "alpha_granularity", "accumulator_device", "accumulator_dtype",
-             "alpha_calibration", "calibration_holdout", "calibration_grid")  # fmt: skip
+             "alpha_calibration")  # fmt: skip
     needs_fisher = True
 
     def __init__(self, **knobs):
         super().__init__(**knobs)
+        calibration = get_calibration(self.alpha_calibration)
+        self.calibration = calibration(**{name: getattr(self, name) for name in knob_names(calibration)})
         self.S: dict[str, torch.Tensor] = {}
         self.G: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def parameters(cls):
+        return (*cls.knobs, *calibration_knobs())  # the chosen calibration's knobs come with the strategy's
+
     @property
     def needs_probe(self) -> bool:
-        return self.alpha_calibration != "none"
+        return self.calibration.needs_probe
 
     @property
     def holdout(self) -> float:
-        return self.calibration_holdout if self.alpha_calibration == "curve" else 0.0
+        return self.calibration.holdout
 
     @staticmethod
     def check(values) -> None:
@@ -54,14 +58,10 @@ class ClosedForm(MergeStrategy):
             raise invalid("alpha_clip", values.alpha_clip, "use true or false.")
         fraction(values, "alpha_min")
         check_choice("alpha_granularity", values.alpha_granularity, ("global", "module"))
-        check_choice("alpha_calibration", values.alpha_calibration, ALPHA_CALIBRATIONS)
+        check_choice("alpha_calibration", values.alpha_calibration, tuple(CALIBRATIONS))
         check_choice("accumulator_dtype", values.accumulator_dtype, ("float32", "bfloat16"))
-        check_number("calibration_holdout", values.calibration_holdout, 0, 0.5, low_open=True)
-        grid = values.calibration_grid
-        if not isinstance(grid, list) or not grid or not all(is_number(a) and 0 <= a <= 1 for a in grid):
-            raise invalid("calibration_grid", grid, "give a list of alphas in [0, 1], e.g. [0, 0.05, ..., 1].")
-        if values.alpha_calibration == "curve" and values.alpha_granularity != "global":
-            raise invalid("alpha_granularity", values.alpha_granularity, "the measured curve gives one alpha per task.")
+        for calibration in CALIBRATIONS.values():  # each checks its own knobs, also when another is chosen
+            calibration.check(values)
 
     def _groups(self, keys) -> list[list[str]]:
         if self.alpha_granularity == "global":
@@ -71,35 +71,8 @@ class ClosedForm(MergeStrategy):
             groups.setdefault(key.rsplit(".", 1)[0], []).append(key)
         return list(groups.values())
 
-    def calibrate(self, deltas, fisher, S, G, probe) -> tuple[dict, dict]:
-        """kappa_t F_t and what was measured: the secant at alpha = 0 on the task's training sample ('secant', and
-        'branch' when its branch secant is unusable), the branch secant, or the held-out curve ('curve')."""
-        if probe is None:
-            raise ValueError(f"alpha_calibration {self.alpha_calibration!r} needs the task's probe (`TaskProbe`).")
-        fd2 = alpha_terms(deltas, fisher, *(zeros_like_dict(deltas),) * 2).fisher_delta_sq
-        info, target = {"method": self.alpha_calibration, "fisher_delta_sq": fd2}, None
-        if self.alpha_calibration == "curve":
-            grid = sorted({float(a) for a in self.calibration_grid} | {0.0, 1.0})
-            losses = [probe.heldout_loss(a) for a in grid]
-            target = 2.0 * (losses[0] - losses[-1])
-            info.update(grid=grid, heldout_losses=losses)
-        elif self.alpha_calibration == "branch":
-            losses = probe.branch_losses
-            target = branch_secant(losses.get(-1), losses.get(0), probe.eps)
-            info.update(branch_losses={str(b): v for b, v in losses.items()}, branch_secant=target)
-        if target is None:  # 'secant', or the branch secant's fallback
-            at0, at1 = probe.loss(0.0), probe.loss(1.0)
-            target = 2.0 * (at0 - at1)
-            info.update(loss_at_0=at0, loss_at_1=at1)
-        kappa = secant_kappa(target, fd2)
-        calibrated = {k: v * kappa for k, v in fisher.items()}
-        info.update(target=target, kappa=kappa)
-        if self.alpha_calibration == "curve":
-            old = alpha_terms(deltas, zeros_like_dict(deltas), S, G)  # <G, Delta> and <S, Delta^2>
-            info["alpha"], info["objective"] = curve_alpha(grid, losses, old.g_delta, old.denominator)
-        return calibrated, info
-
-    def merge(self, t, vector, fisher=None, score=None, probe=None) -> MergePlan:
+    def merge(self, context) -> MergePlan:
+        vector, fisher = context.vector, context.fisher
         if fisher is None:
             raise ValueError("merge strategy 'pm' needs the task's Fisher")
         deltas = vector.deltas
@@ -108,17 +81,15 @@ class ClosedForm(MergeStrategy):
         self.S.update(zeros_like_dict(new, self.accumulator_device, dtype))
         self.G.update(zeros_like_dict(new, self.accumulator_device, dtype))
         S, G = ({k: acc[k] for k in deltas} for acc in (self.S, self.G))  # keys not merged now keep their sums
-        calibration = None
-        if self.alpha_calibration != "none":
-            fisher, calibration = self.calibrate(deltas, fisher, S, G, probe)
+        fisher, calibration = self.calibration.calibrate(context, deltas, fisher)  # kappa_t F_t
         terms = alpha_terms(deltas, fisher, S, G)
         choices = {}
         for keys in self._groups(deltas):
             part = alpha_terms(*({k: d[k] for k in keys} for d in (deltas, fisher, S, G)))
             choices.update(dict.fromkeys(keys, select_alpha(part, self.alpha_clip, self.alpha_min)))
-        if self.alpha_calibration == "curve":
-            a = min(max(calibration["alpha"], self.alpha_min), 1.0)
-            choices = dict.fromkeys(deltas, AlphaChoice(a, calibration["alpha"]))
+        chosen = self.calibration.choose(deltas, S, G, calibration, self.alpha_min)
+        if chosen is not None:  # a calibration that measures alpha itself (the held-out curve)
+            choices = dict.fromkeys(deltas, chosen)
         per_key = self.alpha_granularity != "global"
         plan = alpha_plan(vector, choices, terms=terms, per_key=per_key, calibration=calibration)
         new_S, new_G = update_accumulators(deltas, fisher, S, G, plan.alpha)
@@ -153,7 +124,8 @@ class CoFiMA(MergeStrategy):
     def check(values) -> None:
         fraction(values, "cofima_weight")
 
-    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
+    def merge(self, context) -> MergePlan:
+        vector, fisher = context.vector, context.fisher
         if fisher is None:
             raise ValueError("merge strategy 'cofima' needs the task's Fisher")
         deltas = vector.deltas
@@ -179,8 +151,8 @@ class Scheduled(MergeStrategy):
     def alpha(self, t: int) -> float:
         raise NotImplementedError
 
-    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
-        return alpha_plan(vector, constant(vector.deltas, self.alpha(t)))
+    def merge(self, context) -> MergePlan:
+        return alpha_plan(context.vector, constant(context.vector.deltas, self.alpha(context.t)))
 
 
 @register
@@ -257,9 +229,11 @@ class OracleAlpha(MergeStrategy):
         if bad or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1 for a in grid):
             raise invalid("oracle_grid", grid, "use a non-empty list of numbers in [0, 1], e.g. [0, 0.1, ..., 1].")
 
-    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
-        if t == 0:  # nothing to trade off yet
+    def merge(self, context) -> MergePlan:
+        vector = context.vector
+        if context.t == 0:  # nothing to trade off yet (and nothing is scored)
             return alpha_plan(vector, constant(vector.deltas, 1.0))
+        score = context.score
         if score is None:
             raise ValueError("merge strategy 'oracle-alpha' needs a score(alpha) function")
         scores = {str(float(a)): score(float(a)) for a in self.oracle_grid}

@@ -3,8 +3,10 @@ itself), its reference, whether it needs the Fisher or a held-out score, where t
 trained task is merged, and what it keeps across tasks (`state_dict()` / `load_state_dict()`). The loop never names
 a strategy; a new baseline is one class here, registered with `@register`.
 
-Every `merge` returns a `MergePlan`: theta_hat_t = origin + alpha * deltas, key by key, where the origin is the
-previous merged model theta_hat_{t-1} or the pretrained weights theta_0. `merge_task` applies a plan to a model.
+Every `merge(context)` gets a `MergeContext` (`context.py`: t, the task vector, and on demand the Fisher, the
+oracle's score and the calibration probe) and returns a `MergePlan`: theta_hat_t = origin + alpha * deltas, key by
+key, where the origin is the previous merged model theta_hat_{t-1} or the pretrained weights theta_0. `merge_task`
+applies a plan to a model.
 
 This module holds the base class, the registry and `merge_task`; `alpha.py` the strategies that merge
 theta_hat_{t-1} + alpha * Delta_t, `task_vectors.py` those that combine task vectors relative to theta_0.
@@ -12,7 +14,7 @@ theta_hat_{t-1} + alpha * Delta_t, `task_vectors.py` those that combine task vec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -28,9 +30,10 @@ from ..merge import (
     TaskVector,
 )
 from ..weights import LowRankWeights, ModelWeights
+from .context import MergeContext, Score
+from .knobs import Knob, KnobValues, check_parameters, declare, default_knobs, knob_names, read_knobs
 
 Start = Literal["merged", "pretrained", "chain"]
-Score = Callable[[float], float]
 
 
 @dataclass
@@ -83,7 +86,7 @@ class MergeStrategy:
 
     name: ClassVar[str] = ""
     reference: ClassVar[str] = ""
-    knobs: ClassVar[tuple[str, ...]] = ()  # the `MergeArguments` fields the strategy reads
+    knobs: ClassVar[tuple[str | Knob, ...]] = ()  # the `MergeArguments` fields it reads, or `Knob`s it declares
     needs_fisher: ClassVar[bool] = False
     needs_score: ClassVar[bool] = False  # score(alpha): held-out accuracy of theta_hat_{t-1} + alpha Delta
     needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
@@ -92,18 +95,24 @@ class MergeStrategy:
     start: ClassVar[Start] = "merged"
 
     def __init__(self, **knobs):
-        unknown = set(knobs) - set(self.knobs)
+        names = knob_names(type(self))
+        unknown = set(knobs) - set(names)
         if unknown:
-            raise TypeError(f"{type(self).__name__} takes the knobs {list(self.knobs)}, not {sorted(unknown)}")
-        defaults = MergeArguments()
-        for name in self.knobs:
-            setattr(self, name, knobs.get(name, getattr(defaults, name)))
+            raise TypeError(f"{type(self).__name__} takes the knobs {names}, not {sorted(unknown)}")
+        values = {**default_knobs(type(self)), **knobs}
+        for name in names:
+            setattr(self, name, values[name])
         self.check(self)
         self.pretrained: dict[str, torch.Tensor] | None = None
 
     @classmethod
+    def parameters(cls) -> tuple[str | Knob, ...]:
+        """The knobs it reads (mergekit's `parameters()`): its own `knobs` unless it takes others' too."""
+        return cls.knobs
+
+    @classmethod
     def from_args(cls, args: MergeArguments) -> MergeStrategy:
-        return cls(**{name: getattr(args, name) for name in cls.knobs})
+        return cls(**read_knobs(cls, args))
 
     @staticmethod
     def check(values) -> None:
@@ -123,7 +132,8 @@ class MergeStrategy:
             return None
         return StartPoint(dict(self._theta0()))
 
-    def merge(self, t: int, vector: TaskVector, fisher=None, score: Score | None = None) -> MergePlan:
+    def merge(self, context: MergeContext) -> MergePlan:
+        """Task `context.t`'s plan; ask `context` for the Fisher, the score or the probe only when the rule needs it."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -149,6 +159,7 @@ def register(cls: type[MergeStrategy]) -> type[MergeStrategy]:
     """Class decorator: make a strategy available as `merge_method: <cls.name>`."""
     if not cls.name or cls.name in STRATEGIES:
         raise ValueError(f"merge strategy {cls.__name__}: a unique `name` is required (got {cls.name!r})")
+    declare(cls)
     STRATEGIES[cls.name] = cls
     return cls
 
@@ -162,10 +173,13 @@ def get_strategy(name: str) -> type[MergeStrategy]:
 
 
 def check_merge_args(args: MergeArguments) -> None:
-    """Every knob of `args` checked by the strategy that owns it, and the strategy name itself."""
+    """Every knob of `args` checked by the strategy that owns it (declared ones under `merge_parameters` too), and the
+    strategy name itself."""
     cls = get_strategy(args.merge_method)
+    check_parameters(args)
+    values = KnobValues(args)
     for other in STRATEGIES.values():
-        other.check(args)
+        other.check(values)
     if args.merge_into == "adapter":
         strategy = cls.from_args(args)
         if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
@@ -203,8 +217,8 @@ def alpha_plan(vector: TaskVector, choices: dict[str, AlphaChoice], **kw) -> Mer
 def merge_task(
     weights: ModelWeights,
     strategy: MergeStrategy,
-    t: int,
-    vector: TaskVector,
+    context: MergeContext | int,
+    vector: TaskVector | None = None,
     before: Mapping[str, torch.Tensor] | None = None,
     fisher: Mapping[str, torch.Tensor] | None = None,
     score: Score | None = None,
@@ -216,6 +230,8 @@ def merge_task(
     Args:
         weights: the model's `ModelWeights` (one per run: it keeps the fp32 master copies).
         strategy: the merge strategy (keeps its own state across tasks).
+        context: the task's `MergeContext` (the loop's computes the Fisher, score and probe on demand), or the task
+            index t with the context's parts given as values: `vector`, `fisher`, `score`, `probe`.
         vector: the task's `TaskVector` (`weights.task_vector(before, ...)` right after training).
         before: fp32 values of the fully trained parameters when the task started (their theta_hat_{t-1}).
         fisher: the task's diagonal Fisher over `vector.deltas` (strategies with `needs_fisher`).
@@ -225,8 +241,12 @@ def merge_task(
     Returns:
         The applied `MergePlan` (alpha per key, what was logged, the closed form's terms).
     """
-    extra = {"probe": probe} if strategy.needs_probe else {}
-    plan = strategy.merge(t, vector, fisher=fisher, score=score, **extra)
+    if not isinstance(context, MergeContext):
+        context = MergeContext(context, vector, fisher=fisher, score=score, probe=probe)
+    elif any(x is not None for x in (vector, fisher, score, probe)):  # a context holds them: `before` is by keyword
+        raise TypeError("merge_task with a MergeContext takes `before=` by keyword and no vector, fisher, score, probe")
+    vector = context.vector
+    plan = strategy.merge(context)
     base = strategy.pretrained if plan.origin == "pretrained" else before
     if isinstance(weights, LowRankWeights):  # a base that cannot be written: the LoRA deltas join a merged adapter
         if not plan.low_rank:

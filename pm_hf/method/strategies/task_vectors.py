@@ -28,8 +28,8 @@ class FromPretrained(MergeStrategy):
     def logged_alpha(self) -> float:
         return float(self.merge_scale)
 
-    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
-        D = self.combine(t, self.taus(vector))
+    def merge(self, context) -> MergePlan:
+        D = self.combine(context.t, self.taus(context.vector))
         return MergePlan(D, dict.fromkeys(D, 1.0), constant(D, self.logged_alpha()), origin="pretrained")
 
     @staticmethod
@@ -52,10 +52,10 @@ class ContinuedAdapter(FromPretrained):
             return StartPoint(dict(self._theta0()))
         return StartPoint({**self._theta0(), **self.chain}, self.adapter)
 
-    def merge(self, t, vector, fisher=None, score=None) -> MergePlan:
-        self.adapter = dict(vector.adapter)
-        self.chain = {k: v.clone() for k, v in vector.trained.items()}
-        return super().merge(t, vector, fisher, score)
+    def merge(self, context) -> MergePlan:
+        self.adapter = dict(context.vector.adapter)
+        self.chain = {k: v.clone() for k, v in context.vector.trained.items()}
+        return super().merge(context)
 
     def state_dict(self):
         out = {f"chain/{k}": v for k, v in self.chain.items()}
