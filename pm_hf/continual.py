@@ -194,6 +194,21 @@ class ContinualTrainer:
         if self.loop is not None:
             self.loop.add_callback(callback)
 
+    def pop_callback(self, callback):
+        """Remove a callback given to this trainer (an instance, or a class: its first instance) and return it, as
+        Trainer's; None when there is none."""
+        match = (lambda cb: isinstance(cb, callback)) if isinstance(callback, type) else (lambda cb: cb is callback)
+        found = next((cb for cb in self._callbacks if match(cb)), None)
+        if found is not None:
+            self._callbacks.remove(found)
+            if self.loop is not None:
+                self.loop.remove_callback(found)
+        return found
+
+    def remove_callback(self, callback) -> None:
+        """`pop_callback` without the return value, as Trainer's."""
+        self.pop_callback(callback)
+
     def _build(self) -> ContinualLoop:
         if self.loop is None:
             with self._python_names():

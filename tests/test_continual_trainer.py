@@ -1,6 +1,7 @@
 """`ContinualTrainer` as a TRL user expects it: tasks as a `DatasetDict`, a dict of any split names or a list of rows;
 a task without an eval split trained, merged and left unscored; `args` a `PMConfig`; errors naming Python arguments;
-`train()` returning a `TrainOutput`; `evaluate()`, `save_model()`, `push_to_hub()`, `add_callback()`, `state`; the
+`train()` returning a `TrainOutput`; `evaluate()`, `save_model()`, `push_to_hub()`, `add_callback()`,
+`pop_callback()`, `remove_callback()`, `state`; the
 continual metrics at `on_evaluate` and under eval/ in one TensorBoard event file."""
 
 import json
@@ -117,6 +118,14 @@ def test_errors_name_python_arguments(model_dir, tmp_path):
         trainer(model_dir, tmp_path / "new2", [task, {1, 2}]).train()
 
 
+class Begins(TrainerCallback):
+    def __init__(self):
+        self.begins = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begins += 1
+
+
 # ------------------------------------------------------------------------------------------ a run
 @pytest.fixture(scope="module")
 def run(model_dir, tmp_path_factory):
@@ -128,7 +137,16 @@ def run(model_dir, tmp_path_factory):
     seq = trainer(model_dir, out, [first, second], report_to=["tensorboard"], logging_steps=1)
     seen = Evaluations()
     seq.add_callback(seen)
-    return seq, seq.train(), seen, out
+    popped, removed = Begins(), Begins()
+    seq.add_callback(popped)
+    seq.add_callback(removed)
+    assert seq.pop_callback(popped) is popped and seq.pop_callback(Begins) is removed  # an instance, then a class
+    assert seq.pop_callback(Begins) is None
+    seq.add_callback(removed)
+    seq.remove_callback(removed)
+    output = seq.train()
+    assert popped.begins == removed.begins == 0  # neither reached a task's Trainer
+    return seq, output, seen, out
 
 
 def test_train_returns_a_train_output_and_keeps_the_results(run):

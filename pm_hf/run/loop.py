@@ -295,14 +295,19 @@ class ContinualLoop:
         else:
             self.trainer_callbacks.append(callback)
 
+    def remove_callback(self, callback) -> None:
+        """`callback` (that instance) leaves the loop's hooks or the later tasks' Trainers."""
+        self.callbacks = CallbackList([cb for cb in self.callbacks.callbacks if cb is not callback])
+        self.trainer_callbacks = [cb for cb in self.trainer_callbacks if cb is not callback]
+
     def add_tasks(self, tasks: list, fingerprints: list[str]) -> None:
         """Tasks appended to the sequence (their fingerprints to the run's config); classes not seen before grow the
         head, their rows as a model loaded with every class has them."""
         self.stream.tasks.extend(tasks)
         self.config["fingerprints"]["tasks"] += fingerprints
         needed = max([c + 1 for t in self.stream.tasks for c in t.classes], default=0)
-        if needed > self.stream.num_classes:
-            self.stream.num_classes = needed
+        self.stream.num_classes = max(self.stream.num_classes, needed)
+        if needed > getattr(self.head, "num_classes", needed):  # a head as wide already (a model object's) stays
             with seeded(self.args.seed), loading_whole():
                 fresh = find_head(self.load_base(), needed)[1]
             self.head.grow(self.model, needed, fresh)
