@@ -9,7 +9,7 @@
   when the task's training ends (its gradient hooks removed) before the Fisher, the merge and the next task's engine.
 - DeepSpeed ZeRO-3 (`configs/accelerate/zero3.yaml`): the weights are partitioned; pm_hf reads each rank's partition
   as FSDP2's rows (`pm_hf.distributed.zero3`), so its state is divided by the ranks as under FSDP2, with the same
-  limits (`assembly.check_sharded_run`). Between tasks ZeRO-3's parameter hooks without an optimizer run the forward
+  limits (`pm_hf.distributed.limits`). Between tasks ZeRO-3's parameter hooks without an optimizer run the forward
   passes (Fisher, evaluation).
 
 Everything else is refused before anything is loaded (`refuse_sharding`), or once the Trainer is built where only the
@@ -158,7 +158,7 @@ def refuse_sharding(args) -> None:
     """Refused before anything is loaded: a launch whose processes would each train alone (`torchrun` on a machine
     without a GPU and without `use_cpu`); DeepSpeed configs pm_hf cannot run; FSDP other than FSDP2; FSDP or
     DeepSpeed where Accelerate would not run it (CPU). What a run with sharded weights (FSDP2, ZeRO-3) supports beyond
-    that is checked before the model is loaded (`assembly.check_sharded_run`)."""
+    that is checked before the model is loaded (`pm_hf.distributed.limits`)."""
     from accelerate.utils import get_int_from_env
 
     launched = get_int_from_env(["WORLD_SIZE"], 1)  # the processes `torchrun` / `accelerate launch` started

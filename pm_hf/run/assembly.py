@@ -16,10 +16,11 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 
 from ..config.checks import invalid
-from ..config.groups import DataArguments, FisherArguments, MergeArguments, ModelArguments, PMConfig, RunConfig
+from ..config.groups import DataArguments, MergeArguments, ModelArguments, PMConfig, RunConfig
 from ..data.instruct import MODALITY, build_instruction_stream
 from ..data.streams import Task, TaskStream, build_task_stream
-from ..distributed.launch import fsdp_requested, partitions_weights, refuse_sharding, sharding_field, zero_stage
+from ..distributed.launch import fsdp_requested, refuse_sharding
+from ..distributed.limits import check_split_model, check_split_run
 from ..distributed.placement import for_run, place
 from ..heads.alignment import HeadAlignment
 from ..heads.head import Head, NoHead
@@ -111,14 +112,7 @@ def assemble(
     low_rank = uses_merged_adapter(model, strategy, merge_args)  # checked before any Trainer exists
     build = _causal_parts if causal else _classifier_parts
     model, head, evaluator, extra, save_modules, lora_args = build(model, run, stream, processor, compute_metrics)
-    if partitions_weights(args) and (low_rank or uses_fan_in_fan_out(model)):
-        raise invalid(*sharding_field(args), "a quantized base or Conv1D layers (GPT-2) are not sharded yet.")
-    uneven = zero_stage(args) == 3 and {
-        k: s for k, s in merge_key_shapes(model).items() if not s or s[0] % args.world_size
-    }
-    if uneven:  # a rank's ZeRO-3 partition must be whole rows (`pm_hf.distributed.zero3.partition_rows`)
-        fix = f"the rows of {next(iter(uneven.items()))} do not divide among {args.world_size} processes: use FSDP2 "
-        raise invalid(*sharding_field(args), fix + "or a number of processes that divides them.")
+    check_split_model(args, low_rank, uses_fan_in_fan_out(model), lambda: merge_key_shapes(model))
     run = run.replace(lora_args=lora_args)  # with the target modules detected for a causal LM
     config = config_dict(*run.groups)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
@@ -159,36 +153,12 @@ def check_before_loading(strategy, causal: bool, data_args, args, fisher_args, m
     `Trainer` makes it as it is built)."""
     if args.should_save:
         check_writable(Path(args.output_dir))
-    if partitions_weights(args):
-        check_sharded_run(strategy, args, fisher_args, merge_args)
+    check_split_run(args, strategy, fisher_args, merge_args)
     if causal and merge_args.head_align != "none":
         raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
     if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
         fix = "merges task vectors relative to the pretrained weights, for class- and task-incremental streams only; "
         raise invalid("merge_method", strategy.name, fix + "with domain_incremental use 'pm', 'average', 'coma', ...")
-
-
-def check_sharded_run(strategy, args: PMConfig, fisher_args: FisherArguments, merge_args: MergeArguments) -> None:
-    """What an FSDP2 or ZeRO-3 run supports (checked before loading): any model (a classifier's head and the fully
-    trained modules sharded too), a merge rule whose math runs on sharded weights, the continual state beside the
-    weights' shards, per-sample Fisher."""
-    if not strategy.shards or strategy.needs_score or strategy.needs_probe:
-        fix = "is not available on sharded weights: use pm (calibration none), coma, average, seq-merge or sqrt-t."
-        raise invalid("merge_method", strategy.name, fix)
-    for field, value in (
-        ("accumulator_device", merge_args.accumulator_device),
-        ("fisher_device", fisher_args.fisher_device),
-    ):
-        if value is not None:
-            raise invalid(
-                field, value, "with sharded weights the continual state is sharded beside them: leave it unset."
-            )
-    if fisher_args.fisher_mode != "per_sample":
-        raise invalid("fisher_mode", fisher_args.fisher_mode, "with FSDP2 or ZeRO-3 use 'per_sample'.")
-    if merge_args.merge_into == "adapter":
-        raise invalid(
-            "merge_into", "adapter", "a merged adapter is not sharded yet: use 'weights' with FSDP2 or ZeRO-3."
-        )
 
 
 def uses_merged_adapter(model, strategy, merge_args: MergeArguments) -> bool:
