@@ -69,6 +69,21 @@ def test_transformers_zero3_flag_is_its_deepspeed_config_weak_ref():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def test_transformers_private_methods_pm_hf_overrides_keep_their_signatures():
+    from transformers import HfArgumentParser, Trainer
+
+    from pm_hf.commands.parsing import Parser
+    from pm_hf.method.trainer import PerturbationMixin
+
+    load = inspect.signature(Trainer._load_from_checkpoint)
+    assert (
+        list(load.parameters) == ["self", "resume_from_checkpoint", "model"]
+        and load.parameters["model"].default is None
+    )
+    assert list(inspect.signature(HfArgumentParser._add_dataclass_arguments).parameters) == ["self", "dtype"]
+    assert "_load_from_checkpoint" in PerturbationMixin.__dict__ and "_add_dataclass_arguments" in Parser.__dict__
+
+
 def test_deepspeed_partition_attributes():
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
