@@ -42,7 +42,7 @@ ENTRIES = (
     Entry("transformers", "transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref",
           "cleared while a model is loaded whole on one process under ZeRO-3 (an export's pristine base)"),
     Entry("transformers", "Trainer._load_from_checkpoint(resume_from_checkpoint, model=None)",
-          "overridden by `PerturbationMixin` (calls super(), then loads the fully trained parameters a checkpoint keeps)"),
+          "overridden by `PerturbationMixin` (super(), then the fully trained parameters a checkpoint keeps)"),
     Entry("transformers", "HfArgumentParser._add_dataclass_arguments(dtype)",
           "overridden by `pm-hf train`'s parser (calls super(), then groups the inherited fields under their class)"),
     Entry("deepspeed", "Parameter.ds_tensor / ds_shape / ds_id / ds_status",
