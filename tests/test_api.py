@@ -88,22 +88,33 @@ def test_user_metrics_get_their_own_score_matrix(model_dir, tmp_path):
     )
 
 
-def test_a_model_object_with_no_folder_trains_and_exports(tmp_path):
-    texts = WORDNET["train"]["text"][:500]
-    tok = tiny_tokenizer(tmp_path / "tok", texts)
-    model = tiny_bert(num_labels=2, seed=0)
+def _train_a_model_object(tmp_path, num_labels: int):
+    """A tiny BERT object with `num_labels` head rows trained on classes 0-3; returns it, its tokenizer, the results."""
+    tok = tiny_tokenizer(tmp_path / "tok", WORDNET["train"]["text"][:500])
+    model = tiny_bert(num_labels=num_labels, seed=0)
     model.resize_token_embeddings(len(tok))
     results = ContinualTrainer(model=model, args=args(tmp_path / "run"), tasks=[task(0, 1), task(2, 3)],
                                processing_class=tok, lora_args=LoraArguments(r=2),
                                data_args=DataArguments(max_length=24)).train().results  # fmt: skip
-    assert len(results["accuracy_matrix"]) == 2 and model.classifier.out_features == 4  # grew for classes 2, 3
-    base = tiny_bert(num_labels=4, seed=0)  # the same backbone with a head of the final size
+    return model, tok, results
+
+
+def _export_logits_match(model, tok, tmp_path, num_labels: int) -> None:
+    """The run's merged adapter on the same backbone with a head of `num_labels` rows gives the model's logits."""
+    base = tiny_bert(num_labels=num_labels, seed=0)
     base.resize_token_embeddings(len(tok))
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "merged_adapter")).eval()
     batch = tok(["a small animal", "the state of things"], return_tensors="pt", padding=True)
     with torch.no_grad():  # `model` itself is the merged model: PEFT wrapped it in place
         expected, got = model.eval()(**batch).logits, loaded(**batch).logits
+    assert got.shape == (2, num_labels)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_object_with_no_folder_trains_and_exports(tmp_path):
+    model, tok, results = _train_a_model_object(tmp_path, num_labels=2)
+    assert len(results["accuracy_matrix"]) == 2 and model.classifier.out_features == 4  # grew for classes 2, 3
+    _export_logits_match(model, tok, tmp_path, num_labels=4)  # the same backbone with a head of the final size
     card = check_card(tmp_path / "run" / "merged_adapter")
     assert card.data.base_model is None and "a model given as an object" in card.text
 
@@ -111,22 +122,9 @@ def test_a_model_object_with_no_folder_trains_and_exports(tmp_path):
 def test_a_model_object_with_a_wider_head_trains_every_task_and_exports(tmp_path):
     """A head with more rows than the tasks' classes (6 rows, classes 0-3) is kept as it is: the tasks train, the
     export's base has the same 6 rows, and the export reloads to the run's logits (it used to fail after training)."""
-    texts = WORDNET["train"]["text"][:500]
-    tok = tiny_tokenizer(tmp_path / "tok", texts)
-    model = tiny_bert(num_labels=6, seed=0)
-    model.resize_token_embeddings(len(tok))
-    results = ContinualTrainer(model=model, args=args(tmp_path / "run"), tasks=[task(0, 1), task(2, 3)],
-                               processing_class=tok, lora_args=LoraArguments(r=2),
-                               data_args=DataArguments(max_length=24)).train().results  # fmt: skip
+    model, tok, results = _train_a_model_object(tmp_path, num_labels=6)
     assert len(results["accuracy_matrix"]) == 2 and model.classifier.out_features == 6
-    base = tiny_bert(num_labels=6, seed=0)
-    base.resize_token_embeddings(len(tok))
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "merged_adapter")).eval()
-    batch = tok(["a small animal", "the state of things"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        expected, got = model.eval()(**batch).logits, loaded(**batch).logits
-    assert got.shape == (2, 6)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    _export_logits_match(model, tok, tmp_path, num_labels=6)
 
 
 def test_a_streamed_training_split_needs_steps_and_a_fisher_sample(model_dir, tmp_path):
