@@ -31,7 +31,7 @@ from ..merge import (
 )
 from ..weights import LowRankWeights, ModelWeights
 from .context import MergeContext, Score
-from .knobs import Knob, KnobValues, check_parameters, declare, default_knobs, knob_names, read_knobs
+from .knobs import Knob, KnobValues, check_parameters, default_knobs, knob_names, read_knobs, registrar
 
 Start = Literal["merged", "pretrained", "chain"]
 
@@ -155,13 +155,7 @@ STRATEGIES: dict[str, type[MergeStrategy]] = {}
 RETIRED = {"fixed": "'fixed' is the same rule as 'coma': use `merge_method: coma` with `fixed_alpha`"}
 
 
-def register(cls: type[MergeStrategy]) -> type[MergeStrategy]:
-    """Class decorator: make a strategy available as `merge_method: <cls.name>`."""
-    if not cls.name or cls.name in STRATEGIES:
-        raise ValueError(f"merge strategy {cls.__name__}: a unique `name` is required (got {cls.name!r})")
-    declare(cls)
-    STRATEGIES[cls.name] = cls
-    return cls
+register = registrar(STRATEGIES, "merge strategy")  # `@register`: the class is `merge_method: <cls.name>`
 
 
 def get_strategy(name: str) -> type[MergeStrategy]:

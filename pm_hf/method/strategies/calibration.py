@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from ...config.checks import check_number, invalid, is_number
 from ..merge import AlphaChoice, alpha_terms, branch_secant, curve_alpha, secant_kappa, zeros_like_dict
-from .knobs import Knob, declare, default_knobs, knob_names
+from .knobs import Knob, default_knobs, knob_names, registrar
 
 
 class Calibration:
@@ -61,13 +61,7 @@ class Calibration:
 CALIBRATIONS: dict[str, type[Calibration]] = {}
 
 
-def register_calibration(cls: type[Calibration]) -> type[Calibration]:
-    """Class decorator: make a calibration available as `alpha_calibration: <cls.name>` (its knobs settable)."""
-    if not cls.name or cls.name in CALIBRATIONS:
-        raise ValueError(f"calibration {cls.__name__}: a unique `name` is required (got {cls.name!r})")
-    declare(cls)
-    CALIBRATIONS[cls.name] = cls
-    return cls
+register_calibration = registrar(CALIBRATIONS, "calibration")  # `@register_calibration`: `alpha_calibration: <name>`
 
 
 def get_calibration(name: str) -> type[Calibration]:

@@ -89,3 +89,17 @@ def check_parameters(args: MergeArguments) -> None:
     for knob in DECLARED.values():
         if knob.check is not None:
             knob.check(knob.name, getattr(values, knob.name))
+
+
+def registrar(table: dict, what: str):
+    """A class decorator that registers a class under its unique `name` in `table` (a strategy, a calibration), its
+    knobs declared."""
+
+    def register(cls):
+        if not cls.name or cls.name in table:
+            raise ValueError(f"{what} {cls.__name__}: a unique `name` is required (got {cls.name!r})")
+        declare(cls)
+        table[cls.name] = cls
+        return cls
+
+    return register
