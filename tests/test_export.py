@@ -86,9 +86,7 @@ def test_svd_export_errors_equal_a_brute_force_svd(run, tmp_path, capsys):
     assert info["score_change"] == pytest.approx(info["score_after"] - info["score_before"])
     assert json.loads((tmp_path / "s" / "adapter_config.json").read_text())["r"] == 2
     card = check_card(tmp_path / "s")  # its model-index: this adapter's own ACC, not the run's exact model's scores
-    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [
-        ("ACC", round(100 * info["score_after"], 4))
-    ]
+    assert [(r.metric_name, r.metric_value) for r in card.data.eval_results] == [("ACC", round(info["score_after"], 6))]
     assert "truncated by SVD" in card.text and f"it scores ACC {100 * info['score_after']:.2f}" in card.text
     full = tmp_path / "full"
     assert cli_main(["export", str(out), "--mode", "adapter-svd", "--rank", "12", "--output", str(full)]) == 0

@@ -125,7 +125,7 @@ def test_card_parses_and_its_numbers_are_results_json(pushed):
     metrics = {r.metric_name: (r.metric_type, r.metric_value) for r in data.eval_results}
     expected = {"ACC": "acc", "AAA": "aaa", "BWT": "bwt", "forgetting": "forgetting"}
     types = {"ACC": "accuracy", "AAA": "accuracy", "BWT": "backward_transfer", "forgetting": "forgetting"}
-    assert metrics == {name: (types[name], round(100 * results[key], 4)) for name, key in expected.items()}
+    assert metrics == {name: (types[name], round(results[key], 6)) for name, key in expected.items()}  # fractions
     assert 'AutoPeftModelForSequenceClassification.from_pretrained("me/seq", revision="task-3")' in card.text
     for a, raw in zip(results["alphas"], results["alphas_raw"]):
         assert f"{a:.4f} | {raw:.4f}" in card.text

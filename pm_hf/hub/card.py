@@ -30,8 +30,9 @@ def datasets_of(config: dict) -> list[str]:
 
 
 def _evals(results: dict, info: dict, datasets: list[str]) -> list[EvalResult]:
-    """The model-index: the summary scores (percent) of an evaluated export; none for a merge without data. An SVD
-    export has only its own ACC (`score_after`): the run's other scores are of its exact model."""
+    """The model-index: the summary scores (fractions, as results.json has them) of an evaluated export; none for a
+    merge without data. An SVD export has only its own ACC (`score_after`): the run's other scores are of its exact
+    model."""
     if not results.get("accuracy_matrix"):
         return []
     task, metric = info.get("task", "sequence_classification"), results.get("primary_metric", "accuracy")
@@ -41,7 +42,7 @@ def _evals(results: dict, info: dict, datasets: list[str]) -> list[EvalResult]:
         values = {"ACC": info.get("score_after")}
     return [
         EvalResult(task_type=PIPELINES[task], dataset_type=where, dataset_name=f"{len(results['tasks'])}-task sequence",
-                   metric_type=kind or metric, metric_name=name, metric_value=round(100 * values[name], 4))
+                   metric_type=kind or metric, metric_name=name, metric_value=round(values[name], 6))
         for name, _, kind in SUMMARY if values.get(name) is not None and math.isfinite(values[name])
     ]  # fmt: skip
 
