@@ -11,7 +11,7 @@ from conftest import on_two_processes
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
-from pm_hf.distributed import zero3
+from pm_hf.distributed import loading, zero3
 from pm_hf.distributed.sharding import local_rows, shard_like, whole
 
 
@@ -63,7 +63,7 @@ def test_a_bf16_model_is_loaded_whole_under_zero3(monkeypatch):
     config = Zero3()
     monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", lambda: config)
     assert hf_deepspeed.is_deepspeed_zero3_enabled()
-    with zero3.loading_whole():
+    with loading.loading_whole():
         assert not hf_deepspeed.is_deepspeed_zero3_enabled()
     assert hf_deepspeed.is_deepspeed_zero3_enabled()
     assert not zero3.is_partitioned(nn.Parameter(torch.ones(2))) and zero3.is_partitioned(_param(torch.ones(2), 0, 1))
@@ -82,12 +82,12 @@ def test_a_zero3_load_partitions_in_the_models_dtype(monkeypatch):
 
     config = Zero3()
     monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", lambda: config)
-    with zero3.loading_in(torch.bfloat16):
+    with loading.loading_in(torch.bfloat16):
         assert config.config["bf16"] == {"enabled": True}
     assert "bf16" not in config.config
-    with zero3.loading_in(torch.float32):
+    with loading.loading_in(torch.float32):
         assert "bf16" not in config.config
     config.config["bf16"] = {"enabled": "auto"}
-    with zero3.loading_in(torch.bfloat16):
+    with loading.loading_in(torch.bfloat16):
         assert config.config["bf16"] == {"enabled": True}
     assert config.config["bf16"] == {"enabled": "auto"}

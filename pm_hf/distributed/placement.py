@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import invalid
 from . import private, sharding, zero3
 from .fisher_sums import ReplicatedSums, ShardedSums
+from .loading import distribute_loaded
 
 _ATTRIBUTE = "pm_hf_placement"
 
@@ -212,7 +213,7 @@ class ZeRO3Rows(ShardedRows):
         with zero3.whole_module(old):  # before any engine: the old weights gathered for the copy
             new = build()
         if zero3.is_partitioned(old.weight):
-            zero3.partition(new)  # partitioned like the rest of the model
+            distribute_loaded(new)  # partitioned like the rest of the model
         return new
 
 

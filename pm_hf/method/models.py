@@ -22,7 +22,7 @@ from transformers import logging as hf_logging
 
 from ..config.checks import invalid
 from ..config.groups import ModelArguments
-from ..distributed.zero3 import loading_in, loading_whole, partition
+from ..distributed.loading import distribute_loaded, loading_in, loading_whole
 from ..fileio import file_digest
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def load_model(model_args: ModelArguments, modality: str, num_labels: int, label
     kwargs.update(hub_kwargs(model_args, weights=True))
     with loading_whole():  # ZeRO-3: partitioned once loaded (a new head does not load partitioned)
         model = auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
-    return partition(model)
+    return distribute_loaded(model)
 
 
 def model_digest(model_args: ModelArguments) -> str:

@@ -23,8 +23,8 @@ from transformers import PrinterCallback, ProgressCallback
 from ..config.checks import check_finite, invalid
 from ..config.groups import RunConfig
 from ..distributed.launch import BACKEND, task_training
+from ..distributed.loading import loading_whole
 from ..distributed.sharding import scalar
-from ..distributed.zero3 import loading_whole
 from ..heads.head import find_head
 from ..hub.export import (
     save_task_record,

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from ..config.checks import invalid
-from ..distributed.zero3 import loading_whole
+from ..distributed.loading import loading_whole
 from ..hub.export import (
     EXPORT_DIR,
     ExportSpec,
