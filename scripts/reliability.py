@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import io
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -42,50 +41,12 @@ import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))  # reliability_tables
 WORDNET = ROOT / "data" / "wordnet_supersense10"
-ERROR_LINE = re.compile(r"^pm-hf: error: (\S+) = (.+?): (.+)$")
 
 
-# ------------------------------------------------------------------------------------------------ assets
-def make_assets(folder: Path) -> dict:
-    """A tiny BERT with its tokenizer and a 6-class slice of the WordNet data (train/test parquet), once."""
-    from pm_hf.testing import tiny_bert_folder
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split in ("train", "test"):
-        frame = pd.read_parquet(WORDNET / f"{split}.parquet")
-        frame = frame[frame.label < 6].groupby("label").head(8 if split == "train" else 4)
-        files[split] = str(folder / f"{split}.parquet")
-        frame.to_parquet(files[split])
-    model = tiny_bert_folder(folder / "model", pd.read_parquet(files["train"]).text.tolist())
-    return {"model": model, "files": files, "folder": str(folder)}
-
-
-def base_config(assets: dict, out: Path, **overrides) -> dict:
-    config = {
-        "model_name_or_path": assets["model"],
-        "data_files": dict(assets["files"]),
-        "class_groups": [[0, 1], [2, 3], [4, 5]],
-        "max_length": 16,
-        "r": 2,
-        "lora_alpha": 4,
-        "modules_to_save": ["pooler"],
-        "fisher_max_samples": 8,
-        "num_train_epochs": 1,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 0.02,
-        "seed": 3,
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "report_to": "none",
-        "output_dir": str(out),
-    }
-    config.update(overrides)
-    return {k: v for k, v in config.items() if v is not _DROP}
-
-
-_DROP = object()
+import reliability_tables
+from reliability_tables.common import _DROP, ERROR_LINE, _tree, base_config, contract_error, make_assets  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------- bad configs
@@ -394,23 +355,6 @@ def run_bad_config(case: BadConfig, assets: dict, work: Path) -> tuple[bool, str
     return True, line
 
 
-def contract_error(code, stderr: str, expect: str) -> tuple[bool, str]:
-    """(True, the line) when a command was refused by the contract: exit 2, no traceback, one line
-    `pm-hf: error: <expect> = <value>: <fix>`; else (False, what happened instead)."""
-    lines = [line for line in stderr.splitlines() if line.startswith("pm-hf: error:")]
-    match = ERROR_LINE.match(lines[0]) if len(lines) == 1 else None
-    if code != 2 or match is None or "Traceback" in stderr:
-        return False, f"exit {code}: {stderr.strip()[-300:]}"
-    if match.group(1) != expect:
-        return False, f"names {match.group(1)!r}, not {expect!r}: {lines[0]}"
-    return True, lines[0]
-
-
-def _tree(folder: Path) -> dict:
-    """Every path under `folder`: a file's bytes, None for a folder (a created empty folder counts too)."""
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
-
-
 # --------------------------------------------------------------------------------------------- corruptions
 def _tamper(run: Path, name: str) -> None:
     """Damage a finished run folder one way (a checkpoint, its pointer or its manifest)."""
@@ -676,7 +620,8 @@ def _table(title: str, rows: list[tuple[str, bool, str]]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("table", nargs="?", default="all", choices=["all", "bad-configs", "faults", "corruptions",
-                                                                    "child"])  # fmt: skip
+                                                                    "child", *reliability_tables.TABLES])  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the fast sample of the newer tables (the default tier's)")
     parser.add_argument("config", nargs="?")
     parser.add_argument("--point")
     parser.add_argument("--nth", type=int, default=1)
@@ -710,7 +655,46 @@ def main(argv: list[str] | None = None) -> int:
                 (n, *run_fault(n, p, k, assets, tmp / f"fault{i}", reference)) for i, (n, p, k) in enumerate(FAULTS)
             ]
             failures += _table("faults: killed, resumed, identical results", rows)
+        failures += _more_tables(args.table, tmp, quick=args.quick)
     return 1 if failures else 0
+
+
+def _more_tables(which: str, tmp: Path, quick: bool) -> int:
+    """The tables of scripts/reliability_tables/ (every door), then the count per door and kind."""
+    import importlib
+
+    counts: dict[tuple[str, str], list[int]] = {}
+    failures = 0
+    for name in reliability_tables.TABLES:
+        if which not in ("all", name):
+            continue
+        table = importlib.import_module(f"reliability_tables.{name}")
+        rows = table.rows(tmp / name, quick)
+        failures += _table(f"{name}: {table.TITLE}", [(f"{door}: {case}", ok, detail) for door, case, ok, detail in rows])
+        for door, _, ok, _ in rows:
+            count = counts.setdefault((door, table.KIND), [0, 0])
+            count[0] += 1
+            count[1] += bool(ok)
+    if counts:
+        print(door_summary(counts))
+    return failures
+
+
+KINDS = {"bad inputs": "clean", "faults": "survived or refused", "concurrency": "consistent", "fuzzed": "by the contract"}
+
+
+def door_summary(counts: dict[tuple[str, str], list[int]]) -> str:
+    """A markdown table: one row per door, `passed / tried` per kind of case."""
+    doors = sorted({door for door, _ in counts}, key=lambda d: (DOORS.index(d) if d in DOORS else len(DOORS), d))
+    head = "| door | " + " | ".join(f"{kind} (tried / {what})" for kind, what in KINDS.items()) + " |"
+    lines = ["", "## per door", head, "|---" * (len(KINDS) + 1) + "|"]
+    for door in doors:
+        cells = [f"{counts[door, kind][0]} / {counts[door, kind][1]}" if (door, kind) in counts else "-" for kind in KINDS]
+        lines.append(f"| {door} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+DOORS = ["train", "check", "evaluate", "export", "push", "merge", "api"]
 
 
 if __name__ == "__main__":
