@@ -670,7 +670,9 @@ def _more_tables(which: str, tmp: Path, quick: bool) -> int:
             continue
         table = importlib.import_module(f"reliability_tables.{name}")
         rows = table.rows(tmp / name, quick)
-        failures += _table(f"{name}: {table.TITLE}", [(f"{door}: {case}", ok, detail) for door, case, ok, detail in rows])
+        failures += _table(
+            f"{name}: {table.TITLE}", [(f"{door}: {case}", ok, detail) for door, case, ok, detail in rows]
+        )
         for door, _, ok, _ in rows:
             count = counts.setdefault((door, table.KIND), [0, 0])
             count[0] += 1
@@ -680,7 +682,12 @@ def _more_tables(which: str, tmp: Path, quick: bool) -> int:
     return failures
 
 
-KINDS = {"bad inputs": "clean", "faults": "survived or refused", "concurrency": "consistent", "fuzzed": "by the contract"}
+KINDS = {
+    "bad inputs": "clean",
+    "faults": "survived or refused",
+    "concurrency": "consistent",
+    "fuzzed": "by the contract",
+}
 
 
 def door_summary(counts: dict[tuple[str, str], list[int]]) -> str:
@@ -689,7 +696,9 @@ def door_summary(counts: dict[tuple[str, str], list[int]]) -> str:
     head = "| door | " + " | ".join(f"{kind} (tried / {what})" for kind, what in KINDS.items()) + " |"
     lines = ["", "## per door", head, "|---" * (len(KINDS) + 1) + "|"]
     for door in doors:
-        cells = [f"{counts[door, kind][0]} / {counts[door, kind][1]}" if (door, kind) in counts else "-" for kind in KINDS]
+        cells = [
+            f"{counts[door, kind][0]} / {counts[door, kind][1]}" if (door, kind) in counts else "-" for kind in KINDS
+        ]
         lines.append(f"| {door} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
