@@ -227,6 +227,7 @@ class HeadAlignment(ContinualCallback):
 
     def _align(self, t: int, model: nn.Module, task) -> None:
         x, y = self._features(model, task)
+        self.after = x  # the task's features under the merge (read by a trial's estimate)
         weight_param, bias_param = self.head.parameters()  # after the pass (ZeRO-3: checked at rest, then written)
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         classes, rows = (task.classes if self.mode == "task" else seen), task.classes

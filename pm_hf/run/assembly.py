@@ -173,7 +173,7 @@ def merges_into_adapter(quantized: bool, strategy, merge_args: MergeArguments) -
         raise invalid("merge_into", "weights", "the base is quantized and cannot be written: use 'adapter' or 'auto'.")
     if merge_args.merge_into == "weights" or (merge_args.merge_into == "auto" and not quantized):
         return False
-    if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
+    if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe or strategy.needs_validation:
         fix = "is not available with a merged adapter (a quantized base): use pm, coma, average, seq-merge or sqrt-t."
         raise invalid("merge_method", strategy.name, fix)
     return True
