@@ -256,6 +256,16 @@ class HeadAlignment(ContinualCallback):
                 bias_param.copy_(place.shard_like(bias, bias_param))
 
     @contextlib.contextmanager
+    def subset(self, rows: list[int]) -> Iterator[None]:
+        """For a trial on those rows of the task's training data: the features taken before training, of them only."""
+        before = self.before
+        self.before = None if before is None else before[rows]
+        try:
+            yield
+        finally:
+            self.before = before
+
+    @contextlib.contextmanager
     def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:
         """The head as this merge would align it, then exactly as before (the class statistics too): for an oracle
         that scores a merge with the head treatment the run applies."""

@@ -5,7 +5,9 @@ logged comparison of the quadratic model's predicted loss increase with the meas
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from collections.abc import Callable
 
 import datasets
@@ -86,17 +88,20 @@ def loss_increase(loop, task, plan: MergePlan, at_one: float) -> dict:
 
 def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float], dict]:
     """`validated-alpha`'s estimate(alpha) of the seen accuracy after merging task t at alpha, under the head the
-    prototype alignment would fit there (its `trial`): the new classes' accuracy on the task's held-out training data,
-    the old classes' on their drift-compensated statistics widened by the unpredicted drift. No eval split is read."""
+    prototype alignment would fit there (its `trial`, on at most `validation_samples` of the task's training samples):
+    the new classes' accuracy on the task's held-out training data, the old classes' on their drift-compensated
+    statistics widened by the unpredicted drift. No eval split is read."""
     align = next((cb for cb in loop.callbacks.callbacks if isinstance(cb, HeadAlignment)), None)
     if align is None or align.before is None or getattr(task, "heldout", None) is None:
         raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
     seen = seen_classes(loop.stream.tasks[: t + 1])
     old = [c for c in seen if c not in task.classes]
     means = align.stats["mean"]  # under theta_hat_{t-1}: the drift weights are taken against them
+    rows = training_subset(len(task.train), loop.strategy.validation_samples, loop.args.seed + t)
+    view = dataclasses.replace(task, train=task.train.select(rows))
 
     def measure() -> dict:
-        with loop.callbacks.trial(t, loop.model, task):
+        with align.subset(rows), loop.callbacks.trial(t, loop.model, view):
             new = loop.evaluator.accuracy(task.heldout, seen)
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
             spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
@@ -109,3 +114,10 @@ def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float]
                 "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
 
     return lambda alpha: line.at(alpha, measure)
+
+
+def training_subset(size: int, cap: int, seed: int) -> list[int]:
+    """At most `cap` of `size` rows, drawn once with `seed`, in order."""
+    if size <= cap:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), cap))

@@ -27,6 +27,11 @@ def one_se_choice(estimates: dict[float, float], errors: dict[float, float]) -> 
     return min(a for a in estimates if estimates[a] >= estimates[best] - errors[best])
 
 
+def _count(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(name, value, "give a positive number of samples, e.g. 256.")
+
+
 @register
 class ValidatedAlpha(MergeStrategy):
     name = "validated-alpha"
@@ -37,6 +42,7 @@ class ValidatedAlpha(MergeStrategy):
     knobs = (
         Knob("validation_grid", [i / 10 for i in range(11)], _grid, "the alphas tried per task"),
         Knob("validation_holdout", 0.1, _holdout, "the fraction of each task's training data held out for scoring"),
+        Knob("validation_samples", 256, _count, "the task's training samples a trial's head alignment sees"),
         "head_align",
         "head_align_drift",
     )
