@@ -17,12 +17,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import re
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.hf_api import GitRefInfo, GitRefs, ModelInfo, RepoUrl
 
 GOOD_TOKEN = "hf_standin_token_0123456789"  # the user's token with the 'write' role
@@ -67,6 +74,7 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.calls: list[tuple] = []
         self.clients: list[RecordingApi] = []
+        self.lock = threading.Lock()
 
     def api(self, *args, **kwargs) -> RecordingApi:
         """Stands in for `HfApi(token=...)`."""
@@ -240,6 +248,7 @@ class RecordingApi:
 
     @_as_real
     def list_repo_refs(self, repo_id: str, **kwargs) -> GitRefs:
+        self._call("list_repo_refs", repo_id)
         repo = self._visible(repo_id, self._record())
         refs = lambda kind, prefix: [  # noqa: E731
             GitRefInfo(name=n, ref=f"refs/{prefix}/{n}", target_commit=o or "") for n, o in repo[kind].items()
@@ -247,11 +256,20 @@ class RecordingApi:
         return GitRefs(branches=refs("branches", "heads"), converts=[], tags=refs("tags", "tags"))
 
     @_as_real
-    def create_commit(self, repo_id: str, operations, *, commit_message: str, revision=None, **kwargs):
-        repo, branch = self._writable(repo_id), revision or "main"
+    def create_commit(self, repo_id: str, operations, *, commit_message: str, revision=None, parent_commit=None,
+                      **kwargs):  # fmt: skip
+        if parent_commit is not None and not re.fullmatch(r"[0-9a-f]{40}", parent_commit):
+            raise ValueError("`parent_commit` is not a valid commit OID.")
+        with self.hub.lock:  # the Hub lands one commit per branch at a time
+            return self._land(repo_id, list(operations), commit_message, revision or "main", parent_commit)
+
+    def _land(self, repo_id: str, operations: list, commit_message: str, branch: str, parent_commit: str | None):
+        repo = self._writable(repo_id)
         if branch not in repo["branches"]:
             raise _error(RevisionNotFoundError, 404, f"404 branch {branch} not found")
         parent = repo["branches"][branch]
+        if parent_commit is not None and parent_commit != parent:  # the Hub's precondition on the branch's head
+            raise _error(HfHubHTTPError, 412, f"412 Precondition Failed: {branch} is not at {parent_commit}")
         files = dict(repo["commits"][parent]["files"]) if parent else {}
         for op in operations:
             if isinstance(op, CommitOperationAdd):
@@ -291,3 +309,11 @@ class RecordingApi:
         self._call("snapshot_download", repo_id, revision=revision, allow_patterns=allow_patterns)
         self._visible(repo_id, self._record())
         return str(self.hub.snapshot(repo_id, revision))
+
+    @_as_real
+    def hf_hub_download(self, repo_id: str, filename: str, *, revision=None, **kwargs) -> str:
+        self._call("hf_hub_download", repo_id, filename=filename, revision=revision)
+        self._visible(repo_id, self._record())
+        if filename not in self.hub.files(repo_id, revision):
+            raise _error(RemoteEntryNotFoundError, 404, f"404 Entry Not Found: {filename}")
+        return str(self.hub.snapshot(repo_id, revision) / filename)
