@@ -238,31 +238,18 @@ def _pointer(out: Path) -> tuple[str, int, int] | None:
         return None  # damaged: the reader's own checks say so
 
 
-def _results_tasks(path: Path) -> int:
-    try:
-        return len(json.loads(path.read_text()).get("alphas", []))
-    except (OSError, ValueError, AttributeError):
-        return -1
-
-
 def _take_view(out: Path, view: Path, name: str, completed: int) -> None:
-    """Link into `view` what a reader of the checkpoint `name` needs: the pointer, the checkpoint's files, the
-    adapter log of its `completed` tasks, and results.json with the plots when they describe the same tasks (they
-    are written just after the checkpoint; a reader without them rebuilds them from the checkpoint's log)."""
+    """Link into `view` what a reader of the checkpoint `name` needs: the pointer, the checkpoint's files and the
+    adapter log of its `completed` tasks. Not results.json and the plots: they are written after the checkpoint, one
+    file after the other, so no file tells which task they describe; a reader rebuilds them from the checkpoint's
+    log."""
     _link(out / "latest.json", view / "latest.json")
-    folder = out / name
-    for path in sorted(folder.iterdir()):
+    for path in sorted((out / name).iterdir()):
         _link(path, view / name / path.name)
     for t in range(completed):
         record = out / "adapters" / f"task_{t}.safetensors"
         if record.exists():
             _link(record, view / "adapters" / record.name)
-    _link(out / "results.json", view / "results.json") if (out / "results.json").exists() else None
-    if _results_tasks(view / "results.json") == completed:
-        for plot in sorted(out.glob("*.png")):
-            _link(plot, view / plot.name)
-    elif (view / "results.json").exists():
-        (view / "results.json").unlink()
 
 
 @contextlib.contextmanager
@@ -283,8 +270,9 @@ def _view_root(out: Path) -> Iterator[Path]:
 def checkpoint_view(out: Path) -> Iterator[Path]:
     """A private folder that reads as `out` at its last complete checkpoint, for `evaluate`, `export` and `push` of
     a run that may be training: never a half-written checkpoint (only a renamed, complete one is named by
-    latest.json), never files of two tasks (taken again when latest.json moved on meanwhile), and the training is
-    neither locked nor slowed (hard links: no bytes copied, the run's files untouched). A folder without latest.json
+    latest.json), never files of two tasks (taken again when latest.json moved on meanwhile; results.json and the
+    plots left to the reader to rebuild from the checkpoint), and the training is neither locked nor slowed (hard
+    links: no bytes copied, the run's files untouched). A folder without latest.json
     is yielded as it is (nothing to be consistent with); the view is removed on exit."""
     out = Path(out)
     if _pointer(out) is None:

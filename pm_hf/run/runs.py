@@ -60,9 +60,8 @@ def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training
     loop = build_loop(RunConfig(*groups), hub=hub)
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
     loop.restore(state)
-    if view != out:  # the loop reads the view; what it reports names the run folder
+    if view != out:  # the loop reads the view; results.json and the plots are the checkpoint's, naming the run folder
         loop.results = lambda: {**ContinualLoop.results(loop), "output_dir": str(out)}
-    if not (view / "results.json").exists():  # the view of a run between its checkpoint and its results.json
         write_outputs(view, loop.results())
     return loop
 
