@@ -1,16 +1,17 @@
 """A recording stand-in for the Hugging Face Hub: `FakeHub.api` replaces `huggingface_hub.HfApi` where pm_hf makes
 its client (`pm_hf.hub.repository.HfApi`). It keeps every created repository, commit (with its files' bytes), branch
-and tag,
-and every call, and writes each commit into the Hugging Face cache in the standard layout (refs per branch and tag),
-so that offline `from_pretrained(repo_id, revision="task-2")` — transformers, PEFT's AutoPeft classes — loads what was
-pushed, through the real loading code.
+and tag, and every call, and writes each commit into the Hugging Face cache in the standard layout (refs per branch and
+tag), so that offline `from_pretrained(repo_id, revision="task-2")` — transformers, PEFT's AutoPeft classes — loads
+what was pushed, through the real loading code.
 
 It answers as the real client does: 401 for a token the Hub does not know, 403 for writing with a read-only token
 or to a namespace the token cannot write, 404 (`RepositoryNotFoundError`) for a repository it cannot see, 409 for
-creating what exists; `create_repo(exist_ok=True)` turns a 401/403 on an existing, visible repository into success (as
-`HfApi.create_repo` does, through `repo_info`); `whoami` tells the token's role (`auth.accessToken.role`: 'write',
-'read' or 'fineGrained' with scoped permissions). Every method (and the constructor) binds its arguments to the
-installed `HfApi`'s signature first: an argument the real method does not take is a `TypeError` here too."""
+creating what exists, 412 for a commit whose `parent_commit` is not its branch's head (the Hub lands one commit at a
+time); `auth_check(write=True)` answers 403 where the token cannot write an existing repository;
+`create_repo(exist_ok=True)` turns a 401/403 on an existing, visible repository into success (as `HfApi.create_repo`
+does, through `repo_info`); `whoami` tells the token's role (`auth.accessToken.role`: 'write', 'read' or
+'fineGrained' with scoped permissions). Every method (and the constructor) binds its arguments to the installed
+`HfApi`'s signature first: an argument the real method does not take is a `TypeError` here too."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ class FakeHub:
     """The whole stand-in Hub: `repos[repo_id]` = {"private", "branches": {name: oid}, "tags": {name: oid},
     "commits": {oid: {"files": {path: bytes}, "message", "parent", "branch"}}}; `calls`: (method, repo_id, details).
     `tokens` get the 'write' role and `read_tokens` the 'read' role, both of `user`, a member of `orgs` (names, with
-    write access, or {name: role in the org}, 'read' for read access only); `fine_grained` maps a token to
+    write access, or {name: role in the org}: 'read' for read access only, 'contributor' to create repositories
+    there and write only those); `fine_grained` maps a token to
     {namespace or repo_id: [permissions]} (e.g. {"me": ["repo.content.read", "repo.write"]})."""
 
     def __init__(self, user: str = "me", tokens=(GOOD_TOKEN,), cache_dir: str | Path | None = None, *,
@@ -105,6 +107,9 @@ class FakeHub:
         if record is None or record["role"] == "read":
             return False
         if record["role"] == "write":
+            repo = self.repos.get(repo_id)
+            if self.orgs.get(namespace) == "contributor" and repo is not None and repo.get("creator") != self.user:
+                return False  # an org's contributor creates repositories there, and writes only those
             return namespace in self._namespaces(write=True)
         return any(s["entity"]["name"] in (namespace, repo_id) and "repo.write" in s["permissions"]
                    for s in record["fineGrained"]["scoped"])  # fmt: skip
@@ -226,8 +231,18 @@ class RecordingApi:
                 except HfHubHTTPError:
                     raise err from None
             raise
-        self.hub.add_repo(repo_id, private)
+        self.hub.add_repo(repo_id, private)["creator"] = self.hub.user
         return url
+
+    @_as_real
+    def auth_check(self, repo_id: str, *, repo_type=None, token=None, write=False) -> None:
+        """GET /api/models/{repo_id}/auth-check[/write]: 404 for a repository the token cannot see (a
+        `RepositoryNotFoundError`), 403 for one it cannot write, 401 for a token the Hub does not know."""
+        self._call("auth_check", repo_id, write=write)
+        record = self._record()
+        self._visible(repo_id, record)
+        if write and not self.hub.can_write(record, repo_id):
+            raise _error(HfHubHTTPError, 403, f"403 Forbidden: you don't have write access to {repo_id}")
 
     @_as_real
     def create_branch(self, repo_id: str, *, branch: str, revision=None, exist_ok=False, **kwargs) -> None:

@@ -260,7 +260,40 @@ def test_a_token_that_can_write_passes_and_the_repository_is_made(monkeypatch, t
     target = pm_hf.hub.repository.connect(_hub_args(repo, token))
     expected = repo if "/" in repo else f"me/{repo}"
     assert target.repo_id == expected and expected in fake.repos
-    assert [c[0] for c in fake.calls] == ["whoami", "create_repo"]
+    made = [] if expected == "me/seq" else ["create_repo"]  # an existing one is checked, not made
+    assert [c[0] for c in fake.calls] == ["whoami", "auth_check", *made]
+    assert fake.calls[1][2] == {"write": True}
+
+
+def test_an_existing_repository_the_token_cannot_write_is_refused_by_the_hubs_own_check(monkeypatch):
+    """An org contributor: `whoami` shows a write token and a writable org, `create_repo(exist_ok=True)` would say
+    yes (409, then repo_info); the Hub's `auth-check/write` says 403, and nothing is created or written."""
+    fake = FakeHub(orgs={"team": "contributor"})
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
+    fake.add_repo("team/theirs")
+    assert fake.api(token=GOOD_TOKEN).create_repo("team/theirs", exist_ok=True).repo_id == "team/theirs"  # the trap
+    fake.calls.clear()
+    with pytest.raises(InputError, match=r"^hub_model_id = 'team/theirs': this token cannot write to it \(403\)"):
+        pm_hf.hub.repository.connect(_hub_args("team/theirs", GOOD_TOKEN))
+    assert [c[0] for c in fake.calls] == ["whoami", "auth_check"]
+    target = pm_hf.hub.repository.connect(_hub_args("team/mine", GOOD_TOKEN))  # a contributor makes its own
+    assert target.repo_id == "team/mine" and fake.repos["team/mine"]["creator"] == "me"
+    assert fake.api(token=GOOD_TOKEN).auth_check("team/mine", write=True) is None
+
+
+def test_the_stand_ins_auth_check_answers_as_the_hub():
+    fake = FakeHub()
+    fake.add_repo("me/seq")
+    fake.add_repo("other/private", private=True)
+    write, read, wrong = fake.api(token=GOOD_TOKEN), fake.api(token=READ_TOKEN), fake.api(token="hf_wrong")
+    assert write.auth_check("me/seq", write=True) is None and read.auth_check("me/seq") is None
+    assert _status(lambda: read.auth_check("me/seq", write=True)) == 403
+    assert _status(lambda: write.auth_check("other/public", write=True)) == 404
+    with pytest.raises(RepositoryNotFoundError):
+        write.auth_check("other/private")
+    assert _status(lambda: wrong.auth_check("me/seq")) == 401
+    with pytest.raises(TypeError):
+        write.auth_check("me/seq", writable=True)
 
 
 def test_resume_from_a_pushed_repo_equals_the_uninterrupted_run(hub, model_dir, tmp_path, pushed):

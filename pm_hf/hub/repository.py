@@ -31,7 +31,13 @@ from pathlib import Path
 
 from filelock import FileLock
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 
 from ..config.checks import invalid
 
@@ -67,7 +73,8 @@ def _client(token: str | None, field: str, value) -> HfApi:
 
 def connect(args) -> HubTarget:
     """Check the token and write access to the repository (created if needed, with `hub_private_repo`) and its
-    branch `hub_revision`, before anything is trained; an error names the field to fix. The repository name defaults
+    branch `hub_revision`, before anything is trained: `whoami` (the token's role and namespaces), then the Hub's
+    own `auth-check/write` on an existing repository; an error names the field to fix. The repository name defaults
     to output_dir's folder name under the token's user, as with the Trainer."""
     name = args.hub_model_id or Path(args.output_dir).absolute().name
     api = _client(args.hub_token, "hub_model_id", name)
@@ -77,14 +84,37 @@ def connect(args) -> HubTarget:
         raise invalid("hub_token", "<hidden>", f"the Hub did not accept the token ({type(err).__name__}).") from None
     repo_id = name if "/" in name else f"{identity['name']}/{name}"
     check_write_access(identity, repo_id)
+    exists = _can_write(api, repo_id)
     try:
-        repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
+        if not exists:  # a new repository: made now, which is itself the write check
+            repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
         if args.hub_revision:
             api.create_branch(repo_id, branch=args.hub_revision, exist_ok=True)
     except HUB_ERRORS as err:
         fix = f"the repository cannot be created or written with this token ({type(err).__name__}: {err})."
         raise invalid("hub_model_id", repo_id, " ".join(fix.split())) from None
     return HubTarget(api, repo_id, args.hub_revision, bool(getattr(args, "overwrite_hub_state", False)))
+
+
+def _can_write(api: HfApi, repo_id: str) -> bool:
+    """True when `repo_id` exists and the token may write its content (the Hub's `auth-check/write`, which writes
+    nothing), False when the token sees no such repository; a repository it sees but cannot write (403, a gated
+    one included) is refused. `create_repo(exist_ok=True)` cannot tell: it turns a 403 on an existing repository
+    into success."""
+    try:
+        api.auth_check(repo_id, write=True)
+        return True
+    except GatedRepoError:
+        raise invalid("hub_model_id", repo_id, "a gated repository this token cannot write: use your own.") from None
+    except RepositoryNotFoundError:
+        return False
+    except HUB_ERRORS as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            fix = f"this token cannot write to it ({status}): use a repository you can write to, or a token with "
+            raise invalid("hub_model_id", repo_id, fix + "write access to it.") from None
+        fix = f"its write access cannot be checked ({type(err).__name__}: {err})."
+        raise invalid("hub_model_id", repo_id, " ".join(fix.split())) from None
 
 
 def check_write_access(identity: dict, repo_id: str) -> None:
