@@ -14,7 +14,7 @@ import torch
 from card_checks import check_card
 from conftest import groups, torchrun
 from hub_standin import GOOD_TOKEN, READ_TOKEN, FakeHub, RecordingApi
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
@@ -376,3 +376,30 @@ def test_the_repository_defaults_to_the_output_folder_name(hub, model_dir, tmp_p
                   class_groups=[[0, 1]])  # fmt: skip
     run_continual(*args)
     assert list(hub.repos) == ["me/my-run"] and "adapter_model.safetensors" in hub.files("me/my-run")
+
+
+def test_a_repository_with_another_sequences_state_is_pushed_over_only_when_asked(hub, pushed, tmp_path):
+    """`pm-hf push` of a finished run (`push_run_dir`) where the repository's continual_state/ is another sequence's:
+    refused before anything is committed, unless `overwrite_hub_state`; its own sequence pushes over it."""
+    from pm_hf.run.runs import push_run_dir
+
+    _, out, _, _ = pushed
+    push = lambda **kw: push_run_dir(out, "me/shared", token=GOOD_TOKEN, push_continual_state=True, **kw)  # noqa: E731
+    push()
+    push()  # the same sequence again: accepted
+    state = json.loads(hub.files("me/shared")["continual_state/results.json"])
+    state["config"]["fingerprints"]["tasks"][0] = "another task's data"
+    (tmp_path / "other.json").write_text(json.dumps(state))
+    other = hub.api(token=GOOD_TOKEN)
+    op = CommitOperationAdd("continual_state/results.json", str(tmp_path / "other.json"))
+    other.create_commit("me/shared", [op], commit_message="another sequence's state")
+    before = hub.files("me/shared")
+    with pytest.raises(InputError, match=r"^hub_model_id = 'me/shared': holds the continual state of another seq"):
+        push()
+    assert hub.files("me/shared") == before
+    push(overwrite_hub_state=True)
+    pushed_state = json.loads(hub.files("me/shared")["continual_state/results.json"])
+    assert (
+        pushed_state["config"]["fingerprints"]
+        == json.loads((out / "results.json").read_text())["config"]["fingerprints"]
+    )

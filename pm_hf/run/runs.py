@@ -100,11 +100,13 @@ def export_run_dir(run_dir: str | Path, output: str | Path, mode: str = "adapter
 
 
 def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = None, revision: str | None = None,
-                 token: str | None = None, push_continual_state: bool = False) -> str:  # fmt: skip
+                 token: str | None = None, push_continual_state: bool = False,
+                 overwrite_hub_state: bool = False) -> str:  # fmt: skip
     """Push a run's export (exact adapter, card, plots, and its continual state if asked) to `hub_model_id` in one
-    commit; access is checked first. Returns the commit id."""
-    hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private,
-                          hub_revision=revision, output_dir=str(run_dir))  # fmt: skip
+    commit; access is checked first, and a repository holding another sequence's continual state is refused unless
+    `overwrite_hub_state`. The run may be training: its last complete checkpoint is pushed. Returns the commit id."""
+    hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private, hub_revision=revision,
+                          output_dir=str(run_dir), overwrite_hub_state=overwrite_hub_state)  # fmt: skip
     target = connect(hub)
     with checkpoint_view(run_dir) as view:
         loop = load_run(run_dir, target, view, hub_strategy="end", push_continual_state=push_continual_state)
