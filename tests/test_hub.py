@@ -1,8 +1,9 @@
 """Runs on the Hub, against a recording stand-in of the Hub client (`hub_standin.FakeHub`, which keeps every repo,
 commit, file, branch and tag and serves them to offline `from_pretrained` through the HF cache): the pushed layout per
 `hub_strategy`, each pushed revision reloading alone with PEFT's AutoPeft class and reproducing that task's logits,
-the model card's metadata against results.json, the token checked before training and never written, a sequence
-continued from the Hub equal to the uninterrupted run, and `pm-hf push`."""
+the model card's metadata against results.json, the token and its write access checked before training (whoami, then
+the Hub's own auth-check/write) and never written, a sequence continued from the Hub equal to the uninterrupted run,
+`pm-hf push`, and a repository holding another sequence's state pushed over only with `overwrite_hub_state`."""
 
 import inspect
 import json

@@ -58,7 +58,8 @@ def hub(monkeypatch, tmp_path):
 def test_the_push_token_is_never_written_or_logged(hub, model_dir, tmp_path, capfd, caplog):
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "run"
-    args = groups(model_dir, out, class_groups=[[0, 1], [2, 3]], push_to_hub=True, hub_token=TOKEN,
+    args = groups(model_dir, out, class_groups=[[0, 1], [2, 3]], max_train_samples_per_class=8,
+                  max_eval_samples_per_class=4, push_to_hub=True, hub_token=TOKEN,
                   hub_model_id="me/secret", push_continual_state=True, hub_strategy="every_task",
                   save_strategy="steps", save_steps=1, report_to=["tensorboard"], logging_steps=1)  # fmt: skip
     scanner = ScanWhileSaving(out)
