@@ -232,10 +232,10 @@ def _pointer(out: Path) -> tuple[str, int, int] | None:
     try:
         stat, record = (out / "latest.json").stat(), json.loads((out / "latest.json").read_text())
         return str(record["checkpoint"]), int(record["completed"]), stat.st_ino
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # damaged: the reader's own checks say so
         return "", -1, -1
     except OSError:  # none, or `out` is no folder
-        return None  # damaged: the reader's own checks say so
+        return None
 
 
 def _take_view(out: Path, view: Path, name: str, completed: int) -> None:
@@ -272,8 +272,8 @@ def checkpoint_view(out: Path) -> Iterator[Path]:
     a run that may be training: never a half-written checkpoint (only a renamed, complete one is named by
     latest.json), never files of two tasks (taken again when latest.json moved on meanwhile; results.json and the
     plots left to the reader to rebuild from the checkpoint), and the training is neither locked nor slowed (hard
-    links: no bytes copied, the run's files untouched). A folder without latest.json
-    is yielded as it is (nothing to be consistent with); the view is removed on exit."""
+    links: no bytes copied, the run's files untouched). A folder without latest.json is yielded as it is (nothing
+    to be consistent with); the view is removed on exit."""
     out = Path(out)
     if _pointer(out) is None:
         yield out
