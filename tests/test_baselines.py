@@ -403,6 +403,14 @@ def test_osf_keeps_the_preserved_subspace_of_the_first_task(model_dir, tmp_path)
         assert torch.equal(state[f"weights/{key}"], record.merged[1][key])
 
 
+def test_osf_refuses_mid_task_checkpoints_before_writing(model_dir, tmp_path):
+    from pm_hf.errors import InputError
+
+    with pytest.raises(InputError, match="save_strategy = 'steps'"):
+        run_continual(*groups(model_dir, tmp_path / "o", merge_method="osf", save_strategy="steps"))
+    assert not (tmp_path / "o").exists()
+
+
 def test_olora_penalty_by_hand():
     old = {"a": torch.tensor([[1.0, 0.0, 2.0]]), "b": torch.ones(1, 2)}  # "b" has no new A: it adds nothing
     new = {"a": torch.tensor([[1.0, 1.0, 1.0], [0.0, -3.0, 1.0]]), "c": torch.ones(2, 2)}  # "c" has no old A

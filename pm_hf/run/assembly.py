@@ -155,6 +155,7 @@ def check_before_loading(strategy, causal: bool, data_args, args, fisher_args, m
     if args.should_save:
         check_writable(Path(args.output_dir))
     check_split_run(args, strategy, fisher_args, merge_args)
+    strategy.check_training(args)
     if causal and merge_args.head_align != "none":
         raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
     if strategy.needs_pretrained and data_args.scenario == "domain_incremental":

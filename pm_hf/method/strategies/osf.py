@@ -46,6 +46,14 @@ class OSF(MergeStrategy):
         super().__init__(**knobs)
         self.training: OSFTraining | None = None
 
+    def check_training(self, args) -> None:
+        """A mid-task Trainer checkpoint holds the LoRA adapter and the head, not OSF's factors: a task resumed from
+        one would restart OSF from its SVD with the optimizer's later state. Checkpoints come once per task."""
+        strategy = getattr(args.save_strategy, "value", args.save_strategy)
+        if strategy != "no":
+            fix = "osf keeps no mid-task Trainer checkpoint (its factors are not in one): use `save_strategy: no` "
+            raise invalid("save_strategy", strategy, fix + "(pm_hf checkpoints after every task).")
+
     def callbacks(self, stream) -> list:
         self.training = OSFTraining(stream)
         return [self.training]
