@@ -460,7 +460,7 @@ def test_a_loss_term_joins_the_training_loss_only(model_dir, tmp_path):
             m.p = 0.0
     with_term = trainer.compute_loss(model, inputs)
     expected = 0.5 * sum(float(a.detach().sum()) for a in lora_weights(model, "A").values())
-    assert float(with_term - plain) == pytest.approx(expected, rel=1e-5, abs=1e-6) and Half.calls == 1
+    assert float((with_term - plain).detach()) == pytest.approx(expected, rel=1e-5, abs=1e-6) and Half.calls == 1
 
 
 class _TrainingA(TrainerCallback):
