@@ -403,11 +403,14 @@ def test_osf_keeps_the_preserved_subspace_of_the_first_task(model_dir, tmp_path)
         assert torch.equal(state[f"weights/{key}"], record.merged[1][key])
 
 
-def test_osf_refuses_mid_task_checkpoints_before_writing(model_dir, tmp_path):
+def test_osf_refuses_mid_task_checkpoints_and_perturbation_before_writing(model_dir, tmp_path):
     from pm_hf.errors import InputError
 
     with pytest.raises(InputError, match="save_strategy = 'steps'"):
         run_continual(*groups(model_dir, tmp_path / "o", merge_method="osf", save_strategy="steps"))
+    with pytest.raises(InputError, match="perturbation = 'task_vector'"):  # a no-op on OSF: refused, not ignored
+        run_continual(*groups(model_dir, tmp_path / "o", merge_method="osf", save_strategy="no",
+                              perturbation="task_vector"))  # fmt: skip
     assert not (tmp_path / "o").exists()
 
 

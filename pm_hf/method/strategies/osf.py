@@ -48,11 +48,15 @@ class OSF(MergeStrategy):
 
     def check_training(self, args) -> None:
         """A mid-task Trainer checkpoint holds the LoRA adapter and the head, not OSF's factors: a task resumed from
-        one would restart OSF from its SVD with the optimizer's later state. Checkpoints come once per task."""
+        one would restart OSF from its SVD with the optimizer's later state. Checkpoints come once per task. The P&M
+        perturbation scales the LoRA adapter, which OSF leaves frozen at zero: refused rather than silently void."""
         strategy = getattr(args.save_strategy, "value", args.save_strategy)
         if strategy != "no":
             fix = "osf keeps no mid-task Trainer checkpoint (its factors are not in one): use `save_strategy: no` "
             raise invalid("save_strategy", strategy, fix + "(pm_hf checkpoints after every task).")
+        if args.perturbation != "none" and args.perturb_eps != 0:  # it would scale the frozen, zero LoRA adapter
+            fix = "osf trains OSF's factors, not the LoRA adapter the perturbation scales: use `perturbation: none`."
+            raise invalid("perturbation", args.perturbation, fix)
 
     def callbacks(self, stream) -> list:
         self.training = OSFTraining(stream)
