@@ -463,6 +463,19 @@ METHODS: dict[str, tuple[dict, str]] = {
         "slow learner (SLCA-style): backbone LoRA at 0.01 x the suite's learning rate, the head at the full rate, "
         "alpha = 1, + the prototype head alignment",
     ),
+    # PEFT's OSF and O-LoRA (docs/baselines.md): the suite's linear class head, trained on each task's classes as for
+    # seq-merge (the head grows per task), no prototype alignment, no perturbation
+    "osf": (
+        {"merge_method": "osf", **_NO_PERTURB, BACKBONE_LR_SCALE: 0.05},
+        "PEFT's OSF, one adapter continued: SVD re-taken per task, top t/T singular directions of q/v preserved, the "
+        "rest trained (lr 0.05 x the suite's, the docs' 1e-5..1e-4 range; the linear head at the full rate), merged "
+        "as trained",
+    ),
+    "olora": (
+        {"merge_method": "olora", **_NO_PERTURB},
+        "O-LoRA: a new LoRA per task with 0.5 sum ||A_t A_i^T||_1 against earlier tasks' A, merged with alpha = 1 "
+        "(the linear head trained per task)",
+    ),
 }
 COMPACT_KEYS = (
     "tasks",
