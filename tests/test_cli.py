@@ -59,6 +59,7 @@ def fake_continual(monkeypatch):
     runs = types.ModuleType("pm_hf.run.runs")
     runs.evaluate_run = evaluate_run
     monkeypatch.setitem(sys.modules, "pm_hf.run.runs", runs)
+    monkeypatch.setattr("pm_hf.commands.cli.run_folder", lambda run_dir: calls.setdefault("checked", run_dir))
     return calls
 
 

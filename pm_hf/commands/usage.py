@@ -65,6 +65,11 @@ class InputErrors:
     of exiting, so the CLI reports it as every other bad input."""
 
     def error(self, message: str):
+        required = re.match(r"the following arguments are required: (.*)", message)
+        if required:
+            names = [n.strip() for n in required.group(1).split(",")]
+            also = f" (also {', '.join(names[1:])})" if names[1:] else ""
+            raise invalid(names[0].lstrip("-"), None, f"required: give {names[0]}{also}; see --help.")
         match = re.match(r"argument --([\w-]+)[^:]*: (.*)", message)
         if not match:
             raise InputError(f"arguments = {message}: {HELP_HINT}.")
