@@ -2,8 +2,7 @@
 exit 2 with one line `pm-hf: error: <field> = ...` naming the case's field, no traceback, nothing created or changed
 on disk or on the Hub stand-in; the API raises `InputError` naming the Python argument. The quick sample (no run
 trained, no adapters made) runs in the default tier, the whole table in the slow one. Then what the table's rows
-cannot show: a refused push asked the Hub nothing, an API error comes before the model is loaded, and a
-`TrainingArguments` is taken as the PMConfig of the fields it sets."""
+cannot show: a refused push asked the Hub nothing, an API error comes before the model is loaded."""
 
 from __future__ import annotations
 
@@ -11,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForSequenceClassification, TrainingArguments
+from transformers import AutoModelForSequenceClassification
 
 from pm_hf import ContinualTrainer, PMConfig
 from pm_hf.config.checks import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from reliability_tables import TABLES, doors  # noqa: E402
+from reliability_tables import TABLES, door_inputs, doors  # noqa: E402
 
 
 def _failures(rows) -> list:
@@ -41,8 +40,8 @@ def test_every_door_refuses_every_bad_input_cleanly(tmp_path):
 
 def test_a_case_that_writes_or_names_another_field_fails(tmp_path, monkeypatch):
     """The table can fail: an error naming another field, and a refusal that wrote a file, are not ok."""
-    ctx = doors.Context(tmp_path)
-    wrong = doors.Case("export", "wrong field", "mode", lambda c, f: ["export", str(f / "nowhere"), "--output", "x"])
+    ctx = door_inputs.Context(tmp_path)
+    wrong = doors.Case("export", "wrong field", "mode", "export {f}/nowhere --output {f}/x")
     ok, detail = doors.run_case(wrong, ctx, tmp_path / "a")
     assert not ok and "names 'run_dir', not 'mode'" in detail
 
@@ -51,13 +50,13 @@ def test_a_case_that_writes_or_names_another_field_fails(tmp_path, monkeypatch):
         return 2, "pm-hf: error: run_dir = 'x': not found.\n"
 
     monkeypatch.setattr(doors, "_command", refuses_after_writing)
-    ok, detail = doors.run_case(doors.Case("export", "writes", "run_dir", lambda c, f: ["export"]), ctx, tmp_path / "b")
+    ok, detail = doors.run_case(doors.Case("export", "writes", "run_dir", "export"), ctx, tmp_path / "b")
     assert not ok and "but changed ['b/stray']" in detail
 
 
 def test_an_api_error_comes_before_the_model_is_loaded(tmp_path, monkeypatch):
     """A bad later task, and an output folder of other files: refused before `from_pretrained`, nothing written."""
-    ctx = doors.Context(tmp_path / "ctx")
+    ctx = door_inputs.Context(tmp_path / "ctx")
     loads = []
     real = AutoModelForSequenceClassification.from_pretrained.__func__
 
@@ -82,22 +81,17 @@ def test_an_api_error_comes_before_the_model_is_loaded(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
 
 
-def test_training_arguments_are_taken_as_the_pmconfig_of_the_fields_they_set(tmp_path):
-    given = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=3e-3, num_train_epochs=2, seed=7,
-                              lr_scheduler_type="cosine", use_cpu=True, report_to=[])  # fmt: skip
-    trainer = ContinualTrainer("unused-model", given, tasks=[])
-    args = trainer.args
-    assert isinstance(args, PMConfig) and args.output_dir == str(tmp_path / "out")
-    assert (args.learning_rate, args.num_train_epochs, args.seed, args.lr_scheduler_type.value) == (
-        3e-3,
-        2,
-        7,
-        "cosine",
-    )
-    assert args.hub_strategy == PMConfig(output_dir="x").hub_strategy  # PMConfig's own default, not 'every_save'
-    assert args.perturbation == PMConfig(output_dir="x").perturbation
-    with pytest.raises(InputError, match=r"^args\.hub_strategy = "):  # a value PMConfig does not take, named
-        ContinualTrainer("unused-model", TrainingArguments(output_dir="o", hub_strategy="checkpoint"), tasks=[])
-    with pytest.raises(InputError, match=r"^args = 'dict': give pm_hf's PMConfig"):
-        ContinualTrainer("unused-model", {"output_dir": "o"}, tasks=[])
-    assert not (tmp_path / "out").exists()
+def test_a_refused_push_asks_the_hub_nothing(tmp_path):
+    """A missing run folder, a bad repository id or branch: refused before the token is even shown to the Hub."""
+    (tmp_path / "run").mkdir()
+    repo = ["--hub_model_id", "me/model", "--hub_token", "TOKEN"]
+    with doors._hub_standin(tmp_path / "cache") as hub:
+        refused = [
+            doors._command(["push", str(tmp_path / "nowhere"), *repo]),
+            doors._command(["push", str(tmp_path / "run"), *repo]),
+            doors._command(["push", str(tmp_path / "run"), "--hub_model_id", "me/a b", "--hub_token", "TOKEN"]),
+            doors._command(["push", str(tmp_path / "run"), *repo, "--revision", "a..b"]),
+        ]
+    fields = [err.split(" = ")[0].removeprefix("pm-hf: error: ") for _, err in refused]
+    assert [code for code, _ in refused] == [2] * 4 and fields == ["run_dir", "run_dir", "hub_model_id", "revision"]
+    assert hub.calls == [] and hub.repos == {}
