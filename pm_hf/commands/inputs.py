@@ -75,7 +75,7 @@ def _is_export(path: Path) -> bool:
 
 def export_mode(mode: str, rank: int | None) -> None:
     if mode not in MODES:
-        raise invalid("mode", mode, f"use one of {list(MODES)}.")
+        raise invalid("mode", mode, "use 'adapter', 'adapter-svd', 'merged' or 'per-task'.")
     if rank is not None and mode != "adapter-svd":
         raise invalid("rank", rank, "only --mode adapter-svd keeps a rank: drop --rank, or use that mode.")
     if mode == "adapter-svd" and (rank is None or rank < 1):
