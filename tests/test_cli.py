@@ -378,3 +378,14 @@ def test_subcommand_options_are_never_abbreviated_and_required_ones_are_named(ca
             main(argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: {line}"), err
+
+
+def test_train_refuses_a_resume_from_without_a_checkpoint_before_taking_the_folder(tmp_path, capsys, monkeypatch):
+    """Reported: the check came under the run folder's lock, after the model was loaded, and left the lock file."""
+    monkeypatch.chdir(ROOT)
+    out, source = tmp_path / "out", tmp_path / "nowhere"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/ci_tiny.yaml", "--output_dir", str(out), "--resume_from", str(source)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: resume_from = '{source}': holds no checkpoint")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
