@@ -208,7 +208,7 @@ class ContinualTrainer:
         return self.loop
 
     def _add_pending(self) -> None:
-        tasks, self._pending = self._pending, []
+        tasks, self._pending = self._pending, []  # a refused task is not added
         with quiet_datasets():
             prepared = self._prepare(tasks, self.loop.stream, self.loop.processor)
         _append(self.loop, prepared)
@@ -345,10 +345,10 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     processor = trainer._processor
     if processor is None and model_args.model_name_or_path != IN_MEMORY:
         processor = load_processor(model_args)
-    pending, trainer._pending = trainer._pending, []
-    with quiet_datasets():
-        stream = first_stream(pending[0], processor, trainer.data_args, trainer.args.seed, causal)
-        prepared = trainer._prepare(pending[1:], stream, processor)
+    with quiet_datasets():  # a refused task leaves the pending ones as they were
+        stream = first_stream(trainer._pending[0], processor, trainer.data_args, trainer.args.seed, causal)
+        prepared = trainer._prepare(trainer._pending[1:], stream, processor)
+    trainer._pending = []
     if isinstance(model, PreTrainedModel):
         loaded = lambda: model  # noqa: E731 - the user's model, trained in place
         if model_args.model_name_or_path == IN_MEMORY:  # no folder to reload it from: a copy for the export's base

@@ -95,3 +95,15 @@ def test_a_refused_push_asks_the_hub_nothing(tmp_path):
     fields = [err.split(" = ")[0].removeprefix("pm-hf: error: ") for _, err in refused]
     assert [code for code, _ in refused] == [2] * 4 and fields == ["run_dir", "run_dir", "hub_model_id", "revision"]
     assert hub.calls == [] and hub.repos == {}
+
+
+def test_a_refused_task_list_is_kept_whole(tmp_path):
+    """A refused task leaves the trainer's tasks as given: the same error again, no loop, no folder."""
+    ctx = door_inputs.Context(tmp_path / "ctx")
+    args = PMConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    first, second = doors._tasks(ctx)
+    trainer = ContinualTrainer(ctx.assets["model"], args, tasks=[first, {"test": second["test"]}])
+    for _ in range(2):  # the same error again: nothing of the list was dropped
+        with pytest.raises(InputError, match=r"^tasks\[1\] = \{'test': \d+\}: has no 'train' split"):
+            trainer.evaluate()
+    assert trainer.loop is None and not (tmp_path / "out").exists()
