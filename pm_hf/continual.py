@@ -42,7 +42,7 @@ from .run.checkpoint import LATEST, copy_checkpoint, state_files
 from .run.evaluation import evaluation_metrics
 from .run.loop import ContinualLoop
 from .run.run_export import export_run
-from .run.rundir import check_claim, claim, output_lock
+from .run.rundir import check_claim, check_writable, claim, output_lock
 
 # the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
 RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
@@ -280,6 +280,8 @@ class ContinualTrainer:
         """Write the merged model as the run does at its end (the exact merged adapter with its card and
         pm_hf_export.json, see `ContinualLoop.export`) to `output_dir` (default: args.output_dir/merged_adapter)."""
         loop = self._trained("save_model")
+        if output_dir is not None:  # a file in its place or above it: refused before the export is written
+            check_writable(Path(output_dir))
         if self.args.should_save:
             export_run(loop, Path(output_dir) if output_dir else None)
 

@@ -208,6 +208,11 @@ def test_evaluate_save_model_and_a_new_task(run, tmp_path):
     assert metrics["eval_accuracy"] == pytest.approx(seq.results["accuracy_matrix"][-1][0])
     assert metrics["eval_task_0_accuracy"] == metrics["eval_accuracy"] and "eval_task_1_accuracy" not in metrics
     assert seen.metrics[-1] == metrics and seq.state.log_history[-1]["eval_accuracy"] == metrics["eval_accuracy"]
+    (tmp_path / "notes.txt").write_text("mine")
+    for bad in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "export"):  # a file in its place or above it
+        with pytest.raises(InputError, match=r"^output_dir = .*notes\.txt.*: (is a file|lies under)"):
+            seq.save_model(str(bad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     seq.save_model(str(tmp_path / "export"))
     info = json.loads((tmp_path / "export" / "pm_hf_export.json").read_text())
     assert (tmp_path / "export" / "adapter_model.safetensors").is_file() and len(info["alphas"]) == 2
