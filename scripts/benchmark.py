@@ -300,7 +300,7 @@ def run_cost(quick: bool) -> tuple[dict, dict]:
         spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "scripts" / "bench_pipeline.py")
         bench_pipeline = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench_pipeline)  # the whole pipeline's part of the cost suite
-        pipeline = bench_pipeline.pipeline_cost(Path(tmp), rounds=1 if quick else 2, samples=60 if quick else 150)
+        pipeline = bench_pipeline.pipeline_cost(Path(tmp), rounds=2 if quick else 3, samples=60 if quick else 150)
     figures = {
         "pm_over_plain_step_rate": step["ratio"],
         "fisher_per_sample_over_epoch": fm["fisher_per_sample_over_epoch"],
@@ -330,7 +330,9 @@ def verdict(key: str, value: float) -> str:
 def write_reports(out: Path, figures: dict, raw: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
-    (out / "cost.json").write_text(json.dumps({**figures, "raw": raw, "machine": machine}, indent=1) + "\n")
+    # figures_version 2: every figure measured on the work it describes (scripts/doc_figures.py labels by it)
+    report = {**figures, "figures_version": 2, "raw": raw, "machine": machine}
+    (out / "cost.json").write_text(json.dumps(report, indent=1) + "\n")
     title = f"# Cost suite ({'quick' if raw['quick'] else 'full'}, {raw['model']}, {machine['date']}, torch "
     title += f"{torch.__version__}, transformers {transformers.__version__}, {THREADS} threads)"
     lines = [title, "", "| figure | value | bar | result |", "|---|---|---|---|"]
