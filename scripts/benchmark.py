@@ -67,7 +67,7 @@ BARS = {
     "fisher_batch_over_epoch": None,
     "merge_over_train": ("<=", 0.01),
     "state_growth_10_over_2": ("<=", 1.05),
-    "checkpoint_growth_10_over_2": None,
+    "state_without_log_growth_10_over_2": None,
     "log_bytes_per_task": None,
     "rss_growth_10_over_2": ("<=", 1.05),
     "preset_over_seq_merge_task_time": ("<=", 1.3),
@@ -222,7 +222,7 @@ def _checkpoint_breakdown(folder: Path) -> dict[str, int]:
 def state_bytes(snapshot: dict) -> int:
     """The continual state in a checkpoint: every file but the per-task log (S, G, theta_hat, the callbacks' state,
     the RNG states, the config, the manifest). The log is the run's results, one row per task (its growth is
-    `log_bytes_per_task`; `checkpoint_growth_10_over_2` is the whole folder's)."""
+    `log_bytes_per_task`; `state_growth_10_over_2` is the whole folder's)."""
     return snapshot["checkpoint_bytes"] - snapshot["parts"].get("log", 0)
 
 
@@ -306,8 +306,8 @@ def run_cost(quick: bool) -> tuple[dict, dict]:
         "fisher_per_sample_over_epoch": fm["fisher_per_sample_over_epoch"],
         "fisher_batch_over_epoch": fm["fisher_batch_over_epoch"],
         "merge_over_train": fm["merge_over_train"],
-        "state_growth_10_over_2": state_bytes(a10) / state_bytes(a2),
-        "checkpoint_growth_10_over_2": a10["checkpoint_bytes"] / a2["checkpoint_bytes"],
+        "state_growth_10_over_2": a10["checkpoint_bytes"] / a2["checkpoint_bytes"],  # the bar's figure, as it was set
+        "state_without_log_growth_10_over_2": state_bytes(a10) / state_bytes(a2),
         "log_bytes_per_task": (a10["parts"].get("log", 0) - a2["parts"].get("log", 0)) / 8,
         "rss_growth_10_over_2": a10["vm_rss"] / a2["vm_rss"],
         "preset_over_seq_merge_task_time": pipeline["preset_over_seq_merge"],

@@ -270,7 +270,7 @@ def fisher_traces() -> str:
 
 
 # results/cost/cost.json written before the figures were measured on the work they describe (no "figures_version"):
-# merge_over_train was over an extrapolated task, state_growth_10_over_2 the whole checkpoint folder
+# merge_over_train was over an extrapolated task
 COST_LABELS_V1 = {
     "pm_over_plain_step_rate": ("`PMTrainer` (eps 0.5) / plain `Trainer` optimizer steps per second", 3),
     "fisher_per_sample_over_epoch": ("per-sample Fisher pass / one training epoch", 2),
@@ -286,9 +286,9 @@ COST_LABELS = {
     "fisher_per_sample_over_epoch": ("per-sample Fisher pass / one training epoch", 2),
     "fisher_batch_over_epoch": ("batch-mode Fisher pass / one training epoch", 2),
     "merge_over_train": ("task vector + alpha + merge / the training of the task merged", 4),
-    "state_growth_10_over_2": ("continual state in the checkpoint (all but the per-task log) after task 10 / after "
-                               "task 2 (10-task tiny-BERT run)", 3),
-    "checkpoint_growth_10_over_2": ("whole checkpoint folder (with the per-task log) after task 10 / after task 2", 3),
+    "state_growth_10_over_2": ("whole checkpoint folder (with the per-task log) after task 10 / after task 2 "
+                               "(10-task tiny-BERT run)", 3),
+    "state_without_log_growth_10_over_2": ("the same without the per-task log (S, G, weights, callbacks' state)", 3),
     "log_bytes_per_task": ("bytes the per-task log (results rows) adds to the checkpoint per task", 0),
     "rss_growth_10_over_2": ("resident memory after task 10 / after task 2", 3),
     "preset_over_seq_merge_task_time": (
