@@ -42,7 +42,7 @@ from .run.checkpoint import LATEST, copy_checkpoint, state_files
 from .run.evaluation import evaluation_metrics
 from .run.loop import ContinualLoop
 from .run.run_export import export_run
-from .run.rundir import check_claim, check_writable, claim, output_lock
+from .run.rundir import IN_USE, check_claim, check_writable, claim, in_use, output_lock
 
 # the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
 RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
@@ -117,6 +117,8 @@ class ContinualTrainer:
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
+        if main and in_use(Path(args.output_dir)):  # another live process trains there: refused before loading
+            raise invalid("output_dir", args.output_dir, IN_USE)
         self.hub = connect(args) if args.push_to_hub and main else None
         source = args.resume_from
         if source and main and is_repo_id(source):
@@ -301,6 +303,7 @@ class ContinualTrainer:
                 output_dir=a.output_dir,
                 hub_private_repo=a.hub_private_repo,
                 hub_revision=revision or a.hub_revision,
+                overwrite_hub_state=a.overwrite_hub_state,
             )
             with self._python_names():
                 target = connect(hub)

@@ -215,6 +215,7 @@ def _push(argv: list[str]) -> int:
     parser.add_argument("--revision", default=None, help="push to this branch (created if needed)")
     parser.add_argument("--hub_token", default=None, help="a token (default: the logged-in one)")
     parser.add_argument("--push_continual_state", action="store_true", help="push the state to continue from")
+    parser.add_argument("--overwrite_hub_state", action="store_true", help="replace another sequence's continual state")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     with _errors("--debug" in argv):
         args = parser.parse_args(argv)
@@ -225,7 +226,7 @@ def _push(argv: list[str]) -> int:
         run_folder(args.run_dir)
         with as_run_dir():
             oid = push_run_dir(args.run_dir, args.hub_model_id, args.private or None, args.revision, args.hub_token,
-                               args.push_continual_state)  # fmt: skip
+                               args.push_continual_state, overwrite_hub_state=args.overwrite_hub_state)  # fmt: skip
     if _is_main_process():
         print(f"Pushed {args.run_dir} to https://huggingface.co/{args.hub_model_id} (commit {oid[:10]})")
     return 0

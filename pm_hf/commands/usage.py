@@ -24,6 +24,7 @@ commands:
   export    RUN_DIR --output DIR [--mode adapter|adapter-svd|merged|per-task] [--rank K]
             write the merged model as a folder that loads alone (AutoPeftModelFor... or AutoModelFor...)
   push      RUN_DIR --hub_model_id USER/NAME [--private] [--revision BRANCH] [--push_continual_state]
+            [--overwrite_hub_state]
             push a finished run's merged adapter, model card and plots to the Hub
   merge     --adapters A B ... --output DIR [--merge_method NAME] [--config DATA.yaml]
             merge trained LoRA adapters of one base in order (the Fisher from each task's data in --config)
