@@ -467,8 +467,8 @@ METHODS: dict[str, tuple[dict, str]] = {
     "pm-secant-proto": ({**get_preset("pm-proto"), "alpha_calibration": "secant", **_LOG}, "pm-secant + prototypes"),
     "pm-branch-proto": ({**get_preset("pm-proto"), "alpha_calibration": "branch", **_LOG}, "pm-branch + prototypes"),
     "pm-curve-proto": ({**get_preset("pm-proto"), "alpha_calibration": "curve", **_LOG}, "pm-curve + prototypes"),
-    "validated-proto": (
-        {**get_preset("pm-proto"), "merge_method": "validated-alpha"},
+    "pm-validated": (
+        get_preset("pm-validated"),  # the shipped, recommended preset itself
         "P&M training + the prototype head; alpha per task from an accuracy estimate on held-out training data and "
         "drift-widened class statistics (no eval data)",
     ),
