@@ -94,10 +94,13 @@ def test_alpha_table_bars_by_hand():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     accs = {"p": [70.0, 72.0], "coma-proto": [71.0], "fixed-1-eps-proto": [69.0], "sqrt-t-proto": [60.0],
+            "slow-proto": [70.5], "seq-proto": [50.0], "osf": [40.0], "olora": [41.0],
             "oracle-alpha-proto": [71.5, 72.5]}  # fmt: skip
-    assert table.check_bars(accs, "p") == []  # mean 71 >= 71, 69, 60; oracle 72 is 1.0 above: within the bar
+    assert table.check_bars(accs, "p") == []  # mean 71 >= 71, 69, 60, 70.5, ...; oracle 72 is 1.0 above: within
     accs["oracle-alpha-proto"] = [72.5]
     accs["coma-proto"] = [71.5]
-    assert table.check_bars(accs, "p") == ["< coma-proto by 0.5", "1.5 below oracle-alpha-proto"]
-    assert table.check_bars({"p": [1.0]}, "p") == [f"{m} missing" for m in (*table.FLOOR, table.ORACLE)]
+    accs["slow-proto"] = [73.0]
+    assert table.check_bars(accs, "p") == ["< coma-proto by 0.5", "< slow-proto by 2.0", "1.5 below oracle-alpha-proto"]
+    expected = [f"{m} missing" for m in (*table.FLOOR, *table.RIVALS, table.ORACLE)]
+    assert table.check_bars({"p": [1.0]}, "p") == expected
     assert table.check_bars({}, "p") == ["no p run"]

@@ -50,7 +50,8 @@ class ValidatedAlpha(MergeStrategy):
 
     @staticmethod
     def check(values) -> None:
-        if values.head_align != "prototypes" or values.head_align_drift != "sdc":
+        ours = getattr(values, "merge_method", ValidatedAlpha.name) == ValidatedAlpha.name  # (an instance: ours)
+        if ours and (values.head_align != "prototypes" or values.head_align_drift != "sdc"):
             fix = "validated-alpha scores merges under the prototype head: set head_align: prototypes, "
             raise invalid("head_align", values.head_align, fix + "head_align_drift: sdc.")
 
