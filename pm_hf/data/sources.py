@@ -155,6 +155,12 @@ def load_splits(spec: dict, data_args: DataArguments) -> tuple[datasets.Dataset,
 
 
 def labels_of(ds: datasets.Dataset, column: str, split: str, where: str) -> np.ndarray:
+    """The split's class ids (non-negative integers); the split must have rows and the label column."""
+    if len(ds) == 0:
+        raise invalid(where, f"{split!r} split", "has no rows: every split needs data.")
+    if column not in ds.column_names:
+        raise invalid("label_column", column, f"not a column of the '{split}' split of {where}; use one of "
+                      f"{ds.column_names}.")  # fmt: skip
     feature = ds.features[column]
     dtype = getattr(feature, "dtype", "")
     if not isinstance(feature, datasets.ClassLabel) and not str(dtype).startswith(("int", "uint")):
