@@ -4,6 +4,7 @@ every class of the eval split is also trained — with errors of the form `<fiel
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -123,12 +124,27 @@ def check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str
             raise invalid(arg, column, f"not a column of the '{split}' split of {where}; use one of {ds.column_names}.")
 
 
+@contextlib.contextmanager
+def _errors_unlogged():
+    """datasets' own log lines off (its readers log an error before raising it), so a bad file is reported in one
+    line, by the error that names the field."""
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+
+
 def load_dataset_dict(spec: dict) -> datasets.DatasetDict:
     """`datasets.load_dataset` of one source; loading problems become errors that name the dataset field."""
     field_name = "dataset_name" if spec["dataset_name"] not in FILE_BUILDERS else "data_files"
     value = spec[field_name]
     try:
-        loaded = datasets.load_dataset(spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"])
+        with _errors_unlogged():  # a reader's error is logged, then raised: the raised one is reported below
+            loaded = datasets.load_dataset(
+                spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"]
+            )
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         fix = "no local dataset of that name, and it cannot be loaded from the Hub here (offline or not found)"
         raise invalid(field_name, value, f"{fix}: {str(err).splitlines()[0][:200]}") from err
