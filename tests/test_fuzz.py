@@ -40,7 +40,8 @@ def test_the_judge_counts_only_contract_refusals(tmp_path):
     line = "pm-hf: error: r = 0: use an integer >= 1."
     assert fuzz.judge(0, "", {}, {}) == ("validated", "")
     assert fuzz.judge(2, line + "\n", {}, {}) == ("refused", line)
-    assert fuzz.judge(2, line + "\n" + line, {}, {})[0] == "other"  # two lines
+    assert fuzz.judge(2, line + "\n" + line, {}, {})[0] == "other"  # two error lines
+    assert fuzz.judge(2, "x.py:1: FutureWarning: `a` is deprecated\n" + line, {}, {}) == ("refused", line)
     assert fuzz.judge(2, "Traceback (most recent call last):\n" + line, {}, {})[0] == "other"
     assert fuzz.judge(2, "pm-hf: error: training arguments = None: x", {}, {})[0] == "other"  # field not one word
     assert fuzz.judge(1, line, {}, {})[0] == "other"

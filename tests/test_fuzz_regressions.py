@@ -18,6 +18,7 @@ from pm_hf.commands.cli import main
 from pm_hf.config.groups import DataArguments, PMConfig
 from pm_hf.data.streams import build_task_stream, task_from_datasets, task_splits
 from pm_hf.errors import InputError
+from pm_hf.testing import tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from reliability_tables.common import ERROR_LINE  # noqa: E402
@@ -75,11 +76,20 @@ def prepared(entry: dict, processor=None):
         ({"text": "a\ud800b", "label": 0}, "UnicodeEncodeError"),  # a lone surrogate: not UTF-8
         ({"text": "c", "label": 10**30}, "OverflowError"),  # an int beyond 64 bits
         ({"text": 3, "label": 1}, "ArrowTypeError"),  # a number among texts
+        ({"image": 3, "label": 1}, "AttributeError"),  # a number among images
     ],
 )
 def test_rows_arrow_cannot_hold_are_refused(extra, raised_before):
+    first = [{"image": Image.new("L", (2, 2)), "label": 0}] if "image" in extra else rows()
     with pytest.raises(InputError, match=r"^tasks\[0\]\['train'\] = 'rows': the rows cannot be stored"):
-        task_splits(0, {"train": rows(extra)}, DataArguments())
+        task_splits(0, {"train": [*first, extra]}, DataArguments())
+
+
+def test_an_image_path_that_is_no_image_is_refused():
+    """A string among PIL images is stored as a path; reading it raised FileNotFoundError from the check."""
+    images = [{"image": Image.new("L", (2, 2)), "label": 0}, {"image": "no-such.png", "label": 1}]
+    with pytest.raises(InputError, match=r"^image_column = 'image': row 1 of task 0 is not an image"):
+        prepared({"train": images})
 
 
 @pytest.mark.parametrize("extra", [{"text": "c"}, {"text": "c", "label": 1, "lable": 1}])
@@ -87,6 +97,20 @@ def test_a_row_missing_or_adding_a_column_is_refused(extra):
     """A row without `label` raised TypeError/KeyError; one with a stray column was silently cut to row 0's."""
     with pytest.raises(InputError, match=r"^tasks\[0\]\['train'\]\[2\] = 'a row': every row needs the columns"):
         task_splits(0, {"train": rows(extra)}, DataArguments())
+
+
+def test_a_text_column_of_numbers_is_refused(tmp_path):
+    """Texts that are all numbers (a Dataset from rows, a CSV of digits) are int64: the tokenizer raised ValueError."""
+    with pytest.raises(InputError, match=r"^text_column = 'text': holds Value\('int64'\) values in task 0, not text"):
+        prepared({"train": [{"text": 7, "label": 0}, {"text": 8, "label": 1}]})
+    files = {}
+    for split in ("train", "test"):
+        files[split] = str(tmp_path / f"{split}.csv")
+        pd.DataFrame({"text": [10, 11, 12, 13], "label": [0, 1, 0, 1]}).to_csv(files[split], index=False)
+    with pytest.raises(InputError, match=r"^text_column = 'text': holds Value\('int64'\) values in task 0 \(train\)"):
+        build_task_stream(
+            DataArguments(dataset_name="csv", data_files=files, num_tasks=1), tiny_tokenizer(tmp_path, ["a"])
+        )
 
 
 def test_an_empty_dataset_split_is_refused():

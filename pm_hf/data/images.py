@@ -60,10 +60,10 @@ def check_images(ds, column: str, processor, where: str) -> None:
                           f"{type(err).__name__}: {str(err)[:120]}") from None  # fmt: skip
         return
     first = None
-    for i, image in enumerate(rows[column]):
+    for i in range(len(rows)):
         try:
-            shape = _fallback_shape(image)
-        except (ValueError, TypeError, OSError) as err:
+            shape = _fallback_shape(rows[i][column])  # decoded row by row: a path that is no image fails here
+        except (ValueError, TypeError, AttributeError, OSError) as err:
             raise invalid("image_column", column, f"row {i} of {where} is not an image ({err})") from None
         if first is not None and shape != first:
             fix = (

@@ -133,9 +133,13 @@ def _select(labels: np.ndarray, classes: list[int], cap: int | None, key: list[i
 def _tokenize(ds: datasets.Dataset, tokenizer, data_args: DataArguments, offset: int, desc: str) -> datasets.Dataset:
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
     columns = ds.column_names or []  # None for some streamed splits: their columns show when read
+    where = desc.replace("Preparing ", "")
     for arg, column in (("text_column", text), ("text_pair_column", pair)):
         if columns and column is not None and column not in columns:
-            raise invalid(arg, column, f"not a column of {desc.replace('Preparing ', '')}; use one of {columns}.")
+            raise invalid(arg, column, f"not a column of {where}; use one of {columns}.")
+        feature = (ds.features or {}).get(column) if column is not None else None
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise invalid(arg, column, f"holds {feature} values in {where}, not text: store the texts as strings.")
 
     def encode(batch):
         args = (batch[text],) if pair is None else (batch[text], batch[pair])
@@ -267,7 +271,7 @@ def _rows_dataset(where: str, rows: Sequence[Mapping]) -> datasets.Dataset:
             raise invalid(f"{where}[{i}]", "a row", fix)
     try:
         return datasets.Dataset.from_list([dict(row) for row in rows])
-    except (pa.ArrowException, ValueError, TypeError, OverflowError, UnicodeError, KeyError) as err:
+    except (pa.ArrowException, ValueError, TypeError, AttributeError, OverflowError, UnicodeError, KeyError) as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
         fix = f"the rows cannot be stored ({reason}): text as str (UTF-8), labels as int, images as PIL images."
         raise invalid(where, "rows", fix) from None

@@ -4,12 +4,18 @@ by the contract; the strategies are `fuzz_cases.py`.
 
 - check: a YAML config over the real fields (base_config's tiny run, some fields changed, dropped or unknown, some
   given as flags, odd files, generated data) through `pm_hf.commands.cli.main(["check", ...])` in this process:
-  exit 0, or exit 2 with exactly one line `pm-hf: error: <field> = <value>: <fix>`, no traceback, and nothing under
-  the case's folder created or changed.
+  exit 0, or exit 2 with exactly one line `pm-hf: error: <field> = <value>: <fix>` (a library's warning may come
+  before it, as `common.contract_error` allows; the logging handlers' output is judged too), no traceback, and
+  nothing under the case's folder created or changed.
 - train: configs of bounded size that `check` validates are trained (1 epoch, the tiny model): exit 0 and a
   results.json, or the case fails ("validates" must mean "runs").
 - api: tasks (rows, Datasets, images of odd modes and sizes) given to `ContinualTrainer`; building its stream raises
-  nothing but `InputError`, and a stream that builds collates a batch of every task that the model takes.
+  nothing but `InputError`, and a stream that builds collates a batch of every task (text: which the model takes).
+  An `InputError` raised once the model's load has made output_dir (a bad later task: `pm_hf.continual` checks it
+  after the load) is counted apart, as "refused late".
+
+Each row: (door, "N generated ...", ok, "n validated / m refused by the contract / k other"); ok when k is 0.
+`python scripts/reliability.py fuzz` runs the full table, `--quick` the default test tier's sample.
 """
 
 from __future__ import annotations
@@ -135,8 +141,8 @@ def judge(code, stderr: str, before: dict, after: dict) -> tuple[str, str]:
         return "other", f"exit {code}, wrote {changed[:3]}"
     if code == 0:
         return "validated", ""
-    lines = stderr.strip().splitlines()
-    if code == 2 and len(lines) == 1 and ERROR_LINE.match(lines[0]) and "Traceback" not in stderr:
+    lines = [line for line in stderr.splitlines() if line.startswith("pm-hf: error:")]  # as `contract_error`:
+    if code == 2 and len(lines) == 1 and ERROR_LINE.match(lines[0]) and "Traceback" not in stderr:  # warnings pass
         return "refused", lines[0]
     return "other", f"exit {code}: {stderr.strip()[-400:]}"
 

@@ -172,6 +172,7 @@ def data_frames(draw) -> dict:
     label = LABELS if draw(st.integers(0, 3)) == 0 else st.integers(0, n_classes - 1)
     label = st.one_of(label, st.sampled_from([None, 1.5, "cat", True])) if draw(st.integers(0, 9)) == 0 else label
     text = st.one_of(TEXT, st.sampled_from(["", " ", "word " * 5000, "\x00", "é" * 3, "🙂"]))
+    text = st.integers(0, 99) if draw(st.integers(0, 7)) == 0 else text  # texts that are all numbers
     columns = ["text", "label"]
     drop = draw(st.sampled_from([None, None, None, None, "text", "label"]))
     extra = draw(st.sampled_from([None, None, "label_name", "extra", "image"]))
