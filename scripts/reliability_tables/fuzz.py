@@ -24,14 +24,19 @@ import contextlib
 import io
 import itertools
 import os
+import tempfile
 from pathlib import Path
 
 import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from .common import _DROP, ERROR_LINE, _tree, base_config, make_assets
 from .fuzz_cases import api_tasks, config_cases, field_changes
+
+# Hypothesis keeps caches (constants, Unicode data) in ./.hypothesis even without an example database: not in the repo.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "pm_hf_hypothesis"))
 
 KIND = "fuzzed"
 TITLE = "generated inputs validate or are refused by the contract (exit 2, one error line, nothing written)"
