@@ -269,12 +269,27 @@ def fisher_traces() -> str:
     return "\n".join(lines)
 
 
-COST_LABELS = {
+# results/cost/cost.json written before the figures were measured on the work they describe (no "figures_version"):
+# merge_over_train was over an extrapolated task
+COST_LABELS_V1 = {
     "pm_over_plain_step_rate": ("`PMTrainer` (eps 0.5) / plain `Trainer` optimizer steps per second", 3),
     "fisher_per_sample_over_epoch": ("per-sample Fisher pass / one training epoch", 2),
     "fisher_batch_over_epoch": ("batch-mode Fisher pass / one training epoch", 2),
     "merge_over_train": ("alpha + merge / task training time", 4),
     "state_growth_10_over_2": ("saved continual state after task 10 / after task 2 (10-task tiny-BERT run)", 3),
+    "rss_growth_10_over_2": ("resident memory after task 10 / after task 2", 3),
+    "preset_over_seq_merge_task_time": (
+        "**whole pipeline**: total task seconds of the preset (`pm-proto`) / `seq-merge`, same epochs", 2),
+}  # fmt: skip
+COST_LABELS = {
+    "pm_over_plain_step_rate": ("`PMTrainer` (eps 0.5) / plain `Trainer` optimizer steps per second", 3),
+    "fisher_per_sample_over_epoch": ("per-sample Fisher pass / one training epoch", 2),
+    "fisher_batch_over_epoch": ("batch-mode Fisher pass / one training epoch", 2),
+    "merge_over_train": ("task vector + alpha + merge / the training of the task merged", 4),
+    "state_growth_10_over_2": ("whole checkpoint folder (with the per-task log) after task 10 / after task 2 "
+                               "(10-task tiny-BERT run)", 3),
+    "state_without_log_growth_10_over_2": ("the same without the per-task log (S, G, weights, callbacks' state)", 3),
+    "log_bytes_per_task": ("bytes the per-task log (results rows) adds to the checkpoint per task", 0),
     "rss_growth_10_over_2": ("resident memory after task 10 / after task 2", 3),
     "preset_over_seq_merge_task_time": (
         "**whole pipeline**: total task seconds of the preset (`pm-proto`) / `seq-merge`, same epochs", 2),
@@ -293,7 +308,8 @@ def cost_table() -> str:
     lines = [f"`results/cost/cost.md` ({m['date'][:10]}, {m['cpu_count']} CPU cores, torch {m['torch']}, "
              f"{cost['raw']['model']}{', quick' if cost['raw'].get('quick') else ''}; {wall // 60:.0f} min "
              f"{wall % 60:.0f} s):", "", "| figure | value | bar |", "|---|---|---|"]  # fmt: skip
-    for key, (label, digits) in COST_LABELS.items():
+    labels = COST_LABELS if cost.get("figures_version", 1) >= 2 else COST_LABELS_V1
+    for key, (label, digits) in labels.items():
         bar, result = bars.get(key, ("-", "-"))
         value = f"{cost[key]:.{digits}f}"
         if key.startswith("preset_"):

@@ -39,6 +39,26 @@ def test_the_slow_learner_trains_the_backbone_at_a_hundredth_and_the_head_at_the
     assert values["learning_rate"] == pytest.approx(1e-4) and values["head_learning_rate"] == 1e-2  # an override
 
 
+def test_the_runner_resolves_osf_and_olora(bench):
+    """`--methods osf olora`: registered strategies with O-LoRA's lambda_1 = 0.5 (lambda_2 = 0), OSF's backbone at
+    0.05 x the suite's learning rate (PEFT's OSF docs: 1e-5..1e-4) and the head at the suite's rate."""
+    from pm_hf.commands.parsing import parse_config
+    from pm_hf.method.strategies import build_strategy
+    from pm_hf.method.strategies.olora import OLoRA
+    from pm_hf.method.strategies.osf import OSF
+
+    assert {"osf", "olora"} <= set(bench.METHODS)  # what `--methods` accepts
+    for suite, lr in (("text-cil", 5e-3), ("vision-cil", 2e-3), ("vision-cil-10", 2e-3)):
+        for name, cls in (("osf", OSF), ("olora", OLoRA)):
+            values = bench._resolve({**bench.METHODS[name][0], "output_dir": "/tmp/x"}, bench.SUITES[suite])
+            groups = parse_config(bench.SUITES[suite], bench._overrides(values))
+            strategy = build_strategy(groups[5])
+            assert type(strategy) is cls and groups[2].perturbation == "none"
+            scale = 0.05 if name == "osf" else 1.0
+            assert groups[2].learning_rate == pytest.approx(lr * scale), (suite, name)
+        assert (strategy.olora_lambda, strategy.olora_l2) == (0.5, 0.0)
+
+
 def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):
     config = ROOT / "configs" / "ci_tiny.yaml"
     extra = {

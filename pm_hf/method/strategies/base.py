@@ -132,6 +132,16 @@ class MergeStrategy:
             return None
         return StartPoint(dict(self._theta0()))
 
+    def check_training(self, args) -> None:
+        """Raise `invalid(field, value, fix)` for training arguments the strategy cannot train with (checked before
+        the model is loaded). Default: any."""
+
+    def callbacks(self, stream) -> list:
+        """What the strategy adds to the run's training (assembled with the run's callbacks): `ContinualCallback`s for
+        the loop's hooks, `TrainerCallback`s (e.g. a `pm_hf.method.trainer.LossTerm`) for every task's Trainer;
+        `stream` is the run's task stream (tasks added later join its `tasks`)."""
+        return []
+
     def merge(self, context: MergeContext) -> MergePlan:
         """Task `context.t`'s plan; ask `context` for the Fisher, the score or the probe only when the rule needs it."""
         raise NotImplementedError
