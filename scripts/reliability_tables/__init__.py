@@ -10,4 +10,3 @@ TABLES names them in the order they print.
 """
 
 TABLES: list[str] = ["doors", "concurrency", "fuzz"]
-

@@ -10,9 +10,8 @@ by the contract; the strategies are `fuzz_cases.py`.
 - train: configs of bounded size that `check` validates are trained (1 epoch, the tiny model): exit 0 and a
   results.json, or the case fails ("validates" must mean "runs").
 - api: tasks (rows, Datasets, images of odd modes and sizes) given to `ContinualTrainer`; building its stream raises
-  nothing but `InputError`, and a stream that builds collates a batch of every task (text: which the model takes).
-  An `InputError` raised once the model's load has made output_dir (a bad later task: `pm_hf.continual` checks it
-  after the load) is counted apart, as "refused late".
+  nothing but `InputError` (before anything is written under the case's folder), and a stream that builds collates a
+  batch of every task (text: which the model takes).
 
 Each row: (door, "N generated ...", ok, "n validated / m refused by the contract / k other"); ok when k is 0.
 `python scripts/reliability.py fuzz` runs the full table, `--quick` the default test tier's sample.
@@ -231,8 +230,8 @@ def api_case(case: dict, assets: dict, work: Path) -> tuple[str, str]:
     case_dir.mkdir(parents=True)
     before = _tree(case_dir)
     outcome, detail = run_api_case(case, assets, case_dir)
-    if outcome == "refused" and _tree(case_dir) != before:  # output_dir made by the model's load, then refused
-        return "refused late", f"{detail} (after writing {sorted(set(_tree(case_dir)) ^ set(before))[:2]})"
+    if outcome == "refused" and _tree(case_dir) != before:  # e.g. output_dir made by the model's load, then refused
+        return "other", f"{detail} (after writing {sorted(set(_tree(case_dir)) ^ set(before))[:2]})"
     return outcome, detail
 
 
@@ -262,11 +261,9 @@ def prepare(work: Path) -> dict:
 
 
 def row(door: str, what: str, outcomes: list[tuple[str, str]]) -> tuple[str, str, bool, str]:
-    counts = {k: sum(o == k for o, _ in outcomes) for k in ("validated", "refused", "refused late", "other")}
+    counts = {k: sum(o == k for o, _ in outcomes) for k in ("validated", "refused", "other")}
     others = [d for o, d in outcomes if o == "other"]
     detail = f"{counts['validated']} validated / {counts['refused']} refused by the contract / {counts['other']} other"
-    if counts["refused late"]:  # InputError, but once the model's load had made output_dir (pm_hf.continual)
-        detail += f"; {counts['refused late']} refused by InputError after output_dir was made"
     if others:
         detail += f"; first: {others[0]}"
     return door, f"{len(outcomes)} generated {what}", not others, detail
