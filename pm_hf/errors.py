@@ -26,9 +26,18 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _field(name: Any) -> str:
+    """The field as one printable token: a name with spaces or unprintable characters (an unknown key or flag as
+    typed) is shown escaped, so the error stays one line whose field is one word."""
+    text = str(name)
+    if text and text.isprintable() and not any(c.isspace() for c in text):
+        return text
+    return ascii(text).replace(" ", "\\x20")
+
+
 def invalid(name: str, value: Any, fix: str) -> InputError:
     """The error for a bad value: `<field> = <value>: <fix>`."""
-    return InputError(f"{name} = {_show(value)}: {fix}")
+    return InputError(f"{_field(name)} = {_show(value)}: {fix}")
 
 
 def python_names(message: str, groups: Mapping[str, str], flags: Mapping[str, str]) -> str:

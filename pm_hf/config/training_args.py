@@ -5,7 +5,8 @@ sequence's meaning. Every check names the field, the bad value and the fix, in `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -22,6 +23,12 @@ from .checks import (
 
 PERTURBATIONS = ("task_vector", "gaussian", "none")
 HUB_STRATEGIES = ("every_task", "end")  # when a sequence pushes: after every task's merge, or once at the end
+
+
+def named_field(message: str, names: list[str]) -> str | None:
+    """The first field of `names` that `message` (TrainingArguments' own error) mentions, e.g. `--fp16` -> 'fp16'."""
+    known = set(names)
+    return next((word for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message) if word in known), None)
 
 
 @dataclass
@@ -130,5 +137,7 @@ class PMConfig(TrainingArguments, PerturbationArguments):
         try:
             super().__post_init__()
         except ValueError as err:  # TrainingArguments' own checks of combinations of fields
-            raise invalid("training arguments", None, " ".join(str(err).split())) from err
+            message = " ".join(str(err).split())
+            name = named_field(message, [f.name for f in fields(self)])
+            raise invalid(name or "training_args", getattr(self, name, None) if name else None, message) from err
         self.hub_strategy = strategy

@@ -19,16 +19,59 @@ def _as_image(image):
     return array.astype(np.uint8) if np.issubdtype(array.dtype, np.integer) else array
 
 
-def _fallback_tensor(array: np.ndarray) -> torch.Tensor:
-    """[C, H, W] float in [0, 1] (integer pixels / 255); HWC is recognised by a last axis of 1, 3 or 4."""
+def _chw(array: np.ndarray) -> np.ndarray:
+    """The array channels first; HWC is recognised by a last axis of 1, 3 or 4."""
     if array.ndim == 2:
-        array = array[None]
-    elif array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3):
-        array = array.transpose(2, 0, 1)
-    elif array.ndim != 3:
+        return array[None]
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4) and array.shape[0] not in (1, 3):
+        return array.transpose(2, 0, 1)
+    if array.ndim != 3:
         raise ValueError(f"Images must be 2-D (H, W) or 3-D arrays, got shape {array.shape}.")
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return array
+
+
+def _fallback_tensor(array: np.ndarray) -> torch.Tensor:
+    """[C, H, W] float in [0, 1] (integer pixels / 255)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(_chw(array)))
     return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
+
+
+def _fallback_shape(image) -> tuple[int, ...]:
+    """The [C, H, W] shape `_fallback_tensor` gives an image (ValueError for one it cannot take)."""
+    array = np.asarray(_as_image(image))
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or 0 in array.shape:
+        raise ValueError(f"not a non-empty numeric image ({array.dtype}, shape {array.shape})")
+    return tuple(_chw(array).shape)
+
+
+def check_images(ds, column: str, processor, where: str) -> None:
+    """Images the run can batch, checked before anything is trained: with no processor every image must give the
+    same [C, H, W] tensor (the collator stacks them); with one, the processor must take the first rows."""
+    from ..config.checks import invalid
+
+    if column not in ds.column_names:
+        raise invalid("image_column", column, f"not a column of {where}; use one of {ds.column_names}.")
+    rows = ds.select_columns([column])
+    if processor is not None:
+        try:
+            processor(images=[_as_image(x) for x in rows[: min(len(rows), 2)][column]], return_tensors="pt")
+        except Exception as err:  # noqa: BLE001 - whatever the processor refuses is the data's problem
+            raise invalid("image_column", column, f"the image processor cannot take the images of {where}: "
+                          f"{type(err).__name__}: {str(err)[:120]}") from None  # fmt: skip
+        return
+    first = None
+    for i in range(len(rows)):
+        try:
+            shape = _fallback_shape(rows[i][column])  # decoded row by row: a path that is no image fails here
+        except (ValueError, TypeError, AttributeError, OSError) as err:
+            raise invalid("image_column", column, f"row {i} of {where} is not an image ({err})") from None
+        if first is not None and shape != first:
+            fix = (
+                f"row {i} of {where} gives a {list(shape)} image, row 0 a {list(first)} one: with no image "
+                "processor every image needs the same mode and size (resize them, or use a model with one)."
+            )
+            raise invalid("image_column", column, fix)
+        first = shape
 
 
 def image_transform(processor, offset: int) -> Callable[[dict], dict]:

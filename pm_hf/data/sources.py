@@ -4,6 +4,7 @@ every class of the eval split is also trained — with errors of the form `<fiel
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -123,12 +124,27 @@ def check_columns(ds: datasets.Dataset, names: dict[str, str | None], split: str
             raise invalid(arg, column, f"not a column of the '{split}' split of {where}; use one of {ds.column_names}.")
 
 
+@contextlib.contextmanager
+def _errors_unlogged():
+    """datasets' own log lines off (its readers log an error before raising it), so a bad file is reported in one
+    line, by the error that names the field."""
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+
+
 def load_dataset_dict(spec: dict) -> datasets.DatasetDict:
     """`datasets.load_dataset` of one source; loading problems become errors that name the dataset field."""
     field_name = "dataset_name" if spec["dataset_name"] not in FILE_BUILDERS else "data_files"
     value = spec[field_name]
     try:
-        loaded = datasets.load_dataset(spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"])
+        with _errors_unlogged():  # a reader's error is logged, then raised: the raised one is reported below
+            loaded = datasets.load_dataset(
+                spec["dataset_name"], spec["dataset_config_name"], data_files=spec["data_files"]
+            )
     except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         fix = "no local dataset of that name, and it cannot be loaded from the Hub here (offline or not found)"
         raise invalid(field_name, value, f"{fix}: {str(err).splitlines()[0][:200]}") from err
@@ -155,6 +171,12 @@ def load_splits(spec: dict, data_args: DataArguments) -> tuple[datasets.Dataset,
 
 
 def labels_of(ds: datasets.Dataset, column: str, split: str, where: str) -> np.ndarray:
+    """The split's class ids (non-negative integers); the split must have rows and the label column."""
+    if len(ds) == 0:
+        raise invalid(where, f"{split!r} split", "has no rows: every split needs data.")
+    if column not in ds.column_names:
+        raise invalid("label_column", column, f"not a column of the '{split}' split of {where}; use one of "
+                      f"{ds.column_names}.")  # fmt: skip
     feature = ds.features[column]
     dtype = getattr(feature, "dtype", "")
     if not isinstance(feature, datasets.ClassLabel) and not str(dtype).startswith(("int", "uint")):

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from transformers import DataCollatorWithPadding, default_data_collator
 
 from ..config.checks import invalid
 from ..config.groups import DataArguments
-from .images import image_transform
+from .images import check_images, image_transform
 from .sources import Source, labels_of, load_source, source_specs
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,14 @@ def _select(labels: np.ndarray, classes: list[int], cap: int | None, key: list[i
 
 def _tokenize(ds: datasets.Dataset, tokenizer, data_args: DataArguments, offset: int, desc: str) -> datasets.Dataset:
     text, pair, label = data_args.text_column, data_args.text_pair_column, data_args.label_column
+    columns = ds.column_names or []  # None for some streamed splits: their columns show when read
+    where = desc.replace("Preparing ", "")
+    for arg, column in (("text_column", text), ("text_pair_column", pair)):
+        if columns and column is not None and column not in columns:
+            raise invalid(arg, column, f"not a column of {where}; use one of {columns}.")
+        feature = (ds.features or {}).get(column) if column is not None else None
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise invalid(arg, column, f"holds {feature} values in {where}, not text: store the texts as strings.")
 
     def encode(batch):
         args = (batch[text],) if pair is None else (batch[text], batch[pair])
@@ -149,6 +158,8 @@ def _tokenize(ds: datasets.Dataset, tokenizer, data_args: DataArguments, offset:
 def _prepare(ds, modality: str, processor, data_args: DataArguments, offset: int, desc: str) -> datasets.Dataset:
     if modality == "text":
         return _tokenize(ds, processor, data_args, offset, desc)
+    if not isinstance(ds, datasets.IterableDataset):  # the collator must be able to stack them
+        check_images(ds, data_args.image_column, processor, desc.replace("Preparing ", ""))
     ds = ds.select_columns([data_args.image_column, data_args.label_column])
     renames = {data_args.image_column: "pixel_values", data_args.label_column: "labels"}
     ds = ds.rename_columns({k: v for k, v in renames.items() if k != v})
@@ -250,11 +261,27 @@ def _rows(splits: Mapping) -> dict:
     return {k: len(v) if hasattr(v, "__len__") else "streamed" for k, v in splits.items() if k not in EXTRA_KEYS}
 
 
+def _rows_dataset(where: str, rows: Sequence[Mapping]) -> datasets.Dataset:
+    """A Dataset of rows (dicts) that all have the same columns and values Arrow can hold (text as UTF-8 str,
+    labels as int, images as PIL images or arrays)."""
+    columns = list(rows[0])
+    for i, row in enumerate(rows):
+        if set(row) != set(columns):
+            fix = f"every row needs the columns of row 0, {columns}: this one has {sorted(map(str, row))}."
+            raise invalid(f"{where}[{i}]", "a row", fix)
+    try:
+        return datasets.Dataset.from_list([dict(row) for row in rows])
+    except (pa.ArrowException, ValueError, TypeError, AttributeError, OverflowError, UnicodeError, KeyError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        fix = f"the rows cannot be stored ({reason}): text as str (UTF-8), labels as int, images as PIL images."
+        raise invalid(where, "rows", fix) from None
+
+
 def _as_split(where: str, name: str, value):
     if isinstance(value, (datasets.Dataset, datasets.IterableDataset)):
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(row, Mapping) for row in value):
-        return datasets.Dataset.from_list([dict(row) for row in value])
+        return _rows_dataset(f"{where}[{name!r}]", value)
     fix = "give a Dataset, an IterableDataset (training only) or a non-empty list of rows (dicts)."
     raise invalid(f"{where}[{name!r}]", type(value).__name__, fix)
 
