@@ -122,7 +122,8 @@ ENV_READERS = {"get_int_from_env", "parse_flag_from_env", "parse_choice_from_env
 # LOCAL_RANK, ...; logging verbosity; accelerate's own settings): the launcher's contract, not a pm_hf setting.
 READ_BY_THEMSELVES = {"accelerate.PartialState", "accelerate.state.AcceleratorState", "transformers.PreTrainedModel",
                       "transformers.Trainer", "transformers.TrainingArguments", "transformers.integrations.deepspeed",
-                      "transformers.logging"}  # fmt: skip
+                      "transformers.logging",
+                      "huggingface_hub.constants"}  # fmt: skip  (HF_HUB_CACHE: where the per-repo push lock lives)
 THIRD_PARTY = ("accelerate", "transformers", "huggingface_hub", "peft", "trl", "datasets", "torch", "safetensors")
 
 
