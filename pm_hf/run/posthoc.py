@@ -49,6 +49,7 @@ from ..method.adapters import load_adapter_weights
 from ..method.strategies import build_strategy, merge_task
 from ..method.weights import ModelWeights
 from .assembly import build_loop
+from .checkpoint import seeded
 from .loop import ContinualLoop
 from .run_export import export_run
 from .runs import MODEL_CLASSES
@@ -198,7 +199,8 @@ def _load_base(source: str, config: LoraConfig, base: str, task: str, modules: d
         meta = _on_meta(task, model_config)
     _check_model(source, config, modules, model_shapes(meta), f"the base model {base}")
     extra = {} if labels is None else {"num_labels": labels, "ignore_mismatched_sizes": True}
-    return MODEL_CLASSES[task].from_pretrained(base, revision=revision, **extra)
+    with seeded(0):  # a head of another size is new: drawn the same way every time, so a merge's folder is too
+        return MODEL_CLASSES[task].from_pretrained(base, revision=revision, **extra)
 
 
 def _check_model(source: str, config: LoraConfig, modules: dict, shapes: dict, where: str) -> None:
