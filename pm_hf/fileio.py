@@ -131,7 +131,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 try:
     _LIBC = ctypes.CDLL(None, use_errno=True)
-except OSError:  # no C library to call (some platforms)
+except (OSError, TypeError):  # no C library to call (Windows: CDLL(None) is refused)
     _LIBC = None
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
