@@ -175,11 +175,12 @@ def run_case(case: Case, setup: dict, folder: Path, in_process: bool) -> tuple[b
     if code == 0:
         return False, f"the fault did not happen ({detail})"
     stop = "killed" if code == -9 else f"stopped (exit {code})"
-    out = folder / "out"
-    if case.command != "every-task":
-        now = tree(out) if out.exists() else None
-        if now != before:
-            return False, f"after the fault the output is {'changed' if before else 'there'}: half-written"
+    out, ref = folder / "out", Path(setup["refs"]) / case.command
+    if case.command != "every-task" and (tree(out) if out.exists() else None) != before:
+        whole, what = same_folders(out, ref / "out")  # the new version, complete, may have replaced the old one
+        if not whole:
+            return False, f"after the fault the output is neither the old one nor the new one: {what}"
+        stop += ", the new version already in place"
     again = argv + (["--resume"] if case.command == "every-task" else [])
     with hub_installed(folder / "hub"):
         code, err = run_cli(again)
@@ -188,7 +189,6 @@ def run_case(case: Case, setup: dict, folder: Path, in_process: bool) -> tuple[b
     left = stale_beside(out)
     if left:
         return False, f"temporaries left beside the output: {left[:3]}"
-    ref = Path(setup["refs"]) / case.command
     if case.command in ("push", "every-task"):
         ok, pushed = same_record(folder / "hub", ref / "hub")
         if not ok or case.command == "push":
