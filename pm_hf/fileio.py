@@ -136,6 +136,10 @@ except (OSError, TypeError):  # no C library to call (Windows: CDLL(None) is ref
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
+def _move_aside(final: Path, old: Path) -> None:
+    os.replace(final, old)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete folder `tmp` (flushed first) to `final`. An existing `final` is swapped with it in one
     step, or where that cannot be done moved aside to `.<name>.old-<pid>` first (a kill in between leaves no
@@ -149,7 +153,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         old = _tmp_name(final, OLD_MARK)
         _remove(old)
-        os.replace(final, old)
+        _move_aside(final, old)
         os.replace(tmp, final)
         _remove(old)
     fsync_path(final.parent)
