@@ -8,7 +8,8 @@ results, damaged checkpoints must be detected. Prints the counts; exit 1 if any 
   `pm-hf: error: <field> = <value>: <fix>` on stderr naming the field the case expects, no traceback, and nothing
   under the case's folder is created or changed (the output folder never created).
 - faults: a run in a child process is killed with SIGKILL (or sees a full disk) at one point of the loop, then
-  resumed in a second child; it passes when results.json and the last checkpoint's tensors equal those of an
+  resumed in a second child; it passes when the first child ended by the fault itself (SIGKILL, or exit 3 on the full
+  disk: any other exit is a failure) and results.json and the last checkpoint's tensors equal those of an
   uninterrupted run.
 - corruptions: a copy of a finished 2-task run is damaged one way; it passes when `--resume` with one more task
   (the folder's next step) is refused by the contract (exit 2, one line `pm-hf: error: output_dir = ...`, no
@@ -27,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import shutil
@@ -566,7 +568,9 @@ def _child(config: str, point: str | None, nth: int, resume: bool) -> int:
     argv = ["train", "--config", config] + (["--resume"] if resume else [])
     try:
         return main(argv)
-    except OSError:
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
         return 3  # the full disk: the process ends with the error, state intact
 
 
@@ -578,12 +582,24 @@ def run_fault(name: str, point: str, nth: int, assets: dict, work: Path, referen
     config.write_text(yaml.safe_dump(base_config(assets, out)))
     child = [sys.executable, __file__, "child", str(config)]
     first = subprocess.run([*child, "--point", point, "--nth", str(nth)], capture_output=True, text=True)
-    if first.returncode == 0:
-        return False, "the fault did not happen"
+    struck, detail = fault_struck(point, first.returncode, first.stderr)
+    if not struck:
+        return False, detail
     second = subprocess.run([*child, "--resume"], capture_output=True, text=True)
     if second.returncode != 0:
         return False, f"resume failed: {second.stderr.strip()[-300:]}"
     return compare_with_reference(out, reference)
+
+
+def fault_struck(point: str, code: int, stderr: str) -> tuple[bool, str]:
+    """Whether the first child ended by the fault itself: SIGKILL, or exit 3 for the full disk (`_child`). Any other
+    end (exit 1 with a traceback, an input error, a clean finish) is a failure of the case, not a fault survived."""
+    expected = 3 if point == "disk" else -signal.SIGKILL
+    if code == expected:
+        return True, ""
+    if code == 0:
+        return False, "the fault did not happen"
+    return False, f"the first run ended with exit {code}, not by the fault ({expected}): {stderr.strip()[-300:]}"
 
 
 def run_outputs(out: Path) -> dict:

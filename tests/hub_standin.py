@@ -1,28 +1,36 @@
 """A recording stand-in for the Hugging Face Hub: `FakeHub.api` replaces `huggingface_hub.HfApi` where pm_hf makes
 its client (`pm_hf.hub.repository.HfApi`). It keeps every created repository, commit (with its files' bytes), branch
-and tag,
-and every call, and writes each commit into the Hugging Face cache in the standard layout (refs per branch and tag),
-so that offline `from_pretrained(repo_id, revision="task-2")` — transformers, PEFT's AutoPeft classes — loads what was
-pushed, through the real loading code.
+and tag, and every call, and writes each commit into the Hugging Face cache in the standard layout (refs per branch and
+tag), so that offline `from_pretrained(repo_id, revision="task-2")` — transformers, PEFT's AutoPeft classes — loads
+what was pushed, through the real loading code.
 
 It answers as the real client does: 401 for a token the Hub does not know, 403 for writing with a read-only token
 or to a namespace the token cannot write, 404 (`RepositoryNotFoundError`) for a repository it cannot see, 409 for
-creating what exists; `create_repo(exist_ok=True)` turns a 401/403 on an existing, visible repository into success (as
-`HfApi.create_repo` does, through `repo_info`); `whoami` tells the token's role (`auth.accessToken.role`: 'write',
-'read' or 'fineGrained' with scoped permissions). Every method (and the constructor) binds its arguments to the
-installed `HfApi`'s signature first: an argument the real method does not take is a `TypeError` here too."""
+creating what exists, 412 for a commit whose `parent_commit` is not its branch's head (the Hub lands one commit at a
+time); `auth_check(write=True)` answers 403 where the token cannot write an existing repository;
+`create_repo(exist_ok=True)` turns a 401/403 on an existing, visible repository into success (as `HfApi.create_repo`
+does, through `repo_info`); `whoami` tells the token's role (`auth.accessToken.role`: 'write', 'read' or
+'fineGrained' with scoped permissions). Every method (and the constructor) binds its arguments to the installed
+`HfApi`'s signature first: an argument the real method does not take is a `TypeError` here too."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import inspect
+import re
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.hf_api import GitRefInfo, GitRefs, ModelInfo, RepoUrl
 
 GOOD_TOKEN = "hf_standin_token_0123456789"  # the user's token with the 'write' role
@@ -50,7 +58,8 @@ class FakeHub:
     """The whole stand-in Hub: `repos[repo_id]` = {"private", "branches": {name: oid}, "tags": {name: oid},
     "commits": {oid: {"files": {path: bytes}, "message", "parent", "branch"}}}; `calls`: (method, repo_id, details).
     `tokens` get the 'write' role and `read_tokens` the 'read' role, both of `user`, a member of `orgs` (names, with
-    write access, or {name: role in the org}, 'read' for read access only); `fine_grained` maps a token to
+    write access, or {name: role in the org}: 'read' for read access only, 'contributor' to create repositories
+    there and write only those); `fine_grained` maps a token to
     {namespace or repo_id: [permissions]} (e.g. {"me": ["repo.content.read", "repo.write"]})."""
 
     def __init__(self, user: str = "me", tokens=(GOOD_TOKEN,), cache_dir: str | Path | None = None, *,
@@ -67,6 +76,7 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.calls: list[tuple] = []
         self.clients: list[RecordingApi] = []
+        self.lock = threading.Lock()
 
     def api(self, *args, **kwargs) -> RecordingApi:
         """Stands in for `HfApi(token=...)`."""
@@ -97,6 +107,9 @@ class FakeHub:
         if record is None or record["role"] == "read":
             return False
         if record["role"] == "write":
+            repo = self.repos.get(repo_id)
+            if self.orgs.get(namespace) == "contributor" and repo is not None and repo.get("creator") != self.user:
+                return False  # an org's contributor creates repositories there, and writes only those
             return namespace in self._namespaces(write=True)
         return any(s["entity"]["name"] in (namespace, repo_id) and "repo.write" in s["permissions"]
                    for s in record["fineGrained"]["scoped"])  # fmt: skip
@@ -218,8 +231,18 @@ class RecordingApi:
                 except HfHubHTTPError:
                     raise err from None
             raise
-        self.hub.add_repo(repo_id, private)
+        self.hub.add_repo(repo_id, private)["creator"] = self.hub.user
         return url
+
+    @_as_real
+    def auth_check(self, repo_id: str, *, repo_type=None, token=None, write=False) -> None:
+        """GET /api/models/{repo_id}/auth-check[/write]: 404 for a repository the token cannot see (a
+        `RepositoryNotFoundError`), 403 for one it cannot write, 401 for a token the Hub does not know."""
+        self._call("auth_check", repo_id, write=write)
+        record = self._record()
+        self._visible(repo_id, record)
+        if write and not self.hub.can_write(record, repo_id):
+            raise _error(HfHubHTTPError, 403, f"403 Forbidden: you don't have write access to {repo_id}")
 
     @_as_real
     def create_branch(self, repo_id: str, *, branch: str, revision=None, exist_ok=False, **kwargs) -> None:
@@ -240,6 +263,7 @@ class RecordingApi:
 
     @_as_real
     def list_repo_refs(self, repo_id: str, **kwargs) -> GitRefs:
+        self._call("list_repo_refs", repo_id)
         repo = self._visible(repo_id, self._record())
         refs = lambda kind, prefix: [  # noqa: E731
             GitRefInfo(name=n, ref=f"refs/{prefix}/{n}", target_commit=o or "") for n, o in repo[kind].items()
@@ -247,11 +271,20 @@ class RecordingApi:
         return GitRefs(branches=refs("branches", "heads"), converts=[], tags=refs("tags", "tags"))
 
     @_as_real
-    def create_commit(self, repo_id: str, operations, *, commit_message: str, revision=None, **kwargs):
-        repo, branch = self._writable(repo_id), revision or "main"
+    def create_commit(self, repo_id: str, operations, *, commit_message: str, revision=None, parent_commit=None,
+                      **kwargs):  # fmt: skip
+        if parent_commit is not None and not re.fullmatch(r"[0-9a-f]{40}", parent_commit):
+            raise ValueError("`parent_commit` is not a valid commit OID.")
+        with self.hub.lock:  # the Hub lands one commit per branch at a time
+            return self._land(repo_id, list(operations), commit_message, revision or "main", parent_commit)
+
+    def _land(self, repo_id: str, operations: list, commit_message: str, branch: str, parent_commit: str | None):
+        repo = self._writable(repo_id)
         if branch not in repo["branches"]:
             raise _error(RevisionNotFoundError, 404, f"404 branch {branch} not found")
         parent = repo["branches"][branch]
+        if parent_commit is not None and parent_commit != parent:  # the Hub's precondition on the branch's head
+            raise _error(HfHubHTTPError, 412, f"412 Precondition Failed: {branch} is not at {parent_commit}")
         files = dict(repo["commits"][parent]["files"]) if parent else {}
         for op in operations:
             if isinstance(op, CommitOperationAdd):
@@ -291,3 +324,11 @@ class RecordingApi:
         self._call("snapshot_download", repo_id, revision=revision, allow_patterns=allow_patterns)
         self._visible(repo_id, self._record())
         return str(self.hub.snapshot(repo_id, revision))
+
+    @_as_real
+    def hf_hub_download(self, repo_id: str, filename: str, *, revision=None, **kwargs) -> str:
+        self._call("hf_hub_download", repo_id, filename=filename, revision=revision)
+        self._visible(repo_id, self._record())
+        if filename not in self.hub.files(repo_id, revision):
+            raise _error(RemoteEntryNotFoundError, 404, f"404 Entry Not Found: {filename}")
+        return str(self.hub.snapshot(repo_id, revision) / filename)

@@ -183,7 +183,7 @@ def test_cli_train_then_evaluate(model_dir, tmp_path, capsys):
     assert f"{100 * results['acc']:.1f}" in capsys.readouterr().out
 
 
-def test_image_classification_loop_on_digits(tmp_path):
+def test_image_classification_loop_on_digits(tmp_path, monkeypatch):
     """A tiny ViT through the whole loop on scikit-learn's digits (8x8, real data shipped with scikit-learn)."""
     from sklearn.datasets import load_digits
 
@@ -206,9 +206,37 @@ def test_image_classification_loop_on_digits(tmp_path):
     )
     args[0] = ModelArguments(model_name_or_path=str(tmp_path / "vit"), model_task="image_classification")
     args[3] = LoraArguments(r=2)
-    results = run_continual(*args)
+    loop = build_loop(RunConfig(*args))
+    by_hand = _score_before_each_merge(loop, monkeypatch)
+    results = loop.run()
     assert results["alphas"][0] == 1.0 and len(results["accuracy_matrix"]) == 2
-    assert results["pre_merge_acc"][0] > 0.5  # 2 digit classes are easy: the adapter and head learned something
+    assert results["pre_merge_acc"] == pytest.approx(by_hand, abs=1e-12)  # theta*_t scored over the seen classes
+    # it learned each task: at least 12 of 16 rows right, over 2 classes then 4 (chance 1/2, 1/4), which a predictor
+    # at chance reaches with probability 0.04 and 4e-5 (binomial tails)
+    assert results["eval_sizes"] == [16, 16] and min(by_hand) >= 12 / 16
+
+
+def _score_before_each_merge(loop, monkeypatch) -> list[float]:
+    """The accuracy of theta*_t on task t's evaluation rows, argmax over the classes seen so far, computed here in
+    one forward pass just before each merge (where the loop measures `pre_merge_acc`)."""
+    import pm_hf.run.loop as loop_module
+
+    real, scores = loop_module.merge_task, []
+
+    def scoring(weights, strategy, context, **kw):
+        tasks = loop.stream.tasks[: context.t + 1]
+        seen = torch.tensor(sorted(c for task in tasks for c in task.classes))
+        batch = loop.stream.collate_fn([tasks[-1].eval[i] for i in range(len(tasks[-1].eval))])
+        labels, training = batch.pop("labels"), loop.model.training
+        loop.model.eval()
+        with torch.no_grad():
+            predicted = seen[loop.model(**batch).logits[:, seen].argmax(-1)]
+        loop.model.train(training)
+        scores.append(float((predicted == labels).double().mean()))
+        return real(weights, strategy, context, **kw)
+
+    monkeypatch.setattr(loop_module, "merge_task", scoring)
+    return scores
 
 
 def test_a_second_process_on_the_same_output_dir_is_refused(model_dir, tmp_path):
@@ -234,3 +262,96 @@ def test_nested_timer_intervals_add_up_without_counting_twice():
     wall = time.perf_counter() - start
     assert timer.seconds["merge"] >= 0.02 and timer.seconds["fisher"] >= 0.03
     assert sum(timer.seconds.values()) == pytest.approx(wall, abs=5e-3)
+
+
+TINY = dict(class_groups=[[0, 1], [2, 3]], max_train_samples_per_class=8, max_eval_samples_per_class=4)
+
+
+def _record_merges(monkeypatch) -> list[dict]:
+    """Wrap the loop's `merge_task`: per merge, each LoRA layer's base weight and s B A before it (theta*_t = their
+    sum), its base weight after it, and the Fisher the strategy was given (read off the model, not the task vector)."""
+    import pm_hf.run.loop as loop_module
+    from pm_hf.method.adapters import active_adapter, lora_layers
+
+    real, records = loop_module.merge_task, []
+
+    def weights_of(model):
+        name = active_adapter(model)
+        out = {}
+        for key, layer in lora_layers(model).items():
+            delta = (layer.lora_B[name].weight @ layer.lora_A[name].weight).double() * layer.scaling[name]
+            out[key] = (layer.get_base_layer().weight.detach().double().clone(), delta.detach())
+        return out
+
+    def recording(weights, strategy, context, **kw):
+        before = weights_of(weights.model)
+        plan = real(weights, strategy, context, **kw)
+        after = {k: base for k, (base, _) in weights_of(weights.model).items()}
+        fisher = context.made("fisher")
+        records.append(
+            {"before": before, "after": after, "fisher": fisher and {k: v.double() for k, v in fisher.items()}}
+        )
+        return plan
+
+    monkeypatch.setattr(loop_module, "merge_task", recording)
+    return records
+
+
+def _ties_by_hand(taus: list[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES (Yadav et al. 2023) on flat tensors: keep each tau's round(density n) largest magnitudes, elect the sign of
+    the sum of the kept entries, average the kept entries of that sign."""
+    kept = []
+    for tau in taus:
+        flat = tau.flatten()
+        keep = torch.zeros_like(flat)
+        top = flat.abs().topk(max(1, round(density * flat.numel()))).indices
+        keep[top] = flat[top]
+        kept.append(keep)
+    stacked = torch.stack(kept)
+    sign = stacked.sum(0).sign()
+    agree = (stacked.sign() == sign) & (stacked != 0)
+    mean = (stacked * agree).sum(0) / agree.sum(0).clamp_min(1)
+    return mean.reshape(taus[0].shape)
+
+
+def test_ties_through_the_loop_deploys_theta0_plus_the_ties_merge_of_the_trained_models(
+    model_dir, tmp_path, monkeypatch
+):
+    records = _record_merges(monkeypatch)
+    density, scale = 0.3, 0.7
+    run_continual(*groups(model_dir, tmp_path, merge_method="ties", merge_scale=scale, ties_density=density,
+                          **TINY))  # fmt: skip
+    theta0 = {
+        k: p.detach().double()
+        for k, p in AutoModelForSequenceClassification.from_pretrained(model_dir).named_parameters()
+    }
+    assert len(records) == 2 and records[0]["before"]
+    taus: dict[str, list] = {}
+    for record in records:
+        for key, (base, delta) in record["before"].items():
+            assert torch.equal(base, theta0[key])  # every task starts from theta_0 (independent fine-tunes)
+            taus.setdefault(key, []).append(base + delta - theta0[key])  # tau_t = theta*_t - theta_0
+            expected = theta0[key] + scale * _ties_by_hand(taus[key], density)
+            torch.testing.assert_close(record["after"][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+    conflicts = [(_ties_by_hand([t0], density) * _ties_by_hand([t1], density) < 0).any() for t0, t1 in taus.values()]
+    assert any(conflicts)  # the second merge had signs to elect
+
+
+def test_cofima_through_the_loop_writes_the_fisher_weighted_average(model_dir, tmp_path, monkeypatch):
+    """theta_t = ((1 - a) S theta_{t-1} + a F_t theta*_t) / ((1 - a) S + a F_t), S the sum of the earlier Fishers
+    (theta_{t-1} + a Delta_t where both are 0), per parameter of every adapted layer."""
+    records = _record_merges(monkeypatch)
+    a = 0.3
+    run_continual(*groups(model_dir, tmp_path, merge_method="cofima", cofima_weight=a, **TINY))
+    assert len(records) == 2 and records[0]["before"]
+    S = {k: torch.zeros_like(base) for k, (base, _) in records[0]["before"].items()}
+    for record in records:
+        for key, (previous, delta) in record["before"].items():
+            F, trained = record["fisher"][key], previous + delta
+            den = (1 - a) * S[key] + a * F
+            expected = torch.where(den > 0, ((1 - a) * S[key] * previous + a * F * trained) / den, previous + a * delta)
+            torch.testing.assert_close(record["after"][key], expected, rtol=1e-5, atol=1e-6, msg=key)
+            S[key] = S[key] + F
+    F0, F1 = records[0]["fisher"], records[1]["fisher"]
+    w = {k: a * F1[k] / ((1 - a) * F0[k] + a * F1[k]).clamp_min(1e-300) for k in F1}  # task 1's per-parameter weight
+    assert any((w[k] - a).abs().max() > 0.05 for k in w)  # far from the constant a somewhere: the Fisher decides

@@ -1,8 +1,9 @@
 """Runs on the Hub, against a recording stand-in of the Hub client (`hub_standin.FakeHub`, which keeps every repo,
 commit, file, branch and tag and serves them to offline `from_pretrained` through the HF cache): the pushed layout per
 `hub_strategy`, each pushed revision reloading alone with PEFT's AutoPeft class and reproducing that task's logits,
-the model card's metadata against results.json, the token checked before training and never written, a sequence
-continued from the Hub equal to the uninterrupted run, and `pm-hf push`."""
+the model card's metadata against results.json, the token and its write access checked before training (whoami, then
+the Hub's own auth-check/write) and never written, a sequence continued from the Hub equal to the uninterrupted run,
+`pm-hf push`, and a repository holding another sequence's state pushed over only with `overwrite_hub_state`."""
 
 import inspect
 import json
@@ -14,7 +15,7 @@ import torch
 from card_checks import check_card
 from conftest import groups, torchrun
 from hub_standin import GOOD_TOKEN, READ_TOKEN, FakeHub, RecordingApi
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitOperationAdd, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
@@ -260,7 +261,40 @@ def test_a_token_that_can_write_passes_and_the_repository_is_made(monkeypatch, t
     target = pm_hf.hub.repository.connect(_hub_args(repo, token))
     expected = repo if "/" in repo else f"me/{repo}"
     assert target.repo_id == expected and expected in fake.repos
-    assert [c[0] for c in fake.calls] == ["whoami", "create_repo"]
+    made = [] if expected == "me/seq" else ["create_repo"]  # an existing one is checked, not made
+    assert [c[0] for c in fake.calls] == ["whoami", "auth_check", *made]
+    assert fake.calls[1][2] == {"write": True}
+
+
+def test_an_existing_repository_the_token_cannot_write_is_refused_by_the_hubs_own_check(monkeypatch):
+    """An org contributor: `whoami` shows a write token and a writable org, `create_repo(exist_ok=True)` would say
+    yes (409, then repo_info); the Hub's `auth-check/write` says 403, and nothing is created or written."""
+    fake = FakeHub(orgs={"team": "contributor"})
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
+    fake.add_repo("team/theirs")
+    assert fake.api(token=GOOD_TOKEN).create_repo("team/theirs", exist_ok=True).repo_id == "team/theirs"  # the trap
+    fake.calls.clear()
+    with pytest.raises(InputError, match=r"^hub_model_id = 'team/theirs': this token cannot write to it \(403\)"):
+        pm_hf.hub.repository.connect(_hub_args("team/theirs", GOOD_TOKEN))
+    assert [c[0] for c in fake.calls] == ["whoami", "auth_check"]
+    target = pm_hf.hub.repository.connect(_hub_args("team/mine", GOOD_TOKEN))  # a contributor makes its own
+    assert target.repo_id == "team/mine" and fake.repos["team/mine"]["creator"] == "me"
+    assert fake.api(token=GOOD_TOKEN).auth_check("team/mine", write=True) is None
+
+
+def test_the_stand_ins_auth_check_answers_as_the_hub():
+    fake = FakeHub()
+    fake.add_repo("me/seq")
+    fake.add_repo("other/private", private=True)
+    write, read, wrong = fake.api(token=GOOD_TOKEN), fake.api(token=READ_TOKEN), fake.api(token="hf_wrong")
+    assert write.auth_check("me/seq", write=True) is None and read.auth_check("me/seq") is None
+    assert _status(lambda: read.auth_check("me/seq", write=True)) == 403
+    assert _status(lambda: write.auth_check("other/public", write=True)) == 404
+    with pytest.raises(RepositoryNotFoundError):
+        write.auth_check("other/private")
+    assert _status(lambda: wrong.auth_check("me/seq")) == 401
+    with pytest.raises(TypeError):
+        write.auth_check("me/seq", writable=True)
 
 
 def test_resume_from_a_pushed_repo_equals_the_uninterrupted_run(hub, model_dir, tmp_path, pushed):
@@ -343,3 +377,30 @@ def test_the_repository_defaults_to_the_output_folder_name(hub, model_dir, tmp_p
                   class_groups=[[0, 1]])  # fmt: skip
     run_continual(*args)
     assert list(hub.repos) == ["me/my-run"] and "adapter_model.safetensors" in hub.files("me/my-run")
+
+
+def test_a_repository_with_another_sequences_state_is_pushed_over_only_when_asked(hub, pushed, tmp_path):
+    """`pm-hf push` of a finished run (`push_run_dir`) where the repository's continual_state/ is another sequence's:
+    refused before anything is committed, unless `overwrite_hub_state`; its own sequence pushes over it."""
+    from pm_hf.run.runs import push_run_dir
+
+    _, out, _, _ = pushed
+    push = lambda **kw: push_run_dir(out, "me/shared", token=GOOD_TOKEN, push_continual_state=True, **kw)  # noqa: E731
+    push()
+    push()  # the same sequence again: accepted
+    state = json.loads(hub.files("me/shared")["continual_state/results.json"])
+    state["config"]["fingerprints"]["tasks"][0] = "another task's data"
+    (tmp_path / "other.json").write_text(json.dumps(state))
+    other = hub.api(token=GOOD_TOKEN)
+    op = CommitOperationAdd("continual_state/results.json", str(tmp_path / "other.json"))
+    other.create_commit("me/shared", [op], commit_message="another sequence's state")
+    before = hub.files("me/shared")
+    with pytest.raises(InputError, match=r"^hub_model_id = 'me/shared': holds the continual state of another seq"):
+        push()
+    assert hub.files("me/shared") == before
+    push(overwrite_hub_state=True)
+    pushed_state = json.loads(hub.files("me/shared")["continual_state/results.json"])
+    assert (
+        pushed_state["config"]["fingerprints"]
+        == json.loads((out / "results.json").read_text())["config"]["fingerprints"]
+    )

@@ -1,5 +1,6 @@
 """The package's boundaries, checked on the source: imports only go down the layers below, PEFT layer internals are
-touched in `adapters.py` alone, the library reads no environment variables, and every document it cites exists."""
+touched in `adapters.py` alone, the library reads the environment only where `ENVIRONMENT_READS` says (and why), and
+every document it cites exists."""
 
 from __future__ import annotations
 
@@ -102,10 +103,76 @@ def test_peft_layer_internals_only_in_adapters():
             assert "get_base_layer" not in text and ".lora_A[" not in text and ".lora_B[" not in text, module
 
 
-def test_the_library_reads_no_environment():
+# Every environment read of the library, by (module, what reads, the variable), and why. `accelerate launch` and
+# `torchrun` tell the processes how they were launched only through environment variables, and pm_hf refuses a launch
+# it cannot run before any model is loaded, when no Accelerator exists yet to ask; the plugins read accelerate's
+# settings of their kind (ACCELERATE_DEEPSPEED_*, FSDP_*) as `Accelerator` would. Nothing else reads it.
+ENVIRONMENT_READS = {
+    ("distributed.launch", "parse_flag_from_env", "ACCELERATE_USE_FSDP"): "FSDP asked for by `accelerate launch`",
+    ("distributed.launch", "parse_flag_from_env", "ACCELERATE_USE_DEEPSPEED"): "DeepSpeed asked for by it",
+    ("distributed.launch", "parse_choice_from_env", "ACCELERATE_MIXED_PRECISION"): "its mixed precision (DeepSpeed)",
+    ("distributed.launch", "get_int_from_env", "WORLD_SIZE"): "the processes started, against what the arguments see",
+    ("distributed.launch", "DeepSpeedPlugin", None): "the DeepSpeed config of `accelerate launch` (its ZeRO stage)",
+    ("distributed.launch", "FullyShardedDataParallelPlugin", None): "the FSDP settings of `accelerate launch`",
+    ("testing", "get_int_from_env", "WORLD_SIZE"): "tests under `torchrun` on CPU start DeepSpeed's communication",
+}
+ENV_READERS = {"get_int_from_env", "parse_flag_from_env", "parse_choice_from_env", "str_to_bool", "patch_environment",
+               "clear_environment", "DeepSpeedPlugin", "FullyShardedDataParallelPlugin"}  # fmt: skip
+# Built by the library, they read the environment themselves as they always do (the process layout: RANK,
+# LOCAL_RANK, ...; logging verbosity; accelerate's own settings): the launcher's contract, not a pm_hf setting.
+READ_BY_THEMSELVES = {"accelerate.PartialState", "accelerate.state.AcceleratorState", "transformers.PreTrainedModel",
+                      "transformers.Trainer", "transformers.TrainingArguments", "transformers.integrations.deepspeed",
+                      "transformers.logging"}  # fmt: skip
+THIRD_PARTY = ("accelerate", "transformers", "huggingface_hub", "peft", "trl", "datasets", "torch", "safetensors")
+
+
+def _environment_reads(tree: ast.AST, module: str) -> list[tuple]:
+    """(module, reader, variable) of every call of an environment reader; os.environ / getenv / expandvars / putenv
+    anywhere as (module, that name, None) (none is listed: a direct read always fails)."""
+    reads = []
+    for node in ast.walk(tree):
+        name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+        if name in ("environ", "getenv", "expandvars", "putenv", "unsetenv"):
+            reads.append((module, name, None))
+        if isinstance(node, ast.Call):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if func in ENV_READERS:
+                first = node.args[0] if node.args else None
+                first = first.elts[0] if isinstance(first, ast.List) and first.elts else first
+                reads.append((module, func, first.value if isinstance(first, ast.Constant) else None))
+    return reads
+
+
+def test_the_library_reads_the_environment_only_where_listed():
+    found = [
+        read for module, path in _modules().items() for read in _environment_reads(ast.parse(path.read_text()), module)
+    ]
+    assert sorted(found, key=str) == sorted(ENVIRONMENT_READS, key=str)  # each listed read once, and no other
+    planted = ast.parse("import os\nos.environ.get('X')\nget_int_from_env(['RANK'], 0)\nPartialState()")
+    assert sorted(_environment_reads(planted, "m")) == [("m", "environ", None), ("m", "get_int_from_env", "RANK")]
+
+
+def test_every_imported_helper_that_reads_the_environment_is_accounted_for():
+    """A name pm_hf imports from a dependency whose source reads the environment is a reader the scan above counts,
+    or an object listed as reading it by itself: a new environment helper (e.g. `str_to_bool(os.environ[...])`'s
+    cousins) cannot slip in under a name the scan does not know."""
+    import importlib
+    import inspect
+
+    readers = {}
     for module, path in _modules().items():
-        text = path.read_text()
-        assert not re.search(r"os\.environ|getenv|expandvars", text), module
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and _top(node.module or "") in THIRD_PARTY:
+                for alias in node.names:
+                    try:
+                        source = inspect.getsource(getattr(importlib.import_module(node.module), alias.name))
+                    except (TypeError, OSError, AttributeError, ImportError):  # no Python source, or an optional extra
+                        continue
+                    if re.search(r"os\.environ|getenv|_from_env\(", source):
+                        readers.setdefault(f"{node.module}.{alias.name}", set()).add(module)
+    unaccounted = {k: v for k, v in readers.items() if k.rsplit(".", 1)[1] not in ENV_READERS}
+    assert set(unaccounted) == READ_BY_THEMSELVES, sorted(unaccounted)
+    assert {k.rsplit(".", 1)[1] for k in readers} & ENV_READERS  # the check sees the listed readers too
 
 
 def test_cited_documents_exist_inside_the_repository():

@@ -17,6 +17,7 @@ from pm_hf.config.checks import InputError
 from pm_hf.config.groups import DataArguments, LoraArguments, MergeArguments, ModelArguments
 from pm_hf.continual import ContinualTrainer, run_continual
 from pm_hf.method.merge import compress_factors
+from pm_hf.method.weights import LowRankWeights
 from pm_hf.testing import tiny_tokenizer
 
 
@@ -92,11 +93,36 @@ def test_strategies_that_need_the_weights_are_refused_with_a_merged_adapter(tmp_
                         merge_args=MergeArguments(merge_method=method)).train()  # fmt: skip
 
 
-def test_a_compressed_merged_adapter_keeps_its_rank_and_logs_its_error(model_dir, tmp_path):
+def test_a_compressed_merged_adapter_keeps_its_rank_and_records_its_error(model_dir, tmp_path, monkeypatch):
+    """Each merge's recorded error (`LowRankWeights.errors`) is the worst layer's ||D - B'A'|| / ||D||, where D is the
+    dense merged delta (the earlier merged adapter plus alpha s B A of the task), computed here from D itself."""
+    expected, recorded = [], []
+    append = LowRankWeights.append
+
+    def recording_append(self, adapter, alpha):
+        dense = {}
+        for key, f in adapter.items():
+            d = float(alpha[key]) * f.scaling * f.B.double() @ f.A.double()
+            if key in self.factors:
+                A0, B0 = self.factors[key]
+                d = d + B0.double().cpu() @ A0.double().cpu()
+            dense[key] = d
+        append(self, adapter, alpha)
+        worst = 0.0
+        for key, d in dense.items():
+            A, B = self.factors[key]
+            assert A.shape[0] == min(3, torch.linalg.matrix_rank(d))  # the rank it was compressed to
+            worst = max(worst, float(torch.linalg.norm(d - B.double().cpu() @ A.double().cpu()) / torch.linalg.norm(d)))
+        expected.append(worst)
+        recorded.append(self.errors[-1])
+
+    monkeypatch.setattr(LowRankWeights, "append", recording_append)
     loop_run = run_continual(*groups(model_dir, tmp_path, merge_into="adapter", merged_adapter_rank=3))
     state = checkpoint_tensors(tmp_path)
     assert {v.shape[0] for k, v in state.items() if k.endswith("::A")} == {3}
-    assert len(loop_run["alphas"]) == 3
+    assert len(loop_run["alphas"]) == len(recorded) == 3
+    assert all(e > 1e-3 for e in expected)  # rank 4 per task: every merge drops something
+    assert recorded == pytest.approx(expected, rel=1e-4)
 
 
 def test_compress_factors_against_a_dense_svd():

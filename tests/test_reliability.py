@@ -7,7 +7,9 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -76,8 +78,71 @@ def test_a_damaged_checkpoint_is_refused_and_left_alone(name, finished, assets, 
     assert detail.startswith(f"pm-hf: error: {rel.CORRUPTIONS[name]} = "), detail
 
 
-def test_the_tables_count_only_contract_refusals():
-    """What the tables accept as a refusal: exit 2 with one contract line naming the case's field, nothing else."""
+def _changed_fields(case) -> set[str]:
+    """The fields a bad-config case sets, and those its kind of damage belongs to."""
+    changed = set(case.fields) | {f[2:] for f in case.flags if f.startswith("--")}
+    if any(not f.startswith("-") for f in case.flags[:1]):
+        changed.add("arguments")  # a stray positional argument
+    raw = case.fields.get("__yaml__")
+    if "__yaml__" in case.fields:
+        changed |= {"config", *re.findall(r"^(\w+):", raw or "", re.M)}
+    changed |= {"output_dir"} if case.out else set()
+    changed |= {"model_name_or_path"} if case.model or "model_task" in case.fields else set()  # the model must fit
+    changed |= {"data_files", "label_column", "eval_split", "class_groups"} if case.data is not None else set()
+    return changed
+
+
+def test_every_bad_config_case_expects_a_field_it_changes():
+    """The field a case's error must name is one the case sets (or the kind of damage it does: a file where the run
+    folder goes, a broken model folder, broken data), so a passing row means the error names the real culprit."""
+    strays = [
+        c.name for c in rel.BAD_CONFIGS if re.sub(r"\[\d+\]$", "", c.expect.lstrip("-")) not in _changed_fields(c)
+    ]
+    assert not strays, strays
+    assert len({c.name for c in rel.BAD_CONFIGS}) == len(rel.BAD_CONFIGS)  # one row per case
+
+
+def test_a_case_expecting_one_field_fails_when_the_error_names_another(assets, tmp_path):
+    mislabelled = rel.BadConfig("seed=-3 expecting learning_rate", {"seed": -3}, expect="learning_rate")
+    ok, detail = rel.run_bad_config(mislabelled, assets, tmp_path / "case")
+    assert not ok and detail.startswith("names 'seed', not 'learning_rate'"), detail
+    ok, detail = rel.run_bad_config(rel.BadConfig("seed=-3", {"seed": -3}, expect="seed"), assets, tmp_path / "ok")
+    assert ok and detail.startswith("pm-hf: error: seed = -3: "), detail
+
+
+LINE = "pm-hf: error: seed = -3: use an integer >= 0."
+NOT_REFUSALS = {  # what a command may do instead of the contract's refusal: (exit code or exception, stderr)
+    "another field": (2, "pm-hf: error: learning_rate = -3: use a number > 0."),
+    "exit 1": (1, LINE),
+    "exit 0": (0, ""),
+    "SystemExit(1)": (SystemExit(1), LINE),
+    "a traceback": (2, f"Traceback (most recent call last):\n  ...\n{LINE}"),
+    "no contract line": (2, "pm-hf: error: something went wrong"),
+    "two error lines": (2, f"{LINE}\n{LINE}"),
+    "an exception": (ValueError("seed"), ""),
+}
+
+
+def _fake_main(monkeypatch, outcome, stderr, write: Path | None = None):
+    """`pm-hf` replaced by one that prints `stderr` and exits with `outcome` (or raises it), writing `write` first."""
+    import pm_hf.commands.cli as cli
+
+    def main(argv):
+        if write is not None:
+            write.mkdir(parents=True, exist_ok=True)
+            (write / "written.txt").write_text("x")
+        print(stderr, file=sys.stderr)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(cli, "main", main)
+
+
+def test_the_tables_count_only_contract_refusals(assets, finished, tmp_path, monkeypatch):
+    """What the tables accept as a refusal: exit 2 with one contract line naming the case's field, nothing written;
+    checked on the line parser, then on each table's runner fed every other outcome (bad configs, corruptions), and
+    the faults table counts only the fault's own end (SIGKILL, or exit 3 on a full disk)."""
     line = "pm-hf: error: seed = -3: use an integer >= 0."
     assert rel.contract_error(2, f"loading...\n{line}\n", "seed") == (True, line)
     refused = {
@@ -92,6 +157,31 @@ def test_the_tables_count_only_contract_refusals():
         assert not rel.contract_error(code, stderr, expect)[0], what
     with pytest.raises(ValueError, match="expect"):
         rel.BadConfig("a case without its field", {"seed": -3})
+
+    case, name = rel.BadConfig("seed=-3", {"seed": -3}, expect="seed"), "missing pointer"
+    with monkeypatch.context() as patch:
+        _fake_main(patch, 2, LINE)
+        assert rel.run_bad_config(case, assets, tmp_path / "bad-ok") == (True, LINE)
+        corruption_line = LINE.replace("seed", "output_dir")
+        _fake_main(patch, 2, corruption_line)
+        assert rel.run_corruption(name, finished, assets, tmp_path / "corrupt-ok") == (True, corruption_line)
+        for i, (what, (outcome, stderr)) in enumerate(NOT_REFUSALS.items()):
+            _fake_main(patch, outcome, stderr)
+            assert not rel.run_bad_config(case, assets, tmp_path / f"bad{i}")[0], what
+            _fake_main(patch, outcome, stderr.replace("seed", "output_dir"))
+            assert not rel.run_corruption(name, finished, assets, tmp_path / f"corrupt{i}")[0], what
+        _fake_main(patch, 2, LINE, write=tmp_path / "bad-writes" / "out")  # the refusal, after writing the run folder
+        ok, detail = rel.run_bad_config(case, assets, tmp_path / "bad-writes")
+        assert not ok and detail.startswith("written under"), detail
+        _fake_main(patch, 2, corruption_line, write=tmp_path / "corrupt-writes" / "run" / "extra")
+        ok, detail = rel.run_corruption(name, finished, assets, tmp_path / "corrupt-writes")
+        assert not ok and "changed ['extra/written.txt']" in detail, detail
+
+    kill, crash = -signal.SIGKILL, "Traceback (most recent call last):\n  ...\nRuntimeError: boom"
+    assert rel.fault_struck("train", kill, "")[0] and rel.fault_struck("disk", 3, "")[0]
+    for point, code in [("train", 0), ("train", 1), ("train", 2), ("train", 3), ("disk", kill), ("disk", 1)]:
+        struck, detail = rel.fault_struck(point, code, crash)
+        assert not struck and (code == 0 or f"exit {code}" in detail), (point, code, detail)
 
 
 @pytest.mark.parametrize("where", ["file", "under-file"])
@@ -127,7 +217,7 @@ def test_a_run_stopped_at_any_step_resumes_to_identical_results(name, point, nth
     def die():
         raise Killed(name)
 
-    with rel.fault_points_restored(), pytest.raises((Killed, OSError)):
+    with rel.fault_points_restored(), pytest.raises(OSError if point == "disk" else Killed):
         rel.install_fault(point, nth, die)
         train(assets, out)
     assert train(assets, out, "--resume")[0] == 0

@@ -80,3 +80,58 @@ def test_args_without_the_perturbation_fields_are_refused(tmp_path):
     args = trl.SFTConfig(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True, max_length=32)
     with pytest.raises(TypeError, match="perturbation fields"):
         PMSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+
+
+@pytest.mark.parametrize("branch, probs", [(-1, [1.0, 0.0, 0.0]), (1, [0.0, 0.0, 1.0])])
+def test_loss_and_gradient_are_taken_at_the_perturbed_point(tmp_path, branch, probs):
+    """One TRL training step of PMSFTTrainer equals a brute-force step at theta_0 + (1 + b eps) s B A: the loss of a
+    copy whose weights have that delta written in (adapter off), the gradient of a copy whose adapter is scaled."""
+    import copy
+
+    eps = 0.5
+    tok, data, model = _setup(tmp_path)
+    args = PMSFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                       max_length=32, completion_only_loss=True, seed=0, perturb_eps=eps,
+                       perturb_probs=probs)  # fmt: skip
+    trainer = PMSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert trainer.current_branch() == branch and (batch["labels"] == -100).any()  # the prompt is masked out
+    with torch.no_grad():  # a trained-looking adapter (B starts at 0: no perturbation to see)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    reference = _setup(tmp_path / "reference")[2]  # not a deepcopy of `model`: its copies would call its forward
+    reference.load_state_dict(model.state_dict())
+    scalings = [dict(layer.scaling) for layer in lora_layers(model).values()]
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop; training_step is called directly here
+    model.zero_grad()
+    loss = float(trainer.training_step(model, dict(batch)))
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert scalings == [dict(layer.scaling) for layer in lora_layers(model).values()]  # restored after the step
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    written = copy.deepcopy(reference)  # the perturbed weights written into the base, the adapter off
+    with torch.no_grad():
+        for layer in lora_layers(written).values():
+            delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+            layer.get_base_layer().weight += (1 + branch * eps) * delta
+    written.train()
+    with written.disable_adapter():
+        assert loss == pytest.approx(float(written(**inputs).loss), rel=1e-5)
+
+    scaled = copy.deepcopy(reference)
+    for layer in lora_layers(scaled).values():
+        layer.scaling["default"] *= 1 + branch * eps
+    scaled.train()
+    scaled.zero_grad()
+    scaled(**inputs).loss.backward()
+    lora = [n for n in got if "lora_" in n]
+    assert lora and set(got) == {n for n, p in scaled.named_parameters() if p.requires_grad}
+    for n, p in scaled.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
+    plain = copy.deepcopy(reference)  # and the unperturbed gradient differs (the test can fail)
+    plain.train()
+    plain(**inputs).loss.backward()
+    grads = dict(plain.named_parameters())
+    assert any(not torch.allclose(got[n], grads[n].grad, rtol=1e-3) for n in lora)

@@ -108,6 +108,13 @@ class PMConfig(TrainingArguments, PerturbationArguments):
             "`--resume_from USER/NAME` continues the sequence on another machine."
         },
     )
+    overwrite_hub_state: bool = field(
+        default=False,
+        metadata={
+            "help": "With push_to_hub: push even where the repository holds the continual state of another sequence "
+            "(another model, data or method), replacing it; without it such a push is refused."
+        },
+    )
 
     def __post_init__(self):
         self.check_perturbation()

@@ -12,6 +12,11 @@ and the branch `pm-hf-base` holds the pretrained model with a head of the run's 
 `adapter_config.json` names as its base (`revision="pm-hf-base"`), so `AutoPeftModelFor...` loads a revision alone.
 A causal LM's adapter names the pretrained model's own Hub id instead.
 
+Two pushes to one repository never interleave: on one machine a lock per repository id serialises them whole (the
+base branch, the commit, the tag), and every commit names the commit it was built on (`parent_commit`), so the Hub
+refuses it (412) when anything else changed the branch meanwhile. A repository holding the continual state of another
+sequence (another model, data or method) is not pushed to unless `overwrite_hub_state` says so.
+
 Every call goes through `HfApi`; the token is handed to it and never written or logged.
 """
 
@@ -24,8 +29,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from filelock import FileLock
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from safetensors import safe_open
 
 from ..config.checks import InputError, invalid
@@ -46,6 +58,7 @@ class HubTarget:
     api: HfApi
     repo_id: str
     revision: str | None = None
+    overwrite_state: bool = False  # `overwrite_hub_state`: replace another sequence's continual state
 
 
 def is_repo_id(value: str) -> bool:
@@ -62,7 +75,8 @@ def _client(token: str | None, field: str, value) -> HfApi:
 
 def connect(args) -> HubTarget:
     """Check the token and write access to the repository (created if needed, with `hub_private_repo`) and its
-    branch `hub_revision`, before anything is trained; an error names the field to fix. The repository name defaults
+    branch `hub_revision`, before anything is trained: `whoami` (the token's role and namespaces), then the Hub's
+    own `auth-check/write` on an existing repository; an error names the field to fix. The repository name defaults
     to output_dir's folder name under the token's user, as with the Trainer."""
     name = args.hub_model_id or Path(args.output_dir).absolute().name
     api = _client(args.hub_token, "hub_model_id", name)
@@ -72,14 +86,37 @@ def connect(args) -> HubTarget:
         raise invalid("hub_token", "<hidden>", f"the Hub did not accept the token ({type(err).__name__}).") from None
     repo_id = name if "/" in name else f"{identity['name']}/{name}"
     check_write_access(identity, repo_id)
+    exists = _can_write(api, repo_id)
     try:
-        repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
+        if not exists:  # a new repository: made now, which is itself the write check
+            repo_id = api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True).repo_id
         if args.hub_revision:
             api.create_branch(repo_id, branch=args.hub_revision, exist_ok=True)
     except HUB_ERRORS as err:
         fix = f"the repository cannot be created or written with this token ({type(err).__name__}: {err})."
         raise invalid("hub_model_id", repo_id, " ".join(fix.split())) from None
-    return HubTarget(api, repo_id, args.hub_revision)
+    return HubTarget(api, repo_id, args.hub_revision, bool(getattr(args, "overwrite_hub_state", False)))
+
+
+def _can_write(api: HfApi, repo_id: str) -> bool:
+    """True when `repo_id` exists and the token may write its content (the Hub's `auth-check/write`, which writes
+    nothing), False when the token sees no such repository; a repository it sees but cannot write (403, a gated
+    one included) is refused. `create_repo(exist_ok=True)` cannot tell: it turns a 403 on an existing repository
+    into success."""
+    try:
+        api.auth_check(repo_id, write=True)
+        return True
+    except GatedRepoError:
+        raise invalid("hub_model_id", repo_id, "a gated repository this token cannot write: use your own.") from None
+    except RepositoryNotFoundError:
+        return False
+    except HUB_ERRORS as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            fix = f"this token cannot write to it ({status}): use a repository you can write to, or a token with "
+            raise invalid("hub_model_id", repo_id, fix + "write access to it.") from None
+        fix = f"its write access cannot be checked ({type(err).__name__}: {err})."
+        raise invalid("hub_model_id", repo_id, " ".join(fix.split())) from None
 
 
 def check_write_access(identity: dict, repo_id: str) -> None:
@@ -111,36 +148,102 @@ def _files(folder: Path, prefix: str = "") -> dict[str, Path]:
     return {prefix + p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _commit(target: HubTarget, files: dict[str, Path], message: str, revision: str | None) -> str:
-    """One commit: add `files` (path in repo -> local file), delete what the revision holds besides them."""
+def _head(target: HubTarget, revision: str | None) -> str | None:
+    """The commit `revision` (a branch) points at; None for a repository without commits (or a branch not made)."""
     try:
-        present = target.api.list_repo_files(target.repo_id, revision=revision)
+        return target.api.repo_info(target.repo_id, revision=revision or "main").sha
+    except HUB_ERRORS:
+        return None
+
+
+def _commit(target: HubTarget, files: dict[str, Path], message: str, revision: str | None) -> str:
+    """One commit: add `files` (path in repo -> local file), delete what the revision holds besides them. It names the
+    commit it was built on (`parent_commit`): a branch that moved meanwhile refuses it whole (412)."""
+    parent = _head(target, revision)
+    try:
+        present = target.api.list_repo_files(target.repo_id, revision=parent) if parent else []
     except HUB_ERRORS:  # a new branch or an empty repository
         present = []
     stale = [p for p in present if p not in files and not fnmatch.fnmatch(p, ".gitattributes")]
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
     ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
-    info = target.api.create_commit(target.repo_id, ops, commit_message=message, revision=revision)
+    try:
+        info = target.api.create_commit(target.repo_id, ops, commit_message=message, revision=revision,
+                                        parent_commit=parent)  # fmt: skip
+    except HfHubHTTPError as err:
+        if err.response is None or err.response.status_code != 412:
+            raise
+        fix = "changed on the Hub while this push was built (another push?): nothing was committed; push again."
+        raise invalid("hub_model_id", target.repo_id, fix) from None
     return info.oid
+
+
+def repo_lock(repo_id: str) -> FileLock:
+    """The lock that serialises this machine's pushes to `repo_id` (beside huggingface_hub's own, in the cache)."""
+    path = Path(constants.HF_HUB_CACHE) / ".locks" / "pm_hf" / f"{repo_id.replace('/', '--')}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)
+
+
+def _run_identity(config: dict) -> dict:
+    """What makes a sequence: the model's and each task's data fingerprints, and the method (LoRA, Fisher, merge)."""
+    groups = ("LoraArguments", "FisherArguments", "MergeArguments")
+    return {"fingerprints": config.get("fingerprints", {}), **{g: config.get(g, {}) for g in groups}}
+
+
+def sequence_differences(theirs: dict, ours: dict) -> list[str]:
+    """How the run record `ours` is not a run of the sequence `theirs` (the same one, shorter or longer, is)."""
+    a, b = _run_identity(theirs), _run_identity(ours)
+    diffs = [] if a["fingerprints"].get("model") == b["fingerprints"].get("model") else ["the model"]
+    tasks_a, tasks_b = a["fingerprints"].get("tasks", []), b["fingerprints"].get("tasks", [])
+    if tasks_a[: len(tasks_b)] != tasks_b[: len(tasks_a)]:
+        diffs.append("the tasks' data")
+    diffs += [group for group in ("LoraArguments", "FisherArguments", "MergeArguments") if a[group] != b[group]]
+    return diffs
+
+
+def _refuse_foreign_state(target: HubTarget, export: Path, revision: str | None) -> None:
+    """Refuse to push over `continual_state/` of another sequence (unless `overwrite_state`): a later `resume_from`
+    of that sequence would find this run's state, or none."""
+    if target.overwrite_state:
+        return
+    parent = _head(target, revision)
+    try:
+        present = target.api.list_repo_files(target.repo_id, revision=parent) if parent else []
+    except HUB_ERRORS:
+        return
+    if f"{STATE_DIR}/results.json" not in present or not (export / "results.json").is_file():
+        return
+    try:
+        theirs = target.api.hf_hub_download(target.repo_id, f"{STATE_DIR}/results.json", revision=parent)
+        theirs = json.loads(Path(theirs).read_text()).get("config", {})
+    except (*HUB_ERRORS, json.JSONDecodeError):
+        return
+    diffs = sequence_differences(theirs, json.loads((export / "results.json").read_text()).get("config", {}))
+    if diffs:
+        fix = f"holds the continual state of another sequence ({', '.join(diffs)} differ): push to another "
+        raise invalid("hub_model_id", target.repo_id, fix + "repository, or set `overwrite_hub_state` to replace it.")
 
 
 def push_run(target: HubTarget, export: Path, state: dict[str, Path] | None, message: str, tag: str | None) -> str:
     """Push an export folder written for this repository (its `base/`, if any, to the branch `pm-hf-base`), with the
     continual state's files (name -> local file) under `continual_state/`, as one commit; `tag` then names it.
-    Returns the commit id."""
+    Returns the commit id. The whole push holds this machine's lock on the repository."""
     export = Path(export)
-    base = export / "base"
-    if base.is_dir():
-        target.api.create_branch(target.repo_id, branch=BASE_BRANCH, exist_ok=True)
-        _commit(target, _files(base), "pm_hf: the base model with a head of the run's classes", BASE_BRANCH)
-    files = {k: v for k, v in _files(export).items() if not k.startswith("base/")}
-    files.update({f"{STATE_DIR}/{name}": path for name, path in (state or {}).items()})
-    oid = _commit(target, files, message, target.revision)
-    if tag:
-        if any(ref.name == tag for ref in target.api.list_repo_refs(target.repo_id).tags):
-            target.api.delete_tag(target.repo_id, tag=tag)  # a task trained again: the tag moves to the new commit
-        target.api.create_tag(target.repo_id, tag=tag, revision=oid)
-    logger.info("pushed %s to %s (%s)", export, target.repo_id, tag or target.revision or "main")
+    with repo_lock(target.repo_id):
+        _refuse_foreign_state(target, export, target.revision)
+        base = export / "base"
+        if base.is_dir():
+            target.api.create_branch(target.repo_id, branch=BASE_BRANCH, exist_ok=True)
+            _commit(target, _files(base), "pm_hf: the base model with a head of the run's classes", BASE_BRANCH)
+        files = {k: v for k, v in _files(export).items() if not k.startswith("base/")}
+        files.update({f"{STATE_DIR}/{name}": path for name, path in (state or {}).items()})
+        oid = _commit(target, files, message, target.revision)
+        if tag:
+            if any(ref.name == tag for ref in target.api.list_repo_refs(target.repo_id).tags):
+                target.api.delete_tag(target.repo_id, tag=tag)  # a task trained again: the tag moves to the new commit
+            target.api.create_tag(target.repo_id, tag=tag, revision=oid)
+    logger.info("pushed to %s (%s)", target.repo_id, tag or target.revision or "main")
     return oid
 
 

@@ -229,6 +229,7 @@ class ContinualLoop:
         args.output_dir = str(self.out / "tasks" / f"task_{t}")  # mid-task checkpoints (save_strategy) go here
         args.eval_strategy, args.report_to = "no", "none"  # the run's reporters are shared below: one logging run
         args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
+        args.hub_token = None  # nor hold the token: they pickle their args into every mid-task checkpoint
         args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
         # the model wrapped for training again (else every task after the first trained without DDP), the DeepSpeed
         # plugin of the first task shared, ZeRO-3's between-task parameter hooks off (the task's engine brings its own)

@@ -1,13 +1,19 @@
-"""The run folder (`output_dir`): one process owns it at a time (an exclusive lock), `train` never writes over a run
-it was not asked to continue, temporaries left by a killed run are removed, and a resumed run is the saved run — its
-config and its data and model fingerprints — or it is refused with the list of differences."""
+"""The run folder (`output_dir`): one process owns it at a time (an exclusive lock, which goes with its process: a
+killed run's lock file holds nothing), `train` never writes over a run it was not asked to continue, temporaries left
+by a killed run are removed, a resumed run is the saved run — its config and its data and model fingerprints — or it
+is refused with the list of differences. Readers (`evaluate`, `export`, `push`) take no lock: they read a private view
+of the last complete checkpoint (`checkpoint_view`), so a run that is training goes on undisturbed."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +24,8 @@ from ..config.checks import invalid
 from ..fileio import TMP_MARK
 
 LOCK = ".pm_hf.lock"
+IN_USE = ("in use by another pm_hf process (a run training there); wait for it, or choose another output_dir "
+          "(several processes launched on purpose: on a machine without a GPU set `use_cpu: true`).")  # fmt: skip
 OWNED = ("latest.json", "results.json", "adapters", "merged_adapter", "tasks", "accuracy_matrix.png",
          "accuracy_curve.png")  # fmt: skip
 # Fields that do not change what a run computes: paths, logging, progress bars, evaluation batching, Hub pushes.
@@ -28,7 +36,8 @@ INERT = {
     "eval_accumulation_steps", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
     "dataloader_prefetch_factor", "save_strategy", "save_steps", "save_total_limit", "save_on_each_node",
     "save_only_model", "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy",
-    "hub_always_push", "hub_revision", "push_continual_state", "overwrite_output_dir", "skip_memory_metrics",
+    "hub_always_push", "hub_revision", "push_continual_state", "overwrite_hub_state", "overwrite_output_dir",
+    "skip_memory_metrics",
     "ddp_timeout", "local_rank",
     "resume_from_checkpoint", "resume_from", "do_train", "do_eval", "do_predict", "debug", "divergence_threshold",
     "log_loss_increase",
@@ -49,10 +58,39 @@ def output_lock(out: Path, enabled: bool = True) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        fix = "in use by another pm_hf process; choose another output_dir (several processes launched on purpose: "
-        raise invalid("output_dir", str(out), fix + "on a machine without a GPU set `use_cpu: true`).") from None
+        raise invalid("output_dir", str(out), IN_USE) from None
     try:
         yield
+    finally:
+        lock.release()
+
+
+def in_use(out: Path) -> bool:
+    """Whether a live process holds `out`'s lock (reading only: the lock file is not created, a stale one is free)."""
+    path = Path(out) / LOCK
+    if not path.is_file():
+        return False
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+@contextlib.contextmanager
+def lock_if_idle(out: Path) -> Iterator[bool]:
+    """`out`'s lock when no process holds it (yields True), else nothing (False): a reader that would write into the
+    run folder (`evaluate` rewriting results.json) does so only while no run trains there, and never waits."""
+    lock = FileLock(Path(out) / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
     finally:
         lock.release()
 
@@ -87,9 +125,16 @@ def check_writable(out: Path) -> None:
 
 
 def check_claim(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse (reading only) a path that is not a folder one can create or write, and a folder that holds a run or
+    """Refuse (reading only) a path that is not a folder one can create or write, a folder another live process holds
+    (exit 2 at once, instead of waiting for or writing into a run in progress), and a folder that holds a run or
     foreign files, unless resuming or overwriting."""
     check_writable(out)
+    if in_use(Path(out)):
+        raise invalid("output_dir", str(out), IN_USE)
+    _check_contents(out, resume, overwrite)
+
+
+def _check_contents(out: Path, resume: bool, overwrite: bool) -> None:
     others = _others(out)
     if resume or overwrite or not others:
         return
@@ -103,7 +148,8 @@ def check_claim(out: Path, resume: bool, overwrite: bool) -> None:
 def claim(out: Path, resume: bool, overwrite: bool) -> None:
     """Make `out` this run's folder (under its lock): temporaries of a killed run removed, an old run replaced when
     overwriting, a run or foreign files refused otherwise."""
-    check_claim(out, resume, overwrite)
+    check_writable(out)
+    _check_contents(out, resume, overwrite)
     remove_stale(out)
     if overwrite and not resume:
         for path in _others(out):
@@ -163,3 +209,90 @@ def dataset_digest(ds) -> str:
     with pa.ipc.new_stream(sink, table.schema.remove_metadata()) as writer:
         writer.write_table(table.replace_schema_metadata(None))
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ readers
+VIEW_TRIES = 50  # the run wrote a new checkpoint this many times while a view was taken: give up
+
+
+def _link(src: Path, dst: Path) -> None:
+    """`dst` becomes `src`'s file: a hard link (the bytes stay even when the run removes or replaces `src`), or a
+    copy where the file system has none."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if not src.exists():
+            raise FileNotFoundError(src) from err
+        shutil.copy2(src, dst)
+
+
+def _pointer(out: Path) -> tuple[str, int, int] | None:
+    """(checkpoint name, tasks completed, inode) of `latest.json`, None when there is none."""
+    try:
+        stat, record = (out / "latest.json").stat(), json.loads((out / "latest.json").read_text())
+        return str(record["checkpoint"]), int(record["completed"]), stat.st_ino
+    except (ValueError, KeyError, TypeError):  # damaged: the reader's own checks say so
+        return "", -1, -1
+    except OSError:  # none, or `out` is no folder
+        return None
+
+
+def _take_view(out: Path, view: Path, name: str, completed: int) -> None:
+    """Link into `view` what a reader of the checkpoint `name` needs: the pointer, the checkpoint's files and the
+    adapter log of its `completed` tasks. Not results.json and the plots: they are written after the checkpoint, one
+    file after the other, so no file tells which task they describe; a reader rebuilds them from the checkpoint's
+    log."""
+    _link(out / "latest.json", view / "latest.json")
+    for path in sorted((out / name).iterdir()):
+        _link(path, view / name / path.name)
+    for t in range(completed):
+        record = out / "adapters" / f"task_{t}.safetensors"
+        if record.exists():
+            _link(record, view / "adapters" / record.name)
+
+
+@contextlib.contextmanager
+def _view_root(out: Path) -> Iterator[Path]:
+    """A temporary folder inside `out` (hard links need the same file system; its name marks it as a temporary, so
+    the next `train` there removes one a killed reader left), or the system's where `out` is not writable."""
+    try:
+        root = Path(tempfile.mkdtemp(prefix=f".view{TMP_MARK}{os.getpid()}-", dir=out))
+    except OSError:
+        root = Path(tempfile.mkdtemp(prefix="pm_hf-view-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def checkpoint_view(out: Path) -> Iterator[Path]:
+    """A private folder that reads as `out` at its last complete checkpoint, for `evaluate`, `export` and `push` of
+    a run that may be training: never a half-written checkpoint (only a renamed, complete one is named by
+    latest.json), never files of two tasks (taken again when latest.json moved on meanwhile; results.json and the
+    plots left to the reader to rebuild from the checkpoint), and the training is neither locked nor slowed (hard
+    links: no bytes copied, the run's files untouched). A folder without latest.json is yielded as it is (nothing
+    to be consistent with); the view is removed on exit."""
+    out = Path(out)
+    if _pointer(out) is None:
+        yield out
+        return
+    with _view_root(out) as tmp:
+        for attempt in range(VIEW_TRIES):
+            view = Path(tmp) / str(attempt)
+            name, completed, inode = _pointer(out) or ("", -1, -1)
+            if not re.fullmatch(r"checkpoint-task\d+", name):  # no pointer now, or a damaged one: read as it is
+                yield out
+                return
+            try:
+                _take_view(out, view, name, completed)
+            except FileNotFoundError:  # the run replaced that checkpoint while it was being linked
+                time.sleep(0.01 * attempt)
+                continue
+            now = _pointer(out)
+            if now is not None and now[0] == name and now[2] == inode:
+                yield view
+                return
+            time.sleep(0.01 * attempt)
+        raise invalid("output_dir", str(out), "its checkpoint kept changing while it was read: try again.")

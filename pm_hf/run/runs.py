@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import tempfile
 from pathlib import Path
@@ -24,12 +25,12 @@ from ..hub.export import INFO
 from ..hub.origin import resolve_base
 from ..hub.repository import connect, download_export
 from .assembly import build_loop
-from .checkpoint import dataclasses_from_config, load_checkpoint
+from .checkpoint import LATEST, dataclasses_from_config, load_checkpoint
 from .loop import ContinualLoop
 from .metrics import seen_accuracy
 from .results import write_outputs
 from .run_export import export_run, push_task
-from .rundir import output_lock, refuse_changes
+from .rundir import checkpoint_view, lock_if_idle, refuse_changes
 
 # Settings a run folder may hold that evaluating or exporting it must never act on: trackers, Hub pushes, and how
 # its training was launched (FSDP, DeepSpeed: a saved run is evaluated and exported by one process, whole).
@@ -42,21 +43,26 @@ MODEL_CLASSES = {
 }
 
 
-def load_run(run_dir: str | Path, hub=None, **training: object) -> ContinualLoop:
-    """A finished (or stopped) run rebuilt from its last checkpoint, verified, with the merged weights loaded and its
-    log; trackers and Hub settings stored in the run folder are ignored (`hub` and the `PMConfig` fields in
-    `training` are this call's: a push's). A changed model or data is refused."""
+def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training: object) -> ContinualLoop:
+    """A finished (or stopped, or still training) run rebuilt from its last checkpoint, verified, with the merged
+    weights loaded and its log; trackers and Hub settings stored in the run folder are ignored (`hub` and the
+    `PMConfig` fields in `training` are this call's: a push's). A changed model or data is refused. `view`: the
+    run folder's `checkpoint_view`, which the loop then reads (its folder)."""
     out = Path(run_dir)
     if not out.is_dir():
         raise invalid("run_dir", str(run_dir), "not found: pass the output_dir of a `pm-hf train` run.")
-    loaded = load_checkpoint(out)
+    view = Path(view or out)
+    loaded = load_checkpoint(view)
     if loaded is None:
         raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
     state, saved = loaded
-    groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(out), **training}})
+    groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
     loop = build_loop(RunConfig(*groups), hub=hub)
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
     loop.restore(state)
+    if view != out:  # the loop reads the view; results.json and the plots are the checkpoint's, naming the run folder
+        loop.results = lambda: {**ContinualLoop.results(loop), "output_dir": str(out)}
+        write_outputs(view, loop.results())
     return loop
 
 
@@ -67,11 +73,13 @@ def evaluate_run(run_dir: str) -> dict:
         {"last_row": primary score per task (accuracy over all seen classes, or the LM's `primary_metric`),
         "acc": sample-weighted mean, "saved_last_row": as saved in the checkpoint's log}.
     """
-    loop = load_run(run_dir)
-    tasks = loop.stream.tasks[: len(loop.log)]
-    row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
-    with output_lock(loop.out):
-        write_outputs(loop.out, loop.results())
+    with checkpoint_view(run_dir) as view:
+        loop = load_run(run_dir, view=view)
+        tasks = loop.stream.tasks[: len(loop.log)]
+        row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
+        with lock_if_idle(Path(run_dir)) as idle:  # a run training there writes its own results.json
+            if idle and (view == Path(run_dir) or filecmp.cmp(view / LATEST, Path(run_dir) / LATEST, shallow=False)):
+                write_outputs(Path(run_dir), loop.results())
     return {
         "last_row": row,
         "acc": seen_accuracy(row, [len(task.eval) for task in tasks]),
@@ -87,19 +95,22 @@ def export_run_dir(run_dir: str | Path, output: str | Path, mode: str = "adapter
         raise invalid("rank", rank, "adapter-svd needs the rank to keep: give --rank K with K >= 1.")
     if Path(output).resolve() == Path(run_dir).resolve():
         raise invalid("output", str(output), "give a new folder, not the run folder itself.")
-    loop = load_run(run_dir)
-    return export_run(loop, Path(output), mode, rank)
+    with checkpoint_view(run_dir) as view:
+        return export_run(load_run(run_dir, view=view), Path(output), mode, rank)
 
 
 def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = None, revision: str | None = None,
-                 token: str | None = None, push_continual_state: bool = False) -> str:  # fmt: skip
+                 token: str | None = None, push_continual_state: bool = False,
+                 overwrite_hub_state: bool = False) -> str:  # fmt: skip
     """Push a run's export (exact adapter, card, plots, and its continual state if asked) to `hub_model_id` in one
-    commit; access is checked first. Returns the commit id."""
-    hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private,
-                          hub_revision=revision, output_dir=str(run_dir))  # fmt: skip
+    commit; access is checked first, and a repository holding another sequence's continual state is refused unless
+    `overwrite_hub_state`. The run may be training: its last complete checkpoint is pushed. Returns the commit id."""
+    hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private, hub_revision=revision,
+                          output_dir=str(run_dir), overwrite_hub_state=overwrite_hub_state)  # fmt: skip
     target = connect(hub)
-    loop = load_run(run_dir, target, hub_strategy="end", push_continual_state=push_continual_state)
-    return push_task(loop, len(loop.log) - 1)
+    with checkpoint_view(run_dir) as view:
+        loop = load_run(run_dir, target, view, hub_strategy="end", push_continual_state=push_continual_state)
+        return push_task(loop, len(loop.log) - 1)
 
 
 def read_export_info(folder: Path) -> dict:
