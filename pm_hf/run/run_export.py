@@ -27,7 +27,7 @@ from ..hub.export import (
     write_export,
     write_task_adapters,
 )
-from ..hub.repository import BASE_BRANCH, HUB_ERRORS, HubTarget, push_run
+from ..hub.repository import BASE_BRANCH, HUB_ERRORS, STATE_DIR, HubTarget, push_run
 from ..method.adapters import base_weights, uses_fan_in_fan_out
 from .checkpoint import LATEST, MANIFEST, STATE, seeded, state_files
 
@@ -92,7 +92,8 @@ def push_task(loop, t: int, whole: tuple[dict, dict] | None = None, again: bool 
     every = loop.args.hub_strategy == "every_task"
     entry, total, tag = loop.log[t], len(loop.stream.tasks), f"task-{t + 1}" if every else None
     key = push_key(loop, t)
-    found = pushed_commit(loop.hub, tag, key) if again or not every else None
+    config = json.loads(json.dumps(loop.results()["config"], default=float))  # as results.json holds it
+    found = pushed_commit(loop.hub, tag, key, config) if again or not every else None
     if found is not None:
         if tag is not None:
             move_tag(loop.hub, tag, found)
@@ -127,9 +128,11 @@ def push_key(loop, t: int) -> dict:
     return {"task": t + 1, "state_sha256": digest, "continual_state": bool(loop.args.push_continual_state)}
 
 
-def pushed_commit(target: HubTarget, tag: str | None, key: dict) -> str | None:
+def pushed_commit(target: HubTarget, tag: str | None, key: dict, config: dict) -> str | None:
     """The branch's head when it is this push (a kill after the commit, before the tag or the end): `tag` already on
-    it, or its pm_hf_export.json naming `key`; else None (nothing of it landed: a commit is whole or absent)."""
+    it, or its pm_hf_export.json naming `key` with the continual state, if any, of this run's `config` (a commit made
+    on top of the push, e.g. another sequence's state, is not it); else None (nothing of it landed: a commit is whole
+    or absent)."""
     try:
         head = target.api.repo_info(target.repo_id, revision=target.revision).sha
     except HUB_ERRORS:  # a branch not made yet
@@ -138,12 +141,14 @@ def pushed_commit(target: HubTarget, tag: str | None, key: dict) -> str | None:
         return None
     if tag is not None and _tags(target).get(tag) == head:
         return head
+    state = f"{STATE_DIR}/results.json"
     try:
-        folder = Path(target.api.snapshot_download(target.repo_id, revision=head, allow_patterns=[INFO]))
+        folder = Path(target.api.snapshot_download(target.repo_id, revision=head, allow_patterns=[INFO, state]))
         pushed = json.loads((folder / INFO).read_text()).get("pushed_state")
+        theirs = json.loads((folder / state).read_text()).get("config") if (folder / state).is_file() else config
     except HUB_ERRORS:  # no pm_hf export there (OSError), or not one of its JSON (ValueError)
         return None
-    return head if pushed == key else None
+    return head if pushed == key and theirs == config else None
 
 
 def move_tag(target: HubTarget, tag: str, oid: str) -> None:
