@@ -27,7 +27,7 @@ from ..hub.export import (
     write_export,
     write_task_adapters,
 )
-from ..hub.repository import BASE_BRANCH, HUB_ERRORS, STATE_DIR, HubTarget, push_run
+from ..hub.repository import BASE_BRANCH, HUB_ERRORS, STATE_DIR, HubTarget, push_run, sequence_differences
 from ..method.adapters import base_weights, uses_fan_in_fan_out
 from .checkpoint import LATEST, MANIFEST, STATE, seeded, state_files
 
@@ -130,9 +130,9 @@ def push_key(loop, t: int) -> dict:
 
 def pushed_commit(target: HubTarget, tag: str | None, key: dict, config: dict) -> str | None:
     """The branch's head when it is this push (a kill after the commit, before the tag or the end): `tag` already on
-    it, or its pm_hf_export.json naming `key` with the continual state, if any, of this run's `config` (a commit made
-    on top of the push, e.g. another sequence's state, is not it); else None (nothing of it landed: a commit is whole
-    or absent)."""
+    it, or its pm_hf_export.json naming `key` with the continual state, if any, of this run's sequence (`config`; a
+    commit made on top of the push with another sequence's state is not it); else None (nothing of it landed: a
+    commit is whole or absent)."""
     try:
         head = target.api.repo_info(target.repo_id, revision=target.revision).sha
     except HUB_ERRORS:  # a branch not made yet
@@ -148,7 +148,7 @@ def pushed_commit(target: HubTarget, tag: str | None, key: dict, config: dict) -
         theirs = json.loads((folder / state).read_text()).get("config") if (folder / state).is_file() else config
     except HUB_ERRORS:  # no pm_hf export there (OSError), or not one of its JSON (ValueError)
         return None
-    return head if pushed == key and theirs == config else None
+    return head if pushed == key and not sequence_differences(theirs, config) else None
 
 
 def move_tag(target: HubTarget, tag: str, oid: str) -> None:
