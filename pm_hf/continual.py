@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 from accelerate import PartialState
 from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
 
@@ -28,8 +27,8 @@ from .config.groups import (
     PMConfig,
     RunConfig,
 )
-from .data.instruct import MODALITY, CausalLMCollator, instruction_task, resolve_pad_token_id
-from .data.streams import Task, TaskStream, collator_for, task_from_datasets, task_splits
+from .data.given import add_label_names, first_stream, prepare_task, task_list
+from .data.streams import TaskStream
 from .distributed.launch import refuse_sharding
 from .errors import python_names
 from .heads.alignment import HeadAlignment
@@ -43,7 +42,7 @@ from .run.checkpoint import LATEST, copy_checkpoint, state_files
 from .run.evaluation import evaluation_metrics
 from .run.loop import ContinualLoop
 from .run.run_export import export_run
-from .run.rundir import check_claim, claim, output_lock
+from .run.rundir import IN_USE, check_claim, check_writable, claim, in_use, output_lock
 
 # the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
 RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
@@ -62,7 +61,8 @@ class ContinualTrainer:
 
     Args:
         model: a Hub id, a local folder or a `PreTrainedModel` (a classifier or a causal LM, not yet LoRA-wrapped).
-        args: a `PMConfig` (TrainingArguments + perturbation; a plain `TrainingArguments` is refused).
+        args: a `PMConfig` (TrainingArguments + perturbation), or a plain `TrainingArguments`, taken as the PMConfig
+            of the fields it sets (as TRL's trainers take one; the perturbation keeps its defaults).
         tasks: per task a `DatasetDict` or dict of splits (Datasets or lists of rows) under `data_args.train_split`
             and `data_args.eval_split` ('test', 'validation' or 'eval' while it is left at 'test'), or the training
             split alone (a Dataset or a list of rows): such a task is trained and merged, never scored. Classifiers:
@@ -91,10 +91,7 @@ class ContinualTrainer:
         data_args: DataArguments | None = None,
         model_args: ModelArguments | None = None,
     ):
-        if not isinstance(args, PMConfig):
-            what = "a transformers TrainingArguments" if isinstance(args, TrainingArguments) else "not a PMConfig"
-            fix = f"{what}: give pm_hf's PMConfig, which takes every TrainingArguments field (and the perturbation's)."
-            raise invalid("args", type(args).__name__, fix)
+        args = _as_pm_config(args)
         self.args, self.lora_args = args, lora_args or LoraArguments()
         self.fisher_args, self.merge_args = fisher_args or FisherArguments(), merge_args or MergeArguments()
         self.data_args = data_args or DataArguments()
@@ -105,9 +102,9 @@ class ContinualTrainer:
         self._history, self._results = History(self.state), None
         self._cli = self.__dict__.get("_cli", False)  # set by `from_args`: the errors keep the config's names
         self._callbacks, self._claimed = [*(callbacks or []), self._history], False
-        self._pending = list(tasks)
         self.loop: ContinualLoop | None = None
         with self._python_names():
+            self._pending = task_list(tasks)
             self._check_and_connect(model)
         self._model, self._processor, self._compute_metrics = model, processing_class, compute_metrics
 
@@ -120,10 +117,14 @@ class ContinualTrainer:
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
+        if main and in_use(Path(args.output_dir)):  # another live process trains there: refused before loading
+            raise invalid("output_dir", args.output_dir, IN_USE)
         self.hub = connect(args) if args.push_to_hub and main else None
         source = args.resume_from
         if source and main and is_repo_id(source):
             source = str(download_state(source, args.hub_token))
+        elif source and not (Path(source) / LATEST).is_file():  # before the output folder is locked
+            raise invalid("resume_from", source, "holds no checkpoint (latest.json): give the output_dir of a run.")
         self._source = source
 
     @contextlib.contextmanager
@@ -140,16 +141,9 @@ class ContinualTrainer:
             raise
 
     @classmethod
-    def from_args(
-        cls,
-        model_args: ModelArguments,
-        data_args: DataArguments,
-        training_args: PMConfig,
-        lora_args: LoraArguments,
-        fisher_args: FisherArguments,
-        merge_args: MergeArguments,
-        callbacks: Callbacks | None = None,
-    ) -> ContinualTrainer:
+    def from_args(cls, model_args: ModelArguments, data_args: DataArguments, training_args: PMConfig,
+                  lora_args: LoraArguments, fisher_args: FisherArguments, merge_args: MergeArguments,
+                  callbacks: Callbacks | None = None) -> ContinualTrainer:  # fmt: skip
         """The trainer of a YAML/CLI config: model, data and every setting from the six argument groups."""
         groups = (lora_args, fisher_args, merge_args, data_args, model_args)
         trainer = cls.__new__(cls)
@@ -216,18 +210,25 @@ class ContinualTrainer:
         return self.loop
 
     def _add_pending(self) -> None:
-        loop, tasks = self.loop, self._pending
-        self._pending = []
-        first = len(loop.stream.tasks)
+        tasks, self._pending = self._pending, []  # a refused task is not added
         with quiet_datasets():
-            prepared = [_prepare_task(self, first + i, entry, loop.stream) for i, entry in enumerate(tasks)]
-        loop.add_tasks(prepared, [task_fingerprint(t) for t in prepared])
+            prepared = self._prepare(tasks, self.loop.stream, self.loop.processor)
+        _append(self.loop, prepared)
+
+    def _prepare(self, entries: list, stream: TaskStream, processor) -> list:
+        """The tasks `entries` (appended after the stream's), each prepared and checked against the stream."""
+        first, may_stream = len(stream.tasks), self.args.max_steps > 0 and bool(self.fisher_args.fisher_max_samples)
+        return [prepare_task(first + i, entry, stream, processor, self.data_args, self.args.seed, may_stream)
+                for i, entry in enumerate(entries)]  # fmt: skip
 
     # --------------------------------------------------------------------------------------------- training
     def train(self, resume_from_checkpoint: bool = False, stop_after: int | None = None) -> ContinualTrainOutput:
         """Train every task not trained yet (resuming `output_dir`'s run first when asked). Returns
         `TrainOutput(global_step, training_loss, metrics)` as `Trainer.train` does (`.results`: results.json's
         content, also `self.results`); each task's metrics reach the callbacks' `on_evaluate` and `self.state`."""
+        with self._python_names():
+            if self.args.should_save and not self._claimed:  # before the model is loaded (again under the lock)
+                check_claim(Path(self.args.output_dir), resume_from_checkpoint, self.args.overwrite_output_dir)
         loop = self._build()
         with self._python_names():
             if self._pending:
@@ -281,6 +282,8 @@ class ContinualTrainer:
         """Write the merged model as the run does at its end (the exact merged adapter with its card and
         pm_hf_export.json, see `ContinualLoop.export`) to `output_dir` (default: args.output_dir/merged_adapter)."""
         loop = self._trained("save_model")
+        if output_dir is not None:  # a file in its place or above it: refused before the export is written
+            check_writable(Path(output_dir))
         if self.args.should_save:
             export_run(loop, Path(output_dir) if output_dir else None)
 
@@ -288,8 +291,7 @@ class ContinualTrainer:
                     **kwargs) -> str | None:  # fmt: skip
         """Push the merged model (the export, card and plots, and with `push_continual_state` the continual state) to
         `args.hub_model_id` as one commit, as a run pushes (`pm_hf.hub.repository`); write access is checked first.
-        Returns the
-        commit id (None on other processes)."""
+        Returns the commit id (None on other processes)."""
         loop = self._trained("push_to_hub")
         if not self.args.should_save:
             return None
@@ -301,6 +303,7 @@ class ContinualTrainer:
                 output_dir=a.output_dir,
                 hub_private_repo=a.hub_private_repo,
                 hub_revision=revision or a.hub_revision,
+                overwrite_hub_state=a.overwrite_hub_state,
             )
             with self._python_names():
                 target = connect(hub)
@@ -314,56 +317,47 @@ class ContinualTrainer:
 
 
 # ------------------------------------------------------------------------------------------------ assembly
-def _prepare_task(trainer: ContinualTrainer, t: int, entry, stream: TaskStream) -> Task:
-    if isinstance(entry, Task):
-        return entry
-    entry = task_splits(t, entry, trainer.data_args)
-    if stream.modality == MODALITY:
-        return instruction_task(t, entry, trainer.loop.evaluator.tokenizer, trainer.data_args, trainer.args.seed)
-    task, modality, names = task_from_datasets(t, entry, trainer.loop.processor, trainer.data_args)
-    if modality != stream.modality:
-        raise invalid(f"tasks[{t}]", modality, f"the sequence is {stream.modality}: use one modality.")
-    if not isinstance(task.train, datasets.Dataset):
-        if trainer.args.max_steps <= 0 or not trainer.fisher_args.fisher_max_samples:
-            fix = "a streamed training split needs max_steps > 0 and fisher_max_samples (its Fisher sample)."
-            raise invalid(f"tasks[{t}]", "IterableDataset", fix)
-    stream.label_names += [names.get(c, str(c)) for c in range(len(stream.label_names), max(task.classes) + 1)]
-    return task
-
-
-def _first_task_stream(trainer: ContinualTrainer, causal: bool, processor, first) -> TaskStream:
-    """The stream of the first task given as datasets: it fixes the modality (instructions, text or images)."""
-    first = task_splits(0, first, trainer.data_args)
-    if causal:
-        if trainer._compute_metrics is not None:
-            fix = "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss."
-            raise invalid("compute_metrics", trainer._compute_metrics, fix)
-        stream = TaskStream([], 0, [], MODALITY, CausalLMCollator(resolve_pad_token_id(processor)))
-        stream.tasks.append(instruction_task(0, first, processor, trainer.data_args, trainer.args.seed))
-        return stream
-    with quiet_datasets():
-        task, modality, names = task_from_datasets(0, first, processor, trainer.data_args)
-    labels = [names.get(c, str(c)) for c in range(max(task.classes) + 1)]
-    return TaskStream([task], len(labels), labels, modality, collator_for(modality, processor))
+def _as_pm_config(args) -> PMConfig:
+    """A `PMConfig`, or a plain `TrainingArguments` taken as one, as TRL's trainers take one for their own config:
+    the fields it sets (those that differ from TrainingArguments' defaults) carry over, the rest keep PMConfig's
+    defaults (the perturbation's; `hub_strategy` 'every_task'); a value PMConfig does not take is refused there."""
+    if isinstance(args, PMConfig):
+        return args
+    if type(args) is not TrainingArguments:
+        fix = "give pm_hf's PMConfig (every TrainingArguments field and the perturbation's) or a TrainingArguments."
+        raise invalid("args", type(args).__name__, fix)
+    default = TrainingArguments(output_dir=args.output_dir)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    try:
+        return PMConfig(**{k: v for k, v in given.items() if k == "output_dir" or v != getattr(default, k)})
+    except InputError as err:  # its field, as the Python user gave it
+        err.args = (f"args.{err}",)
+        raise
 
 
 def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
-    """The loop of a trainer built from objects: the first task fixes the modality; the others are appended."""
+    """The loop of a trainer built from objects: the first task fixes the modality; every task is prepared and
+    checked before the model is loaded, then the others are appended."""
     if not trainer._pending:
         raise invalid("tasks", [], "give at least one task before training.")
     model_args, model = trainer.model_args, trainer._model
     causal = is_causal(model, model_args)
     if causal:
         model_args = dataclasses.replace(model_args, model_task="causal_lm")
+        if trainer._compute_metrics is not None:
+            fix = "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss."
+            raise invalid("compute_metrics", trainer._compute_metrics, fix)
     processor = trainer._processor
     if processor is None and model_args.model_name_or_path != IN_MEMORY:
         processor = load_processor(model_args)
-    stream = _first_task_stream(trainer, causal, processor, trainer._pending.pop(0))
+    with quiet_datasets():  # a refused task leaves the pending ones as they were
+        stream = first_stream(trainer._pending[0], processor, trainer.data_args, trainer.args.seed, causal)
+        prepared = trainer._prepare(trainer._pending[1:], stream, processor)
+    trainer._pending = []
     if isinstance(model, PreTrainedModel):
         loaded = lambda: model  # noqa: E731 - the user's model, trained in place
         if model_args.model_name_or_path == IN_MEMORY:  # no folder to reload it from: a copy for the export's base
             pristine = copy.deepcopy(model).cpu()
-            model_args = dataclasses.replace(model_args, model_name_or_path=IN_MEMORY)
             loaded_base = lambda: copy.deepcopy(pristine)  # noqa: E731
         else:
             loaded_base = None
@@ -373,21 +367,21 @@ def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
     parts = (trainer._callbacks, trainer.strategy, stream, processor, loaded, trainer._compute_metrics, loaded_base)
     loop = assemble(run, *parts, hub=trainer.hub)
     trainer.loop = loop
-    trainer._add_pending()
+    _append(loop, prepared)
     return loop
 
 
-def run_continual(
-    model_args: ModelArguments,
-    data_args: DataArguments,
-    training_args: PMConfig,
-    lora_args: LoraArguments,
-    fisher_args: FisherArguments,
-    merge_args: MergeArguments,
-    resume: bool = False,
-    callbacks: Callbacks | None = None,
-    stop_after: int | None = None,
-) -> dict:
+def _append(loop: ContinualLoop, prepared: list) -> None:
+    """Prepared tasks (with their label names) appended to the loop's sequence."""
+    add_label_names(loop.stream, prepared)
+    tasks = [task for task, _ in prepared]
+    loop.add_tasks(tasks, [task_fingerprint(t) for t in tasks])
+
+
+def run_continual(model_args: ModelArguments, data_args: DataArguments, training_args: PMConfig,
+                  lora_args: LoraArguments, fisher_args: FisherArguments, merge_args: MergeArguments,
+                  resume: bool = False, callbacks: Callbacks | None = None,
+                  stop_after: int | None = None) -> dict:  # fmt: skip
     """Run (or resume) the sequence of a config: `ContinualTrainer.from_args(...).train(resume)`.
 
     Args:

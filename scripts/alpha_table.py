@@ -23,9 +23,11 @@ sys.path.insert(0, str(ROOT))
 from pm_hf.config.presets import RECOMMENDED_PRESET  # noqa: E402
 
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
-METHODS = ("pm", "pm-proto", "pm-secant-proto", "pm-branch-proto", "pm-curve-proto", "coma-proto",
-           "fixed-1-eps-proto", "sqrt-t-proto", "fixed-0.2-proto", "oracle-alpha-proto")  # fmt: skip
-FLOOR = ("coma-proto", "fixed-1-eps-proto", "sqrt-t-proto")
+METHODS = ("pm", "pm-proto", "pm-validated", "pm-secant-proto", "pm-branch-proto", "pm-curve-proto", "coma-proto",
+           "fixed-1-eps-proto", "sqrt-t-proto", "fixed-0.2-proto", "slow-proto", "seq-proto", "osf", "olora",
+           "oracle-alpha-proto")  # fmt: skip
+FLOOR = ("coma-proto", "fixed-1-eps-proto", "sqrt-t-proto")  # constants and schedules with the preset's head
+RIVALS = ("slow-proto", "seq-proto", "osf", "olora")  # what a user would pick instead (docs/baselines.md)
 ORACLE, ORACLE_GAP = "oracle-alpha-proto", 1.0
 
 
@@ -50,8 +52,8 @@ def check_bars(accs: dict[str, list[float]], preset: str) -> list[str]:
     if not accs.get(preset):
         return [f"no {preset} run"]
     mean = statistics.fmean(accs[preset])
-    failed = [f"{m} missing" for m in (*FLOOR, ORACLE) if not accs.get(m)]
-    failed += [f"< {m} by {statistics.fmean(accs[m]) - mean:.1f}" for m in FLOOR
+    failed = [f"{m} missing" for m in (*FLOOR, *RIVALS, ORACLE) if not accs.get(m)]
+    failed += [f"< {m} by {statistics.fmean(accs[m]) - mean:.1f}" for m in (*FLOOR, *RIVALS)
                if accs.get(m) and statistics.fmean(accs[m]) > mean]  # fmt: skip
     if accs.get(ORACLE) and statistics.fmean(accs[ORACLE]) - mean > ORACLE_GAP:
         failed.append(f"{statistics.fmean(accs[ORACLE]) - mean:.1f} below {ORACLE}")

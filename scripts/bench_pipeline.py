@@ -56,6 +56,7 @@ def pipeline_cost(tmp: Path, rounds: int, samples: int) -> dict:
     preset, seq = statistics.median(times["preset"]), statistics.median(times["seq-merge"])
     return {
         "preset_over_seq_merge": preset / seq,
+        "ratios_per_round": [p / q for p, q in zip(times["preset"], times["seq-merge"])],  # the spread
         "seconds": times,
         "seconds_by_part": parts,
         "fisher_cap_max_alpha_error": errors,

@@ -4,7 +4,10 @@ adapted weights (kept when the model is not fp32), and, while a task is merged, 
 against the model's bf16 adapted part, for 1 and 8 ranks, under the settings that exist: the default, S and G in bf16,
 and CPU offload (`accumulator_device: cpu`, `fisher_device: cpu`: S, G, the master, the Fisher and the task vector live
 in host memory and the accelerator holds one layer's transient tensors at a time). The same formula is checked against
-the tensors a real run holds (a tiny bf16 Llama, `--check`).
+the tensors a real run holds (a tiny bf16 Llama, `--check`): S, G and the master copy after the task, and the peak's
+transient part, the Fisher and the dense task vector, counted on the tensors live while `pm` merges (`merge_peak`: the
+bytes of the tensors themselves, not the process's resident memory, which allocator caching and the model blur).
+The big models' rows are that formula on their shapes (built on the meta device: nothing is allocated).
 
     python scripts/memory_table.py [--check] [--markdown]
 
@@ -16,6 +19,7 @@ holds exactly half of S and G per rank (`tests/test_distributed.py`). Under DDP 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 
 import torch
@@ -70,8 +74,31 @@ def table() -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def merge_peak(held: dict[str, int]):
+    """Counts, while `pm` merges a task (its peak), the bytes of the tensors it holds: the task's Fisher and dense task
+    vector, and S and G (`held` gets the largest seen per part; a count of the live tensors, not of host memory)."""
+    from pm_hf.method.strategies.alpha import ClosedForm
+
+    merge = ClosedForm.merge
+
+    def counted(self, context):
+        parts = {"fisher": context.fisher, "task_vector": context.vector.deltas, "S": self.S, "G": self.G}
+        plan = merge(self, context)  # S and G exist for every key after it (the first task creates them)
+        for name, tensors in parts.items():
+            held[name] = max(held.get(name, 0), sum(v.nbytes for v in tensors.values()))
+        return plan
+
+    ClosedForm.merge = counted
+    try:
+        yield held
+    finally:
+        ClosedForm.merge = merge
+
+
 def check() -> dict:
-    """The formula against the tensors a real bf16 run holds after one task (tiny Llama, q/k/v/o)."""
+    """The formula against the tensors a real bf16 run holds after one task (tiny Llama, q/k/v/o), the transient
+    ones (the Fisher and the dense task vector) counted during the merge (`merge_peak`)."""
     import tempfile
 
     from datasets import Dataset
@@ -94,10 +121,13 @@ def check() -> dict:
         model_args = ModelArguments(model_name_or_path="in-memory", dtype="bfloat16")
         trainer = ContinualTrainer(model=model, args=args, tasks=[task], processing_class=tok, lora_args=lora,
                                    model_args=model_args)  # fmt: skip
-        trainer.train()
+        with merge_peak({}) as at_merge:
+            trainer.train()
         loop = trainer.loop
         nbytes = lambda tensors: sum(v.nbytes for v in tensors.values())  # noqa: E731
         held = {"S": nbytes(loop.strategy.S), "G": nbytes(loop.strategy.G), "master": nbytes(loop.weights.master)}
+    held.update(fisher=at_merge["fisher"], task_vector=at_merge["task_vector"])
+    held["peak"] = at_merge["S"] + at_merge["G"] + held["master"] + held["fisher"] + held["task_vector"]
     n = adapted_params(model, TARGETS["q/k/v/o"])
     predicted = state_bytes(n)
     return {

@@ -39,6 +39,26 @@ def test_the_slow_learner_trains_the_backbone_at_a_hundredth_and_the_head_at_the
     assert values["learning_rate"] == pytest.approx(1e-4) and values["head_learning_rate"] == 1e-2  # an override
 
 
+def test_the_runner_resolves_osf_and_olora(bench):
+    """`--methods osf olora`: registered strategies with O-LoRA's lambda_1 = 0.5 (lambda_2 = 0), OSF's backbone at
+    0.05 x the suite's learning rate (PEFT's OSF docs: 1e-5..1e-4) and the head at the suite's rate."""
+    from pm_hf.commands.parsing import parse_config
+    from pm_hf.method.strategies import build_strategy
+    from pm_hf.method.strategies.olora import OLoRA
+    from pm_hf.method.strategies.osf import OSF
+
+    assert {"osf", "olora"} <= set(bench.METHODS)  # what `--methods` accepts
+    for suite, lr in (("text-cil", 5e-3), ("vision-cil", 2e-3), ("vision-cil-10", 2e-3)):
+        for name, cls in (("osf", OSF), ("olora", OLoRA)):
+            values = bench._resolve({**bench.METHODS[name][0], "output_dir": "/tmp/x"}, bench.SUITES[suite])
+            groups = parse_config(bench.SUITES[suite], bench._overrides(values))
+            strategy = build_strategy(groups[5])
+            assert type(strategy) is cls and groups[2].perturbation == "none"
+            scale = 0.05 if name == "osf" else 1.0
+            assert groups[2].learning_rate == pytest.approx(lr * scale), (suite, name)
+        assert (strategy.olora_lambda, strategy.olora_l2) == (0.5, 0.0)
+
+
 def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):
     config = ROOT / "configs" / "ci_tiny.yaml"
     extra = {
@@ -74,10 +94,13 @@ def test_alpha_table_bars_by_hand():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     accs = {"p": [70.0, 72.0], "coma-proto": [71.0], "fixed-1-eps-proto": [69.0], "sqrt-t-proto": [60.0],
+            "slow-proto": [70.5], "seq-proto": [50.0], "osf": [40.0], "olora": [41.0],
             "oracle-alpha-proto": [71.5, 72.5]}  # fmt: skip
-    assert table.check_bars(accs, "p") == []  # mean 71 >= 71, 69, 60; oracle 72 is 1.0 above: within the bar
+    assert table.check_bars(accs, "p") == []  # mean 71 >= 71, 69, 60, 70.5, ...; oracle 72 is 1.0 above: within
     accs["oracle-alpha-proto"] = [72.5]
     accs["coma-proto"] = [71.5]
-    assert table.check_bars(accs, "p") == ["< coma-proto by 0.5", "1.5 below oracle-alpha-proto"]
-    assert table.check_bars({"p": [1.0]}, "p") == [f"{m} missing" for m in (*table.FLOOR, table.ORACLE)]
+    accs["slow-proto"] = [73.0]
+    assert table.check_bars(accs, "p") == ["< coma-proto by 0.5", "< slow-proto by 2.0", "1.5 below oracle-alpha-proto"]
+    expected = [f"{m} missing" for m in (*table.FLOOR, *table.RIVALS, table.ORACLE)]
+    assert table.check_bars({"p": [1.0]}, "p") == expected
     assert table.check_bars({}, "p") == ["no p run"]

@@ -71,7 +71,8 @@ def test_check_ci_tiny_prints_the_plan_and_writes_nothing(tmp_path, capsys, monk
     assert "task_0: act, animal, artifact, attribute, communication" in printed
     assert f"{sum(e[3] for e in expected)} steps in all" in printed
     assert "merge_method pm" in printed and "calibration none" in printed and "head align  none" in printed
-    assert f"writes to   {out} (a new folder)" in printed
+    assert f"writes to   {out} (a new folder): after every task its checkpoint" in printed
+    assert "the merged model in merged_adapter/" in printed and "reports to  none" in printed
     assert "not pushed" in printed
 
 

@@ -59,6 +59,7 @@ def fake_continual(monkeypatch):
     runs = types.ModuleType("pm_hf.run.runs")
     runs.evaluate_run = evaluate_run
     monkeypatch.setitem(sys.modules, "pm_hf.run.runs", runs)
+    monkeypatch.setattr("pm_hf.commands.cli.run_folder", lambda run_dir: calls.setdefault("checked", run_dir))
     return calls
 
 
@@ -343,3 +344,48 @@ def test_script_is_the_train_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(ROOT / "scripts" / "train_continual.py"), run_name="__main__")
     assert exit_info.value.code == 0 and "usage: pm-hf train" in capsys.readouterr().out
+
+
+def test_train_refuses_an_output_dir_that_is_a_file_before_loading(tmp_path, capsys, fake_continual):
+    """Reported: `pm-hf train --output_dir FILE` ended in a FileExistsError traceback after loading the model."""
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("mine")
+    path = write_config(tmp_path, "")
+    for out in (blocker, blocker / "run"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--config", str(path), "--output_dir", str(out)])
+        err = capsys.readouterr().err
+        assert (
+            exit_info.value.code == 2
+            and err.startswith(f"pm-hf: error: output_dir = '{out}': ")
+            and "Traceback" not in err
+        )
+    assert "train" not in fake_continual and blocker.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "results.txt"]
+
+
+def test_subcommand_options_are_never_abbreviated_and_required_ones_are_named(capsys):
+    for argv, line in [
+        (
+            ["push", "run", "--hub_model_id", "me/m", "--privat"],
+            "--privat = None: unknown option (did you mean --private?)",
+        ),
+        (["export", "run", "--output", "o", "--task", "1"], "--task = '1': unknown option"),
+        (["export", "run"], "output = None: required: give --output"),
+        (["merge", "--output", "o"], "adapters = None: required: give --adapters"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: {line}"), err
+
+
+def test_train_refuses_a_resume_from_without_a_checkpoint_before_taking_the_folder(tmp_path, capsys, monkeypatch):
+    """Reported: the check came under the run folder's lock, after the model was loaded, and left the lock file."""
+    monkeypatch.chdir(ROOT)
+    out, source = tmp_path / "out", tmp_path / "nowhere"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/ci_tiny.yaml", "--output_dir", str(out), "--resume_from", str(source)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: resume_from = '{source}': holds no checkpoint")
+    assert not out.exists() and list(tmp_path.iterdir()) == []

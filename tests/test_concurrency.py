@@ -114,3 +114,19 @@ def test_the_stand_in_refuses_a_commit_on_a_moved_branch_as_the_hub_does(tmp_pat
     assert hub.repos["me/x"]["branches"]["main"] == second
     with pytest.raises(ValueError):
         api.create_commit("me/x", [], commit_message="4", parent_commit="not-an-oid")
+
+
+def test_a_trainer_on_a_held_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    from pm_hf import ContinualTrainer, PMConfig
+
+    loads = []
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a)))  # fmt: skip
+    out = tmp_path / "run"
+    task = {"train": [{"text": "a", "label": 0}], "test": [{"text": "a", "label": 0}]}
+    with table.holder(out):
+        with pytest.raises(InputError, match=r"^args\.output_dir = .*in use by another pm_hf process"):
+            ContinualTrainer("some/model", PMConfig(output_dir=str(out), use_cpu=True, report_to=[]), tasks=[task])
+    assert not loads and [p.name for p in out.iterdir()] == [".pm_hf.lock"]

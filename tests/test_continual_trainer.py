@@ -1,5 +1,6 @@
 """`ContinualTrainer` as a TRL user expects it: tasks as a `DatasetDict`, a dict of any split names or a list of rows;
-a task without an eval split trained, merged and left unscored; `args` a `PMConfig`; errors naming Python arguments;
+a task without an eval split trained, merged and left unscored; `args` a `PMConfig` or a `TrainingArguments`
+(taken as the PMConfig of the fields it sets, as TRL takes one); errors naming Python arguments;
 `train()` returning a `TrainOutput`; `evaluate()`, `save_model()`, `push_to_hub()`, `add_callback()`,
 `pop_callback()`, `remove_callback()`, `state`; the
 continual metrics at `on_evaluate` and under eval/ in one TensorBoard event file."""
@@ -98,9 +99,25 @@ def test_unscored_tasks_keep_the_summaries_of_the_scored_ones():
 
 
 # ------------------------------------------------------------------------------------------ arguments and errors
-def test_args_must_be_a_pmconfig(tmp_path):
-    with pytest.raises(InputError, match=r"^args = 'TrainingArguments': .*PMConfig"):
-        ContinualTrainer(model="unused", args=TrainingArguments(output_dir=str(tmp_path)), tasks=[])
+def test_training_arguments_are_taken_as_the_pmconfig_of_the_fields_they_set(tmp_path):
+    given = TrainingArguments(output_dir=str(tmp_path / "out"), learning_rate=3e-3, num_train_epochs=2, seed=7,
+                              lr_scheduler_type="cosine", use_cpu=True, report_to=[])  # fmt: skip
+    trainer = ContinualTrainer("unused-model", given, tasks=[])
+    args = trainer.args
+    assert isinstance(args, PMConfig) and args.output_dir == str(tmp_path / "out")
+    assert (args.learning_rate, args.num_train_epochs, args.seed, args.lr_scheduler_type.value) == (
+        3e-3,
+        2,
+        7,
+        "cosine",
+    )
+    assert args.hub_strategy == PMConfig(output_dir="x").hub_strategy  # PMConfig's own default, not 'every_save'
+    assert args.perturbation == PMConfig(output_dir="x").perturbation
+    with pytest.raises(InputError, match=r"^args\.hub_strategy = "):  # a value PMConfig does not take, named
+        ContinualTrainer("unused-model", TrainingArguments(output_dir="o", hub_strategy="checkpoint"), tasks=[])
+    with pytest.raises(InputError, match=r"^args = 'dict': give pm_hf's PMConfig"):
+        ContinualTrainer("unused-model", {"output_dir": "o"}, tasks=[])
+    assert not (tmp_path / "out").exists()
 
 
 def test_errors_name_python_arguments(model_dir, tmp_path):
@@ -191,6 +208,11 @@ def test_evaluate_save_model_and_a_new_task(run, tmp_path):
     assert metrics["eval_accuracy"] == pytest.approx(seq.results["accuracy_matrix"][-1][0])
     assert metrics["eval_task_0_accuracy"] == metrics["eval_accuracy"] and "eval_task_1_accuracy" not in metrics
     assert seen.metrics[-1] == metrics and seq.state.log_history[-1]["eval_accuracy"] == metrics["eval_accuracy"]
+    (tmp_path / "notes.txt").write_text("mine")
+    for bad in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "export"):  # a file in its place or above it
+        with pytest.raises(InputError, match=r"^output_dir = .*notes\.txt.*: (is a file|lies under)"):
+            seq.save_model(str(bad))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     seq.save_model(str(tmp_path / "export"))
     info = json.loads((tmp_path / "export" / "pm_hf_export.json").read_text())
     assert (tmp_path / "export" / "adapter_model.safetensors").is_file() and len(info["alphas"]) == 2

@@ -276,3 +276,34 @@ def test_fisher_device_places_the_result_without_changing_it():
     for key, value in placed.items():
         assert value.device == torch.device("cpu") and value.dtype == torch.float32
         torch.testing.assert_close(value, default[key], rtol=0, atol=0)
+
+
+def test_passes_run_longest_first_and_give_the_same_fisher_and_features(monkeypatch):
+    """The per-sample Fisher and the head features are computed in length-sorted batches (little padding): the order
+    is longest first with ties as given (a list and a `datasets.Dataset` alike), and the Fisher and the features
+    (back in dataset order) equal those of the passes in dataset order, to 1e-6."""
+    import datasets
+
+    import pm_hf.heads.alignment as alignment
+    import pm_hf.method.fisher as fisher_module
+
+    data = _data(12, causal=False, seed=3)
+    lengths = [len(e["input_ids"]) for e in data]
+    order = fisher_module.by_length(data, range(12))
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert all(a < b for a, b in zip(order, order[1:]) if lengths[a] == lengths[b])  # ties keep their order
+    table = datasets.Dataset.from_list([{"input_ids": e["input_ids"].tolist(), "labels": e["labels"]} for e in data])
+    assert fisher_module.by_length(table.with_format("torch"), [5, 0, 7]) == fisher_module.by_length(data, [5, 0, 7])
+    model = _bert(torch.float32)
+    args = FisherArguments(fisher_batch_size=4)
+    sorted_fisher = estimate_fisher(model, data, collate, args, show_progress=False)
+    head = model.base_model.model.classifier
+    feats, labels = alignment.head_features(model, head, data, collate, 4)
+    for module in (fisher_module, alignment):
+        monkeypatch.setattr(module, "by_length", lambda dataset, indices: list(indices))
+    in_order = estimate_fisher(model, data, collate, args, show_progress=False)
+    for k, v in in_order.items():
+        assert float((sorted_fisher[k] - v).abs().max()) <= 1e-6 * float(v.abs().max()), k
+    ref, ref_labels = alignment.head_features(model, head, data, collate, 4)
+    assert torch.equal(labels, ref_labels) and torch.equal(labels, torch.tensor([e["labels"] for e in data]))
+    assert torch.allclose(feats, ref, rtol=0, atol=1e-6)

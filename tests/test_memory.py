@@ -26,6 +26,11 @@ def test_the_formula_is_what_a_bf16_run_holds():
     result = memory_table.check()
     assert result["match"], result
     assert result["measured"]["master"] == 4 * result["adapted_params"]  # bf16 model: an fp32 master copy
+    # the transient part of the peak, counted on the tensors live during the merge: the Fisher and the dense task
+    # vector, fp32, one value per adapted weight each
+    n = result["adapted_params"]
+    assert result["measured"]["fisher"] == result["measured"]["task_vector"] == 4 * n
+    assert result["measured"]["peak"] == result["predicted"]["peak"] == 4 * n * 5  # S, G, master, Fisher, vector
 
 
 def test_bf16_state_halves_s_and_g():

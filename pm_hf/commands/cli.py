@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
+from .inputs import as_run_dir, branch, destination, export_mode, no_new_folders, repo_id, run_folder
 from .usage import CHECK_HELP, USAGE, ArgParser, did_you_mean
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
@@ -158,11 +159,14 @@ def _evaluate(argv: list[str]) -> int:
             if rest:
                 raise invalid("options", rest, "only --config (with an export or Hub model) takes data options.")
             if not Path(known.source).is_dir():
-                fix = "not found: pass the output_dir of a `pm-hf train` run (an export or Hub model needs --config)."
+                what = "is a file" if Path(known.source).exists() else "not found"
+                fix = f"{what}: pass the output_dir of a `pm-hf train` run (an export or Hub model needs --config)."
                 raise invalid("run_dir", known.source, fix)
             from ..run.runs import evaluate_run
 
-            evaluation = evaluate_run(known.source)
+            run_folder(known.source)
+            with as_run_dir():
+                evaluation = evaluate_run(known.source)
         else:
             from .parsing import parse_config
 
@@ -189,7 +193,13 @@ def _export(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         from ..run.runs import export_run_dir
 
-        info = export_run_dir(args.run_dir, args.output, args.mode, args.rank)
+        export_mode(args.mode, args.rank)
+        run_folder(args.run_dir)
+        if Path(args.output).resolve() == Path(args.run_dir).resolve():
+            raise invalid("output", args.output, "give a new folder, not the run folder itself.")
+        destination(args.output)
+        with as_run_dir(), no_new_folders(args.output):
+            info = export_run_dir(args.run_dir, args.output, args.mode, args.rank)
     if _is_main_process():
         from ..run.results import format_export
 
@@ -205,13 +215,18 @@ def _push(argv: list[str]) -> int:
     parser.add_argument("--revision", default=None, help="push to this branch (created if needed)")
     parser.add_argument("--hub_token", default=None, help="a token (default: the logged-in one)")
     parser.add_argument("--push_continual_state", action="store_true", help="push the state to continue from")
+    parser.add_argument("--overwrite_hub_state", action="store_true", help="replace another sequence's continual state")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     with _errors("--debug" in argv):
         args = parser.parse_args(argv)
         from ..run.runs import push_run_dir
 
-        oid = push_run_dir(args.run_dir, args.hub_model_id, args.private or None, args.revision, args.hub_token,
-                           args.push_continual_state)  # fmt: skip
+        repo_id(args.hub_model_id)  # before the Hub is asked anything: it would create the repository
+        branch(args.revision)
+        run_folder(args.run_dir)
+        with as_run_dir():
+            oid = push_run_dir(args.run_dir, args.hub_model_id, args.private or None, args.revision, args.hub_token,
+                               args.push_continual_state, overwrite_hub_state=args.overwrite_hub_state)  # fmt: skip
     if _is_main_process():
         print(f"Pushed {args.run_dir} to https://huggingface.co/{args.hub_model_id} (commit {oid[:10]})")
     return 0
@@ -236,15 +251,18 @@ def _merge(argv: list[str]) -> int:
         from ..run.posthoc import merge_adapters
         from .parsing import parse_config
 
+        extra = [] if known.merge_method is None else ["--merge_method", known.merge_method]
         if known.config is not None:
-            extra = [] if known.merge_method is None else ["--merge_method", known.merge_method]
             parsed = parse_config(known.config, [*rest, *extra])
-            info = merge_adapters(known.adapters, known.output, parsed=parsed)
         else:
-            extra = [] if known.merge_method is None else ["--merge_method", known.merge_method]
             placeholders = ["--output_dir", "pm-hf-merge", "--model_name_or_path", "from-the-adapters"]
             merge_args = parse_config(None, [*rest, *extra, *placeholders])[5]
-            info = merge_adapters(known.adapters, known.output, merge_args)
+        destination(known.output)
+        with no_new_folders(known.output):  # a merge refused after it made the output's parent leaves none
+            if known.config is not None:
+                info = merge_adapters(known.adapters, known.output, parsed=parsed)
+            else:
+                info = merge_adapters(known.adapters, known.output, merge_args)
     if _is_main_process():
         from ..run.results import format_export
 

@@ -56,6 +56,7 @@ class RunPlan:
     output_dir: str
     output_state: str  # "new folder", "empty folder", ...
     hub: str | None
+    reports: str = "none"  # the trackers (report_to)
     notes: list[str] = field(default_factory=list)
 
 
@@ -206,6 +207,7 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
         output_dir=str(Path(args.output_dir).absolute()),
         output_state=output_state,
         hub=_hub(args),
+        reports=", ".join(args.report_to or []) or "none",
         notes=notes,
     )
 
@@ -274,7 +276,9 @@ def format_plan(plan: RunPlan) -> str:
         f"strategy    merge_method {plan.strategy}" + (f" (preset {plan.preset})" if plan.preset else "")
         + f"; calibration {plan.calibration}; perturbation {plan.perturbation}; merges into {plan.merges_into}",
         f"head align  {plan.head_align}",
-        f"writes to   {plan.output_dir} ({plan.output_state})",
+        f"writes to   {plan.output_dir} ({plan.output_state}): after every task its checkpoint (latest.json -> "
+        "checkpoint-task<t>), results.json and the plots; after the last, the merged model in merged_adapter/",
+        f"reports to  {plan.reports}",
         f"hub         {plan.hub or 'not pushed (push_to_hub: false)'}",
     ]  # fmt: skip
     lines += [f"note        {n}" for n in plan.notes]

@@ -24,6 +24,7 @@ commands:
   export    RUN_DIR --output DIR [--mode adapter|adapter-svd|merged|per-task] [--rank K]
             write the merged model as a folder that loads alone (AutoPeftModelFor... or AutoModelFor...)
   push      RUN_DIR --hub_model_id USER/NAME [--private] [--revision BRANCH] [--push_continual_state]
+            [--overwrite_hub_state]
             push a finished run's merged adapter, model card and plots to the Hub
   merge     --adapters A B ... --output DIR [--merge_method NAME] [--config DATA.yaml]
             merge trained LoRA adapters of one base in order (the Fisher from each task's data in --config)
@@ -65,6 +66,16 @@ class InputErrors:
     of exiting, so the CLI reports it as every other bad input."""
 
     def error(self, message: str):
+        required = re.match(r"the following arguments are required: (.*)", message)
+        if required:
+            names = [n.strip() for n in required.group(1).split(",")]
+            also = f" (also {', '.join(names[1:])})" if names[1:] else ""
+            raise invalid(names[0].lstrip("-"), None, f"required: give {names[0]}{also}; see --help.")
+        unknown = re.match(r"unrecognized arguments: (\S+)\s*(\S*)", message)
+        if unknown:
+            flag, value = unknown.group(1).split("=", 1)[0], unknown.group(2) or None
+            options = [o for action in self._actions for o in action.option_strings]
+            raise invalid(flag, value, f"unknown option{did_you_mean(flag, options)}; see `{self.prog} --help`.")
         match = re.match(r"argument --([\w-]+)[^:]*: (.*)", message)
         if not match:
             raise InputError(f"arguments = {message}: {HELP_HINT}.")
@@ -75,8 +86,9 @@ class InputErrors:
 
 class ArgParser(InputErrors, argparse.ArgumentParser):
     """The parser of the subcommands other than `train`, and of `train`'s own options (--config, --resume, ...);
-    its help shows defaults, as `HfArgumentParser`'s."""
+    its help shows defaults, as `HfArgumentParser`'s; an unknown option is an error, never an abbreviation."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a typo is never taken for a longer option (--privat: --private)
         super().__init__(*args, **kwargs)

@@ -2,12 +2,15 @@
 `--preset pm-proto`). The config file and command-line flags override a preset's fields.
 
 - `pm`: P&M exactly as specified (docs/method.md): closed-form alpha, task-vector perturbation, no head refit.
-- `pm-proto` (recommended for class-incremental classifiers): `pm` plus the class-balanced head alignment
+- `pm-proto`: `pm` plus the class-balanced head alignment
   (`head_align: prototypes`, `head_align_drift: sdc`). After each merge every seen class's head row is refitted on
   pseudo-features drawn from per-class feature means (moved along the feature drift measured on the new task's
   data) and one shared covariance, kept in the continual state (fixed size, no old data). The merged backbone is
   exactly `pm`'s; only the head changes. Causal LMs have no class head: use `pm` for them. Measurements:
   docs/results.md.
+- `pm-validated` (recommended for class-incremental classifiers): `pm-proto`'s training and head, with alpha chosen
+  per task by `validated-alpha` (an estimate of the accuracy over all seen classes from the task's held-out training
+  data and the drift-widened class statistics; no eval data, docs/method.md). Causal LMs: use `pm`.
 """
 
 from __future__ import annotations
@@ -24,8 +27,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_align": "prototypes",
         "head_align_drift": "sdc",
     },
+    "pm-validated": {
+        "merge_method": "validated-alpha",
+        "perturbation": "task_vector",
+        "head_align": "prototypes",
+        "head_align_drift": "sdc",
+    },
 }
-RECOMMENDED_PRESET = "pm-proto"
+RECOMMENDED_PRESET = "pm-validated"
 
 
 def get_preset(name: str) -> dict[str, Any]:

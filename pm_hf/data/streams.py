@@ -291,13 +291,20 @@ def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments)
     if evaluation is not None and not isinstance(evaluation, datasets.Dataset):
         raise invalid(f"tasks[{t}]", _rows(entry), "its eval split must be a Dataset (only training may stream).")
     columns = train.column_names or (evaluation.column_names if evaluation is not None else [])
-    modality = "text" if data_args.text_column in columns else "image"
     where = f"tasks[{t}]"
+    if columns and data_args.text_column not in columns and data_args.image_column not in columns:
+        fix = f"neither it nor image_column = {data_args.image_column!r} is a column of {where}: {columns[:6]}."
+        raise invalid("text_column", data_args.text_column, fix)
+    modality = "text" if data_args.text_column in columns else "image"
     labels = {}
     for split, ds in (("test", evaluation), ("train", train)):
         if isinstance(ds, datasets.Dataset):
             labels[split] = labels_of(ds, data_args.label_column, split, where)
     classes = sorted(entry["classes"]) if "classes" in entry else np.unique(labels.get("train", [])).tolist()
+    untrained = sorted(set(labels.get("test", np.array([], int)).tolist()) - set(classes))
+    if untrained:  # the head would have no row for them (or one never trained)
+        fix = f"its eval split holds classes {untrained[:5]} that its training split lacks: drop those rows."
+        raise invalid(where, _rows(entry), fix)
     if "train" not in labels and (modality != "text" or "classes" not in entry):
         fix = "a streamed training split needs text data and `classes`: the task's class ids."
         raise invalid(where, _rows(entry), fix)

@@ -16,7 +16,7 @@ def check_split_run(args, strategy, fisher_args, merge_args) -> None:
     state split beside the weights, the per-sample Fisher, merges into the weights."""
     if not partitions_weights(args):
         return
-    if not strategy.shards or strategy.needs_score or strategy.needs_probe:
+    if not strategy.shards or strategy.needs_score or strategy.needs_probe or strategy.needs_validation:
         fix = "is not available on sharded weights: use pm (calibration none), coma, average, seq-merge or sqrt-t."
         raise invalid("merge_method", strategy.name, fix)
     for field, value in (

@@ -15,6 +15,7 @@ from ..config.checks import check_choice, check_number
 from ..config.groups import HEAD_ALIGN, MergeArguments
 from ..distributed.placement import placement_of
 from ..method.callbacks import ContinualCallback
+from ..method.fisher import by_length
 from ..timing import Timer
 from .head import Head
 
@@ -23,14 +24,18 @@ from .head import Head
 def head_features(
     model: nn.Module, head: nn.Module, dataset, collate_fn, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's inputs (fp32 features, flattened) and the labels of `dataset` under the model, in dataset order."""
+    """The head's inputs (fp32 features, flattened) and the labels of `dataset` under the model, in dataset order.
+    The batches take the examples longest first (`by_length`: little padding; each example's features do not
+    depend on its batch) and the rows are put back in dataset order."""
     feats, labels = [], []
 
     def grab(module, args):
         feats.append(args[0].detach().float().reshape(args[0].shape[0], -1))
 
+    order = by_length(dataset, range(len(dataset)))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     handle = head.register_forward_pre_hook(grab)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -42,7 +47,14 @@ def head_features(
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    return _in_order(torch.cat(feats), order), _in_order(torch.cat(labels), order)
+
+
+def _in_order(rows: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """Rows computed in `order` put back at their positions (row k belongs to example order[k])."""
+    out = torch.empty_like(rows)
+    out[torch.tensor(order, dtype=torch.long)] = rows
+    return out
 
 
 def fit_head_rows(
@@ -227,6 +239,7 @@ class HeadAlignment(ContinualCallback):
 
     def _align(self, t: int, model: nn.Module, task) -> None:
         x, y = self._features(model, task)
+        self.after = x  # the task's features under the merge (read by a trial's estimate)
         weight_param, bias_param = self.head.parameters()  # after the pass (ZeRO-3: checked at rest, then written)
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         classes, rows = (task.classes if self.mode == "task" else seen), task.classes
@@ -253,6 +266,16 @@ class HeadAlignment(ContinualCallback):
             weight_param.copy_(place.shard_like(weight, weight_param))
             if bias_param is not None:
                 bias_param.copy_(place.shard_like(bias, bias_param))
+
+    @contextlib.contextmanager
+    def subset(self, rows: list[int]) -> Iterator[None]:
+        """For a trial on those rows of the task's training data: the features taken before training, of them only."""
+        before = self.before
+        self.before = None if before is None else before[rows]
+        try:
+            yield
+        finally:
+            self.before = before
 
     @contextlib.contextmanager
     def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
+from safetensors import SafetensorError
 from torch import nn
 
 from ..config.checks import invalid
@@ -78,7 +79,7 @@ def same_model(a: str, b: str) -> bool:
 def _saved(source: str) -> dict[str, torch.Tensor]:
     try:
         weights = load_peft_weights(source)
-    except (*HUB_ERRORS, TypeError) as err:
+    except (*HUB_ERRORS, TypeError, SafetensorError) as err:  # a damaged file: SafetensorError
         raise invalid("adapters", source, f"its adapter weights cannot be read ({type(err).__name__}).") from None
     return {strip_prefix(k): v for k, v in weights.items()}
 

@@ -136,15 +136,16 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def full_trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable parameters that are not LoRA factors (fully trained modules, heads), by merge key, as the run's
-    placement reads and writes them (a ZeRO-3 parameter as the rows its partition holds)."""
+    """Trainable parameters that are not adapter factors (LoRA's, or OSF's of `adapters_osf`): fully trained modules,
+    heads, by merge key, as the run's placement reads and writes them (a ZeRO-3 parameter as the rows its partition
+    holds)."""
     as_rows = placement_of(model).as_rows
     return {strip_prefix(n): as_rows(p) for n, p in _fully_trained(model)}
 
 
 def _fully_trained(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for n, p in unwrap(model).named_parameters():
-        if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n:
+        if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n and ".osf_svd_params." not in n:
             yield n, p
 
 
@@ -244,6 +245,20 @@ def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) ->
         place.write(B, torch.zeros(place.shape(B)))
         if getattr(layer.lora_B[name], "bias", None) is not None:
             place.write(layer.lora_B[name].bias, torch.zeros(place.shape(layer.lora_B[name].bias)))
+
+
+def lora_weights(model: nn.Module, part: str = "A") -> dict[str, nn.Parameter]:
+    """The active adapter's A (or B) of every LoRA layer (the live parameters, for a loss on them), by merge key."""
+    name = active_adapter(model)
+    return {key: getattr(layer, f"lora_{part}")[name].weight for key, layer in lora_layers(model).items()}
+
+
+def set_lora_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze (or unfreeze) the active adapter's A and B in every LoRA layer (a task trained by other factors)."""
+    name = active_adapter(model)
+    for layer in lora_layers(model).values():
+        layer.lora_A[name].requires_grad_(trainable)
+        layer.lora_B[name].requires_grad_(trainable)
 
 
 def adapter_factors(model: nn.Module) -> dict[str, LoraFactors]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.checks import NonFiniteError
-from ..distributed.sharding import all_finite, scalar, zeros_like
+from ..distributed.sharding import all_finite, is_sharded, scalar, zeros_like
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -53,8 +53,9 @@ class AlphaTerms:
         return not math.isfinite(self.denominator) or self.denominator <= DEGENERATE_DENOMINATOR * scale
 
 
-def _check_same_keys(deltas: TensorDict, **others: TensorDict) -> None:
-    """Raise ValueError unless every dict has exactly the keys of `deltas` with matching shapes and finite values."""
+def _check_same_keys(deltas: TensorDict, finite: bool = True, **others: TensorDict) -> None:
+    """Raise ValueError unless every dict has exactly the keys of `deltas` with matching shapes (and, with `finite`,
+    finite values: one pass over every tensor; `alpha_terms` skips it and checks its own sums instead)."""
     if not deltas:
         raise ValueError("`deltas` is empty: there is nothing to merge; pass at least one task-vector tensor.")
     for name, other in others.items():
@@ -69,6 +70,11 @@ def _check_same_keys(deltas: TensorDict, **others: TensorDict) -> None:
                 raise ValueError(
                     f"`{name}[{key!r}]` has shape {tuple(other[key].shape)} but the delta has {tuple(delta.shape)}."
                 )
+    if finite:
+        _check_finite_values(deltas, **others)
+
+
+def _check_finite_values(deltas: TensorDict, **others: TensorDict) -> None:
     for name, tensors in {"deltas": deltas, **others}.items():
         for key, value in tensors.items():
             if not all_finite(value):
@@ -87,15 +93,53 @@ def alpha_terms(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: Tensor
     Returns:
         `AlphaTerms` with sum F Delta^2, sum G Delta and sum (S + F) Delta^2.
     """
-    _check_same_keys(deltas, fisher=fisher, S=S, G=G)
-    fd2 = gd = den = 0.0
+    return sum_terms(alpha_terms_by_key(deltas, fisher, S, G).values())
+
+
+def alpha_terms_by_key(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: TensorDict) -> dict[str, AlphaTerms]:
+    """The closed form's three sums of every key alone (one float64 pass over each key's four tensors); any group's
+    terms are their `sum_terms` (the per-module alphas of `alpha_granularity: module` need no second pass).
+
+    The inputs are checked finite through these sums: a NaN or inf entry in any of the four tensors makes one of its
+    key's sums NaN or inf (0 * inf is NaN), and float64 does not overflow on float32 or bfloat16 values, so only
+    then is every entry looked at, to name the tensor in the error (ValueError, as `update_accumulators`)."""
+    _check_same_keys(deltas, finite=False, fisher=fisher, S=S, G=G)
+    out = {}
     for key, delta in deltas.items():
-        d = delta.double()
-        d2 = d * d
-        f = fisher[key].to(d.device, torch.float64)
-        fd2 += scalar((f * d2).sum())
-        gd += scalar((G[key].to(d.device, torch.float64) * d).sum())
-        den += scalar(((S[key].to(d.device, torch.float64) + f) * d2).sum())
+        tensors = (delta, fisher[key], S[key], G[key])
+        out[key] = _key_terms(*tensors) if not any(map(is_sharded, tensors)) else _sharded_key_terms(*tensors)
+    if not all(math.isfinite(x) for t in out.values() for x in (t.fisher_delta_sq, t.g_delta, t.denominator)):
+        _check_finite_values(deltas, fisher=fisher, S=S, G=G)
+    return out
+
+
+def _key_terms(delta: torch.Tensor, f: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> AlphaTerms:
+    """One key's sums as float64 dot products (no product tensor is formed); <S + F, Delta^2> = <S, Delta^2> + <F,
+    Delta^2>."""
+    d = delta.detach().reshape(-1).double()
+    d2 = d * d
+    as64 = lambda x: x.detach().reshape(-1).to(d.device, torch.float64)  # noqa: E731
+    fd2 = float(torch.dot(as64(f), d2))
+    return AlphaTerms(fd2, float(torch.dot(as64(g), d)), float(torch.dot(as64(s), d2)) + fd2)
+
+
+def _sharded_key_terms(delta, f, s, g) -> AlphaTerms:
+    """`_key_terms` on row-split tensors: elementwise products, each sum completed across ranks (`scalar`)."""
+    d = delta.double()
+    d2 = d * d
+    f = f.to(d.device, torch.float64)
+    fd2 = scalar((f * d2).sum())
+    gd = scalar((g.to(d.device, torch.float64) * d).sum())
+    return AlphaTerms(fd2, gd, scalar(((s.to(d.device, torch.float64) + f) * d2).sum()))
+
+
+def sum_terms(terms) -> AlphaTerms:
+    """The closed form's sums over several keys' `AlphaTerms` (added in the order given, from 0.0)."""
+    fd2 = gd = den = 0.0
+    for t in terms:
+        fd2 += t.fisher_delta_sq
+        gd += t.g_delta
+        den += t.denominator
     return AlphaTerms(fd2, gd, den)
 
 
@@ -109,7 +153,12 @@ def closed_form_alpha(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: 
 
 
 def update_accumulators(
-    deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: TensorDict, alpha: float | Mapping[str, float]
+    deltas: TensorDict,
+    fisher: TensorDict,
+    S: TensorDict,
+    G: TensorDict,
+    alpha: float | Mapping[str, float],
+    checked: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Accumulators after merging theta_hat_t = theta_hat_{t-1} + alpha * Delta.
 
@@ -118,11 +167,12 @@ def update_accumulators(
     Args:
         deltas, fisher, S, G: as `alpha_terms`.
         alpha: the alpha actually applied (after clamping): one float, or one float or per-parameter tensor per key.
+        checked: the four dicts' values were already checked finite (by `alpha_terms` on the same dicts): skip that.
 
     Returns:
         New `(S, G)` dicts (inputs are not modified), in the dtype and device of `S` and `G`, computed in fp32.
     """
-    _check_same_keys(deltas, fisher=fisher, S=S, G=G)
+    _check_same_keys(deltas, finite=not checked, fisher=fisher, S=S, G=G)
     new_S, new_G = {}, {}
     for key, delta in deltas.items():
         a = alpha[key] if isinstance(alpha, Mapping) else alpha

@@ -112,6 +112,17 @@ class PerturbationMixin:
             return gaussian_adapter_noise(self.model, self.args.perturb_eps, branch, seed)
         return scale_active_adapter(self.model, 1.0 + branch * self.args.perturb_eps)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`Trainer.compute_loss` plus, in training, every `LossTerm` among the callbacks (a strategy's regulariser,
+        e.g. O-LoRA's)."""
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        terms = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LossTerm)]
+        if not terms or not model.training:
+            return out
+        loss, rest = (out[0], out[1:]) if return_outputs else (out, ())
+        loss = loss + sum(term(model) for term in terms)
+        return (loss, *rest) if return_outputs else loss
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         branch = self.current_branch()
         if self.state.global_step != self._counted_step:  # count once per optimizer step, not per micro-batch
@@ -244,6 +255,15 @@ def own_late_losses(saved: list[dict] | dict, args) -> dict[int, list[float]]:
     else:
         mine = {b: [v for part in saved for v in part[b]] for b in saved[0]} if args.process_index == 0 else {}
     return {b: list(mine.get(str(b), mine.get(b, []))) for b in (-1, 0, 1)}
+
+
+class LossTerm(TrainerCallback):
+    """A term added to every training loss of the Trainers it is a callback of (`PerturbationMixin.compute_loss`):
+    `term(model)` returns a scalar tensor differentiable in the trained parameters. A strategy hands its terms to the
+    loop through `MergeStrategy.callbacks`."""
+
+    def __call__(self, model) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class TaskProgress(TrainerCallback):

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config.checks import NonFiniteError, check_finite
 from ..distributed.placement import Replicated, placement_of
+from ..distributed.sharding import is_sharded
 from .adapters import (
     adapter_factors,
     base_weights,
@@ -131,18 +132,34 @@ class ModelWeights:
                 )
         new_value = lambda key: self._merged(targets[key], key, deltas[key], alpha[key], base)  # noqa: E731
         with torch.no_grad():
-            for key in deltas:  # every new value is checked before any is written
-                check_finite({key: new_value(key)}, "merged weights")
+            for key in deltas:  # every new value is checked before any is written (computed once when bounded)
+                if not self._surely_finite(targets[key], key, deltas[key], alpha[key], base):
+                    check_finite({key: new_value(key)}, "merged weights")
             for key in deltas:
                 weight, new = targets[key], new_value(key)
                 if weight.dtype != torch.float32:
                     self.master[key] = new.to(self.device or weight.device)
                 weight.copy_(new.to(weight.device, weight.dtype))
 
+    def _start(self, weight, key: str, base) -> torch.Tensor:
+        return base[key] if base is not None and key in base else self.value(key, weight)
+
     def _merged(self, weight, key: str, delta: torch.Tensor, a, base) -> torch.Tensor:
-        start = base[key].float() if base is not None and key in base else self.value(key, weight).float()
+        start = self._start(weight, key, base).float()
         a = a.to(delta.device) if isinstance(a, torch.Tensor) else a
         return start.to(delta.device) + a * delta.float()
+
+    def _surely_finite(self, weight, key: str, delta: torch.Tensor, a, base) -> bool:
+        """start + a * delta is finite without forming it: max |start| + |a| max |delta| (two reductions, no copy)
+        is below fp32's largest value. False for NaN or inf anywhere, a per-parameter alpha or split tensors: then the
+        merged value itself is checked."""
+        start = self._start(weight, key, base)
+        if isinstance(a, torch.Tensor) or is_sharded(start) or is_sharded(delta):
+            return False
+        if start.numel() == 0:
+            return True
+        bound = _max_abs(start) + abs(a) * _max_abs(delta)
+        return math.isfinite(bound) and bound < torch.finfo(torch.float32).max
 
     def task_vector(
         self,
@@ -168,6 +185,12 @@ class ModelWeights:
             if delta is not None:
                 full[key] = delta
         return TaskVector(lora, full, trained, adapter_factors(self.model))
+
+
+def _max_abs(x: torch.Tensor) -> float:
+    """max |x| from one min/max reduction (NaN when x holds a NaN)."""
+    low, high = torch.aminmax(x.detach())
+    return max(-float(low), float(high)) if not (low.isnan() or high.isnan()) else math.nan
 
 
 class LowRankWeights(ModelWeights):

@@ -118,7 +118,8 @@ def assemble(
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
     config.update(world_size=args.world_size, fingerprints=fingerprints)
-    parts = (model, stream, head, evaluator, strategy, run, [*extra, *callbacks], load_base, save_modules)
+    own = strategy.callbacks(stream)  # the strategy's part of training (OSF's layers, O-LoRA's loss)
+    parts = (model, stream, head, evaluator, strategy, run, [*extra, *own, *callbacks], load_base, save_modules)
     weights = LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank) if low_rank else None
     return loop_class(*parts, config, weights, processor=processor, hub=hub)
 
@@ -154,6 +155,7 @@ def check_before_loading(strategy, causal: bool, data_args, args, fisher_args, m
     if args.should_save:
         check_writable(Path(args.output_dir))
     check_split_run(args, strategy, fisher_args, merge_args)
+    strategy.check_training(args)
     if causal and merge_args.head_align != "none":
         raise invalid("head_align", merge_args.head_align, "a causal LM has no class head: use `head_align: none`.")
     if strategy.needs_pretrained and data_args.scenario == "domain_incremental":
@@ -173,7 +175,7 @@ def merges_into_adapter(quantized: bool, strategy, merge_args: MergeArguments) -
         raise invalid("merge_into", "weights", "the base is quantized and cannot be written: use 'adapter' or 'auto'.")
     if merge_args.merge_into == "weights" or (merge_args.merge_into == "auto" and not quantized):
         return False
-    if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe:
+    if strategy.needs_pretrained or strategy.needs_score or strategy.needs_probe or strategy.needs_validation:
         fix = "is not available with a merged adapter (a quantized base): use pm, coma, average, seq-merge or sqrt-t."
         raise invalid("merge_method", strategy.name, fix)
     return True

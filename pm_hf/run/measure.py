@@ -5,16 +5,20 @@ logged comparison of the quadratic model's predicted loss increase with the meas
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import random
 from collections.abc import Callable
 
 import datasets
 
 from ..data.streams import split_holdout
+from ..heads.alignment import HeadAlignment
+from ..heads.estimate import binomial_se, drift_spread, pooled_covariance, pseudo_accuracy, seen_estimate
 from ..method.adapters import adapter_disabled, base_weights
 from ..method.fisher import fisher_sample
 from ..method.strategies.base import MergePlan, TaskProbe
-from .evaluation import mean_loss
+from .evaluation import mean_loss, seen_classes
 
 
 class MergeLine:
@@ -80,3 +84,40 @@ def loss_increase(loop, task, plan: MergePlan, at_one: float) -> dict:
     if "kappa" in calib:
         out["predicted_calibrated"] = 0.5 * (1 - a) ** 2 * calib["kappa"] * raw
     return out
+
+
+def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float], dict]:
+    """`validated-alpha`'s estimate(alpha) of the seen accuracy after merging task t at alpha, under the head the
+    prototype alignment would fit there (its `trial`, on at most `validation_samples` of the task's training samples):
+    the new classes' accuracy on the task's held-out training data, the old classes' on their drift-compensated
+    statistics widened by the unpredicted drift. No eval split is read."""
+    align = next((cb for cb in loop.callbacks.callbacks if isinstance(cb, HeadAlignment)), None)
+    if align is None or align.before is None or getattr(task, "heldout", None) is None:
+        raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
+    seen = seen_classes(loop.stream.tasks[: t + 1])
+    old = [c for c in seen if c not in task.classes]
+    means = align.stats["mean"]  # under theta_hat_{t-1}: the drift weights are taken against them
+    rows = training_subset(len(task.train), loop.strategy.validation_samples, loop.args.seed + t)
+    view = dataclasses.replace(task, train=task.train.select(rows))
+
+    def measure() -> dict:
+        with align.subset(rows), loop.callbacks.trial(t, loop.model, view):
+            new = loop.evaluator.accuracy(task.heldout, seen)
+            weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
+            spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
+            cov = pooled_covariance(align.stats, seen)
+            olds = {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], cov + spread[c], c, seen,
+                                       align.samples, loop.args.seed + c) for c in old}  # fmt: skip
+        share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
+        return {"estimate": seen_estimate(new, len(task.classes), olds), "new": new,
+                "old": sum(olds.values()) / max(len(olds), 1),
+                "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
+
+    return lambda alpha: line.at(alpha, measure)
+
+
+def training_subset(size: int, cap: int, seed: int) -> list[int]:
+    """At most `cap` of `size` rows, drawn once with `seed`, in order."""
+    if size <= cap:
+        return list(range(size))
+    return sorted(random.Random(seed).sample(range(size), cap))

@@ -1,6 +1,6 @@
 """Merge strategies: one class each, registered by name (`merge_method`). See `base.py`."""
 
-from . import alpha, task_vectors  # noqa: F401  (registers the strategies)
+from . import alpha, olora, osf, task_vectors, validated  # noqa: F401  (registers the strategies)
 from .base import (
     RETIRED,
     STRATEGIES,

@@ -13,9 +13,10 @@ from ...data.streams import Task, TaskStream
 from ...distributed.sharding import scalar
 from ..merge import (
     AlphaChoice,
-    alpha_terms,
+    alpha_terms_by_key,
     cofima_weights,
     select_alpha,
+    sum_terms,
     update_accumulators,
     zeros_like_dict,
 )
@@ -82,17 +83,18 @@ class ClosedForm(MergeStrategy):
         self.G.update(zeros_like_dict(new, self.accumulator_device, dtype))
         S, G = ({k: acc[k] for k in deltas} for acc in (self.S, self.G))  # keys not merged now keep their sums
         fisher, calibration = self.calibration.calibrate(context, deltas, fisher)  # kappa_t F_t
-        terms = alpha_terms(deltas, fisher, S, G)
+        by_key = alpha_terms_by_key(deltas, fisher, S, G)  # one pass; it also checks the four dicts finite
+        terms = sum_terms(by_key.values())
         choices = {}
         for keys in self._groups(deltas):
-            part = alpha_terms(*({k: d[k] for k in keys} for d in (deltas, fisher, S, G)))
+            part = sum_terms(by_key[k] for k in keys)
             choices.update(dict.fromkeys(keys, select_alpha(part, self.alpha_clip, self.alpha_min)))
         chosen = self.calibration.choose(deltas, S, G, calibration, self.alpha_min)
         if chosen is not None:  # a calibration that measures alpha itself (the held-out curve)
             choices = dict.fromkeys(deltas, chosen)
         per_key = self.alpha_granularity != "global"
         plan = alpha_plan(vector, choices, terms=terms, per_key=per_key, calibration=calibration)
-        new_S, new_G = update_accumulators(deltas, fisher, S, G, plan.alpha)
+        new_S, new_G = update_accumulators(deltas, fisher, S, G, plan.alpha, checked=True)
         self.S.update(new_S)
         self.G.update(new_G)
         return plan

@@ -90,6 +90,7 @@ class MergeStrategy:
     needs_fisher: ClassVar[bool] = False
     needs_score: ClassVar[bool] = False  # score(alpha): held-out accuracy of theta_hat_{t-1} + alpha Delta
     needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
+    needs_validation: ClassVar[bool] = False  # estimate(alpha) of the seen accuracy from training data only
     shards: ClassVar[bool] = False  # its math is elementwise plus global sums: runs on FSDP-sharded weights
     holdout: ClassVar[float] = 0.0  # the fraction of each task's training data held out for the probe
     start: ClassVar[Start] = "merged"
@@ -131,6 +132,16 @@ class MergeStrategy:
         if self.start == "merged":
             return None
         return StartPoint(dict(self._theta0()))
+
+    def check_training(self, args) -> None:
+        """Raise `invalid(field, value, fix)` for training arguments the strategy cannot train with (checked before
+        the model is loaded). Default: any."""
+
+    def callbacks(self, stream) -> list:
+        """What the strategy adds to the run's training (assembled with the run's callbacks): `ContinualCallback`s for
+        the loop's hooks, `TrainerCallback`s (e.g. a `pm_hf.method.trainer.LossTerm`) for every task's Trainer;
+        `stream` is the run's task stream (tasks added later join its `tasks`)."""
+        return []
 
     def merge(self, context: MergeContext) -> MergePlan:
         """Task `context.t`'s plan; ask `context` for the Fisher, the score or the probe only when the rule needs it."""

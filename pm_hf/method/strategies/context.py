@@ -14,7 +14,7 @@ from ..merge import TaskVector
 
 Fisher = Mapping[str, torch.Tensor]
 Score = Callable[[float], float]
-NEEDS = ("fisher", "score", "probe")
+NEEDS = ("fisher", "score", "probe", "validation")
 
 
 class MergeContext:
@@ -25,7 +25,7 @@ class MergeContext:
     def __init__(self, t: int, vector: TaskVector, fisher: Fisher | None = None, score: Score | None = None,
                  probe=None):  # fmt: skip
         self.t, self.vector = t, vector
-        given = {"fisher": fisher, "score": score, "probe": probe}
+        given = {"fisher": fisher, "score": score, "probe": probe, "validation": None}
         self._make: dict[str, Callable[[], Any] | None] = {k: (lambda v=v: v) for k, v in given.items()}
         self._made: dict[str, Any] = {}
 
@@ -55,6 +55,11 @@ class MergeContext:
     def score(self) -> Score | None:
         """score(alpha): the held-out primary score on all seen tasks of theta_hat_{t-1} + alpha Delta_t."""
         return self._get("score")
+
+    @property
+    def validation(self) -> Callable[[float], dict] | None:
+        """estimate(alpha): `validated-alpha`'s estimate of the seen accuracy, from the task's training data only."""
+        return self._get("validation")
 
     @property
     def probe(self):

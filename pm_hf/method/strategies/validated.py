@@ -1,0 +1,73 @@
+"""`validated-alpha`: task t's alpha chosen on a grid by an estimate of the merged model's accuracy over every seen
+class that reads neither old data nor any eval split (pm_hf.heads.estimate): the new classes on a held-out part of
+the task's training data, the old ones on their stored statistics widened by the unpredicted feature drift. It needs
+the prototype head alignment with drift compensation (the regime of an aligned head: docs/method.md)."""
+
+from __future__ import annotations
+
+from ...config.checks import invalid, is_number
+from .base import MergePlan, MergeStrategy, alpha_plan, constant, register
+from .knobs import Knob
+
+
+def _grid(name, value) -> None:
+    if not isinstance(value, list) or not value or not all(is_number(a) and 0 <= a <= 1 for a in value):
+        raise invalid(name, value, "give a list of alphas in [0, 1], e.g. [0, 0.1, ..., 1].")
+
+
+def _holdout(name, value) -> None:
+    if not is_number(value) or not 0 < value <= 0.5:
+        raise invalid(name, value, "give the fraction of each task's training data held out, in (0, 0.5].")
+
+
+def one_se_choice(estimates: dict[float, float], errors: dict[float, float]) -> float:
+    """The smallest alpha whose estimate is within one standard error of the best (Breiman's one-standard-error rule:
+    among choices the data cannot tell apart, the one that moves the model least)."""
+    best = max(estimates, key=lambda a: (estimates[a], -a))
+    return min(a for a in estimates if estimates[a] >= estimates[best] - errors[best])
+
+
+def _count(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(name, value, "give a positive number of samples, e.g. 256.")
+
+
+@register
+class ValidatedAlpha(MergeStrategy):
+    name = "validated-alpha"
+    reference = (
+        "pm_hf: per task, the grid alpha with the best estimated accuracy over all seen classes under the aligned "
+        "head — new classes on held-out training data, old classes on drift-widened stored statistics (no eval data)"
+    )
+    knobs = (
+        Knob("validation_grid", [i / 10 for i in range(11)], _grid, "the alphas tried per task"),
+        Knob("validation_holdout", 0.1, _holdout, "the fraction of each task's training data held out for scoring"),
+        Knob("validation_samples", 256, _count, "the task's training samples a trial's head alignment sees"),
+        "head_align",
+        "head_align_drift",
+    )
+    needs_validation = True
+
+    @staticmethod
+    def check(values) -> None:
+        ours = getattr(values, "merge_method", ValidatedAlpha.name) == ValidatedAlpha.name  # (an instance: ours)
+        if ours and (values.head_align != "prototypes" or values.head_align_drift != "sdc"):
+            fix = "validated-alpha scores merges under the prototype head: set head_align: prototypes, "
+            raise invalid("head_align", values.head_align, fix + "head_align_drift: sdc.")
+
+    @property
+    def holdout(self) -> float:
+        return float(self.validation_holdout)
+
+    def merge(self, context) -> MergePlan:
+        vector = context.vector
+        if context.t == 0:  # nothing to trade off yet
+            return alpha_plan(vector, constant(vector.deltas, 1.0))
+        estimate = context.validation
+        if estimate is None:
+            raise ValueError("merge strategy 'validated-alpha' needs the loop's validation estimate")
+        measured = {str(float(a)): estimate(float(a)) for a in self.validation_grid}
+        alphas = {float(a): m for a, m in measured.items()}
+        best = one_se_choice({a: m["estimate"] for a, m in alphas.items()}, {a: m["se"] for a, m in alphas.items()})
+        info = {"method": self.name, "alpha": best, "grid": measured}
+        return alpha_plan(vector, constant(vector.deltas, best), calibration=info)

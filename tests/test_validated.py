@@ -1,0 +1,98 @@
+"""`validated-alpha` (docs/method.md): the estimate's parts by hand or against a closed form, the one-standard-error
+choice by hand, and the rule in the loop: it reads no eval split (the datasets it scores are the held-out parts of
+the training data, and an eval split with other labels leaves every alpha as it was) and picks what its log says."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from conftest import DATA, groups
+
+from pm_hf.config.checks import InputError
+from pm_hf.config.groups import MergeArguments, RunConfig
+from pm_hf.continual import build_loop
+from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
+from pm_hf.method.strategies import build_strategy
+from pm_hf.method.strategies.validated import one_se_choice
+
+VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
+
+
+def test_drift_spread_by_hand():
+    means = torch.zeros(1, 2)
+    before = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # equally far from the class mean: weights 1/2 each
+    moved = before + torch.tensor([3.0, -2.0])  # a pure translation: compensation predicts all of it
+    assert torch.equal(drift_spread(means, [0], before, moved)[0], torch.zeros(2, 2, dtype=torch.float64))
+    split = before + torch.tensor([[0.0, 1.0], [0.0, -1.0]])  # drifts +1 and -1 around a mean drift of 0
+    expected = torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(drift_spread(means, [0], before, split)[0], expected)
+
+
+def test_pseudo_accuracy_against_the_normal_cdf():
+    """Class 0 at (m, 0) with covariance s^2 I under the head W = I: correct when x0 > x1, P = Phi(m / (s sqrt 2))."""
+    weight, m, s = torch.eye(2), 1.0, 1.5
+    got = pseudo_accuracy(weight, None, torch.tensor([m, 0.0]), s**2 * torch.eye(2), 0, [0, 1], 40000, seed=0)
+    assert got == pytest.approx(0.5 * (1 + math.erf(m / (s * math.sqrt(2)) / math.sqrt(2))), abs=0.01)
+    assert pseudo_accuracy(weight, None, torch.tensor([5.0, 0.0]), 1e-4 * torch.eye(2), 1, [0, 1], 50, 0) == 0.0
+
+
+def test_the_estimate_and_its_error_by_hand():
+    assert seen_estimate(0.5, 2, {0: 1.0, 1: 0.9}) == pytest.approx((0.5 * 2 + 1.9) / 4)
+    assert binomial_se(0.9, 100) == pytest.approx(0.03)
+
+
+def test_one_standard_error_rule_by_hand():
+    estimates = {0.0: 0.80, 0.1: 0.85, 0.5: 0.86, 1.0: 0.70}
+    assert one_se_choice(estimates, dict.fromkeys(estimates, 0.02)) == 0.1  # 0.85 >= 0.86 - 0.02 > 0.80
+    assert one_se_choice(estimates, dict.fromkeys(estimates, 0.0)) == 0.5  # no doubt: the best
+    assert one_se_choice(estimates, dict.fromkeys(estimates, 0.1)) == 0.0  # nothing told apart: move least
+
+
+def test_it_needs_the_prototype_head():
+    with pytest.raises(InputError, match=r"^head_align = 'none': "):
+        build_strategy(MergeArguments(merge_method="validated-alpha"))
+
+
+def _recorded_run(model_dir, out, **kw):
+    """A 3-task run with `validated-alpha`; returns (results, loop, the datasets scored while a merge was chosen)."""
+    loop = build_loop(RunConfig(*groups(model_dir, out, **VALIDATED, **kw)))
+    scored, choosing = [], [False]
+    predict, merge = loop.evaluator.predict, loop.strategy.merge
+
+    def recording_predict(dataset):
+        if choosing[0]:
+            scored.append(dataset)
+        return predict(dataset)
+
+    def recording_merge(context):
+        choosing[0] = True
+        try:
+            return merge(context)
+        finally:
+            choosing[0] = False
+
+    loop.evaluator.predict, loop.strategy.merge = recording_predict, recording_merge
+    return loop.run(), loop, scored
+
+
+def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path):
+    results, loop, scored = _recorded_run(model_dir, tmp_path / "run")
+    tasks = loop.stream.tasks
+    assert scored and all(any(d is task.heldout for task in tasks[1:]) for d in scored)  # held-out training data only
+    assert not any(d is task.eval for d in scored for task in tasks)
+    for t in range(1, len(tasks)):
+        grid = {float(a): m for a, m in results["calibrations"][t]["grid"].items()}
+        assert len(grid) == 11 and all(0 <= m["estimate"] <= 1 and m["se"] >= 0 for m in grid.values())
+        choice = one_se_choice({a: m["estimate"] for a, m in grid.items()}, {a: m["se"] for a, m in grid.items()})
+        assert results["alphas"][t] == choice
+        assert len(tasks[t].heldout) == math.ceil(0.1 * (len(tasks[t].train) + len(tasks[t].heldout)))
+    # an eval split with other labels: other accuracies, the same alphas
+    test = pd.read_parquet(DATA / "test.parquet")
+    test["label"] = test["label"].sample(frac=1.0, random_state=0).to_numpy()
+    test.to_parquet(tmp_path / "scrambled.parquet")
+    files = {"train": str(DATA / "train.parquet"), "test": str(tmp_path / "scrambled.parquet")}
+    other, _, _ = _recorded_run(model_dir, tmp_path / "scrambled", data_files=files)
+    assert other["alphas"] == results["alphas"] and other["accuracy_matrix"] != results["accuracy_matrix"]
