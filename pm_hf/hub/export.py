@@ -193,7 +193,7 @@ def write_export(base_model: nn.Module, history: list[TaskRecord], full_params: 
             own = base_ref or (BASE_DIR, None)
             _point_adapter_at(tmp, *(own if classifier else base_reference(spec.base_model, spec.revision)))
         if spec.processor is not None:
-            spec.processor.save_pretrained(tmp)
+            save_processor(spec.processor, tmp)
         info = {**export_info(spec), **(spec.info or {}), "format": "merged" if merged else "adapter"}
         (tmp / INFO).write_text(json.dumps(info, indent=1))
         for plot in plots:
@@ -227,7 +227,7 @@ def write_task_adapters(base_model: nn.Module, history: list[TaskRecord], spec: 
             info["task_name"] = names[t] if t < len(names) else None
             (tmp / f"task_{t}" / INFO).write_text(json.dumps(info, indent=1))
             if spec.processor is not None:
-                spec.processor.save_pretrained(tmp / f"task_{t}")
+                save_processor(spec.processor, tmp / f"task_{t}")
             write_task_card(tmp / f"task_{t}")
     return out_dir
 
@@ -247,11 +247,27 @@ def _clear_adapter_files(folder: Path) -> None:
 
 
 def _point_adapter_at(folder: Path, base: str, revision: str | None) -> None:
-    """Set the base model (and its revision) that `adapter_config.json` loads the adapter on."""
+    """Set the base model (and its revision) that `adapter_config.json` loads the adapter on; its module lists are
+    written sorted and without repeats (PEFT writes a set in the process's hash order), so the same adapter gives the
+    same bytes in any process (a push made again is then no change)."""
     path = folder / "adapter_config.json"
     config = json.loads(path.read_text())
     config.update(base_model_name_or_path=base, revision=revision)
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(set(config[key]))
     path.write_text(json.dumps(config, indent=2))
+
+
+def save_processor(processor, folder: Path) -> None:
+    """Save the tokenizer or image processor as it was loaded: a fast tokenizer's truncation and padding, which
+    its last call leaves set (or not, when the data came from the datasets cache), are not saved with it."""
+    backend = getattr(processor, "_tokenizer", None)
+    if backend is not None and (backend.truncation is not None or backend.padding is not None):
+        processor = copy.deepcopy(processor)
+        processor._tokenizer.no_truncation()
+        processor._tokenizer.no_padding()
+    processor.save_pretrained(folder)
 
 
 def export_merged_adapter(
@@ -281,7 +297,7 @@ def export_merged_adapter(
         r=rank,
         lora_alpha=rank,
         target_modules=sorted({k[: -len(".weight")] for k in keys}),
-        modules_to_save=save_modules or None,
+        modules_to_save=list(save_modules) or None,  # a copy: PEFT extends it with the task's head names
         fan_in_fan_out=history[0].fan_in_fan_out,
         init_lora_weights=False,
         task_type=TASK_TYPES.get(task),

@@ -38,8 +38,10 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
+from safetensors import safe_open
 
-from ..config.checks import invalid
+from ..config.checks import InputError, invalid
+from ..fileio import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -247,17 +249,62 @@ def push_run(target: HubTarget, export: Path, state: dict[str, Path] | None, mes
 
 def download_state(source: str, token: str | None) -> Path:
     """The `continual_state/` folder of a pushed run `USER/NAME` (the newest) or `USER/NAME@task-3` (after task 3),
-    downloaded; an error names `resume_from`."""
+    downloaded and checked whole (`state_gaps`: every file the revision lists, each checkpoint file with the sha256
+    of its manifest, each safetensors file readable); a download found cut short (a kill, a full disk, a cache left
+    half-filled) is made once more from scratch, then refused, never used. An error names `resume_from`."""
     repo_id, _, revision = source.partition("@")
     api = _client(token, "resume_from", source)
     try:
         folder = Path(api.snapshot_download(repo_id, revision=revision or None, allow_patterns=[f"{STATE_DIR}/*"]))
+        listed = [p for p in api.list_repo_files(repo_id, revision=revision or None) if p.startswith(f"{STATE_DIR}/")]
+        if not listed:
+            fix = f"the repository holds no {STATE_DIR}/: push the run with `push_continual_state: true`."
+            raise invalid("resume_from", source, fix)
+        gaps = state_gaps(folder, listed)
+        if gaps:  # once more, every file fetched again
+            logger.warning("%s/%s was downloaded incomplete (%s): downloading it again", source, STATE_DIR, gaps[0])
+            folder = Path(api.snapshot_download(repo_id, revision=revision or None, allow_patterns=[f"{STATE_DIR}/*"],
+                                                force_download=True))  # fmt: skip
+            gaps = state_gaps(folder, listed)
     except HUB_ERRORS as err:
+        if isinstance(err, InputError):
+            raise
         raise invalid("resume_from", source, f"cannot download it ({type(err).__name__}: {err}).") from None
-    if not (folder / STATE_DIR / "latest.json").is_file():
-        fix = f"the repository holds no {STATE_DIR}/: push the run with `push_continual_state: true`."
+    if gaps:
+        fix = f"its {STATE_DIR}/ arrived incomplete twice ({gaps[0]}; {len(gaps)} problem(s)): try again later."
         raise invalid("resume_from", source, fix)
     return folder / STATE_DIR
+
+
+def state_gaps(folder: Path, listed: list[str]) -> list[str]:
+    """What is wrong with a downloaded `continual_state/` (empty when it is whole): files of `listed` (paths in the
+    repository) absent, latest.json not naming a checkpoint present, a checkpoint file not matching the sha256 of its
+    manifest, a safetensors file that cannot be read."""
+    gaps = [f"{path} is missing" for path in listed if not (folder / path).is_file()]
+    state = folder / STATE_DIR
+    try:
+        name = str(json.loads((state / "latest.json").read_text())["checkpoint"])
+        if not (state / name / "manifest.json").is_file():
+            gaps.append(f"latest.json names {name!r}, which is not there")
+    except (OSError, ValueError, KeyError, TypeError):
+        gaps.append("latest.json is missing or unreadable")
+    for manifest in sorted(state.glob("*/manifest.json")):
+        try:
+            recorded = json.loads(manifest.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            gaps.append(f"{manifest.parent.name}/manifest.json is unreadable")
+            continue
+        for file, digest in recorded.items():
+            path = manifest.parent / file
+            if not path.is_file() or file_digest([path]) != digest:
+                gaps.append(f"{manifest.parent.name}/{file} does not match its manifest")
+    for path in sorted(state.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception:  # noqa: BLE001  (safetensors raises its own error types for a cut-off file)
+            gaps.append(f"{path.relative_to(state)} cannot be read")
+    return gaps
 
 
 def download_export(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:

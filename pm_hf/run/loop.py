@@ -50,7 +50,7 @@ from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe, 
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
-from .run_export import export_run, push_task
+from .run_export import export_run, push_missing, push_task
 from .rundir import refuse_changes
 
 logger = logging.getLogger(__name__)
@@ -375,6 +375,7 @@ class ContinualLoop:
         if resume:
             self.resume()
             self.resuming = True  # the next task continues from its last mid-task checkpoint, if it has one
+            push_missing(self)  # a push that a kill or a full disk stopped after the last checkpoint
         T = len(self.stream.tasks)
         last = T if stop_after is None else min(T, stop_after)
         show = not self.args.disable_tqdm and self.args.should_log

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, TrainerState
 from ..config.checks import invalid
 from ..config.groups import LoraArguments, MergeArguments, RunConfig
 from ..distributed.launch import refuse_any_launch_mode
+from ..fileio import alive
 from ..hub.card_text import HEAD_RULE
 from ..hub.export import ExportSpec, dense_record, task_record, write_export
 from ..hub.origin import resolve_base
@@ -46,6 +49,7 @@ from ..method.adapters import load_adapter_weights
 from ..method.strategies import build_strategy, merge_task
 from ..method.weights import ModelWeights
 from .assembly import build_loop
+from .checkpoint import seeded
 from .loop import ContinualLoop
 from .run_export import export_run
 from .runs import MODEL_CLASSES
@@ -124,7 +128,8 @@ def _merge_with_data(adapters, config, modules, output: Path, run_config: RunCon
         raise invalid("model_name_or_path", model_args.model_name_or_path, fix)
     fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
     refuse_any_launch_mode(args, fix)  # nothing to train (ZeRO-3 could not even load it)
-    run = Path(tempfile.mkdtemp(prefix=f".{output.name}.run-", dir=_parent(output)))
+    remove_dead_runs(output)
+    run = Path(tempfile.mkdtemp(prefix=f".{output.name}.run-{os.getpid()}-", dir=_parent(output)))
     args.output_dir = str(run)  # the loop's run folder: temporary, next to the output (room for its checkpoint)
     try:
         run_config = run_config.replace(lora_args=lora_arguments(config), merge_args=merge_args)
@@ -138,6 +143,19 @@ def _merge_with_data(adapters, config, modules, output: Path, run_config: RunCon
         return export_run(loop, output, info={"merged_adapters": list(adapters)})
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def remove_dead_runs(output: Path) -> list[str]:
+    """Remove the temporary run folders (`.<name>.run-<pid>-*`) that merges into `output` killed before their end
+    left beside it; those of live merges stay. Returns their names."""
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.run-(\d+)-")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        return []
+    dead = [p for p in parent.iterdir() if (m := pattern.match(p.name)) and not alive(int(m.group(1)))]
+    for path in dead:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in dead]
 
 
 def _parent(output: Path) -> Path:
@@ -181,7 +199,8 @@ def _load_base(source: str, config: LoraConfig, base: str, task: str, modules: d
         meta = _on_meta(task, model_config)
     _check_model(source, config, modules, model_shapes(meta), f"the base model {base}")
     extra = {} if labels is None else {"num_labels": labels, "ignore_mismatched_sizes": True}
-    return MODEL_CLASSES[task].from_pretrained(base, revision=revision, **extra)
+    with seeded(0):  # a head of another size is new: drawn the same way every time, so a merge's folder is too
+        return MODEL_CLASSES[task].from_pretrained(base, revision=revision, **extra)
 
 
 def _check_model(source: str, config: LoraConfig, modules: dict, shapes: dict, where: str) -> None:

@@ -9,4 +9,4 @@ where Row = (door, case, ok, detail): door is "train", "check", "evaluate", "exp
 TABLES names them in the order they print.
 """
 
-TABLES: list[str] = ["doors", "concurrency", "fuzz"]
+TABLES: list[str] = ["doors", "concurrency", "export_faults", "fuzz"]
