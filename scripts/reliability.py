@@ -1,8 +1,10 @@
 """Reliability of pm-hf runs, measured: bad configs and data must fail cleanly, killed runs must resume to identical
 results, damaged checkpoints must be detected. Prints the counts; exit 1 if any case fails.
 
-    python scripts/reliability.py                # all three tables (~4 min on 2 CPU cores)
-    python scripts/reliability.py bad-configs    # or: faults, corruptions
+    python scripts/reliability.py                # every table, then the counts per door (train, check, evaluate,
+                                                 # export, push, merge, api) and kind of case
+    python scripts/reliability.py bad-configs    # or: faults, corruptions, doors, concurrency, export_faults, fuzz
+    python scripts/reliability.py fuzz --quick   # a newer table's fast sample (the default test tier's)
 
 - bad-configs: every case runs `pm-hf train` in this process; it passes when the command exits 2 with one line
   `pm-hf: error: <field> = <value>: <fix>` on stderr naming the field the case expects, no traceback, and nothing
@@ -14,7 +16,12 @@ results, damaged checkpoints must be detected. Prints the counts; exit 1 if any 
 - corruptions: a copy of a finished 2-task run is damaged one way; it passes when `--resume` with one more task
   (the folder's next step) is refused by the contract (exit 2, one line `pm-hf: error: output_dir = ...`, no
   traceback) and no file of the folder changes; any other exit is a failure.
-tests/test_reliability.py runs these same tables (faults in-process, by exceptions instead of SIGKILL).
+- doors, concurrency, export_faults, fuzz: the tables of scripts/reliability_tables/ (their docstrings say what a
+  passing row is): bad inputs of every other door, concurrent use of one run folder or repository, SIGKILL and full
+  disks in export, push, merge and Hub downloads, and Hypothesis-generated configs, flags and task inputs.
+tests/test_reliability.py runs the first three tables (faults in-process, by exceptions instead of SIGKILL);
+tests/test_doors.py, test_concurrency.py, test_export_faults.py and test_fuzz.py run each newer table's quick sample,
+and the whole tables in the slow tier.
 """
 
 # ruff: noqa: E402  (the offline switches must be set before transformers is imported)
@@ -650,17 +657,19 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
-    failures = 0
+    failures, counts = 0, {}
     with tempfile.TemporaryDirectory(prefix="pm_hf_reliability_") as tmp:
         tmp = Path(tmp)
         assets = make_assets(tmp / "assets")
         if args.table in ("all", "bad-configs"):
             rows = [(c.name, *run_bad_config(c, assets, tmp / f"bad{i}")) for i, c in enumerate(BAD_CONFIGS)]
             failures += _table("bad configs: clean error, exit 2, nothing written", rows)
+            _count(counts, "train", "bad inputs", rows)
         if args.table in ("all", "corruptions"):
             finished = finished_run(assets, tmp / "finished")
             rows = [(n, *run_corruption(n, finished, assets, tmp / f"corrupt{i}")) for i, n in enumerate(CORRUPTIONS)]
             failures += _table("corruptions: detected, refused, nothing changed", rows)
+            _count(counts, "train", "bad inputs", rows)
         if args.table in ("all", "faults"):
             ref_out = tmp / "reference"
             config = tmp / "reference.yaml"
@@ -671,15 +680,22 @@ def main(argv: list[str] | None = None) -> int:
                 (n, *run_fault(n, p, k, assets, tmp / f"fault{i}", reference)) for i, (n, p, k) in enumerate(FAULTS)
             ]
             failures += _table("faults: killed, resumed, identical results", rows)
-        failures += _more_tables(args.table, tmp, quick=args.quick)
+            _count(counts, "train", "faults", rows)
+        failures += _more_tables(args.table, tmp, args.quick, counts)
     return 1 if failures else 0
 
 
-def _more_tables(which: str, tmp: Path, quick: bool) -> int:
-    """The tables of scripts/reliability_tables/ (every door), then the count per door and kind."""
+def _count(counts: dict, door: str, kind: str, rows: list) -> None:
+    """Add a table's rows (name, ok, detail) to the per-door counts: [tried, passed]."""
+    count = counts.setdefault((door, kind), [0, 0])
+    count[0] += len(rows)
+    count[1] += sum(bool(row[1]) for row in rows)
+
+
+def _more_tables(which: str, tmp: Path, quick: bool, counts: dict) -> int:
+    """The tables of scripts/reliability_tables/ (every door), then the count per door and kind of every table run."""
     import importlib
 
-    counts: dict[tuple[str, str], list[int]] = {}
     failures = 0
     for name in reliability_tables.TABLES:
         if which not in ("all", name):
@@ -689,10 +705,11 @@ def _more_tables(which: str, tmp: Path, quick: bool) -> int:
         failures += _table(
             f"{name}: {table.TITLE}", [(f"{door}: {case}", ok, detail) for door, case, ok, detail in rows]
         )
-        for door, _, ok, _ in rows:
-            count = counts.setdefault((door, table.KIND), [0, 0])
-            count[0] += 1
-            count[1] += bool(ok)
+        cases = getattr(table, "case_counts", lambda row: (1, int(bool(row[2]))))  # a row may sum many cases
+        for row in rows:
+            tried, passed = cases(row)
+            count = counts.setdefault((row[0], table.KIND), [0, 0])
+            count[0], count[1] = count[0] + tried, count[1] + passed
     if counts:
         print(door_summary(counts))
     return failures

@@ -19,6 +19,8 @@ Each row: (door, "N generated ...", ok, "n validated / m refused by the contract
 
 from __future__ import annotations
 
+import re
+
 import contextlib
 import io
 import itertools
@@ -269,6 +271,12 @@ def row(door: str, what: str, outcomes: list[tuple[str, str]]) -> tuple[str, str
     return door, f"{len(outcomes)} generated {what}", not others, detail
 
 
+def case_counts(row: tuple[str, str, bool, str]) -> tuple[int, int]:
+    """(cases tried, cases by the contract) of one row: a row sums many generated cases."""
+    validated, refused, other = (int(n) for n in re.findall(r"(\d+) (?:validated|refused|other)", row[3])[:3])
+    return validated + refused + other, validated + refused
+
+
 def rows(work: Path, quick: bool) -> list[tuple[str, str, bool, str]]:
     sizes = QUICK if quick else FULL
     work = Path(work)
@@ -285,4 +293,4 @@ def rows(work: Path, quick: bool) -> list[tuple[str, str, bool, str]]:
     return out
 
 
-__all__ = ["rows", "check_case", "train_case", "api_case", "explore", "prepare", "field_changes", "_DROP"]
+__all__ = ["rows", "case_counts", "check_case", "train_case", "api_case", "explore", "prepare", "field_changes", "_DROP"]
