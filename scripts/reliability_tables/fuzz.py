@@ -19,12 +19,11 @@ Each row: (door, "N generated ...", ok, "n validated / m refused by the contract
 
 from __future__ import annotations
 
-import re
-
 import contextlib
 import io
 import itertools
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -293,4 +292,14 @@ def rows(work: Path, quick: bool) -> list[tuple[str, str, bool, str]]:
     return out
 
 
-__all__ = ["rows", "case_counts", "check_case", "train_case", "api_case", "explore", "prepare", "field_changes", "_DROP"]
+__all__ = [
+    "rows",
+    "case_counts",
+    "check_case",
+    "train_case",
+    "api_case",
+    "explore",
+    "prepare",
+    "field_changes",
+    "_DROP",
+]
