@@ -120,10 +120,16 @@ ENV_READERS = {"get_int_from_env", "parse_flag_from_env", "parse_choice_from_env
                "clear_environment", "DeepSpeedPlugin", "FullyShardedDataParallelPlugin"}  # fmt: skip
 # Built by the library, they read the environment themselves as they always do (the process layout: RANK,
 # LOCAL_RANK, ...; logging verbosity; accelerate's own settings): the launcher's contract, not a pm_hf setting.
-READ_BY_THEMSELVES = {"accelerate.PartialState", "accelerate.state.AcceleratorState", "transformers.PreTrainedModel",
-                      "transformers.Trainer", "transformers.TrainingArguments", "transformers.integrations.deepspeed",
-                      "transformers.logging",
-                      "huggingface_hub.constants"}  # fmt: skip  (HF_HUB_CACHE: where the per-repo push lock lives)
+READ_BY_THEMSELVES = {
+    "accelerate.PartialState",
+    "accelerate.state.AcceleratorState",
+    "transformers.PreTrainedModel",
+    "transformers.Trainer",
+    "transformers.TrainingArguments",
+    "transformers.integrations.deepspeed",
+    "transformers.logging",
+    "huggingface_hub.constants",
+}  # fmt: skip  (HF_HUB_CACHE: where the per-repo push lock lives)
 THIRD_PARTY = ("accelerate", "transformers", "huggingface_hub", "peft", "trl", "datasets", "torch", "safetensors")
 
 
