@@ -167,6 +167,8 @@ def readme_alpha() -> str:
     sums = {s: summary(s) for s in README_SUITES}
     acc = {s: {m: 100 * r["acc"]["mean"] for m, r in sums[s].items()} for s in README_SUITES}
     long = [s for s in README_SUITES if s.endswith("-10") and {PRESET, "coma-proto", "sqrt-t-proto"} <= set(acc[s])]
+    if not long:
+        return para(f"The preset `{PRESET}` has no committed run on the 10-task sequences yet.")
     margin = min(acc[s][PRESET] - max(acc[s]["coma-proto"], acc[s]["sqrt-t-proto"]) for s in long)
     with_oracle = [s for s in README_SUITES if {PRESET, ORACLE} <= set(acc[s])]
     gaps = ", ".join(f"{s} {acc[s][PRESET] - acc[s][ORACLE]:+.1f}" for s in with_oracle)

@@ -17,6 +17,7 @@ import yaml
 from pm_hf.commands.cli import main
 from pm_hf.commands.parsing import parse_config
 from pm_hf.config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments, PMConfig
+from pm_hf.errors import invalid
 from pm_hf.run.results import format_evaluation, format_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -357,7 +358,7 @@ def test_train_refuses_an_output_dir_that_is_a_file_before_loading(tmp_path, cap
         err = capsys.readouterr().err
         assert (
             exit_info.value.code == 2
-            and err.startswith(f"pm-hf: error: output_dir = '{out}': ")
+            and err.startswith(f"pm-hf: error: {invalid('output_dir', str(out), '')}")  # (a long path is shortened)
             and "Traceback" not in err
         )
     assert "train" not in fake_continual and blocker.read_text() == "mine"
@@ -387,5 +388,5 @@ def test_train_refuses_a_resume_from_without_a_checkpoint_before_taking_the_fold
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--config", "configs/ci_tiny.yaml", "--output_dir", str(out), "--resume_from", str(source)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: resume_from = '{source}': holds no checkpoint")
+    assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: {invalid('resume_from', str(source), '')}holds")
     assert not out.exists() and list(tmp_path.iterdir()) == []

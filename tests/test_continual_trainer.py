@@ -210,7 +210,7 @@ def test_evaluate_save_model_and_a_new_task(run, tmp_path):
     assert seen.metrics[-1] == metrics and seq.state.log_history[-1]["eval_accuracy"] == metrics["eval_accuracy"]
     (tmp_path / "notes.txt").write_text("mine")
     for bad in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "export"):  # a file in its place or above it
-        with pytest.raises(InputError, match=r"^output_dir = .*notes\.txt.*: (is a file|lies under)"):
+        with pytest.raises(InputError, match=r"^output_dir = '.*: (is a file|lies under)"):  # (a long path shortened)
             seq.save_model(str(bad))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     seq.save_model(str(tmp_path / "export"))

@@ -197,3 +197,16 @@ def every_process(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
+    """sum(x * y) in float64 over the whole tensors, y float64 (a dot product; for split tensors the elementwise
+    product of this rank's rows, summed across ranks)."""
+    if is_sharded(x) or is_sharded(y):
+        return scalar((x.to(y.device, torch.float64) * y).sum())
+    return float(torch.dot(x.detach().reshape(-1).to(y.device, torch.float64), y.reshape(-1)))
+
+
+def as_float64(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float64, detached (flattened unless split: a split one keeps its layout for `dot64`)."""
+    return tensor.detach().double() if is_sharded(tensor) else tensor.detach().reshape(-1).double()

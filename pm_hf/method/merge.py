@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.checks import NonFiniteError
-from ..distributed.sharding import all_finite, is_sharded, scalar, zeros_like
+from ..distributed.sharding import all_finite, as_float64, dot64, zeros_like
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -107,30 +107,19 @@ def alpha_terms_by_key(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G:
     out = {}
     for key, delta in deltas.items():
         tensors = (delta, fisher[key], S[key], G[key])
-        out[key] = _key_terms(*tensors) if not any(map(is_sharded, tensors)) else _sharded_key_terms(*tensors)
+        out[key] = _key_terms(*tensors)
     if not all(math.isfinite(x) for t in out.values() for x in (t.fisher_delta_sq, t.g_delta, t.denominator)):
         _check_finite_values(deltas, fisher=fisher, S=S, G=G)
     return out
 
 
 def _key_terms(delta: torch.Tensor, f: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> AlphaTerms:
-    """One key's sums as float64 dot products (no product tensor is formed); <S + F, Delta^2> = <S, Delta^2> + <F,
-    Delta^2>."""
-    d = delta.detach().reshape(-1).double()
+    """One key's sums as float64 dot products (no product tensor is formed for whole tensors; split ones sum across
+    ranks); <S + F, Delta^2> = <S, Delta^2> + <F, Delta^2>."""
+    d = as_float64(delta)
     d2 = d * d
-    as64 = lambda x: x.detach().reshape(-1).to(d.device, torch.float64)  # noqa: E731
-    fd2 = float(torch.dot(as64(f), d2))
-    return AlphaTerms(fd2, float(torch.dot(as64(g), d)), float(torch.dot(as64(s), d2)) + fd2)
-
-
-def _sharded_key_terms(delta, f, s, g) -> AlphaTerms:
-    """`_key_terms` on row-split tensors: elementwise products, each sum completed across ranks (`scalar`)."""
-    d = delta.double()
-    d2 = d * d
-    f = f.to(d.device, torch.float64)
-    fd2 = scalar((f * d2).sum())
-    gd = scalar((g.to(d.device, torch.float64) * d).sum())
-    return AlphaTerms(fd2, gd, scalar(((s.to(d.device, torch.float64) + f) * d2).sum()))
+    fd2 = dot64(f, d2)
+    return AlphaTerms(fd2, dot64(g, d), dot64(s, d2) + fd2)
 
 
 def sum_terms(terms) -> AlphaTerms:

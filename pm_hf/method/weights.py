@@ -12,7 +12,6 @@ from torch import nn
 
 from ..config.checks import NonFiniteError, check_finite
 from ..distributed.placement import Replicated, placement_of
-from ..distributed.sharding import is_sharded
 from .adapters import (
     adapter_factors,
     base_weights,
@@ -154,7 +153,7 @@ class ModelWeights:
         is below fp32's largest value. False for NaN or inf anywhere, a per-parameter alpha or split tensors: then the
         merged value itself is checked."""
         start = self._start(weight, key, base)
-        if isinstance(a, torch.Tensor) or is_sharded(start) or is_sharded(delta):
+        if isinstance(a, torch.Tensor) or self.placement.splits({"start": start, "delta": delta}):
             return False
         if start.numel() == 0:
             return True
