@@ -107,3 +107,24 @@ def test_a_refused_task_list_is_kept_whole(tmp_path):
         with pytest.raises(InputError, match=r"^tasks\[1\] = \{'test': \d+\}: has no 'train' split"):
             trainer.evaluate()
     assert trainer.loop is None and not (tmp_path / "out").exists()
+
+
+def test_the_python_functions_behind_export_and_push_check_first(tmp_path):
+    """`export_run_dir` and `push_run_dir` take the commands' checks: nothing written, the Hub asked nothing."""
+    from pm_hf.run.runs import export_run_dir, push_run_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "notes.txt").write_text("mine")
+    with doors._hub_standin(tmp_path / "cache") as hub:
+        for call, field in [
+            (lambda: push_run_dir(tmp_path / "run", "me/model", token="TOKEN"), "run_dir"),
+            (lambda: push_run_dir(tmp_path / "run", "me/a b", token="TOKEN"), "hub_model_id"),
+            (lambda: push_run_dir(tmp_path / "run", "me/model", revision="a..b", token="TOKEN"), "revision"),
+            (lambda: export_run_dir(tmp_path / "run", tmp_path / "out"), "run_dir"),
+            (lambda: export_run_dir(tmp_path / "run", tmp_path / "out", mode="bad"), "mode"),
+        ]:
+            with pytest.raises(InputError, match=rf"^{field} = "):
+                call()
+    assert hub.calls == [] and hub.repos == {}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["notes.txt", "run"]
+    assert list((tmp_path / "run").iterdir()) == []

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
-from .inputs import as_run_dir, branch, destination, export_mode, no_new_folders, repo_id, run_folder
+from ..run.inputs import as_run_dir, branch, destination, export_mode, no_new_folders, repo_id, run_folder
 from .usage import CHECK_HELP, USAGE, ArgParser, did_you_mean
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside

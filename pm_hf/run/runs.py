@@ -26,6 +26,7 @@ from ..hub.origin import resolve_base
 from ..hub.repository import connect, download_export
 from .assembly import build_loop
 from .checkpoint import LATEST, dataclasses_from_config, load_checkpoint
+from .inputs import branch, destination, export_mode, repo_id, run_folder
 from .loop import ContinualLoop
 from .metrics import seen_accuracy
 from .results import write_outputs
@@ -91,10 +92,11 @@ def export_run_dir(run_dir: str | Path, output: str | Path, mode: str = "adapter
     """Write a run's merged model as a self-describing folder (see `ContinualLoop.export`): mode 'adapter' (exact),
     'adapter-svd' (rank `rank`: each module's relative error and the score change are returned) or 'merged'.
     Returns what the folder's pm_hf_export.json records."""
-    if mode == "adapter-svd" and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise invalid("rank", rank, "adapter-svd needs the rank to keep: give --rank K with K >= 1.")
+    export_mode(mode, rank)
     if Path(output).resolve() == Path(run_dir).resolve():
         raise invalid("output", str(output), "give a new folder, not the run folder itself.")
+    run_folder(str(run_dir))
+    destination(str(output))  # never a file, nor a folder of other files (the export replaces what it finds)
     with checkpoint_view(run_dir) as view:
         return export_run(load_run(run_dir, view=view), Path(output), mode, rank)
 
@@ -105,6 +107,9 @@ def push_run_dir(run_dir: str | Path, hub_model_id: str, private: bool | None = 
     """Push a run's export (exact adapter, card, plots, and its continual state if asked) to `hub_model_id` in one
     commit; access is checked first, and a repository holding another sequence's continual state is refused unless
     `overwrite_hub_state`. The run may be training: its last complete checkpoint is pushed. Returns the commit id."""
+    repo_id(hub_model_id)  # before the Hub is asked anything (it would create the repository)
+    branch(revision)
+    run_folder(str(run_dir))
     hub = SimpleNamespace(hub_model_id=hub_model_id, hub_token=token, hub_private_repo=private, hub_revision=revision,
                           output_dir=str(run_dir), overwrite_hub_state=overwrite_hub_state)  # fmt: skip
     target = connect(hub)

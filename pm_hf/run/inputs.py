@@ -1,4 +1,5 @@
-"""What `pm-hf evaluate | export | push | merge` check before they load a model or write a byte: the run folder (a
+"""What `pm-hf evaluate | export | push | merge` (and `export_run_dir`, `push_run_dir` from Python) check before they
+load a model or write a byte: the run folder (a
 folder holding a verified checkpoint), the destination folder (new, empty or a previous export: never a file, nor a
 folder of other files, which the export would replace), the export's mode and rank, the repository id and branch the
 Hub would refuse. A refused command leaves no folder it made. Errors are `<field> = <value>: <fix>`."""
@@ -23,7 +24,7 @@ BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.|^[-/]|[/.
 
 def run_folder(value: str) -> Path:
     """The output_dir of a `pm-hf train` run: a folder holding a checkpoint that verifies (read, nothing written)."""
-    from ..run.checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     path = Path(value)
     if not path.is_dir():
