@@ -337,6 +337,7 @@ def test_ties_through_the_loop_deploys_theta0_plus_the_ties_merge_of_the_trained
     assert any(conflicts)  # the second merge had signs to elect
 
 
+@pytest.mark.slow  # (about 27 s; TIES, checked the same way, stays in the default tier)
 def test_cofima_through_the_loop_writes_the_fisher_weighted_average(model_dir, tmp_path, monkeypatch):
     """theta_t = ((1 - a) S theta_{t-1} + a F_t theta*_t) / ((1 - a) S + a F_t), S the sum of the earlier Fishers
     (theta_{t-1} + a Delta_t where both are 0), per parameter of every adapted layer."""

@@ -55,6 +55,7 @@ def hub(monkeypatch, tmp_path):
     return fake
 
 
+@pytest.mark.slow  # a 2-task run saving every step and pushing every task, then export and push (about 30 s)
 def test_the_push_token_is_never_written_or_logged(hub, model_dir, tmp_path, capfd, caplog):
     caplog.set_level(logging.DEBUG)
     out = tmp_path / "run"

@@ -84,12 +84,12 @@ CASES = [
     *_both("push", "every_task: before task 2's push", "every-task", "push-export", 2),
     Case("push", "every_task: after task 2's base commit, SIGKILL", "every-task", "commit-after", 3),
     Case(
-        "push", "every_task: after task 2's commit, before its tag, SIGKILL", "every-task", "tag-before", 2, quick=True
+        "push", "every_task: after task 2's commit, before its tag, SIGKILL", "every-task", "tag-before", 2
     ),  # fmt: skip
     *_both("merge", "in the adapter write", "merge", "adapter", quick=("kill",)),
     *_both("merge", "before the card", "merge", "card"),
     *_both("merge", "over an older merge, in the adapter write", "merge", "adapter", existing=True),
-    *_both("merge", "with data: in the loop's checkpoint write", "merge-data", "checkpoint", quick=("disk",)),
+    *_both("merge", "with data: in the loop's checkpoint write", "merge-data", "checkpoint"),
     *_both("merge", "with data: in the export", "merge-data", "adapter"),
 ]
 DOWNLOADS = {  # name -> (damage, every download or the first only)
