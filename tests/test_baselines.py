@@ -66,6 +66,7 @@ def test_seq_is_one_continued_adapter(model_dir, tmp_path):
         assert torch.allclose(delta, s * ba, atol=1e-5), mkey
 
 
+@pytest.mark.slow  # (13 s; the closed form's resume equivalence stays in the default tier: test_continual.py)
 def test_seq_resume_matches_uninterrupted(model_dir, tmp_path):
     full = _run(model_dir, tmp_path / "a", merge_method="seq", class_groups=[[0, 1], [2, 3], [4, 5]])
     args = groups(model_dir, tmp_path / "b", merge_method="seq", class_groups=[[0, 1], [2, 3], [4, 5]])
