@@ -179,7 +179,10 @@ def test_domain_incremental_runs_end_to_end_and_merges_the_shared_head(model_dir
     assert 0 < alpha < 1
 
 
-@pytest.mark.parametrize("how", ["class_groups", *(pytest.param(h, marks=pytest.mark.slow) for h in ("task_datasets", "resume_from"))])
+SLOW_WAYS = [pytest.param(how, marks=pytest.mark.slow) for how in ("task_datasets", "resume_from")]
+
+
+@pytest.mark.parametrize("how", ["class_groups", *SLOW_WAYS])
 def test_the_cli_extends_a_run_with_more_tasks_bit_for_bit(how, model_dir, tmp_path):
     if how == "task_datasets":  # one dataset per task: the third brings new classes (the head grows)
         parts = []
