@@ -3,7 +3,10 @@ config for them, and the contract's check of an error line and of a folder left 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -69,3 +72,29 @@ def contract_error(code, stderr: str, expect: str) -> tuple[bool, str]:
 def _tree(folder: Path) -> dict:
     """Every path under `folder`: a file's bytes, None for a folder (a created empty folder counts too)."""
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`pm-hf <argv>` in this process: (exit code, stderr)."""
+    from pm_hf.commands.cli import main
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, err.getvalue()
+
+
+@contextlib.contextmanager
+def hub_client(fake) -> Iterator:
+    """pm_hf's Hub client replaced by a stand-in's (`fake.api`, no stored token) while inside; `fake` is yielded."""
+    import pm_hf.hub.repository as repository
+
+    saved = repository.HfApi, repository.get_token
+    repository.HfApi, repository.get_token = fake.api, lambda: None
+    try:
+        yield fake
+    finally:
+        repository.HfApi, repository.get_token = saved

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import ROOT, _tree, base_config, contract_error, make_assets
+from .common import ROOT, _tree, base_config, contract_error, make_assets, run_cli
 
 KIND = "concurrency"
 TITLE = "a second process is refused or reads a consistent checkpoint, never a mix, never blocking the run"
@@ -52,16 +52,7 @@ def fake_hub(cache: Path):
         repository.HfApi, repository.get_token = saved
 
 
-def cli(argv: list[str]) -> tuple[int, str]:
-    from pm_hf.commands.cli import main
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, err.getvalue()
+cli = run_cli  # `pm-hf <argv>` in this process: (exit code, stderr)
 
 
 def write_config(assets: dict, out: Path, **fields) -> Path:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import ROOT, _tree, contract_error
+from .common import ROOT, _tree, contract_error, hub_client
 from .door_inputs import TWO_TASKS, Context, Inputs, _write
 
 KIND = "bad inputs"
@@ -220,16 +220,10 @@ def _hub_standin(folder: Path):
     try:
         import hub_standin
 
-        import pm_hf.hub.repository as repository
     finally:
         sys.path.remove(str(ROOT / "tests"))
-    fake = hub_standin.FakeHub(tokens=("TOKEN",), read_tokens=("READ",), cache_dir=folder)
-    saved = repository.HfApi, repository.get_token
-    repository.HfApi, repository.get_token = fake.api, lambda: None
-    try:
+    with hub_client(hub_standin.FakeHub(tokens=("TOKEN",), read_tokens=("READ",), cache_dir=folder)) as fake:
         yield fake
-    finally:
-        repository.HfApi, repository.get_token = saved
 
 
 def _command(argv: list[str]) -> tuple[int, str]:

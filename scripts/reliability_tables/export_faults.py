@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # the child process: `python export_faults.py child SPEC`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reliability_tables.common import ROOT, base_config, contract_error, make_assets
+from reliability_tables.common import ROOT, base_config, contract_error, make_assets, run_cli
 from reliability_tables.export_faults_parts import (
     REPO,
     TOKEN,
@@ -36,7 +36,6 @@ from reliability_tables.export_faults_parts import (
     hub_installed,
     install,
     points_restored,
-    run_cli,
     same_folders,
     same_record,
     stale_beside,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import pickle
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from reliability_tables.common import ROOT
+from reliability_tables.common import ROOT, hub_client
 
 sys.path.insert(0, str(ROOT / "tests"))  # the Hub stand-in
 
@@ -92,16 +91,10 @@ class RealishApi(RecordingApi):
 @contextlib.contextmanager
 def hub_installed(folder: Path):
     """pm_hf's Hub client replaced by the stand-in kept in `folder` (made if new); no logged-in token."""
-    import pm_hf.hub.repository as repository
 
     Path(folder).mkdir(parents=True, exist_ok=True)
-    fake = DiskHub(folder)
-    saved = repository.HfApi, repository.get_token
-    repository.HfApi, repository.get_token = fake.api, lambda: None
-    try:
+    with hub_client(DiskHub(folder)) as fake:
         yield fake
-    finally:
-        repository.HfApi, repository.get_token = saved
 
 
 # ------------------------------------------------------------------------------------------------ fault points
@@ -180,19 +173,6 @@ def install(point: str, nth: int, how: str, die) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ running, comparing
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    """`pm-hf <argv>` in this process: (exit code, stderr)."""
-    from pm_hf.commands.cli import main
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, err.getvalue()
-
-
 def tree(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
