@@ -1,18 +1,18 @@
 """Fuzzed inputs (scripts/reliability_tables/fuzz.py, Hypothesis derandomized, no example database): generated configs
 through `pm-hf check`, bounded valid ones trained, generated task inputs through `ContinualTrainer`; each validates
-or is refused by the contract. The default tier runs the table's quick sample; the slow tier the full table and the
-doors as Hypothesis tests that shrink a failure to its minimal example."""
+or is refused by the contract. The default tier runs the table's quick sample; the slow tier the full table
+(`python scripts/reliability.py fuzz`: 3000 configs, 8 trained, 300 task inputs)."""
 
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 from reliability_tables import fuzz  # noqa: E402
-from reliability_tables.fuzz_cases import api_tasks, config_cases  # noqa: E402
 
 CI = settings(derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -49,23 +49,9 @@ def test_the_judge_counts_only_contract_refusals(tmp_path):
     assert fuzz.judge(0, "", {"a": b"1"}, {"a": b"2"})[0] == "other"  # a file changed
 
 
-@pytest.mark.slow
-def test_the_full_table_has_every_door_within_the_contract(tmp_path):
-    for door, case, ok, detail in fuzz.rows(tmp_path, quick=False):
-        assert ok, f"{door}: {case}: {detail}"
-
-
-@pytest.mark.slow
-@settings(CI, max_examples=300)  # (the full table tries 3000; this one shrinks a failure)
-@given(config_cases())
-def test_check_validates_or_refuses_by_the_contract(assets, tmp_path_factory, case):
-    outcome, detail = fuzz.check_case(case, assets, tmp_path_factory.mktemp("check"))
-    assert outcome in ("validated", "refused"), detail
-
-
-@pytest.mark.slow
-@settings(CI, max_examples=100)
-@given(st.one_of(api_tasks(), api_tasks(image=True)))
-def test_the_api_validates_or_raises_input_error(assets, tmp_path_factory, case):
-    outcome, detail = fuzz.api_case(case, assets, tmp_path_factory.mktemp("api"))
-    assert outcome in ("validated", "refused"), detail
+@pytest.mark.slow  # in a fresh interpreter: nothing another test left patched can reach it (about 10 min)
+def test_the_full_table_has_every_door_within_the_contract():
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "reliability.py"), "fuzz"], capture_output=True,
+                         text=True, cwd=ROOT)  # fmt: skip
+    rows = [line for line in run.stdout.splitlines() if line.startswith("- [")]
+    assert run.returncode == 0 and len(rows) == 3 and all(r.startswith("- [x]") for r in rows), run.stdout[-3000:]
