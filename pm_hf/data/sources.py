@@ -181,7 +181,11 @@ def labels_of(ds: datasets.Dataset, column: str, split: str, where: str) -> np.n
     dtype = getattr(feature, "dtype", "")
     if not isinstance(feature, datasets.ClassLabel) and not str(dtype).startswith(("int", "uint")):
         raise invalid("label_column", column, f"the '{split}' split of {where} holds {feature}, not integer class ids.")
-    labels = np.asarray(ds[column], dtype=np.int64)
+    values = list(ds[column])
+    if None in values:  # an empty cell of an integer column (a CSV or parquet file with a missing label)
+        fix = f"row {values.index(None)} of the '{split}' split of {where} has no class id: label or drop it."
+        raise invalid("label_column", column, fix)
+    labels = np.asarray(values, dtype=np.int64)
     if labels.size and labels.min() < 0:
         raise invalid("label_column", column, f"the '{split}' split of {where} holds negative ids (unlabelled?).")
     return labels

@@ -187,7 +187,7 @@ def _check_tasks(tasks: list[Task], data_args: DataArguments, names: list[str]) 
         if masked and len(task.classes) < 2:
             raise invalid(what, value, f"task {t} has one class ({names[task.classes[0]]}): give every task >= 2.")
         for split, ds in ((data_args.train_split, task.train), (data_args.eval_split, task.eval)):
-            labels = np.asarray(ds.with_format(None)["labels"])
+            labels = np.asarray(ds.with_format(None)["labels"]) if len(ds) else np.zeros(0, np.int64)  # no columns
             missing = sorted(set(task.classes) - set(labels.tolist()))
             if missing:
                 fix = f"task {t}'s classes {[names[c] for c in missing][:5]} have no rows in the '{split}' split."

@@ -14,6 +14,9 @@ by the contract; the strategies are `fuzz_cases.py`.
   batch of every task (text: which the model takes).
 
 Each row: (door, "N generated ...", ok, "n validated / m refused by the contract / k other"); ok when k is 0.
+The cases are derandomized but depend on the modules imported: Hypothesis mixes constants it finds in the local
+source modules loaded (pm_hf, scripts/) into what it draws, so the table run after the others (`python
+scripts/reliability.py`, every module loaded) tries other cases than run alone; both must pass.
 `python scripts/reliability.py fuzz` runs the full table, `--quick` the default test tier's sample.
 """
 
