@@ -18,6 +18,7 @@ from pm_hf.config.checks import InputError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from reliability_tables import TABLES, door_inputs, doors  # noqa: E402
+from reliability_tables.common import contract_error  # noqa: E402
 
 
 def _failures(rows) -> list:
@@ -128,3 +129,22 @@ def test_the_python_functions_behind_export_and_push_check_first(tmp_path):
     assert hub.calls == [] and hub.repos == {}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["notes.txt", "run"]
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_a_merge_config_that_does_not_fit_the_adapters_is_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """`pm-hf merge --config`: heads of another size than the config's classes, and more tasks than adapters, are
+    refused once the data is read, before any model weights are loaded, with nothing written."""
+    ctx = door_inputs.Context(tmp_path / "ctx")
+    adapters = ctx.adapters  # made before counting: two 2-class heads (a, b) and a 4-class one (wide)
+    loads = []
+    real = AutoModelForSequenceClassification.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))  # fmt: skip
+    config = ctx.config(tmp_path, class_groups=[[0, 1, 2], [3, 4, 5]])  # two tasks: a head of 6 classes
+    cases = [(["--adapters", adapters["a"], adapters["b"]], "classifier.weight", "the adapters' shape"),
+             (["--adapters", adapters["wide"]], "adapters", "the config has 2 tasks for 1 adapters")]  # fmt: skip
+    for argv, field, says in cases:
+        code, err = doors._command(["merge", *argv, "--config", config, "--output", str(tmp_path / "m" / "merged")])
+        ok, line = contract_error(code, err, field)
+        assert ok and says in line, line
+    assert not loads and not (tmp_path / "m").exists() and not (tmp_path / "out").exists()

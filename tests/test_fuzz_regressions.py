@@ -167,6 +167,32 @@ def test_a_file_its_builder_cannot_read_is_one_line_on_stderr(tiny_models, tmp_p
     assert ERROR_LINE.match(lines[0]).group(1) == "data_files" and "Parquet magic bytes" in lines[0]
 
 
+def _files(tmp_path: Path, train: pd.DataFrame, test: pd.DataFrame) -> dict:
+    files = {"train": str(tmp_path / "train.parquet"), "test": str(tmp_path / "test.parquet")}
+    train.to_parquet(files["train"])
+    test.to_parquet(files["test"])
+    return files
+
+
+def test_a_label_cell_left_empty_is_refused(tmp_path):
+    """An integer label column with an empty cell (nullable Int64 in parquet): `np.asarray(..., int64)` raised
+    TypeError (found by the full reliability run, whose imports changed the generated cases)."""
+    train = pd.DataFrame({"text": list("abcd"), "label": pd.array([0, 1, None, 1], dtype="Int64")})
+    files = _files(tmp_path, train, pd.DataFrame({"text": list("ab"), "label": [0, 1]}))
+    with pytest.raises(InputError, match=r"^label_column = 'label': row 2 of the 'train' split .* has no class id"):
+        build_task_stream(DataArguments(data_files=files, num_tasks=1), tiny_tokenizer(tmp_path, ["a"]))
+
+
+def test_a_task_whose_eval_split_is_empty_is_refused(tmp_path):
+    """The test split lacks the last task's classes: its prepared eval split had no rows and no columns, and the check
+    of the task's classes raised `ValueError: Column 'labels' doesn't exist`."""
+    train = pd.DataFrame({"text": list("abcdef"), "label": [0, 1, 2, 3, 0, 1]})
+    files = _files(tmp_path, train, pd.DataFrame({"text": list("ab"), "label": [0, 1]}))
+    args = DataArguments(data_files=files, class_groups=[[0, 1], [2, 3]])
+    with pytest.raises(InputError, match=r"^class_groups = .*task 1's classes \['2', '3'\] have no rows in the 'test'"):
+        build_task_stream(args, tiny_tokenizer(tmp_path, ["a"]))
+
+
 # ---------------------------------------------------------------------------- through ContinualTrainer (a model loads)
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
@@ -177,18 +203,40 @@ def tiny_models(tmp_path_factory):
     return {"vit": tiny_vit_folder(str(folder)), **prepare(folder)}
 
 
-UNCHECKED_IMAGES = "found by the fuzzer: images are checked against the model's config nowhere yet (pm_hf/continual.py)"
+@pytest.mark.parametrize(
+    ("mode", "size", "says"), [("L", 8, "takes 3 channels"), ("RGB", 6, "takes \\[8, 8\\] pixels")]
+)
+def test_images_the_model_cannot_take_are_refused_before_training(tiny_models, tmp_path, monkeypatch, mode, size, says):
+    """Found by the fuzzer: 1-channel images for a 3-channel ViT (or 6x6 ones for its 8x8 position embeddings) with no
+    image processor validated, and the first forward failed. Now refused from the model's config before the model is
+    loaded (the API given its path; a model object is checked from its `config`), and by `pm-hf check`; images that
+    fit build."""
+    from transformers import ViTForImageClassification
 
-
-@pytest.mark.xfail(strict=True, reason=UNCHECKED_IMAGES)
-def test_images_the_model_cannot_take_are_refused_before_training(tiny_models, tmp_path):
-    """1-channel images for a 3-channel ViT with no image processor: the stream validates, the first forward fails."""
     from pm_hf.continual import ContinualTrainer
 
-    images = [{"image": Image.new("L", (8, 8)), "label": c} for c in (0, 1)]
+    loads = []
+    real = ViTForImageClassification.from_pretrained.__func__
+    monkeypatch.setattr(ViTForImageClassification, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))  # fmt: skip
     args = PMConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
-    with pytest.raises(InputError):
+    images = [{"image": Image.new(mode, (size, size)), "label": c} for c in (0, 1)]
+    match = rf"^data_args\.image_column = 'image': task 0's train images are \[\d, {size}, {size}\]; the model ({says})"
+    with pytest.raises(InputError, match=match):
         _ = ContinualTrainer(model=tiny_models["vit"], args=args, tasks=[{"train": images, "test": images}]).stream
+    assert not loads and not (tmp_path / "out").exists()
+    files = {}
+    for split in ("train", "test"):
+        files[split] = str(tmp_path / f"{split}.parquet")
+        pixels = np.zeros((size, size, 3) if mode == "RGB" else (size, size), np.uint8).tolist()
+        pd.DataFrame({"image": [pixels, pixels], "label": [0, 1]}).to_parquet(files[split])
+    config = {"model_name_or_path": tiny_models["vit"], "data_files": files, "num_tasks": 1, "use_cpu": True,
+              "output_dir": str(tmp_path / "out")}  # fmt: skip
+    code, stderr = check(tmp_path, config)
+    assert code == 2 and ERROR_LINE.match(stderr.strip()).group(1) == "image_column", stderr
+    good = [{"image": Image.new("RGB", (8, 8)), "label": c} for c in (0, 1)]
+    stream = ContinualTrainer(model=tiny_models["vit"], args=args, tasks=[{"train": good, "test": good}]).stream
+    assert stream.tasks[0].train[0]["pixel_values"].shape == (3, 8, 8)
 
 
 def test_a_bad_later_task_is_refused_before_anything_is_written(tiny_models, tmp_path):

@@ -14,13 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config.checks import invalid
+from ..config.groups import RunConfig
+from ..data.images import check_image_fit
 from ..data.instruct import MODALITY
 from ..distributed.launch import refuse_sharding
 from ..heads.alignment import HeadAlignment
 from ..hub.repository import is_repo_id
-from ..method.models import is_causal_lm, load_config, load_processor, quantization_config
+from ..method.models import config_of, is_causal_lm, load_config, load_processor, model_digest, quantization_config
 from ..method.strategies import build_strategy
-from ..run.assembly import check_before_loading, config_stream, merges_into_adapter, quiet_datasets
+from ..run.assembly import (
+    check_before_loading,
+    config_stream,
+    merges_into_adapter,
+    quiet_datasets,
+    refuse_changed_resume,
+)
 from ..run.checkpoint import LATEST
 from ..run.rundir import check_claim, holds_run
 from .parsing import ParsedArgs, load_yaml_config, parse_config
@@ -181,7 +189,12 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
         stream = config_stream(causal, data_args, processor, args, model_args.model_name_or_path)
     stream = strategy.transform_stream(stream)
     causal = stream.modality == MODALITY
+    if stream.modality == "image":
+        check_image_fit(stream.tasks, processor, config_of(None, model_args), data_args.image_column)
     check_before_loading(strategy, causal, data_args, args, fisher_args, merge_args)
+    if resume:  # the saved run's config, model files and data, as `train --resume` compares them before loading
+        run = RunConfig(model_args, data_args, args, lora_args, fisher_args, merge_args)
+        refuse_changed_resume(run, stream.tasks, model_digest(model_args))
     low_rank = merges_into_adapter(quantized, strategy, merge_args)
 
     kind = "causal LM" if causal else f"{stream.modality} classifier"

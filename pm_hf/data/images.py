@@ -91,3 +91,32 @@ def image_transform(processor, offset: int) -> Callable[[dict], dict]:
         return out
 
     return transform
+
+
+FIXED_SIZE_MODELS = ("vit", "deit", "vit_msn", "vit_mae")  # position embeddings of one image size (no interpolation)
+
+
+def check_image_fit(tasks, processor, config, column: str) -> None:
+    """With no image processor the images reach the model as they are: their channels must be the model config's
+    `num_channels`, and for a model of one fixed image size their height and width its `image_size` (checked on the
+    first row of each split: `check_images` made every row of a split alike)."""
+    from ..config.checks import invalid
+
+    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+    size = (size, size) if isinstance(size, int) else tuple(size) if size else None
+    if getattr(config, "model_type", None) not in FIXED_SIZE_MODELS:
+        size = None
+    if processor is not None or (channels is None and size is None):
+        return
+    for t, task in enumerate(tasks):
+        for name, ds in (("train", task.train), ("eval", task.eval)):
+            if ds is None or not hasattr(ds, "__len__") or len(ds) == 0 or "pixel_values" not in ds.column_names:
+                continue
+            c, *hw = ds[0]["pixel_values"].shape
+            what = f"task {t}'s {name} images are [{c}, {', '.join(map(str, hw))}]"
+            if channels is not None and c != channels:
+                fix = f"{what}; the model takes {channels} channels: convert them (to RGB or L), or give a processor."
+                raise invalid("image_column", column, fix)
+            if size is not None and tuple(hw) != size:
+                fix = f"{what}; the model takes {list(size)} pixels: resize them, or give an image processor."
+                raise invalid("image_column", column, fix)

@@ -20,7 +20,7 @@ from transformers import (
 )
 from transformers import logging as hf_logging
 
-from ..config.checks import invalid
+from ..config.checks import InputError, invalid
 from ..config.groups import ModelArguments
 from ..distributed.loading import distribute_loaded, loading_in, loading_whole
 from ..fileio import file_digest
@@ -99,6 +99,17 @@ def load_config(model_args: ModelArguments):
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0][:200]
         raise invalid("model_name_or_path", name, f"not a local model folder and not loadable here: {reason}") from err
+
+
+def config_of(model, model_args: ModelArguments):
+    """The config of `model` given as an object, else of `model_args`' model (read, its weights not loaded); None
+    when it cannot be read (the load reports why)."""
+    if model is not None:
+        return getattr(model, "config", None)
+    try:
+        return load_config(model_args)
+    except InputError:
+        return None
 
 
 def is_causal_lm(model_args: ModelArguments) -> bool:

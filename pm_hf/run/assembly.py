@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from ..config.checks import invalid
 from ..config.groups import DataArguments, MergeArguments, ModelArguments, PMConfig, RunConfig
+from ..data.images import check_image_fit
 from ..data.instruct import MODALITY, build_instruction_stream
 from ..data.streams import Task, TaskStream, build_task_stream
 from ..distributed.launch import fsdp_requested, refuse_sharding
@@ -28,13 +29,21 @@ from ..hub.origin import IN_MEMORY  # model_name_or_path of a model given as an 
 from ..hub.repository import HubTarget
 from ..method.adapters import attach_lora, detect_target_modules, is_quantized, merge_key_shapes, uses_fan_in_fan_out
 from ..method.callbacks import ContinualCallback
-from ..method.models import is_causal_lm, load_causal_lm, load_model, load_processor, model_digest, quiet_loading
+from ..method.models import (
+    config_of,
+    is_causal_lm,
+    load_causal_lm,
+    load_model,
+    load_processor,
+    model_digest,
+    quiet_loading,
+)
 from ..method.strategies import build_strategy
 from ..method.weights import LowRankWeights
-from .checkpoint import config_dict, seeded
+from .checkpoint import config_dict, saved_config, seeded
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .loop import ContinualLoop
-from .rundir import check_writable, dataset_digest
+from .rundir import check_writable, dataset_digest, refuse_changes
 
 Callbacks = Sequence[ContinualCallback | TrainerCallback]
 
@@ -189,10 +198,12 @@ def build_loop(
     processor=None,
     loop_class: Callable[..., ContinualLoop] = ContinualLoop,
     hub: HubTarget | None = None,
+    check_stream: Callable[[TaskStream, RunConfig], None] | None = None,
 ) -> ContinualLoop:
     """Load the model and the task stream of a config and assemble the loop (nothing is written); `model` and
     `processor`, when given, are used instead of loading `model_name_or_path`'s; `loop_class` may be a subclass (or a
-    function making one); `hub` is where the run pushes (checked before)."""
+    function making one); `hub` is where the run pushes (checked before); `check_stream(stream, run)` runs once the
+    data is read, before the model is loaded."""
     model_args, data_args, training_args, merge_args = run.model_args, run.data_args, run.training_args, run.merge_args
     strategy = strategy or build_strategy(merge_args)
     HeadAlignment.check_args(merge_args)
@@ -203,9 +214,32 @@ def build_loop(
     with quiet_datasets():
         stream = config_stream(causal, data_args, processor, training_args, model_args.model_name_or_path)
     stream = strategy.transform_stream(stream)
-    loaded = None if model is None else lambda: model
+    if stream.modality == "image":
+        check_image_fit(stream.tasks, processor, config_of(model, model_args), data_args.image_column)
     run = run.replace(model_args=model_args)
+    if check_stream is not None:
+        check_stream(stream, run)
+    loaded = None if model is None else lambda: model
     return assemble(run, callbacks, strategy, stream, processor, loaded, loop_class=loop_class, hub=hub)
+
+
+def refuse_changed_resume(run: RunConfig, tasks: Sequence[Task], identity: str | None) -> None:
+    """`--resume` of a run folder whose saved run had another config, model (`identity`: its `model_digest`, None to
+    leave it to the loop) or data: refused once the data is read, before the model is loaded. The loop compares again
+    with its own record once the model is built (the target modules a causal LM's family gives are known then)."""
+    out = Path(run.training_args.output_dir)
+    saved = saved_config(out) if out.is_dir() else None
+    if saved is None:
+        return
+    lora = run.lora_args
+    if not lora.target_modules:  # detected from the loaded model: the saved run's, until the loop checks them
+        detected = saved.get("LoraArguments", {}).get("target_modules")
+        lora = dataclasses.replace(lora, target_modules=detected)
+    record = config_dict(*run.replace(lora_args=lora).groups)
+    model = identity if identity is not None else saved.get("fingerprints", {}).get("model")
+    record.update(world_size=run.training_args.world_size,
+                  fingerprints={"model": model, "tasks": [task_fingerprint(t) for t in tasks]})  # fmt: skip
+    refuse_changes(saved, record, out)
 
 
 def config_stream(causal: bool, data_args: DataArguments, processor, args: PMConfig, name: str) -> TaskStream:

@@ -46,6 +46,7 @@ from ..hub.posthoc_inputs import (
 )
 from ..hub.repository import HUB_ERRORS
 from ..method.adapters import load_adapter_weights
+from ..method.models import hub_kwargs
 from ..method.strategies import build_strategy, merge_task
 from ..method.weights import ModelWeights
 from .assembly import build_loop
@@ -134,15 +135,29 @@ def _merge_with_data(adapters, config, modules, output: Path, run_config: RunCon
     try:
         run_config = run_config.replace(lora_args=lora_arguments(config), merge_args=merge_args)
         loop_class = functools.partial(PosthocLoop, adapters=adapters, output=str(output))
-        loop = build_loop(run_config, loop_class=loop_class)
-        if len(loop.stream.tasks) != len(adapters):
-            fix = f"the config has {len(loop.stream.tasks)} tasks for {len(adapters)} adapters: give one per adapter."
-            raise invalid("adapters", list(adapters), fix)
+        check = functools.partial(_check_stream, adapters, config, modules[0], model_args)
+        loop = build_loop(run_config, loop_class=loop_class, check_stream=check)
         _check_model(adapters[0], config, modules[0], model_shapes(loop.model), "the config's model")
         loop.run()
         return export_run(loop, output, info={"merged_adapters": list(adapters)})
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def _check_stream(adapters, config: LoraConfig, modules: dict, model_args, stream, run=None) -> None:
+    """Before the config's model is loaded: one task per adapter, and the model as the loop would load it (on the
+    meta device, from its config, with a head of the stream's classes) holds every weight the adapters change."""
+    if len(stream.tasks) != len(adapters):
+        fix = f"the config has {len(stream.tasks)} tasks for {len(adapters)} adapters: give one per adapter."
+        raise invalid("adapters", list(adapters), fix)
+    task = PEFT_TASKS.get(config.task_type, "causal_lm")
+    try:
+        model_config = AutoConfig.from_pretrained(model_args.model_name_or_path, **hub_kwargs(model_args))
+    except (*HUB_ERRORS, TypeError, ValueError):
+        return  # a model its config cannot describe: checked once loaded
+    if task != "causal_lm":
+        model_config.num_labels = stream.num_classes
+    _check_model(adapters[0], config, modules, model_shapes(_on_meta(task, model_config)), "the config's model")
 
 
 def remove_dead_runs(output: Path) -> list[str]:
