@@ -7,7 +7,6 @@ of TRL's trainers — construct it, `.train()`, `.add_task(...)`, `.train()` aga
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import tempfile
 from collections.abc import Callable, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from accelerate import PartialState
-from transformers import PreTrainedModel, TrainerControl, TrainerState, TrainingArguments
+from transformers import PreTrainedModel, TrainerControl, TrainerState
 
 from .config.checks import InputError, invalid
 from .config.groups import (
@@ -27,7 +26,8 @@ from .config.groups import (
     PMConfig,
     RunConfig,
 )
-from .data.given import add_label_names, first_stream, prepare_task, task_list
+from .config.training_args import as_pm_config
+from .data.given import prepare_task, task_list
 from .data.streams import TaskStream
 from .distributed.launch import refuse_sharding
 from .errors import python_names
@@ -35,14 +35,20 @@ from .heads.alignment import HeadAlignment
 from .hub.export import copy_task_records
 from .hub.repository import BASE_BRANCH, connect, download_state, is_repo_id, push_run
 from .method.callbacks import ContinualTrainOutput, History
-from .method.models import load_processor
 from .method.strategies import build_strategy
-from .run.assembly import IN_MEMORY, Callbacks, assemble, build_loop, is_causal, quiet_datasets, task_fingerprint
+from .run.assembly import (
+    IN_MEMORY,
+    Callbacks,
+    build_loop,
+    quiet_datasets,
+)
 from .run.checkpoint import LATEST, copy_checkpoint, state_files
 from .run.evaluation import evaluation_metrics
+from .run.from_objects import append_tasks, loop_from_objects, resume_check
+from .run.inputs import destination
 from .run.loop import ContinualLoop
 from .run.run_export import export_run
-from .run.rundir import IN_USE, check_claim, check_writable, claim, in_use, output_lock
+from .run.rundir import IN_USE, check_claim, claim, in_use, output_lock
 
 # the CLI's own flags as a Python user gives them (`--<field>` becomes `<its argument>.<field>`)
 RESUME, OVERWRITE = "train(resume_from_checkpoint=True)", "args.overwrite_output_dir=True"
@@ -91,7 +97,7 @@ class ContinualTrainer:
         data_args: DataArguments | None = None,
         model_args: ModelArguments | None = None,
     ):
-        args = _as_pm_config(args)
+        args = as_pm_config(args)
         self.args, self.lora_args = args, lora_args or LoraArguments()
         self.fisher_args, self.merge_args = fisher_args or FisherArguments(), merge_args or MergeArguments()
         self.data_args = data_args or DataArguments()
@@ -101,7 +107,7 @@ class ContinualTrainer:
                                   is_world_process_zero=args.process_index == 0)  # fmt: skip
         self._history, self._results = History(self.state), None
         self._cli = self.__dict__.get("_cli", False)  # set by `from_args`: the errors keep the config's names
-        self._callbacks, self._claimed = [*(callbacks or []), self._history], False
+        self._callbacks, self._claimed, self._resuming = [*(callbacks or []), self._history], False, False
         self.loop: ContinualLoop | None = None
         with self._python_names():
             self._pending = task_list(tasks)
@@ -137,19 +143,25 @@ class ContinualTrainer:
             if not self._cli:
                 groups = ("args", "lora_args", "fisher_args", "merge_args", "data_args", "model_args")
                 fields = {f.name: g for g in groups for f in dataclasses.fields(getattr(self, g))}
-                err.args = (python_names(str(err), fields, PYTHON_FLAGS),)
+                message = python_names(str(err), fields, PYTHON_FLAGS)
+                if message.startswith("resume = "):  # a resumed run that differs: train()'s argument
+                    message = "resume_from_checkpoint" + message[len("resume") :]
+                err.args = (message,)
             raise
 
     @classmethod
     def from_args(cls, model_args: ModelArguments, data_args: DataArguments, training_args: PMConfig,
                   lora_args: LoraArguments, fisher_args: FisherArguments, merge_args: MergeArguments,
-                  callbacks: Callbacks | None = None) -> ContinualTrainer:  # fmt: skip
-        """The trainer of a YAML/CLI config: model, data and every setting from the six argument groups."""
+                  callbacks: Callbacks | None = None, resume: bool = False) -> ContinualTrainer:  # fmt: skip
+        """The trainer of a YAML/CLI config: model, data and every setting from the six argument groups; `resume`:
+        a changed config or data is refused before the model is loaded."""
         groups = (lora_args, fisher_args, merge_args, data_args, model_args)
         trainer = cls.__new__(cls)
         trainer._cli = True
         trainer.__init__(model_args.model_name_or_path, training_args, (), None, None, callbacks, *groups)
-        trainer.loop = build_loop(trainer.run_config, trainer._callbacks, trainer.strategy, hub=trainer.hub)
+        check = resume_check(model_args) if resume and training_args.should_save else None
+        trainer.loop = build_loop(trainer.run_config, trainer._callbacks, trainer.strategy, hub=trainer.hub,
+                                  check_stream=check)  # fmt: skip
         return trainer
 
     @property
@@ -206,14 +218,14 @@ class ContinualTrainer:
     def _build(self) -> ContinualLoop:
         if self.loop is None:
             with self._python_names():
-                self.loop = _loop_from_objects(self)
+                self.loop = loop_from_objects(self)
         return self.loop
 
     def _add_pending(self) -> None:
         tasks, self._pending = self._pending, []  # a refused task is not added
         with quiet_datasets():
             prepared = self._prepare(tasks, self.loop.stream, self.loop.processor)
-        _append(self.loop, prepared)
+        append_tasks(self.loop, prepared)
 
     def _prepare(self, entries: list, stream: TaskStream, processor) -> list:
         """The tasks `entries` (appended after the stream's), each prepared and checked against the stream."""
@@ -229,6 +241,7 @@ class ContinualTrainer:
         with self._python_names():
             if self.args.should_save and not self._claimed:  # before the model is loaded (again under the lock)
                 check_claim(Path(self.args.output_dir), resume_from_checkpoint, self.args.overwrite_output_dir)
+        self._resuming = resume_from_checkpoint and not self._claimed
         loop = self._build()
         with self._python_names():
             if self._pending:
@@ -282,8 +295,8 @@ class ContinualTrainer:
         """Write the merged model as the run does at its end (the exact merged adapter with its card and
         pm_hf_export.json, see `ContinualLoop.export`) to `output_dir` (default: args.output_dir/merged_adapter)."""
         loop = self._trained("save_model")
-        if output_dir is not None:  # a file in its place or above it: refused before the export is written
-            check_writable(Path(output_dir))
+        if output_dir is not None:  # a file in its place or above it, a folder of other files: refused first
+            destination(output_dir, field="output_dir")
         if self.args.should_save:
             export_run(loop, Path(output_dir) if output_dir else None)
 
@@ -316,68 +329,6 @@ class ContinualTrainer:
             return push_run(target, folder, state, message, None)
 
 
-# ------------------------------------------------------------------------------------------------ assembly
-def _as_pm_config(args) -> PMConfig:
-    """A `PMConfig`, or a plain `TrainingArguments` taken as one, as TRL's trainers take one for their own config:
-    the fields it sets (those that differ from TrainingArguments' defaults) carry over, the rest keep PMConfig's
-    defaults (the perturbation's; `hub_strategy` 'every_task'); a value PMConfig does not take is refused there."""
-    if isinstance(args, PMConfig):
-        return args
-    if type(args) is not TrainingArguments:
-        fix = "give pm_hf's PMConfig (every TrainingArguments field and the perturbation's) or a TrainingArguments."
-        raise invalid("args", type(args).__name__, fix)
-    default = TrainingArguments(output_dir=args.output_dir)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-    try:
-        return PMConfig(**{k: v for k, v in given.items() if k == "output_dir" or v != getattr(default, k)})
-    except InputError as err:  # its field, as the Python user gave it
-        err.args = (f"args.{err}",)
-        raise
-
-
-def _loop_from_objects(trainer: ContinualTrainer) -> ContinualLoop:
-    """The loop of a trainer built from objects: the first task fixes the modality; every task is prepared and
-    checked before the model is loaded, then the others are appended."""
-    if not trainer._pending:
-        raise invalid("tasks", [], "give at least one task before training.")
-    model_args, model = trainer.model_args, trainer._model
-    causal = is_causal(model, model_args)
-    if causal:
-        model_args = dataclasses.replace(model_args, model_task="causal_lm")
-        if trainer._compute_metrics is not None:
-            fix = "is for classifiers; causal LMs are scored by exact match, ROUGE-L and their eval loss."
-            raise invalid("compute_metrics", trainer._compute_metrics, fix)
-    processor = trainer._processor
-    if processor is None and model_args.model_name_or_path != IN_MEMORY:
-        processor = load_processor(model_args)
-    with quiet_datasets():  # a refused task leaves the pending ones as they were
-        stream = first_stream(trainer._pending[0], processor, trainer.data_args, trainer.args.seed, causal)
-        prepared = trainer._prepare(trainer._pending[1:], stream, processor)
-    trainer._pending = []
-    if isinstance(model, PreTrainedModel):
-        loaded = lambda: model  # noqa: E731 - the user's model, trained in place
-        if model_args.model_name_or_path == IN_MEMORY:  # no folder to reload it from: a copy for the export's base
-            pristine = copy.deepcopy(model).cpu()
-            loaded_base = lambda: copy.deepcopy(pristine)  # noqa: E731
-        else:
-            loaded_base = None
-    else:
-        loaded = loaded_base = None
-    run = trainer.run_config.replace(model_args=model_args)
-    parts = (trainer._callbacks, trainer.strategy, stream, processor, loaded, trainer._compute_metrics, loaded_base)
-    loop = assemble(run, *parts, hub=trainer.hub)
-    trainer.loop = loop
-    _append(loop, prepared)
-    return loop
-
-
-def _append(loop: ContinualLoop, prepared: list) -> None:
-    """Prepared tasks (with their label names) appended to the loop's sequence."""
-    add_label_names(loop.stream, prepared)
-    tasks = [task for task, _ in prepared]
-    loop.add_tasks(tasks, [task_fingerprint(t) for t in tasks])
-
-
 def run_continual(model_args: ModelArguments, data_args: DataArguments, training_args: PMConfig,
                   lora_args: LoraArguments, fisher_args: FisherArguments, merge_args: MergeArguments,
                   resume: bool = False, callbacks: Callbacks | None = None,
@@ -395,6 +346,6 @@ def run_continual(model_args: ModelArguments, data_args: DataArguments, training
         The results dict written to `output_dir/results.json`.
     """
     run = RunConfig(model_args, data_args, training_args, lora_args, fisher_args, merge_args)
-    trainer = ContinualTrainer.from_args(*run.groups, callbacks=callbacks)
+    trainer = ContinualTrainer.from_args(*run.groups, callbacks=callbacks, resume=resume)
     trainer.train(resume, stop_after)
     return trainer.results

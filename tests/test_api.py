@@ -5,6 +5,7 @@ same open-ended sequences from the CLI (`--resume` with more tasks, `resume_from
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from card_checks import check_card
 from conftest import DATA, Recorder, checkpoint_tensors, groups, tiny_bert, two_domains
 from peft import PeftModel
 from sklearn.metrics import f1_score
+from transformers import AutoModelForSequenceClassification
 
 from pm_hf import ContinualTrainer, PMConfig
 from pm_hf.config.checks import InputError
@@ -46,7 +48,8 @@ def args(out, **kw):
 def trainer(model, out, tasks, **kw):
     kw.setdefault("lora_args", LoraArguments(r=4, modules_to_save=["pooler"]))
     kw.setdefault("fisher_args", FisherArguments(fisher_max_samples=24))
-    return ContinualTrainer(model=model, args=args(out), tasks=tasks, **kw)
+    kw.setdefault("args", args(out))
+    return ContinualTrainer(model=model, tasks=tasks, **kw)
 
 
 def numbers(results):
@@ -58,16 +61,28 @@ def same_state(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_appending_tasks_equals_the_longer_run_bit_for_bit(model_dir, tmp_path):
+def test_appending_tasks_equals_the_longer_run_bit_for_bit(model_dir, tmp_path, monkeypatch):
     tasks = [task(0, 1), task(2, 3), task(4, 5)]
     at_once = trainer(model_dir, tmp_path / "once", tasks).train().results
     staged = trainer(model_dir, tmp_path / "staged", tasks[:2])
     assert len(staged.train().results["accuracy_matrix"]) == 2
     shutil.copytree(tmp_path / "staged", tmp_path / "later")  # the 2-task run, continued in another process below
+    shutil.copytree(tmp_path / "staged", tmp_path / "changed")  # resumed with another config or data: refused
     assert numbers(staged.add_task(tasks[2]).train().results) == numbers(at_once)  # new classes grew the head
     assert same_state(tmp_path / "staged", tmp_path / "once")
     later = trainer(model_dir, tmp_path / "later", tasks).train(resume_from_checkpoint=True).results
     assert numbers(later) == numbers(at_once) and same_state(tmp_path / "later", tmp_path / "once")
+    before = {p: p.read_bytes() for p in (tmp_path / "changed").rglob("*") if p.is_file()}
+    loads = []
+    real = AutoModelForSequenceClassification.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        classmethod(lambda c, *a, **k: loads.append(a) or real(c, *a, **k)))  # fmt: skip
+    for changed, what in ((dict(args=args(tmp_path / "changed", seed=4)), "seed: 3 -> 4"),
+                          (dict(tasks=[tasks[1], tasks[0]]), "the data of tasks [0, 1] differs")):  # fmt: skip
+        kw = {"args": args(tmp_path / "changed"), "tasks": tasks, **changed}
+        with pytest.raises(InputError, match=rf"^resume_from_checkpoint = .*{re.escape(what)}"):
+            trainer(model_dir, tmp_path / "changed", kw["tasks"], args=kw["args"]).train(resume_from_checkpoint=True)
+    assert not loads and before == {p: p.read_bytes() for p in (tmp_path / "changed").rglob("*") if p.is_file()}
 
 
 def test_user_metrics_get_their_own_score_matrix(model_dir, tmp_path):

@@ -167,13 +167,16 @@ def test_a_folder_holding_a_run_is_refused_unless_resuming(tmp_path, capsys, mon
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "latest.json").write_text("{}")
+    (out / "results.json").write_text("{}")  # a run's file (killed before its first checkpoint)
     code, _, err = _check([str(CONFIG), "--output_dir", str(out)], capsys)
     assert code == 2 and err.startswith("pm-hf: error: output_dir = ") and "--resume" in err
     code, printed, err = _check([str(CONFIG), "--output_dir", str(out), "--resume"], capsys)
     assert code == 0, err
     assert "continues the run there" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["latest.json"]  # no lock taken, nothing added
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # no lock taken, nothing added
+    (out / "latest.json").write_text("{}")  # a damaged checkpoint pointer: --resume reads it, as train does
+    code, _, err = _check([str(CONFIG), "--output_dir", str(out), "--resume"], capsys)
+    assert code == 2 and "latest.json is not a checkpoint pointer (damaged)" in err
 
 
 def test_check_takes_config_as_a_flag_and_requires_one(tmp_path, capsys, monkeypatch):

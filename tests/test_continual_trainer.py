@@ -212,8 +212,11 @@ def test_evaluate_save_model_and_a_new_task(run, tmp_path):
     for bad in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "export"):  # a file in its place or above it
         with pytest.raises(InputError, match=r"^output_dir = '.*: (is a file|lies under)"):  # (a long path shortened)
             seq.save_model(str(bad))
+    with pytest.raises(InputError, match=r"^output_dir = .*holds other files \(\['notes.txt'\]\) that the export"):
+        seq.save_model(str(tmp_path))  # a folder of the user's own files: never replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     seq.save_model(str(tmp_path / "export"))
+    seq.save_model(str(tmp_path / "export"))  # a previous export is replaced
     info = json.loads((tmp_path / "export" / "pm_hf_export.json").read_text())
     assert (tmp_path / "export" / "adapter_model.safetensors").is_file() and len(info["alphas"]) == 2
     output = seq.add_task({"train": rows("train", 4, 5), "eval": rows("test", 4, 5)}).train()

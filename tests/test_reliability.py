@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import TrainerCallback
+from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 from pm_hf.commands.cli import main
 from pm_hf.config.checks import InputError
@@ -54,10 +54,14 @@ def finished(assets, tmp_path_factory):
 def train(assets, out: Path, *flags, **fields) -> tuple[int, str]:
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(rel.base_config(assets, out, **fields)))
+    return _cli(["train", "--config", str(config), *flags])
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["train", "--config", str(config), *flags])
+            code = main(argv)
     except SystemExit as exit_:
         code = exit_.code
     lines = err.getvalue().strip().splitlines()
@@ -238,9 +242,15 @@ def _stopped_run(assets, out: Path) -> dict:
     return rel._snapshot(out)
 
 
-def test_resume_refuses_another_config_or_other_data_and_allows_paths(assets, reference, tmp_path):
+def test_resume_refuses_another_config_or_other_data_and_allows_paths(assets, reference, tmp_path, monkeypatch):
+    """`train --resume` and `check --resume` refuse every change once the data is read, before the model is loaded
+    and with nothing written; paths and fields that change nothing resume the same run."""
     out = tmp_path / "run"
     before = _stopped_run(assets, out)
+    loads = []
+    real = AutoModelForSequenceClassification.from_pretrained.__func__
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))  # fmt: skip
     other_model = rel.make_assets(tmp_path / "other")["model"]  # same shape, other weights (another vocabulary)
     changed_data = tmp_path / "changed"
     shutil.copytree(Path(assets["files"]["train"]).parent, changed_data, ignore=shutil.ignore_patterns("model"))
@@ -267,6 +277,11 @@ def test_resume_refuses_another_config_or_other_data_and_allows_paths(assets, re
         code, err = train(assets, out, "--resume", **fields)
         assert code == 2 and err.startswith("pm-hf: error: resume = ") and what in err, (what, err)
         assert rel._snapshot(out) == before, what  # nothing written
+        config = tmp_path / "check.yaml"
+        config.write_text(yaml.safe_dump(rel.base_config(assets, out, **fields)))
+        code, err = _cli(["check", str(config), "--resume"])
+        assert code == 2 and err.startswith("pm-hf: error: resume = ") and what in err, (what, err)
+    assert not loads and rel._snapshot(out) == before
     # the same global batch split differently resumes (floats within rounding of the uninterrupted run)
     split = tmp_path / "split"
     shutil.copytree(out, split)

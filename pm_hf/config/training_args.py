@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from ..distributed.launch import check_deepspeed_config, deepspeed_config
 from .checks import (
+    InputError,
     check_choice,
     check_field_types,
     check_number,
@@ -141,3 +142,21 @@ class PMConfig(TrainingArguments, PerturbationArguments):
             name = named_field(message, [f.name for f in fields(self)])
             raise invalid(name or "training_args", getattr(self, name, None) if name else None, message) from err
         self.hub_strategy = strategy
+
+
+def as_pm_config(args) -> PMConfig:
+    """A `PMConfig`, or a plain `TrainingArguments` taken as one, as TRL's trainers take one for their own config:
+    the fields it sets (those that differ from TrainingArguments' defaults) carry over, the rest keep PMConfig's
+    defaults (the perturbation's; `hub_strategy` 'every_task'); a value PMConfig does not take is refused there."""
+    if isinstance(args, PMConfig):
+        return args
+    if type(args) is not TrainingArguments:
+        fix = "give pm_hf's PMConfig (every TrainingArguments field and the perturbation's) or a TrainingArguments."
+        raise invalid("args", type(args).__name__, fix)
+    default = TrainingArguments(output_dir=args.output_dir)
+    given = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+    try:
+        return PMConfig(**{k: v for k, v in given.items() if k == "output_dir" or v != getattr(default, k)})
+    except InputError as err:  # its field, as the Python user gave it
+        err.args = (f"args.{err}",)
+        raise

@@ -127,6 +127,16 @@ def _verify(folder: Path) -> None:
             raise invalid("output_dir", str(folder.parent), fix)
 
 
+def saved_config(out_dir: Path) -> dict | None:
+    """The run record (config and fingerprints) of the last complete checkpoint under `out_dir`, verified against its
+    manifest, without loading its tensors; None if the folder holds no checkpoint."""
+    folder = _checkpoint_folder(Path(out_dir))
+    if folder is None:
+        return None
+    _verify(folder)
+    return json.loads((folder / META).read_text()).get("config", {})
+
+
 def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
     """The last complete checkpoint under `out_dir` as (state, config), verified against its manifest; None if the
     folder holds no checkpoint."""
