@@ -78,10 +78,11 @@ CASES = [
     ),  # fmt: skip
     *_both("push", "while exporting for the push", "push", "push-export"),
     Case("push", "after the base branch's commit, SIGKILL", "push", "commit-after", 1),
-    Case("push", "before the commit, SIGKILL", "push", "commit-before", 2),
+    *_both("push", "in the upload, before the commit lands", "push", "commit-before", 2),  # disk: the client's cache
     Case("push", "after the commit landed, SIGKILL", "push", "commit-after", 2, quick=True),
     *_both("push", "every_task: before task 2's push", "every-task", "push-export", 2),
     Case("push", "every_task: after task 2's base commit, SIGKILL", "every-task", "commit-after", 3),
+    Case("push", "every_task: in task 2's upload, full disk", "every-task", "commit-before", 3, "disk"),
     Case(
         "push", "every_task: after task 2's commit, before its tag, SIGKILL", "every-task", "tag-before", 2
     ),  # fmt: skip
