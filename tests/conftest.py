@@ -2,6 +2,7 @@
 BERT saved with a tokenizer over the real WordNet data, the argument groups of a small continual run, and a
 `Recorder` callback that observes the loop."""
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -289,8 +290,10 @@ def _gloo_rank(rank: int, port: int, worker) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     try:
         worker(rank)
+        torch.distributed.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         torch.distributed.destroy_process_group()
+        gc.collect()  # FSDP2's modules freed now: left to the interpreter's exit, a thread aborted it (SIGABRT)
 
 
 def on_two_processes(worker) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import on_two_processes
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -42,10 +41,6 @@ def _worker(rank: int) -> None:
     assert model[0].out_features == 4
 
 
-def test_rows_of_a_sharded_tensor_are_kept_and_copied_as_on_the_whole_tensor():
-    on_two_processes(_worker)
-
-
 def _root_worker(rank: int) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 6))  # [0]: a wrapped layer, [1]: a head the root holds
@@ -67,7 +62,3 @@ def _root_worker(rank: int) -> None:
     model[1].requires_grad_(False)  # a root that trains nothing itself (a causal LM adapted in its layers)
     root_reshards(model, between_tasks=True)
     assert not is_sharded(model[1].weight)  # left as FSDP2 has it
-
-
-def test_between_tasks_the_fsdp2_root_reshards_the_trained_weights_it_holds_after_every_forward():
-    on_two_processes(_root_worker)

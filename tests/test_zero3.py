@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import on_two_processes
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from torch import nn
 
@@ -43,10 +42,6 @@ def _worker(rank: int) -> None:
     p.ds_status = ZeroParamStatus.AVAILABLE  # gathered: a write to the partition would not be seen
     with pytest.raises(RuntimeError, match="is gathered"):
         zero3.partition_rows(p)
-
-
-def test_a_partition_is_read_and_written_as_the_rows_it_holds():
-    on_two_processes(_worker)
 
 
 def test_a_bf16_model_is_loaded_whole_under_zero3(monkeypatch):

@@ -9,6 +9,7 @@ end-of-run summary is `pm_hf.run.results.format_results`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
 import shutil
@@ -132,6 +133,7 @@ def _end_processes() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()  # FSDP2's modules freed before the interpreter's exit, where their teardown could abort it
 
 
 @contextlib.contextmanager
