@@ -16,7 +16,7 @@ from pm_hf.config.groups import MergeArguments, RunConfig
 from pm_hf.continual import build_loop
 from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
 from pm_hf.method.strategies import build_strategy
-from pm_hf.method.strategies.validated import one_se_choice
+from pm_hf.method.strategies.validated import one_se_choice, scan
 
 VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
 
@@ -49,6 +49,26 @@ def test_one_standard_error_rule_by_hand():
     assert one_se_choice(estimates, dict.fromkeys(estimates, 0.02)) == 0.1  # 0.85 >= 0.86 - 0.02 > 0.80
     assert one_se_choice(estimates, dict.fromkeys(estimates, 0.0)) == 0.5  # no doubt: the best
     assert one_se_choice(estimates, dict.fromkeys(estimates, 0.1)) == 0.0  # nothing told apart: move least
+
+
+def test_the_scan_stops_after_points_far_below_the_best_by_hand():
+    """Ascending alphas; with patience 2 at 2 errors (0.02 each) the scan stops at the second point in a row below
+    best - 0.04 (5 estimates of 6); a climb after it is missed (the assumption: the estimate falls with alpha as the old
+    classes drift); patience 0 scans the whole grid."""
+    curve = {0.0: 0.80, 0.1: 0.86, 0.2: 0.83, 0.3: 0.81, 0.4: 0.79, 0.5: 0.90}  # 0.5: a late climb the scan misses
+    asked = []
+
+    def estimate(alpha):
+        asked.append(alpha)
+        return {"estimate": curve[alpha], "se": 0.02}
+
+    measured = scan([0.5, 0.4, 0.3, 0.2, 0.1, 0.0], estimate, patience=2, stop_se=2.0)
+    assert asked == [0.0, 0.1, 0.2, 0.3, 0.4] and list(measured) == asked  # 0.83 within 0.04 of 0.86; 0.81, 0.79 not
+    asked.clear()
+    assert list(scan(list(curve), estimate, patience=3, stop_se=2.0)) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    asked.clear()
+    assert list(scan(list(curve), estimate, patience=0, stop_se=2.0)) == list(curve)  # 0: never stops
+    assert one_se_choice({a: curve[a] for a in measured}, dict.fromkeys(measured, 0.02)) == 0.1  # the whole grid: 0.5
 
 
 def test_it_needs_the_prototype_head():

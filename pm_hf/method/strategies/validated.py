@@ -27,9 +27,34 @@ def one_se_choice(estimates: dict[float, float], errors: dict[float, float]) -> 
     return min(a for a in estimates if estimates[a] >= estimates[best] - errors[best])
 
 
+def scan(grid, estimate, patience: int, stop_se: float) -> dict[float, dict]:
+    """`estimate(alpha)` for the grid's alphas in ascending order, stopped once `patience` points in a row fall more
+    than `stop_se` standard errors below the best so far (0: the whole grid). The one-standard-error rule takes the
+    smallest alpha within one error of the best: points that far below it, and falling, do not change its choice
+    unless the estimate climbs back by more than that later (it falls with alpha as the old classes drift)."""
+    measured, below = {}, 0
+    for alpha in sorted({float(a) for a in grid}):
+        measured[alpha] = m = estimate(alpha)
+        best = max(measured.values(), key=lambda x: x["estimate"])
+        below = below + 1 if m["estimate"] < best["estimate"] - stop_se * best["se"] else 0
+        if patience and below >= patience:
+            break
+    return measured
+
+
 def _count(name, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(name, value, "give a positive number of samples, e.g. 256.")
+
+
+def _patience(name, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(name, value, "give a number of grid points >= 0 (0: always the whole grid), e.g. 2.")
+
+
+def _stop_se(name, value) -> None:
+    if not is_number(value) or value < 1:
+        raise invalid(name, value, "give a number of standard errors >= 1 (the choice's own margin), e.g. 2.")
 
 
 @register
@@ -43,6 +68,8 @@ class ValidatedAlpha(MergeStrategy):
         Knob("validation_grid", [i / 10 for i in range(11)], _grid, "the alphas tried per task"),
         Knob("validation_holdout", 0.1, _holdout, "the fraction of each task's training data held out for scoring"),
         Knob("validation_samples", 256, _count, "the task's training samples a trial's head alignment sees"),
+        Knob("validation_patience", 2, _patience, "stop the scan after this many points in a row far below the best"),
+        Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
         "head_align",
         "head_align_drift",
     )
@@ -66,8 +93,7 @@ class ValidatedAlpha(MergeStrategy):
         estimate = context.validation
         if estimate is None:
             raise ValueError("merge strategy 'validated-alpha' needs the loop's validation estimate")
-        measured = {str(float(a)): estimate(float(a)) for a in self.validation_grid}
-        alphas = {float(a): m for a, m in measured.items()}
+        alphas = scan(self.validation_grid, estimate, int(self.validation_patience), float(self.validation_stop_se))
         best = one_se_choice({a: m["estimate"] for a, m in alphas.items()}, {a: m["se"] for a, m in alphas.items()})
-        info = {"method": self.name, "alpha": best, "grid": measured}
+        info = {"method": self.name, "alpha": best, "grid": {str(a): m for a, m in alphas.items()}}
         return alpha_plan(vector, constant(vector.deltas, best), calibration=info)
