@@ -105,7 +105,12 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path
     assert not any(d is task.eval for d in scored for task in tasks)
     for t in range(1, len(tasks)):
         grid = {float(a): m for a, m in results["calibrations"][t]["grid"].items()}
-        assert len(grid) == 11 and all(0 <= m["estimate"] <= 1 and m["se"] >= 0 for m in grid.values())
+        assert list(grid) == [i / 10 for i in range(len(grid))]  # scanned from 0 up, stopped or whole
+        assert all(0 <= m["estimate"] <= 1 and m["se"] >= 0 for m in grid.values())
+        if len(grid) < 11:  # stopped: its last two points more than 2 errors below the best of those before them
+            for k in (-2, -1):
+                best = max(list(grid.values())[: len(grid) + k + 1], key=lambda m: m["estimate"])
+                assert list(grid.values())[k]["estimate"] < best["estimate"] - 2 * best["se"]
         choice = one_se_choice({a: m["estimate"] for a, m in grid.items()}, {a: m["se"] for a, m in grid.items()})
         assert results["alphas"][t] == choice
         assert len(tasks[t].heldout) == math.ceil(0.1 * (len(tasks[t].train) + len(tasks[t].heldout)))
