@@ -14,6 +14,7 @@ from conftest import DATA, groups
 from pm_hf.config.checks import InputError
 from pm_hf.config.groups import MergeArguments, RunConfig
 from pm_hf.continual import build_loop
+from pm_hf.heads import alignment
 from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
 from pm_hf.method.strategies import build_strategy
 from pm_hf.method.strategies.validated import one_se_choice, scan
@@ -76,16 +77,24 @@ def test_it_needs_the_prototype_head():
         build_strategy(MergeArguments(merge_method="validated-alpha"))
 
 
-def _recorded_run(model_dir, out, **kw):
-    """A 3-task run with `validated-alpha`; returns (results, loop, the datasets scored while a merge was chosen)."""
+def _recorded_run(model_dir, out, monkeypatch, **kw):
+    """A 3-task run with `validated-alpha`; returns (results, loop, the datasets scored while a merge was chosen:
+    every dataset predicted by the evaluator or passed through the model for the head's features)."""
     loop = build_loop(RunConfig(*groups(model_dir, out, **VALIDATED, **kw)))
     scored, choosing = [], [False]
-    predict, merge = loop.evaluator.predict, loop.strategy.merge
+    predict, merge, features = loop.evaluator.predict, loop.strategy.merge, alignment.head_features
 
     def recording_predict(dataset):
         if choosing[0]:
             scored.append(dataset)
         return predict(dataset)
+
+    def recording_features(model, head, dataset, *args):
+        if choosing[0]:
+            scored.append(dataset)
+        return features(model, head, dataset, *args)
+
+    monkeypatch.setattr(alignment, "head_features", recording_features)
 
     def recording_merge(context):
         choosing[0] = True
@@ -98,11 +107,18 @@ def _recorded_run(model_dir, out, **kw):
     return loop.run(), loop, scored
 
 
-def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path):
-    results, loop, scored = _recorded_run(model_dir, tmp_path / "run")
+def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path, monkeypatch):
+    results, loop, scored = _recorded_run(model_dir, tmp_path / "run", monkeypatch)
     tasks = loop.stream.tasks
-    assert scored and all(any(d is task.heldout for task in tasks[1:]) for d in scored)  # held-out training data only
-    assert not any(d is task.eval for d in scored for task in tasks)
+    heldout = [d for d in scored if any(d is task.heldout for task in tasks[1:])]
+    assert heldout and not any(d is task.eval for d in scored for task in tasks)
+
+    def rows(dataset) -> set:
+        return {tuple(ids) for ids in dataset.with_format(None)["input_ids"]}
+
+    trained = set().union(*(rows(task.train) for task in tasks))
+    others = [d for d in scored if not any(d is task.heldout for task in tasks)]  # a trial's alignment samples
+    assert others and all(rows(d) <= trained for d in others)  # rows the task trained on, nothing else
     for t in range(1, len(tasks)):
         grid = {float(a): m for a, m in results["calibrations"][t]["grid"].items()}
         assert list(grid) == [i / 10 for i in range(len(grid))]  # scanned from 0 up, stopped or whole
@@ -119,5 +135,5 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path
     test["label"] = test["label"].sample(frac=1.0, random_state=0).to_numpy()
     test.to_parquet(tmp_path / "scrambled.parquet")
     files = {"train": str(DATA / "train.parquet"), "test": str(tmp_path / "scrambled.parquet")}
-    other, _, _ = _recorded_run(model_dir, tmp_path / "scrambled", data_files=files)
+    other, _, _ = _recorded_run(model_dir, tmp_path / "scrambled", monkeypatch, data_files=files)
     assert other["alphas"] == results["alphas"] and other["accuracy_matrix"] != results["accuracy_matrix"]

@@ -267,6 +267,16 @@ class HeadAlignment(ContinualCallback):
             if bias_param is not None:
                 bias_param.copy_(place.shard_like(bias, bias_param))
 
+    def accuracy(self, model: nn.Module, dataset, classes: list[int]) -> float:
+        """The accuracy over `classes` (argmax among them) of the head as it is on `dataset`, from one pass of
+        features under `model` (in fp32, no Trainer): a trial's score of held-out training data."""
+        x, y = head_features(model, self.head.module, dataset, self.stream.collate_fn, self.batch_size)
+        place = placement_of(model)
+        weight, bias = (None if p is None else place.whole(p.detach()).float() for p in self.head.parameters())
+        rows = torch.tensor(classes, dtype=torch.long, device=weight.device)
+        logits = torch.nn.functional.linear(x.to(weight.device), weight[rows], None if bias is None else bias[rows])
+        return int((rows[logits.argmax(-1)].cpu() == y.cpu()).sum()) / len(y)
+
     @contextlib.contextmanager
     def subset(self, rows: list[int]) -> Iterator[None]:
         """For a trial on those rows of the task's training data: the features taken before training, of them only."""

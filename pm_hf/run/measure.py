@@ -102,7 +102,7 @@ def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float]
 
     def measure() -> dict:
         with align.subset(rows), loop.callbacks.trial(t, loop.model, view):
-            new = loop.evaluator.accuracy(task.heldout, seen)
+            new = align.accuracy(loop.model, task.heldout, seen)
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
             spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
             cov = pooled_covariance(align.stats, seen)
