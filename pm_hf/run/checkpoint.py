@@ -131,10 +131,23 @@ def saved_config(out_dir: Path) -> dict | None:
     """The run record (config and fingerprints) of the last complete checkpoint under `out_dir`, verified against its
     manifest, without loading its tensors; None if the folder holds no checkpoint."""
     folder = _checkpoint_folder(Path(out_dir))
-    if folder is None:
-        return None
+    return None if folder is None else _checked_meta(folder, out_dir).get("config", {})
+
+
+def _checked_meta(folder: Path, out_dir: Path) -> dict:
+    """The checkpoint's meta (state.json): of this pm_hf's format (an earlier one is refused with its own message),
+    then every file verified against the manifest."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        meta = None  # unreadable: the manifest check below says it is damaged
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
+        version = meta.get("format", 1)
+        fix = f"{folder.name} was written by an earlier pm_hf (checkpoint format {version}, this version reads "
+        fix += f"{FORMAT}); it cannot be resumed: start the run again in a new output_dir."
+        raise invalid("output_dir", str(out_dir), fix)
     _verify(folder)
-    return json.loads((folder / META).read_text()).get("config", {})
+    return meta
 
 
 def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
@@ -143,13 +156,7 @@ def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
     folder = _checkpoint_folder(Path(out_dir))
     if folder is None:
         return None
-    meta = json.loads((folder / META).read_text())
-    if meta.get("format") != FORMAT:
-        version = meta.get("format", 1)
-        fix = f"{folder.name} was written by an earlier pm_hf (checkpoint format {version}, this version reads "
-        fix += f"{FORMAT}); it cannot be resumed: start the run again in a new output_dir."
-        raise invalid("output_dir", str(out_dir), fix)
-    _verify(folder)
+    meta = _checked_meta(folder, out_dir)
     tensors = load_file(str(folder / STATE))
     try:
         check_finite(tensors, folder.name)
