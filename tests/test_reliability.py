@@ -27,6 +27,7 @@ spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / 
 rel = importlib.util.module_from_spec(spec)
 sys.modules["reliability"] = rel  # its dataclasses look their module up
 spec.loader.exec_module(rel)
+from reliability_tables.common import run_cli  # noqa: E402 (scripts/ is on the path once reliability.py is loaded)
 
 
 class Killed(BaseException):
@@ -58,13 +59,8 @@ def train(assets, out: Path, *flags, **fields) -> tuple[int, str]:
 
 
 def _cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    lines = err.getvalue().strip().splitlines()
+    code, err = run_cli(argv)
+    lines = err.strip().splitlines()
     return code, lines[-1] if lines else ""  # the error line (progress bars of model loading come before it)
 
 

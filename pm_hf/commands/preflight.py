@@ -160,6 +160,15 @@ def _quantized(model_args) -> bool:
     return getattr(load_config(model_args), "quantization_config", None) is not None
 
 
+def _check_stream(stream, processor, run: RunConfig, resume: bool) -> None:
+    """What the task stream must fit, as `train` checks it before loading the model: the model's config (images given
+    without a processor) and, with `--resume`, the saved run (its config, model files and data)."""
+    if stream.modality == "image":
+        check_image_fit(stream.tasks, processor, config_of(None, run.model_args), run.data_args.image_column)
+    if resume:
+        refuse_changed_resume(run, stream.tasks, model_digest(run.model_args))
+
+
 def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str] = (), resume: bool = False) -> RunPlan:
     """Validate a `pm-hf train` config without loading model weights or writing anything, and plan the run.
 
@@ -189,12 +198,8 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
         stream = config_stream(causal, data_args, processor, args, model_args.model_name_or_path)
     stream = strategy.transform_stream(stream)
     causal = stream.modality == MODALITY
-    if stream.modality == "image":
-        check_image_fit(stream.tasks, processor, config_of(None, model_args), data_args.image_column)
     check_before_loading(strategy, causal, data_args, args, fisher_args, merge_args)
-    if resume:  # the saved run's config, model files and data, as `train --resume` compares them before loading
-        run = RunConfig(model_args, data_args, args, lora_args, fisher_args, merge_args)
-        refuse_changed_resume(run, stream.tasks, model_digest(model_args))
+    _check_stream(stream, processor, RunConfig(model_args, data_args, args, lora_args, fisher_args, merge_args), resume)
     low_rank = merges_into_adapter(quantized, strategy, merge_args)
 
     kind = "causal LM" if causal else f"{stream.modality} classifier"
