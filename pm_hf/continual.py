@@ -159,7 +159,7 @@ class ContinualTrainer:
         trainer = cls.__new__(cls)
         trainer._cli = True
         trainer.__init__(model_args.model_name_or_path, training_args, (), None, None, callbacks, *groups)
-        check = resume_check(model_args) if resume and training_args.should_save else None
+        check = resume_check(model_args) if resume else None  # every rank: each refuses, none waits for the others
         trainer.loop = build_loop(trainer.run_config, trainer._callbacks, trainer.strategy, hub=trainer.hub,
                                   check_stream=check)  # fmt: skip
         return trainer

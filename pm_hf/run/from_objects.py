@@ -60,7 +60,7 @@ def loop_from_objects(trainer) -> ContinualLoop:
     else:
         loaded = loaded_base = None
     run = trainer.run_config.replace(model_args=model_args)
-    if trainer._resuming and trainer.args.should_save:  # a changed run: refused before loading
+    if trainer._resuming:  # a changed run: refused before loading, on every rank (as the loop refuses it)
         tasks = [*stream.tasks, *(t for t, _ in prepared)]
         refuse_changed_resume(run, tasks, weights_digest(model) if model_args.model_name_or_path == IN_MEMORY else
                               model_digest(model_args))  # fmt: skip
