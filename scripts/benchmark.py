@@ -50,6 +50,7 @@ from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, Trai
 from pm_hf import ContinualCallback, FisherArguments, LoraArguments, PMConfig, PMTrainer, estimate_fisher, merge_task
 from pm_hf.config.groups import DataArguments, MergeArguments, ModelArguments
 from pm_hf.config.presets import get_preset
+from pm_hf.distributed.placement import for_run, place
 from pm_hf.hub.export import task_record
 from pm_hf.method.adapters import attach_lora, base_weights, full_trainable_params, lora_layers
 from pm_hf.method.strategies import build_strategy
@@ -97,7 +98,7 @@ def tiny_model_dir(tmp: Path, num_labels: int, hidden: int = 32) -> str:
 
 def load_lora_model(tmp: Path):
     """all-MiniLM-L6-v2 (from the HF cache: `make install` seeds it) with LoRA r=8 on query/value and a trainable
-    classifier; a tiny BERT when it cannot be loaded."""
+    classifier, its placement attached as a run attaches it; a tiny BERT when it cannot be loaded."""
     path, name = "sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"
     try:
         transformers.AutoConfig.from_pretrained(path)
@@ -108,6 +109,7 @@ def load_lora_model(tmp: Path):
     auto = transformers.AutoModelForSequenceClassification
     model = auto.from_pretrained(path, num_labels=20, ignore_mismatched_sizes=True)
     model = attach_lora(model, LoraArguments(r=8, target_modules=["query", "value"]), trainable_modules=["classifier"])
+    place(model, for_run(model, fsdp=False))  # its placement attached, as a run's model has it (pm_hf.run.assembly)
     return model, tok, name
 
 
@@ -216,6 +218,8 @@ def _checkpoint_breakdown(folder: Path) -> dict[str, int]:
         size = len(json.dumps({key: value}, separators=(",", ":"), default=float)) - 2 + 1
         parts[key if key in ("history", "log") else "other_json"] += size
     parts["other_json"] += (folder / "manifest.json").stat().st_size
+    if (folder / "log.json.gz").is_file():  # the per-task log, gzipped (pm_hf.run.checkpoint.LOG)
+        parts["log"] += (folder / "log.json.gz").stat().st_size
     return dict(parts)
 
 

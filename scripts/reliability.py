@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import contextlib
 import errno
+import gzip
 import io
 import json
 import shutil
@@ -402,8 +403,17 @@ def _tamper(run: Path, name: str) -> None:
         rewrite({**tensors, "weights/not.a.parameter": torch.zeros(2)})
     elif name == "edited state.json":
         meta = json.loads((ckpt / "state.json").read_text())
-        meta["log"][0]["alpha"] = 0.5
+        meta["completed"] = 1
         (ckpt / "state.json").write_text(json.dumps(meta))
+    elif name == "edited log":
+        log = json.loads(gzip.decompress((ckpt / "log.json.gz").read_bytes()))
+        log[0]["alpha"] = 0.5
+        (ckpt / "log.json.gz").write_bytes(gzip.compress(json.dumps(log).encode()))
+    elif name == "log not gzip (manifest updated)":
+        (ckpt / "log.json.gz").write_text("[]")
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["sha256"]["log.json.gz"] = file_digest([ckpt / "log.json.gz"])
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
     elif name == "missing manifest":
         (ckpt / "manifest.json").unlink()
     elif name == "pointer escapes the folder":
@@ -424,7 +434,8 @@ CORRUPTIONS = {  # name -> the field its refusal must name (the run folder)
     name: "output_dir"
     for name in (
         "truncated tensor file", "flipped byte", "NaN weight (manifest updated)", "wrong shape (manifest updated)",
-        "missing key (manifest updated)", "extra key (manifest updated)", "edited state.json", "missing manifest",
+        "missing key (manifest updated)", "extra key (manifest updated)", "edited state.json", "edited log",
+        "log not gzip (manifest updated)", "missing manifest",
         "pointer escapes the folder", "absolute pointer", "missing pointer", "pointer not JSON",
     )
 }  # fmt: skip

@@ -3,7 +3,7 @@
 scanned again as `scan` would, and the one-standard-error choice from the points it reaches is compared with the
 choice from the whole grid. Prints the merges, how many choices agree and the mean number of points scanned.
 
-    python scripts/validation_scan.py [--patience 2] [--stop-se 2]
+    python scripts/validation_scan.py [--patience 1] [--stop-se 2]   (the defaults: the strategy's)
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ import argparse
 import json
 from pathlib import Path
 
-from pm_hf.method.strategies.validated import one_se_choice, scan
+from pm_hf.method.strategies.validated import ValidatedAlpha, one_se_choice, scan
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patience", type=int, default=2)
-    parser.add_argument("--stop-se", type=float, default=2.0)
+    defaults = {knob.name: knob.default for knob in ValidatedAlpha.knobs if not isinstance(knob, str)}
+    parser.add_argument("--patience", type=int, default=defaults["validation_patience"])
+    parser.add_argument("--stop-se", type=float, default=defaults["validation_stop_se"])
     args = parser.parse_args()
     merges = agree = points = 0
     for path in sorted(ROOT.glob("results/*/runs/pm-validated/seed*.json")):

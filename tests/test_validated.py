@@ -4,6 +4,7 @@ the training data, and an eval split with other labels leaves every alpha as it 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pandas as pd
@@ -18,6 +19,7 @@ from pm_hf.heads import alignment
 from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
 from pm_hf.method.strategies import build_strategy
 from pm_hf.method.strategies.validated import one_se_choice, scan
+from pm_hf.run.measure import alignment_of
 
 VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
 
@@ -66,6 +68,8 @@ def test_the_scan_stops_after_points_far_below_the_best_by_hand():
     measured = scan([0.5, 0.4, 0.3, 0.2, 0.1, 0.0], estimate, patience=2, stop_se=2.0)
     assert asked == [0.0, 0.1, 0.2, 0.3, 0.4] and list(measured) == asked  # 0.83 within 0.04 of 0.86; 0.81, 0.79 not
     asked.clear()
+    assert list(scan(list(curve), estimate, patience=1, stop_se=2.0)) == [0.0, 0.1, 0.2, 0.3]  # the default: 0.81
+    asked.clear()
     assert list(scan(list(curve), estimate, patience=3, stop_se=2.0)) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     asked.clear()
     assert list(scan(list(curve), estimate, patience=0, stop_se=2.0)) == list(curve)  # 0: never stops
@@ -107,6 +111,12 @@ def _recorded_run(model_dir, out, monkeypatch, **kw):
     return loop.run(), loop, scored
 
 
+def _far(points: list[dict], k: int) -> bool:
+    """Point k is more than 2 standard errors below the best of the points up to it."""
+    best = max(points[: k + 1], key=lambda p: p["estimate"])
+    return points[k]["estimate"] < best["estimate"] - 2 * best["se"]
+
+
 def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path, monkeypatch):
     results, loop, scored = _recorded_run(model_dir, tmp_path / "run", monkeypatch)
     tasks = loop.stream.tasks
@@ -123,10 +133,8 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path
         grid = {float(a): m for a, m in results["calibrations"][t]["grid"].items()}
         assert list(grid) == [i / 10 for i in range(len(grid))]  # scanned from 0 up, stopped or whole
         assert all(0 <= m["estimate"] <= 1 and m["se"] >= 0 for m in grid.values())
-        if len(grid) < 11:  # stopped: its last two points more than 2 errors below the best of those before them
-            for k in (-2, -1):
-                best = max(list(grid.values())[: len(grid) + k + 1], key=lambda m: m["estimate"])
-                assert list(grid.values())[k]["estimate"] < best["estimate"] - 2 * best["se"]
+        far = [_far(list(grid.values()), k) for k in range(len(grid))]
+        assert not any(far[:-1]) and (far[-1] or len(grid) == 11)  # cut at its first point 2 errors below the best
         choice = one_se_choice({a: m["estimate"] for a, m in grid.items()}, {a: m["se"] for a, m in grid.items()})
         assert results["alphas"][t] == choice
         assert len(tasks[t].heldout) == math.ceil(0.1 * (len(tasks[t].train) + len(tasks[t].heldout)))
@@ -137,3 +145,23 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path
     files = {"train": str(DATA / "train.parquet"), "test": str(tmp_path / "scrambled.parquet")}
     other, _, _ = _recorded_run(model_dir, tmp_path / "scrambled", monkeypatch, data_files=files)
     assert other["alphas"] == results["alphas"] and other["accuracy_matrix"] != results["accuracy_matrix"]
+
+
+def test_reused_features_are_those_a_pass_takes(model_dir, tmp_path, monkeypatch):
+    """The trial at alpha = 0 and the alignment after the merge reuse features taken already (theta_hat_{t-1}'s, the
+    trial's at the merged alpha): two passes fewer per merged task, and the run is what it is with every pass taken."""
+    calls = []
+    features = alignment.head_features
+    monkeypatch.setattr(alignment, "head_features", lambda *a: calls.append(a[2]) or features(*a))
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "reused", **VALIDATED)))
+    reused, reused_calls = loop.run(), len(calls)
+    assert all(len(task.train) <= 256 for task in loop.stream.tasks)  # every trial took every row
+    calls.clear()
+    monkeypatch.setattr(alignment.HeadAlignment, "known_features", lambda self, pair: contextlib.nullcontext())
+    other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED)))
+    passes = other.run()
+    assert reused_calls == len(calls) - 2 * (len(loop.stream.tasks) - 1)
+    for key in ("alphas", "calibrations", "accuracy_matrix"):
+        assert reused[key] == passes[key]
+    stats, other_stats = alignment_of(loop).stats, alignment_of(other).stats  # the class statistics kept: exactly
+    assert stats.keys() == other_stats.keys() and all(torch.equal(stats[k], other_stats[k]) for k in stats)

@@ -211,7 +211,7 @@ class HeadAlignment(ContinualCallback):
         self.mode, self.drift = args.head_align, args.head_align_drift
         self.steps, self.lr, self.samples = args.head_align_steps, args.head_align_lr, args.head_align_samples
         self.stats: dict[str, torch.Tensor] = {}
-        self.timer, self.before = Timer("head_align"), None
+        self.timer, self.before, self.labels, self.known = Timer("head_align"), None, None, None
 
     @staticmethod
     def check_args(args: MergeArguments) -> None:
@@ -222,13 +222,26 @@ class HeadAlignment(ContinualCallback):
         check_number("head_align_lr", args.head_align_lr, 0, low_open=True)
 
     def _features(self, model: nn.Module, task) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.known is not None:  # taken already under the weights the model holds (`known_features`)
+            return self.known
         return head_features(model, self.head.module, task.train, self.stream.collate_fn, self.batch_size)
 
+    @contextlib.contextmanager
+    def known_features(self, pair: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[None]:
+        """Within: the features and labels of the task's training rows are `pair`, taken already under the weights
+        the model holds now (a trial's at the alpha merged, or theta_hat_{t-1}'s before training), used instead of a
+        pass: the same weights and rows give the same features. None: a pass as usual."""
+        self.known = pair
+        try:
+            yield
+        finally:
+            self.known = None
+
     def on_task_begin(self, t, model, task):
-        self.timer, self.before = Timer("head_align"), None
+        self.timer, self.before, self.labels = Timer("head_align"), None, None
         if self.mode == "prototypes" and self.drift == "sdc" and t > 0:
             with self.timer("head_align"):  # under theta_hat_{t-1}: the old means' drift is measured against it
-                self.before = self._features(model, task)[0]
+                self.before, self.labels = self._features(model, task)
 
     def on_merge(self, t, model, task):
         with self.timer("head_align"):
@@ -239,7 +252,7 @@ class HeadAlignment(ContinualCallback):
 
     def _align(self, t: int, model: nn.Module, task) -> None:
         x, y = self._features(model, task)
-        self.after = x  # the task's features under the merge (read by a trial's estimate)
+        self.after, self.labels = x, y  # the task's features under the merge (read by a trial's estimate)
         weight_param, bias_param = self.head.parameters()  # after the pass (ZeRO-3: checked at rest, then written)
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         classes, rows = (task.classes if self.mode == "task" else seen), task.classes
@@ -280,12 +293,12 @@ class HeadAlignment(ContinualCallback):
     @contextlib.contextmanager
     def subset(self, rows: list[int]) -> Iterator[None]:
         """For a trial on those rows of the task's training data: the features taken before training, of them only."""
-        before = self.before
+        before, labels = self.before, self.labels
         self.before = None if before is None else before[rows]
         try:
             yield
         finally:
-            self.before = before
+            self.before, self.labels = before, labels
 
     @contextlib.contextmanager
     def trial(self, t: int, model: nn.Module, task) -> Iterator[None]:

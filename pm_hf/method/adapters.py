@@ -126,13 +126,18 @@ def uses_fan_in_fan_out(model: nn.Module) -> bool:
 
 
 def active_adapter(model: nn.Module) -> str:
-    layers = list(lora_layers(model).values())
+    return active_layers(model)[0]
+
+
+def active_layers(model: nn.Module) -> tuple[str, dict[str, LoraLayer]]:
+    """The active adapter's name and the LoRA layers by merge key, from one walk over the modules."""
+    layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; wrap it with `pm_hf.method.adapters.attach_lora` first.")
-    names = layers[0].active_adapters
+    names = next(iter(layers.values())).active_adapters
     if len(names) != 1:
         raise ValueError(f"P&M trains one adapter at a time, but {names} are active; call `set_adapter` with one.")
-    return names[0]
+    return names[0], layers
 
 
 def full_trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -159,8 +164,8 @@ def scale_active_adapter(model: nn.Module, factor: float) -> Iterator[None]:
     if factor == 1.0:
         yield
         return
-    name = active_adapter(model)
-    layers = list(lora_layers(model).values())
+    name, by_key = active_layers(model)
+    layers = list(by_key.values())
     saved = [layer.scaling[name] for layer in layers]
     try:
         for layer, s in zip(layers, saved):
@@ -189,17 +194,16 @@ def lora_delta(layer: LoraLayer, name: str, placement: Replicated | None = None)
 def lora_task_vector(model: nn.Module, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Delta W of the active adapter for every LoRA layer, by merge key (moved to `device` layer by layer, so the
     accelerator holds one layer's at a time)."""
-    name, placement = active_adapter(model), placement_of(model)
-    layers = lora_layers(model)
+    (name, layers), placement = active_layers(model), placement_of(model)
     return {key: lora_delta(layer, name, placement).to(device or layer.weight.device) for key, layer in layers.items()}
 
 
 def task_vector_norm(model: nn.Module) -> float:
     """||Delta||_F over all LoRA layers, via r x r Gram matrices (never forms B @ A)."""
-    name, placement = active_adapter(model), placement_of(model)
+    (name, layers), placement = active_layers(model), placement_of(model)
     total = 0.0
     with torch.no_grad():
-        for layer in lora_layers(model).values():
+        for layer in layers.values():
             A, B, s = _factors(layer, name, placement)
             A, B = A.float(), B.float()
             total += s * s * float(((B.T @ B) * (A @ A.T)).sum())  # A, B whole (`_factors`): r x r products
@@ -213,11 +217,11 @@ def gaussian_adapter_noise(model: nn.Module, eps: float, sign: int, seed: int) -
     The noise matrix is drawn from `seed` (so micro-batches of one optimizer step share it) and does not depend on
     the parameters: this is the paper's isotropic-noise ablation, not a task-vector perturbation.
     """
-    name, placement = active_adapter(model), placement_of(model)
+    (name, layers), placement = active_layers(model), placement_of(model)
     handles = []
     gen = torch.Generator().manual_seed(seed)
     try:
-        for layer in lora_layers(model).values():
+        for layer in layers.values():
             A, B, s = _factors(layer, name, placement)
             with torch.no_grad():
                 norm = s * math.sqrt(max(float(((B.float().T @ B.float()) * (A.float() @ A.float().T)).sum()), 0.0))
@@ -236,8 +240,8 @@ def gaussian_adapter_noise(model: nn.Module, eps: float, sign: int, seed: int) -
 def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) -> None:
     """Start a fresh adapter for the next task, as PEFT initialises one: A Kaiming-uniform (drawn on the CPU from
     `generator`, else the global RNG), B = 0."""
-    name, place = active_adapter(model), placement_of(model)
-    for layer in lora_layers(model).values():
+    (name, layers), place = active_layers(model), placement_of(model)
+    for layer in layers.values():
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
         fresh = torch.empty(place.shape(A), dtype=torch.float32)
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
@@ -249,23 +253,23 @@ def reset_adapter(model: nn.Module, generator: torch.Generator | None = None) ->
 
 def lora_weights(model: nn.Module, part: str = "A") -> dict[str, nn.Parameter]:
     """The active adapter's A (or B) of every LoRA layer (the live parameters, for a loss on them), by merge key."""
-    name = active_adapter(model)
-    return {key: getattr(layer, f"lora_{part}")[name].weight for key, layer in lora_layers(model).items()}
+    name, layers = active_layers(model)
+    return {key: getattr(layer, f"lora_{part}")[name].weight for key, layer in layers.items()}
 
 
 def set_lora_trainable(model: nn.Module, trainable: bool) -> None:
     """Freeze (or unfreeze) the active adapter's A and B in every LoRA layer (a task trained by other factors)."""
-    name = active_adapter(model)
-    for layer in lora_layers(model).values():
+    name, layers = active_layers(model)
+    for layer in layers.values():
         layer.lora_A[name].requires_grad_(trainable)
         layer.lora_B[name].requires_grad_(trainable)
 
 
 def adapter_factors(model: nn.Module) -> dict[str, LoraFactors]:
     """The active adapter's factors (fp32 CPU copies) and scaling, by merge key."""
-    name, placement = active_adapter(model), placement_of(model)
+    (name, layers), placement = active_layers(model), placement_of(model)
     out = {}
-    for key, layer in lora_layers(model).items():
+    for key, layer in layers.items():
         A, B, s = _factors(layer, name, placement)
         out[key] = LoraFactors(
             A.detach().float().cpu().clone(), B.detach().float().cpu().clone(), s, bool(layer.fan_in_fan_out)
@@ -336,8 +340,8 @@ def merged_delta_hooks(model: nn.Module, factors: Mapping[str, tuple[torch.Tenso
 
 def zero_adapter(model: nn.Module) -> None:
     """B = 0 in the active adapter: its contribution vanishes (after its delta has been merged into the base)."""
-    name, place = active_adapter(model), placement_of(model)
-    for layer in lora_layers(model).values():
+    (name, layers), place = active_layers(model), placement_of(model)
+    for layer in layers.values():
         B = layer.lora_B[name].weight
         place.write(B, torch.zeros(place.shape(B)))
 

@@ -47,15 +47,15 @@ class ModelWeights:
         """The fully trained parameters (heads, `modules_to_save`), by merge key."""
         return full_trainable_params(self.model)
 
-    def targets(self, keys) -> dict[str, torch.Tensor]:
+    def targets(self, keys, placement: Replicated | None = None) -> dict[str, torch.Tensor]:
         """The tensor each merge key writes to (LoRA key: the base layer's weight)."""
         layers = base_weights(self.model)
         params = {strip_prefix(n): p for n, p in unwrap(self.model).named_parameters()}
-        out = {}
+        as_rows, out = (self.placement if placement is None else placement).as_rows, {}
         for key in keys:
             if key not in layers and key not in params:
                 raise ValueError(f"merge key {key!r} is neither a LoRA layer nor a parameter of the model.")
-            out[key] = layers[key] if key in layers else self.placement.as_rows(params[key])
+            out[key] = layers[key] if key in layers else as_rows(params[key])
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -117,12 +117,11 @@ class ModelWeights:
     ) -> None:
         """Set each key to base + alpha * delta; `base` defaults per key to the current value (its master copy if
         any); alpha is a float or a per-parameter tensor per key. Every key is checked before any is written."""
-        targets = self.targets(deltas)
+        placement = self.placement  # read once: found from the parameters when none was attached
+        targets = self.targets(deltas, placement)
         for key, delta in deltas.items():
             a = alpha.get(key)
-            finite = a is not None and (
-                self.placement.all_finite(a) if isinstance(a, torch.Tensor) else math.isfinite(a)
-            )
+            finite = a is not None and (placement.all_finite(a) if isinstance(a, torch.Tensor) else math.isfinite(a))
             if not finite:
                 raise NonFiniteError(f"no finite alpha for merge key {key!r}; nothing was written.")
             if targets[key].shape != delta.shape:
@@ -132,7 +131,7 @@ class ModelWeights:
         new_value = lambda key: self._merged(targets[key], key, deltas[key], alpha[key], base)  # noqa: E731
         with torch.no_grad():
             for key in deltas:  # every new value is checked before any is written (computed once when bounded)
-                if not self._surely_finite(targets[key], key, deltas[key], alpha[key], base):
+                if not self._surely_finite(targets[key], key, deltas[key], alpha[key], base, placement):
                     check_finite({key: new_value(key)}, "merged weights")
             for key in deltas:
                 weight, new = targets[key], new_value(key)
@@ -148,12 +147,12 @@ class ModelWeights:
         a = a.to(delta.device) if isinstance(a, torch.Tensor) else a
         return start.to(delta.device) + a * delta.float()
 
-    def _surely_finite(self, weight, key: str, delta: torch.Tensor, a, base) -> bool:
+    def _surely_finite(self, weight, key: str, delta: torch.Tensor, a, base, placement: Replicated) -> bool:
         """start + a * delta is finite without forming it: max |start| + |a| max |delta| (two reductions, no copy)
         is below fp32's largest value. False for NaN or inf anywhere, a per-parameter alpha or split tensors: then the
         merged value itself is checked."""
         start = self._start(weight, key, base)
-        if isinstance(a, torch.Tensor) or self.placement.splits({"start": start, "delta": delta}):
+        if isinstance(a, torch.Tensor) or placement.splits({"start": start, "delta": delta}):
             return False
         if start.numel() == 0:
             return True

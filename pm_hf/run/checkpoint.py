@@ -3,14 +3,16 @@
 `ContinualState` is assembled from each component's state: the merged weights (`ModelWeights.state()`), the merge
 strategy's `state_dict()` and each continual callback's `state_dict()`, plus the per-task log, the RNG states and
 the config. None of it grows with the number of tasks except the log (and a strategy that keeps every task, `ties`).
-Tensors go to one safetensors file (`weights/`, `strategy/`, `callbacks/<key>/` prefixes), the rest to JSON; the
-folder `checkpoint-task<t>` is written under a temporary name and renamed, then `latest.json` is replaced atomically,
-so an interruption never leaves a half-written state.
+Tensors go to one safetensors file (`weights/`, `strategy/`, `callbacks/<key>/` prefixes), the log to gzipped JSON
+(lossless; it is the only part that grows), the rest to JSON; the folder `checkpoint-task<t>` is written under a
+temporary name and renamed, then `latest.json` is replaced atomically, so an interruption never leaves a half-written
+state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import random
 import re
@@ -29,8 +31,33 @@ from ..fileio import atomic_dir, atomic_write_text, file_digest
 from ..hub.export import ADAPTERS_DIR
 
 LATEST = "latest.json"
-STATE, META, MANIFEST = "state.safetensors", "state.json", "manifest.json"
-FORMAT = 2  # 1: wave-1 checkpoints (one string-keyed `rule` namespace, log as lists per key)
+STATE, META, MANIFEST, LOG = "state.safetensors", "state.json", "manifest.json", "log.json.gz"
+FORMAT = 3  # 1: wave-1 checkpoints (one string-keyed `rule` namespace, log as lists per key); 2: the log in state.json
+READABLE = (2, 3)  # format 2 differs only in where the log is: it is read as it was written
+
+
+def log_bytes(log: list[dict]) -> bytes:
+    """The per-task log as the checkpoint stores it: compact JSON, gzipped with no timestamp (the same log gives the
+    same bytes)."""
+    return gzip.compress(json.dumps(log, separators=(",", ":"), default=float).encode(), compresslevel=9, mtime=0)
+
+
+def read_log(folder: Path, meta: dict) -> list[dict]:
+    """The per-task log of a verified checkpoint (format 2: inside its meta)."""
+    if meta.get("format") == 2:
+        return meta["log"]
+    try:
+        log = json.loads(gzip.decompress((folder / LOG).read_bytes()))
+    except (OSError, EOFError, ValueError):
+        log = None
+    if not isinstance(log, list):
+        raise invalid("output_dir", str(folder.parent), f"{folder.name}/{LOG} is not a readable log: it is damaged.")
+    return log
+
+
+def _files(meta: dict) -> tuple[str, ...]:
+    """The files a checkpoint of this meta's format holds (its manifest records their sha256)."""
+    return (STATE, META) if meta.get("format") == 2 else (STATE, META, LOG)
 
 
 @dataclass
@@ -80,12 +107,13 @@ def save_checkpoint(out_dir: Path, state: ContinualState, config: dict) -> Path:
     older checkpoints are removed after. Non-finite tensors are refused before anything is written."""
     out_dir = Path(out_dir)
     name = f"checkpoint-task{state.completed}"
-    meta = {"format": FORMAT, "completed": state.completed, "log": state.log, "rng": state.rng, "config": config}
+    meta = {"format": FORMAT, "completed": state.completed, "rng": state.rng, "config": config}
     tensors = _tensors(state)
     with atomic_dir(out_dir / name) as tmp:
         save_file(tensors, str(tmp / STATE))
-        (tmp / META).write_text(json.dumps(meta, separators=(",", ":"), default=float))  # compact: it grows per task
-        digests = {f: file_digest([tmp / f]) for f in (STATE, META)}
+        (tmp / META).write_text(json.dumps(meta, separators=(",", ":"), default=float))
+        (tmp / LOG).write_bytes(log_bytes(state.log))
+        digests = {f: file_digest([tmp / f]) for f in _files(meta)}
         (tmp / MANIFEST).write_text(json.dumps({"sha256": digests}, indent=1))
     atomic_write_text(out_dir / LATEST, json.dumps({"checkpoint": name, "completed": state.completed}))
     for old in out_dir.glob("checkpoint-task*"):  # keep only the newest
@@ -113,7 +141,7 @@ def _checkpoint_folder(out_dir: Path) -> Path | None:
     return folder
 
 
-def _verify(folder: Path) -> None:
+def _verify(folder: Path, meta: dict) -> None:
     """Every file of the checkpoint has the sha256 its manifest recorded."""
     try:
         recorded = json.loads((folder / MANIFEST).read_text())["sha256"]
@@ -121,7 +149,7 @@ def _verify(folder: Path) -> None:
         raise invalid(
             "output_dir", str(folder.parent), f"{folder.name} has no readable {MANIFEST} (damaged)."
         ) from None
-    for name in (STATE, META):
+    for name in _files(meta):
         if not (folder / name).is_file() or file_digest([folder / name]) != recorded.get(name):
             fix = f"{folder.name}/{name} does not match the sha256 of its manifest: the checkpoint is damaged."
             raise invalid("output_dir", str(folder.parent), fix)
@@ -141,12 +169,12 @@ def _checked_meta(folder: Path, out_dir: Path) -> dict:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError):
         meta = None  # unreadable: the manifest check below says it is damaged
-    if isinstance(meta, dict) and meta.get("format") != FORMAT:
+    if isinstance(meta, dict) and meta.get("format") not in READABLE:
         version = meta.get("format", 1)
         fix = f"{folder.name} was written by an earlier pm_hf (checkpoint format {version}, this version reads "
-        fix += f"{FORMAT}); it cannot be resumed: start the run again in a new output_dir."
+        fix += f"{' and '.join(map(str, READABLE))}); it cannot be resumed: start the run again in a new output_dir."
         raise invalid("output_dir", str(out_dir), fix)
-    _verify(folder)
+    _verify(folder, meta if isinstance(meta, dict) else {})
     return meta
 
 
@@ -171,7 +199,7 @@ def load_checkpoint(out_dir: Path) -> tuple[ContinualState, dict] | None:
         owner, name = key.split("/", 1)
         callbacks.setdefault(owner, {})[name] = value
     state = ContinualState(
-        meta["completed"], group("weights/"), group("strategy/"), callbacks, meta["log"], meta.get("rng")
+        meta["completed"], group("weights/"), group("strategy/"), callbacks, read_log(folder, meta), meta.get("rng")
     )
     return state, meta["config"]
 

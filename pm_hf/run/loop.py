@@ -46,7 +46,7 @@ from ..timing import Timer
 from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seeded
 from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
-from .measure import MergeLine, eval_loss, hold_out, loss_increase, task_probe, validation_estimate
+from .measure import MergeLine, eval_loss, hold_out, loss_increase, reused_features, task_probe, validation_estimate
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
@@ -110,8 +110,9 @@ class ContinualLoop:
         at_one = line().at(1.0, lambda: eval_loss(self, task)) if self.logs_loss_increase else None
         with timer("merge"):
             plan = merge_task(self.weights, self.strategy, context, before=before)
-        # callbacks (head alignment)
-        self.callbacks.call("on_merge", t, self.model, task)
+        # callbacks (head alignment: from the features a validation trial took at this alpha, if one did)
+        with reused_features(self, context.made("validation"), plan.choice.alpha):
+            self.callbacks.call("on_merge", t, self.model, task)
         measured = self.merge_measures(task, plan, context.made("fisher"), at_one)
         # evaluate every seen task
         with timer("eval"):

@@ -5,6 +5,7 @@ logged comparison of the quadratic model's predicted loss increase with the meas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import random
@@ -86,12 +87,26 @@ def loss_increase(loop, task, plan: MergePlan, at_one: float) -> dict:
     return out
 
 
-def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float], dict]:
+@dataclasses.dataclass
+class Validation:
+    """`validated-alpha`'s estimate(alpha) of task t's merge (`validation_estimate`), and the features of the task's
+    training rows each trial took when it took them all (`features[alpha]`): the head alignment after the merge at
+    that alpha reuses them instead of a pass (`reused_features`)."""
+
+    estimate: Callable[[float], dict]
+    features: dict[float, tuple]
+
+    def __call__(self, alpha: float) -> dict:
+        return self.estimate(alpha)
+
+
+def validation_estimate(line: MergeLine, loop, t: int, task) -> Validation:
     """`validated-alpha`'s estimate(alpha) of the seen accuracy after merging task t at alpha, under the head the
     prototype alignment would fit there (its `trial`, on at most `validation_samples` of the task's training samples):
     the new classes' accuracy on the task's held-out training data, the old classes' on their drift-compensated
-    statistics widened by the unpredicted drift. No eval split is read."""
-    align = next((cb for cb in loop.callbacks.callbacks if isinstance(cb, HeadAlignment)), None)
+    statistics widened by the unpredicted drift. No eval split is read. On every row, the trial at alpha = 0 (theta_hat
+    _{t-1}, where the alignment took the task's features before training) reuses those features."""
+    align = alignment_of(loop)
     if align is None or align.before is None or getattr(task, "heldout", None) is None:
         raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
     seen = seen_classes(loop.stream.tasks[: t + 1])
@@ -99,9 +114,14 @@ def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float]
     means = align.stats["mean"]  # under theta_hat_{t-1}: the drift weights are taken against them
     rows = training_subset(len(task.train), loop.strategy.validation_samples, loop.args.seed + t)
     view = dataclasses.replace(task, train=task.train.select(rows))
+    every_row, start = len(rows) == len(task.train), (align.before, align.labels)
+    features: dict[float, tuple] = {}
 
-    def measure() -> dict:
-        with align.subset(rows), loop.callbacks.trial(t, loop.model, view):
+    def measure(alpha: float) -> dict:
+        known = start if every_row and alpha == 0 else None
+        with align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
+            if every_row:
+                features[alpha] = (align.after, align.labels)
             new = align.accuracy(loop.model, task.heldout, seen)
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
             spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
@@ -113,7 +133,20 @@ def validation_estimate(line: MergeLine, loop, t: int, task) -> Callable[[float]
                 "old": sum(olds.values()) / max(len(olds), 1),
                 "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
 
-    return lambda alpha: line.at(alpha, measure)
+    return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features)
+
+
+def alignment_of(loop) -> HeadAlignment | None:
+    """The run's prototype head alignment callback, if any."""
+    return next((cb for cb in loop.callbacks.callbacks if isinstance(cb, HeadAlignment)), None)
+
+
+def reused_features(loop, validation: Validation | None, alpha: float):
+    """Around the callbacks' `on_merge` after a merge at `alpha`: the features a validation trial took there (the
+    same weights, the same rows), given to the head alignment instead of its pass; else nothing."""
+    pair = None if validation is None else validation.features.get(alpha)
+    align = alignment_of(loop)
+    return contextlib.nullcontext() if pair is None or align is None else align.known_features(pair)
 
 
 def training_subset(size: int, cap: int, seed: int) -> list[int]:

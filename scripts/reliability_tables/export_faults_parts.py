@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import pickle
@@ -186,15 +187,18 @@ def stale_beside(out: Path) -> list[str]:
 
 def _normal(path: str, data: bytes):
     """A file's content for comparison: tensors of a safetensors file, JSON without `VOLATILE` keys (a manifest
-    without the digest of state.json, whose log holds timings), else the bytes."""
+    without the digest of the log, which holds timings; the log itself as JSON), else the bytes."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load
 
         return {k: (v.dtype, tuple(v.shape), v.flatten().tolist()) for k, v in load(data).items()}
+    if path.endswith(".json.gz"):  # a checkpoint's log
+        return _drop(json.loads(gzip.decompress(data)))
     if path.endswith(".json"):
         value = _drop(json.loads(data))
         if path.endswith("manifest.json"):
-            value.get("sha256", {}).pop("state.json", None)
+            for name in ("state.json", "log.json.gz"):  # their VOLATILE keys are dropped below, not their digests
+                value.get("sha256", {}).pop(name, None)
         return value
     return data
 

@@ -49,7 +49,7 @@ def _count(name, value) -> None:
 
 def _patience(name, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid(name, value, "give a number of grid points >= 0 (0: always the whole grid), e.g. 2.")
+        raise invalid(name, value, "give a number of grid points >= 0 (0: always the whole grid), e.g. 1.")
 
 
 def _stop_se(name, value) -> None:
@@ -68,7 +68,7 @@ class ValidatedAlpha(MergeStrategy):
         Knob("validation_grid", [i / 10 for i in range(11)], _grid, "the alphas tried per task"),
         Knob("validation_holdout", 0.1, _holdout, "the fraction of each task's training data held out for scoring"),
         Knob("validation_samples", 256, _count, "the task's training samples a trial's head alignment sees"),
-        Knob("validation_patience", 2, _patience, "stop the scan after this many points in a row far below the best"),
+        Knob("validation_patience", 1, _patience, "stop the scan after this many points in a row far below the best"),
         Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
         "head_align",
         "head_align_drift",
