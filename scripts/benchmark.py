@@ -304,7 +304,7 @@ def run_cost(quick: bool) -> tuple[dict, dict]:
         spec = importlib.util.spec_from_file_location("bench_pipeline", ROOT / "scripts" / "bench_pipeline.py")
         bench_pipeline = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench_pipeline)  # the whole pipeline's part of the cost suite
-        pipeline = bench_pipeline.pipeline_cost(Path(tmp), rounds=2 if quick else 3, samples=60 if quick else 150)
+        pipeline = bench_pipeline.pipeline_cost(Path(tmp), rounds=3, samples=60 if quick else 150)
     figures = {
         "pm_over_plain_step_rate": step["ratio"],
         "fisher_per_sample_over_epoch": fm["fisher_per_sample_over_epoch"],
@@ -716,7 +716,9 @@ def update_results_doc(suite: str, out: Path, doc: Path = RESULTS_DOC) -> bool:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["cost", *SUITES], help="which benchmark suite to run")
-    parser.add_argument("--quick", action="store_true", help="cost: fewer steps and rounds (< 3 min on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="cost: fewer steps and rounds (about 6 min on 2 CPU cores)"
+    )
     parser.add_argument("--out", default=None, help="output folder (default: results/<suite>)")
     parser.add_argument("--methods", nargs="+", default=None, help=f"accuracy suites: subset of {list(METHODS)}")
     parser.add_argument("--seeds", type=int, default=3, help="accuracy suites: seeds 0..N-1")

@@ -337,8 +337,15 @@ def cost_pipeline() -> str:
         total = statistics.fmean(p["seconds"][method])
         lines.append(f"| {method} | " + " | ".join(f"{by.get(k, 0.0):.1f}" for k in names) + f" | {total:.1f} |")
     train = parts["preset"]["train"]
-    lines += ["", f"Fisher pass / training (preset): {parts['preset']['fisher'] / train:.2f}; ratio of totals "
-              f"{p['preset_over_seq_merge']:.2f}.", "",
+    lines += [
+        "",
+        f"Fisher pass / training (preset): {parts['preset']['fisher'] / train:.2f}; ratio of totals "
+        f"{p['preset_over_seq_merge']:.2f} (the median of {len(p['ratios_per_round'])} rounds: "
+        f"{span(p['ratios_per_round'], 1, 2)}).",
+    ]
+    if not p["fisher_cap_max_alpha_error"]:
+        return "\n".join([*lines, "", "The preset takes no Fisher: no Fisher sample cap to study."])
+    lines += ["",
               f"| Fisher sample cap (of {p['fisher_full_samples']} per task) | largest change of α | Fisher seconds "
               "| α per task |", "|---|---|---|---|",
               f"| none | 0 | {p['fisher_full_fisher_seconds']:.1f} | "
