@@ -41,7 +41,7 @@ def fsdp_on_cpu() -> None:
     """Let Accelerate run an FSDP config on CPU processes (gloo), for tests of the FSDP2 path without a GPU.
 
     Accelerate sets FSDP up on accelerators only (on CPU it runs the config as DDP, and pm_hf refuses that). torch's
-    FSDP2 itself runs on CPU, so this makes Accelerate take its FSDP path there too (the same `fully_shard`, the same
+    FSDP2 itself runs on CPU, so this makes Accelerate take its FSDP path there too (the same sharding, the same
     Trainer code), and tells pm_hf's launch backend so (`AccelerateBackend.run_on_cpu`). Call it in each process
     before the run is built."""
     _on_cpu("fsdp")
