@@ -294,6 +294,27 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_with_a_clear_message(model
         run_continual(*groups(model_dir, out, class_groups=[[0, 1], [2, 3]]), resume=True)
 
 
+def test_a_checkpoint_of_format_2_with_its_log_in_state_json_resumes_as_the_same_run(model_dir, tmp_path):
+    import gzip
+    import json
+
+    from pm_hf.fileio import file_digest
+
+    classes = [[0, 1], [2, 3]]
+    whole = run_continual(*groups(model_dir, tmp_path / "whole", class_groups=classes))
+    out = tmp_path / "old"
+    run_continual(*groups(model_dir, out, class_groups=classes), stop_after=1)
+    folder = out / json.loads((out / "latest.json").read_text())["checkpoint"]
+    meta = json.loads((folder / "state.json").read_text())
+    meta.update(format=2, log=json.loads(gzip.decompress((folder / "log.json.gz").read_bytes())))
+    (folder / "log.json.gz").unlink()  # as format 2 wrote it: the log inside state.json, no log file
+    (folder / "state.json").write_text(json.dumps(meta))
+    digests = {name: file_digest([folder / name]) for name in ("state.safetensors", "state.json")}
+    (folder / "manifest.json").write_text(json.dumps({"sha256": digests}))
+    resumed = run_continual(*groups(model_dir, out, class_groups=classes), resume=True)
+    assert resumed["alphas"] == whole["alphas"] and resumed["accuracy_matrix"] == whole["accuracy_matrix"]
+
+
 def test_results_from_the_task_log_by_hand():
     from pm_hf.run.results import results_dict
 
