@@ -486,6 +486,11 @@ METHODS: dict[str, tuple[dict, str]] = {
         "slow learner (SLCA-style): backbone LoRA at 0.01 x the suite's learning rate, the head at the full rate, "
         "alpha = 1, + the prototype head alignment",
     ),
+    "frozen-proto": (
+        {"merge_method": "coma", "fixed_alpha": 0.0, **_NO_PERTURB, **_PROTO},
+        "SimpleCIL-style (Zhou et al. 2023): the pretrained backbone kept (alpha = 0 for every task, the first too), "
+        "+ the prototype head alignment",
+    ),
     # PEFT's OSF and O-LoRA (docs/baselines.md): the suite's linear class head, trained on each task's classes as for
     # seq-merge (the head grows per task), no prototype alignment, no perturbation
     "osf": (

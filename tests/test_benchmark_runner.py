@@ -94,7 +94,7 @@ def test_alpha_table_bars_by_hand():
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     accs = {"p": [70.0, 72.0], "coma-proto": [71.0], "fixed-1-eps-proto": [69.0], "sqrt-t-proto": [60.0],
-            "slow-proto": [70.5], "seq-proto": [50.0], "osf": [40.0], "olora": [41.0],
+            "slow-proto": [70.5], "seq-proto": [50.0], "frozen-proto": [70.0], "osf": [40.0], "olora": [41.0],
             "oracle-alpha-proto": [71.5, 72.5]}  # fmt: skip
     assert table.check_bars(accs, "p") == []  # mean 71 >= 71, 69, 60, 70.5, ...; oracle 72 is 1.0 above: within
     accs["oracle-alpha-proto"] = [72.5]
