@@ -3,8 +3,9 @@
 A figure is a block of a page between two markers, `<!-- figure:<name> -->` and `<!-- /figure:<name> -->` (the suite
 tables keep `<!-- results:<suite> -->`, the memory table `<!-- memory-table -->`); this script owns what is between
 them. Sources: `results/<suite>/table.md`, `summary.json` and `runs/*/seed*.json` (scripts/benchmark.py),
-`results/cost/cost.json` and `cost.md` (`benchmark.py cost`), the alpha tables (scripts/alpha_table.py) and the
-memory formula (scripts/memory_table.py).
+`results/cost/cost.json` and `cost.md` (`benchmark.py cost`), the alpha tables (scripts/alpha_table.py), the
+memory formula (scripts/memory_table.py) and its measurement (`results/memory/measured.json`,
+scripts/memory_measured.py).
 
     python scripts/doc_figures.py            # rewrite every block from the committed results
     python scripts/doc_figures.py --check    # exit 1 and name each block that differs (tests/test_doc_figures.py),
@@ -380,6 +381,12 @@ def memory() -> str:
     return memory_table.markdown(memory_table.table())
 
 
+def memory_measured() -> str:
+    import memory_measured
+
+    return memory_measured.markdown(_json(RESULTS / "memory" / "measured.json"))
+
+
 def alpha(which: int) -> Callable[[], str]:
     def write() -> str:
         import alpha_table
@@ -404,6 +411,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:cost-state", cost_state, "results/cost/cost.json"),
     Figure("docs/method.md", "figure:fisher-traces", fisher_traces, "results/<suite>/runs (fisher_traces)"),
     Figure("docs/distributed.md", "memory-table", memory, "scripts/memory_table.py (model shapes)"),
+    Figure("docs/distributed.md", "figure:memory-measured", memory_measured, "results/memory/measured.json"),
     Figure("docs/distributed.md", "figure:bf16-state", bf16_state, "results/{vision,text}-cil/runs"),
 ]  # fmt: skip
 

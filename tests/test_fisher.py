@@ -12,7 +12,7 @@ from conftest import randomize_lora, tiny_bert, tiny_gpt2, tiny_llama
 
 from pm_hf.config.groups import FisherArguments, LoraArguments
 from pm_hf.method.adapters import attach_lora, lora_layers, strip_prefix
-from pm_hf.method.fisher import default_fisher_keys, estimate_fisher, normalize_fisher
+from pm_hf.method.fisher import default_fisher_keys, estimate_fisher, normalize_fisher, squared_grads
 
 D = torch.float64
 
@@ -230,6 +230,30 @@ def test_normalize_fisher():
     assert torch.equal(zeros["a.weight"], torch.zeros(2, 2))
     with pytest.raises(ValueError):
         normalize_fisher(f, "max")
+    copy = {k: v.clone() for k, v in f.items()}
+    inplace = normalize_fisher(copy, "mean", inplace=True)  # the loop's own pass: rescaled where it lies
+    assert all(inplace[k] is copy[k] and torch.equal(inplace[k], norm[k]) for k in f)
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_squared_grads_by_hand(batch, at_once, monkeypatch):
+    """Per sample: sum_n (g_n^T x_n)^2, the [B, out, in] gradients made at once or (a layer over the size limit) one
+    sample at a time; batch mode: B (mean gradient)^2. At once, the sum is the one the pass has always taken."""
+    import pm_hf.method.fisher as fisher
+
+    monkeypatch.setattr(fisher, "AT_ONCE_BYTES", fisher.AT_ONCE_BYTES if at_once else 0)
+    g = torch.Generator().manual_seed(batch)
+    grads, inputs = torch.randn(batch, 3, 5, generator=g), torch.randn(batch, 3, 4, generator=g)
+    weight, bias = squared_grads(grads, inputs, per_sample=True)
+    by_sample = torch.stack([grads[n].T @ inputs[n] for n in range(batch)])  # [B, out, in]
+    if at_once:
+        assert torch.equal(weight, torch.einsum("bto,bti->boi", grads, inputs).square().sum(0))
+    torch.testing.assert_close(weight, (by_sample**2).sum(0))
+    torch.testing.assert_close(bias, (grads.sum(1) ** 2).sum(0))
+    weight, bias = squared_grads(grads, inputs, per_sample=False)
+    torch.testing.assert_close(weight, by_sample.mean(0) ** 2 * batch)
+    torch.testing.assert_close(bias, grads.sum(1).mean(0) ** 2 * batch)
 
 
 def test_errors():

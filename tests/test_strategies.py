@@ -10,7 +10,7 @@ from conftest import randomize_lora, tiny_bert
 
 from pm_hf.config.groups import LoraArguments, MergeArguments
 from pm_hf.method.adapters import attach_lora, base_weights, lora_layers, lora_task_vector
-from pm_hf.method.merge import LoraFactors, TaskVector, closed_form_alpha, cofima_weights
+from pm_hf.method.merge import LoraFactors, TaskVector, closed_form_alpha, cofima_weights, update_accumulators
 from pm_hf.method.strategies import (
     STRATEGIES,
     MergeContext,
@@ -76,6 +76,9 @@ def test_closed_form_global_and_per_module_and_its_state():
     plan = pm.merge(MergeContext(1, vector(second), fisher=fisher2))
     assert plan.choice.raw == pytest.approx(closed_form_alpha(second, fisher2, S, G), rel=1e-12)
     assert set(plan.alpha.values()) == {plan.choice.alpha} and not plan.per_key
+    # S and G, replaced key by key in the strategy, are the pure update's on the same inputs, bit for bit
+    expected = update_accumulators(second, fisher2, S, G, plan.choice.alpha)
+    assert all(torch.equal(pm.S[k], expected[0][k]) and torch.equal(pm.G[k], expected[1][k]) for k in shapes)
     # one alpha per module (key minus its last component): enc.q's two keys share one, enc.v has its own
     per_module = strategy("pm", alpha_clip=False, alpha_granularity="module")
     per_module.load_state_dict({**{f"S/{k}": v for k, v in S.items()}, **{f"G/{k}": v for k, v in G.items()}})

@@ -47,7 +47,8 @@ class ReplicatedSums:
         target.add_(value.to(target.device))
 
     def mean(self, count: int) -> dict[str, torch.Tensor]:
-        """The sums over every rank's samples divided by their number (collective with several processes)."""
+        """The sums over every rank's samples divided by their number (collective with several processes), in place: the
+        Fisher is the sums' own tensors (one copy of it at a time, the pass's peak)."""
         if _world() > 1:
             n = torch.tensor([float(count)], dtype=torch.float64, device=next(iter(self.sums.values())).device)
             dist.all_reduce(n)
@@ -57,7 +58,7 @@ class ReplicatedSums:
                     dist.all_reduce(t)
         if count == 0:
             raise ValueError("the Fisher dataset is empty; pass the task's training data.")
-        return {k: v / count for k, v in self.sums.items()}
+        return {k: v.div_(count) for k, v in self.sums.items()}  # in place: the sums are not read again
 
 
 class ShardedSums(ReplicatedSums):

@@ -31,6 +31,7 @@ from ..distributed.sharding import scalar
 from .adapters import base_weights, full_trainable_params, lora_layers, strip_prefix, unwrap
 
 PerSampleLoss = Callable[[nn.Module, dict], torch.Tensor]
+AT_ONCE_BYTES = 64 * 2**20  # a batch's per-sample weight gradients of one layer are made at once up to this
 
 
 def per_sample_loss(
@@ -121,18 +122,33 @@ def _accumulate(probes: dict[str, _Probe], loss_terms: torch.Tensor, per_sample:
         x = probe.x.detach().float().reshape(g.shape[0], -1, probe.x.shape[-1])
         g = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
         x, g = sums.probe(x, g, probe.keys.values())
-        if per_sample:
-            gw = torch.einsum("bto,bti->boi", g, x)
-            gb = g.sum(1)
-        else:  # batch mode: gradient of the mean loss, squared, times the batch size
-            gw = torch.einsum("bto,bti->oi", g, x).unsqueeze(0) / g.shape[0]
-            gb = g.sum((0, 1)).unsqueeze(0) / g.shape[0]
-        scale = 1.0 if per_sample else float(g.shape[0])
+        squared = dict(zip(("weight", "bias"), squared_grads(g, x, per_sample)))
         for role, key in probe.keys.items():
-            grad = gw if role == "weight" else gb
-            if role == "weight" and probe.transpose:
-                grad = grad.transpose(1, 2)
-            sums.add(key, grad.square_().sum(0) * scale)  # in place: gw and gb are this batch's own
+            grad = squared[role]
+            sums.add(key, grad.T if role == "weight" and probe.transpose else grad)
+
+
+def squared_grads(g: torch.Tensor, x: torch.Tensor, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's squared gradients summed over a batch, for its weight [out, in] and its bias [out], from its
+    output grads `g` [B, T, out] and inputs `x` [B, T, in]: of every sample's loss (`per_sample`), or of the batch's
+    mean loss times B (batch mode).
+
+    Per sample, the B weight gradients [B, out, in] are made at once while they take at most `AT_ONCE_BYTES`; above
+    that (a large layer: 1 GB for a 4096 x 4096 weight and 16 samples) each sample's is made, squared and added in
+    turn, one weight-sized tensor at a time: the same sum, its additions in sample order (torch's sum over B may
+    group them otherwise, so the last bits can differ)."""
+    if per_sample:
+        batch, out, inputs = g.shape[0], g.shape[-1], x.shape[-1]
+        if batch * out * inputs * 4 <= AT_ONCE_BYTES:
+            weight = torch.einsum("bto,bti->boi", g, x).square_().sum(0)
+        else:
+            weight = torch.zeros(out, inputs, dtype=torch.float32, device=g.device)
+            for g_n, x_n in zip(g, x):
+                weight.add_(torch.einsum("to,ti->oi", g_n, x_n).square_())
+        return weight, g.sum(1).square_().sum(0)
+    batch = g.shape[0]
+    weight = (torch.einsum("bto,bti->oi", g, x) / batch).square_() * float(batch)
+    return weight, (g.sum((0, 1)) / batch).square_() * float(batch)
 
 
 def estimate_fisher(
@@ -240,8 +256,11 @@ def _zero_sums(model: nn.Module, keys: list[str], device: torch.device, placemen
     return {k: placement.zeros(w, device) for k, w in like.items()}
 
 
-def normalize_fisher(fisher: Mapping[str, torch.Tensor], mode: str = "mean") -> dict[str, torch.Tensor]:
-    """Rescale a Fisher so that its mean over all entries is 1 ('mean'), or return it unchanged ('none')."""
+def normalize_fisher(
+    fisher: Mapping[str, torch.Tensor], mode: str = "mean", inplace: bool = False
+) -> dict[str, torch.Tensor]:
+    """Rescale a Fisher so that its mean over all entries is 1 ('mean'), or return it unchanged ('none'); `inplace`
+    rescales the given tensors (a caller that owns them: no second copy of the Fisher)."""
     if mode == "none":
         return dict(fisher)
     if mode != "mean":
@@ -250,4 +269,4 @@ def normalize_fisher(fisher: Mapping[str, torch.Tensor], mode: str = "mean") -> 
     numel = sum(v.numel() for v in fisher.values())
     if total <= 0:
         return dict(fisher)
-    return {k: v * (numel / total) for k, v in fisher.items()}
+    return {k: v.mul_(numel / total) if inplace else v * (numel / total) for k, v in fisher.items()}

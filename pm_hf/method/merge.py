@@ -17,7 +17,7 @@ All sums run over every key of `deltas`. The merge strategies that use these pie
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -161,8 +161,18 @@ def update_accumulators(
     Returns:
         New `(S, G)` dicts (inputs are not modified), in the dtype and device of `S` and `G`, computed in fp32.
     """
-    _check_same_keys(deltas, finite=not checked, fisher=fisher, S=S, G=G)
     new_S, new_G = {}, {}
+    for key, s, g in accumulator_updates(deltas, fisher, S, G, alpha, checked):
+        new_S[key], new_G[key] = s, g
+    return new_S, new_G
+
+
+def accumulator_updates(
+    deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: TensorDict, alpha, checked: bool = False
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """`update_accumulators` one key at a time: `(key, new S, new G)`, each computed when it is asked for, so that a
+    caller that replaces its S and G as it goes holds one key's old and new values at a time, not both whole sets."""
+    _check_same_keys(deltas, finite=not checked, fisher=fisher, S=S, G=G)
     for key, delta in deltas.items():
         a = alpha[key] if isinstance(alpha, Mapping) else alpha
         s, g = S[key], G[key]
@@ -179,9 +189,7 @@ def update_accumulators(
         a = a.to(acc) if isinstance(a, torch.Tensor) else a
         d = delta.to(s.device, acc)
         f = fisher[key].to(s.device, acc)
-        new_G[key] = (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
-        new_S[key] = (s32 + f).to(s.dtype)
-    return new_S, new_G
+        yield key, (s32 + f).to(s.dtype), (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
 
 
 def zeros_like_dict(

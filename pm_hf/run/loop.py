@@ -266,7 +266,7 @@ class ContinualLoop:
         with scale_active_adapter(self.model, point):
             fisher = estimate_fisher(self.model, data, self.stream.collate_fn, fa, keys=keys, seed=self.args.seed + t,
                                      show_progress=not self.args.disable_tqdm)  # fmt: skip
-        return normalize_fisher(fisher, fa.fisher_normalize)
+        return normalize_fisher(fisher, fa.fisher_normalize, inplace=True)  # the pass's own tensors
 
     @property
     def low_rank(self) -> bool:

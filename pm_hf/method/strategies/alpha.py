@@ -13,11 +13,11 @@ from ...data.streams import Task, TaskStream
 from ...distributed.sharding import scalar
 from ..merge import (
     AlphaChoice,
+    accumulator_updates,
     alpha_terms_by_key,
     cofima_weights,
     select_alpha,
     sum_terms,
-    update_accumulators,
     zeros_like_dict,
 )
 from .base import MergePlan, MergeStrategy, alpha_plan, constant, fraction, prefixed, register
@@ -94,9 +94,10 @@ class ClosedForm(MergeStrategy):
             choices = dict.fromkeys(deltas, chosen)
         per_key = self.alpha_granularity != "global"
         plan = alpha_plan(vector, choices, terms=terms, per_key=per_key, calibration=calibration)
-        new_S, new_G = update_accumulators(deltas, fisher, S, G, plan.alpha, checked=True)
-        self.S.update(new_S)
-        self.G.update(new_G)
+        # key by key, each old S and G let go as its new one is made (not both whole sets at once: the merge's peak)
+        for key, s, g in accumulator_updates(deltas, fisher, S, G, plan.alpha, checked=True):
+            self.S[key] = S[key] = s
+            self.G[key] = G[key] = g
         return plan
 
     def state_dict(self):
