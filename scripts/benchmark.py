@@ -519,6 +519,7 @@ COMPACT_KEYS = (
     "pre_merge_acc",
     "oracle_scores",
     "delta_norms",
+    "optimizer_steps",
     "timings",
     "fisher_traces",
     "calibrations",

@@ -40,8 +40,8 @@ def test_the_warnings_name_the_task_and_its_figures():
 
 def test_a_run_reports_the_rule_applied_to_its_own_figures(model_dir, tmp_path):
     """A learning rate of 1e-12 and one full batch per epoch: every logged loss is the same number to float precision;
-    results.json holds, per task, the within-task accuracy before the merge and the logged losses, and its warnings
-    are exactly the rule applied to them."""
+    results.json holds, per task, the within-task accuracy before the merge, the logged losses and the optimizer
+    steps, and its warnings are exactly the rule applied to them."""
     out = tmp_path / "run"
     config = groups(model_dir, out, learning_rate=1e-12, num_train_epochs=2, logging_steps=1,
                     class_groups=[[0, 1], [2, 3]], max_train_samples_per_class=4)  # fmt: skip
@@ -54,3 +54,4 @@ def test_a_run_reports_the_rule_applied_to_its_own_figures(model_dir, tmp_path):
         assert 0.0 <= results["pre_merge_til_acc"][t] <= 1.0
         expected += learning_warnings(name, results["pre_merge_til_acc"][t], 2, losses)
     assert results["warnings"] == expected
+    assert results["optimizer_steps"] == [2, 2]  # each task's own: 2 epochs of one batch (a loss logged at each)

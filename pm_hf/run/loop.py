@@ -192,7 +192,8 @@ class ContinualLoop:
         entry = task_entry(task, scores, pre, plan, delta_norm, trainer.branch_counts, timer.seconds)
         losses = {str(b): v for b, v in trainer.branch_losses().items()} if hasattr(trainer, "branch_losses") else None
         entry.update(trained["measured"], calibration=plan.calibration, branch_losses=losses, pre_merge_til_acc=within)
-        entry["train_losses"] = training_losses(trainer.state.log_history)  # as logged: one per logging window
+        # the losses as logged (one per logging window) and the task's own optimizer steps (the Trainer counts from 0)
+        entry.update(train_losses=training_losses(trainer.state.log_history), optimizer_steps=trainer.state.global_step)
         entry["warnings"] = learning_warnings(task.name, within, len(task.classes), entry["train_losses"])
         for warning in entry["warnings"]:
             logger.warning(warning)

@@ -32,6 +32,7 @@ PER_TASK = {
     "pre_merge_acc": "pre_merge_acc",
     "pre_merge_til_acc": "pre_merge_til_acc",
     "train_losses": "train_losses",
+    "optimizer_steps": "optimizer_steps",
     "oracle_scores": "oracle_scores",
     "alpha_terms": "terms",
     "delta_norms": "delta_norm",
