@@ -353,6 +353,8 @@ SUITES = {
     "text-cil-10": ROOT / "configs" / "bench_text_cil_10.yaml",
     "vision-cil-10": ROOT / "configs" / "bench_vision_cil_10.yaml",
     "llm-instruct": ROOT / "configs" / "llm_wordnet.yaml",  # needs scripts/convert_smollm2.py once; not in CI
+    # the LLM track in a realistic regime (issue 24): 100 optimizer steps per task; needs the same conversion
+    "llm-instruct-long": ROOT / "configs" / "llm_wordnet_long.yaml",
 }
 _NO_PERTURB = {"perturbation": "none"}
 # method -> (overrides of the suite config, one-line description). Baselines train without perturbation (as in the
@@ -386,6 +388,9 @@ METHODS: dict[str, tuple[dict, str]] = {
     "merge-only": ({"merge_method": "pm", **_NO_PERTURB}, "closed-form alpha, no perturbation"),
     "pm": ({"merge_method": "pm", "perturbation": "task_vector"}, "P&M as specified (closed form + task-vector eps)"),
     "pm-gaussian": ({"merge_method": "pm", "perturbation": "gaussian"}, "closed form + isotropic noise"),
+    # the perturbation's strength, for the LLM track's sweep (eps 0 is merge-only, eps 0.5 is pm)
+    "pm-eps-0.1": ({"merge_method": "pm", "perturbation": "task_vector", "perturb_eps": 0.1}, "P&M with eps 0.1"),
+    "pm-eps-0.25": ({"merge_method": "pm", "perturbation": "task_vector", "perturb_eps": 0.25}, "P&M with eps 0.25"),
     "oracle-alpha": (
         {"merge_method": "oracle-alpha", "perturbation": "task_vector"},
         "P&M training, alpha per task from a 0.1 grid by accuracy on the eval sets (upper bound)",

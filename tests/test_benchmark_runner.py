@@ -104,3 +104,16 @@ def test_alpha_table_bars_by_hand():
     expected = [f"{m} missing" for m in (*table.FLOOR, *table.RIVALS, table.ORACLE)]
     assert table.check_bars({"p": [1.0]}, "p") == expected
     assert table.check_bars({}, "p") == ["no p run"]
+
+
+def test_the_long_llm_suite_trains_100_steps_per_task_and_the_sweep_sets_eps(bench):
+    """`llm-instruct-long` (issue 24's LLM track): 4 tasks of 400 samples, 2 epochs of batch 8 = 100 optimizer steps per
+    task (the regime asks for at least 80), as the Trainer counts them; the sweep's methods set only eps."""
+    from pm_hf.commands.parsing import parse_config
+    from pm_hf.commands.preflight import optimizer_steps
+
+    suite = bench.SUITES["llm-instruct-long"]
+    for name, eps in (("pm", 0.5), ("pm-eps-0.25", 0.25), ("pm-eps-0.1", 0.1)):
+        data, args = parse_config(suite, bench._overrides(bench._resolve({**bench.METHODS[name][0]}, suite)))[1:3]
+        assert (args.perturbation, args.perturb_eps, len(data.task_datasets)) == ("task_vector", eps, 4)
+        assert optimizer_steps(data.max_train_samples, args) == 100
