@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from pm_hf.config.presets import RECOMMENDED_PRESET  # noqa: E402
 
-ACCURACY_SUITES = ("vision-cil", "text-cil", "vision-cil-10", "text-cil-10", "llm-instruct")
+ACCURACY_SUITES = ("vision-cil", "text-cil", "vision-cil-10", "text-cil-10", "llm-instruct", "llm-instruct-long")
 README_SUITES = ("vision-cil", "text-cil", "vision-cil-10", "text-cil-10")
 PRESET, ORACLE = RECOMMENDED_PRESET, "oracle-alpha-proto"
 BOUNDS = ("joint", "oracle-alpha", "oracle-alpha-proto")  # upper bounds, not methods
