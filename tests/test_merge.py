@@ -13,6 +13,7 @@ import torch
 from pm_hf.method.merge import (
     AlphaChoice,
     AlphaTerms,
+    accumulator_updates,
     alpha_terms,
     closed_form_alpha,
     select_alpha,
@@ -209,6 +210,11 @@ def test_update_accumulators_is_pure_and_checks_alpha():
     for bad in (math.nan, math.inf, {**{k: 0.5 for k in SHAPES}, "enc.q.bias": math.nan}):
         with pytest.raises(ValueError, match="alpha"):
             update_accumulators(delta, fisher, S, G, bad)
+    # key by key (as the closed form replaces S and G): a bad alpha on the last key stops it before the first is given
+    last_bad = {**{k: 0.5 for k in SHAPES}, list(SHAPES)[-1]: math.inf}
+    with pytest.raises(ValueError, match="alpha"):
+        next(accumulator_updates(delta, fisher, S, G, last_bad))
+    assert [k for k, _, _ in accumulator_updates(delta, fisher, S, G, 0.3)] == list(SHAPES)
 
 
 def test_per_parameter_alpha_accumulators_match_the_direct_sum():

@@ -171,25 +171,31 @@ def accumulator_updates(
     deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: TensorDict, alpha, checked: bool = False
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """`update_accumulators` one key at a time: `(key, new S, new G)`, each computed when it is asked for, so that a
-    caller that replaces its S and G as it goes holds one key's old and new values at a time, not both whole sets."""
+    caller that replaces its S and G as it goes holds one key's old and new values at a time, not both whole sets.
+    Every key's alpha is checked before the first is yielded: a caller never stops with S and G half replaced."""
     _check_same_keys(deltas, finite=not checked, fisher=fisher, S=S, G=G)
+    for key in deltas:
+        _check_alpha(alpha[key] if isinstance(alpha, Mapping) else alpha, key)
     for key, delta in deltas.items():
         a = alpha[key] if isinstance(alpha, Mapping) else alpha
         s, g = S[key], G[key]
-        if isinstance(a, torch.Tensor):  # per-parameter alpha: the same identity holds elementwise
-            if not all_finite(a):
-                raise ValueError(f"`alpha` for {key!r} has non-finite entries; pass the finite alpha that was applied.")
-            a = a.to(s.device, s.dtype)
-        else:
-            a = float(a)
-            if not math.isfinite(a):
-                raise ValueError(f"`alpha` for {key!r} is {a}; pass the finite alpha that was applied.")
+        # per-parameter alpha: the same identity holds elementwise
+        a = a.to(s.device, s.dtype) if isinstance(a, torch.Tensor) else float(a)
         acc = torch.promote_types(s.dtype, torch.float32)  # at least fp32, whatever the storage dtype
         s32, g32 = s.to(acc), g.to(acc)
         a = a.to(acc) if isinstance(a, torch.Tensor) else a
         d = delta.to(s.device, acc)
         f = fisher[key].to(s.device, acc)
         yield key, (s32 + f).to(s.dtype), (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
+
+
+def _check_alpha(a, key: str) -> None:
+    """The alpha applied to `key` (a float, or a per-parameter tensor) is finite (ValueError naming the key)."""
+    if isinstance(a, torch.Tensor):
+        if not all_finite(a):
+            raise ValueError(f"`alpha` for {key!r} has non-finite entries; pass the finite alpha that was applied.")
+    elif not math.isfinite(float(a)):
+        raise ValueError(f"`alpha` for {key!r} is {float(a)}; pass the finite alpha that was applied.")
 
 
 def zeros_like_dict(
