@@ -391,6 +391,12 @@ METHODS: dict[str, tuple[dict, str]] = {
     # the perturbation's strength, for the LLM track's sweep (eps 0 is merge-only, eps 0.5 is pm)
     "pm-eps-0.1": ({"merge_method": "pm", "perturbation": "task_vector", "perturb_eps": 0.1}, "P&M with eps 0.1"),
     "pm-eps-0.25": ({"merge_method": "pm", "perturbation": "task_vector", "perturb_eps": 0.25}, "P&M with eps 0.25"),
+    # the LLM track's candidate for its recommended settings (docs/results.md, llm-instruct-long): the closed form with
+    # each task's Fisher scaled to unit mean (every task weighs the same, its Fisher says where), no perturbation
+    "merge-only-fisher-mean": (
+        {"merge_method": "pm", "fisher_normalize": "mean", **_NO_PERTURB},
+        "closed-form alpha with each task's Fisher scaled to unit mean, no perturbation",
+    ),
     "oracle-alpha": (
         {"merge_method": "oracle-alpha", "perturbation": "task_vector"},
         "P&M training, alpha per task from a 0.1 grid by accuracy on the eval sets (upper bound)",

@@ -259,6 +259,13 @@ def llm_facts() -> str:
     return "\n".join(lines)
 
 
+def llm_eps_sweep() -> str:
+    """The eps sweep of both LLM suites (scripts/llm_figures.py)."""
+    import llm_figures
+
+    return llm_figures.eps_sweep(runs)
+
+
 def fisher_traces() -> str:
     """Largest / smallest task Fisher trace within a run (tasks that logged one), range over the runs of `pm` and
     `pm-secant-proto` (where they log `fisher_traces`), per class-incremental suite."""
@@ -406,6 +413,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:alpha-acc", alpha(0), "results/<suite>/runs (scripts/alpha_table.py)"),
     Figure("docs/results.md", "figure:alpha-loss", alpha(1), "results/<suite>/runs (scripts/alpha_table.py)"),
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),
+    Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
     Figure("docs/results.md", "figure:cost", cost_table, "results/cost/cost.json, results/cost/cost.md"),
     Figure("docs/results.md", "figure:cost-pipeline", cost_pipeline, "results/cost/cost.json"),
     Figure("docs/results.md", "figure:cost-state", cost_state, "results/cost/cost.json"),

@@ -117,3 +117,10 @@ def test_the_long_llm_suite_trains_100_steps_per_task_and_the_sweep_sets_eps(ben
         data, args = parse_config(suite, bench._overrides(bench._resolve({**bench.METHODS[name][0]}, suite)))[1:3]
         assert (args.perturbation, args.perturb_eps, len(data.task_datasets)) == ("task_vector", eps, 4)
         assert optimizer_steps(data.max_train_samples, args) == 100
+
+    # the LLM track's candidate differs from merge-only in the Fisher's normalisation only
+    def parsed(method):  # (PMConfig, FisherArguments) of the method on this suite
+        return parse_config(suite, bench._overrides(bench._resolve({**bench.METHODS[method][0]}, suite)))[2:5:2]
+
+    (args, fisher), (_, base) = parsed("merge-only-fisher-mean"), parsed("merge-only")
+    assert (args.perturbation, fisher.fisher_normalize, base.fisher_normalize) == ("none", "mean", "none")

@@ -110,3 +110,31 @@ def test_replace_block_keeps_the_rest_of_the_page():
         doc_figures.read_block("a <!-- /figure:x --> <!-- figure:x -->", "<!-- figure:x -->", "<!-- /figure:x -->")
         is None
     )
+
+
+def _llm_run(method, seed, alphas, norms, rouge, loss_forgetting, steps=100):
+    diag = [[rouge[t] if s == t else 0.0 for s in range(len(rouge))] for t in range(len(rouge))]
+    summaries = {"rougeL": {"final": 0.1, "forgetting": 0.05}, "eval_loss": {"forgetting": loss_forgetting}}
+    return {"method": method, "seed": seed, "alphas": alphas, "delta_norms": norms, "optimizer_steps": [steps] * 3,
+            "score_matrices": {"rougeL": diag}, "score_summaries": summaries}  # fmt: skip
+
+
+def test_llm_eps_sweep_by_hand():
+    """scripts/llm_figures.py: Σ α_t ‖τ_t‖ over tasks 2..T, the diagonal's mean over tasks 2..T, and the per-seed
+    pairs against merge-only, on runs whose figures are worked out by hand."""
+    import llm_figures
+
+    base = _llm_run("merge-only", 0, [1.0, 0.5, 0.25], [9.0, 4.0, 8.0], [0.9, 0.2, 0.4], 0.2)
+    assert llm_figures.merge_length(base) == 0.5 * 4 + 0.25 * 8  # task 1's 9.0 is not counted
+    assert llm_figures.new_task_score(base) == pytest.approx(0.3)  # (0.2 + 0.4) / 2, task 1's 0.9 not counted
+    longer = _llm_run("pm", 0, [1.0, 0.5, 0.25], [9.0, 6.0, 8.0], [0.9, 0.2, 0.4], 0.1)  # more moved, less forgot
+    other_seed = _llm_run("pm", 1, [1.0, 0.5, 0.25], [9.0, 6.0, 8.0], [0.9, 0.2, 0.4], 0.3)  # no eps-0 pair
+    runs = {"merge-only": [base], "pm": [longer, other_seed]}
+    assert llm_figures.paired(runs, "pm") == "1 / 0 of 1"
+    table = llm_figures.eps_sweep(lambda suite: runs if suite == "llm-instruct-long" else {})
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    # eps, seeds, mean ‖τ_t‖ over tasks 2..T, Σ α_t ‖τ_t‖ (the two pm runs are alike)
+    assert [(r[1], r[2], r[7], r[8]) for r in rows] == [("0.0", "1", "6.00", "4.00"), ("0.5", "2", "7.00", "5.00")]
+    short = _llm_run("pm", 2, [1.0, 0.5, 0.25], [9.0, 6.0, 8.0], [0.9, 0.2, 0.4], 0.3, steps=20)
+    with pytest.raises(ValueError, match="optimizer_steps"):  # a 20-step run among the 100-step suite's runs
+        llm_figures.eps_sweep(lambda suite: {"pm": [short]} if suite == "llm-instruct-long" else {})

@@ -1,0 +1,99 @@
+"""The LLM track's eps sweep, from the committed run JSONs of `llm-instruct` (20 optimizer steps per task) and
+`llm-instruct-long` (100): what the perturbation's strength does to forgetting, to the new task, and to the length of
+the task vectors that the merges add (issue 24, item 3). Runs nothing; `scripts/doc_figures.py` writes the table into
+docs/results.md (`figure:llm-eps-sweep`).
+
+    python scripts/llm_figures.py     # print the table
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+# the runner's methods of the sweep and their eps (scripts/benchmark.py METHODS: merge-only is eps 0, pm is 0.5)
+SWEEP = {"merge-only": 0.0, "pm-eps-0.1": 0.1, "pm-eps-0.25": 0.25, "pm": 0.5}
+# optimizer steps per task of each suite's config (160 samples / batch 8, 1 epoch; 400 / 8, 2 epochs); runs that
+# record `optimizer_steps` are checked against it
+SUITES = {"llm-instruct": 20, "llm-instruct-long": 100}
+
+
+def load_runs(suite: str, results: Path = RESULTS) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for path in sorted((results / suite / "runs").glob("*/seed*.json")):
+        run = json.loads(path.read_text(encoding="utf-8"))
+        out.setdefault(run["method"], []).append(run)
+    return out
+
+
+def merge_length(run: dict) -> float:
+    """sum over tasks 2..T of alpha_t * ||tau_t||: how much task vector the merges after the first add."""
+    return sum(a * n for a, n in zip(run["alphas"][1:], run["delta_norms"][1:], strict=True))
+
+
+def new_task_score(run: dict, metric: str = "rougeL") -> float:
+    """The mean over tasks 2..T of each task's own score right after its merge (the matrix's diagonal)."""
+    m = run["score_matrices"][metric]
+    return statistics.mean(m[t][t] for t in range(1, len(m)))
+
+
+def run_facts(run: dict) -> dict[str, float]:
+    s = run["score_summaries"]
+    return {
+        "final": s["rougeL"]["final"],
+        "forgetting": s["rougeL"]["forgetting"],
+        "loss_forgetting": s["eval_loss"]["forgetting"],
+        "new_task": new_task_score(run),
+        "tau": statistics.mean(run["delta_norms"][1:]),
+        "moved": merge_length(run),
+    }
+
+
+def _steps(suite: str, method_runs: list[dict]) -> int:
+    steps = SUITES[suite]
+    for run in method_runs:
+        recorded = set(run.get("optimizer_steps") or [steps])
+        if recorded != {steps}:
+            raise ValueError(f"{suite} {run['method']} seed {run['seed']}: optimizer_steps {recorded}, not {steps}")
+    return steps
+
+
+def paired(suite_runs: dict[str, list[dict]], method: str) -> str:
+    """Seeds where `method` and merge-only (eps 0) both ran: in how many did each figure rise with the eps."""
+    base = {r["seed"]: run_facts(r) for r in suite_runs.get("merge-only", [])}
+    pairs = [(base[r["seed"]], run_facts(r)) for r in suite_runs.get(method, []) if r["seed"] in base]
+    if not pairs:
+        return "—"
+    rose = {k: sum(p[k] > b[k] for b, p in pairs) for k in ("moved", "loss_forgetting")}
+    return f"{rose['moved']} / {rose['loss_forgetting']} of {len(pairs)}"
+
+
+def eps_sweep(runs: Callable[[str], dict[str, list[dict]]] = load_runs) -> str:
+    lines = [
+        "| steps per task | eps | seeds | ROUGE-L final | ROUGE-L forgetting | eval-loss forgetting (nats) | "
+        "new task's ROUGE-L after its merge (tasks 2-4) | mean ‖τ_t‖ (tasks 2-4) | Σ α_t ‖τ_t‖ (tasks 2-4) | "
+        "seeds where Σ α‖τ‖ / eval-loss forgetting exceed eps 0's |",
+        "|---" * 10 + "|",
+    ]
+    for suite in SUITES:
+        suite_runs = runs(suite)
+        for method, eps in SWEEP.items():
+            method_runs = suite_runs.get(method, [])
+            if not method_runs:
+                continue
+            facts = [run_facts(r) for r in method_runs]
+            mean = {k: statistics.mean(f[k] for f in facts) for k in facts[0]}
+            lines.append(
+                f"| {_steps(suite, method_runs)} | {eps} | {len(facts)} | {100 * mean['final']:.1f} | "
+                f"{100 * mean['forgetting']:.1f} | {mean['loss_forgetting']:.3f} | {100 * mean['new_task']:.1f} | "
+                f"{mean['tau']:.2f} | {mean['moved']:.2f} | {'—' if eps == 0 else paired(suite_runs, method)} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(print(eps_sweep()))
