@@ -516,6 +516,8 @@ METHODS: dict[str, tuple[dict, str]] = {
         "(the linear head trained per task)",
     ),
 }
+# suite -> the method its measurements recommend, named in its summary.json (docs/results.md says why)
+RECOMMENDED: dict[str, str] = {}
 COMPACT_KEYS = (
     "tasks",
     "accuracy_matrix",
@@ -654,8 +656,9 @@ def _seen_curve(run: dict) -> list[float]:
     return [seen_accuracy(row[: t + 1], sizes[: t + 1]) for t, row in enumerate(run["accuracy_matrix"])]
 
 
-def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
-    """Aggregate every finished run under `out/runs` into summary.json, table.md and curves.png."""
+def summarize_accuracy(out: Path, order: list[str] | None = None, recommended: str | None = None) -> dict:
+    """Aggregate every finished run under `out/runs` into summary.json, table.md and curves.png; summary.json also
+    names the suite's `recommended` method (`RECOMMENDED`), which must have runs. Returns the methods' rows."""
     runs: dict[str, list[dict]] = {}
     for path in sorted((out / "runs").glob("*/seed*.json")):
         run = json.loads(path.read_text())
@@ -678,8 +681,11 @@ def summarize_accuracy(out: Path, order: list[str] | None = None) -> dict:
             [sum(t.get("head_align", 0.0) for t in r["timings"]) / sum(t["train"] for t in r["timings"]) for r in rs]
         )[0]
         summary[m] = row
+    if recommended is not None and recommended not in summary:
+        raise ValueError(f"the recommended method {recommended!r} has no runs under {out / 'runs'}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    named = {} if recommended is None else {"recommended": recommended}
+    (out / "summary.json").write_text(json.dumps({**summary, **named}, indent=1))
 
     def cell(v):
         return "—" if v is None or not math.isfinite(v["mean"]) else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}"
@@ -765,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
             run_accuracy(
                 SUITES[args.suite], methods, list(range(args.first_seed, args.seeds)), out, work, {"disable_tqdm": True}
             )
-        summary = summarize_accuracy(out)
+        summary = summarize_accuracy(out, recommended=RECOMMENDED.get(args.suite))
         if args.docs and not update_results_doc(args.suite, out):
             print(f"{RESULTS_DOC.relative_to(ROOT)} has no <!-- results:{args.suite} --> block; not updated")
         print((out / "table.md").read_text())

@@ -87,6 +87,12 @@ def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, 
     table_md = (out / "table.md").read_text()
     assert table_md.count("\n") == 4 and "| average |" in table_md
     assert (out / "curves.png").stat().st_size > 1000
+    assert "recommended" not in json.loads((out / "summary.json").read_text())
+    bench.summarize_accuracy(out, recommended="average")  # a suite's recommended method is named in summary.json
+    assert json.loads((out / "summary.json").read_text())["recommended"] == "average"
+    assert (out / "table.md").read_text() == table_md  # the table is the same
+    with pytest.raises(ValueError, match="'pm' has no runs"):
+        bench.summarize_accuracy(out, recommended="pm")
 
 
 def test_alpha_table_bars_by_hand():
