@@ -266,6 +266,13 @@ def llm_eps_sweep() -> str:
     return llm_figures.eps_sweep(runs)
 
 
+def llm_bar() -> str:
+    """Item 3's table and bar on llm-instruct-long (scripts/llm_figures.py)."""
+    import llm_figures
+
+    return llm_figures.llm_table(llm_figures.CANDIDATE, runs=runs)
+
+
 def fisher_traces() -> str:
     """Largest / smallest task Fisher trace within a run (tasks that logged one), range over the runs of `pm` and
     `pm-secant-proto` (where they log `fisher_traces`), per class-incremental suite."""
@@ -414,6 +421,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:alpha-loss", alpha(1), "results/<suite>/runs (scripts/alpha_table.py)"),
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),
     Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
+    Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),
     Figure("docs/results.md", "figure:cost", cost_table, "results/cost/cost.json, results/cost/cost.md"),
     Figure("docs/results.md", "figure:cost-pipeline", cost_pipeline, "results/cost/cost.json"),
     Figure("docs/results.md", "figure:cost-state", cost_state, "results/cost/cost.json"),

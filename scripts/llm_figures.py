@@ -1,9 +1,9 @@
 """The LLM track's eps sweep, from the committed run JSONs of `llm-instruct` (20 optimizer steps per task) and
 `llm-instruct-long` (100): what the perturbation's strength does to forgetting, to the new task, and to the length of
-the task vectors that the merges add (issue 24, item 3). Runs nothing; `scripts/doc_figures.py` writes the table into
-docs/results.md (`figure:llm-eps-sweep`).
+the task vectors that the merges add; and item 3's table with its bar (issue 24). Runs nothing; `scripts/doc_figures.py`
+writes both into docs/results.md (`figure:llm-eps-sweep`, `figure:llm-bar`).
 
-    python scripts/llm_figures.py     # print the table
+    python scripts/llm_figures.py [METHOD]    # print both (METHOD: the candidate, default merge-only-fisher-mean)
 """
 
 from __future__ import annotations
@@ -95,5 +95,73 @@ def eps_sweep(runs: Callable[[str], dict[str, list[dict]]] = load_runs) -> str:
     return "\n".join(lines)
 
 
+# item 3's bar: the recommended settings forget no more than these, at a final score no worse than theirs (3 seeds)
+BAR_AGAINST = ("merge-only", "average")
+TABLE = ("pm", "merge-only", "average", "seq", "osf", "olora")  # the table's other rows
+CANDIDATE = "merge-only-fisher-mean"  # the LLM recommended settings' candidate (docs/results.md says why)
+
+
+def bar(suite_runs: dict[str, list[dict]], recommended: str) -> list[str]:
+    """What fails item 3's bar, on the means over each method's seeds (ROUGE-L final and forgetting, eval-loss
+    forgetting); [] when it is met. Fewer than 3 seeds of a method is a failure too."""
+    means = {
+        m: {
+            k: statistics.mean(run_facts(r)[k] for r in suite_runs[m])
+            for k in ("final", "forgetting", "loss_forgetting")
+        }
+        for m in (recommended, *BAR_AGAINST)
+        if suite_runs.get(m)
+    }
+    problems = [
+        f"{m}: {len(suite_runs.get(m, []))} seeds"
+        for m in (recommended, *BAR_AGAINST)
+        if len(suite_runs.get(m, [])) < 3
+    ]
+    if recommended not in means:
+        return problems
+    mine = means[recommended]
+    for m in BAR_AGAINST:
+        if m not in means:
+            continue
+        if mine["final"] < means[m]["final"]:
+            problems.append(f"ROUGE-L final {100 * mine['final']:.1f} < {m}'s {100 * means[m]['final']:.1f}")
+        if mine["forgetting"] > means[m]["forgetting"]:
+            problems.append(
+                f"ROUGE-L forgetting {100 * mine['forgetting']:.1f} > {m}'s {100 * means[m]['forgetting']:.1f}"
+            )
+        if mine["loss_forgetting"] > means[m]["loss_forgetting"]:
+            problems.append(
+                f"eval-loss forgetting {mine['loss_forgetting']:.3f} > {m}'s {means[m]['loss_forgetting']:.3f}"
+            )
+    return problems
+
+
+def llm_table(recommended: str, suite: str = "llm-instruct-long", runs=load_runs) -> str:
+    """Item 3's table: the candidate for the recommended settings and the rows it is compared with, means over seeds,
+    and the bar; the candidate is called recommended only where it meets the bar."""
+    suite_runs = runs(suite)
+    lines = [
+        "| method | seeds | ROUGE-L final | ROUGE-L forgetting | eval-loss forgetting (nats) | exact match final |",
+        "|---|---|---|---|---|---|",
+    ]
+    problems = bar(suite_runs, recommended)
+    label = {recommended: f"{recommended} ({'the candidate' if problems else 'recommended'})"}
+    for m in (recommended, *TABLE):
+        rs = suite_runs.get(m)
+        if not rs:
+            lines.append(f"| {label.get(m, m)} | — | — | — | — | — |")
+            continue
+        f = {k: statistics.mean(run_facts(r)[k] for r in rs) for k in ("final", "forgetting", "loss_forgetting")}
+        em = statistics.mean(r["score_summaries"]["exact_match"]["final"] for r in rs)
+        lines.append(
+            f"| {label.get(m, m)} | {', '.join(str(r['seed']) for r in rs)} | {100 * f['final']:.1f} | "
+            f"{100 * f['forgetting']:.1f} | {f['loss_forgetting']:.3f} | {100 * em:.1f} |"
+        )
+    verdict = "met" if not problems else "not met: " + "; ".join(problems)
+    return "\n".join([*lines, "", f"Item 3's bar (against {' and '.join(BAR_AGAINST)}, means over seeds): {verdict}."])
+
+
 if __name__ == "__main__":
-    sys.exit(print(eps_sweep()))
+    print(eps_sweep())
+    print()
+    sys.exit(print(llm_table(sys.argv[1] if len(sys.argv) > 1 else CANDIDATE)))

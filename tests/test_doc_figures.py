@@ -138,3 +138,26 @@ def test_llm_eps_sweep_by_hand():
     short = _llm_run("pm", 2, [1.0, 0.5, 0.25], [9.0, 6.0, 8.0], [0.9, 0.2, 0.4], 0.3, steps=20)
     with pytest.raises(ValueError, match="optimizer_steps"):  # a 20-step run among the 100-step suite's runs
         llm_figures.eps_sweep(lambda suite: {"pm": [short]} if suite == "llm-instruct-long" else {})
+
+
+def test_llm_bar_by_hand():
+    """Item 3's bar: the candidate's means over 3 seeds against merge-only's and average's; each shortfall named."""
+    import llm_figures
+
+    def three(method, final, forgetting, loss_forgetting):
+        runs = [_llm_run(method, s, [1.0, 0.5], [1.0, 1.0], [0.1, 0.1], loss_forgetting) for s in range(3)]
+        for r in runs:
+            r["score_summaries"]["rougeL"] = {"final": final, "forgetting": forgetting}
+        return runs
+
+    runs = {"c": three("c", 0.13, 0.06, 0.20), "merge-only": three("merge-only", 0.12, 0.07, 0.24),
+            "average": three("average", 0.13, 0.06, 0.21)}  # fmt: skip
+    assert llm_figures.bar(runs, "c") == []  # ties with average count as met
+    runs["average"] = three("average", 0.14, 0.05, 0.19)
+    assert llm_figures.bar(runs, "c") == [
+        "ROUGE-L final 13.0 < average's 14.0",
+        "ROUGE-L forgetting 6.0 > average's 5.0",
+        "eval-loss forgetting 0.200 > average's 0.190",
+    ]
+    runs["c"] = runs["c"][:2]
+    assert llm_figures.bar(runs, "c")[0] == "c: 2 seeds"
