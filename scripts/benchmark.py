@@ -517,7 +517,7 @@ METHODS: dict[str, tuple[dict, str]] = {
     ),
 }
 # suite -> the method its measurements recommend, named in its summary.json (docs/results.md says why)
-RECOMMENDED: dict[str, str] = {}
+RECOMMENDED: dict[str, str] = {"llm-instruct-long": "merge-only-fisher-mean"}
 COMPACT_KEYS = (
     "tasks",
     "accuracy_matrix",
