@@ -6,11 +6,11 @@
   (`head_align: prototypes`, `head_align_drift: sdc`). After each merge every seen class's head row is refitted on
   pseudo-features drawn from per-class feature means (moved along the feature drift measured on the new task's
   data) and one shared covariance, kept in the continual state (fixed size, no old data). The merged backbone is
-  exactly `pm`'s; only the head changes. Causal LMs have no class head: use `pm` for them. Measurements:
-  docs/results.md.
+  exactly `pm`'s; only the head changes. Causal LMs have no class head: for them docs/llm.md gives the measured
+  recommended settings (`pm` with `perturbation: none`, `fisher_normalize: mean`). Measurements: docs/results.md.
 - `pm-validated` (recommended for class-incremental classifiers): `pm-proto`'s training and head, with alpha chosen
   per task by `validated-alpha` (an estimate of the accuracy over all seen classes from the task's held-out training
-  data and the drift-widened class statistics; no eval data, docs/method.md). Causal LMs: use `pm`.
+  data and the drift-widened class statistics; no eval data, docs/method.md). Causal LMs: docs/llm.md.
 """
 
 from __future__ import annotations
