@@ -73,6 +73,7 @@ def paired(suite_runs: dict[str, list[dict]], method: str) -> str:
 
 
 def eps_sweep(runs: Callable[[str], dict[str, list[dict]]] = load_runs) -> str:
+    """One row per suite and eps, means over the seeds that every eps of that suite ran."""
     lines = [
         "| steps per task | eps | seeds | ROUGE-L final | ROUGE-L forgetting | eval-loss forgetting (nats) | "
         "new task's ROUGE-L after its merge (tasks 2-4) | mean ‖τ_t‖ (tasks 2-4) | Σ α_t ‖τ_t‖ (tasks 2-4) | "
@@ -81,8 +82,10 @@ def eps_sweep(runs: Callable[[str], dict[str, list[dict]]] = load_runs) -> str:
     ]
     for suite in SUITES:
         suite_runs = runs(suite)
+        ran = [{r["seed"] for r in suite_runs[m]} for m in SWEEP if suite_runs.get(m)]
+        common = set.intersection(*ran) if ran else set()  # like with like: the seeds every eps of the suite ran
         for method, eps in SWEEP.items():
-            method_runs = suite_runs.get(method, [])
+            method_runs = [r for r in suite_runs.get(method, []) if r["seed"] in common]
             if not method_runs:
                 continue
             facts = [run_facts(r) for r in method_runs]
