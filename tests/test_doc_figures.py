@@ -3,6 +3,7 @@ results (results/<suite>/, results/cost/, the memory formula): a block that diff
 After a benchmark, `python scripts/doc_figures.py` rewrites the blocks."""
 
 import importlib.util
+import json
 import re
 import shutil
 import sys
@@ -161,3 +162,13 @@ def test_llm_bar_by_hand():
     ]
     runs["c"] = runs["c"][:2]
     assert llm_figures.bar(runs, "c")[0] == "c: 2 seeds"
+
+
+def test_the_named_llm_recommendation_meets_its_bar():
+    """summary.json names a recommended LLM method (scripts/benchmark.py RECOMMENDED) only where the committed runs
+    meet item 3's bar: if a rerun or a new seed breaks it, this fails."""
+    import llm_figures
+
+    named = json.loads((ROOT / "results" / "llm-instruct-long" / "summary.json").read_text())["recommended"]
+    assert named == llm_figures.CANDIDATE
+    assert llm_figures.bar(doc_figures.runs("llm-instruct-long"), named) == []
