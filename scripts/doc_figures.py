@@ -273,6 +273,13 @@ def llm_bar() -> str:
     return llm_figures.llm_table(llm_figures.CANDIDATE, runs=runs)
 
 
+def llm_length_test() -> str:
+    """The length test of the LLM track (scripts/llm_length_test.py, its committed JSON per seed)."""
+    import llm_figures
+
+    return llm_figures.length_table(llm_figures.load_length_tests(RESULTS))
+
+
 def fisher_traces() -> str:
     """Largest / smallest task Fisher trace within a run (tasks that logged one), range over the runs of `pm` and
     `pm-secant-proto` (where they log `fisher_traces`), per class-incremental suite."""
@@ -422,6 +429,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),
     Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
     Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),
+    Figure("docs/results.md", "figure:llm-length-test", llm_length_test, "results/llm-instruct-long/length_test"),
     Figure("docs/results.md", "figure:cost", cost_table, "results/cost/cost.json, results/cost/cost.md"),
     Figure("docs/results.md", "figure:cost-pipeline", cost_pipeline, "results/cost/cost.json"),
     Figure("docs/results.md", "figure:cost-state", cost_state, "results/cost/cost.json"),

@@ -164,7 +164,57 @@ def llm_table(recommended: str, suite: str = "llm-instruct-long", runs=load_runs
     return "\n".join([*lines, "", f"Item 3's bar (against {' and '.join(BAR_AGAINST)}, means over seeds): {verdict}."])
 
 
+# scripts/llm_length_test.py's variants, in the table's order: the runs as they ran, then each at the other's lengths
+LENGTH_VARIANTS = ("pm", "merge-only", "pm at merge-only's length", "merge-only at pm's length")
+
+
+def load_length_tests(results: Path = RESULTS) -> list[dict]:
+    paths = sorted((results / "llm-instruct-long" / "length_test").glob("seed*.json"))
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def gap_closed(test: dict) -> float:
+    """The share of pm's extra eval-loss forgetting over merge-only that giving pm's vectors merge-only's lengths
+    removes: (F_pm - F_pm,rescaled) / (F_pm - F_mo); 1 when the length is the whole cause, 0 when it is none."""
+    f = {name: v["summary"]["forgetting"] for name, v in test["variants"].items()}
+    return (f["pm"] - f["pm at merge-only's length"]) / (f["pm"] - f["merge-only"])
+
+
+def length_table(tests: list[dict]) -> str:
+    """The length test's table, means over the seeds tested (scripts/llm_length_test.py)."""
+    if not tests:
+        return "(no length test committed)"
+    lines = [
+        "| merged model | seeds | Σ α_t ‖τ_t‖ (tasks 2-4) | eval-loss forgetting (nats) | task 1's eval loss after "
+        "task 2's merge, rise (nats) | new task's eval loss after its merge (tasks 2-4) |",
+        "|---|---|---|---|---|---|",
+    ]
+    seeds = ", ".join(str(t["seed"]) for t in tests)
+    for name in LENGTH_VARIANTS:
+        vs = [t["variants"][name] for t in tests]
+
+        def mean(f, vs=vs):
+            return statistics.mean(f(v) for v in vs)
+
+        lines.append(
+            f"| {name} | {seeds} | {mean(lambda v: v['merge_length']):.2f} | "
+            f"{mean(lambda v: v['summary']['forgetting']):.3f} | "
+            f"{mean(lambda v: v['eval_loss'][1][0] - v['eval_loss'][0][0]):.3f} | "
+            f"{mean(lambda v: statistics.mean(v['eval_loss'][t][t] for t in range(1, len(v['eval_loss'])))):.3f} |"
+        )
+    shares = ", ".join(f"{100 * gap_closed(t):.0f}%" for t in tests)
+    worst = max(max(t["rebuild_max_abs_diff"].values()) for t in tests)
+    lines += [
+        "",
+        f"Share of pm's extra eval-loss forgetting removed by merge-only's lengths, per seed ({seeds}): "
+        f"{shares}. The rebuilt `pm` and `merge-only` matrices equal the runs' own within {worst:.0e} nats.",
+    ]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(eps_sweep())
+    print()
+    print(length_table(load_length_tests()))
     print()
     sys.exit(print(llm_table(sys.argv[1] if len(sys.argv) > 1 else CANDIDATE)))
