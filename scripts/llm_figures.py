@@ -173,11 +173,14 @@ def load_length_tests(results: Path = RESULTS) -> list[dict]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
 
 
-def gap_closed(test: dict) -> float:
-    """The share of pm's extra eval-loss forgetting over merge-only that giving pm's vectors merge-only's lengths
-    removes: (F_pm - F_pm,rescaled) / (F_pm - F_mo); 1 when the length is the whole cause, 0 when it is none."""
+def length_shares(test: dict) -> tuple[float, float]:
+    """The share of pm's extra eval-loss forgetting over merge-only (F_pm - F_mo) that the lengths account for, both
+    ways: removed by giving pm's vectors merge-only's lengths, (F_pm - F_pm,rescaled) / (F_pm - F_mo), and added by
+    giving merge-only's vectors pm's lengths, (F_mo,rescaled - F_mo) / (F_pm - F_mo). 1 when the length is the
+    whole cause, 0 when it is none."""
     f = {name: v["summary"]["forgetting"] for name, v in test["variants"].items()}
-    return (f["pm"] - f["pm at merge-only's length"]) / (f["pm"] - f["merge-only"])
+    gap = f["pm"] - f["merge-only"]
+    return (f["pm"] - f["pm at merge-only's length"]) / gap, (f["merge-only at pm's length"] - f["merge-only"]) / gap
 
 
 def length_table(tests: list[dict]) -> str:
@@ -202,12 +205,18 @@ def length_table(tests: list[dict]) -> str:
             f"{mean(lambda v: v['eval_loss'][1][0] - v['eval_loss'][0][0]):.3f} | "
             f"{mean(lambda v: statistics.mean(v['eval_loss'][t][t] for t in range(1, len(v['eval_loss'])))):.3f} |"
         )
-    shares = ", ".join(f"{100 * gap_closed(t):.0f}%" for t in tests)
+    shares = [length_shares(t) for t in tests]
+    removed = ", ".join(f"{100 * r:.0f}%" for r, _ in shares)
+    added = ", ".join(f"{100 * a:.0f}%" for _, a in shares)
     worst = max(max(t["rebuild_max_abs_diff"].values()) for t in tests)
     lines += [
         "",
-        f"Share of pm's extra eval-loss forgetting removed by merge-only's lengths, per seed ({seeds}): "
-        f"{shares}. The rebuilt `pm` and `merge-only` matrices equal the runs' own within {worst:.0e} nats.",
+        f"The share of pm's extra eval-loss forgetting (over merge-only's) that the lengths account for, per seed "
+        f"({seeds}): removed from pm by merge-only's lengths {removed}; added to merge-only by pm's lengths {added}. "
+        f"The rebuilt `pm` and `merge-only` matrices equal the runs' own within {worst:.0e} nats. cos(τ_t of pm, "
+        f"τ_t of merge-only) per task, mean over the seeds: "
+        + ", ".join(f"{statistics.mean(t['cosines'][k] for t in tests):.2f}" for k in range(len(tests[0]["cosines"])))
+        + " (task 1 trains from the same θ_0 on the same batches in both runs).",
     ]
     return "\n".join(lines)
 

@@ -82,3 +82,17 @@ def test_committed_length_tests_rebuild_the_committed_runs():
         sizes = runs["pm"]["eval_sizes"]
         for v in test["variants"].values():
             assert v["summary"] == pytest.approx(score_summary("eval_loss", v["eval_loss"], sizes))
+
+
+def test_length_shares_by_hand():
+    """scripts/llm_figures.py: the share of pm's extra forgetting the lengths account for, both ways."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import llm_figures
+
+    f = {"pm": 0.5, "merge-only": 0.1, "pm at merge-only's length": 0.4, "merge-only at pm's length": 0.2}
+    test = {"variants": {name: {"summary": {"forgetting": v}} for name, v in f.items()}}
+    # gap 0.4: merge-only's lengths take 0.1 off pm (25%), pm's lengths add 0.1 to merge-only (25%)
+    assert llm_figures.length_shares(test) == (pytest.approx(0.25), pytest.approx(0.25))
+    f["pm at merge-only's length"] = 0.1  # the length is the whole cause
+    test = {"variants": {name: {"summary": {"forgetting": v}} for name, v in f.items()}}
+    assert llm_figures.length_shares(test)[0] == pytest.approx(1.0)
