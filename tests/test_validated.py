@@ -165,3 +165,30 @@ def test_reused_features_are_those_a_pass_takes(model_dir, tmp_path, monkeypatch
         assert reused[key] == passes[key]
     stats, other_stats = alignment_of(loop).stats, alignment_of(other).stats  # the class statistics kept: exactly
     assert stats.keys() == other_stats.keys() and all(torch.equal(stats[k], other_stats[k]) for k in stats)
+
+
+@pytest.mark.slow  # two 3-task runs
+def test_logging_the_eval_score_beside_the_estimate_changes_nothing(model_dir, tmp_path):
+    """`validation_log_eval` (diagnostics) logs, beside each scanned alpha's estimate, the eval-split score of that
+    merge with the head the run would align there; the run (every alpha, every score, the class statistics) is the
+    same as without it, and the logged score of the chosen alpha is the accuracy the run then measures."""
+    plain_loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "plain", **VALIDATED)))
+    plain = plain_loop.run()
+    logged_loop = build_loop(
+        RunConfig(*groups(model_dir, tmp_path / "logged", **VALIDATED, merge_parameters={"validation_log_eval": True}))
+    )
+    logged = logged_loop.run()
+    for key in ("alphas", "accuracy_matrix"):
+        assert logged[key] == plain[key]
+    stats, plain_stats = alignment_of(logged_loop).stats, alignment_of(plain_loop).stats
+    assert all(torch.equal(stats[k], plain_stats[k]) for k in stats)
+    sizes = [len(task.eval) for task in logged_loop.stream.tasks]
+    for t in range(1, len(sizes)):
+        grid = logged["calibrations"][t]["grid"]
+        assert all("eval" not in m for m in plain["calibrations"][t]["grid"].values())
+        assert [{k: v for k, v in m.items() if k != "eval"} for m in grid.values()] == list(
+            plain["calibrations"][t]["grid"].values()
+        )
+        row = logged["accuracy_matrix"][t][: t + 1]  # the seen tasks after merge t, weighted by their eval sizes
+        seen = sum(a * n for a, n in zip(row, sizes)) / sum(sizes[: t + 1])
+        assert grid[str(logged["alphas"][t])]["eval"] == pytest.approx(seen, abs=1e-9)

@@ -57,6 +57,11 @@ def _stop_se(name, value) -> None:
         raise invalid(name, value, "give a number of standard errors >= 1 (the choice's own margin), e.g. 2.")
 
 
+def _flag(name, value) -> None:
+    if not isinstance(value, bool):
+        raise invalid(name, value, "give true or false.")
+
+
 @register
 class ValidatedAlpha(MergeStrategy):
     name = "validated-alpha"
@@ -70,6 +75,12 @@ class ValidatedAlpha(MergeStrategy):
         Knob("validation_samples", 256, _count, "the task's training samples a trial's head alignment sees"),
         Knob("validation_patience", 1, _patience, "stop the scan after this many points in a row far below the best"),
         Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
+        Knob(
+            "validation_log_eval",
+            False,
+            _flag,
+            "diagnostics: also log each scanned alpha's score on the eval splits (after the choice; never read by it)",
+        ),  # fmt: skip
         "head_align",
         "head_align_drift",
     )
@@ -95,5 +106,15 @@ class ValidatedAlpha(MergeStrategy):
             raise ValueError("merge strategy 'validated-alpha' needs the loop's validation estimate")
         alphas = scan(self.validation_grid, estimate, int(self.validation_patience), float(self.validation_stop_se))
         best = one_se_choice({a: m["estimate"] for a, m in alphas.items()}, {a: m["se"] for a, m in alphas.items()})
+        if self.validation_log_eval:  # what the estimate stands for, beside it: the oracle's score of the same merge
+            self._log_eval(context, alphas)
         info = {"method": self.name, "alpha": best, "grid": {str(a): m for a, m in alphas.items()}}
         return alpha_plan(vector, constant(vector.deltas, best), calibration=info)
+
+    @staticmethod
+    def _log_eval(context, alphas: dict[float, dict]) -> None:
+        score = context.score
+        if score is None:
+            raise ValueError("validation_log_eval needs the run's eval splits (the oracle's score of a merge)")
+        for alpha, measured in alphas.items():
+            measured["eval"] = score(alpha)
