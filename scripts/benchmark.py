@@ -487,10 +487,11 @@ METHODS: dict[str, tuple[dict, str]] = {
         "P&M training + the prototype head; alpha per task from an accuracy estimate on held-out training data and "
         "drift-widened class statistics (no eval data)",
     ),
-    # diagnostics, not a method: pm-validated's very run, each scanned alpha's eval score logged beside its estimate
+    # diagnostics, not a method: pm-validated with the whole grid scanned (the same choices on every committed merge,
+    # scripts/validation_scan.py) and each alpha's eval score logged beside its estimate
     "pm-validated-diag": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_log_eval": True}},
-        "pm-validated, logging each scanned alpha's eval-split score beside its estimate (diagnostics; the same run)",
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_log_eval": True, "validation_patience": 0}},
+        "pm-validated scanning the whole grid, each alpha's eval-split score logged beside its estimate (diagnostics)",
     ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
