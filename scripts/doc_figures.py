@@ -273,6 +273,13 @@ def llm_bar() -> str:
     return llm_figures.llm_table(llm_figures.CANDIDATE, runs=runs)
 
 
+def validation_truth() -> str:
+    """validated-alpha's estimate against the eval scores it stands for (scripts/validation_truth.py)."""
+    import validation_truth
+
+    return validation_truth.table(validation_truth.SUITES, RESULTS)
+
+
 def llm_length_test() -> str:
     """The length test of the LLM track (scripts/llm_length_test.py, its committed JSON per seed)."""
     import llm_figures
@@ -429,6 +436,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),
     Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
     Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),
+    Figure("docs/results.md", "figure:validation-truth", validation_truth, "results/*/validation_truth"),
     Figure("docs/results.md", "figure:llm-length-test", llm_length_test, "results/llm-instruct-long/length_test"),
     Figure("docs/results.md", "figure:cost", cost_table, "results/cost/cost.json, results/cost/cost.md"),
     Figure("docs/results.md", "figure:cost-pipeline", cost_pipeline, "results/cost/cost.json"),
