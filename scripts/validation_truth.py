@@ -7,7 +7,9 @@ table keeps its methods), per suite over every merge after the first:
 - the estimate's bias (estimate - eval, accuracy points) at alpha = 0 and alpha = 1;
 - the alpha the rule chose (one-standard-error rule on the estimate) and the grid's best alpha on the eval splits;
 - the accuracy the choice gave up at that merge against the best on the grid (greedy: later merges start from the
-  choice, so this is not the sequence's loss), and the estimate's standard error there (what it can resolve).
+  choice, so this is not the sequence's loss), and the estimate's standard error there (what it can resolve);
+- the same for two other choices from the same grids (the best estimate without the one-standard-error margin, and
+  the best of the estimate smoothed over neighbouring grid points).
 
     python scripts/validation_truth.py [SUITE ...]     (default: every suite with committed runs of the method)
 """
@@ -55,21 +57,51 @@ def suite_row(runs: list[dict]) -> dict[str, float]:
     return row
 
 
+def argmax_choice(grid: dict[float, dict]) -> float:
+    """The grid alpha with the best estimate (the smallest on ties): no standard-error margin."""
+    return max(sorted(grid), key=lambda a: grid[a]["estimate"])
+
+
+def smoothed_choice(grid: dict[float, dict]) -> float:
+    """The best alpha of the estimate averaged over each grid point and its neighbours (the smallest on ties)."""
+    alphas = sorted(grid)
+    values = [grid[a]["estimate"] for a in alphas]
+    smooth = [statistics.mean(values[max(0, i - 1) : i + 2]) for i in range(len(alphas))]
+    return alphas[max(range(len(alphas)), key=lambda i: (smooth[i], -i))]
+
+
+# other choices from the same logged grids, at the states the preset's run went through (greedy, like the regret)
+OTHER_CHOICES = {"best estimate": argmax_choice, "best smoothed estimate": smoothed_choice}
+
+
+def other_regrets(runs: list[dict]) -> dict[str, float]:
+    """Per rule of OTHER_CHOICES: the mean accuracy (points) its choice gives up against the grid's eval-best."""
+    grids = [g for run in runs for g in merges(run)]
+    top = [max(m["eval"] for m in g.values()) for g in grids]
+    return {
+        name: statistics.mean(100 * (b - g[choose(g)]["eval"]) for g, b in zip(grids, top, strict=True))
+        for name, choose in OTHER_CHOICES.items()
+    }
+
+
 def table(suites: list[str], results: Path = RESULTS) -> str:
     lines = [
         "| suite | seeds | merges | estimate - eval at α = 0 (points) | at α = 1 | α chosen (mean) | eval-best α "
         "(mean) | merges where they agree | accuracy given up per merge (points) | the estimate's standard error "
-        "at the choice (points) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "at the choice (points) | given up by the best estimate / the best smoothed estimate (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for suite in suites:
         paths = sorted((results / suite / "validation_truth").glob("seed*.json"))
         if not paths:
             continue
-        r = suite_row([json.loads(p.read_text(encoding="utf-8")) for p in paths])
+        runs = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+        r, others = suite_row(runs), other_regrets(runs)
         lines.append(
             f"| {suite} | {r['seeds']} | {r['merges']} | {r['bias_low']:+.1f} | {r['bias_high']:+.1f} | "
-            f"{r['chosen']:.2f} | {r['best']:.2f} | {r['hits']} of {r['merges']} | {r['regret']:.1f} | {r['se']:.1f} |"
+            f"{r['chosen']:.2f} | {r['best']:.2f} | {r['hits']} of {r['merges']} | {r['regret']:.1f} | {r['se']:.1f} | "
+            + " / ".join(f"{v:.1f}" for v in others.values())
+            + " |"
         )
     return "\n".join(lines)
 

@@ -45,3 +45,17 @@ def test_the_committed_diagnostics_runs_are_the_presets_runs():
         preset = json.loads((path.parent.parent / "runs" / "pm-validated" / path.name).read_text())
         assert diag["alphas"] == preset["alphas"] and diag["accuracy_matrix"] == preset["accuracy_matrix"]
         assert diag["base_weights_sha256"] == preset.get("base_weights_sha256", diag["base_weights_sha256"])
+
+
+def test_other_choices_by_hand():
+    # estimates 0.80, 0.86, 0.84, 0.70: best at 0.1; smoothed (0.83, 0.8333, 0.80, 0.77): best at 0.1 too
+    grid = {a: _point(e, v) for a, e, v in [(0.0, 0.80, 0.70), (0.1, 0.86, 0.75), (0.2, 0.84, 0.80), (0.3, 0.70, 0.60)]}
+    assert vt.argmax_choice(grid) == 0.1 and vt.smoothed_choice(grid) == 0.1
+    # a lone high estimate at 0.4: the best estimate takes it; smoothed, 0.0's (0.85 + 0.86) / 2 = 0.855 is best
+    estimates = [0.85, 0.86, 0.85, 0.60, 0.93, 0.60]
+    evals = [0.80, 0.79, 0.78, 0.70, 0.60, 0.60]
+    grid = {i / 10: _point(e, v) for i, (e, v) in enumerate(zip(estimates, evals))}
+    assert vt.argmax_choice(grid) == 0.4 and vt.smoothed_choice(grid) == 0.0
+    run = {"seed": 0, "alphas": [1.0, 0.0], "calibrations": [None, {"grid": grid}]}
+    regrets = vt.other_regrets([run])
+    assert regrets == {"best estimate": pytest.approx(20.0), "best smoothed estimate": pytest.approx(0.0)}
