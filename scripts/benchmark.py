@@ -662,6 +662,13 @@ def _seen_curve(run: dict) -> list[float]:
     return [seen_accuracy(row[: t + 1], sizes[: t + 1]) for t, row in enumerate(run["accuracy_matrix"])]
 
 
+def recommendation(suite: str, out: Path) -> str | None:
+    """The suite's recommended method (`RECOMMENDED`) where `out` holds runs of it, else None: a folder with other
+    methods' runs only (one method and seed per process, `--out` apart) is summarized without naming it."""
+    named = RECOMMENDED.get(suite)
+    return named if named is not None and any((out / "runs" / named).glob("seed*.json")) else None
+
+
 def summarize_accuracy(out: Path, order: list[str] | None = None, recommended: str | None = None) -> dict:
     """Aggregate every finished run under `out/runs` into summary.json, table.md and curves.png; summary.json also
     names the suite's `recommended` method (`RECOMMENDED`), which must have runs. Returns the methods' rows."""
@@ -777,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
             run_accuracy(
                 SUITES[args.suite], methods, list(range(args.first_seed, args.seeds)), out, work, {"disable_tqdm": True}
             )
-        summary = summarize_accuracy(out, recommended=RECOMMENDED.get(args.suite))
+        summary = summarize_accuracy(out, recommended=recommendation(args.suite, out))
         if args.docs and not update_results_doc(args.suite, out):
             print(f"{RESULTS_DOC.relative_to(ROOT)} has no <!-- results:{args.suite} --> block; not updated")
         print((out / "table.md").read_text())

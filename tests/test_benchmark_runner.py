@@ -59,7 +59,7 @@ def test_the_runner_resolves_osf_and_olora(bench):
         assert (strategy.olora_lambda, strategy.olora_l2) == (0.5, 0.0)
 
 
-def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path):
+def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, tmp_path, monkeypatch):
     config = ROOT / "configs" / "ci_tiny.yaml"
     extra = {
         "model_name_or_path": model_dir,
@@ -93,6 +93,11 @@ def test_runner_writes_runs_skips_finished_ones_and_tabulates(bench, model_dir, 
     assert (out / "table.md").read_text() == table_md  # the table is the same
     with pytest.raises(ValueError, match="'pm' has no runs"):
         bench.summarize_accuracy(out, recommended="pm")
+    # the runner's summary names a suite's recommended method only where the folder holds runs of it
+    monkeypatch.setitem(bench.RECOMMENDED, "some-suite", "average")
+    assert bench.recommendation("some-suite", out) == "average"
+    monkeypatch.setitem(bench.RECOMMENDED, "some-suite", "pm")
+    assert bench.recommendation("some-suite", out) is None and bench.recommendation("other-suite", out) is None
 
 
 def test_alpha_table_bars_by_hand():
