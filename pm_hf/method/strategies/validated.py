@@ -80,7 +80,7 @@ class ValidatedAlpha(MergeStrategy):
             False,
             _flag,
             "diagnostics: also log each scanned alpha's score on the eval splits (after the choice; never read by it)",
-        ),  # fmt: skip
+        ),
         "head_align",
         "head_align_drift",
     )
