@@ -216,7 +216,8 @@ def length_table(tests: list[dict]) -> str:
         f"The rebuilt `pm` and `merge-only` matrices equal the runs' own within {worst:.0e} nats. cos(τ_t of pm, "
         f"τ_t of merge-only) per task, mean over the seeds: "
         + ", ".join(f"{statistics.mean(t['cosines'][k] for t in tests):.2f}" for k in range(len(tests[0]["cosines"])))
-        + " (task 1 trains from the same θ_0 with the same seed in both runs; later tasks from different merged models).",
+        + " (task 1 trains from the same θ_0 with the same seed in both runs; later tasks from different merged "
+        "models).",
     ]
     return "\n".join(lines)
 
