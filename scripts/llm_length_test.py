@@ -37,11 +37,12 @@ Tensors = Mapping[str, torch.Tensor]
 
 def dense_vector(record) -> dict[str, torch.Tensor]:
     """tau_k = s B A of every adapted weight (in the base weight's layout) of one task's adapter record."""
-    out = {}
-    for key, A in record.A.items():
-        d = record.scaling[key] * (record.B[key].float() @ A.float())
-        out[key] = d.T if record.fan_in_fan_out else d
-    return out
+    from pm_hf.method.merge import LoraFactors
+
+    return {
+        key: LoraFactors(A, record.B[key], record.scaling[key], record.fan_in_fan_out).delta()
+        for key, A in record.A.items()
+    }
 
 
 def vector_norm(tau: Tensors) -> float:
