@@ -493,6 +493,11 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {"validation_log_eval": True, "validation_patience": 0}},
         "pm-validated scanning the whole grid, each alpha's eval-split score logged beside its estimate (diagnostics)",
     ),
+    # pm-validated choosing the first task's alpha too (by the same one-standard-error rule on its held-out data)
+    "pm-validated-first": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_first_task": True}},
+        "pm-validated, the first task's alpha chosen too (the smallest its held-out data cannot tell from the best)",
+    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},

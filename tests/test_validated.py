@@ -192,3 +192,23 @@ def test_logging_the_eval_score_beside_the_estimate_changes_nothing(model_dir, t
         row = logged["accuracy_matrix"][t][: t + 1]  # the seen tasks after merge t, weighted by their eval sizes
         seen = sum(a * n for a, n in zip(row, sizes)) / sum(sizes[: t + 1])
         assert grid[str(logged["alphas"][t])]["eval"] == pytest.approx(seen, abs=1e-9)
+
+
+def test_the_first_task_chosen_too_by_its_held_out_data(model_dir, tmp_path):
+    """`validation_first_task`: the first task's alpha is chosen by the same rule, on its held-out training data alone
+    (no old classes yet: the estimate is the new classes' held-out accuracy, its error the binomial one), and the
+    eval score logged beside the chosen alpha (diagnostics) is the accuracy the run then measures on the first task."""
+    knobs = {"validation_first_task": True, "validation_log_eval": True}
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "first", **VALIDATED, merge_parameters=knobs)))
+    results = loop.run()
+    first = {float(a): m for a, m in results["calibrations"][0]["grid"].items()}
+    assert list(first) == [i / 10 for i in range(len(first))]
+    n = len(loop.stream.tasks[0].heldout)
+    for m in first.values():
+        assert m["old"] is None and m["estimate"] == m["new"] and m["se"] == pytest.approx(binomial_se(m["new"], n))
+        assert round(m["new"] * n) == pytest.approx(m["new"] * n, abs=1e-9)  # a count of held-out samples
+    for t in range(len(loop.stream.tasks)):
+        grid = {float(a): m for a, m in results["calibrations"][t]["grid"].items()}
+        choice = one_se_choice({a: m["estimate"] for a, m in grid.items()}, {a: m["se"] for a, m in grid.items()})
+        assert results["alphas"][t] == choice
+    assert first[results["alphas"][0]]["eval"] == pytest.approx(results["accuracy_matrix"][0][0], abs=1e-9)

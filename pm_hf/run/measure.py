@@ -107,33 +107,39 @@ def validation_estimate(line: MergeLine, loop, t: int, task) -> Validation:
     statistics widened by the unpredicted drift. No eval split is read. On every row, the trial at alpha = 0 (theta_hat
     _{t-1}, where the alignment took the task's features before training) reuses those features."""
     align = alignment_of(loop)
-    if align is None or align.before is None or getattr(task, "heldout", None) is None:
+    if align is None or (t and align.before is None) or getattr(task, "heldout", None) is None:
         raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
     seen = seen_classes(loop.stream.tasks[: t + 1])
-    old = [c for c in seen if c not in task.classes]
-    means = align.stats["mean"]  # under theta_hat_{t-1}: the drift weights are taken against them
+    old = [c for c in seen if c not in task.classes]  # none at the first task: the estimate is the held-out accuracy
+    means = align.stats.get("mean")  # under theta_hat_{t-1}: the drift weights are taken against them
     rows = training_subset(len(task.train), loop.strategy.validation_samples, loop.args.seed + t)
     view = dataclasses.replace(task, train=task.train.select(rows))
     every_row, start = len(rows) == len(task.train), (align.before, align.labels)
     features: dict[float, tuple] = {}
 
     def measure(alpha: float) -> dict:
-        known = start if every_row and alpha == 0 else None
+        known = start if every_row and alpha == 0 and t else None  # (no features before the first task)
         with align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
             if every_row:
                 features[alpha] = (align.after, align.labels)
             new = align.accuracy(loop.model, task.heldout, seen)
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
-            spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
-            cov = pooled_covariance(align.stats, seen)
-            olds = {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], cov + spread[c], c, seen,
-                                       align.samples, loop.args.seed + c) for c in old}  # fmt: skip
+            olds = old_accuracies(align, means, old, seen, weight, bias, loop.args.seed) if old else {}
         share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
         return {"estimate": seen_estimate(new, len(task.classes), olds), "new": new,
-                "old": sum(olds.values()) / max(len(olds), 1),
+                "old": sum(olds.values()) / max(len(olds), 1) if olds else None,
                 "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
 
     return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features)
+
+
+def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int) -> dict[int, float]:
+    """Each old class's estimated accuracy under a trial's head: pseudo-features from its stored statistics, the
+    pooled covariance widened by the drift near the class that compensation does not predict."""
+    spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
+    cov = pooled_covariance(align.stats, seen)
+    return {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], cov + spread[c], c, seen, align.samples, seed + c)
+            for c in old}  # fmt: skip
 
 
 def alignment_of(loop) -> HeadAlignment | None:

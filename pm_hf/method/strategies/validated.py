@@ -76,6 +76,12 @@ class ValidatedAlpha(MergeStrategy):
         Knob("validation_patience", 1, _patience, "stop the scan after this many points in a row far below the best"),
         Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
         Knob(
+            "validation_first_task",
+            False,
+            _flag,
+            "also choose the first task's alpha (one standard error: the least move its held-out data cannot tell apart)",
+        ),
+        Knob(
             "validation_log_eval",
             False,
             _flag,
@@ -99,7 +105,7 @@ class ValidatedAlpha(MergeStrategy):
 
     def merge(self, context) -> MergePlan:
         vector = context.vector
-        if context.t == 0:  # nothing to trade off yet
+        if context.t == 0 and not self.validation_first_task:  # nothing to trade off yet
             return alpha_plan(vector, constant(vector.deltas, 1.0))
         estimate = context.validation
         if estimate is None:
