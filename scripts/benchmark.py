@@ -498,6 +498,18 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {"validation_first_task": True}},
         "pm-validated, the first task's alpha chosen too (the smallest its held-out data cannot tell from the best)",
     ),
+    # pm-validated with the old classes' drift spread measured within the task's classes (not across them)
+    "pm-validated-within": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_spread": "within"}},
+        "pm-validated, the old classes' estimate widened by the drift's spread within the task's classes",
+    ),
+    "pm-validated-within-diag": (
+        {
+            **get_preset("pm-validated"),
+            "merge_parameters": {"validation_spread": "within", "validation_log_eval": True, "validation_patience": 0},
+        },  # fmt: skip
+        "pm-validated-within scanning the whole grid, each alpha's eval-split score logged (diagnostics)",
+    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},
