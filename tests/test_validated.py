@@ -93,9 +93,10 @@ def test_it_needs_the_prototype_head():
 
 def _recorded_run(model_dir, out, monkeypatch, **kw):
     """A 3-task run with `validated-alpha`; returns (results, loop, the datasets scored while a merge was chosen:
-    every dataset predicted by the evaluator or passed through the model for the head's features)."""
+    every dataset predicted by the evaluator or passed through the model for the head's features, the number of
+    features passes in the whole run)."""
     loop = build_loop(RunConfig(*groups(model_dir, out, **VALIDATED, **kw)))
-    scored, choosing = [], [False]
+    scored, choosing, passes = [], [False], [0]
     predict, merge, features = loop.evaluator.predict, loop.strategy.merge, alignment.head_features
 
     def recording_predict(dataset):
@@ -104,6 +105,7 @@ def _recorded_run(model_dir, out, monkeypatch, **kw):
         return predict(dataset)
 
     def recording_features(model, head, dataset, *args):
+        passes[0] += 1
         if choosing[0]:
             scored.append(dataset)
         return features(model, head, dataset, *args)
@@ -118,7 +120,14 @@ def _recorded_run(model_dir, out, monkeypatch, **kw):
             choosing[0] = False
 
     loop.evaluator.predict, loop.strategy.merge = recording_predict, recording_merge
-    return loop.run(), loop, scored
+    return loop.run(), loop, scored, passes[0]
+
+
+@pytest.fixture(scope="module")
+def plain_run(model_dir, tmp_path_factory):
+    """The recorded 3-task run with the rule's defaults, shared by the tests that read it."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _recorded_run(model_dir, tmp_path_factory.mktemp("validated") / "run", monkeypatch)
 
 
 def _far(points: list[dict], k: int) -> bool:
@@ -127,8 +136,9 @@ def _far(points: list[dict], k: int) -> bool:
     return points[k]["estimate"] < best["estimate"] - 2 * best["se"]
 
 
-def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path, monkeypatch):
-    results, loop, scored = _recorded_run(model_dir, tmp_path / "run", monkeypatch)
+@pytest.mark.xdist_group("validated-plain-run")  # one worker runs the shared run once
+def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(plain_run, model_dir, tmp_path, monkeypatch):
+    results, loop, scored, _ = plain_run
     tasks = loop.stream.tasks
     heldout = [d for d in scored if any(d is task.heldout for task in tasks[1:])]
     assert heldout and not any(d is task.eval for d in scored for task in tasks)
@@ -153,20 +163,19 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(model_dir, tmp_path
     test["label"] = test["label"].sample(frac=1.0, random_state=0).to_numpy()
     test.to_parquet(tmp_path / "scrambled.parquet")
     files = {"train": str(DATA / "train.parquet"), "test": str(tmp_path / "scrambled.parquet")}
-    other, _, _ = _recorded_run(model_dir, tmp_path / "scrambled", monkeypatch, data_files=files)
+    other, *_ = _recorded_run(model_dir, tmp_path / "scrambled", monkeypatch, data_files=files)
     assert other["alphas"] == results["alphas"] and other["accuracy_matrix"] != results["accuracy_matrix"]
 
 
-def test_reused_features_are_those_a_pass_takes(model_dir, tmp_path, monkeypatch):
+@pytest.mark.xdist_group("validated-plain-run")  # one worker runs the shared run once
+def test_reused_features_are_those_a_pass_takes(plain_run, model_dir, tmp_path, monkeypatch):
     """The trial at alpha = 0 and the alignment after the merge reuse features taken already (theta_hat_{t-1}'s, the
     trial's at the merged alpha): two passes fewer per merged task, and the run is what it is with every pass taken."""
+    reused, loop, _, reused_calls = plain_run
+    assert all(len(task.train) <= 256 for task in loop.stream.tasks)  # every trial took every row
     calls = []
     features = alignment.head_features
     monkeypatch.setattr(alignment, "head_features", lambda *a: calls.append(a[2]) or features(*a))
-    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "reused", **VALIDATED)))
-    reused, reused_calls = loop.run(), len(calls)
-    assert all(len(task.train) <= 256 for task in loop.stream.tasks)  # every trial took every row
-    calls.clear()
     monkeypatch.setattr(alignment.HeadAlignment, "known_features", lambda self, pair: contextlib.nullcontext())
     other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED)))
     passes = other.run()
@@ -204,6 +213,7 @@ def test_logging_the_eval_score_beside_the_estimate_changes_nothing(model_dir, t
         assert grid[str(logged["alphas"][t])]["eval"] == pytest.approx(seen, abs=1e-9)
 
 
+@pytest.mark.slow  # a 3-task run of an opt-in knob that measured worse (docs/results.md)
 def test_the_first_task_chosen_too_by_its_held_out_data(model_dir, tmp_path):
     """`validation_first_task`: the first task's alpha is chosen by the same rule, on its held-out training data alone
     (no old classes yet: the estimate is the new classes' held-out accuracy, its error the binomial one), and the
