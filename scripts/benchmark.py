@@ -510,6 +510,11 @@ METHODS: dict[str, tuple[dict, str]] = {
         },  # fmt: skip
         "pm-validated-within scanning the whole grid, each alpha's eval-split score logged (diagnostics)",
     ),
+    # pm-validated scanning the second merge from theta_0 too (the first merge undone where the data ask for it)
+    "pm-validated-revisit": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_revisit_first": True}},
+        "pm-validated, the second merge also scanned from theta_0 (the first merge undone where one error better)",
+    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},

@@ -232,3 +232,49 @@ def test_the_first_task_chosen_too_by_its_held_out_data(model_dir, tmp_path):
         choice = one_se_choice({a: m["estimate"] for a, m in grid.items()}, {a: m["se"] for a, m in grid.items()})
         assert results["alphas"][t] == choice
     assert first[results["alphas"][0]]["eval"] == pytest.approx(results["accuracy_matrix"][0][0], abs=1e-9)
+
+
+def _forced_undo(loop) -> dict:
+    """Wrap the strategy so the second merge's scan from theta_0 reads 0.5 higher (the undo taken); returns what the
+    wrapper saw: the task vector of the second task."""
+    merge, seen = loop.strategy.merge, {}
+
+    def forcing(context):
+        if context.t == 1:
+            make = context._make["reverted"]
+            context._make["reverted"] = lambda: _raised(make())
+            seen["vector"] = context.vector
+        return merge(context)
+
+    loop.strategy.merge = forcing
+    return seen
+
+
+def _raised(validation):
+    estimate = validation.estimate
+    validation.estimate = lambda a: {**estimate(a), "estimate": estimate(a)["estimate"] + 0.5}
+    return validation
+
+
+@pytest.mark.slow  # two 3-task runs of an opt-in knob
+def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
+    """`validation_revisit_first`: the second merge is scanned from theta_0 too. Where the data do not ask for the
+    undo, the run is the plain run exactly (the scan from theta_0 leaves weights, head and statistics as they were);
+    where the undo is taken, the merged model is theta_0 + alpha Delta_2 on every key the task vector holds."""
+    plain, *_ = plain_run
+    knobs = {"validation_revisit_first": True}
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "revisit", **VALIDATED, merge_parameters=knobs)))
+    results = loop.run()
+    second = results["calibrations"][1]
+    assert set(second["reverted_grid"]) and isinstance(second["reverted"], bool)
+    assert second["grid"] == plain["calibrations"][1]["grid"]
+    if not second["reverted"]:
+        assert results["alphas"] == plain["alphas"] and results["accuracy_matrix"] == plain["accuracy_matrix"]
+    forced = build_loop(RunConfig(*groups(model_dir, tmp_path / "forced", **VALIDATED, merge_parameters=knobs)))
+    theta0, seen = {k: v.clone() for k, v in forced.strategy.pretrained.items()}, _forced_undo(forced)
+    results = forced.run(stop_after=2)
+    assert results["calibrations"][1]["reverted"] is True
+    alpha, state = results["alphas"][1], forced.weights.state()
+    for key, delta in seen["vector"].deltas.items():
+        if key in theta0:  # every key but the class head's (refitted by the alignment)
+            torch.testing.assert_close(state[key].float(), theta0[key] + alpha * delta.float(), rtol=0, atol=1e-6)

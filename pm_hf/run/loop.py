@@ -46,7 +46,16 @@ from ..timing import Timer
 from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seeded
 from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
-from .measure import MergeLine, eval_loss, hold_out, loss_increase, reused_features, task_probe, validation_estimate
+from .measure import (
+    MergeLine,
+    RevertedLine,
+    eval_loss,
+    hold_out,
+    loss_increase,
+    reused_features,
+    task_probe,
+    validation_estimate,
+)
 from .metrics import seen_accuracy
 from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
@@ -170,6 +179,7 @@ class ContinualLoop:
             score=lambda: self.oracle_score(t, line()),
             probe=lambda: task_probe(line(), self, t, task, trainer),
             validation=lambda: validation_estimate(line(), self, t, task),
+            reverted=lambda: validation_estimate(RevertedLine(line(), self.strategy.pretrained), self, t, task, False),
         )
         return context, line
 

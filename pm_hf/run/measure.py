@@ -39,6 +39,21 @@ class MergeLine:
             self.weights.apply(self.deltas, dict.fromkeys(self.deltas, 0.0), base=self.origin)
 
 
+class RevertedLine(MergeLine):
+    """theta_0 + alpha Delta_t (the earlier merges undone on the keys the task vector holds): `at(alpha, fn)` evaluates
+    fn() there and puts the weights back on `home`'s origin, theta_hat_{t-1}, exactly."""
+
+    def __init__(self, home: MergeLine, pretrained: dict):
+        self.weights, self.deltas, self.home = home.weights, home.deltas, home
+        self.origin = {**home.origin, **{k: v for k, v in pretrained.items() if k in home.origin}}
+
+    def at(self, alpha: float, fn: Callable[[], float]) -> float:
+        try:
+            return super().at(alpha, fn)
+        finally:
+            self.weights.apply(self.deltas, dict.fromkeys(self.deltas, 0.0), base=self.home.origin)
+
+
 def training_sample(task, cap: int | None, seed: int):
     """The task's training samples a Fisher pass with this cap and seed uses (a streamed split: its first `cap`)."""
     if isinstance(task.train, datasets.IterableDataset):
@@ -100,12 +115,13 @@ class Validation:
         return self.estimate(alpha)
 
 
-def validation_estimate(line: MergeLine, loop, t: int, task) -> Validation:
+def validation_estimate(line: MergeLine, loop, t: int, task, from_start: bool = True) -> Validation:
     """`validated-alpha`'s estimate(alpha) of the seen accuracy after merging task t at alpha, under the head the
     prototype alignment would fit there (its `trial`, on at most `validation_samples` of the task's training samples):
     the new classes' accuracy on the task's held-out training data, the old classes' on their drift-compensated
     statistics widened by the unpredicted drift. No eval split is read. On every row, the trial at alpha = 0 (theta_hat
-    _{t-1}, where the alignment took the task's features before training) reuses those features."""
+    _{t-1}, where the alignment took the task's features before training) reuses those features (`from_start`: the
+    line starts there; not a `RevertedLine`)."""
     align = alignment_of(loop)
     if align is None or (t and align.before is None) or getattr(task, "heldout", None) is None:
         raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
@@ -118,7 +134,7 @@ def validation_estimate(line: MergeLine, loop, t: int, task) -> Validation:
     features: dict[float, tuple] = {}
 
     def measure(alpha: float) -> dict:
-        known = start if every_row and alpha == 0 and t else None  # (no features before the first task)
+        known = start if every_row and alpha == 0 and t and from_start else None  # (none before the first task)
         with align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
             if every_row:
                 features[alpha] = (align.after, align.labels)

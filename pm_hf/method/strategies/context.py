@@ -14,7 +14,7 @@ from ..merge import TaskVector
 
 Fisher = Mapping[str, torch.Tensor]
 Score = Callable[[float], float]
-NEEDS = ("fisher", "score", "probe", "validation")
+NEEDS = ("fisher", "score", "probe", "validation", "reverted")
 
 
 class MergeContext:
@@ -25,7 +25,7 @@ class MergeContext:
     def __init__(self, t: int, vector: TaskVector, fisher: Fisher | None = None, score: Score | None = None,
                  probe=None):  # fmt: skip
         self.t, self.vector = t, vector
-        given = {"fisher": fisher, "score": score, "probe": probe, "validation": None}
+        given = {"fisher": fisher, "score": score, "probe": probe, "validation": None, "reverted": None}
         self._make: dict[str, Callable[[], Any] | None] = {k: (lambda v=v: v) for k, v in given.items()}
         self._made: dict[str, Any] = {}
 
@@ -60,6 +60,11 @@ class MergeContext:
     def validation(self) -> Callable[[float], dict] | None:
         """estimate(alpha): `validated-alpha`'s estimate of the seen accuracy, from the task's training data only."""
         return self._get("validation")
+
+    @property
+    def reverted(self) -> Callable[[float], dict] | None:
+        """The same estimate along theta_0 + alpha Delta_t: the earlier merges undone (`validation_revisit_first`)."""
+        return self._get("reverted")
 
     @property
     def probe(self):

@@ -94,6 +94,12 @@ class ValidatedAlpha(MergeStrategy):
             "also choose the first task's alpha (the least move its held-out data cannot tell from the best)",
         ),
         Knob(
+            "validation_revisit_first",
+            False,
+            _flag,
+            "at the second merge, also scan from theta_0 (the first merge undone); taken where it is one error better",
+        ),
+        Knob(
             "validation_log_eval",
             False,
             _flag,
@@ -112,6 +118,10 @@ class ValidatedAlpha(MergeStrategy):
             raise invalid("head_align", values.head_align, fix + "head_align_drift: sdc.")
 
     @property
+    def needs_pretrained(self) -> bool:  # theta_0, to undo the first merge (`validation_revisit_first`)
+        return bool(self.validation_revisit_first)
+
+    @property
     def holdout(self) -> float:
         return float(self.validation_holdout)
 
@@ -122,12 +132,34 @@ class ValidatedAlpha(MergeStrategy):
         estimate = context.validation
         if estimate is None:
             raise ValueError("merge strategy 'validated-alpha' needs the loop's validation estimate")
-        alphas = scan(self.validation_grid, estimate, int(self.validation_patience), float(self.validation_stop_se))
-        best = one_se_choice({a: m["estimate"] for a, m in alphas.items()}, {a: m["se"] for a, m in alphas.items()})
+        alphas, best = self._choose(estimate)
         if self.validation_log_eval:  # what the estimate stands for, beside it: the oracle's score of the same merge
             self._log_eval(context, alphas)
         info = {"method": self.name, "alpha": best, "grid": {str(a): m for a, m in alphas.items()}}
+        if context.t == 1 and self.validation_revisit_first:
+            return self._revisit(context, alphas, best, info)
         return alpha_plan(vector, constant(vector.deltas, best), calibration=info)
+
+    def _choose(self, estimate) -> tuple[dict[float, dict], float]:
+        """The scanned grid and its one-standard-error choice."""
+        alphas = scan(self.validation_grid, estimate, int(self.validation_patience), float(self.validation_stop_se))
+        return alphas, one_se_choice(
+            {a: m["estimate"] for a, m in alphas.items()}, {a: m["se"] for a, m in alphas.items()}
+        )
+
+    def _revisit(self, context, alphas: dict[float, dict], best: float, info: dict) -> MergePlan:
+        """The second merge scanned from theta_0 too (the first merge undone: it was taken at alpha = 1 with nothing
+        to trade off); that line is taken where its choice's estimate beats the kept line's by more than the kept
+        choice's standard error (the one-error rule again: undoing is a move the data must ask for)."""
+        reverted, back = self._choose(context.reverted)
+        kept = alphas[best]
+        undo = reverted[back]["estimate"] > kept["estimate"] + kept["se"]
+        info.update(reverted_grid={str(a): m for a, m in reverted.items()}, reverted=undo)
+        if not undo:
+            return alpha_plan(context.vector, constant(context.vector.deltas, best), calibration=info)
+        context.validation.features.clear()  # a trial's features on the kept line are not the merged model's
+        info["alpha"] = back
+        return alpha_plan(context.vector, constant(context.vector.deltas, back), calibration=info, origin="pretrained")
 
     @staticmethod
     def _log_eval(context, alphas: dict[float, dict]) -> None:
