@@ -498,18 +498,6 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {"validation_first_task": True}},
         "pm-validated, the first task's alpha chosen too (the smallest its held-out data cannot tell from the best)",
     ),
-    # pm-validated with the old classes' drift spread measured within the task's classes (not across them)
-    "pm-validated-within": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_spread": "within"}},
-        "pm-validated, the old classes' estimate widened by the drift's spread within the task's classes",
-    ),
-    "pm-validated-within-diag": (
-        {
-            **get_preset("pm-validated"),
-            "merge_parameters": {"validation_spread": "within", "validation_log_eval": True, "validation_patience": 0},
-        },  # fmt: skip
-        "pm-validated-within scanning the whole grid, each alpha's eval-split score logged (diagnostics)",
-    ),
     # pm-validated scanning the second merge from theta_0 too (the first merge undone where the data ask for it)
     "pm-validated-revisit": (
         {**get_preset("pm-validated"), "merge_parameters": {"validation_revisit_first": True}},

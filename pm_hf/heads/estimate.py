@@ -9,27 +9,17 @@ import torch
 
 
 def drift_spread(
-    means: torch.Tensor,
-    classes: list[int],
-    before: torch.Tensor,
-    after: torch.Tensor,
-    labels: torch.Tensor | None = None,
+    means: torch.Tensor, classes: list[int], before: torch.Tensor, after: torch.Tensor
 ) -> dict[int, torch.Tensor]:
     """For each class c in `classes`: the covariance [d, d] of the per-sample drifts (after_i - before_i) around their
     weighted mean, with the weights of semantic drift compensation (`compensate_drift`): what of the drift near the
-    class the compensation does not predict. Zero when every sample moves alike (a pure translation). With `labels`
-    (the samples' classes), each drift is centred on the weighted mean drift of its own class instead: the spread
-    within a class, without the part by which the task's classes move apart from each other (an old class is one
-    class: its samples are not pulled apart by the new task's labels)."""
+    class the compensation does not predict. Zero when every sample moves alike (a pure translation)."""
     b, drift = before.double(), (after - before).double()
-    groups = [torch.ones(len(b), dtype=torch.bool)] if labels is None else [labels == y for y in labels.unique()]
     out = {}
     for c in classes:
         dist = ((b - means[c].double()) ** 2).sum(1)
         w = torch.softmax(-dist / (2 * dist.median().clamp_min(1e-12)), dim=0)
-        centred = drift.clone()
-        for g in groups:
-            centred[g] -= (w[g] / w[g].sum()) @ drift[g]
+        centred = drift - w @ drift
         out[c] = (centred * w[:, None]).T @ centred
     return out
 

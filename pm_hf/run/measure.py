@@ -140,8 +140,7 @@ def validation_estimate(line: MergeLine, loop, t: int, task, from_start: bool = 
                 features[alpha] = (align.after, align.labels)
             new = align.accuracy(loop.model, task.heldout, seen)
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
-            within = loop.strategy.validation_spread == "within"
-            olds = old_accuracies(align, means, old, seen, weight, bias, loop.args.seed, within) if old else {}
+            olds = old_accuracies(align, means, old, seen, weight, bias, loop.args.seed) if old else {}
         share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
         return {"estimate": seen_estimate(new, len(task.classes), olds), "new": new,
                 "old": sum(olds.values()) / max(len(olds), 1) if olds else None,
@@ -150,12 +149,10 @@ def validation_estimate(line: MergeLine, loop, t: int, task, from_start: bool = 
     return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features)
 
 
-def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int, within: bool = False):
+def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int) -> dict[int, float]:
     """Each old class's estimated accuracy under a trial's head: pseudo-features from its stored statistics, the
-    pooled covariance widened by the drift near the class that compensation does not predict (`within`: the drift's
-    spread within the task's classes, `drift_spread` with the labels)."""
-    labels = align.labels.cpu() if within else None
-    spread = drift_spread(means, old, align.before.cpu(), align.after.cpu(), labels)
+    pooled covariance widened by the drift near the class that compensation does not predict."""
+    spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
     cov = pooled_covariance(align.stats, seen)
     return {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], cov + spread[c], c, seen, align.samples, seed + c)
             for c in old}  # fmt: skip

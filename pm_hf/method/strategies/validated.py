@@ -57,12 +57,6 @@ def _stop_se(name, value) -> None:
         raise invalid(name, value, "give a number of standard errors >= 1 (the choice's own margin), e.g. 2.")
 
 
-def _spread(name, value) -> None:
-    if value not in ("across", "within"):
-        raise invalid(name, value, "give 'across' (around one mean drift of the task's samples) or 'within' (around "
-                      "each class's own: the spread within a class).")  # fmt: skip
-
-
 def _flag(name, value) -> None:
     if not isinstance(value, bool):
         raise invalid(name, value, "give true or false.")
@@ -82,16 +76,10 @@ class ValidatedAlpha(MergeStrategy):
         Knob("validation_patience", 1, _patience, "stop the scan after this many points in a row far below the best"),
         Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
         Knob(
-            "validation_spread",
-            "across",
-            _spread,
-            "the old classes' drift spread: across the task's classes, or within",
-        ),
-        Knob(
             "validation_first_task",
             False,
             _flag,
-            "also choose the first task's alpha (the least move its held-out data cannot tell from the best)",
+            "also choose the first task's alpha (one standard error: the least move its held-out data cannot tell apart)",
         ),
         Knob(
             "validation_revisit_first",
