@@ -79,7 +79,7 @@ class ValidatedAlpha(MergeStrategy):
             "validation_first_task",
             False,
             _flag,
-            "also choose the first task's alpha (one standard error: the least move its held-out data cannot tell apart)",
+            "also choose the first task's alpha (the least move its held-out data cannot tell from the best)",
         ),
         Knob(
             "validation_revisit_first",
