@@ -225,8 +225,8 @@ def test_the_first_task_chosen_too_by_its_held_out_data(model_dir, tmp_path):
 
 
 def _forced_undo(loop) -> dict:
-    """Wrap the strategy so the second merge's scan from theta_0 reads 0.5 higher (the undo taken); returns what the
-    wrapper saw: the task vector of the second task."""
+    """Wrap the strategy so the second merge's scan from theta_0 reads 0.5 - alpha higher (the undo taken, at alpha 0);
+    returns what the wrapper saw: the task vector of the second task."""
     merge, seen = loop.strategy.merge, {}
 
     def forcing(context):
@@ -242,7 +242,7 @@ def _forced_undo(loop) -> dict:
 
 def _raised(validation):
     estimate = validation.estimate
-    validation.estimate = lambda a: {**estimate(a), "estimate": estimate(a)["estimate"] + 0.5}
+    validation.estimate = lambda a: {**estimate(a), "estimate": estimate(a)["estimate"] + 0.5 - a}
     return validation
 
 
@@ -250,7 +250,8 @@ def _raised(validation):
 def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
     """`validation_revisit_first`: the second merge is scanned from theta_0 too. Where the data do not ask for the
     undo, the run is the plain run exactly (the scan from theta_0 leaves weights, head and statistics as they were);
-    where the undo is taken, the merged model is theta_0 + alpha Delta_2 on every key the task vector holds."""
+    where the undo is taken (forced here, at alpha 0), the merged model is theta_0 on every key the task vector holds
+    and the first task's classes are kept with their statistics under theta_0 (no drift from there: exactly)."""
     plain, *_ = plain_run
     knobs = {"validation_revisit_first": True}
     loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "revisit", **VALIDATED, merge_parameters=knobs)))
@@ -263,8 +264,12 @@ def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
     forced = build_loop(RunConfig(*groups(model_dir, tmp_path / "forced", **VALIDATED, merge_parameters=knobs)))
     theta0, seen = {k: v.clone() for k, v in forced.strategy.pretrained.items()}, _forced_undo(forced)
     results = forced.run(stop_after=2)
-    assert results["calibrations"][1]["reverted"] is True
-    alpha, state = results["alphas"][1], forced.weights.state()
-    for key, delta in seen["vector"].deltas.items():
-        if key in theta0:  # every key but the class head's (refitted by the alignment)
-            torch.testing.assert_close(state[key].float(), theta0[key] + alpha * delta.float(), rtol=0, atol=1e-6)
+    assert results["calibrations"][1]["reverted"] is True and results["alphas"][1] == 0.0
+    state = forced.weights.state()
+    assert all(torch.equal(state[k].float(), theta0[k]) for k in seen["vector"].deltas if k in theta0)
+    align, first = alignment_of(forced), forced.stream.tasks[0]
+    x, y = alignment.head_features(forced.model, align.head.module, first.train, forced.stream.collate_fn, 8)
+    for c in first.classes:
+        torch.testing.assert_close(align.stats["mean"][c], x[y == c].mean(0).float(), rtol=0, atol=1e-5)
+        assert align.stats["count"][c] == (y == c).sum()
+    assert not align.origin  # kept no longer than the second merge

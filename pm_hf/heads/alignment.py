@@ -212,6 +212,7 @@ class HeadAlignment(ContinualCallback):
         self.steps, self.lr, self.samples = args.head_align_steps, args.head_align_lr, args.head_align_samples
         self.stats: dict[str, torch.Tensor] = {}
         self.timer, self.before, self.labels, self.known = Timer("head_align"), None, None, None
+        self.keep_origin, self.origin = False, {}  # the first task's statistics under theta_0 (`rebase`)
 
     @staticmethod
     def check_args(args: MergeArguments) -> None:
@@ -239,13 +240,39 @@ class HeadAlignment(ContinualCallback):
 
     def on_task_begin(self, t, model, task):
         self.timer, self.before, self.labels = Timer("head_align"), None, None
-        if self.mode == "prototypes" and self.drift == "sdc" and t > 0:
+        if self.mode == "prototypes" and self.drift == "sdc" and (t > 0 or self.keep_origin):
             with self.timer("head_align"):  # under theta_hat_{t-1}: the old means' drift is measured against it
                 self.before, self.labels = self._features(model, task)
+        if t == 0 and self.keep_origin:  # the first task's statistics under theta_0, kept until the second merge
+            rows = self.head.parameters()[0].shape[0]
+            self.origin = update_class_stats({}, self.before.cpu(), self.labels.cpu(), rows)
+            self.before = None  # (the first merge measures no drift)
 
     def on_merge(self, t, model, task):
         with self.timer("head_align"):
             self._align(t, model, task)
+        if t >= 1:
+            self.origin = {}  # the second merge is the last that may undo the first
+
+    @contextlib.contextmanager
+    def rebased(self, before: torch.Tensor) -> Iterator[None]:
+        """Within: the statistics and the task's features before training are theta_0's (the first task's statistics
+        as taken before it trained, `before` the task's rows under theta_0): a trial from theta_0."""
+        saved = self.stats, self.before
+        self.rebase(before)
+        try:
+            yield
+        finally:
+            self.stats, self.before = saved
+
+    def rebase(self, before: torch.Tensor) -> None:
+        """The first merge undone: theta_0's statistics of the first task and `before` (the second task's rows under
+        theta_0) replace theta_hat_1's; the alignment after the merge moves them from there."""
+        if not self.origin:
+            raise ValueError(
+                "head alignment: no statistics under theta_0 were kept (keep_origin before the first task)"
+            )
+        self.stats, self.before = dict(self.origin), before
 
     def on_task_end(self, t, model, log):
         log["timings"]["head_align"] = self.timer.seconds["head_align"]
@@ -317,7 +344,8 @@ class HeadAlignment(ContinualCallback):
                     p.copy_(value)
 
     def state_dict(self):
-        return dict(self.stats)
+        return {**self.stats, **{f"origin/{k}": v for k, v in self.origin.items()}}
 
     def load_state_dict(self, state):
-        self.stats = dict(state)
+        self.stats = {k: v for k, v in state.items() if not k.startswith("origin/")}
+        self.origin = {k.removeprefix("origin/"): v for k, v in state.items() if k.startswith("origin/")}

@@ -48,11 +48,12 @@ from .diagnostics import learning_warnings, training_losses
 from .evaluation import seen_classes
 from .measure import (
     MergeLine,
-    RevertedLine,
+    alignment_of,
     eval_loss,
     hold_out,
     loss_increase,
     reused_features,
+    reverted_estimate,
     task_probe,
     validation_estimate,
 )
@@ -99,6 +100,8 @@ class ContinualLoop:
         self.resuming = False
         if strategy.needs_pretrained:
             strategy.pretrained = self.weights.snapshot(exclude=head.owns)
+        if strategy.revisits_first_merge:  # the alignment keeps what an undone first merge restarts from
+            alignment_of(self).keep_origin = True
 
     # --------------------------------------------------------------------------------------- one task
     def run_task(self, t: int) -> dict:
@@ -179,7 +182,7 @@ class ContinualLoop:
             score=lambda: self.oracle_score(t, line()),
             probe=lambda: task_probe(line(), self, t, task, trainer),
             validation=lambda: validation_estimate(line(), self, t, task),
-            reverted=lambda: validation_estimate(RevertedLine(line(), self.strategy.pretrained), self, t, task, False),
+            reverted=lambda: reverted_estimate(line(), self, t, task),
         )
         return context, line
 

@@ -12,6 +12,7 @@ import random
 from collections.abc import Callable
 
 import datasets
+import torch
 
 from ..data.streams import split_holdout
 from ..heads.alignment import HeadAlignment
@@ -110,32 +111,35 @@ class Validation:
 
     estimate: Callable[[float], dict]
     features: dict[float, tuple]
+    adopt: Callable[[], None] = lambda: None  # a scan from theta_0: what the merge taken from there changes
 
     def __call__(self, alpha: float) -> dict:
         return self.estimate(alpha)
 
 
-def validation_estimate(line: MergeLine, loop, t: int, task, from_start: bool = True) -> Validation:
+def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tensor | None = None) -> Validation:
     """`validated-alpha`'s estimate(alpha) of the seen accuracy after merging task t at alpha, under the head the
     prototype alignment would fit there (its `trial`, on at most `validation_samples` of the task's training samples):
     the new classes' accuracy on the task's held-out training data, the old classes' on their drift-compensated
     statistics widened by the unpredicted drift. No eval split is read. On every row, the trial at alpha = 0 (theta_hat
-    _{t-1}, where the alignment took the task's features before training) reuses those features (`from_start`: the
-    line starts there; not a `RevertedLine`)."""
+    _{t-1}, where the alignment took the task's features before training) reuses those features. With `origin` (the
+    task's rows under theta_0, along a `RevertedLine`): every trial from theta_0's statistics of the first task."""
     align = alignment_of(loop)
     if align is None or (t and align.before is None) or getattr(task, "heldout", None) is None:
         raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
     seen = seen_classes(loop.stream.tasks[: t + 1])
     old = [c for c in seen if c not in task.classes]  # none at the first task: the estimate is the held-out accuracy
-    means = align.stats.get("mean")  # under theta_hat_{t-1}: the drift weights are taken against them
+    rebased = contextlib.nullcontext if origin is None else lambda: align.rebased(origin)
+    with rebased():
+        means = align.stats.get("mean")  # under the line's start: the drift weights are taken against them
     rows = training_subset(len(task.train), loop.strategy.validation_samples, loop.args.seed + t)
     view = dataclasses.replace(task, train=task.train.select(rows))
     every_row, start = len(rows) == len(task.train), (align.before, align.labels)
     features: dict[float, tuple] = {}
 
     def measure(alpha: float) -> dict:
-        known = start if every_row and alpha == 0 and t and from_start else None  # (none before the first task)
-        with align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
+        known = start if every_row and alpha == 0 and t and origin is None else None  # (none before the first task)
+        with rebased(), align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
             if every_row:
                 features[alpha] = (align.after, align.labels)
             new = align.accuracy(loop.model, task.heldout, seen)
@@ -146,7 +150,16 @@ def validation_estimate(line: MergeLine, loop, t: int, task, from_start: bool = 
                 "old": sum(olds.values()) / max(len(olds), 1) if olds else None,
                 "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
 
-    return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features)
+    adopt = (lambda: None) if origin is None else (lambda: align.rebase(origin))
+    return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features, adopt)
+
+
+def reverted_estimate(home: MergeLine, loop, t: int, task) -> Validation:
+    """`validation_estimate` along theta_0 + alpha Delta_t (`RevertedLine`), from the first task's statistics under
+    theta_0 and the task's rows under theta_0 (one features pass); its `adopt` rebases the head alignment there."""
+    line, align = RevertedLine(home, loop.strategy.pretrained), alignment_of(loop)
+    origin, _ = line.at(0.0, lambda: align._features(loop.model, task))
+    return validation_estimate(line, loop, t, task, origin=origin)
 
 
 def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int) -> dict[int, float]:

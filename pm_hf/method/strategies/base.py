@@ -91,6 +91,7 @@ class MergeStrategy:
     needs_score: ClassVar[bool] = False  # score(alpha): held-out accuracy of theta_hat_{t-1} + alpha Delta
     needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
     needs_validation: ClassVar[bool] = False  # estimate(alpha) of the seen accuracy from training data only
+    revisits_first_merge: bool = False  # the head alignment keeps the first task's statistics under theta_0
     shards: ClassVar[bool] = False  # its math is elementwise plus global sums: runs on FSDP-sharded weights
     holdout: ClassVar[float] = 0.0  # the fraction of each task's training data held out for the probe
     start: ClassVar[Start] = "merged"

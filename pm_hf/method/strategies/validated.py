@@ -110,6 +110,10 @@ class ValidatedAlpha(MergeStrategy):
         return bool(self.validation_revisit_first)
 
     @property
+    def revisits_first_merge(self) -> bool:
+        return bool(self.validation_revisit_first)
+
+    @property
     def holdout(self) -> float:
         return float(self.validation_holdout)
 
@@ -146,6 +150,7 @@ class ValidatedAlpha(MergeStrategy):
         if not undo:
             return alpha_plan(context.vector, constant(context.vector.deltas, best), calibration=info)
         context.validation.features.clear()  # a trial's features on the kept line are not the merged model's
+        context.reverted.adopt()  # the head alignment from theta_0's statistics of the first task
         info["alpha"] = back
         return alpha_plan(context.vector, constant(context.vector.deltas, back), calibration=info, origin="pretrained")
 
