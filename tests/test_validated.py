@@ -273,3 +273,12 @@ def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
         torch.testing.assert_close(align.stats["mean"][c], x[y == c].mean(0).float(), rtol=0, atol=1e-5)
         assert align.stats["count"][c] == (y == c).sum()
     assert not align.origin  # kept no longer than the second merge
+    # stopped after the first task and resumed: the statistics under theta_0 come back from the checkpoint
+    build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **VALIDATED, merge_parameters=knobs))).run(
+        stop_after=1
+    )
+    again = build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **VALIDATED, merge_parameters=knobs)))
+    _forced_undo(again)
+    resumed = again.run(resume=True, stop_after=2)
+    assert resumed["alphas"] == results["alphas"] and resumed["accuracy_matrix"] == results["accuracy_matrix"]
+    assert all(torch.equal(alignment_of(again).stats[k], align.stats[k]) for k in align.stats)
