@@ -224,15 +224,15 @@ def test_the_first_task_chosen_too_by_its_held_out_data(model_dir, tmp_path):
     assert first[results["alphas"][0]]["eval"] == pytest.approx(results["accuracy_matrix"][0][0], abs=1e-9)
 
 
-def _forced_undo(loop) -> dict:
-    """Wrap the strategy so the second merge's scan from theta_0 reads 0.5 - alpha higher (the undo taken, at alpha 0);
-    returns what the wrapper saw: the task vector of the second task."""
+def _forced(loop, shift) -> dict:
+    """Wrap the strategy so the second merge's scan from theta_0 reads `shift(alpha)` higher; returns what the wrapper
+    saw: the task vector of the second task."""
     merge, seen = loop.strategy.merge, {}
 
     def forcing(context):
         if context.t == 1:
             make = context._make["reverted"]
-            context._make["reverted"] = lambda: _raised(make())
+            context._make["reverted"] = lambda: _shifted(make(), shift)
             seen["vector"] = context.vector
         return merge(context)
 
@@ -240,13 +240,16 @@ def _forced_undo(loop) -> dict:
     return seen
 
 
-def _raised(validation):
+def _shifted(validation, shift):
     estimate = validation.estimate
-    validation.estimate = lambda a: {**estimate(a), "estimate": estimate(a)["estimate"] + 0.5 - a}
+    validation.estimate = lambda a: {**estimate(a), "estimate": estimate(a)["estimate"] + shift(a)}
     return validation
 
 
-@pytest.mark.slow  # two 3-task runs of an opt-in knob
+UNDO, KEEP = (lambda a: 0.5 - a), (lambda a: -2.0)  # the undo taken at alpha 0; never taken
+
+
+@pytest.mark.slow  # three 3-task runs of an opt-in knob
 def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
     """`validation_revisit_first`: the second merge is scanned from theta_0 too. Where the data do not ask for the
     undo, the run is the plain run exactly (the scan from theta_0 leaves weights, head and statistics as they were);
@@ -255,14 +258,14 @@ def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
     plain, *_ = plain_run
     knobs = {"validation_revisit_first": True}
     loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "revisit", **VALIDATED, merge_parameters=knobs)))
+    _forced(loop, KEEP)  # (this tiny run undoes it unforced)
     results = loop.run()
     second = results["calibrations"][1]
-    assert set(second["reverted_grid"]) and isinstance(second["reverted"], bool)
+    assert set(second["reverted_grid"]) and second["reverted"] is False
     assert second["grid"] == plain["calibrations"][1]["grid"]
-    if not second["reverted"]:
-        assert results["alphas"] == plain["alphas"] and results["accuracy_matrix"] == plain["accuracy_matrix"]
+    assert results["alphas"] == plain["alphas"] and results["accuracy_matrix"] == plain["accuracy_matrix"]
     forced = build_loop(RunConfig(*groups(model_dir, tmp_path / "forced", **VALIDATED, merge_parameters=knobs)))
-    theta0, seen = {k: v.clone() for k, v in forced.strategy.pretrained.items()}, _forced_undo(forced)
+    theta0, seen = {k: v.clone() for k, v in forced.strategy.pretrained.items()}, _forced(forced, UNDO)
     results = forced.run(stop_after=2)
     assert results["calibrations"][1]["reverted"] is True and results["alphas"][1] == 0.0
     state = forced.weights.state()
@@ -278,7 +281,7 @@ def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
         stop_after=1
     )
     again = build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **VALIDATED, merge_parameters=knobs)))
-    _forced_undo(again)
+    _forced(again, UNDO)
     resumed = again.run(resume=True, stop_after=2)
     assert resumed["alphas"] == results["alphas"] and resumed["accuracy_matrix"] == results["accuracy_matrix"]
     assert all(torch.equal(alignment_of(again).stats[k], align.stats[k]) for k in align.stats)
