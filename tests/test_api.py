@@ -61,6 +61,7 @@ def same_state(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow  # three runs; the CLI extension test keeps the property in the default tier
 def test_appending_tasks_equals_the_longer_run_bit_for_bit(model_dir, tmp_path, monkeypatch):
     tasks = [task(0, 1), task(2, 3), task(4, 5)]
     at_once = trainer(model_dir, tmp_path / "once", tasks).train().results

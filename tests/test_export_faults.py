@@ -24,6 +24,7 @@ def _check_rows(rows):
     assert not failed, "\n".join(failed)
 
 
+@pytest.mark.slow  # a fault sweep (the default tier keeps the export round trips of tests/test_export.py)
 def test_the_quick_sample_survives_every_fault(tmp_path):
     rows = export_faults.rows(tmp_path, quick=True)
     assert {door for door, *_ in rows} == {"export", "push", "merge", "train"}

@@ -22,6 +22,7 @@ def assets(tmp_path_factory):
     return fuzz.prepare(tmp_path_factory.mktemp("fuzz"))
 
 
+@pytest.mark.slow  # every door on a sample; tests/test_fuzz_regressions.py keeps the cases found in the default tier
 def test_the_quick_table_has_every_door_within_the_contract(tmp_path):
     """Every door's row: a few hundred generated cases, none outside the contract, and each door both validates and
     refuses some (a generator that only ever produced one outcome would test nothing)."""

@@ -1,4 +1,4 @@
-"""The default tier's one spawned gloo group (each spawn costs seconds of interpreter start on 2 cores): on 2 CPU
+"""The slow tier's spawned gloo group (each spawn costs seconds of interpreter start on 2 cores): on 2 CPU
 processes, FSDP2's row operations against the whole tensor and its root's resharding (tests/test_sharding.py),
 ZeRO-3 partitions seen and written as rows (tests/test_zero3.py), and the Fisher all-reduced over the ranks' samples
 against one process's (tests/test_fisher.py); each worker's own assertions, in turn, then the Fisher compared here."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from conftest import on_two_processes
 from test_fisher import distributed_fisher, single_process_fisher
@@ -22,6 +23,7 @@ def _every_worker(path: str, rank: int) -> None:
     distributed_fisher(path, rank)
 
 
+@pytest.mark.slow  # a second multi-process launch; the default tier keeps tests/test_distributed.py's
 def test_row_operations_zero3_partitions_and_the_fisher_on_two_gloo_processes(tmp_path):
     path = str(tmp_path / "fisher.pt")
     on_two_processes(functools.partial(_every_worker, path))
