@@ -232,6 +232,7 @@ def test_drift_compensation_by_hand():
         compensate_drift(means, [0], before, after[:1])
 
 
+@pytest.mark.slow  # two runs; test_head_alignment_in_the_loop_keeps_old_rows keeps the loop in the default tier
 def test_prototype_alignment_keeps_class_stats_and_refits_every_seen_row(model_dir, tmp_path):
     results, rows = _run_with_head_rows(
         model_dir, tmp_path / "pr", merge_method="average", head_align="prototypes", head_align_drift="none"
