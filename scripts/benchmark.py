@@ -503,6 +503,15 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {"validation_revisit_first": True}},
         "pm-validated, the second merge also scanned from theta_0 (the first merge undone where one error better)",
     ),
+    # pm-validated with each alpha's error of its difference from the best, paired on the same held-out samples
+    "pm-validated-paired": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True}},
+        "pm-validated, each alpha within its paired error of the best (not the best's own error) can be chosen",
+    ),
+    "pm-validated-paired-first": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True, "validation_first_task": True}},
+        "pm-validated-paired, the first task's alpha chosen too by the paired rule on its held-out data",
+    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},

@@ -308,14 +308,18 @@ class HeadAlignment(ContinualCallback):
                 bias_param.copy_(place.shard_like(bias, bias_param))
 
     def accuracy(self, model: nn.Module, dataset, classes: list[int]) -> float:
-        """The accuracy over `classes` (argmax among them) of the head as it is on `dataset`, from one pass of
-        features under `model` (in fp32, no Trainer): a trial's score of held-out training data."""
+        """The accuracy over `classes` (argmax among them) of the head as it is on `dataset` (`correct`'s mean)."""
+        return float(self.correct(model, dataset, classes).double().mean())
+
+    def correct(self, model: nn.Module, dataset, classes: list[int]) -> torch.Tensor:
+        """Per sample of `dataset`, whether the head as it is predicts its class among `classes` (argmax among them),
+        from one pass of features under `model` (in fp32, no Trainer): a trial's score of held-out training data."""
         x, y = head_features(model, self.head.module, dataset, self.stream.collate_fn, self.batch_size)
         place = placement_of(model)
         weight, bias = (None if p is None else place.whole(p.detach()).float() for p in self.head.parameters())
         rows = torch.tensor(classes, dtype=torch.long, device=weight.device)
         logits = torch.nn.functional.linear(x.to(weight.device), weight[rows], None if bias is None else bias[rows])
-        return int((rows[logits.argmax(-1)].cpu() == y.cpu()).sum()) / len(y)
+        return rows[logits.argmax(-1)].cpu() == y.cpu()
 
     @contextlib.contextmanager
     def subset(self, rows: list[int]) -> Iterator[None]:

@@ -107,11 +107,13 @@ def loss_increase(loop, task, plan: MergePlan, at_one: float) -> dict:
 class Validation:
     """`validated-alpha`'s estimate(alpha) of task t's merge (`validation_estimate`), and the features of the task's
     training rows each trial took when it took them all (`features[alpha]`): the head alignment after the merge at
-    that alpha reuses them instead of a pass (`reused_features`)."""
+    that alpha reuses them instead of a pass (`reused_features`); each held-out sample's weighted score per alpha
+    (`correct[alpha]`: its correctness times the new classes' share of the estimate), for paired comparisons."""
 
     estimate: Callable[[float], dict]
     features: dict[float, tuple]
     adopt: Callable[[], None] = lambda: None  # a scan from theta_0: what the merge taken from there changes
+    correct: dict[float, list[float]] = dataclasses.field(default_factory=dict)
 
     def __call__(self, alpha: float) -> dict:
         return self.estimate(alpha)
@@ -136,22 +138,25 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
     view = dataclasses.replace(task, train=task.train.select(rows))
     every_row, start = len(rows) == len(task.train), (align.before, align.labels)
     features: dict[float, tuple] = {}
+    correct: dict[float, list[float]] = {}
+    share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
 
     def measure(alpha: float) -> dict:
         known = start if every_row and alpha == 0 and t and origin is None else None  # (none before the first task)
         with rebased(), align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
             if every_row:
                 features[alpha] = (align.after, align.labels)
-            new = align.accuracy(loop.model, task.heldout, seen)
+            hits = align.correct(loop.model, task.heldout, seen)
+            new = float(hits.double().mean())
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
             olds = old_accuracies(align, means, old, seen, weight, bias, loop.args.seed) if old else {}
-        share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
+        correct[alpha] = [share * float(h) for h in hits]
         return {"estimate": seen_estimate(new, len(task.classes), olds), "new": new,
                 "old": sum(olds.values()) / max(len(olds), 1) if olds else None,
                 "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
 
     adopt = (lambda: None) if origin is None else (lambda: align.rebase(origin))
-    return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features, adopt)
+    return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features, adopt, correct)
 
 
 def reverted_estimate(home: MergeLine, loop, t: int, task) -> Validation:

@@ -27,6 +27,27 @@ def one_se_choice(estimates: dict[float, float], errors: dict[float, float]) -> 
     return min(a for a in estimates if estimates[a] >= estimates[best] - errors[best])
 
 
+def paired_errors(estimates: dict[float, float], correct: dict[float, list[float]]) -> dict[float, float]:
+    """Each alpha's standard error of its estimate's difference from the best's, paired on the same held-out samples:
+    sd_i(c_best,i - c_alpha,i) / sqrt(n), where `correct[alpha]` holds each held-out sample's weighted score (its
+    correctness times the new classes' share of the estimate). The one-standard-error rule with these errors takes the
+    smallest alpha the held-out samples cannot tell from the best (the samples both score alike count for neither)."""
+    best = max(estimates, key=lambda a: (estimates[a], -a))
+    out = {}
+    for alpha, scores in correct.items():
+        diff = [b - a for b, a in zip(correct[best], scores, strict=True)]
+        mean = sum(diff) / len(diff)
+        out[alpha] = (sum((d - mean) ** 2 for d in diff) / len(diff)) ** 0.5 / len(diff) ** 0.5
+    return out
+
+
+def paired_choice(estimates: dict[float, float], correct: dict[float, list[float]]) -> float:
+    """The smallest alpha whose estimate is within its paired standard error (`paired_errors`) of the best."""
+    best = max(estimates, key=lambda a: (estimates[a], -a))
+    errors = paired_errors(estimates, correct)
+    return min(a for a in estimates if estimates[a] >= estimates[best] - errors[a])
+
+
 def scan(grid, estimate, patience: int, stop_se: float) -> dict[float, dict]:
     """`estimate(alpha)` for the grid's alphas in ascending order, stopped once `patience` points in a row fall more
     than `stop_se` standard errors below the best so far (0: the whole grid). The one-standard-error rule takes the
@@ -88,6 +109,12 @@ class ValidatedAlpha(MergeStrategy):
             "at the second merge, also scan from theta_0 (the first merge undone); taken where it is one error better",
         ),
         Knob(
+            "validation_paired",
+            False,
+            _flag,
+            "one error of each alpha's difference from the best, paired on the same held-out samples (not the best's own)",
+        ),
+        Knob(
             "validation_log_eval",
             False,
             _flag,
@@ -135,9 +162,13 @@ class ValidatedAlpha(MergeStrategy):
     def _choose(self, estimate) -> tuple[dict[float, dict], float]:
         """The scanned grid and its one-standard-error choice."""
         alphas = scan(self.validation_grid, estimate, int(self.validation_patience), float(self.validation_stop_se))
-        return alphas, one_se_choice(
-            {a: m["estimate"] for a, m in alphas.items()}, {a: m["se"] for a, m in alphas.items()}
-        )
+        estimates = {a: m["estimate"] for a, m in alphas.items()}
+        if not self.validation_paired:
+            return alphas, one_se_choice(estimates, {a: m["se"] for a, m in alphas.items()})
+        correct = {a: estimate.correct[a] for a in alphas}
+        for alpha, error in paired_errors(estimates, correct).items():
+            alphas[alpha]["se_paired"] = error
+        return alphas, paired_choice(estimates, correct)
 
     def _revisit(self, context, alphas: dict[float, dict], best: float, info: dict) -> MergePlan:
         """The second merge scanned from theta_0 too (the first merge undone: it was taken at alpha = 1 with nothing
