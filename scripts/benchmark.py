@@ -508,10 +508,6 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True}},
         "pm-validated, each alpha within its paired error of the best (not the best's own error) can be chosen",
     ),
-    "pm-validated-paired-first": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True, "validation_first_task": True}},
-        "pm-validated-paired, the first task's alpha chosen too by the paired rule on its held-out data",
-    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},

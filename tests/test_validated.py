@@ -18,7 +18,8 @@ from pm_hf.continual import build_loop
 from pm_hf.heads import alignment
 from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
 from pm_hf.method.strategies import build_strategy
-from pm_hf.method.strategies.validated import one_se_choice, scan
+from pm_hf.method.strategies.validated import one_se_choice, paired_choice, paired_errors, scan
+from pm_hf.run.evaluation import seen_classes
 from pm_hf.run.measure import alignment_of
 
 VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
@@ -52,6 +53,23 @@ def test_one_standard_error_rule_by_hand():
     assert one_se_choice(estimates, dict.fromkeys(estimates, 0.02)) == 0.1  # 0.85 >= 0.86 - 0.02 > 0.80
     assert one_se_choice(estimates, dict.fromkeys(estimates, 0.0)) == 0.5  # no doubt: the best
     assert one_se_choice(estimates, dict.fromkeys(estimates, 0.1)) == 0.0  # nothing told apart: move least
+
+
+def test_the_paired_rule_by_hand():
+    """4 held-out samples, the new classes' share 1/2 (0.5 per correct sample). alpha 0.2 is the best; alpha 0.1 gets
+    the same samples right (its paired error 0: only the old classes' 0.01 separates them); alpha 0 gets two others
+    right and one fewer (best minus it per sample: 0.5, 0.5, 0, -0.5)."""
+    correct = {0.0: [0.0, 0.0, 0.5, 0.5], 0.1: [0.5, 0.5, 0.5, 0.0], 0.2: [0.5, 0.5, 0.5, 0.0]}
+    estimates = {0.0: 0.4, 0.1: 0.44, 0.2: 0.45}  # the old classes' part differs a little (0.01 between 0.1 and 0.2)
+    errors = paired_errors(estimates, correct)
+    assert errors[0.2] == 0.0 and errors[0.1] == 0.0  # the same samples right and wrong: nothing told apart by them
+    d = [0.5, 0.5, 0.0, -0.5]  # best minus alpha 0, per sample
+    mean = sum(d) / 4
+    assert errors[0.0] == pytest.approx((sum((x - mean) ** 2 for x in d) / 4) ** 0.5 / 2)  # 0.4146 / 2 = 0.207
+    assert paired_choice(estimates, correct) == 0.0  # 0.4 >= 0.45 - 0.207: alpha 0 not told apart from the best
+    assert paired_choice({**estimates, 0.0: 0.2}, correct) == 0.2  # 0.2 < 0.243; 0.1 below by 0.01 with error 0
+    # the marginal rule with the best's binomial error (share * sqrt(p (1 - p) / n) = 0.5 * 0.2165) would take 0.1:
+    assert one_se_choice({**estimates, 0.0: 0.2}, dict.fromkeys(estimates, 0.5 * binomial_se(0.75, 4))) == 0.1
 
 
 def test_the_scan_stops_after_points_far_below_the_best_by_hand():
@@ -222,6 +240,35 @@ def test_the_first_task_chosen_too_by_its_held_out_data(model_dir, tmp_path):
         choice = one_se_choice({a: m["estimate"] for a, m in grid.items()}, {a: m["se"] for a, m in grid.items()})
         assert results["alphas"][t] == choice
     assert first[results["alphas"][0]]["eval"] == pytest.approx(results["accuracy_matrix"][0][0], abs=1e-9)
+
+
+@pytest.mark.slow  # a 3-task run of an opt-in knob that measured level with the default rule (docs/results.md)
+def test_the_paired_rule_picks_what_its_samples_say(model_dir, tmp_path):
+    """`validation_paired`: each merge's choice is `paired_choice` of its logged estimates and of the per-sample scores
+    the estimate measured (each held-out sample's correctness times the new classes' share: their mean is the share of
+    the logged held-out accuracy), and the paired errors it logs are those of these scores."""
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "paired", **VALIDATED, merge_parameters={
+        "validation_paired": True})))  # fmt: skip
+    merge, measured = loop.strategy.merge, {}
+
+    def recording(context):
+        plan = merge(context)
+        measured[context.t] = context.validation.correct if context.t else None
+        return plan
+
+    loop.strategy.merge = recording
+    results = loop.run()
+    tasks = loop.stream.tasks
+    for t in range(1, len(tasks)):
+        grid = {float(a): m for a, m in results["calibrations"][t]["grid"].items()}
+        correct, share = measured[t], len(tasks[t].classes) / len(seen_classes(tasks[: t + 1]))
+        assert set(correct) == set(grid) and all(len(v) == len(tasks[t].heldout) for v in correct.values())
+        for alpha, m in grid.items():
+            assert sum(correct[alpha]) / len(correct[alpha]) == pytest.approx(share * m["new"], abs=1e-12)
+        estimates = {a: m["estimate"] for a, m in grid.items()}
+        errors = paired_errors(estimates, correct)
+        assert all(m["se_paired"] == pytest.approx(errors[a], abs=1e-12) for a, m in grid.items())
+        assert results["alphas"][t] == paired_choice(estimates, correct)
 
 
 def _forced(loop, shift) -> dict:
