@@ -112,7 +112,7 @@ class ValidatedAlpha(MergeStrategy):
             "validation_paired",
             False,
             _flag,
-            "one error of each alpha's difference from the best, paired on the same held-out samples (not the best's own)",
+            "the margin: each alpha's error of its difference from the best, paired on the held-out samples",
         ),
         Knob(
             "validation_log_eval",
