@@ -504,6 +504,11 @@ METHODS: dict[str, tuple[dict, str]] = {
         "pm-validated, the second merge also scanned from theta_0 (the first merge undone where one error better)",
     ),
     # pm-validated with each alpha's error of its difference from the best, paired on the same held-out samples
+    # pm-validated with the old classes widened by the unpredicted drift of the held-out rows (not trained on)
+    "pm-validated-heldout": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_drift": "heldout"}},
+        "pm-validated, the old classes widened by the drift of the task's held-out rows (not its training rows)",
+    ),
     "pm-validated-paired": (
         {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True}},
         "pm-validated, each alpha within its paired error of the best (not the best's own error) can be chosen",

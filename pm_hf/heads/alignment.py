@@ -314,7 +314,14 @@ class HeadAlignment(ContinualCallback):
     def correct(self, model: nn.Module, dataset, classes: list[int]) -> torch.Tensor:
         """Per sample of `dataset`, whether the head as it is predicts its class among `classes` (argmax among them),
         from one pass of features under `model` (in fp32, no Trainer): a trial's score of held-out training data."""
-        x, y = head_features(model, self.head.module, dataset, self.stream.collate_fn, self.batch_size)
+        return self.correct_on(model, *self.features_of(model, dataset), classes)
+
+    def features_of(self, model: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's inputs [N, d] and labels of `dataset` under `model` (one pass, fp32, no Trainer)."""
+        return head_features(model, self.head.module, dataset, self.stream.collate_fn, self.batch_size)
+
+    def correct_on(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        """`correct` of features `x` [N, d] with labels `y` taken already under `model`."""
         place = placement_of(model)
         weight, bias = (None if p is None else place.whole(p.detach()).float() for p in self.head.parameters())
         rows = torch.tensor(classes, dtype=torch.long, device=weight.device)

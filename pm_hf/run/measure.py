@@ -140,16 +140,20 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
     features: dict[float, tuple] = {}
     correct: dict[float, list[float]] = {}
     share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
+    on_heldout = getattr(loop.strategy, "validation_drift", "train") == "heldout" and old
+    start_heldout = line.at(0.0, lambda: align.features_of(loop.model, task.heldout)[0]) if on_heldout else None
 
     def measure(alpha: float) -> dict:
         known = start if every_row and alpha == 0 and t and origin is None else None  # (none before the first task)
         with rebased(), align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
             if every_row:
                 features[alpha] = (align.after, align.labels)
-            hits = align.correct(loop.model, task.heldout, seen)
+            x, y = align.features_of(loop.model, task.heldout)
+            hits = align.correct_on(loop.model, x, y, seen)
             new = float(hits.double().mean())
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
-            olds = old_accuracies(align, means, old, seen, weight, bias, loop.args.seed) if old else {}
+            rows_moved = None if start_heldout is None else (start_heldout.cpu(), x.cpu())
+            olds = old_accuracies(align, means, old, seen, weight, bias, loop.args.seed, rows_moved) if old else {}
         correct[alpha] = [share * float(h) for h in hits]
         return {"estimate": seen_estimate(new, len(task.classes), olds), "new": new,
                 "old": sum(olds.values()) / max(len(olds), 1) if olds else None,
@@ -167,10 +171,12 @@ def reverted_estimate(home: MergeLine, loop, t: int, task) -> Validation:
     return validation_estimate(line, loop, t, task, origin=origin)
 
 
-def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int) -> dict[int, float]:
+def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int, moved=None) -> dict:
     """Each old class's estimated accuracy under a trial's head: pseudo-features from its stored statistics, the
-    pooled covariance widened by the drift near the class that compensation does not predict."""
-    spread = drift_spread(means, old, align.before.cpu(), align.after.cpu())
+    pooled covariance widened by the drift near the class that compensation does not predict, measured on the task's
+    training rows the trial aligned on, or on `moved` (the same rows' features before and after: the held-out part)."""
+    before, after = (align.before.cpu(), align.after.cpu()) if moved is None else moved
+    spread = drift_spread(means, old, before, after)
     cov = pooled_covariance(align.stats, seen)
     return {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], cov + spread[c], c, seen, align.samples, seed + c)
             for c in old}  # fmt: skip

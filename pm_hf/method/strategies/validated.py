@@ -83,6 +83,11 @@ def _flag(name, value) -> None:
         raise invalid(name, value, "give true or false.")
 
 
+def _drift_rows(name, value) -> None:
+    if value not in ("train", "heldout"):
+        raise invalid(name, value, "give 'train' (the trial's training rows) or 'heldout' (the task's held-out part).")
+
+
 @register
 class ValidatedAlpha(MergeStrategy):
     name = "validated-alpha"
@@ -113,6 +118,12 @@ class ValidatedAlpha(MergeStrategy):
             False,
             _flag,
             "the margin: each alpha's error of its difference from the best, paired on the held-out samples",
+        ),
+        Knob(
+            "validation_drift",
+            "train",
+            _drift_rows,
+            "the rows whose unpredicted drift widens the old classes: 'train' (a trial's) or 'heldout' (untrained)",
         ),
         Knob(
             "validation_log_eval",
