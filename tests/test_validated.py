@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -20,7 +21,7 @@ from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, see
 from pm_hf.method.strategies import build_strategy
 from pm_hf.method.strategies.validated import one_se_choice, paired_choice, paired_errors, scan
 from pm_hf.run.evaluation import seen_classes
-from pm_hf.run.measure import alignment_of
+from pm_hf.run.measure import alignment_of, old_accuracies
 
 VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
 
@@ -46,6 +47,23 @@ def test_pseudo_accuracy_against_the_normal_cdf():
 def test_the_estimate_and_its_error_by_hand():
     assert seen_estimate(0.5, 2, {0: 1.0, 1: 0.9}) == pytest.approx((0.5 * 2 + 1.9) / 4)
     assert binomial_se(0.9, 100) == pytest.approx(0.03)
+
+
+def test_the_old_classes_widened_by_the_rows_given():
+    """`old_accuracies` widens each old class by the unpredicted drift of the trial's training rows, or of the rows
+    `moved` gives (the held-out part, `validation_drift: heldout`): a translation of either widens nothing, and the
+    held-out rows' spread is what counts once given."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    stats = alignment.update_class_stats({}, torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 3.0]]),
+                                         torch.tensor([0, 0, 1, 1]), 2)  # fmt: skip
+    spread = x + torch.tensor([[0.0, 2.0], [0.0, -2.0], [2.0, 0.0], [-2.0, 0.0]])  # drifts unlike one another
+    align = SimpleNamespace(before=x, after=spread, stats=stats, samples=4000)
+    args = (stats["mean"], [0], [0, 1], torch.eye(2), None, 0)
+    widened, translated = old_accuracies(align, *args), old_accuracies(align, *args, moved=(x, x + 5.0))
+    assert widened[0] < translated[0]
+    align.after = x - 3.0  # the training rows translated: the same as held-out rows translated
+    assert old_accuracies(align, *args) == translated
+    assert old_accuracies(align, *args, moved=(x, spread)) == widened
 
 
 def test_one_standard_error_rule_by_hand():
