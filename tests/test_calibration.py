@@ -134,7 +134,11 @@ def test_sqrt_t_merges_with_one_over_root_t(model_dir, tmp_path):
     assert results["alphas"] == pytest.approx([1.0, 1 / math.sqrt(2), 1 / math.sqrt(3)])
 
 
-@pytest.mark.parametrize("calibration", ["secant", "branch", "curve"])
+# secant in the default tier; branch and curve (opt-in forms, the same logging path) in the slow tier
+SLOW_FORMS = [pytest.param(form, marks=pytest.mark.slow) for form in ("branch", "curve")]
+
+
+@pytest.mark.parametrize("calibration", ["secant", *SLOW_FORMS])
 def test_calibrated_runs_log_what_they_measured(model_dir, tmp_path, calibration):
     loop = build_loop(RunConfig(*groups(model_dir, tmp_path, alpha_calibration=calibration, log_loss_increase=True)))
     sizes = [len(task.train) for task in loop.stream.tasks]

@@ -95,6 +95,10 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt("simulated kill in the middle of task 3")
 
 
+# slow tier (three runs beside the shared one); the default tier keeps a stop between tasks resumed to the same run
+# (test_reliability's resume test) and a crash within a task's training and within a checkpoint write resumed to
+# identical results (test_reliability's fault sweep, its two default points)
+@pytest.mark.slow
 def test_resume_after_stop_and_after_crash_matches_uninterrupted(model_dir, tmp_path, full_run):
     ref_out, ref, _ = full_run
     ref_weights = saved_weights(ref_out)
