@@ -307,21 +307,13 @@ class HeadAlignment(ContinualCallback):
             if bias_param is not None:
                 bias_param.copy_(place.shard_like(bias, bias_param))
 
-    def accuracy(self, model: nn.Module, dataset, classes: list[int]) -> float:
-        """The accuracy over `classes` (argmax among them) of the head as it is on `dataset` (`correct`'s mean)."""
-        return float(self.correct(model, dataset, classes).double().mean())
-
-    def correct(self, model: nn.Module, dataset, classes: list[int]) -> torch.Tensor:
-        """Per sample of `dataset`, whether the head as it is predicts its class among `classes` (argmax among them),
-        from one pass of features under `model` (in fp32, no Trainer): a trial's score of held-out training data."""
-        return self.correct_on(model, *self.features_of(model, dataset), classes)
-
     def features_of(self, model: nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's inputs [N, d] and labels of `dataset` under `model` (one pass, fp32, no Trainer)."""
         return head_features(model, self.head.module, dataset, self.stream.collate_fn, self.batch_size)
 
-    def correct_on(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.Tensor:
-        """`correct` of features `x` [N, d] with labels `y` taken already under `model`."""
+    def correct(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.Tensor:
+        """Per sample of features `x` [N, d] (`features_of` under `model`) with labels `y`, whether the head as it is
+        predicts its class among `classes` (argmax among them): a trial's score of held-out training data."""
         place = placement_of(model)
         weight, bias = (None if p is None else place.whole(p.detach()).float() for p in self.head.parameters())
         rows = torch.tensor(classes, dtype=torch.long, device=weight.device)

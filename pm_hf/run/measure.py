@@ -149,7 +149,7 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
             if every_row:
                 features[alpha] = (align.after, align.labels)
             x, y = align.features_of(loop.model, task.heldout)
-            hits = align.correct_on(loop.model, x, y, seen)
+            hits = align.correct(loop.model, x, y, seen)
             new = float(hits.double().mean())
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
             rows_moved = None if start_heldout is None else (start_heldout.cpu(), x.cpu())
