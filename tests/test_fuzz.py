@@ -50,7 +50,7 @@ def test_the_judge_counts_only_contract_refusals(tmp_path):
     assert fuzz.judge(0, "", {"a": b"1"}, {"a": b"2"})[0] == "other"  # a file changed
 
 
-@pytest.mark.slow  # in a fresh interpreter: nothing another test left patched can reach it (about 10 min)
+@pytest.mark.slow  # in a fresh interpreter: nothing another test left patched can reach it (about 3 min)
 def test_the_full_table_has_every_door_within_the_contract():
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "reliability.py"), "fuzz"], capture_output=True,
                          text=True, cwd=ROOT)  # fmt: skip
