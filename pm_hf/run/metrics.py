@@ -106,7 +106,11 @@ def seen_accuracy(scores: Vector, sizes: Vector) -> float:
     if v.shape != s.shape or v.ndim != 1 or v.size == 0:
         raise ValueError(f"scores and sizes must be non-empty 1-D and of one length; got {v.shape} and {s.shape}.")
     scored = s > 0
-    return float(np.dot(v[scored], s[scored]) / s[scored].sum()) if scored.any() else math.nan
+    if not scored.any():
+        return math.nan
+    # correctly rounded sums (math.fsum), not a BLAS dot: the same bits on every CPU, so that a summary rebuilt from
+    # committed runs on another machine equals the committed one (scripts/doc_figures.py --check)
+    return math.fsum((v[scored] * s[scored]).tolist()) / math.fsum(s[scored].tolist())
 
 
 def _row_mean(M: np.ndarray, t: int, s: np.ndarray | None) -> float:
