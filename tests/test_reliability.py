@@ -13,6 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -250,7 +251,7 @@ def test_resume_refuses_another_config_or_other_data_and_allows_paths(assets, re
     other_model = rel.make_assets(tmp_path / "other")["model"]  # same shape, other weights (another vocabulary)
     changed_data = tmp_path / "changed"
     shutil.copytree(Path(assets["files"]["train"]).parent, changed_data, ignore=shutil.ignore_patterns("model"))
-    frame = rel.pd.read_parquet(changed_data / "train.parquet")
+    frame = pd.read_parquet(changed_data / "train.parquet")
     frame.loc[frame.index[0], "text"] = "an edited gloss"
     frame.to_parquet(changed_data / "train.parquet")
     saved_groups = rel.base_config(assets, out)["class_groups"]
