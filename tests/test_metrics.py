@@ -145,3 +145,20 @@ def test_plot_method_curves(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["bench.png"]
     with pytest.raises(ValueError, match="at least one method"):
         metrics.plot_method_curves({}, tmp_path / "bad.png")
+
+
+def test_seen_accuracy_is_the_correctly_rounded_pooled_score_in_any_task_order():
+    """sum_j s_j v_j / sum_j s_j with both sums correctly rounded (exact rational arithmetic as the reference): the
+    same bits on every CPU and in every task order, which a BLAS dot does not promise (a summary rebuilt on another
+    machine must equal the committed one)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 12))
+        scores = rng.random(n).round(int(rng.integers(2, 17)))
+        sizes = rng.integers(1, 5000, n).astype(float)
+        exact = float(sum(Fraction(float(v * s)) for v, s in zip(scores, sizes))) / float(sum(map(Fraction, sizes)))
+        assert metrics.seen_accuracy(scores, sizes) == exact
+        order = rng.permutation(n)
+        assert metrics.seen_accuracy(scores[order], sizes[order]) == exact
