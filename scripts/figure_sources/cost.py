@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from figure_sources.common import (
-    RESULTS,
-    _json,
-    span,
-)
+from figure_sources.common import RESULTS, _json, span
 
 # results/cost/cost.json written before the figures were measured on the work they describe (no "figures_version"):
 # merge_over_train was over an extrapolated task

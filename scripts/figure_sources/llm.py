@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from figure_sources.common import (
-    RESULTS,
-    para,
-    pct,
-    runs,
-)
+from figure_sources.common import RESULTS, para, pct, runs
 
 
 def llm_facts() -> str:
