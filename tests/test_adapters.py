@@ -280,6 +280,51 @@ def test_model_weights_apply_validates_before_writing():
     assert torch.allclose(targets["classifier.weight"], snapshot["classifier.weight"] + 0.5)
 
 
+def test_model_weights_apply_writes_the_bits_of_start_plus_alpha_delta():
+    """`apply` adds into fp32 weights where they are: the exact bits of start + alpha * delta, for LoRA keys (start:
+    the weight), fully trained keys from a given base, and per-parameter alphas."""
+    model = attach_lora(tiny_bert(), LoraArguments(r=4), trainable_modules=["classifier"])
+    merger, gen = ModelWeights(model), torch.Generator().manual_seed(5)
+    keys = [*sorted(lora_layers(model))[:2], "classifier.weight"]
+    targets = merger.targets(keys)
+    start = {k: t.detach().clone() for k, t in targets.items()}
+    deltas = {k: torch.randn(t.shape, generator=gen) for k, t in targets.items()}
+    base = {"classifier.weight": torch.randn(targets["classifier.weight"].shape, generator=gen)}
+    alpha = {keys[0]: 0.37, keys[1]: torch.rand(targets[keys[1]].shape, generator=gen), keys[2]: 0.61}
+    merger.apply(deltas, alpha, base=base)
+    for key in keys:
+        expected = base.get(key, start[key]) + alpha[key] * deltas[key]
+        assert torch.equal(targets[key], expected), key
+    assert not merger.master
+
+
+def test_modules_fixed_walks_once_inside_and_sees_changes_after():
+    from pm_hf.method.adapters import modules_fixed
+
+    model = attach_lora(tiny_bert(), LoraArguments(r=4), trainable_modules=["classifier"])
+    walks = []
+    original = type(model).named_modules
+
+    def counting(self, *args, **kwargs):
+        if self is model.base_model.model:
+            walks.append(1)
+        return original(self, *args, **kwargs)
+
+    trained = set(full_trainable_params(model))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.Module, "named_modules", counting)
+        with modules_fixed(model):
+            with modules_fixed(model):  # nested: the outer block's walk serves
+                layers = lora_layers(model)
+            assert lora_layers(model) == layers and len(walks) == 1
+            layers.clear()  # a caller's copy: the walk's record is not changed
+            assert len(lora_layers(model)) == 2 * 2
+        lora_layers(model)
+        assert len(walks) == 2  # outside the block every call walks
+    model.base_model.model.classifier.weight.requires_grad_(False)
+    assert set(full_trainable_params(model)) == trained - {"classifier.weight"}
+
+
 def test_reset_adapter_with_a_generator_is_peft_init_drawn_from_it():
     """A fresh adapter is PEFT's initialisation (A Kaiming-uniform, B = 0) drawn from the given generator only: the
     same seed gives the same A whatever the global RNG did, and it equals PEFT's own reset under that seed."""

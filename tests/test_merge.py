@@ -269,3 +269,38 @@ def test_magmax_update_by_hand():
     a = torch.tensor([1.0, -2.0, 0.5])
     b = torch.tensor([-3.0, 1.0, 0.5])
     assert torch.equal(magmax_update(magmax_update(None, a), b), torch.tensor([-3.0, -2.0, 0.5]))
+
+
+def test_the_sums_and_the_in_place_update_are_the_bits_of_the_plain_expressions():
+    """`alpha_terms_by_key` converts every key into the same float64 buffers, and the strategy updates S and G where
+    they are: both give the exact bits of the direct expressions (fresh tensors, `torch.dot`), over fp32 keys that
+    grow and shrink and a transposed (non-contiguous) delta, with one alpha and with per-parameter alphas."""
+    from pm_hf.method.merge import alpha_terms_by_key
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"a": (5, 7), "b": (40, 30), "c": (3,), "d": (50, 41)}
+    rand = lambda positive=False: {  # noqa: E731
+        k: torch.randn(s, generator=gen).abs() if positive else torch.randn(s, generator=gen) for k, s in shapes.items()
+    }
+    deltas, fisher, S, G = rand(), rand(True), rand(True), rand()
+    deltas["b"] = torch.randn(30, 40, generator=gen).T
+    assert not deltas["b"].is_contiguous()
+    dot = lambda t, y: float(torch.dot(t.reshape(-1).double(), y))  # noqa: E731
+    for key, terms in alpha_terms_by_key(deltas, fisher, S, G).items():
+        d = deltas[key].reshape(-1).double()
+        d2 = d * d
+        assert terms.fisher_delta_sq == dot(fisher[key], d2) and terms.g_delta == dot(G[key], d)
+        assert terms.denominator == dot(S[key], d2) + dot(fisher[key], d2)
+    for alpha in (0.3, {k: torch.rand(s, generator=gen) for k, s in shapes.items()}):
+        expected_S, expected_G = update_accumulators(deltas, fisher, S, G, alpha)
+        S2, G2 = ({k: v.clone() for k, v in acc.items()} for acc in (S, G))
+        for key, s, g in accumulator_updates(deltas, fisher, S2, G2, alpha, in_place=True):
+            assert s is S2[key] and g is G2[key]  # updated where they are
+            assert torch.equal(s, expected_S[key]) and torch.equal(g, expected_G[key]), key
+    # float64 storage is not what the fp32 buffers hold: new tensors, the inputs untouched, the same bits
+    S64, G64 = ({k: v.double() for k, v in acc.items()} for acc in (S, G))
+    before = {k: v.clone() for k, v in G64.items()}
+    expected_S, expected_G = update_accumulators(deltas, fisher, S64, G64, 0.3)
+    for key, s, g in accumulator_updates(deltas, fisher, S64, G64, 0.3, in_place=True):
+        assert g is not G64[key] and torch.equal(G64[key], before[key])
+        assert s.dtype == g.dtype == torch.float64 and torch.equal(g, expected_G[key])

@@ -94,7 +94,7 @@ class Replicated:
 
     def lora_delta(self, A, B, scale: float, weight: torch.Tensor, transposed: bool) -> torch.Tensor:
         """scale * B @ A in fp32, in the layout of `weight` (transposed for Conv1D), split as `weight` is."""
-        delta = (B.detach().float() @ A.detach().float()) * scale
+        delta = (B.detach().float() @ A.detach().float()).mul_(scale)  # the bits of `* scale`, one tensor fewer
         return delta.T if transposed else delta
 
     def whole_module(self, module: nn.Module):

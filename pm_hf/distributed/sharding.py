@@ -207,6 +207,39 @@ def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.dot(x.detach().reshape(-1).to(y.device, torch.float64), y.reshape(-1)))
 
 
+class Scratch:
+    """`count` flat buffers of `dtype` reused across a pass over many tensors (the closed form's float64 sums, the
+    accumulator update's products): each tensor is converted or multiplied into memory already held, not into a
+    fresh allocation per tensor, whose first touch costs more than the arithmetic on a CPU. `take` returns views that
+    start at each buffer's start (a fresh tensor's alignment: a BLAS reduction over them gives the same bits)."""
+
+    def __init__(self, count: int, dtype: torch.dtype):
+        self.count, self.dtype = count, dtype
+        self.buffers: dict[torch.device, list[torch.Tensor]] = {}
+
+    def take(self, like: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor] | None:
+        """`count` views shaped like `like`, on its device (their contents undefined), or None when any of `like`
+        and `others` is split across ranks (the caller then works on whole expressions). A larger request grows the
+        buffers: presize them with the pass's largest tensor (`reserve`)."""
+        if any(is_sharded(t) for t in (like, *others)):
+            return None
+        held = self.buffers.get(like.device)
+        if held is None or held[0].numel() < like.numel():
+            held = [torch.empty(like.numel(), dtype=self.dtype, device=like.device) for _ in range(self.count)]
+            self.buffers[like.device] = held
+        return [b[: like.numel()].view(like.shape) for b in held]
+
+    def reserve(self, tensors) -> Scratch:
+        """Size the buffers for the largest tensor of `tensors` on each device (split ones left out); returns self."""
+        largest: dict[torch.device, torch.Tensor] = {}
+        for t in tensors:
+            if not is_sharded(t) and t.numel() > largest.get(t.device, t.new_empty(0)).numel():
+                largest[t.device] = t
+        for t in largest.values():
+            self.take(t)
+        return self
+
+
 def as_float64(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` in float64, detached (flattened unless split: a split one keeps its layout for `dot64`)."""
     return tensor.detach().double() if is_sharded(tensor) else tensor.detach().reshape(-1).double()

@@ -115,9 +115,44 @@ def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
     return False
 
 
+_WALKS: dict[int, dict[str, object]] = {}  # id(unwrapped model) -> what its walks found, while `modules_fixed` holds
+
+
+@contextmanager
+def modules_fixed(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's LoRA layers and parameters are found by one walk over its modules each (at first
+    use), not one per call: for the steps of a merge, where no module is added, removed, frozen or unfrozen."""
+    key = id(unwrap(model))
+    if key in _WALKS:  # nested: the outer block's walks serve
+        yield
+        return
+    _WALKS[key] = {}
+    try:
+        yield
+    finally:
+        del _WALKS[key]
+
+
+def _walked(model: nn.Module, what: str, walk):
+    found = _WALKS.get(id(unwrap(model)))
+    if found is None:
+        return walk()
+    if what not in found:
+        found[what] = walk()
+    return found[what]
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """LoRA layers keyed by the merge key of their effective weight (`<module>.weight`)."""
-    return {strip_prefix(n) + ".weight": m for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)}
+    walk = lambda: [
+        (strip_prefix(n) + ".weight", m) for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)
+    ]  # noqa: E731
+    return dict(_walked(model, "lora", walk))
+
+
+def named_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter of the model by its name relative to the base model (as merge keys)."""
+    return dict(_walked(model, "params", lambda: [(strip_prefix(n), p) for n, p in unwrap(model).named_parameters()]))
 
 
 def uses_fan_in_fan_out(model: nn.Module) -> bool:
@@ -148,10 +183,13 @@ def full_trainable_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {strip_prefix(n): as_rows(p) for n, p in _fully_trained(model)}
 
 
-def _fully_trained(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for n, p in unwrap(model).named_parameters():
-        if p.requires_grad and ".lora_" not in n and "lora_magnitude" not in n and ".osf_svd_params." not in n:
-            yield n, p
+def _fully_trained(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    def walk():
+        params = unwrap(model).named_parameters()
+        skip = (".lora_", "lora_magnitude", ".osf_svd_params.")
+        return [(n, p) for n, p in params if p.requires_grad and not any(part in n for part in skip)]
+
+    return _walked(model, "trained", walk)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.checks import NonFiniteError
-from ..distributed.sharding import all_finite, as_float64, dot64, zeros_like
+from ..distributed.sharding import Scratch, all_finite, as_float64, dot64, zeros_like
 
 TensorDict = Mapping[str, torch.Tensor]
 
@@ -104,22 +104,28 @@ def alpha_terms_by_key(deltas: TensorDict, fisher: TensorDict, S: TensorDict, G:
     key's sums NaN or inf (0 * inf is NaN), and float64 does not overflow on float32 or bfloat16 values, so only
     then is every entry looked at, to name the tensor in the error (ValueError, as `update_accumulators`)."""
     _check_same_keys(deltas, finite=False, fisher=fisher, S=S, G=G)
-    out = {}
+    out, scratch = {}, Scratch(3, torch.float64).reserve(deltas.values())
     for key, delta in deltas.items():
-        tensors = (delta, fisher[key], S[key], G[key])
-        out[key] = _key_terms(*tensors)
+        out[key] = _key_terms(delta, fisher[key], S[key], G[key], scratch)
     if not all(math.isfinite(x) for t in out.values() for x in (t.fisher_delta_sq, t.g_delta, t.denominator)):
         _check_finite_values(deltas, fisher=fisher, S=S, G=G)
     return out
 
 
-def _key_terms(delta: torch.Tensor, f: torch.Tensor, s: torch.Tensor, g: torch.Tensor) -> AlphaTerms:
-    """One key's sums as float64 dot products (no product tensor is formed for whole tensors; split ones sum across
-    ranks); <S + F, Delta^2> = <S, Delta^2> + <F, Delta^2>."""
-    d = as_float64(delta)
-    d2 = d * d
-    fd2 = dot64(f, d2)
-    return AlphaTerms(fd2, dot64(g, d), dot64(s, d2) + fd2)
+def _key_terms(delta: torch.Tensor, f: torch.Tensor, s: torch.Tensor, g: torch.Tensor, scratch: Scratch) -> AlphaTerms:
+    """One key's sums as float64 dot products (no product tensor is formed for whole tensors: each is converted into
+    `scratch`'s buffers; split ones sum across ranks); <S + F, Delta^2> = <S, Delta^2> + <F, Delta^2>."""
+    views = scratch.take(delta, f, s, g)
+    if views is None:  # split rows: elementwise products summed across ranks
+        d = as_float64(delta)
+        d2 = d * d
+        fd2 = dot64(f, d2)
+        return AlphaTerms(fd2, dot64(g, d), dot64(s, d2) + fd2)
+    d, d2, x = (v.reshape(-1) for v in views)
+    torch.mul(d.copy_(delta.detach().reshape(-1)), d, out=d2)
+    dot = lambda t, y: float(torch.dot(x.copy_(t.detach().reshape(-1)), y))  # noqa: E731 - t in float64, exactly
+    fd2 = dot(f, d2)
+    return AlphaTerms(fd2, dot(g, d), dot(s, d2) + fd2)
 
 
 def sum_terms(terms) -> AlphaTerms:
@@ -168,14 +174,23 @@ def update_accumulators(
 
 
 def accumulator_updates(
-    deltas: TensorDict, fisher: TensorDict, S: TensorDict, G: TensorDict, alpha, checked: bool = False
+    deltas: TensorDict,
+    fisher: TensorDict,
+    S: TensorDict,
+    G: TensorDict,
+    alpha,
+    checked: bool = False,
+    in_place: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """`update_accumulators` one key at a time: `(key, new S, new G)`, each computed when it is asked for, so that a
     caller that replaces its S and G as it goes holds one key's old and new values at a time, not both whole sets.
-    Every key's alpha is checked before the first is yielded: a caller never stops with S and G half replaced."""
+    With `in_place`, fp32 S and G tensors that are not split are updated where they are (the same bits, no new
+    memory: the yielded tensors are `S[key]` and `G[key]`). Every key's alpha is checked before the first is yielded
+    or written: a caller never stops with S and G half replaced."""
     _check_same_keys(deltas, finite=not checked, fisher=fisher, S=S, G=G)
     for key in deltas:
         _check_alpha(alpha[key] if isinstance(alpha, Mapping) else alpha, key)
+    scratch = Scratch(2, torch.float32).reserve(S.values()) if in_place else None  # G's two products
     for key, delta in deltas.items():
         a = alpha[key] if isinstance(alpha, Mapping) else alpha
         s, g = S[key], G[key]
@@ -186,7 +201,21 @@ def accumulator_updates(
         a = a.to(acc) if isinstance(a, torch.Tensor) else a
         d = delta.to(s.device, acc)
         f = fisher[key].to(s.device, acc)
-        yield key, (s32 + f).to(s.dtype), (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
+        stored = scratch is not None and s32 is s and g32 is g and s.dtype == g.dtype == scratch.dtype  # fp32
+        products = scratch.take(s, g, f, d) if stored else None
+        if products is not None:
+            yield key, *_update_in_place(s, g, f, d, a, *products)
+        else:
+            yield key, (s32 + f).to(s.dtype), (g32 + a * s32 * d + (a - 1.0) * f * d).to(g.dtype)
+
+
+def _update_in_place(s, g, f, d, a, sd, fd) -> tuple[torch.Tensor, torch.Tensor]:
+    """g <- g + a * s * d + (a - 1) * f * d (in that order: the bits of the expression), then s <- s + f; the two
+    products in the buffers `sd` and `fd`."""
+    torch.mul(s, a, out=sd).mul_(d)
+    torch.mul(f, a - 1.0, out=fd).mul_(d)
+    g.add_(sd).add_(fd)
+    return s.add_(f), g
 
 
 def _check_alpha(a, key: str) -> None:

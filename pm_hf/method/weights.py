@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config.checks import NonFiniteError, check_finite
 from ..distributed.placement import Replicated, placement_of
+from ..distributed.sharding import Scratch
 from .adapters import (
     adapter_factors,
     base_weights,
@@ -19,8 +20,8 @@ from .adapters import (
     lora_layers,
     lora_task_vector,
     merged_delta_hooks,
-    strip_prefix,
-    unwrap,
+    modules_fixed,
+    named_params,
 )
 from .merge import LoraFactors, TaskVector, compress_factors
 
@@ -49,8 +50,7 @@ class ModelWeights:
 
     def targets(self, keys, placement: Replicated | None = None) -> dict[str, torch.Tensor]:
         """The tensor each merge key writes to (LoRA key: the base layer's weight)."""
-        layers = base_weights(self.model)
-        params = {strip_prefix(n): p for n, p in unwrap(self.model).named_parameters()}
+        layers, params = base_weights(self.model), named_params(self.model)
         as_rows, out = (self.placement if placement is None else placement).as_rows, {}
         for key in keys:
             if key not in layers and key not in params:
@@ -133,11 +133,13 @@ class ModelWeights:
             for key in deltas:  # every new value is checked before any is written (computed once when bounded)
                 if not self._surely_finite(targets[key], key, deltas[key], alpha[key], base, placement):
                     check_finite({key: new_value(key)}, "merged weights")
+            scratch = Scratch(1, torch.float32).reserve(deltas.values())
             for key in deltas:
-                weight, new = targets[key], new_value(key)
-                if weight.dtype != torch.float32:
-                    self.master[key] = new.to(self.device or weight.device)
-                weight.copy_(new.to(weight.device, weight.dtype))
+                if not self._add_into(targets[key], key, deltas[key], alpha[key], base, scratch):
+                    weight, new = targets[key], new_value(key)
+                    if weight.dtype != torch.float32:
+                        self.master[key] = new.to(self.device or weight.device)
+                    weight.copy_(new.to(weight.device, weight.dtype))
 
     def _start(self, weight, key: str, base) -> torch.Tensor:
         return base[key] if base is not None and key in base else self.value(key, weight)
@@ -146,6 +148,19 @@ class ModelWeights:
         start = self._start(weight, key, base).float()
         a = a.to(delta.device) if isinstance(a, torch.Tensor) else a
         return start.to(delta.device) + a * delta.float()
+
+    def _add_into(self, weight, key: str, delta: torch.Tensor, a, base, scratch: Scratch) -> bool:
+        """weight <- start + a * delta written straight into an fp32 weight (the bits of `_merged`, no new tensor);
+        False, writing nothing, where the weight keeps a master copy, is split or lives elsewhere than the delta."""
+        start = self._start(weight, key, base)
+        tensors = (weight, start, delta) + ((a,) if isinstance(a, torch.Tensor) else ())
+        if any(t.dtype != torch.float32 or t.device != weight.device for t in tensors):
+            return False
+        product = scratch.take(delta, *tensors)
+        if product is None:
+            return False
+        torch.add(start, torch.mul(delta, a, out=product[0]), out=weight)
+        return True
 
     def _surely_finite(self, weight, key: str, delta: torch.Tensor, a, base, placement: Replicated) -> bool:
         """start + a * delta is finite without forming it: max |start| + |a| max |delta| (two reductions, no copy)
@@ -172,17 +187,18 @@ class ModelWeights:
             is_head: whether a key belongs to the class head (left out of `trained`).
             head_delta: the merged part of a head key's change, or None when nothing of it is merged.
         """
-        lora = lora_task_vector(self.model, self.device)
-        full, trained = {}, {}
-        for key, param in self.trained_params().items():
-            delta = param.detach().float() - before[key]
-            if is_head(key):
-                delta = head_delta(key, delta)
-            else:
-                trained[key] = param.detach().float().clone()
-            if delta is not None:
-                full[key] = delta
-        return TaskVector(lora, full, trained, adapter_factors(self.model))
+        with modules_fixed(self.model):
+            lora = lora_task_vector(self.model, self.device)
+            full, trained = {}, {}
+            for key, param in self.trained_params().items():
+                delta = param.detach().float() - before[key]
+                if is_head(key):
+                    delta = head_delta(key, delta)
+                else:
+                    trained[key] = param.detach().float().clone()
+                if delta is not None:
+                    full[key] = delta
+            return TaskVector(lora, full, trained, adapter_factors(self.model))
 
 
 def _max_abs(x: torch.Tensor) -> float:

@@ -94,19 +94,22 @@ class ClosedForm(MergeStrategy):
             choices = dict.fromkeys(deltas, chosen)
         per_key = self.alpha_granularity != "global"
         plan = alpha_plan(vector, choices, terms=terms, per_key=per_key, calibration=calibration)
-        # key by key, each old S and G let go as its new one is made (not both whole sets at once: the merge's peak)
-        for key, s, g in accumulator_updates(deltas, fisher, S, G, plan.alpha, checked=True):
+        # key by key, in place where they can be (else each old S and G let go as its new one is made): never both
+        # whole sets at once, the merge's peak
+        for key, s, g in accumulator_updates(deltas, fisher, S, G, plan.alpha, checked=True, in_place=True):
             self.S[key] = S[key] = s
             self.G[key] = G[key] = g
         return plan
 
     def state_dict(self):
+        """S and G, the live tensors (as `nn.Module.state_dict`: the next merge updates them in place)."""
         return {**{f"S/{k}": v for k, v in self.S.items()}, **{f"G/{k}": v for k, v in self.G.items()}}
 
     def load_state_dict(self, state):
+        """Copies of `state`'s S and G (the caller's tensors are never updated by a later merge)."""
         device = self.accumulator_device
-        self.S = {k: v.to(device or v.device) for k, v in prefixed(state, "S/").items()}
-        self.G = {k: v.to(device or v.device) for k, v in prefixed(state, "G/").items()}
+        self.S = {k: v.to(device or v.device, copy=True) for k, v in prefixed(state, "S/").items()}
+        self.G = {k: v.to(device or v.device, copy=True) for k, v in prefixed(state, "G/").items()}
 
 
 @register

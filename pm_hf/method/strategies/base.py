@@ -22,7 +22,7 @@ import torch
 
 from ...config.checks import check_number, invalid
 from ...config.groups import MergeArguments
-from ..adapters import zero_adapter
+from ..adapters import modules_fixed, zero_adapter
 from ..merge import (
     AlphaChoice,
     AlphaTerms,
@@ -254,14 +254,15 @@ def merge_task(
     vector = context.vector
     plan = strategy.merge(context)
     base = strategy.pretrained if plan.origin == "pretrained" else before
-    if isinstance(weights, LowRankWeights):  # a base that cannot be written: the LoRA deltas join a merged adapter
-        if not plan.low_rank:
-            fix = "a quantized base keeps its merges as a low-rank adapter: use a strategy with one alpha per task."
-            raise invalid("merge_method", strategy.name, fix)
-        weights.append(vector.adapter, plan.alpha)
-        dense = {k: d for k, d in plan.deltas.items() if k not in vector.adapter}
-        weights.apply(dense, {k: plan.alpha[k] for k in dense}, base=base)
-    else:
-        weights.apply(plan.deltas, plan.alpha, base=base)
-    zero_adapter(weights.model)
+    with modules_fixed(weights.model):  # one walk over the modules, after the strategy's (osf rewraps layers)
+        if isinstance(weights, LowRankWeights):  # a base that cannot be written: the LoRA deltas join a merged adapter
+            if not plan.low_rank:
+                fix = "a quantized base keeps its merges as a low-rank adapter: use a strategy with one alpha per task."
+                raise invalid("merge_method", strategy.name, fix)
+            weights.append(vector.adapter, plan.alpha)
+            dense = {k: d for k, d in plan.deltas.items() if k not in vector.adapter}
+            weights.apply(dense, {k: plan.alpha[k] for k in dense}, base=base)
+        else:
+            weights.apply(plan.deltas, plan.alpha, base=base)
+        zero_adapter(weights.model)
     return plan
