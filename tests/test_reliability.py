@@ -364,15 +364,15 @@ def test_an_exploding_loss_is_divergence_too(tmp_path):
 
 
 def test_non_finite_state_is_never_written(assets, tmp_path, monkeypatch):
-    import pm_hf.run.loop as continual
+    import pm_hf.run.task_passes as passes
 
-    real = continual.estimate_fisher
+    real = passes.estimate_fisher
 
     def nan_fisher(*args, **kwargs):
         fisher = real(*args, **kwargs)
         return {k: v * float("nan") for k, v in fisher.items()}
 
-    monkeypatch.setattr(continual, "estimate_fisher", nan_fisher)
+    monkeypatch.setattr(passes, "estimate_fisher", nan_fisher)
     code, err = train(assets, tmp_path / "run")
     assert code == 1 and "the Fisher of task 0" in err and "NaN/inf" in err
     assert not (tmp_path / "run" / "latest.json").exists() and not (tmp_path / "run" / "adapters").exists()

@@ -7,18 +7,14 @@ plumbing in `adapters`, the class head in `heads`, the scores in `evaluation`; `
 
 from __future__ import annotations
 
-import copy
 import functools
-import itertools
 import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import PrinterCallback, ProgressCallback
 
 from ..config.checks import check_finite, invalid
 from ..config.groups import RunConfig
@@ -34,13 +30,11 @@ from ..hub.repository import HubTarget
 from ..method.adapters import (
     load_adapter_factors,
     reset_adapter,
-    scale_active_adapter,
     task_vector_norm,
 )
 from ..method.callbacks import CallbackList, ContinualCallback
-from ..method.fisher import estimate_fisher, normalize_fisher
 from ..method.strategies import MergeContext, MergeStrategy, merge_task
-from ..method.trainer import PMTrainer, TaskProgress, log_evaluation, task_checkpoint
+from ..method.trainer import log_evaluation, task_checkpoint
 from ..method.weights import LowRankWeights, ModelWeights
 from ..timing import Timer
 from .checkpoint import ContinualState, capture_rng, load_checkpoint, restore_rng, save_checkpoint, seeded
@@ -62,6 +56,7 @@ from .reporting import SequenceReporters, summary_logs
 from .results import results_dict, task_entry, write_outputs
 from .run_export import export_run, push_missing, push_task
 from .rundir import refuse_changes
+from .task_passes import fisher_pass, task_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +139,7 @@ class ContinualLoop:
 
     def train_task(self, t: int, task, timer: Timer):
         """Train task t with the perturbation (from its last mid-task checkpoint when resuming); returns the trainer."""
-        trainer = self.trainer(t, task)
+        trainer = task_trainer(self, t, task)
         with task_training(trainer), timer("train"):  # then the wrappers go (a DeepSpeed engine, its hooks)
             trainer.train(resume_from_checkpoint=task_checkpoint(self.out, t) if self.resuming else None)
         self.resuming = False
@@ -240,48 +235,6 @@ class ContinualLoop:
         if start is not None:
             self.weights.restore(start.weights)
 
-    def trainer(self, t: int, task) -> PMTrainer:
-        args = copy.deepcopy(self.args)
-        args.output_dir = str(self.out / "tasks" / f"task_{t}")  # mid-task checkpoints (save_strategy) go here
-        args.eval_strategy, args.report_to = "no", "none"  # the run's reporters are shared below: one logging run
-        args.push_to_hub = False  # per-task Trainers never push: the run's results go to the Hub as a whole
-        args.hub_token = None  # nor hold the token: they pickle their args into every mid-task checkpoint
-        args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-        # the model wrapped for training again (else every task after the first trained without DDP), the DeepSpeed
-        # plugin of the first task shared, ZeRO-3's between-task parameter hooks off (the task's engine brings its own)
-        BACKEND.before_task_trainer(self.model, args)
-        trainer = PMTrainer(
-            model=self.model,
-            args=args,
-            train_dataset=task.train,
-            data_collator=self.stream.collate_fn,
-            task_index=t,
-            callbacks=[*self.trainer_callbacks, *self.reporters.callbacks],
-            head_modules=self.head.modules,
-            step_offset=sum(sum(e["branch_counts"].values()) for e in self.log),
-        )
-        BACKEND.check_prepared(trainer)  # FSDP really runs as FSDP; a sharded model is not wrapped again
-        trainer.remove_callback(ProgressCallback)  # one bar per task under the bar over tasks; logs go to report_to
-        trainer.remove_callback(PrinterCallback)
-        if not args.disable_tqdm:
-            trainer.add_callback(TaskProgress(t))
-        return trainer
-
-    def fisher(self, t: int, task, keys: list[str]) -> dict[str, torch.Tensor]:
-        """F_t on the task's training loss (docs/method.md): its classes' mask (all seen classes with `fisher_classes:
-        seen`), at theta*_t (or with the adapter at 1 - eps with `fisher_point: perturbed`)."""
-        fa = self.fisher_args
-        seen = fa.fisher_classes == "seen" and self.head.train_classes(task) is not None
-        self.head.set_active(seen_classes(self.stream.tasks[: t + 1]) if seen else task.classes)
-        data = task.train
-        if isinstance(data, datasets.IterableDataset):  # a streamed split: its first `fisher_max_samples` examples
-            data = list(itertools.islice(data, fa.fisher_max_samples))
-        point = 1.0 - self.args.perturb_eps if fa.fisher_point == "perturbed" else 1.0
-        with scale_active_adapter(self.model, point):
-            fisher = estimate_fisher(self.model, data, self.stream.collate_fn, fa, keys=keys, seed=self.args.seed + t,
-                                     show_progress=not self.args.disable_tqdm)  # fmt: skip
-        return normalize_fisher(fisher, fa.fisher_normalize, inplace=True)  # the pass's own tensors
-
     @property
     def low_rank(self) -> bool:
         return isinstance(self.weights, LowRankWeights)
@@ -289,7 +242,7 @@ class ContinualLoop:
     def task_fisher(self, t: int, task, keys: list[str], timer: Timer) -> dict[str, torch.Tensor]:
         """F_t for a strategy that asks for it, timed as "fisher" and checked finite."""
         with timer("fisher"):
-            fisher = self.fisher(t, task, keys)
+            fisher = fisher_pass(self, t, task, keys)
         check_finite(fisher, f"the Fisher of task {t}")
         return fisher
 

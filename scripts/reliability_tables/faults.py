@@ -38,8 +38,9 @@ def _fault_points():
     import pm_hf.hub.export as export
     import pm_hf.run.checkpoint as checkpoint
     import pm_hf.run.loop as continual
+    import pm_hf.run.task_passes as passes
 
-    return [(continual.ContinualLoop, "trainer"), (continual, "estimate_fisher"), (continual, "merge_task"),
+    return [(continual, "task_trainer"), (passes, "estimate_fisher"), (continual, "merge_task"),
             (continual, "write_outputs"), (export, "save_file"), (export, "export_merged_adapter"),
             (checkpoint, "save_file"), (checkpoint, "atomic_write_text")]  # fmt: skip
 
@@ -62,6 +63,7 @@ def install_fault(point: str, nth: int, die) -> None:
     import pm_hf.hub.export as export
     import pm_hf.run.checkpoint as checkpoint
     import pm_hf.run.loop as continual
+    import pm_hf.run.task_passes as passes
 
     calls = {"n": 0}
 
@@ -93,10 +95,12 @@ def install_fault(point: str, nth: int, die) -> None:
 
     partial_file = lambda tensors, path, **kw: Path(path).write_bytes(b"partial")  # noqa: E731
     if point == "train":
-        make = continual.ContinualLoop.trainer
-        continual.ContinualLoop.trainer = lambda self, t, task: _with_callback(make(self, t, task), Kill())
-    elif point in ("fisher", "merge", "results", "export"):
-        names = {"fisher": "estimate_fisher", "merge": "merge_task", "results": "write_outputs"}
+        make = continual.task_trainer
+        continual.task_trainer = lambda loop, t, task: _with_callback(make(loop, t, task), Kill())
+    elif point == "fisher":
+        wrap(passes, "estimate_fisher")
+    elif point in ("merge", "results", "export"):
+        names = {"merge": "merge_task", "results": "write_outputs"}
         wrap(export if point == "export" else continual, names.get(point, "export_merged_adapter"))
     elif point == "record":
         wrap(export, "save_file", partial=partial_file)
