@@ -233,7 +233,7 @@ class Scratch:
         """Size the buffers for the largest tensor of `tensors` on each device (split ones left out); returns self."""
         largest: dict[torch.device, torch.Tensor] = {}
         for t in tensors:
-            if not is_sharded(t) and t.numel() > largest.get(t.device, t.new_empty(0)).numel():
+            if not is_sharded(t) and (t.device not in largest or t.numel() > largest[t.device].numel()):
                 largest[t.device] = t
         for t in largest.values():
             self.take(t)

@@ -144,9 +144,10 @@ def _walked(model: nn.Module, what: str, walk):
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """LoRA layers keyed by the merge key of their effective weight (`<module>.weight`)."""
-    walk = lambda: [
-        (strip_prefix(n) + ".weight", m) for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)
-    ]  # noqa: E731
+
+    def walk():
+        return [(strip_prefix(n) + ".weight", m) for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)]
+
     return dict(_walked(model, "lora", walk))
 
 
