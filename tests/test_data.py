@@ -1,6 +1,7 @@
 """Task streams: class splits, caps, global labels, per-task datasets, collation, images, and error messages."""
 
 import contextlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from PIL import Image
 from pm_hf.config.groups import DataArguments
 from pm_hf.data.streams import build_task_stream
 
-WORDNET = Path(__file__).resolve().parents[1] / "data" / "wordnet_supersense10"
+ROOT = Path(__file__).resolve().parents[1]
+WORDNET = ROOT / "data" / "wordnet_supersense10"
 WORDS = "alpha beta gamma delta river stone green small house tree bird fish cloud light".split()
 
 
@@ -251,3 +253,19 @@ def test_errors_on_labels_and_processor(tok, tmp_path):
         build_task_stream(DataArguments(data_files=files, num_tasks=1), tok)
     with pytest.raises(ValueError, match="this model has no tokenizer"):
         build_task_stream(DataArguments(data_files=write_text(tmp_path / "e", 2), num_tasks=1), None)
+
+
+def test_wordnet_readme_rebuild_keeps_sections_after_the_marker():
+    """scripts/build_wordnet_data.py regenerates data/README.md but keeps what follows its marker line."""
+    spec = importlib.util.spec_from_file_location("build_wordnet_data", ROOT / "scripts" / "build_wordnet_data.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    marker, merge = builder.README_KEPT_MARKER, builder.merge_readme
+    assert merge("# Gen\n", None) == merge("# Gen\n", "# Old, no marker\n\n## Lost\n") == f"# Gen\n\n{marker}\n"
+    old = f"# Old\n\n{marker}\n\n## Kept\n\nhand-written\n"
+    new = merge("# Gen\n", old)
+    assert new == f"# Gen\n\n{marker}\n\n## Kept\n\nhand-written\n"
+    assert merge("# Gen\n", new) == new
+    committed = (ROOT / "data" / "README.md").read_text(encoding="utf-8")
+    generated = committed.partition(marker)[0].removesuffix("\n")
+    assert merge(generated, committed) == committed and "## `digits28`" in committed.partition(marker)[2]
