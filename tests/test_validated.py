@@ -57,7 +57,7 @@ def test_the_old_classes_widened_by_the_rows_given():
     stats = alignment.update_class_stats({}, torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 3.0]]),
                                          torch.tensor([0, 0, 1, 1]), 2)  # fmt: skip
     spread = x + torch.tensor([[0.0, 2.0], [0.0, -2.0], [2.0, 0.0], [-2.0, 0.0]])  # drifts unlike one another
-    align = SimpleNamespace(before=x, after=spread, stats=stats, samples=4000)
+    align = SimpleNamespace(before=x, after=spread, stats=stats, samples=4000, widths=None)
     args = (stats["mean"], [0], [0, 1], torch.eye(2), None, 0)
     widened, translated = old_accuracies(align, *args), old_accuracies(align, *args, moved=(x, x + 5.0))
     assert widened[0] < translated[0]

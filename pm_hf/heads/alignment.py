@@ -17,6 +17,7 @@ from ..distributed.placement import placement_of
 from ..method.callbacks import ContinualCallback
 from ..method.fisher import by_length
 from ..timing import Timer
+from .estimate import calibrated_width, pooled_covariance
 from .head import Head
 
 
@@ -213,6 +214,7 @@ class HeadAlignment(ContinualCallback):
         self.stats: dict[str, torch.Tensor] = {}
         self.timer, self.before, self.labels, self.known = Timer("head_align"), None, None, None
         self.keep_origin, self.origin = False, {}  # the first task's statistics under theta_0 (`rebase`)
+        self.width_rule, self.widths = None, None  # per class: its Gaussian's width factor (`record_widths`)
 
     @staticmethod
     def check_args(args: MergeArguments) -> None:
@@ -251,6 +253,8 @@ class HeadAlignment(ContinualCallback):
     def on_merge(self, t, model, task):
         with self.timer("head_align"):
             self._align(t, model, task)
+            if self.width_rule is not None and self.mode == "prototypes":
+                self.record_widths(t, model, task)
         if t >= 1:
             self.origin = {}  # the second merge is the last that may undo the first
 
@@ -273,6 +277,24 @@ class HeadAlignment(ContinualCallback):
                 "head alignment: no statistics under theta_0 were kept (keep_origin before the first task)"
             )
         self.stats, self.before = dict(self.origin), before
+
+    def record_widths(self, t: int, model: nn.Module, task) -> None:
+        """Each of the task's classes' width factor under the merged model, kept for later merges' estimates of it
+        (`validation_old_width: calibrated`): the `calibrated_width` at which the class's Gaussian scores what the
+        head scores on the class's own training rows (the Gaussian with the pooled covariance scores higher than the
+        rows it was fitted on: real classes overlap more)."""
+        if self.widths is None:
+            self.widths = torch.ones(len(self.stats["count"]))
+        x, y = self.after.cpu(), self.labels.cpu()
+        seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
+        hits = self.correct(model, x, y, seen)
+        place = placement_of(model)
+        weight, bias = (None if p is None else place.whole(p.detach()).cpu() for p in self.head.parameters())
+        cov = pooled_covariance(self.stats, seen)
+        for c in task.classes:
+            target = float(hits[y == c].double().mean())
+            mean = self.stats["mean"][c]
+            self.widths[c] = calibrated_width(weight, bias, mean, cov, c, seen, target, self.samples, self.seed + c)
 
     def on_task_end(self, t, model, log):
         log["timings"]["head_align"] = self.timer.seconds["head_align"]
@@ -347,8 +369,10 @@ class HeadAlignment(ContinualCallback):
                     p.copy_(value)
 
     def state_dict(self):
-        return {**self.stats, **{f"origin/{k}": v for k, v in self.origin.items()}}
+        widths = {} if self.widths is None else {"widths/factor": self.widths}
+        return {**self.stats, **{f"origin/{k}": v for k, v in self.origin.items()}, **widths}
 
     def load_state_dict(self, state):
-        self.stats = {k: v for k, v in state.items() if not k.startswith("origin/")}
+        self.stats = {k: v for k, v in state.items() if "/" not in k}
         self.origin = {k.removeprefix("origin/"): v for k, v in state.items() if k.startswith("origin/")}
+        self.widths = state.get("widths/factor")

@@ -97,6 +97,8 @@ class ContinualLoop:
             strategy.pretrained = self.weights.snapshot(exclude=head.owns)
         if strategy.revisits_first_merge:  # the alignment keeps what an undone first merge restarts from
             alignment_of(self).keep_origin = True
+        if strategy.old_width is not None:  # each class's width factor, read by later merges' estimates
+            alignment_of(self).width_rule = strategy.old_width
 
     # --------------------------------------------------------------------------------------- one task
     def run_task(self, t: int) -> dict:

@@ -174,11 +174,15 @@ def reverted_estimate(home: MergeLine, loop, t: int, task) -> Validation:
 def old_accuracies(align, means, old: list[int], seen: list[int], weight, bias, seed: int, moved=None) -> dict:
     """Each old class's estimated accuracy under a trial's head: pseudo-features from its stored statistics, the
     pooled covariance widened by the drift near the class that compensation does not predict, measured on the task's
-    training rows the trial aligned on, or on `moved` (the same rows' features before and after: the held-out part)."""
+    training rows the trial aligned on, or on `moved` (the same rows' features before and after: the held-out part);
+    where the alignment recorded a width factor per class (`validation_old_width`), the pooled covariance is first
+    scaled by the class's."""
     before, after = (align.before.cpu(), align.after.cpu()) if moved is None else moved
     spread = drift_spread(means, old, before, after)
     cov = pooled_covariance(align.stats, seen)
-    return {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], cov + spread[c], c, seen, align.samples, seed + c)
+    ratio = {c: 1.0 if align.widths is None else float(align.widths[c]) for c in old}
+    return {c: pseudo_accuracy(weight, bias, align.stats["mean"][c], ratio[c] * cov + spread[c], c, seen,
+                               align.samples, seed + c)
             for c in old}  # fmt: skip
 
 

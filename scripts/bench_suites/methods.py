@@ -174,6 +174,12 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True}},
         "pm-validated, each alpha within its paired error of the best (not the best's own error) can be chosen",
     ),
+    # pm-validated with each old class's Gaussian as wide as it must be to score what the head scored on its rows
+    "pm-validated-calibrated": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_old_width": "calibrated"}},
+        "pm-validated, each old class's Gaussian widened (at its merge) until it scores what the head scores on the "
+        "class's own training rows",
+    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},

@@ -92,6 +92,7 @@ class MergeStrategy:
     needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
     needs_validation: ClassVar[bool] = False  # estimate(alpha) of the seen accuracy from training data only
     revisits_first_merge: bool = False  # the head alignment keeps the first task's statistics under theta_0
+    old_width: str | None = None  # the head alignment records each class's width factor (`validated-alpha`)
     shards: ClassVar[bool] = False  # its math is elementwise plus global sums: runs on FSDP-sharded weights
     holdout: ClassVar[float] = 0.0  # the fraction of each task's training data held out for the probe
     start: ClassVar[Start] = "merged"

@@ -88,6 +88,13 @@ def _drift_rows(name, value) -> None:
         raise invalid(name, value, "give 'train' (the trial's training rows) or 'heldout' (the task's held-out part).")
 
 
+def _width(name, value) -> None:
+    if value not in ("pooled", "calibrated"):
+        raise invalid(
+            name, value, "give 'pooled' (the stored statistics as they are) or 'calibrated' (docs/method.md)."
+        )
+
+
 @register
 class ValidatedAlpha(MergeStrategy):
     name = "validated-alpha"
@@ -126,6 +133,13 @@ class ValidatedAlpha(MergeStrategy):
             "the rows whose unpredicted drift widens the old classes: 'train' (a trial's) or 'heldout' (untrained)",
         ),
         Knob(
+            "validation_old_width",
+            "pooled",
+            _width,
+            "each old class's Gaussian: the pooled covariance ('pooled'), or scaled until it scores what the head "
+            "scored on the class's own training rows at its merge ('calibrated')",
+        ),
+        Knob(
             "validation_log_eval",
             False,
             _flag,
@@ -146,6 +160,10 @@ class ValidatedAlpha(MergeStrategy):
     @property
     def needs_pretrained(self) -> bool:  # theta_0, to undo the first merge (`validation_revisit_first`)
         return bool(self.validation_revisit_first)
+
+    @property
+    def old_width(self) -> str | None:
+        return None if self.validation_old_width == "pooled" else self.validation_old_width
 
     @property
     def revisits_first_merge(self) -> bool:

@@ -1,0 +1,97 @@
+"""`validation_old_width: calibrated` (docs/method.md): each old class's Gaussian widened until it scores what the
+head scored on the class's own training rows at its merge. The width against the normal CDF, its edge cases and
+the monotone score it bisects, the widening it makes in the estimate, and the widths a run records (the last task's
+recomputed from the final model, kept through a checkpoint: a resumed run is the same run)."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import groups
+
+from pm_hf.config.groups import RunConfig
+from pm_hf.continual import build_loop
+from pm_hf.heads import alignment
+from pm_hf.heads.estimate import calibrated_width, pooled_covariance, pseudo_accuracy
+from pm_hf.run.evaluation import seen_classes
+from pm_hf.run.measure import alignment_of, old_accuracies
+
+CALIBRATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc",
+              "merge_parameters": {"validation_old_width": "calibrated"}}  # fmt: skip
+
+
+def test_the_width_against_the_normal_cdf():
+    """Class 0 at (m, 0), covariance I, head W = I: its score at width k is Phi(m / sqrt(2k)), so the width that
+    scores `target` is k = (m / (sqrt 2 Phi^-1(target)))^2; m is set for a score of 0.9 at k = 1, 0.7 is asked."""
+    m = math.sqrt(2) * NormalDist().inv_cdf(0.9)
+    expected = (m / (math.sqrt(2) * NormalDist().inv_cdf(0.7))) ** 2  # 5.97
+    got = calibrated_width(torch.eye(2), None, torch.tensor([m, 0.0]), torch.eye(2), 0, [0, 1], 0.7, 40000, seed=0)
+    assert got == pytest.approx(expected, rel=0.03)
+
+
+def test_the_width_where_nothing_or_everything_is_asked():
+    """A class that scores no more than its rows already keeps its covariance (1: widths only widen); one that still
+    scores more at the cap gets the cap."""
+    mean, args = torch.tensor([1.0, 0.0]), (0, [0, 1])
+    assert calibrated_width(torch.eye(2), None, mean, torch.eye(2), *args, 0.99, 2000, seed=0) == 1.0
+    far = torch.tensor([100.0, 0.0])
+    assert calibrated_width(torch.eye(2), None, far, torch.eye(2), *args, 0.5, 2000, seed=0, high=4.0) == 4.0
+
+
+def test_the_score_falls_with_the_width():
+    """The bisection's premise: with one seed, the score of N(mean, k cov) never rises as k grows (3 classes, a random
+    head, a random covariance)."""
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(3, 5, generator=gen), torch.randn(3, generator=gen)
+    root = torch.randn(5, 5, generator=gen)
+    cov, mean = root @ root.T / 5, torch.randn(5, generator=gen) + weight[2]
+    scores = [pseudo_accuracy(weight, bias, mean, k * cov, 2, [0, 1, 2], 500, 3) for k in (0.5, 1, 2, 4, 8, 16, 32)]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]
+
+
+def test_the_old_classes_scaled_by_their_width():
+    """Width 1 leaves `old_accuracies` as without widths; width 4 is the pooled covariance of 4 x the scatter (the
+    covariance and its shrinkage are linear in it, and 4 is exact in binary), and it lowers a tight class's score."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    stats = alignment.update_class_stats({}, torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 3.0]]),
+                                         torch.tensor([0, 0, 1, 1]), 2)  # fmt: skip
+    align = SimpleNamespace(before=x, after=x + torch.tensor([0.0, 0.5]), stats=stats, samples=4000, widths=None)
+    args = (stats["mean"], [0, 1], [0, 1], torch.eye(2), None, 0)
+    plain = old_accuracies(align, *args)
+    align.widths = torch.ones(2)
+    assert old_accuracies(align, *args) == plain
+    align.widths = torch.tensor([4.0, 4.0])
+    wide = old_accuracies(align, *args)
+    align.widths, align.stats = None, {**stats, "scatter": 4 * stats["scatter"]}
+    assert old_accuracies(align, *args) == wide
+    assert wide[0] < plain[0]
+
+
+@pytest.mark.slow  # 3-task runs of an opt-in knob
+def test_a_run_records_each_class_width_and_resumes_with_them(model_dir, tmp_path):
+    """Every class's width is recorded at its task's merge (>= 1); the last task's are those of its training rows
+    under the final model and head (where they were taken); stopped after two tasks and resumed, the run is the
+    uninterrupted one."""
+    loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "whole", **CALIBRATED)))
+    results = loop.run()
+    align, tasks = alignment_of(loop), loop.stream.tasks
+    assert align.width_rule == "calibrated" and all(float(align.widths[c]) >= 1 for t in tasks for c in t.classes)
+    last, seen = tasks[-1], seen_classes(tasks)
+    x, y = alignment.head_features(loop.model, align.head.module, last.train, loop.stream.collate_fn, 8)
+    hits, (weight, bias) = align.correct(loop.model, x, y, seen), (p.detach() for p in align.head.parameters())
+    cov = pooled_covariance(align.stats, seen)
+    for c in last.classes:
+        target = float(hits[y == c].double().mean())
+        expected = calibrated_width(weight, bias, align.stats["mean"][c], cov, c, seen, target, align.samples,
+                                    loop.args.seed + c)  # fmt: skip
+        assert float(align.widths[c]) == pytest.approx(expected, rel=1e-6)
+    build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **CALIBRATED))).run(stop_after=2)
+    again = build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **CALIBRATED)))
+    resumed = again.run(resume=True)
+    assert resumed["alphas"] == results["alphas"] and resumed["accuracy_matrix"] == results["accuracy_matrix"]
+    assert resumed["calibrations"] == results["calibrations"]
+    assert torch.equal(alignment_of(again).widths, align.widths)
