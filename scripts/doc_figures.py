@@ -85,6 +85,7 @@ from figure_sources.suites import (  # noqa: E402
     readme_alpha,
     suite_facts,
     suite_table,
+    validation_bias,
     validation_truth,
 )
 
@@ -101,6 +102,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
     Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),
     Figure("docs/results.md", "figure:validation-truth", validation_truth, "results/*/validation_truth"),
+    Figure("docs/results.md", "figure:validation-bias", validation_bias, "results/<suite>/runs/pm-validated*"),
     Figure("docs/results.md", "figure:llm-length-test", llm_length_test, "results/llm-instruct-long/length_test"),
     Figure("docs/results.md", "figure:cost", cost_table, "results/cost/cost.json, results/cost/cost.md"),
     Figure("docs/results.md", "figure:cost-pipeline", cost_pipeline, "results/cost/cost.json"),

@@ -135,6 +135,14 @@ def validation_truth() -> str:
     return validation_truth.table(validation_truth.SUITES, RESULTS)
 
 
+def validation_bias() -> str:
+    """The estimate's parts against the accuracy the run measured, with the stored and the calibrated old-class
+    widths (scripts/validation_bias.py)."""
+    import validation_bias
+
+    return validation_bias.table(["pm-validated", "pm-validated-calibrated"], RESULTS)
+
+
 def fisher_traces() -> str:
     """Largest / smallest task Fisher trace within a run (tasks that logged one), range over the runs of `pm` and
     `pm-secant-proto` (where they log `fisher_traces`), per class-incremental suite."""
