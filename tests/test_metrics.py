@@ -1,13 +1,19 @@
-"""Tests for pm_hf.run.metrics: hand-computed CL metrics, validation errors, and atomic PNG plots."""
+"""Tests for pm_hf.run.metrics: hand-computed CL metrics, validation errors, and atomic PNG plots; the classifier's
+scores of a task from one prediction pass."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
+import torch
 
+from pm_hf.heads.head import ClassMask
 from pm_hf.run import metrics
+from pm_hf.run.evaluation import ClassifierEvaluator
 
 NAN = math.nan
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -162,3 +168,26 @@ def test_seen_accuracy_is_the_correctly_rounded_pooled_score_in_any_task_order()
         assert metrics.seen_accuracy(scores, sizes) == exact
         order = rng.permutation(n)
         assert metrics.seen_accuracy(scores[order], sizes[order]) == exact
+
+
+def test_a_tasks_scores_from_one_pass_equal_two_masked_passes():
+    """`ClassifierEvaluator.scores` predicts once (masked to the seen classes) and takes the within-task accuracy from
+    those logits: equal to a second pass masked to the task's classes, ties included (a masked pass takes the first
+    of equal maxima in class order; the task's classes are given out of order here)."""
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randn(60, 6, generator=gen)
+    raw[:10, 4] = raw[:10, 1]  # ties between the task's two classes
+    labels = torch.tensor([1, 4])[torch.randint(0, 2, (60,), generator=gen)]
+    mask, calls = ClassMask(torch.nn.Linear(1, 6), 6), []
+
+    def predict(dataset):
+        calls.append(len(dataset))
+        return mask._hook(None, None, raw).numpy()
+
+    evaluator = ClassifierEvaluator(SimpleNamespace(set_active=mask.set_active), predict)
+    task = SimpleNamespace(eval=datasets.Dataset.from_dict({"labels": labels.tolist()}), classes=[4, 1])
+    scores = evaluator.scores(task, [0, 1, 2, 4])
+    assert calls == [60]
+    assert scores == {"accuracy": evaluator.accuracy(task.eval, [0, 1, 2, 4]),
+                      "til_accuracy": evaluator.accuracy(task.eval, task.classes)}  # fmt: skip
+    assert evaluator.pre_merge(task, [0, 1, 2, 4]) == (scores["accuracy"], scores["til_accuracy"])

@@ -101,16 +101,14 @@ class ClassifierEvaluator(Evaluator):
 
     def scores(self, task, seen):
         """'accuracy' over the seen classes, 'til_accuracy' within the task, and the user's `compute_metrics` on the
-        seen-class logits (an `EvalPrediction` per task)."""
+        seen-class logits (an `EvalPrediction` per task), all from one pass (`pre_merge`'s)."""
+        labels, logits = np.asarray(task.eval["labels"]), self._logits(task.eval, seen)
+        out = {"accuracy": float((logits.argmax(-1) == labels).mean()), "til_accuracy": within(logits, labels, task)}
         if self.compute_metrics is None:
-            return {"accuracy": self.accuracy(task.eval, seen), "til_accuracy": self.accuracy(task.eval, task.classes)}
+            return out
         from transformers import EvalPrediction
 
-        labels = np.asarray(task.eval["labels"])
-        logits = self._logits(task.eval, seen)
         extra = self.compute_metrics(EvalPrediction(predictions=logits, label_ids=labels))
-        out = {"accuracy": float((logits.argmax(-1) == labels).mean())}
-        out["til_accuracy"] = self.accuracy(task.eval, task.classes)
         return {**out, **{k: float(v) for k, v in extra.items() if k not in out}}
 
     def score(self, task, seen):
@@ -121,9 +119,14 @@ class ClassifierEvaluator(Evaluator):
         if task.eval is None:
             return None, None
         logits, labels = self._logits(task.eval, seen), np.asarray(task.eval["labels"])
-        own = np.asarray(task.classes)
-        within = own[logits[:, own].argmax(-1)]
-        return float((logits.argmax(-1) == labels).mean()), float((within == labels).mean())
+        return float((logits.argmax(-1) == labels).mean()), within(logits, labels, task)
+
+
+def within(logits: np.ndarray, labels: np.ndarray, task) -> float:
+    """The accuracy within the task's own classes from logits over more classes (the same unmasked values): the argmax
+    among its classes in ascending order, as a pass masked to them takes it (the first of equal maxima)."""
+    own = np.sort(np.asarray(task.classes))
+    return float((own[logits[:, own].argmax(-1)] == labels).mean())
 
 
 def evaluation_metrics(scores: dict[str, list], sizes: Sequence[int], prefix: str = "eval") -> dict[str, float]:
