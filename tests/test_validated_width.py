@@ -29,17 +29,20 @@ def test_the_width_against_the_normal_cdf():
     scores `target` is k = (m / (sqrt 2 Phi^-1(target)))^2; m is set for a score of 0.9 at k = 1, 0.7 is asked."""
     m = math.sqrt(2) * NormalDist().inv_cdf(0.9)
     expected = (m / (math.sqrt(2) * NormalDist().inv_cdf(0.7))) ** 2  # 5.97
-    got = calibrated_width(torch.eye(2), None, torch.tensor([m, 0.0]), torch.eye(2), 0, [0, 1], 0.7, 40000, seed=0)
+    mean, eye = torch.tensor([m, 0.0]), torch.eye(2)
+    got = calibrated_width(lambda k: pseudo_accuracy(eye, None, mean, k * eye, 0, [0, 1], 40000, 0), 0.7)
     assert got == pytest.approx(expected, rel=0.03)
 
 
 def test_the_width_where_nothing_or_everything_is_asked():
     """A class that scores no more than its rows already keeps its covariance (1: widths only widen); one that still
     scores more at the cap gets the cap."""
-    mean, args = torch.tensor([1.0, 0.0]), (0, [0, 1])
-    assert calibrated_width(torch.eye(2), None, mean, torch.eye(2), *args, 0.99, 2000, seed=0) == 1.0
-    far = torch.tensor([100.0, 0.0])
-    assert calibrated_width(torch.eye(2), None, far, torch.eye(2), *args, 0.5, 2000, seed=0, high=4.0) == 4.0
+
+    def score(mean):
+        return lambda k: pseudo_accuracy(torch.eye(2), None, torch.tensor(mean), k * torch.eye(2), 0, [0, 1], 2000, 0)
+
+    assert calibrated_width(score([1.0, 0.0]), 0.99) == 1.0
+    assert calibrated_width(score([100.0, 0.0]), 0.5, high=4.0) == 4.0
 
 
 def test_the_score_falls_with_the_width():
@@ -86,8 +89,12 @@ def test_a_run_records_each_class_width_and_resumes_with_them(model_dir, tmp_pat
     cov = pooled_covariance(align.stats, seen)
     for c in last.classes:
         target = float(hits[y == c].double().mean())
-        expected = calibrated_width(weight, bias, align.stats["mean"][c], cov, c, seen, target, align.samples,
-                                    loop.args.seed + c)  # fmt: skip
+        args = (weight, bias, align.stats["mean"][c])
+
+        def score(k, c=c, args=args):
+            return pseudo_accuracy(*args, k * cov, c, seen, align.samples, loop.args.seed + c)
+
+        expected = calibrated_width(score, target)
         assert float(align.widths[c]) == pytest.approx(expected, rel=1e-6)
     build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **CALIBRATED))).run(stop_after=2)
     again = build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **CALIBRATED)))

@@ -17,7 +17,7 @@ from ..distributed.placement import placement_of
 from ..method.callbacks import ContinualCallback
 from ..method.fisher import by_length
 from ..timing import Timer
-from .estimate import calibrated_width, pooled_covariance
+from .estimate import calibrated_width, pooled_covariance, pseudo_accuracy
 from .head import Head
 
 
@@ -292,9 +292,13 @@ class HeadAlignment(ContinualCallback):
         weight, bias = (None if p is None else place.whole(p.detach()).cpu() for p in self.head.parameters())
         cov = pooled_covariance(self.stats, seen)
         for c in task.classes:
-            target = float(hits[y == c].double().mean())
-            mean = self.stats["mean"][c]
-            self.widths[c] = calibrated_width(weight, bias, mean, cov, c, seen, target, self.samples, self.seed + c)
+
+            def score(k: float, c: int = c) -> float:  # the class's draws (its seed) from N(mean, k cov)
+                return pseudo_accuracy(
+                    weight, bias, self.stats["mean"][c], k * cov, c, seen, self.samples, self.seed + c
+                )
+
+            self.widths[c] = calibrated_width(score, float(hits[y == c].double().mean()))
 
     def on_task_end(self, t, model, log):
         log["timings"]["head_align"] = self.timer.seconds["head_align"]

@@ -6,6 +6,7 @@ drift compensation does not predict (measured on the task's own data)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -54,24 +55,11 @@ def pooled_covariance(stats: dict[str, torch.Tensor], classes: list[int], shrink
     return (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d) * torch.eye(d, dtype=torch.float64)
 
 
-def calibrated_width(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    cov: torch.Tensor,
-    label: int,
-    seen: list[int],
-    target: float,
-    n: int,
-    seed: int,
-    high: float = 64.0,
-    steps: int = 12,
-) -> float:
-    """The factor k >= 1 by which class `label`'s covariance is scaled for its `pseudo_accuracy` (n draws, `seed`)
-    to fall to `target`, the accuracy the head has on the class's own rows: 1 where N(mean, cov) scores no higher
-    than that already, `high` where even k = high scores higher. Bisection on log k, `steps` halvings: with one seed
-    every draw moves away from the mean along its own direction as k grows, so the score falls monotonically."""
-    score = lambda k: pseudo_accuracy(weight, bias, mean, k * cov, label, seen, n, seed)  # noqa: E731
+def calibrated_width(score: Callable[[float], float], target: float, high: float = 64.0, steps: int = 12) -> float:
+    """The factor k >= 1 at which `score(k)` (a class's `pseudo_accuracy` from N(mean, k cov), its draws fixed) falls
+    to `target`, the accuracy the head has on the class's own rows: 1 where `score(1)` is no higher already, `high`
+    where even `score(high)` is higher. Bisection on log k, `steps` halvings: with the draws fixed each one moves away
+    from the mean along its own direction as k grows, so the score falls monotonically."""
     if score(1.0) <= target:
         return 1.0
     if score(high) > target:
