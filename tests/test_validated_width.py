@@ -1,7 +1,7 @@
 """`validation_old_width: calibrated` (docs/method.md): each old class's Gaussian widened until it scores what the
 head scored on the class's own training rows at its merge. The width against the normal CDF, its edge cases and
-the monotone score it bisects, the widening it makes in the estimate, and the widths a run records (the last task's
-recomputed from the final model, kept through a checkpoint: a resumed run is the same run)."""
+the monotone score it bisects, the widening it makes in the estimate, and the widths a run records (what the
+alignment passes for each class, read by later estimates, kept through a checkpoint, grown with the head)."""
 
 from __future__ import annotations
 
@@ -74,31 +74,64 @@ def test_the_old_classes_scaled_by_their_width():
     assert wide[0] < plain[0]
 
 
+def _recorded_width(calls: list):
+    """A stand-in for `calibrated_width` that records (its score at k = 1, the target) and answers a width above 1 made
+    of both: what the alignment passes it shows in the widths it keeps (on the tiny model every real width is 1)."""
+
+    def width(score, target):
+        calls.append((score(1.0), target))
+        return 1.5 + score(1.0) + target
+
+    return width
+
+
 @pytest.mark.slow  # 3-task runs of an opt-in knob
-def test_a_run_records_each_class_width_and_resumes_with_them(model_dir, tmp_path):
-    """Every class's width is recorded at its task's merge (>= 1); the last task's are those of its training rows
-    under the final model and head (where they were taken); stopped after two tasks and resumed, the run is the
-    uninterrupted one."""
+def test_a_run_records_each_class_width_and_resumes_with_them(model_dir, tmp_path, monkeypatch):
+    """Every class's width is recorded once, at its task's merge, and kept (the stand-in's answers); the last task's
+    score and target are those of its training rows under the final model and head (where they were taken: its
+    draws, its seed); the estimates of later merges read the widths (their old part differs from the stored width's
+    run); stopped after two tasks and resumed, the run is the uninterrupted one, widths included."""
+    plain = build_loop(RunConfig(*groups(model_dir, tmp_path / "plain", **{**CALIBRATED, "merge_parameters": {}})))
+    pooled = plain.run()
+    calls = []
+    monkeypatch.setattr(alignment, "calibrated_width", _recorded_width(calls))
     loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "whole", **CALIBRATED)))
     results = loop.run()
     align, tasks = alignment_of(loop), loop.stream.tasks
-    assert align.width_rule == "calibrated" and all(float(align.widths[c]) >= 1 for t in tasks for c in t.classes)
+    classes = [c for t in tasks for c in t.classes]
+    assert len(calls) == len(classes)
+    assert align.widths[classes].tolist() == pytest.approx([1.5 + a + b for a, b in calls], rel=1e-6)  # (float32)
     last, seen = tasks[-1], seen_classes(tasks)
     x, y = alignment.head_features(loop.model, align.head.module, last.train, loop.stream.collate_fn, 8)
     hits, (weight, bias) = align.correct(loop.model, x, y, seen), (p.detach() for p in align.head.parameters())
     cov = pooled_covariance(align.stats, seen)
-    for c in last.classes:
-        target = float(hits[y == c].double().mean())
-        args = (weight, bias, align.stats["mean"][c])
-
-        def score(k, c=c, args=args):
-            return pseudo_accuracy(*args, k * cov, c, seen, align.samples, loop.args.seed + c)
-
-        expected = calibrated_width(score, target)
-        assert float(align.widths[c]) == pytest.approx(expected, rel=1e-6)
+    for c, (score, target) in zip(last.classes, calls[-len(last.classes) :], strict=True):
+        assert target == float(hits[y == c].double().mean())
+        mean, seed = align.stats["mean"][c], loop.args.seed + c
+        assert score == pseudo_accuracy(weight, bias, mean, cov, c, seen, align.samples, seed)
+    old = lambda r: [m["old"] for cal in r["calibrations"][1:] for m in cal["grid"].values()]  # noqa: E731
+    assert old(results) != old(pooled)
     build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **CALIBRATED))).run(stop_after=2)
     again = build_loop(RunConfig(*groups(model_dir, tmp_path / "resumed", **CALIBRATED)))
     resumed = again.run(resume=True)
     assert resumed["alphas"] == results["alphas"] and resumed["accuracy_matrix"] == results["accuracy_matrix"]
     assert resumed["calibrations"] == results["calibrations"]
     assert torch.equal(alignment_of(again).widths, align.widths)
+
+
+@pytest.mark.slow  # two short runs of an opt-in knob
+def test_classes_appended_later_get_their_widths_as_in_the_longer_run(model_dir, tmp_path):
+    """The head grows when a task brings new classes after `train()`: the widths grow with it (new rows 1 until their
+    merge), and the staged run equals the run of all its tasks at once."""
+    from test_api import numbers, task, trainer
+
+    from pm_hf.config.groups import MergeArguments
+
+    merge = MergeArguments(**{k: v for k, v in CALIBRATED.items()})
+    tasks = [task(0, 1), task(2, 3), task(4, 5)]
+    once = trainer(model_dir, tmp_path / "once", tasks, merge_args=merge)
+    at_once = once.train().results
+    staged = trainer(model_dir, tmp_path / "staged", tasks[:2], merge_args=merge)
+    staged.train()
+    assert numbers(staged.add_task(tasks[2]).train().results) == numbers(at_once)
+    assert torch.equal(alignment_of(staged.loop).widths, alignment_of(once.loop).widths)

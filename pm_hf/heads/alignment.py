@@ -283,8 +283,8 @@ class HeadAlignment(ContinualCallback):
         (`validation_old_width: calibrated`): the `calibrated_width` at which the class's Gaussian scores what the
         head scores on the class's own training rows (the Gaussian with the pooled covariance scores higher than the
         rows it was fitted on: real classes overlap more)."""
-        if self.widths is None:
-            self.widths = torch.ones(len(self.stats["count"]))
+        held = torch.ones(0) if self.widths is None else self.widths  # (the head may have grown since: new rows 1)
+        self.widths = torch.cat([held, torch.ones(len(self.stats["count"]) - len(held))])
         x, y = self.after.cpu(), self.labels.cpu()
         seen = sorted({c for prev in self.stream.tasks[: t + 1] for c in prev.classes})
         hits = self.correct(model, x, y, seen)

@@ -59,7 +59,8 @@ def calibrated_width(score: Callable[[float], float], target: float, high: float
     """The factor k >= 1 at which `score(k)` (a class's `pseudo_accuracy` from N(mean, k cov), its draws fixed) falls
     to `target`, the accuracy the head has on the class's own rows: 1 where `score(1)` is no higher already, `high`
     where even `score(high)` is higher. Bisection on log k, `steps` halvings: with the draws fixed each one moves away
-    from the mean along its own direction as k grows, so the score falls monotonically."""
+    from the mean along its own direction as k grows, so the score falls monotonically where the head puts the mean
+    itself in its class (a linear head's region of a class is convex); elsewhere the bisection still ends."""
     if score(1.0) <= target:
         return 1.0
     if score(high) > target:
