@@ -193,17 +193,19 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(plain_run, model_di
     assert other["alphas"] == results["alphas"] and other["accuracy_matrix"] != results["accuracy_matrix"]
 
 
-@pytest.mark.xdist_group("validated-plain-run")  # one worker runs the shared run once
-def test_reused_features_are_those_a_pass_takes(plain_run, model_dir, tmp_path, monkeypatch):
-    """The trial at alpha = 0 and the alignment after the merge reuse features taken already (theta_hat_{t-1}'s, the
-    trial's at the merged alpha): two passes fewer per merged task, and the run is what it is with every pass taken."""
-    reused, loop, _, reused_calls = plain_run
+@pytest.mark.slow  # two 3-task runs of the opt-in exact features
+def test_reused_features_are_those_a_pass_takes(model_dir, tmp_path, monkeypatch):
+    """`validation_features: exact`: the trial at alpha = 0 and the alignment after the merge reuse features taken
+    already (theta_hat_{t-1}'s, the trial's at the merged alpha): two passes fewer per merged task, and the run is what
+    it is with every pass taken."""
+    exact = {"merge_parameters": {"validation_features": "exact"}}
+    reused, loop, _, reused_calls = _recorded_run(model_dir, tmp_path / "reused", monkeypatch, **exact)
     assert all(len(task.train) <= 256 for task in loop.stream.tasks)  # every trial took every row
     calls = []
     features = alignment.head_features
     monkeypatch.setattr(alignment, "head_features", lambda *a: calls.append(a[2]) or features(*a))
     monkeypatch.setattr(alignment.HeadAlignment, "known_features", lambda self, pair: contextlib.nullcontext())
-    other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED)))
+    other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED, **exact)))
     passes = other.run()
     assert reused_calls == len(calls) - 2 * (len(loop.stream.tasks) - 1)
     for key in ("alphas", "calibrations", "accuracy_matrix"):

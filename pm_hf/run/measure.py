@@ -119,13 +119,62 @@ class Validation:
         return self.estimate(alpha)
 
 
+class Knots:
+    """`validation_features: interpolated`: a trial's features (of the training rows it aligns on and of the held-out
+    rows) piecewise linear in alpha between passes at the knots (`validation_knots`, 0 and 1 among them), each knot's
+    passes taken when a trial first needs them: at a knot the model's own features, between two their chord
+    (`torch.lerp`). At 0 (theta_hat_{t-1}) the training rows' are those the alignment took before training."""
+
+    def __init__(self, knots, line: MergeLine, align, model, view, heldout, rows: list[int]):
+        self.knots, self.line, self.align, self.model = sorted(knots), line, align, model
+        self.data = (view.train, heldout)
+        held, labels = line.at(0.0, lambda: align.features_of(model, heldout))
+        self.labels, self.taken = (align.labels[rows], labels), {0.0: (align.before[rows], held)}
+
+    def prepare(self, alpha: float) -> None:
+        """The passes at the knots around alpha (taken before the line moves to alpha)."""
+        for knot in self._around(alpha):
+            if knot not in self.taken:
+                self.taken[knot] = self.line.at(knot, lambda: self._passes())
+
+    def _passes(self) -> tuple:
+        (x, y), (hx, hy) = (self.align.features_of(self.model, data) for data in self.data)
+        if not (torch.equal(y.cpu(), self.labels[0].cpu()) and torch.equal(hy.cpu(), self.labels[1].cpu())):
+            raise ValueError("validation: the knots' passes hold different rows")
+        return x, hx
+
+    def _around(self, alpha: float) -> tuple[float, ...]:
+        if alpha in self.knots:
+            return (alpha,)
+        return max(k for k in self.knots if k < alpha), min(k for k in self.knots if k > alpha)
+
+    def at(self, alpha: float) -> tuple[tuple, tuple]:
+        """((training rows' features, labels), (held-out rows' features, labels)) at alpha (after `prepare`)."""
+        around = self._around(alpha)
+        if len(around) == 1:
+            x, hx = self.taken[alpha]
+        else:
+            (low, high), w = around, (alpha - around[0]) / (around[1] - around[0])
+            x, hx = (torch.lerp(a, b, w) for a, b in zip(self.taken[low], self.taken[high]))
+        return (x, self.labels[0]), (hx, self.labels[1])
+
+
+def interpolated(line: MergeLine, loop, t: int, view, heldout, rows: list[int]) -> Knots | None:
+    """The trials' `Knots` along theta_hat_{t-1} + alpha Delta_t where `validation_features` is 'interpolated' (from the
+    second task on: the first has no features taken before training)."""
+    if t == 0 or getattr(loop.strategy, "validation_features", "interpolated") != "interpolated":
+        return None
+    return Knots(loop.strategy.validation_knots, line, alignment_of(loop), loop.model, view, heldout, rows)
+
+
 def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tensor | None = None) -> Validation:
     """`validated-alpha`'s estimate(alpha) of the seen accuracy after merging task t at alpha, under the head the
     prototype alignment would fit there (its `trial`, on at most `validation_samples` of the task's training samples):
     the new classes' accuracy on the task's held-out training data, the old classes' on their drift-compensated
     statistics widened by the unpredicted drift. No eval split is read. On every row, the trial at alpha = 0 (theta_hat
-    _{t-1}, where the alignment took the task's features before training) reuses those features. With `origin` (the
-    task's rows under theta_0, along a `RevertedLine`): every trial from theta_0's statistics of the first task."""
+    _{t-1}, where the alignment took the task's features before training) reuses those features; with interpolated
+    features a trial between two knots takes their chord (`Knots`), not a pass. With `origin` (the task's rows under
+    theta_0, along a `RevertedLine`): every trial from theta_0's statistics of the first task, each a pass."""
     align = alignment_of(loop)
     if align is None or (t and align.before is None) or getattr(task, "heldout", None) is None:
         raise ValueError("validated-alpha needs the prototype head alignment with sdc and a held-out part of the task")
@@ -141,14 +190,20 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
     correct: dict[float, list[float]] = {}
     share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
     on_heldout = getattr(loop.strategy, "validation_drift", "train") == "heldout" and old
-    start_heldout = line.at(0.0, lambda: align.features_of(loop.model, task.heldout)[0]) if on_heldout else None
+    knots = interpolated(line, loop, t, view, task.heldout, rows) if origin is None else None
+    start_heldout = None
+    if on_heldout:
+        start_heldout = (
+            knots.at(0.0)[1][0] if knots else line.at(0.0, lambda: align.features_of(loop.model, task.heldout))[0]
+        )
 
     def measure(alpha: float) -> dict:
         known = start if every_row and alpha == 0 and t and origin is None else None  # (none before the first task)
+        known, held = knots.at(alpha) if knots is not None else (known, None)
         with rebased(), align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
-            if every_row:
+            if every_row and (knots is None or alpha in knots.knots):  # at a knot: the model's own features
                 features[alpha] = (align.after, align.labels)
-            x, y = align.features_of(loop.model, task.heldout)
+            x, y = align.features_of(loop.model, task.heldout) if held is None else held
             hits = align.correct(loop.model, x, y, seen)
             new = float(hits.double().mean())
             weight, bias = (None if p is None else p.detach().cpu() for p in align.head.parameters())
@@ -160,7 +215,13 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
                 "se": share * binomial_se(new, len(task.heldout))}  # fmt: skip
 
     adopt = (lambda: None) if origin is None else (lambda: align.rebase(origin))
-    return Validation(lambda alpha: line.at(alpha, lambda: measure(alpha)), features, adopt, correct)
+
+    def estimate(alpha: float) -> dict:
+        if knots is not None:
+            knots.prepare(alpha)
+        return line.at(alpha, lambda: measure(alpha))
+
+    return Validation(estimate, features, adopt, correct)
 
 
 def reverted_estimate(home: MergeLine, loop, t: int, task) -> Validation:

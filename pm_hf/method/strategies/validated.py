@@ -88,6 +88,17 @@ def _drift_rows(name, value) -> None:
         raise invalid(name, value, "give 'train' (the trial's training rows) or 'heldout' (the task's held-out part).")
 
 
+def _features_rule(name, value) -> None:
+    if value not in ("exact", "interpolated"):
+        raise invalid(name, value, "give 'exact' (a pass per alpha) or 'interpolated' (passes at the knots only).")
+
+
+def _knots(name, value) -> None:
+    _grid(name, value)
+    if 0 not in value or 1 not in value:
+        raise invalid(name, value, "give the alphas of the passes, 0 and 1 among them, e.g. [0, 0.1, 0.2, 1].")
+
+
 def _width(name, value) -> None:
     if value not in ("pooled", "calibrated"):
         raise invalid(
@@ -138,6 +149,19 @@ class ValidatedAlpha(MergeStrategy):
             _width,
             "each old class's Gaussian: the pooled covariance ('pooled'), or scaled until it scores what the head "
             "scored on the class's own training rows at its merge ('calibrated')",
+        ),
+        Knob(
+            "validation_features",
+            "interpolated",
+            _features_rule,
+            "a trial's features: piecewise linear in alpha between passes at `validation_knots` ('interpolated'), "
+            "or a pass under its own weights ('exact')",
+        ),
+        Knob(
+            "validation_knots",
+            [0.0, 0.1, 0.2, 1.0],
+            _knots,
+            "the alphas where interpolated features are a pass (each taken once a trial needs it); a chord between",
         ),
         Knob(
             "validation_log_eval",
