@@ -86,6 +86,7 @@ from figure_sources.suites import (  # noqa: E402
     suite_facts,
     suite_table,
     validation_bias,
+    validation_chord,
     validation_truth,
 )
 
@@ -103,6 +104,7 @@ FIGURES = [
     Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),
     Figure("docs/results.md", "figure:validation-truth", validation_truth, "results/*/validation_truth"),
     Figure("docs/results.md", "figure:validation-bias", validation_bias, "results/<suite>/runs/pm-validated*"),
+    Figure("docs/results.md", "figure:validation-chord", validation_chord, "results/<suite>/runs/pm-validated*"),
     Figure("docs/results.md", "figure:llm-length-test", llm_length_test, "results/llm-instruct-long/length_test"),
     Figure("docs/results.md", "figure:cost", cost_table, "results/cost/cost.json, results/cost/cost.md"),
     Figure("docs/results.md", "figure:cost-pipeline", cost_pipeline, "results/cost/cost.json"),

@@ -3,7 +3,7 @@
 pseudo-feature scores) against the mean eval accuracy of the earlier tasks after that merge, and the new classes'
 held-out accuracy against the task's own eval accuracy. Reads the committed runs; diagnostics only.
 
-    python scripts/validation_bias.py [--methods pm-validated pm-validated-calibrated] [--results results]
+    python scripts/validation_bias.py [--methods pm-validated-exact pm-validated-calibrated] [--results results]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def table(methods: list[str], results: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["pm-validated", "pm-validated-calibrated"])
+    parser.add_argument("--methods", nargs="+", default=["pm-validated-exact", "pm-validated-calibrated"])
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="the folder of the suites' runs")
     args = parser.parse_args(argv)
     print(table(args.methods, args.results))

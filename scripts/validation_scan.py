@@ -1,5 +1,5 @@
 """The early stop of `validated-alpha`'s grid scan checked on the committed runs: every merge's logged grid
-(`calibrations[t].grid` of results/<suite>/runs/pm-validated/seed*.json, scanned in full when they were made) is
+(`calibrations[t].grid` of results/<suite>/runs/pm-validated-exact/seed*.json, scanned in full when they were made) is
 scanned again as `scan` would, and the one-standard-error choice from the points it reaches is compared with the
 choice from the whole grid. Prints the merges, how many choices agree and the mean number of points scanned.
 
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--stop-se", type=float, default=defaults["validation_stop_se"])
     args = parser.parse_args()
     merges = agree = points = 0
-    for path in sorted(ROOT.glob("results/*/runs/pm-validated/seed*.json")):
+    for path in sorted(ROOT.glob("results/*/runs/pm-validated-exact/seed*.json")):
         for record in json.loads(path.read_text()).get("calibrations") or []:
             if not record or "grid" not in record:
                 continue

@@ -22,6 +22,7 @@ _NO_PERTURB = {"perturbation": "none"}
 # paper's tables); P&M variants and the oracle train with it.
 _PROTO = {"head_align": "prototypes", "head_align_drift": "sdc"}
 _LOG = {"log_loss_increase": True}
+_EXACT = {"validation_features": "exact"}  # validated-alpha trials: a features pass under each trial's own weights
 # a method key, not a config field: the backbone's learning rate is this times the suite's `learning_rate`, the head
 # keeps the full rate (`head_learning_rate`)
 BACKBONE_LR_SCALE = "backbone_lr_scale"
@@ -148,35 +149,45 @@ METHODS: dict[str, tuple[dict, str]] = {
         "P&M training + the prototype head; alpha per task from an accuracy estimate on held-out training data and "
         "drift-widened class statistics (no eval data)",
     ),
+    # the preset before its trials' features were interpolated (results/*/runs/pm-validated-exact: its runs as they
+    # were committed under pm-validated): a features pass under each trial's own weights. The variants below were
+    # measured the same way and keep it (_EXACT): each compares with pm-validated-exact, one knob apart
+    "pm-validated-exact": (
+        {**get_preset("pm-validated"), "merge_parameters": _EXACT},
+        "pm-validated, each trial's features from a pass under its own weights (not interpolated along alpha)",
+    ),
     # diagnostics, not a method: pm-validated with the whole grid scanned (the same choices on every committed merge,
     # scripts/validation_scan.py) and each alpha's eval score logged beside its estimate
     "pm-validated-diag": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_log_eval": True, "validation_patience": 0}},
+        {
+            **get_preset("pm-validated"),
+            "merge_parameters": {**_EXACT, "validation_log_eval": True, "validation_patience": 0},
+        },
         "pm-validated scanning the whole grid, each alpha's eval-split score logged beside its estimate (diagnostics)",
     ),
     # pm-validated choosing the first task's alpha too (by the same one-standard-error rule on its held-out data)
     "pm-validated-first": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_first_task": True}},
+        {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_first_task": True}},
         "pm-validated, the first task's alpha chosen too (the smallest its held-out data cannot tell from the best)",
     ),
     # pm-validated scanning the second merge from theta_0 too (the first merge undone where the data ask for it)
     "pm-validated-revisit": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_revisit_first": True}},
+        {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_revisit_first": True}},
         "pm-validated, the second merge also scanned from theta_0 (the first merge undone where one error better)",
     ),
     # pm-validated with the old classes widened by the unpredicted drift of the held-out rows (not trained on)
     "pm-validated-heldout": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_drift": "heldout"}},
+        {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_drift": "heldout"}},
         "pm-validated, the old classes widened by the drift of the task's held-out rows (not its training rows)",
     ),
     # pm-validated with each alpha's error of its difference from the best, paired on the same held-out samples
     "pm-validated-paired": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_paired": True}},
+        {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_paired": True}},
         "pm-validated, each alpha within its paired error of the best (not the best's own error) can be chosen",
     ),
     # pm-validated with each old class's Gaussian as wide as it must be to score what the head scored on its rows
     "pm-validated-calibrated": (
-        {**get_preset("pm-validated"), "merge_parameters": {"validation_old_width": "calibrated"}},
+        {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_old_width": "calibrated"}},
         "pm-validated, each old class's Gaussian widened (at its merge) until it scores what the head scores on the "
         "class's own training rows",
     ),

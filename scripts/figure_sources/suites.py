@@ -140,7 +140,15 @@ def validation_bias() -> str:
     widths (scripts/validation_bias.py)."""
     import validation_bias
 
-    return validation_bias.table(["pm-validated", "pm-validated-calibrated"], RESULTS)
+    return validation_bias.table(["pm-validated-exact", "pm-validated-calibrated"], RESULTS)
+
+
+def validation_chord() -> str:
+    """The interpolated features' estimates against the exact rule's, at and between the knots
+    (scripts/validation_chord.py)."""
+    import validation_chord
+
+    return validation_chord.table(RESULTS)
 
 
 def fisher_traces() -> str:
