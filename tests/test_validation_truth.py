@@ -37,12 +37,12 @@ def test_a_run_without_eval_scores_is_refused():
 
 def test_the_committed_diagnostics_runs_are_the_presets_runs():
     """Logging the eval scores and scanning the whole grid changed nothing: each committed diagnostics run has the
-    alphas and the accuracy matrix of the committed pm-validated run of its suite and seed."""
+    alphas and the accuracy matrix of the committed pm-validated-exact run of its suite and seed (the rule they ran)."""
     paths = sorted(ROOT.glob("results/*/validation_truth/seed*.json"))
     assert paths
     for path in paths:
         diag = json.loads(path.read_text())
-        preset = json.loads((path.parent.parent / "runs" / "pm-validated" / path.name).read_text())
+        preset = json.loads((path.parent.parent / "runs" / "pm-validated-exact" / path.name).read_text())
         assert diag["alphas"] == preset["alphas"] and diag["accuracy_matrix"] == preset["accuracy_matrix"]
         assert diag["base_weights_sha256"] == preset.get("base_weights_sha256", diag["base_weights_sha256"])
 
