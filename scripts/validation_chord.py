@@ -2,7 +2,8 @@
 estimate from the exact rule's (a features pass per trial, `pm-validated-exact`), from the committed runs: over every
 merge whose earlier alphas the two runs of a suite and seed share (the same merged model before it), the estimate at
 each grid point both scanned, at the knots (where it must be equal) and between them (the chord), and whether the
-choice is the same. Runs nothing.
+choice is the same; then, over every merge, the grid points each rule scans and the passes of the training rows it
+takes. Runs nothing.
 
     python scripts/validation_chord.py [--results results]
 """
@@ -14,7 +15,7 @@ import json
 import statistics
 from pathlib import Path
 
-from pm_hf.method.strategies.validated import ValidatedAlpha
+from pm_hf.method.strategies.validated import ValidatedAlpha, scan
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
@@ -30,6 +31,43 @@ def shared_merges(chord: dict, exact: dict) -> list[tuple[dict, dict, float, flo
         grids = (chord["calibrations"][t]["grid"], exact["calibrations"][t]["grid"])
         out.append((*grids, chord["alphas"][t], exact["alphas"][t]))
     return out
+
+
+def scans(results: Path) -> str:
+    """Over every merge of the committed runs of both: grid points scanned and passes of the training rows, the exact
+    rule's recomputed from its whole grids as `scan` reaches them (its runs scanned the whole grid) with a pass at each
+    point above 0, the preset's as logged with a pass at each knot its points needed above 0."""
+    defaults = {k.name: k.default for k in ValidatedAlpha.knobs if not isinstance(k, str)}
+    patience, stop_se = defaults["validation_patience"], defaults["validation_stop_se"]
+    count = {"exact": [0, 0, 0, 0], "interpolated": [0, 0, 0, 0]}  # merges, points, passes, whole grids
+    for path in sorted(results.glob("*/runs/pm-validated/seed*.json")):
+        exact_path = path.parent.parent / "pm-validated-exact" / path.name
+        for name, run_path in (("interpolated", path), ("exact", exact_path)):
+            for record in json.loads(run_path.read_text())["calibrations"]:
+                if not record or "grid" not in record:
+                    continue
+                grid = {float(a): m for a, m in record["grid"].items()}
+                if name == "exact":
+                    grid = scan(list(grid), grid.__getitem__, patience, stop_se)
+                needed = {k for a in grid for k in _around(a)} if name == "interpolated" else set(grid)
+                c = count[name]
+                c[0], c[1], c[2], c[3] = (
+                    c[0] + 1,
+                    c[1] + len(grid),
+                    c[2] + len(needed - {0.0}),
+                    c[3] + (len(grid) == 11),
+                )
+    (m, p, q, w), (m2, p2, q2, w2) = count["exact"], count["interpolated"]
+    return (f"Over the {m} merges (interpolated: {m2}): grid points scanned {p / m:.2f} per merge exact, "
+            f"{p2 / m2:.2f} interpolated ({p} and {p2} head alignments); passes of the training rows {q} and {q2}; "
+            f"whole grids scanned {w} and {w2}.")  # fmt: skip
+
+
+def _around(alpha: float) -> tuple[float, ...]:
+    """The knots whose passes a trial at alpha needs (the preset's `validation_knots`)."""
+    if alpha in KNOTS:
+        return (alpha,)
+    return max(k for k in KNOTS if k < alpha), min(k for k in KNOTS if k > alpha)
 
 
 def table(results: Path) -> str:
@@ -49,7 +87,7 @@ def table(results: Path) -> str:
         mean = statistics.mean(between) if between else float("nan")
         top = max(between, key=abs) if between else float("nan")
         lines.append(f"| {suite} | {merges} | {same} | {knot:.2f} | {mean:+.2f} ({top:+.2f}), {len(between)} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + scans(results)
 
 
 def main() -> None:

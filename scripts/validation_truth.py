@@ -1,6 +1,6 @@
 """How well `validated-alpha`'s estimate stands for what it estimates: from the runs of the diagnostics method
-`pm-validated-diag` (pm-validated scanning the whole grid, each alpha's eval-split score logged beside its estimate,
-after the choice: `validation_log_eval`), committed apart from the suite's runs under
+`pm-validated-diag` (pm-validated-exact scanning the whole grid, each alpha's eval-split score logged beside its
+estimate, after the choice: `validation_log_eval`), committed apart from the suite's runs under
 results/<suite>/validation_truth/seed*.json (the runner's runs/pm-validated-diag/ copied there, so that the suite's
 table keeps its methods), per suite over every merge after the first:
 

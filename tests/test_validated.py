@@ -319,7 +319,9 @@ UNDO, KEEP = (lambda a: 0.5 - a), (lambda a: -2.0)  # the undo taken at alpha 0;
 @pytest.mark.slow  # three 3-task runs of an opt-in knob
 def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
     """`validation_revisit_first`: the second merge is scanned from theta_0 too. Where the data do not ask for the
-    undo, the run is the plain run exactly (the scan from theta_0 leaves weights, head and statistics as they were);
+    undo, the run is the plain run exactly (the scan from theta_0 leaves weights, head and statistics as they were;
+    both lines of the second merge take a pass per trial, which the plain run's interpolated features equal at the
+    knots, all this scan reaches);
     where the undo is taken (forced here, at alpha 0), the merged model is theta_0 on every key the task vector holds
     and the first task's classes are kept with their statistics under theta_0 (no drift from there: exactly)."""
     plain, *_ = plain_run
@@ -329,6 +331,7 @@ def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
     results = loop.run()
     second = results["calibrations"][1]
     assert set(second["reverted_grid"]) and second["reverted"] is False
+    assert {float(a) for a in second["grid"]} <= {0.0, 0.1, 0.2, 1.0}  # the default knots
     assert second["grid"] == plain["calibrations"][1]["grid"]
     assert results["alphas"] == plain["alphas"] and results["accuracy_matrix"] == plain["accuracy_matrix"]
     forced = build_loop(RunConfig(*groups(model_dir, tmp_path / "forced", **VALIDATED, merge_parameters=knobs)))

@@ -4,6 +4,8 @@ the knots. At a knot they are the model's own (the estimate there is the exact r
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import groups
@@ -30,11 +32,87 @@ def test_the_knobs_name_their_choices():
         build_strategy(args)
 
 
+class _Line:
+    """A stand-in merge line: `at(alpha, fn)` runs fn with the model at alpha (recorded), then back at 0."""
+
+    def __init__(self):
+        self.alpha, self.visits = 0.0, []
+
+    def at(self, alpha, fn):
+        self.alpha = alpha
+        self.visits.append(alpha)
+        try:
+            return fn()
+        finally:
+            self.alpha = 0.0
+
+
+class _Align:
+    """A stand-in alignment whose model's features of row i at alpha are known: sin(i + 3 alpha) and i * alpha^2 (a
+    curve: a chord is not the features), its features before training those at 0."""
+
+    def __init__(self, line, rows: int):
+        self.line, self.labels = line, torch.arange(rows) % 3
+        self.before = self.features(0.0, list(range(rows)))
+
+    @staticmethod
+    def features(alpha, rows):
+        i = torch.tensor(rows, dtype=torch.float32)[:, None]
+        return torch.cat([torch.sin(i + 3 * alpha), i * alpha**2], dim=1)
+
+    def features_of(self, model, rows):
+        return self.features(self.line.alpha, rows), self.labels[rows]
+
+
+def test_knots_are_passes_taken_when_needed_and_the_rest_their_chords():
+    line = _Line()
+    align = _Align(line, 12)
+    rows, heldout = [1, 4, 5, 9], [10, 11]
+    knots = measure.Knots([0, 0.1, 0.2, 1], line, align, None, SimpleNamespace(train=rows), heldout, rows)
+    assert line.visits == [0.0]  # the held-out rows at 0; the training rows' are those taken before training
+
+    def exact(alpha):
+        return align.features(alpha, rows), align.features(alpha, heldout)
+
+    knots.prepare(0.1)
+    (x, y), (hx, hy) = knots.at(0.1)
+    assert line.visits == [0.0, 0.1] and torch.equal(y, align.labels[rows]) and torch.equal(hy, align.labels[heldout])
+    assert torch.equal(x, exact(0.1)[0]) and torch.equal(hx, exact(0.1)[1])
+    knots.prepare(0.15)  # between 0.1 and 0.2: the pass at 0.2 only
+    assert line.visits == [0.0, 0.1, 0.2] and 1.0 not in knots.taken
+    w = (0.15 - 0.1) / (0.2 - 0.1)
+    (x, _), (hx, _) = knots.at(0.15)
+    assert torch.equal(x, torch.lerp(exact(0.1)[0], exact(0.2)[0], w))
+    assert torch.equal(hx, torch.lerp(exact(0.1)[1], exact(0.2)[1], w))
+    assert not torch.allclose(x, exact(0.15)[0], atol=1e-4)  # a chord, not the features there
+    knots.prepare(0.2 + 1e-12)  # the knot, within rounding: nothing new, its features exactly
+    assert line.visits == [0.0, 0.1, 0.2] and torch.equal(knots.at(0.2 + 1e-12)[0][0], exact(0.2)[0])
+    assert torch.equal(knots.at(0.0)[0][0], align.before[rows])
+    knots.prepare(0.7)
+    assert line.visits == [0.0, 0.1, 0.2, 1.0] and torch.equal(knots.at(1.0)[1][0], exact(1.0)[1])
+
+
+def test_knots_at_every_grid_point_are_the_exact_rule(model_dir, tmp_path):
+    """Knots at every grid point (a pass at each, the training rows' at 0 taken before training as the exact rule
+    takes them on every row): the run is the exact rule's, every alpha, estimate, score and class statistic."""
+    grid = [0.0, 0.3, 0.6, 1.0]
+    exact = {"validation_grid": grid, "validation_patience": 0, "validation_features": "exact"}
+    knots = {"validation_grid": grid, "validation_patience": 0, "validation_knots": grid}
+    loops = [build_loop(RunConfig(*groups(model_dir, tmp_path / name, **VALIDATED, merge_parameters=knobs)))
+             for name, knobs in (("exact", exact), ("knots", knots))]  # fmt: skip
+    (a, b) = (loop.run() for loop in loops)
+    for key in ("alphas", "calibrations", "accuracy_matrix"):
+        assert a[key] == b[key]
+    stats = [alignment_of(loop).stats for loop in loops]
+    assert stats[0].keys() == stats[1].keys() and all(torch.equal(stats[0][k], stats[1][k]) for k in stats[0])
+
+
 def _recording(loop, monkeypatch) -> tuple[dict, dict, list]:
     """Record the features each trial of merge t was given (`given[t]`, in the scan's order), the knots' passes of
     merge t (`taken[t]`) and, after each merge, the features the alignment took beside a fresh pass's (`merged`)."""
     align, given, taken, merged, choosing = alignment_of(loop), {}, {}, [], [None]
     known, merge, on_merge = alignment.HeadAlignment.known_features, loop.strategy.merge, align.on_merge
+    correct = alignment.HeadAlignment.correct
 
     class Recorded(measure.Knots):
         def __init__(self, *args):
@@ -45,6 +123,11 @@ def _recording(loop, monkeypatch) -> tuple[dict, dict, list]:
         if choosing[0] is not None:
             given.setdefault(choosing[0], []).append(pair)
         return known(self, pair)
+
+    def recording_correct(self, model, x, y, classes):  # the held-out rows' features a trial scores
+        if choosing[0] is not None:
+            given.setdefault(("heldout", choosing[0]), []).append(x)
+        return correct(self, model, x, y, classes)
 
     def recording_merge(context):
         choosing[0] = context.t
@@ -59,6 +142,7 @@ def _recording(loop, monkeypatch) -> tuple[dict, dict, list]:
         merged.append((t, fresh, align.after))
 
     monkeypatch.setattr(alignment.HeadAlignment, "known_features", recording_known)
+    monkeypatch.setattr(alignment.HeadAlignment, "correct", recording_correct)
     monkeypatch.setattr(measure, "Knots", Recorded)
     loop.strategy.merge, align.on_merge = recording_merge, checking
     return given, taken, merged
@@ -86,6 +170,9 @@ def test_knots_are_passes_the_rest_their_chords_and_the_merge_aligns_on_a_pass(m
         assert [torch.equal(x, taken[t][k][0]) for x, k in ((x0, 0.0), (x2, 0.2), (x10, 1.0))] == [True] * 3
         assert torch.equal(x1, torch.lerp(x0, x2, 0.5)) and torch.equal(x5, torch.lerp(x2, x10, (0.5 - 0.2) / 0.8))
         assert not torch.equal(x1, x0) and not torch.equal(x1, x2)
+        h0, h1, h2, h5, h10 = given[("heldout", t)]  # the held-out rows: the knots' passes, the chord between
+        assert [torch.equal(h, taken[t][k][1]) for h, k in ((h0, 0.0), (h2, 0.2), (h10, 1.0))] == [True] * 3
+        assert torch.equal(h1, torch.lerp(h0, h2, 0.5)) and torch.equal(h5, torch.lerp(h2, h10, (0.5 - 0.2) / 0.8))
     for t, fresh, used in merged:
         assert torch.equal(used, fresh[0])  # the model's own features, every merge
         if t:

@@ -1,5 +1,5 @@
 """scripts/validation_truth.py by hand: the estimate's bias at the grid's ends, the chosen and the eval-best alpha and
-the accuracy given up, on grids worked out by hand; and the committed diagnostics runs are the preset's own runs."""
+the accuracy given up, on grids worked out by hand; and the committed diagnostics runs are pm-validated-exact's runs."""
 
 import importlib.util
 import json
@@ -35,16 +35,16 @@ def test_a_run_without_eval_scores_is_refused():
         vt.merges(run)
 
 
-def test_the_committed_diagnostics_runs_are_the_presets_runs():
+def test_the_committed_diagnostics_runs_are_the_exact_rules_runs():
     """Logging the eval scores and scanning the whole grid changed nothing: each committed diagnostics run has the
     alphas and the accuracy matrix of the committed pm-validated-exact run of its suite and seed (the rule they ran)."""
     paths = sorted(ROOT.glob("results/*/validation_truth/seed*.json"))
     assert paths
     for path in paths:
         diag = json.loads(path.read_text())
-        preset = json.loads((path.parent.parent / "runs" / "pm-validated-exact" / path.name).read_text())
-        assert diag["alphas"] == preset["alphas"] and diag["accuracy_matrix"] == preset["accuracy_matrix"]
-        assert diag["base_weights_sha256"] == preset.get("base_weights_sha256", diag["base_weights_sha256"])
+        exact = json.loads((path.parent.parent / "runs" / "pm-validated-exact" / path.name).read_text())
+        assert diag["alphas"] == exact["alphas"] and diag["accuracy_matrix"] == exact["accuracy_matrix"]
+        assert diag["base_weights_sha256"] == exact.get("base_weights_sha256", diag["base_weights_sha256"])
 
 
 def test_other_choices_by_hand():

@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 import random
 from collections.abc import Callable
 
 import datasets
 import torch
 
+from ..config.checks import invalid
 from ..data.streams import split_holdout
 from ..heads.alignment import HeadAlignment
 from ..heads.estimate import binomial_se, drift_spread, pooled_covariance, pseudo_accuracy, seen_estimate
@@ -123,13 +125,18 @@ class Knots:
     """`validation_features: interpolated`: a trial's features (of the training rows it aligns on and of the held-out
     rows) piecewise linear in alpha between passes at the knots (`validation_knots`, 0 and 1 among them), each knot's
     passes taken when a trial first needs them: at a knot the model's own features, between two their chord
-    (`torch.lerp`). At 0 (theta_hat_{t-1}) the training rows' are those the alignment took before training."""
+    (`torch.lerp`). At 0 (theta_hat_{t-1}) the training rows' are those the alignment took before training. An alpha
+    within rounding of a knot (1e-9) is that knot."""
 
     def __init__(self, knots, line: MergeLine, align, model, view, heldout, rows: list[int]):
-        self.knots, self.line, self.align, self.model = sorted(knots), line, align, model
+        self.knots, self.line, self.align, self.model = sorted(float(k) for k in knots), line, align, model
         self.data = (view.train, heldout)
         held, labels = line.at(0.0, lambda: align.features_of(model, heldout))
         self.labels, self.taken = (align.labels[rows], labels), {0.0: (align.before[rows], held)}
+
+    def knot(self, alpha: float) -> float | None:
+        """The knot alpha stands for (within 1e-9), or None between knots."""
+        return next((k for k in self.knots if math.isclose(k, alpha, rel_tol=0.0, abs_tol=1e-9)), None)
 
     def prepare(self, alpha: float) -> None:
         """The passes at the knots around alpha (taken before the line moves to alpha)."""
@@ -140,19 +147,21 @@ class Knots:
     def _passes(self) -> tuple:
         (x, y), (hx, hy) = (self.align.features_of(self.model, data) for data in self.data)
         if not (torch.equal(y.cpu(), self.labels[0].cpu()) and torch.equal(hy.cpu(), self.labels[1].cpu())):
-            raise ValueError("validation: the knots' passes hold different rows")
+            fix = "the task's rows came back in another order or with other labels: set validation_features: exact."
+            raise invalid("validation_features", "interpolated", fix)
         return x, hx
 
     def _around(self, alpha: float) -> tuple[float, ...]:
-        if alpha in self.knots:
-            return (alpha,)
+        knot = self.knot(alpha)
+        if knot is not None:
+            return (knot,)
         return max(k for k in self.knots if k < alpha), min(k for k in self.knots if k > alpha)
 
     def at(self, alpha: float) -> tuple[tuple, tuple]:
         """((training rows' features, labels), (held-out rows' features, labels)) at alpha (after `prepare`)."""
         around = self._around(alpha)
         if len(around) == 1:
-            x, hx = self.taken[alpha]
+            x, hx = self.taken[around[0]]
         else:
             (low, high), w = around, (alpha - around[0]) / (around[1] - around[0])
             x, hx = (torch.lerp(a, b, w) for a, b in zip(self.taken[low], self.taken[high]))
@@ -160,11 +169,15 @@ class Knots:
 
 
 def interpolated(line: MergeLine, loop, t: int, view, heldout, rows: list[int]) -> Knots | None:
-    """The trials' `Knots` along theta_hat_{t-1} + alpha Delta_t where `validation_features` is 'interpolated' (from the
-    second task on: the first has no features taken before training)."""
-    if t == 0 or getattr(loop.strategy, "validation_features", "interpolated") != "interpolated":
+    """The trials' `Knots` along theta_hat_{t-1} + alpha Delta_t where `validation_features` is 'interpolated', from
+    the second task on (the first has no features taken before training); None (a pass per trial) otherwise, and at
+    the second merge of `validation_revisit_first`, whose kept line is compared with the exact scan from theta_0."""
+    strategy = loop.strategy
+    if t == 0 or getattr(strategy, "validation_features", "exact") != "interpolated":
         return None
-    return Knots(loop.strategy.validation_knots, line, alignment_of(loop), loop.model, view, heldout, rows)
+    if t == 1 and getattr(strategy, "validation_revisit_first", False):
+        return None
+    return Knots(strategy.validation_knots, line, alignment_of(loop), loop.model, view, heldout, rows)
 
 
 def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tensor | None = None) -> Validation:
@@ -201,7 +214,7 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
         known = start if every_row and alpha == 0 and t and origin is None else None  # (none before the first task)
         known, held = knots.at(alpha) if knots is not None else (known, None)
         with rebased(), align.subset(rows), align.known_features(known), loop.callbacks.trial(t, loop.model, view):
-            if every_row and (knots is None or alpha in knots.knots):  # at a knot: the model's own features
+            if every_row and (knots is None or knots.knot(alpha) is not None):  # at a knot: the model's own
                 features[alpha] = (align.after, align.labels)
             x, y = align.features_of(loop.model, task.heldout) if held is None else held
             hits = align.correct(loop.model, x, y, seen)

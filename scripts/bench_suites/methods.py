@@ -156,14 +156,15 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": _EXACT},
         "pm-validated, each trial's features from a pass under its own weights (not interpolated along alpha)",
     ),
-    # diagnostics, not a method: pm-validated with the whole grid scanned (the same choices on every committed merge,
-    # scripts/validation_scan.py) and each alpha's eval score logged beside its estimate
+    # diagnostics, not a method: pm-validated-exact with the whole grid scanned (the same choices on every committed
+    # merge, scripts/validation_scan.py) and each alpha's eval score logged beside its estimate
     "pm-validated-diag": (
         {
             **get_preset("pm-validated"),
             "merge_parameters": {**_EXACT, "validation_log_eval": True, "validation_patience": 0},
         },
-        "pm-validated scanning the whole grid, each alpha's eval-split score logged beside its estimate (diagnostics)",
+        "pm-validated-exact scanning the whole grid, each alpha's eval-split score logged beside its estimate "
+        "(diagnostics)",
     ),
     # pm-validated choosing the first task's alpha too (by the same one-standard-error rule on its held-out data)
     "pm-validated-first": (

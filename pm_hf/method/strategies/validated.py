@@ -94,9 +94,11 @@ def _features_rule(name, value) -> None:
 
 
 def _knots(name, value) -> None:
-    _grid(name, value)
-    if 0 not in value or 1 not in value:
-        raise invalid(name, value, "give the alphas of the passes, 0 and 1 among them, e.g. [0, 0.1, 0.2, 1].")
+    ok = isinstance(value, list) and all(is_number(a) and 0 <= a <= 1 for a in value) and 0 in value and 1 in value
+    if not ok:
+        raise invalid(
+            name, value, "give the alphas of the passes in [0, 1], 0 and 1 among them, e.g. [0, 0.1, 0.2, 1]."
+        )
 
 
 def _width(name, value) -> None:
