@@ -16,10 +16,12 @@ import statistics
 from pathlib import Path
 
 from pm_hf.method.strategies.validated import ValidatedAlpha, scan
+from pm_hf.run.measure import knots_around
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
-KNOTS = next(k.default for k in ValidatedAlpha.knobs if not isinstance(k, str) and k.name == "validation_knots")
+DEFAULTS = {k.name: k.default for k in ValidatedAlpha.knobs if not isinstance(k, str)}
+KNOTS = DEFAULTS["validation_knots"]  # the preset's
 
 
 def shared_merges(chord: dict, exact: dict) -> list[tuple[dict, dict, float, float]]:
@@ -37,8 +39,7 @@ def scans(results: Path) -> str:
     """Over every merge of the committed runs of both: grid points scanned and passes of the training rows, the exact
     rule's recomputed from its whole grids as `scan` reaches them (its runs scanned the whole grid) with a pass at each
     point above 0, the preset's as logged with a pass at each knot its points needed above 0."""
-    defaults = {k.name: k.default for k in ValidatedAlpha.knobs if not isinstance(k, str)}
-    patience, stop_se = defaults["validation_patience"], defaults["validation_stop_se"]
+    patience, stop_se = DEFAULTS["validation_patience"], DEFAULTS["validation_stop_se"]
     count = {"exact": [0, 0, 0, 0], "interpolated": [0, 0, 0, 0]}  # merges, points, passes, whole grids
     for path in sorted(results.glob("*/runs/pm-validated/seed*.json")):
         exact_path = path.parent.parent / "pm-validated-exact" / path.name
@@ -49,25 +50,13 @@ def scans(results: Path) -> str:
                 grid = {float(a): m for a, m in record["grid"].items()}
                 if name == "exact":
                     grid = scan(list(grid), grid.__getitem__, patience, stop_se)
-                needed = {k for a in grid for k in _around(a)} if name == "interpolated" else set(grid)
-                c = count[name]
-                c[0], c[1], c[2], c[3] = (
-                    c[0] + 1,
-                    c[1] + len(grid),
-                    c[2] + len(needed - {0.0}),
-                    c[3] + (len(grid) == 11),
-                )
+                needed = {k for a in grid for k in knots_around(KNOTS, a)} if name == "interpolated" else set(grid)
+                for i, n in enumerate((1, len(grid), len(needed - {0.0}), len(grid) == 11)):
+                    count[name][i] += n
     (m, p, q, w), (m2, p2, q2, w2) = count["exact"], count["interpolated"]
     return (f"Over the {m} merges (interpolated: {m2}): grid points scanned {p / m:.2f} per merge exact, "
             f"{p2 / m2:.2f} interpolated ({p} and {p2} head alignments); passes of the training rows {q} and {q2}; "
             f"whole grids scanned {w} and {w2}.")  # fmt: skip
-
-
-def _around(alpha: float) -> tuple[float, ...]:
-    """The knots whose passes a trial at alpha needs (the preset's `validation_knots`)."""
-    if alpha in KNOTS:
-        return (alpha,)
-    return max(k for k in KNOTS if k < alpha), min(k for k in KNOTS if k > alpha)
 
 
 def table(results: Path) -> str:
@@ -82,7 +71,7 @@ def table(results: Path) -> str:
                 merges, same = merges + 1, same + (a == b)
                 for alpha in set(ours) & set(theirs):
                     diff = 100 * (ours[alpha]["estimate"] - theirs[alpha]["estimate"])
-                    (at_knots if float(alpha) in KNOTS else between).append(diff)
+                    (at_knots if len(knots_around(KNOTS, float(alpha))) == 1 else between).append(diff)
         knot = max((abs(d) for d in at_knots), default=0.0)
         mean = statistics.mean(between) if between else float("nan")
         top = max(between, key=abs) if between else float("nan")

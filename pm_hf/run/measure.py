@@ -121,6 +121,15 @@ class Validation:
         return self.estimate(alpha)
 
 
+def knots_around(knots, alpha: float) -> tuple[float, ...]:
+    """The knots whose passes a trial at alpha needs: the knot alpha stands for (within 1e-9), else the nearest knot
+    on each side."""
+    knot = next((k for k in knots if math.isclose(k, alpha, rel_tol=0.0, abs_tol=1e-9)), None)
+    if knot is not None:
+        return (knot,)
+    return max(k for k in knots if k < alpha), min(k for k in knots if k > alpha)
+
+
 class Knots:
     """`validation_features: interpolated`: a trial's features (of the training rows it aligns on and of the held-out
     rows) piecewise linear in alpha between passes at the knots (`validation_knots`, 0 and 1 among them), each knot's
@@ -136,7 +145,8 @@ class Knots:
 
     def knot(self, alpha: float) -> float | None:
         """The knot alpha stands for (within 1e-9), or None between knots."""
-        return next((k for k in self.knots if math.isclose(k, alpha, rel_tol=0.0, abs_tol=1e-9)), None)
+        around = knots_around(self.knots, alpha)
+        return around[0] if len(around) == 1 else None
 
     def prepare(self, alpha: float) -> None:
         """The passes at the knots around alpha (taken before the line moves to alpha)."""
@@ -152,10 +162,7 @@ class Knots:
         return x, hx
 
     def _around(self, alpha: float) -> tuple[float, ...]:
-        knot = self.knot(alpha)
-        if knot is not None:
-            return (knot,)
-        return max(k for k in self.knots if k < alpha), min(k for k in self.knots if k > alpha)
+        return knots_around(self.knots, alpha)
 
     def at(self, alpha: float) -> tuple[tuple, tuple]:
         """((training rows' features, labels), (held-out rows' features, labels)) at alpha (after `prepare`)."""
