@@ -33,18 +33,19 @@ COST_LABELS = {
 }  # fmt: skip
 
 
-def cost_table() -> str:
-    """results/cost/cost.json's figures with cost.md's bars and verdicts."""
-    cost = _json(RESULTS / "cost" / "cost.json")
+def cost_table(folder: str = "cost") -> str:
+    """results/<folder>/cost.json's figures with cost.md's bars and verdicts (`cost`: the quick suite, `cost-full`:
+    the full one)."""
+    cost = _json(RESULTS / folder / "cost.json")
     bars = {}
-    for line in (RESULTS / "cost" / "cost.md").read_text(encoding="utf-8").splitlines():
+    for line in (RESULTS / folder / "cost.md").read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 4 and cells[0] in COST_LABELS:
             bars[cells[0]] = (cells[2].replace(">=", "≥").replace("<=", "≤"), cells[3])
-    m, wall = cost["machine"], cost["raw"]["wall_s"]
-    lines = [f"`results/cost/cost.md` ({m['date'][:10]}, {m['cpu_count']} CPU cores, torch {m['torch']}, "
-             f"{cost['raw']['model']}{', quick' if cost['raw'].get('quick') else ''}; {wall // 60:.0f} min "
-             f"{wall % 60:.0f} s):", "", "| figure | value | bar |", "|---|---|---|"]  # fmt: skip
+    m, wall = cost["machine"], round(cost["raw"]["wall_s"])
+    lines = [f"`results/{folder}/cost.md` ({m['date'][:10]}, {m['cpu_count']} CPU cores, torch {m['torch']}, "
+             f"{cost['raw']['model']}{', quick' if cost['raw'].get('quick') else ', full'}; {wall // 60} min "
+             f"{wall % 60} s):", "", "| figure | value | bar |", "|---|---|---|"]  # fmt: skip
     labels = COST_LABELS if cost.get("figures_version", 1) >= 2 else COST_LABELS_V1
     for key, (label, digits) in labels.items():
         bar, result = bars.get(key, ("-", "-"))
@@ -58,10 +59,10 @@ def cost_table() -> str:
     return "\n".join(lines)
 
 
-def cost_pipeline() -> str:
-    """The whole-pipeline comparison of results/cost/cost.json (scripts/bench_pipeline.py), by part, and the Fisher
-    sample caps."""
-    p = _json(RESULTS / "cost" / "cost.json")["raw"]["pipeline"]
+def cost_pipeline(folder: str = "cost") -> str:
+    """The whole-pipeline comparison of results/<folder>/cost.json (scripts/bench_pipeline.py), by part, and the
+    Fisher sample caps."""
+    p = _json(RESULTS / folder / "cost.json")["raw"]["pipeline"]
     parts = p["seconds_by_part"]
     names = [k for k in ("train", "fisher", "head_align", "merge", "eval") if any(k in v for v in parts.values())]
     lines = ["| seconds, all tasks | " + " | ".join(names) + " | total |", "|---|" + "---|" * (len(names) + 1)]
