@@ -20,6 +20,7 @@ from pm_hf.heads import alignment
 from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
 from pm_hf.method.strategies import build_strategy
 from pm_hf.method.strategies.validated import one_se_choice, paired_choice, paired_errors, scan
+from pm_hf.run import loop as loop_module
 from pm_hf.run.evaluation import seen_classes
 from pm_hf.run.measure import alignment_of, old_accuracies
 
@@ -193,6 +194,15 @@ def test_the_rule_reads_no_eval_split_and_picks_what_it_logs(plain_run, model_di
     assert other["alphas"] == results["alphas"] and other["accuracy_matrix"] != results["accuracy_matrix"]
 
 
+def _same_run(results, loop, other_results, other) -> None:
+    """Two runs chose the same alphas from the same estimates, measured the same accuracies and keep exactly the same
+    class statistics."""
+    for key in ("alphas", "calibrations", "accuracy_matrix"):
+        assert results[key] == other_results[key]
+    stats, other_stats = alignment_of(loop).stats, alignment_of(other).stats
+    assert stats.keys() == other_stats.keys() and all(torch.equal(stats[k], other_stats[k]) for k in stats)
+
+
 @pytest.mark.slow  # two 3-task runs of the opt-in exact features
 def test_reused_features_are_those_a_pass_takes(model_dir, tmp_path, monkeypatch):
     """`validation_features: exact`: the trial at alpha = 0 and the alignment after the merge reuse features taken
@@ -208,10 +218,25 @@ def test_reused_features_are_those_a_pass_takes(model_dir, tmp_path, monkeypatch
     other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED, **exact)))
     passes = other.run()
     assert reused_calls == len(calls) - 2 * (len(loop.stream.tasks) - 1)
-    for key in ("alphas", "calibrations", "accuracy_matrix"):
-        assert reused[key] == passes[key]
-    stats, other_stats = alignment_of(loop).stats, alignment_of(other).stats  # the class statistics kept: exactly
-    assert stats.keys() == other_stats.keys() and all(torch.equal(stats[k], other_stats[k]) for k in stats)
+    _same_run(reused, loop, passes, other)
+
+
+@pytest.mark.slow  # two 3-task runs
+def test_a_merge_at_zero_aligns_on_the_features_taken_before_training(model_dir, tmp_path, monkeypatch):
+    """Trials on a subset of the task's rows (`validation_samples` below their number): after a merge at alpha = 0
+    (theta_hat_{t-1} kept) the alignment reuses every row's features taken before training, one pass fewer per task
+    after the first, and the run is what it is with that pass taken."""
+    knobs = {"merge_parameters": {"validation_samples": 8, "validation_grid": [0.0]}}
+    reused, loop, _, reused_calls = _recorded_run(model_dir, tmp_path / "reused", monkeypatch, **knobs)
+    assert all(len(task.train) > 8 for task in loop.stream.tasks) and reused["alphas"][1:] == [0.0, 0.0]
+    calls = []
+    features = alignment.head_features
+    monkeypatch.setattr(alignment, "head_features", lambda *a: calls.append(a[2]) or features(*a))
+    monkeypatch.setattr(loop_module, "reused_features", lambda *a: contextlib.nullcontext())  # a pass after merging
+    other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED, **knobs)))
+    passes = other.run()
+    assert reused_calls == len(calls) - (len(loop.stream.tasks) - 1)
+    _same_run(reused, loop, passes, other)
 
 
 @pytest.mark.slow  # two 3-task runs

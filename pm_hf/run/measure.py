@@ -107,10 +107,12 @@ def loss_increase(loop, task, plan: MergePlan, at_one: float) -> dict:
 
 @dataclasses.dataclass
 class Validation:
-    """`validated-alpha`'s estimate(alpha) of task t's merge (`validation_estimate`), and the features of the task's
-    training rows each trial took when it took them all (`features[alpha]`): the head alignment after the merge at
-    that alpha reuses them instead of a pass (`reused_features`); each held-out sample's weighted score per alpha
-    (`correct[alpha]`: its correctness times the new classes' share of the estimate), for paired comparisons."""
+    """`validated-alpha`'s estimate(alpha) of task t's merge (`validation_estimate`), and the features of all the
+    task's training rows under the merge at an alpha where they were taken already (`features[alpha]`: at 0 those
+    taken before training, elsewhere a trial's that took them all under its own weights): the head alignment after
+    the merge at that alpha reuses them instead of a pass (`reused_features`); each held-out sample's weighted score
+    per alpha (`correct[alpha]`: its correctness times the new classes' share of the estimate), for paired
+    comparisons."""
 
     estimate: Callable[[float], dict]
     features: dict[float, tuple]
@@ -206,7 +208,8 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
     rows = training_subset(len(task.train), loop.strategy.validation_samples, loop.args.seed + t)
     view = dataclasses.replace(task, train=task.train.select(rows))
     every_row, start = len(rows) == len(task.train), (align.before, align.labels)
-    features: dict[float, tuple] = {}
+    # a merge at alpha = 0 leaves theta_hat_{t-1}: its features of every training row are those taken before training
+    features: dict[float, tuple] = {0.0: start} if t and origin is None else {}
     correct: dict[float, list[float]] = {}
     share = len(task.classes) / len(seen)  # the new classes' weight in the estimate
     on_heldout = getattr(loop.strategy, "validation_drift", "train") == "heldout" and old
