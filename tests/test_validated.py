@@ -229,13 +229,21 @@ def test_a_merge_at_zero_aligns_on_the_features_taken_before_training(model_dir,
     knobs = {"merge_parameters": {"validation_samples": 8, "validation_grid": [0.0]}}
     reused, loop, _, reused_calls = _recorded_run(model_dir, tmp_path / "reused", monkeypatch, **knobs)
     assert all(len(task.train) > 8 for task in loop.stream.tasks) and reused["alphas"][1:] == [0.0, 0.0]
-    calls = []
-    features = alignment.head_features
+    calls, pairs = [], []
+    features, on_merge = alignment.head_features, alignment.HeadAlignment.on_merge
     monkeypatch.setattr(alignment, "head_features", lambda *a: calls.append(a[2]) or features(*a))
     monkeypatch.setattr(loop_module, "reused_features", lambda *a: contextlib.nullcontext())  # a pass after merging
+
+    def recording_on_merge(self, t, model, task):  # the features before training and the pass after the merge
+        on_merge(self, t, model, task)
+        pairs.append((t, self.before, self.after))
+
+    monkeypatch.setattr(alignment.HeadAlignment, "on_merge", recording_on_merge)
     other = build_loop(RunConfig(*groups(model_dir, tmp_path / "passes", **VALIDATED, **knobs)))
     passes = other.run()
     assert reused_calls == len(calls) - (len(loop.stream.tasks) - 1)
+    later = [(before, after) for t, before, after in pairs if t >= 1]
+    assert len(later) == 2 and all(after is not before and torch.equal(after, before) for before, after in later)
     _same_run(reused, loop, passes, other)
 
 
