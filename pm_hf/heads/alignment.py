@@ -26,8 +26,9 @@ def head_features(
     model: nn.Module, head: nn.Module, dataset, collate_fn, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's inputs (fp32 features, flattened) and the labels of `dataset` under the model, in dataset order.
-    The batches take the examples longest first (`by_length`: little padding; each example's features do not
-    depend on its batch) and the rows are put back in dataset order."""
+    The batches take the examples longest first (`by_length`: little padding; an example's features depend on its
+    batch only through rounding: the same rows in the same batches give the same bits) and the rows are put back in
+    dataset order."""
     feats, labels = [], []
 
     def grab(module, args):
