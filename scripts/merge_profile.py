@@ -7,7 +7,9 @@ whether the cheaper fused forms of its arithmetic would keep its bits.
 Each round trains one PM epoch of 96 samples, takes the per-sample Fisher, then merges with one `pm` strategy kept
 across rounds (round 0 is its first merge: S = G = 0, the base weights' first write). The parts are timed by wrapping
 the functions the merge calls (the wrappers add a few microseconds each). `--gc-off` holds Python's garbage collector
-off inside the timed merge, to show how much of a round's spread is a collection landing in it.
+off inside the timed merge, to show how much of a round's spread is a collection landing in it. The page faults
+column counts the process's minor faults inside the timed merge (memory touched for the first time: fresh
+allocations, the first write into the loaded weights).
 
 The bits check takes the last round's real tensors (Delta, F, S, G, the weight) and compares the arithmetic the merge
 does with one fused op in its place: `addcmul_` for G's update, `torch.add(..., alpha=)` for the weight, `addmm` with
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import resource
 import statistics
 import sys
 import tempfile
@@ -115,21 +118,24 @@ def main(argv=None) -> None:
         if args.gc_off:
             gc.collect()
             gc.disable()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         vector = weights.task_vector(before)
         plan = cost.merge_task(weights, strategy, r, vector, before, fisher)
         cost.task_record(vector.adapter, plan.alpha)
         total = time.perf_counter() - start
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         gc.enable()
-        rows.append({"round": r, "epoch": epoch.end - epoch.begin, "merge": total, **seconds})
+        rows.append({"round": r, "epoch": epoch.end - epoch.begin, "merge": total, "faults": faults, **seconds})
     print(f"# {name}, {torch.get_num_threads()} threads, garbage collection {'off' if args.gc_off else 'on'}\n")
     labels = [label for *_, label in PARTS]
-    print("| round | epoch s | merge ms | merge / epoch | " + " | ".join(labels) + " |")
-    print("|---" * (4 + len(labels)) + "|")
+    print("| round | epoch s | merge ms | merge / epoch | page faults | " + " | ".join(labels) + " |")
+    print("|---" * (5 + len(labels)) + "|")
     for row in rows:
         parts = " | ".join(f"{1000 * row.get(label, 0.0):.2f}" for label in labels)
         ratio = row["merge"] / row["epoch"]
-        print(f"| {row['round']} | {row['epoch']:.3f} | {1000 * row['merge']:.1f} | {ratio:.4f} | {parts} |")
+        head = f"| {row['round']} | {row['epoch']:.3f} | {1000 * row['merge']:.1f} | {ratio:.4f} | {row['faults']}"
+        print(f"{head} | {parts} |")
     later = [row["merge"] / row["epoch"] for row in rows[1:]]
     print(f"\nmedian merge / epoch, rounds 1-{len(rows) - 1}: {statistics.median(later):.4f}")
     if S and vector.adapter:  # S, G as the last merge found them (not zero from round 1 on)
