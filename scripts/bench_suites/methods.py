@@ -192,6 +192,16 @@ METHODS: dict[str, tuple[dict, str]] = {
         "pm-validated, each old class's Gaussian widened (at its merge) until it scores what the head scores on the "
         "class's own training rows",
     ),
+    # the preset trained as a slow learner (SLCA's backbone rate), alpha still validated per task: whether slow
+    # training, which text-cil-10 rewards (slow-proto), can replace the first merge at alpha = 1 (docs/results.md)
+    "pm-validated-slow": (
+        {**get_preset("pm-validated"), BACKBONE_LR_SCALE: 0.01},
+        "pm-validated with the backbone LoRA at 0.01 x the suite's learning rate (the head at the full rate)",
+    ),
+    "pm-validated-slow-0.1": (
+        {**get_preset("pm-validated"), BACKBONE_LR_SCALE: 0.1},
+        "pm-validated with the backbone LoRA at 0.1 x the suite's learning rate (the head at the full rate)",
+    ),
     # the rivals a user would pick instead (docs/baselines.md)
     "seq-proto": (
         {"merge_method": "seq-merge", **_NO_PERTURB, **_PROTO},
