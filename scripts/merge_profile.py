@@ -2,14 +2,16 @@
 classifier trained) after real epochs, as `results/cost/` times it (task vector + alpha + merge), part by part; and
 whether the cheaper fused forms of its arithmetic would keep its bits.
 
-    python scripts/merge_profile.py [--rounds 6] [--gc-off]
+    python scripts/merge_profile.py [--rounds 6] [--gc-off] [--merge-threads 1]
 
 Each round trains one PM epoch of 96 samples, takes the per-sample Fisher, then merges with one `pm` strategy kept
 across rounds (round 0 is its first merge: S = G = 0, the base weights' first write). The parts are timed by wrapping
 the functions the merge calls (the wrappers add a few microseconds each). `--gc-off` holds Python's garbage collector
 off inside the timed merge, to show how much of a round's spread is a collection landing in it. The page faults
 column counts the process's minor faults inside the timed merge (memory touched for the first time: fresh
-allocations, the first write into the loaded weights).
+allocations, the first write into the loaded weights). `--merge-threads N` runs the timed merge alone with N intra-op
+threads (training and the Fisher keep the suite's), to show whether its time is per-call overhead or passes over
+memory.
 
 The bits check takes the last round's real tensors (Delta, F, S, G, the weight) and compares the arithmetic the merge
 does with one fused op in its place: `addcmul_` for G's update, `torch.add(..., alpha=)` for the weight, `addmm` with
@@ -95,6 +97,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--gc-off", action="store_true", help="no garbage collection inside the timed merge")
+    parser.add_argument("--merge-threads", type=int, default=0, help="intra-op threads of the timed merge (0: as set)")
     args = parser.parse_args(argv)
     torch.set_num_threads(cost.THREADS)
     transformers.logging.set_verbosity_error()
@@ -118,6 +121,8 @@ def main(argv=None) -> None:
         if args.gc_off:
             gc.collect()
             gc.disable()
+        if args.merge_threads:
+            torch.set_num_threads(args.merge_threads)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         vector = weights.task_vector(before)
@@ -125,9 +130,12 @@ def main(argv=None) -> None:
         cost.task_record(vector.adapter, plan.alpha)
         total = time.perf_counter() - start
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        torch.set_num_threads(cost.THREADS)
         gc.enable()
         rows.append({"round": r, "epoch": epoch.end - epoch.begin, "merge": total, "faults": faults, **seconds})
-    print(f"# {name}, {torch.get_num_threads()} threads, garbage collection {'off' if args.gc_off else 'on'}\n")
+    merge_threads = args.merge_threads or torch.get_num_threads()
+    print(f"# {name}, {torch.get_num_threads()} threads ({merge_threads} in the merge), garbage collection "
+          f"{'off' if args.gc_off else 'on'}\n")
     labels = [label for *_, label in PARTS]
     print("| round | epoch s | merge ms | merge / epoch | page faults | " + " | ".join(labels) + " |")
     print("|---" * (5 + len(labels)) + "|")
