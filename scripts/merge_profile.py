@@ -2,16 +2,17 @@
 classifier trained) after real epochs, as `results/cost/` times it (task vector + alpha + merge), part by part; and
 whether the cheaper fused forms of its arithmetic would keep its bits.
 
-    python scripts/merge_profile.py [--rounds 6] [--gc-off] [--merge-threads 1]
+    python scripts/merge_profile.py [--rounds 6] [--samples 300] [--gc-off] [--merge-threads 1]
 
-Each round trains one PM epoch of 96 samples, takes the per-sample Fisher, then merges with one `pm` strategy kept
-across rounds (round 0 is its first merge: S = G = 0, the base weights' first write). The parts are timed by wrapping
-the functions the merge calls (the wrappers add a few microseconds each). `--gc-off` holds Python's garbage collector
-off inside the timed merge, to show how much of a round's spread is a collection landing in it. The page faults
-column counts the process's minor faults inside the timed merge (memory touched for the first time: fresh
-allocations, the first write into the loaded weights). `--merge-threads N` runs the timed merge alone with N intra-op
-threads (training and the Fisher keep the suite's), to show whether its time is per-call overhead or passes over
-memory.
+Each round trains one PM epoch of `--samples` samples (the cost suite's task, 300; the profiles of stops 38-43 in
+docs/results.md ran 96, the quick suite's task until then), takes the per-sample Fisher, then merges with one `pm`
+strategy kept across rounds (round 0 is its first merge: S = G = 0, the base weights' first write). The parts are
+timed by wrapping the functions the merge calls (the wrappers add a few microseconds each). `--gc-off` holds
+Python's garbage collector off inside the timed merge, to show how much of a round's spread is a collection landing
+in it. The page faults column counts the process's minor faults inside the timed merge (memory touched for the first
+time: fresh allocations, the first write into the loaded weights). `--merge-threads N` runs the timed merge alone
+with N intra-op threads (training and the Fisher keep the suite's), to show whether its time is per-call overhead or
+passes over memory.
 
 The bits check takes the last round's real tensors (Delta, F, S, G, the weight) and compares the arithmetic the merge
 does with one fused op in its place: `addcmul_` for G's update, `torch.add(..., alpha=)` for the weight, `addmm` with
@@ -96,6 +97,7 @@ def bits_check(vector, fisher, S, G, weights, alpha: float) -> dict[str, bool]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--samples", type=int, default=cost.TASK_SAMPLES, help="training samples of each round's epoch")
     parser.add_argument("--gc-off", action="store_true", help="no garbage collection inside the timed merge")
     parser.add_argument("--merge-threads", type=int, default=0, help="intra-op threads of the timed merge (0: as set)")
     args = parser.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pm_hf_merge_profile_"))
     model, tok, name = cost.load_lora_model(tmp)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    data, collate = cost.text_dataset(tok, 96, seed=1), DataCollatorWithPadding(tok)
+    data, collate = cost.text_dataset(tok, args.samples, seed=1), DataCollatorWithPadding(tok)
     weights, strategy = cost.ModelWeights(model), build_strategy(MergeArguments(merge_method="pm"))
     keys = list(cost.lora_layers(model)) + list(cost.full_trainable_params(model))
     rows = []

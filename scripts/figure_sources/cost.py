@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from figure_sources.common import RESULTS, _json, span
+from figure_sources.common import RESULTS, _json, para, span
 
 # results/cost/cost.json written before the figures were measured on the work they describe (no "figures_version"):
 # merge_over_train was over an extrapolated task
@@ -55,7 +55,11 @@ def cost_table(folder: str = "cost") -> str:
         bar = "—" if bar == "-" else bar + (": **fails**" if result == "FAIL" else "")
         lines.append(f"| {label} | {value} | {bar} |")
     ratios = cost["raw"]["step_rate"]["ratios"]
-    lines += ["", f"Single rounds of the step-rate ratio: {span(ratios, 1, 2)} ({len(ratios)} rounds)."]
+    fm = cost["raw"]["fisher_merge"]
+    text = (f"Single rounds of the step-rate ratio: {span(ratios, 1, 2)} ({len(ratios)} rounds). The Fisher and merge "
+            f"figures: the median of {len(fm['seconds']['epoch'])} rounds, each after one training epoch of "
+            f"{fm['samples']} samples; single rounds of the merge: {span(fm['ratios_per_round']['merge'], 1, 4)}.")
+    lines += ["", para(text)]
     return "\n".join(lines)
 
 
