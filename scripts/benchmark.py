@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=["cost", *SUITES], help="which benchmark suite to run")
     parser.add_argument(
-        "--quick", action="store_true", help="cost: fewer steps and rounds (about 6 min on 2 CPU cores)"
+        "--quick", action="store_true", help="cost: fewer steps and rounds (about 3.5 min on 2 CPU cores)"
     )
     parser.add_argument("--out", default=None, help="output folder (default: results/<suite>)")
     parser.add_argument("--methods", nargs="+", default=None, help=f"accuracy suites: subset of {list(METHODS)}")

@@ -55,11 +55,14 @@ def cost_table(folder: str = "cost") -> str:
         bar = "—" if bar == "-" else bar + (": **fails**" if result == "FAIL" else "")
         lines.append(f"| {label} | {value} | {bar} |")
     ratios = cost["raw"]["step_rate"]["ratios"]
-    fm = cost["raw"]["fisher_merge"]
-    text = (f"Single rounds of the step-rate ratio: {span(ratios, 1, 2)} ({len(ratios)} rounds). The Fisher and merge "
-            f"figures: the median of {len(fm['seconds']['epoch'])} rounds, each after one training epoch of "
-            f"{fm['samples']} samples; single rounds of the merge: {span(fm['ratios_per_round']['merge'], 1, 4)}.")
-    lines += ["", para(text)]
+    fm, text = cost["raw"]["fisher_merge"], ""
+    if cost.get("figures_version", 1) >= 2:  # per-epoch rounds (version 1: over an extrapolated task)
+        text = (
+            f" The Fisher and merge figures: the median of {len(fm['seconds']['epoch'])} rounds, each after one "
+            f"training epoch of {fm['samples']} samples; single rounds of the merge: "
+            f"{span(fm['ratios_per_round']['merge'], 1, 4)}."
+        )
+    lines += ["", para(f"Single rounds of the step-rate ratio: {span(ratios, 1, 2)} ({len(ratios)} rounds).{text}")]
     return "\n".join(lines)
 
 
