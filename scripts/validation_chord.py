@@ -1,5 +1,6 @@
-"""How far `validated-alpha`'s interpolated features (`validation_features: interpolated`, the preset) move its
-estimate from the exact rule's (a features pass per trial, `pm-validated-exact`), from the committed runs: over every
+"""How far `validated-alpha`'s interpolated features (`validation_features: interpolated`, the preset's) move its
+estimate from the exact rule's (a features pass per trial, `pm-validated-exact`), from the committed runs of the two
+with the first task at alpha = 1 (`pm-validated-first-1`, the preset's runs until stop 44, against the exact's): over every
 merge whose earlier alphas the two runs of a suite and seed share (the same merged model before it), the estimate at
 each grid point both scanned, at the knots (where it must be equal) and between them (the chord), and whether the
 choice is the same; then, over every merge, the grid points each rule scans and the passes of the training rows it
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
 DEFAULTS = {k.name: k.default for k in ValidatedAlpha.knobs if not isinstance(k, str)}
 KNOTS = DEFAULTS["validation_knots"]  # the preset's
+CHORD = "pm-validated-first-1"  # interpolated features, the first task at 1: one knob from pm-validated-exact
 
 
 def shared_merges(chord: dict, exact: dict) -> list[tuple[dict, dict, float, float]]:
@@ -41,7 +43,7 @@ def scans(results: Path) -> str:
     point above 0, the preset's as logged with a pass at each knot its points needed above 0."""
     patience, stop_se = DEFAULTS["validation_patience"], DEFAULTS["validation_stop_se"]
     count = {"exact": [0, 0, 0, 0], "interpolated": [0, 0, 0, 0]}  # merges, points, passes, whole grids
-    for path in sorted(results.glob("*/runs/pm-validated/seed*.json")):
+    for path in sorted(results.glob(f"*/runs/{CHORD}/seed*.json")):
         exact_path = path.parent.parent / "pm-validated-exact" / path.name
         for name, run_path in (("interpolated", path), ("exact", exact_path)):
             for record in json.loads(run_path.read_text())["calibrations"]:
@@ -64,7 +66,7 @@ def table(results: Path) -> str:
              "|---|---|---|---|---|"]  # fmt: skip
     for suite in SUITES:
         merges, same, at_knots, between = 0, 0, [], []
-        for path in sorted((results / suite / "runs" / "pm-validated").glob("seed*.json")):
+        for path in sorted((results / suite / "runs" / CHORD).glob("seed*.json")):
             exact_path = path.parent.parent / "pm-validated-exact" / path.name
             chord, exact = json.loads(path.read_text()), json.loads(exact_path.read_text())
             for ours, theirs, a, b in shared_merges(chord, exact):

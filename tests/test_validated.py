@@ -118,6 +118,18 @@ def test_it_needs_the_prototype_head():
         build_strategy(MergeArguments(merge_method="validated-alpha"))
 
 
+def test_the_first_alpha_where_it_is_not_chosen():
+    """`validation_first_alpha`: the first task merges at that alpha on every key (0.5 unless set), without reading
+    an estimate (there is none to read); out of [0, 1] it is refused by the input contract."""
+    vector = SimpleNamespace(deltas={"a": torch.ones(2, 3), "b": torch.ones(4)})
+    first = SimpleNamespace(t=0, vector=vector, validation=None)
+    for knobs, alpha in (({}, 0.5), ({"validation_first_alpha": 1.0}, 1.0), ({"validation_first_alpha": 0}, 0.0)):
+        plan = build_strategy(MergeArguments(**VALIDATED, merge_parameters=knobs or None)).merge(first)
+        assert plan.alpha == {"a": alpha, "b": alpha}
+    with pytest.raises(InputError, match=r"^validation_first_alpha = 1.5: "):
+        build_strategy(MergeArguments(**VALIDATED, merge_parameters={"validation_first_alpha": 1.5}))
+
+
 def _recorded_run(model_dir, out, monkeypatch, **kw):
     """A 3-task run with `validated-alpha`; returns (results, loop, the datasets scored while a merge was chosen:
     every dataset predicted by the evaluator or passed through the model for the head's features, the number of

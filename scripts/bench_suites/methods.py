@@ -22,7 +22,10 @@ _NO_PERTURB = {"perturbation": "none"}
 # paper's tables); P&M variants and the oracle train with it.
 _PROTO = {"head_align": "prototypes", "head_align_drift": "sdc"}
 _LOG = {"log_loss_increase": True}
-_EXACT = {"validation_features": "exact"}  # validated-alpha trials: a features pass under each trial's own weights
+# validated-alpha trials: a features pass under each trial's own weights; the first task merged at alpha = 1 (the
+# knob's default until stop 44, when it became 0.5): the variants measured against that rule keep it
+_EXACT = {"validation_features": "exact", "validation_first_alpha": 1.0}
+_FIRST_1 = {"validation_first_alpha": 1.0}
 # a method key, not a config field: the backbone's learning rate is this times the suite's `learning_rate`, the head
 # keeps the full rate (`head_learning_rate`)
 BACKBONE_LR_SCALE = "backbone_lr_scale"
@@ -171,6 +174,12 @@ METHODS: dict[str, tuple[dict, str]] = {
         {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_first_task": True}},
         "pm-validated, the first task's alpha chosen too (the smallest its held-out data cannot tell from the best)",
     ),
+    # the preset until stop 44: the first task merged at alpha = 1 (results/*/runs/pm-validated-first-1: the runs
+    # committed under pm-validated until then, rerun under this name)
+    "pm-validated-first-1": (
+        {**get_preset("pm-validated"), "merge_parameters": _FIRST_1},
+        "pm-validated with the first task merged at alpha = 1 (the preset until stop 44), not 0.5",
+    ),
     # pm-validated scanning the second merge from theta_0 too (the first merge undone where the data ask for it)
     "pm-validated-revisit": (
         {**get_preset("pm-validated"), "merge_parameters": {**_EXACT, "validation_revisit_first": True}},
@@ -195,11 +204,11 @@ METHODS: dict[str, tuple[dict, str]] = {
     # the preset trained as a slow learner (SLCA's backbone rate), alpha still validated per task: whether slow
     # training, which text-cil-10 rewards (slow-proto), can replace the first merge at alpha = 1 (docs/results.md)
     "pm-validated-slow": (
-        {**get_preset("pm-validated"), BACKBONE_LR_SCALE: 0.01},
+        {**get_preset("pm-validated"), BACKBONE_LR_SCALE: 0.01, "merge_parameters": _FIRST_1},
         "pm-validated with the backbone LoRA at 0.01 x the suite's learning rate (the head at the full rate)",
     ),
     "pm-validated-slow-0.1": (
-        {**get_preset("pm-validated"), BACKBONE_LR_SCALE: 0.1},
+        {**get_preset("pm-validated"), BACKBONE_LR_SCALE: 0.1, "merge_parameters": _FIRST_1},
         "pm-validated with the backbone LoRA at 0.1 x the suite's learning rate (the head at the full rate)",
     ),
     # the rivals a user would pick instead (docs/baselines.md)

@@ -63,6 +63,11 @@ def scan(grid, estimate, patience: int, stop_se: float) -> dict[float, dict]:
     return measured
 
 
+def _alpha(name, value) -> None:
+    if not is_number(value) or not 0 <= value <= 1:
+        raise invalid(name, value, "give an alpha in [0, 1], e.g. 1 (the first task's whole adapter).")
+
+
 def _count(name, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(name, value, "give a positive number of samples, e.g. 256.")
@@ -126,6 +131,13 @@ class ValidatedAlpha(MergeStrategy):
             False,
             _flag,
             "also choose the first task's alpha (the least move its held-out data cannot tell from the best)",
+        ),
+        Knob(
+            "validation_first_alpha",
+            0.5,
+            _alpha,
+            "the first task's alpha where it is not chosen (`validation_first_task: false`): the midpoint of theta_0 "
+            "and theta_hat_1, half of an adaptation to two to four classes that the later classes must live with",
         ),
         Knob(
             "validation_revisit_first",
@@ -201,8 +213,8 @@ class ValidatedAlpha(MergeStrategy):
 
     def merge(self, context) -> MergePlan:
         vector = context.vector
-        if context.t == 0 and not self.validation_first_task:  # nothing to trade off yet
-            return alpha_plan(vector, constant(vector.deltas, 1.0))
+        if context.t == 0 and not self.validation_first_task:  # no seen class to trade off yet, unseen ones to keep
+            return alpha_plan(vector, constant(vector.deltas, float(self.validation_first_alpha)))
         estimate = context.validation
         if estimate is None:
             raise ValueError("merge strategy 'validated-alpha' needs the loop's validation estimate")
@@ -226,8 +238,8 @@ class ValidatedAlpha(MergeStrategy):
         return alphas, paired_choice(estimates, correct)
 
     def _revisit(self, context, alphas: dict[float, dict], best: float, info: dict) -> MergePlan:
-        """The second merge scanned from theta_0 too (the first merge undone: it was taken at alpha = 1 with nothing
-        to trade off); that line is taken where its choice's estimate beats the kept line's by more than the kept
+        """The second merge scanned from theta_0 too (the first merge undone: it was taken at a fixed alpha with
+        nothing seen to trade off); that line is taken where its choice's estimate beats the kept line's by more than the kept
         choice's standard error (the one-error rule again: undoing is a move the data must ask for)."""
         reverted, back = self._choose(context.reverted)
         kept = alphas[best]
