@@ -38,7 +38,7 @@ from ..method.models import (
     model_digest,
     quiet_loading,
 )
-from ..method.strategies import build_strategy
+from ..method.strategies import build_strategy, resolved_knobs
 from ..method.weights import LowRankWeights
 from .checkpoint import config_dict, saved_config, seeded
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
@@ -126,7 +126,7 @@ def assemble(
     config = config_dict(*run.groups)
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
-    config.update(world_size=args.world_size, fingerprints=fingerprints)
+    config.update(world_size=args.world_size, fingerprints=fingerprints, merge_knobs=resolved_knobs(merge_args))
     own = strategy.callbacks(stream)  # the strategy's part of training (OSF's layers, O-LoRA's loss)
     parts = (model, stream, head, evaluator, strategy, run, [*extra, *own, *callbacks], load_base, save_modules)
     weights = LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank) if low_rank else None
@@ -237,7 +237,7 @@ def refuse_changed_resume(run: RunConfig, tasks: Sequence[Task], identity: str |
         lora = dataclasses.replace(lora, target_modules=detected)
     record = config_dict(*run.replace(lora_args=lora).groups)
     model = identity if identity is not None else saved.get("fingerprints", {}).get("model")
-    record.update(world_size=run.training_args.world_size,
+    record.update(world_size=run.training_args.world_size, merge_knobs=resolved_knobs(run.merge_args),
                   fingerprints={"model": model, "tasks": [task_fingerprint(t) for t in tasks]})  # fmt: skip
     refuse_changes(saved, record, out)
 

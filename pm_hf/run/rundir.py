@@ -184,6 +184,12 @@ def config_differences(saved: dict, new: dict, training: bool = True) -> list[st
     if training and _global_batch(saved) != _global_batch(new):
         what = "global batch (per-device x accumulation x processes)"
         diffs.append(f"{what}: {_global_batch(saved)} -> {_global_batch(new)}")
+    old_knobs, new_knobs = saved.get("merge_knobs"), new.get("merge_knobs")
+    if training and old_knobs is not None and new_knobs is not None:  # (a record of an older pm_hf has none)
+        for name in sorted({*old_knobs, *new_knobs}):
+            old, now = old_knobs.get(name), new_knobs.get(name)
+            if old != now:
+                diffs.append(f"merge knob {name} (its default where not set): {old} -> {now}")
     old_fp, new_fp = saved.get("fingerprints", {}), new.get("fingerprints", {})
     if old_fp.get("model") != new_fp.get("model"):
         diffs.append("the model's files (config, weights, tokenizer) differ from the saved run's")

@@ -13,6 +13,7 @@ from .base import (
     get_strategy,
     merge_task,
     register,
+    resolved_knobs,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "get_strategy",
     "merge_task",
     "register",
+    "resolved_knobs",
 ]

@@ -14,6 +14,7 @@ theta_hat_{t-1} + alpha * Delta_t, `task_vectors.py` those that combine task vec
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -31,7 +32,16 @@ from ..merge import (
 )
 from ..weights import LowRankWeights, ModelWeights
 from .context import MergeContext, Score
-from .knobs import Knob, KnobValues, check_parameters, default_knobs, knob_names, read_knobs, registrar
+from .knobs import (
+    Knob,
+    KnobValues,
+    check_parameters,
+    declared_values,
+    default_knobs,
+    knob_names,
+    read_knobs,
+    registrar,
+)
 
 Start = Literal["merged", "pretrained", "chain"]
 
@@ -193,6 +203,12 @@ def check_merge_args(args: MergeArguments) -> None:
             fix = "is not available with a merged adapter (merge_into: adapter): use pm, coma, average, seq-merge or "
             fix += "sqrt-t."
             raise invalid("merge_method", args.merge_method, fix)
+
+
+def resolved_knobs(args: MergeArguments) -> dict:
+    """The declared knobs of `args.merge_method` as this pm_hf resolves them (`merge_parameters` over the defaults),
+    JSON-safe: a run record's `merge_knobs`."""
+    return json.loads(json.dumps(declared_values(get_strategy(args.merge_method), args), default=str))
 
 
 def build_strategy(args: MergeArguments) -> MergeStrategy:
