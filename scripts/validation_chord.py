@@ -1,10 +1,10 @@
 """How far `validated-alpha`'s interpolated features (`validation_features: interpolated`, the preset's) move its
 estimate from the exact rule's (a features pass per trial, `pm-validated-exact`), from the committed runs of the two
-with the first task at alpha = 1 (`pm-validated-first-1`, the preset's runs until stop 44, against the exact's): over every
-merge whose earlier alphas the two runs of a suite and seed share (the same merged model before it), the estimate at
-each grid point both scanned, at the knots (where it must be equal) and between them (the chord), and whether the
-choice is the same; then, over every merge, the grid points each rule scans and the passes of the training rows it
-takes. Runs nothing.
+with the first task at alpha = 1 (`pm-validated-first-1`, the preset's runs until stop 44, against the exact's): over
+every merge whose earlier alphas the two runs of a suite and seed share (the same merged model before it), the
+estimate at each grid point both scanned, at the knots (where it must be equal) and between them (the chord), and
+whether the choice is the same; then, over every merge, the grid points each rule scans and the passes of the
+training rows it takes. Runs nothing.
 
     python scripts/validation_chord.py [--results results]
 """

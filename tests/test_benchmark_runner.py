@@ -39,6 +39,20 @@ def test_the_slow_learner_trains_the_backbone_at_a_hundredth_and_the_head_at_the
     assert values["learning_rate"] == pytest.approx(1e-4) and values["head_learning_rate"] == 1e-2  # an override
 
 
+def test_only_the_preset_merges_the_first_task_at_half(bench):
+    """`validation_first_alpha` became 0.5 in stop 44: `pm-validated` (the preset) takes it, and every other
+    validated-alpha method, whose committed runs were made with the first task at 1, resolves to 1 still."""
+    from pm_hf.commands.parsing import parse_config
+    from pm_hf.method.strategies import build_strategy
+
+    validated = [name for name, (o, _) in bench.METHODS.items() if o["merge_method"] == "validated-alpha"]
+    assert {"pm-validated", "pm-validated-first-1", "pm-validated-exact", "pm-validated-slow"} <= set(validated)
+    for name in validated:
+        values = bench._resolve({**bench.METHODS[name][0], "output_dir": "/tmp/x"}, bench.SUITES["text-cil"])
+        strategy = build_strategy(parse_config(bench.SUITES["text-cil"], bench._overrides(values))[5])
+        assert strategy.validation_first_alpha == (0.5 if name == "pm-validated" else 1.0), name
+
+
 def test_the_runner_resolves_osf_and_olora(bench):
     """`--methods osf olora`: registered strategies with O-LoRA's lambda_1 = 0.5 (lambda_2 = 0), OSF's backbone at
     0.05 x the suite's learning rate (PEFT's OSF docs: 1e-5..1e-4) and the head at the suite's rate."""

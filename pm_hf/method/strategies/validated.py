@@ -239,8 +239,8 @@ class ValidatedAlpha(MergeStrategy):
 
     def _revisit(self, context, alphas: dict[float, dict], best: float, info: dict) -> MergePlan:
         """The second merge scanned from theta_0 too (the first merge undone: it was taken at a fixed alpha with
-        nothing seen to trade off); that line is taken where its choice's estimate beats the kept line's by more than the kept
-        choice's standard error (the one-error rule again: undoing is a move the data must ask for)."""
+        nothing seen to trade off); that line is taken where its choice's estimate beats the kept line's by more than
+        the kept choice's standard error (the one-error rule again: undoing is a move the data must ask for)."""
         reverted, back = self._choose(context.reverted)
         kept = alphas[best]
         undo = reverted[back]["estimate"] > kept["estimate"] + kept["se"]
