@@ -361,16 +361,19 @@ def _shifted(validation, shift):
 UNDO, KEEP = (lambda a: 0.5 - a), (lambda a: -2.0)  # the undo taken at alpha 0; never taken
 
 
-@pytest.mark.slow  # three 3-task runs of an opt-in knob
-def test_revisiting_the_first_merge(plain_run, model_dir, tmp_path):
+@pytest.mark.slow  # four 3-task runs of an opt-in knob
+def test_revisiting_the_first_merge(model_dir, tmp_path):
     """`validation_revisit_first`: the second merge is scanned from theta_0 too. Where the data do not ask for the
     undo, the run is the plain run exactly (the scan from theta_0 leaves weights, head and statistics as they were;
     both lines of the second merge take a pass per trial, which the plain run's interpolated features equal at the
     knots, all this scan reaches);
     where the undo is taken (forced here, at alpha 0), the merged model is theta_0 on every key the task vector holds
     and the first task's classes are kept with their statistics under theta_0 (no drift from there: exactly)."""
-    plain, *_ = plain_run
-    knobs = {"validation_revisit_first": True}
+    # the first task at alpha = 1 (the default until stop 44): this tiny run's second scan then stays within the
+    # knots, where the kept line's exact passes must equal the plain run's interpolated features
+    first = {"validation_first_alpha": 1.0}
+    plain = build_loop(RunConfig(*groups(model_dir, tmp_path / "plain", **VALIDATED, merge_parameters=first))).run()
+    knobs = {"validation_revisit_first": True, **first}
     loop = build_loop(RunConfig(*groups(model_dir, tmp_path / "revisit", **VALIDATED, merge_parameters=knobs)))
     _forced(loop, KEEP)  # (this tiny run undoes it unforced)
     results = loop.run()
