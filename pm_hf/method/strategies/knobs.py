@@ -74,8 +74,7 @@ def read_knobs(owner, args: MergeArguments) -> dict[str, Any]:
 def declared_values(owner, args: MergeArguments) -> dict[str, Any]:
     """The values of the knobs `owner` declares itself (not `MergeArguments` fields) in `args`, defaults included: what
     a run record keeps beside its arguments, so that a resume where a default changed since is refused."""
-    values = KnobValues(args)
-    return {k.name: getattr(values, k.name) for k in owner.parameters() if not isinstance(k, str)}
+    return {name: value for name, value in read_knobs(owner, args).items() if name not in FIELDS}
 
 
 def default_knobs(owner) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def scan(grid, estimate, patience: int, stop_se: float) -> dict[float, dict]:
 
 def _alpha(name, value) -> None:
     if not is_number(value) or not 0 <= value <= 1:
-        raise invalid(name, value, "give an alpha in [0, 1], e.g. 1 (the first task's whole adapter).")
+        raise invalid(name, value, "give an alpha in [0, 1], e.g. 0.5 (half the first task's adapter) or 1 (all).")
 
 
 def _count(name, value) -> None:
