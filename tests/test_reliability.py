@@ -25,7 +25,6 @@ from pm_hf.config.groups import MergeArguments
 from pm_hf.method.strategies import resolved_knobs
 from pm_hf.method.trainer import DivergenceError
 from pm_hf.run.checkpoint import saved_config
-from pm_hf.run.rundir import config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
@@ -297,21 +296,12 @@ def test_resume_refuses_another_config_or_other_data_and_allows_paths(assets, re
     assert ok, detail
 
 
-def test_a_knob_whose_default_changed_is_a_difference_on_resume(finished):
-    """The run record keeps the strategy's declared knobs as resolved (defaults included): a resume where one of them
-    resolves otherwise (a default changed since) is refused, naming it; a record of an older pm_hf, without them, is
-    not compared; a finished run evaluated or exported does not compare them."""
+def test_the_run_record_keeps_the_merge_knobs_as_resolved(finished):
+    """The run record keeps the strategy's declared knobs as resolved, defaults included (`merge_knobs`: what a
+    resume compares, tests/test_run_record.py)."""
     saved = saved_config(finished)
     assert saved["merge_knobs"] == resolved_knobs(MergeArguments(**{
         k: v for k, v in saved["MergeArguments"].items() if k in MergeArguments.__dataclass_fields__}))  # fmt: skip
-    validated = MergeArguments(merge_method="validated-alpha", head_align="prototypes", head_align_drift="sdc")
-    now = {"merge_knobs": resolved_knobs(validated)}
-    assert now["merge_knobs"]["validation_first_alpha"] == 0.5
-    before = {"merge_knobs": {**now["merge_knobs"], "validation_first_alpha": 1.0}}
-    assert config_differences(before, now) == [
-        "merge knob validation_first_alpha (its default where not set): 1.0 -> 0.5"
-    ]
-    assert config_differences({}, now) == [] and config_differences(before, now, training=False) == []
 
 
 def test_a_finished_or_foreign_folder_is_not_overwritten(assets, finished, tmp_path):

@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 
 from ..config.checks import invalid
 from ..fileio import TMP_MARK
+from ..method.strategies.knobs import unrecorded_changes
 
 LOCK = ".pm_hf.lock"
 IN_USE = ("in use by another pm_hf process (a run training there); wait for it, or choose another output_dir "
@@ -175,6 +176,21 @@ def _global_batch(record: dict) -> int:
     return args.get(BATCH[0], 1) * args.get(BATCH[1], 1) * record.get("world_size", 1)
 
 
+def _knob_differences(saved: dict, new: dict) -> list[str]:
+    """The merge strategy's declared knobs as resolved (`merge_knobs`, defaults included) that differ; a record of a
+    pm_hf that kept none: the knobs whose default may have differed then and that its config did not set."""
+    old_knobs, new_knobs = saved.get("merge_knobs"), new.get("merge_knobs")
+    if new_knobs is None:
+        return []
+    if old_knobs is None:
+        return unrecorded_changes(saved.get("MergeArguments", {}).get("merge_parameters"), new_knobs)
+    return [
+        f"merge knob {name} (its default where not set): {old_knobs.get(name)} -> {new_knobs.get(name)}"
+        for name in sorted({*old_knobs, *new_knobs})
+        if old_knobs.get(name) != new_knobs.get(name)
+    ]
+
+
 def config_differences(saved: dict, new: dict, training: bool = True) -> list[str]:
     """What differs between a saved run record and a new one, in fields that change what is computed; with
     `training=False` (a finished run evaluated or exported) how its training was launched and batched is left out."""
@@ -184,12 +200,8 @@ def config_differences(saved: dict, new: dict, training: bool = True) -> list[st
     if training and _global_batch(saved) != _global_batch(new):
         what = "global batch (per-device x accumulation x processes)"
         diffs.append(f"{what}: {_global_batch(saved)} -> {_global_batch(new)}")
-    old_knobs, new_knobs = saved.get("merge_knobs"), new.get("merge_knobs")
-    if training and old_knobs is not None and new_knobs is not None:  # (a record of an older pm_hf has none)
-        for name in sorted({*old_knobs, *new_knobs}):
-            old, now = old_knobs.get(name), new_knobs.get(name)
-            if old != now:
-                diffs.append(f"merge knob {name} (its default where not set): {old} -> {now}")
+    if training:
+        diffs += _knob_differences(saved, new)
     old_fp, new_fp = saved.get("fingerprints", {}), new.get("fingerprints", {})
     if old_fp.get("model") != new_fp.get("model"):
         diffs.append("the model's files (config, weights, tokenizer) differ from the saved run's")

@@ -24,6 +24,7 @@ class Knob:
     default: Any = None
     check: Callable[[str, Any], None] | None = None
     help: str = ""
+    before: str = ""  # how a pm_hf that recorded no `merge_knobs` resolved it, where that may differ from `default`
 
 
 DECLARED: dict[str, Knob] = {}  # every declared knob of a registered class, by name (one name, one meaning)
@@ -75,6 +76,18 @@ def declared_values(owner, args: MergeArguments) -> dict[str, Any]:
     """The values of the knobs `owner` declares itself (not `MergeArguments` fields) in `args`, defaults included: what
     a run record keeps beside its arguments, so that a resume where a default changed since is refused."""
     return {name: value for name, value in read_knobs(owner, args).items() if name not in FIELDS}
+
+
+def unrecorded_changes(saved_parameters: dict, names) -> list[str]:
+    """A run record of a pm_hf that kept no `merge_knobs`: which of the declared knobs `names` it may have resolved
+    otherwise than this pm_hf (a `before` and not set in its `merge_parameters`), each as a difference to report."""
+    knobs = [DECLARED[n] for n in sorted(names) if n in DECLARED and n not in (saved_parameters or {})]
+    return [
+        f"merge knob {k.name}: the pm_hf that saved the run did not record it and resolved it as {k.before}, this one "
+        f"as {k.default!r}"
+        for k in knobs
+        if k.before
+    ]
 
 
 def default_knobs(owner) -> dict[str, Any]:

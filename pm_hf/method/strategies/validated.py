@@ -123,8 +123,20 @@ class ValidatedAlpha(MergeStrategy):
     knobs = (
         Knob("validation_grid", [i / 10 for i in range(11)], _grid, "the alphas tried per task"),
         Knob("validation_holdout", 0.1, _holdout, "the fraction of each task's training data held out for scoring"),
-        Knob("validation_samples", 256, _count, "the task's training samples a trial's head alignment sees"),
-        Knob("validation_patience", 1, _patience, "stop the scan after this many points in a row far below the best"),
+        Knob(
+            "validation_samples",
+            256,
+            _count,
+            "the task's training samples a trial's head alignment sees",
+            before="256 or all of the task's training samples",
+        ),
+        Knob(
+            "validation_patience",
+            1,
+            _patience,
+            "stop the scan after this many points in a row far below the best",
+            before="1 or 2",
+        ),
         Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
         Knob(
             "validation_first_task",
@@ -138,6 +150,7 @@ class ValidatedAlpha(MergeStrategy):
             _alpha,
             "the first task's alpha where it is not chosen (`validation_first_task: false`): the midpoint of theta_0 "
             "and theta_hat_1, half of an adaptation to two to four classes that the later classes must live with",
+            before="1.0 (the first task merged whole)",
         ),
         Knob(
             "validation_revisit_first",
@@ -170,6 +183,7 @@ class ValidatedAlpha(MergeStrategy):
             _features_rule,
             "a trial's features: piecewise linear in alpha between passes at `validation_knots` ('interpolated'), "
             "or a pass under its own weights ('exact')",
+            before="'exact' or 'interpolated'",
         ),
         Knob(
             "validation_knots",
