@@ -80,6 +80,7 @@ from figure_sources.llm import llm_bar, llm_eps_sweep, llm_facts, llm_length_tes
 from figure_sources.suites import (  # noqa: E402
     alpha,
     bf16_state,
+    first_merge,
     fisher_traces,
     readme_acc,
     readme_alpha,
@@ -99,6 +100,9 @@ FIGURES = [
              f"results/{s}/summary.json, results/{s}/runs") for s in ("vision-cil", "text-cil")),
     Figure("docs/results.md", "figure:alpha-acc", alpha(0), "results/<suite>/runs (scripts/alpha_table.py)"),
     Figure("docs/results.md", "figure:alpha-loss", alpha(1), "results/<suite>/runs (scripts/alpha_table.py)"),
+    Figure("docs/results.md", "figure:first-merge-acc", first_merge(0), "results/<suite>/runs/pm-validated{,-first-1}"),
+    Figure("docs/results.md", "figure:first-merge-second", first_merge(1),
+           "results/<suite>/runs/pm-validated{,-first-1}"),
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),
     Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
     Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),

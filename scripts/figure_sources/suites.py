@@ -160,6 +160,18 @@ def validation_chord() -> str:
     return validation_chord.table(RESULTS)
 
 
+def first_merge(which: int) -> Callable[[], str]:
+    """The first merge at 0.5 against 1 (scripts/first_merge_table.py): 0, ACC per seed; 1, the second merge's
+    estimates under each."""
+
+    def write() -> str:
+        import first_merge_table
+
+        return first_merge_table.tables(RESULTS)[which]
+
+    return write
+
+
 def fisher_traces() -> str:
     """Largest / smallest task Fisher trace within a run (tasks that logged one), range over the runs of `pm` and
     `pm-secant-proto` (where they log `fisher_traces`), per class-incremental suite."""
