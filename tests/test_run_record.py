@@ -19,21 +19,32 @@ def test_a_knob_whose_default_changed_is_a_difference_on_resume():
     assert config_differences(before, now, training=False) == []  # a finished run evaluated or exported
 
 
+def _record(parameters: dict | None, knobs: bool = True, **fields) -> dict:
+    """A run record's merge part: its `MergeArguments` and, unless `knobs` is false (an older pm_hf), `merge_knobs`."""
+    args = MergeArguments(**{**VALIDATED.__dict__, "merge_parameters": parameters, **fields})
+    record = {"MergeArguments": {"merge_method": args.merge_method, "merge_parameters": parameters}}
+    return {**record, "merge_knobs": resolved_knobs(args)} if knobs else record
+
+
 def test_a_record_without_merge_knobs_differs_where_an_unset_knob_may_have_resolved_otherwise():
-    args = {"merge_parameters": {"validation_samples": 256}}
-    older, now = {"MergeArguments": args}, {"MergeArguments": args, "merge_knobs": resolved_knobs(VALIDATED)}
+    params = {"validation_samples": 256}
+    older, now = _record(params, knobs=False), _record(params)
     assert config_differences(older, now) == [
-        "merge knob validation_features: the pm_hf that saved the run did not record it and resolved it as 'exact' or "
-        "'interpolated', this one as 'interpolated'",
-        "merge knob validation_first_alpha: the pm_hf that saved the run did not record it and resolved it as 1.0 (the "
-        "first task merged whole), this one as 0.5",
-        "merge knob validation_patience: the pm_hf that saved the run did not record it and resolved it as 1 or 2, "
-        "this one as 1",
+        "merge knob validation_features (not recorded by the pm_hf that saved the run): may have been 'exact' or "
+        "'interpolated' -> 'interpolated'",
+        "merge knob validation_first_alpha (not recorded by the pm_hf that saved the run): may have been 1.0 (the "
+        "first task merged whole), or 0.5 (at commit 8e53af4) -> 0.5",
+        "merge knob validation_patience (not recorded by the pm_hf that saved the run): may have been 0 (the whole "
+        "grid), 2 or 1 -> 1",
     ]
     assert config_differences(older, now, training=False) == []
-    # set in its config: the values are compared as merge_parameters (here the same), nothing left to guess
-    args["merge_parameters"].update(validation_features="exact", validation_first_alpha=1.0, validation_patience=2)
-    assert config_differences(older, now) == []
+    # set in the old config: compared as merge_parameters (here the same), nothing left to guess
+    params = {**params, "validation_features": "exact", "validation_first_alpha": 1.0, "validation_patience": 2}
+    assert config_differences(_record(params, knobs=False), _record(params)) == []
+    # set in the new config only: a difference of merge_parameters, and the knob's value named as this one resolves it
+    diffs = config_differences(_record(None, knobs=False), _record({"validation_first_alpha": 1.0}))
+    assert "merge_parameters: None -> {'validation_first_alpha': 1.0}" in diffs
+    assert any(d.startswith("merge knob validation_first_alpha (") and d.endswith("-> 1.0") for d in diffs)
     # a strategy whose declared knobs kept their defaults: nothing to compare
     olora = {"merge_knobs": resolved_knobs(MergeArguments(merge_method="olora"))}
     assert olora["merge_knobs"] and config_differences({}, olora) == []

@@ -78,15 +78,14 @@ def declared_values(owner, args: MergeArguments) -> dict[str, Any]:
     return {name: value for name, value in read_knobs(owner, args).items() if name not in FIELDS}
 
 
-def unrecorded_changes(saved_parameters: dict, names) -> list[str]:
-    """A run record of a pm_hf that kept no `merge_knobs`: which of the declared knobs `names` it may have resolved
-    otherwise than this pm_hf (a `before` and not set in its `merge_parameters`), each as a difference to report."""
-    knobs = [DECLARED[n] for n in sorted(names) if n in DECLARED and n not in (saved_parameters or {})]
+def unrecorded_changes(saved_parameters: dict | None, resolved: dict[str, Any]) -> list[str]:
+    """A run record of a pm_hf that kept no `merge_knobs`, against this pm_hf's `resolved` declared knobs: those it
+    may have resolved otherwise (a `before`) and its `merge_parameters` did not set, each as a difference to report."""
+    unset = [n for n in sorted(resolved) if n in DECLARED and DECLARED[n].before and n not in (saved_parameters or {})]
     return [
-        f"merge knob {k.name}: the pm_hf that saved the run did not record it and resolved it as {k.before}, this one "
-        f"as {k.default!r}"
-        for k in knobs
-        if k.before
+        f"merge knob {n} (not recorded by the pm_hf that saved the run): may have been {DECLARED[n].before} -> "
+        f"{resolved[n]!r}"
+        for n in unset
     ]
 
 

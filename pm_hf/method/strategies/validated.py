@@ -135,7 +135,7 @@ class ValidatedAlpha(MergeStrategy):
             1,
             _patience,
             "stop the scan after this many points in a row far below the best",
-            before="1 or 2",
+            before="0 (the whole grid), 2 or 1",
         ),
         Knob("validation_stop_se", 2.0, _stop_se, "how far below the best (standard errors) a point counts as far"),
         Knob(
@@ -150,7 +150,7 @@ class ValidatedAlpha(MergeStrategy):
             _alpha,
             "the first task's alpha where it is not chosen (`validation_first_task: false`): the midpoint of theta_0 "
             "and theta_hat_1, half of an adaptation to two to four classes that the later classes must live with",
-            before="1.0 (the first task merged whole)",
+            before="1.0 (the first task merged whole), or 0.5 (at commit 8e53af4)",
         ),
         Knob(
             "validation_revisit_first",
