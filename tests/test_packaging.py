@@ -1,5 +1,6 @@
 """Packaging properties: `pm-hf --help` (and every subcommand's) loads no heavy library, `import pm_hf` works without
-the POSIX-only modules `fcntl` and `resource`, and every public name still resolves."""
+the POSIX-only modules `fcntl` and `resource`, every public name still resolves, and the installed version (what the
+model cards name) is `pm_hf.__version__`."""
 
 from __future__ import annotations
 
@@ -95,6 +96,14 @@ def test_no_module_imports_posix_only_modules_at_top_level():
         if (bad := _top_level_imports(ast.parse(path.read_text(encoding="utf-8"))) & {"fcntl", "resource"})
     ]
     assert not offenders
+
+
+def test_the_installed_version_is_the_package_version():
+    from importlib.metadata import version
+
+    import pm_hf
+
+    assert version("pm_hf") == pm_hf.__version__  # pyproject.toml reads it: one place
 
 
 def test_public_names_resolve():
