@@ -32,7 +32,8 @@ def _chw(array: np.ndarray) -> np.ndarray:
 
 def _fallback_tensor(array: np.ndarray) -> torch.Tensor:
     """[C, H, W] float in [0, 1] (integer pixels / 255)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(_chw(array)))
+    chw = _chw(array)  # a read-only array (a PIL image's buffer) is copied: torch keeps no tensor over read-only memory
+    tensor = torch.from_numpy(np.ascontiguousarray(chw) if chw.flags.writeable else chw.copy())
     return tensor.float() / 255.0 if array.dtype == np.uint8 else tensor.float()
 
 
