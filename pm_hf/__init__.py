@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` below
     from .run.posthoc import merge_adapters
     from .run.runs import evaluate_export, export_run_dir, load_export, push_run_dir
 
-__version__ = "0.3.0"
+from .version import __version__ as __version__  # (re-exported)
+
 __all__ = [
     "ContinualCallback",
     "ContinualTrainer",

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "pm_hf"
 # The floors of the package: a module imports only from floors below its own, never above, and a package's own
 # modules import each other without cycles (`test_no_cycles_inside_a_package`). docs/architecture.md draws this map.
 LAYERS = [
-    ["errors", "fileio", "timing"],  # stdlib-only bases
+    ["errors", "fileio", "timing", "version"],  # stdlib-only bases
     ["distributed"],  # where a weight lives, how a run is launched
     ["config", "testing"],  # PMConfig, the argument groups, presets, input checks; tiny models, Accelerate on CPU
     ["data"],  # task streams

@@ -19,6 +19,7 @@ import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 
+import pm_hf
 from pm_hf.commands.cli import main
 from pm_hf.config.checks import InputError
 from pm_hf.config.groups import MergeArguments
@@ -302,6 +303,15 @@ def test_the_run_record_keeps_the_merge_knobs_as_resolved(finished):
     saved = saved_config(finished)
     assert saved["merge_knobs"] == resolved_knobs(MergeArguments(**{
         k: v for k, v in saved["MergeArguments"].items() if k in MergeArguments.__dataclass_fields__}))  # fmt: skip
+    assert saved["pm_hf"] == pm_hf.__version__
+
+
+def test_a_resume_by_another_pm_hf_says_so(assets, finished, tmp_path, caplog):
+    run = tmp_path / "run"
+    _copy_with_record(finished, run, lambda config: config.update(pm_hf="0.0.1"))
+    with caplog.at_level("WARNING", logger="pm_hf.run.loop"):
+        code, _ = train(assets, run, "--resume")
+    assert code == 0 and f"was saved by pm_hf 0.0.1, resumed by {pm_hf.__version__}" in caplog.text
 
 
 def test_a_finished_or_foreign_folder_is_not_overwritten(assets, finished, tmp_path):
@@ -389,18 +399,24 @@ def test_non_finite_state_is_never_written(assets, tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "latest.json").exists() and not (tmp_path / "run" / "adapters").exists()
 
 
-def test_evaluate_never_acts_on_hub_or_tracker_settings_and_rewrites_stale_results(finished, tmp_path):
+def _copy_with_record(finished: Path, run: Path, edit) -> None:
+    """A copy of the finished run whose saved run record `edit(config)` changed (its manifest made to match)."""
     from pm_hf.fileio import file_digest
 
-    run = tmp_path / "run"
     shutil.copytree(finished, run)
     ckpt = run / json.loads((run / "latest.json").read_text())["checkpoint"]
     meta = json.loads((ckpt / "state.json").read_text())
-    meta["config"]["PMConfig"].update(push_to_hub=True, hub_model_id="someone/repo", report_to=["tensorboard"])
+    edit(meta["config"])
     (ckpt / "state.json").write_text(json.dumps(meta))
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["sha256"]["state.json"] = file_digest([ckpt / "state.json"])
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_evaluate_never_acts_on_hub_or_tracker_settings_and_rewrites_stale_results(finished, tmp_path):
+    run = tmp_path / "run"
+    hub = {"push_to_hub": True, "hub_model_id": "someone/repo", "report_to": ["tensorboard"]}
+    _copy_with_record(finished, run, lambda config: config["PMConfig"].update(hub))
     results = json.loads((run / "results.json").read_text())
     stale = {**results, "accuracy_matrix": results["accuracy_matrix"][:1]}  # a kill left it one task behind
     (run / "results.json").write_text(json.dumps(stale))

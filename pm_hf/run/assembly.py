@@ -40,6 +40,7 @@ from ..method.models import (
 )
 from ..method.strategies import build_strategy, resolved_knobs
 from ..method.weights import LowRankWeights
+from ..version import __version__
 from .checkpoint import config_dict, saved_config, seeded
 from .evaluation import CausalLMEvaluator, ClassifierEvaluator, trainer_predict
 from .loop import ContinualLoop
@@ -127,6 +128,7 @@ def assemble(
     identity = model_digest(model_args) if model_args.model_name_or_path != IN_MEMORY else weights_digest(model)
     fingerprints = {"model": identity, "tasks": [task_fingerprint(t) for t in stream.tasks]}
     config.update(world_size=args.world_size, fingerprints=fingerprints, merge_knobs=resolved_knobs(merge_args))
+    config.update(pm_hf=__version__)  # which pm_hf wrote the record (a resume by another one says so)
     own = strategy.callbacks(stream)  # the strategy's part of training (OSF's layers, O-LoRA's loss)
     parts = (model, stream, head, evaluator, strategy, run, [*extra, *own, *callbacks], load_base, save_modules)
     weights = LowRankWeights(model, merge_args.accumulator_device, merge_args.merged_adapter_rank) if low_rank else None
