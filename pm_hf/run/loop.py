@@ -305,7 +305,7 @@ class ContinualLoop:
         state, saved = loaded
         refuse_changes(saved, self.config, self.out)
         if saved.get("pm_hf") != self.config.get("pm_hf"):  # its config and merge knobs compared, its code not
-            was = saved.get("pm_hf", "0.2.0 or older")
+            was = saved.get("pm_hf", "of a version it did not record")
             logger.warning("--resume: %s was saved by pm_hf %s, resumed by %s", self.out, was, self.config.get("pm_hf"))
         try:
             self.weights.load_state(self.head.fit_saved(state.weights, self.weights.trained_params()))
