@@ -170,6 +170,19 @@ def test_image_parquet_and_imagefolder(tmp_path):
     assert pixels.shape == (4, 3, 6, 6) and 0 <= pixels.min() < pixels.max() <= 1
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_an_image_in_read_only_memory_becomes_a_tensor_of_its_own(dtype):
+    from pm_hf.data.images import _fallback_tensor
+
+    array = np.arange(4 * 5).reshape(4, 5).astype(dtype)  # H, W: made [1, H, W] without a copy
+    array.flags.writeable = False  # as a PIL image's buffer through np.asarray
+    tensor = _fallback_tensor(array)
+    expected = torch.from_numpy(array[None].copy()).float()
+    assert torch.equal(tensor, expected / 255.0 if dtype == np.uint8 else expected)
+    assert not np.shares_memory(tensor.numpy(), array)
+    tensor += 1  # writable memory of its own
+
+
 def test_main_process_first_wraps_loading_and_preprocessing(tok, tmp_path):
     entered = []
 

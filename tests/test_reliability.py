@@ -306,12 +306,17 @@ def test_the_run_record_keeps_the_merge_knobs_as_resolved(finished):
     assert saved["pm_hf"] == pm_hf.__version__
 
 
-def test_a_resume_by_another_pm_hf_says_so(assets, finished, tmp_path, caplog):
+@pytest.mark.parametrize("saved", ["0.0.1", None])
+def test_a_resume_by_another_pm_hf_says_so(saved, assets, finished, tmp_path, caplog):
+    """A record of another version, or of one that recorded none, resumed: a warning names both; the checkpoints
+    written from then on name this version."""
     run = tmp_path / "run"
-    _copy_with_record(finished, run, lambda config: config.update(pm_hf="0.0.1"))
+    _copy_with_record(finished, run, lambda config: config.update(pm_hf=saved) if saved else config.pop("pm_hf"))
     with caplog.at_level("WARNING", logger="pm_hf.run.loop"):
         code, _ = train(assets, run, "--resume")
-    assert code == 0 and f"was saved by pm_hf 0.0.1, resumed by {pm_hf.__version__}" in caplog.text
+    was = saved or "of a version it did not record"
+    assert code == 0 and f"was saved by pm_hf {was}, resumed by {pm_hf.__version__}" in caplog.text
+    assert saved_config(run)["pm_hf"] == pm_hf.__version__  # (the finished fixture stops a task early)
 
 
 def test_a_finished_or_foreign_folder_is_not_overwritten(assets, finished, tmp_path):
@@ -416,14 +421,16 @@ def _copy_with_record(finished: Path, run: Path, edit) -> None:
 def test_evaluate_never_acts_on_hub_or_tracker_settings_and_rewrites_stale_results(finished, tmp_path):
     run = tmp_path / "run"
     hub = {"push_to_hub": True, "hub_model_id": "someone/repo", "report_to": ["tensorboard"]}
-    _copy_with_record(finished, run, lambda config: config["PMConfig"].update(hub))
+    _copy_with_record(finished, run, lambda config: config["PMConfig"].update(hub) or config.update(pm_hf="0.0.1"))
     results = json.loads((run / "results.json").read_text())
     stale = {**results, "accuracy_matrix": results["accuracy_matrix"][:1]}  # a kill left it one task behind
     (run / "results.json").write_text(json.dumps(stale))
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["evaluate", str(run)]) == 0  # offline: any Hub call would fail
     assert not list(run.rglob("events.out.tfevents*"))
-    assert json.loads((run / "results.json").read_text())["accuracy_matrix"] == results["accuracy_matrix"]
+    rewritten = json.loads((run / "results.json").read_text())
+    assert rewritten["accuracy_matrix"] == results["accuracy_matrix"]
+    assert rewritten["config"]["pm_hf"] == "0.0.1"  # the version that trained it, not the one evaluating
 
 
 def test_input_errors_are_input_errors():

@@ -4,11 +4,14 @@ relative to the folder, another local base by its absolute path. Also the framew
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 from pathlib import Path
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+
+from ..version import __version__
 
 FRAMEWORKS = ("pm_hf", "transformers", "peft", "torch", "huggingface_hub")
 IN_MEMORY = "in-memory"  # model_name_or_path of a model given as an object with no folder behind it
@@ -55,11 +58,10 @@ def resolve_base(folder: str | Path, base: str) -> str:
 
 
 def framework_versions() -> dict[str, str]:
-    """The installed versions of pm_hf and the libraries an export is written and loaded with."""
+    """The versions of pm_hf (this one's, as the run record names it: an editable install's metadata can lag) and of
+    the installed libraries an export is written and loaded with."""
     out = {}
     for name in FRAMEWORKS:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = __version__ if name == "pm_hf" else metadata.version(name)
     return out

@@ -60,6 +60,8 @@ def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training
     groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
     loop = build_loop(RunConfig(*groups), hub=hub)
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
+    loop.config.pop("pm_hf")  # the version that trained it, not this one (an export records its own)
+    loop.config.update({"pm_hf": saved["pm_hf"]} if "pm_hf" in saved else {})
     loop.restore(state)
     if view != out:  # the loop reads the view; results.json and the plots are the checkpoint's, naming the run folder
         loop.results = lambda: {**ContinualLoop.results(loop), "output_dir": str(out)}
