@@ -48,3 +48,19 @@ def test_a_record_without_merge_knobs_differs_where_an_unset_knob_may_have_resol
     # a strategy whose declared knobs kept their defaults: nothing to compare
     olora = {"merge_knobs": resolved_knobs(MergeArguments(merge_method="olora"))}
     assert olora["merge_knobs"] and config_differences({}, olora) == []
+
+
+def test_a_knob_added_since_the_record_keeps_what_it_computed_at_its_default():
+    now = _record({})
+    added = {k: v for k, v in now["merge_knobs"].items() if k != "validation_log_eval"}  # (no `before`)
+    assert config_differences({**now, "merge_knobs": added}, now) == []
+    changed = {k: v for k, v in now["merge_knobs"].items() if k != "validation_first_alpha"}  # (a `before`)
+    assert config_differences({**now, "merge_knobs": changed}, now) == [
+        "merge knob validation_first_alpha (not recorded by the pm_hf that saved the run): may have been 1.0 (the "
+        "first task merged whole), or 0.5 (at commit 8e53af4) -> 0.5",
+    ]
+    removed = {**now["merge_knobs"], "validation_gone": 1}  # a knob this pm_hf no longer has
+    assert config_differences({**now, "merge_knobs": removed}, now) == [
+        "merge knob validation_gone (its default where not set): 1 -> None"
+    ]
+

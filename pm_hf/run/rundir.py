@@ -177,17 +177,19 @@ def _global_batch(record: dict) -> int:
 
 
 def _knob_differences(saved: dict, new: dict) -> list[str]:
-    """The merge strategy's declared knobs as resolved (`merge_knobs`, defaults included) that differ; a record of a
-    pm_hf that kept none: the knobs whose default may have differed then and that its config did not set."""
-    old_knobs, new_knobs = saved.get("merge_knobs"), new.get("merge_knobs")
+    """The merge strategy's declared knobs as resolved (`merge_knobs`, defaults included) that differ. A knob the
+    saved record lacks (a record of a pm_hf that kept none, or a knob added since) is reported only where its default
+    may have differed then (`Knob.before`) and the saved config did not set it: a knob added since keeps, at its
+    default, what that pm_hf computed."""
+    old_knobs, new_knobs = saved.get("merge_knobs") or {}, new.get("merge_knobs")
     if new_knobs is None:
         return []
-    if old_knobs is None:
-        return unrecorded_changes(saved.get("MergeArguments", {}).get("merge_parameters"), new_knobs)
-    return [
-        f"merge knob {name} (its default where not set): {old_knobs.get(name)} -> {new_knobs.get(name)}"
-        for name in sorted({*old_knobs, *new_knobs})
-        if old_knobs.get(name) != new_knobs.get(name)
+    unrecorded = {name: value for name, value in new_knobs.items() if name not in old_knobs}
+    diffs = unrecorded_changes(saved.get("MergeArguments", {}).get("merge_parameters"), unrecorded)
+    return diffs + [
+        f"merge knob {name} (its default where not set): {old_knobs[name]} -> {new_knobs.get(name)}"
+        for name in sorted(old_knobs)
+        if old_knobs[name] != new_knobs.get(name)
     ]
 
 
