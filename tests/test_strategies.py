@@ -122,6 +122,10 @@ def test_oracle_takes_the_first_best_grid_point():
     assert plan.choice.alpha == 0.5 and plan.oracle_scores == {"0.0": 0.2, "0.5": 0.7, "1.0": 0.7}
     first = oracle.merge(MergeContext(0, vector({"w": torch.ones(2)}), score=lambda a: 1 / 0))
     assert first.choice.alpha == 1.0  # task 1: nothing to trade off, not scored
+    half = strategy("oracle-alpha", merge_parameters={"oracle_first_alpha": 0.5})  # a rule's first merge, to bound
+    assert half.merge(MergeContext(0, vector({"w": torch.ones(2)}), score=lambda a: 1 / 0)).choice.alpha == 0.5
+    with pytest.raises(ValueError, match="^oracle_first_alpha = 2: "):
+        strategy("oracle-alpha", merge_parameters={"oracle_first_alpha": 2})
 
 
 def test_task_vector_strategies_by_hand():

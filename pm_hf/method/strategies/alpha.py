@@ -8,7 +8,7 @@ import math
 import datasets
 import torch
 
-from ...config.checks import check_choice, invalid
+from ...config.checks import check_choice, check_number, invalid
 from ...data.streams import Task, TaskStream
 from ...distributed.sharding import scalar
 from ..merge import (
@@ -22,7 +22,7 @@ from ..merge import (
 )
 from .base import MergePlan, MergeStrategy, alpha_plan, constant, fraction, prefixed, register
 from .calibration import CALIBRATIONS, calibration_knobs, get_calibration
-from .knobs import knob_names
+from .knobs import Knob, knob_names
 
 
 @register
@@ -225,7 +225,16 @@ class OracleAlpha(MergeStrategy):
         "upper bound of the closed form: per task, the grid alpha with the best held-out accuracy on all seen tasks "
         "(first best on ties)"
     )
-    knobs = ("oracle_grid",)
+    knobs = (
+        "oracle_grid",
+        Knob(
+            "oracle_first_alpha",
+            1.0,
+            lambda name, value: check_number(name, value, 0, 1),
+            "the first task's alpha (nothing seen to trade off, nothing scored): 1, or a rule's first alpha to bound "
+            "the merges after it",
+        ),
+    )
     needs_score = True
 
     @staticmethod
@@ -238,7 +247,7 @@ class OracleAlpha(MergeStrategy):
     def merge(self, context) -> MergePlan:
         vector = context.vector
         if context.t == 0:  # nothing to trade off yet (and nothing is scored)
-            return alpha_plan(vector, constant(vector.deltas, 1.0))
+            return alpha_plan(vector, constant(vector.deltas, float(self.oracle_first_alpha)))
         score = context.score
         if score is None:
             raise ValueError("merge strategy 'oracle-alpha' needs a score(alpha) function")
