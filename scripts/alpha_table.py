@@ -27,7 +27,8 @@ METHODS = ("pm", "pm-proto", "pm-validated", "pm-validated-first-1", "pm-validat
            "pm-validated-revisit", "pm-validated-paired", "pm-validated-heldout", "pm-validated-calibrated",
            "pm-validated-slow", "pm-validated-slow-0.1", "pm-secant-proto", "pm-branch-proto", "pm-curve-proto",
            "coma-proto", "fixed-1-eps-proto", "sqrt-t-proto", "fixed-0.2-proto",
-           "slow-proto", "seq-proto", "frozen-proto", "osf", "olora", "oracle-alpha-proto")  # fmt: skip
+           "slow-proto", "seq-proto", "frozen-proto", "osf", "olora", "oracle-alpha-proto",
+           "oracle-alpha-proto-first-0.5")  # fmt: skip
 FLOOR = ("coma-proto", "fixed-1-eps-proto", "sqrt-t-proto")  # constants and schedules with the preset's head
 RIVALS = ("slow-proto", "seq-proto", "frozen-proto", "osf", "olora")  # what a user would pick instead (docs/baselines)
 ORACLE, ORACLE_GAP = "oracle-alpha-proto", 1.0

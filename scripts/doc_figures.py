@@ -104,6 +104,8 @@ FIGURES = [
            "results/<suite>/runs/pm-validated{,-first-1} (scripts/first_merge_table.py)"),
     Figure("docs/results.md", "figure:first-merge-second", first_merge(1),
            "results/<suite>/runs/pm-validated{,-first-1} (scripts/first_merge_table.py)"),
+    Figure("docs/results.md", "figure:first-merge-bound", first_merge(2),
+           "results/<suite>/runs/{pm-validated,oracle-alpha-proto{,-first-0.5}} (scripts/first_merge_table.py)"),
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),
     Figure("docs/results.md", "figure:llm-eps-sweep", llm_eps_sweep, "results/llm-instruct{,-long}/runs"),
     Figure("docs/results.md", "figure:llm-bar", llm_bar, "results/llm-instruct-long/runs"),

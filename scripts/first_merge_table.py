@@ -3,7 +3,9 @@
 merge's estimate (held-out data of task 2, drift-widened statistics of task 1: what the rule reads, no eval split)
 says of each first merge: its score at the alpha it chose and its best over the grid scanned, with the best's standard
 error, beside the run's final ACC. Whether the second task's data could choose the first alpha: the first merge whose
-best estimate is higher would be taken. Runs nothing.
+best estimate is higher would be taken. Last, the preset against the greedy oracle from each first merge
+(`oracle-alpha-proto` from 1, `oracle-alpha-proto-first-0.5` from the preset's 0.5): how much of its distance from the
+oracle is the first merge's, and how much the later merges'. Runs nothing.
 
     python scripts/first_merge_table.py [--results results]
 """
@@ -86,10 +88,33 @@ def estimate_table(results: Path) -> tuple[list[str], str]:
     return out, summary
 
 
-def tables(results: Path) -> tuple[str, str]:
-    """The ACC table, and the second merge's table with its summary (docs/results.md's two figures)."""
+BOUNDS = {
+    "the preset (`pm-validated`, α_1 = 0.5)": "pm-validated",
+    "oracle from α_1 = 1 (`oracle-alpha-proto`)": "oracle-alpha-proto",
+    "oracle from α_1 = 0.5 (`oracle-alpha-proto-first-0.5`)": "oracle-alpha-proto-first-0.5",
+}
+
+
+def bound_table(results: Path) -> list[str]:
+    """Mean ACC (per-seed values) of the preset and of the greedy oracle from either first merge, per suite; the
+    oracles' difference (the first merge's part of the preset's distance) and the oracle from 0.5 less the preset."""
+    head = " | ".join(BOUNDS) + " | oracle from 1 − from 0.5 | oracle from 0.5 − the preset"
+    out = [f"| suite | {head} |", "|---|---|---|---|---|---|"]
+    for suite in SUITES:
+        accs = {m: [100 * r["acc"] for r in load(results, suite, m).values()] for m in BOUNDS.values()}
+        mean = {m: statistics.fmean(a) if a else None for m, a in accs.items()}
+        cells = [" / ".join(f"{v:.1f}" for v in accs[m]) + f": {mean[m]:.1f}" if accs[m] else "—" for m in accs]
+        whole, half, preset = mean["oracle-alpha-proto"], mean["oracle-alpha-proto-first-0.5"], mean["pm-validated"]
+        parts = ["—", "—"] if half is None else [f"{whole - half:+.1f}", f"{half - preset:+.1f}"]
+        out.append(f"| {suite} | {' | '.join(cells)} | {' | '.join(p.replace('-', '−') for p in parts)} |")
+    return out
+
+
+def tables(results: Path) -> tuple[str, str, str]:
+    """The ACC table, the second merge's table with its summary, the bounds (docs/results.md's three figures)."""
     table, summary = estimate_table(results)
-    return "\n".join(acc_table(results)), "\n".join(table) + "\n\n" + summary
+    acc, bounds = "\n".join(acc_table(results)), "\n".join(bound_table(results))
+    return acc, "\n".join(table) + "\n\n" + summary, bounds
 
 
 def main() -> None:

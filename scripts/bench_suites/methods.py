@@ -122,6 +122,17 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "oracle-alpha", "perturbation": "task_vector", **_PROTO},
         "the oracle alpha (0.1 grid, eval-set accuracy) + the prototype head alignment: the preset's upper bound",
     ),
+    # the same oracle after the preset's first merge (alpha 0.5): what the merges after it could reach, so that the
+    # preset's distance from oracle-alpha-proto splits into the first merge's part and the later merges' part
+    "oracle-alpha-proto-first-0.5": (
+        {
+            "merge_method": "oracle-alpha",
+            "perturbation": "task_vector",
+            **_PROTO,
+            "merge_parameters": {"oracle_first_alpha": 0.5},
+        },
+        "oracle-alpha-proto with the first task merged at 0.5 (the preset's): the later merges' upper bound",
+    ),
     # calibrated closed forms (docs/method.md): the Fisher's shape, each task's scale measured
     "pm-secant": ({"merge_method": "pm", "alpha_calibration": "secant", **_LOG}, "P&M, secant-calibrated Fisher"),
     "pm-branch": (

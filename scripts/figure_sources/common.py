@@ -13,7 +13,7 @@ RESULTS = ROOT / "results"
 ACCURACY_SUITES = ("vision-cil", "text-cil", "vision-cil-10", "text-cil-10", "llm-instruct", "llm-instruct-long")
 README_SUITES = ("vision-cil", "text-cil", "vision-cil-10", "text-cil-10")
 PRESET, ORACLE = RECOMMENDED_PRESET, "oracle-alpha-proto"
-BOUNDS = ("joint", "oracle-alpha", "oracle-alpha-proto")  # upper bounds, not methods
+BOUNDS = ("joint", "oracle-alpha", "oracle-alpha-proto", "oracle-alpha-proto-first-0.5")  # upper bounds, not methods
 
 
 def _json(path: Path):

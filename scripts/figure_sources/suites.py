@@ -162,7 +162,7 @@ def validation_chord() -> str:
 
 def first_merge(which: int) -> Callable[[], str]:
     """The first merge at 0.5 against 1 (scripts/first_merge_table.py): 0, ACC per seed; 1, the second merge's
-    estimates under each."""
+    estimates under each; 2, the preset against the greedy oracle from either first merge."""
 
     def write() -> str:
         import first_merge_table
