@@ -1,6 +1,6 @@
 """What a resume compares of the merge strategy's knobs (`merge_knobs` of the run record, as this pm_hf resolves
-them): a knob that resolves otherwise, a default changed since, is a difference; so is, in a record of a pm_hf that
-kept no `merge_knobs`, a knob whose default may have differed then and that its config did not set."""
+them): a knob that resolves otherwise, a default changed since, is a difference; so is a knob the record lacks (it
+kept none, or the knob was added since) whose default may have differed then and that its config did not set."""
 
 from pm_hf.config.groups import MergeArguments
 from pm_hf.method.strategies import resolved_knobs
@@ -61,6 +61,18 @@ def test_a_knob_added_since_the_record_keeps_what_it_computed_at_its_default():
     ]
     removed = {**now["merge_knobs"], "validation_gone": 1}  # a knob this pm_hf no longer has
     assert config_differences({**now, "merge_knobs": removed}, now) == [
-        "merge knob validation_gone (its default where not set): 1 -> None"
+        "merge knob validation_gone: 1 -> not a knob of this pm_hf's strategy"
     ]
 
+
+def test_an_oracle_record_from_before_its_first_alpha_knob():
+    """An oracle-alpha run saved before `oracle_first_alpha` existed (its `merge_knobs` empty) resumes at the
+    default; setting the knob now is a change of `merge_parameters`, refused."""
+    saved = {"MergeArguments": {"merge_method": "oracle-alpha", "merge_parameters": None}, "merge_knobs": {}}
+    now = {**saved, "merge_knobs": resolved_knobs(MergeArguments(merge_method="oracle-alpha"))}
+    assert now["merge_knobs"] == {"oracle_first_alpha": 1.0} and config_differences(saved, now) == []
+    args = MergeArguments(merge_method="oracle-alpha", merge_parameters={"oracle_first_alpha": 0.5})
+    set_now = {"MergeArguments": {"merge_method": "oracle-alpha", "merge_parameters": args.merge_parameters}}
+    assert config_differences(saved, {**set_now, "merge_knobs": resolved_knobs(args)}) == [
+        "merge_parameters: None -> {'oracle_first_alpha': 0.5}"
+    ]

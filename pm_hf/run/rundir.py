@@ -186,11 +186,12 @@ def _knob_differences(saved: dict, new: dict) -> list[str]:
         return []
     unrecorded = {name: value for name, value in new_knobs.items() if name not in old_knobs}
     diffs = unrecorded_changes(saved.get("MergeArguments", {}).get("merge_parameters"), unrecorded)
-    return diffs + [
-        f"merge knob {name} (its default where not set): {old_knobs[name]} -> {new_knobs.get(name)}"
-        for name in sorted(old_knobs)
-        if old_knobs[name] != new_knobs.get(name)
-    ]
+    for name in sorted(old_knobs):
+        if name not in new_knobs:
+            diffs.append(f"merge knob {name}: {old_knobs[name]} -> not a knob of this pm_hf's strategy")
+        elif old_knobs[name] != new_knobs[name]:
+            diffs.append(f"merge knob {name} (its default where not set): {old_knobs[name]} -> {new_knobs[name]}")
+    return diffs
 
 
 def config_differences(saved: dict, new: dict, training: bool = True) -> list[str]:

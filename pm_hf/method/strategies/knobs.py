@@ -24,7 +24,7 @@ class Knob:
     default: Any = None
     check: Callable[[str, Any], None] | None = None
     help: str = ""
-    before: str = ""  # how a pm_hf that recorded no `merge_knobs` resolved it, where that may differ from `default`
+    before: str = ""  # how a run record that lacks it (in `merge_knobs`) may have resolved it, where not as `default`
 
 
 DECLARED: dict[str, Knob] = {}  # every declared knob of a registered class, by name (one name, one meaning)
@@ -79,8 +79,9 @@ def declared_values(owner, args: MergeArguments) -> dict[str, Any]:
 
 
 def unrecorded_changes(saved_parameters: dict | None, resolved: dict[str, Any]) -> list[str]:
-    """A run record of a pm_hf that kept no `merge_knobs`, against this pm_hf's `resolved` declared knobs: those it
-    may have resolved otherwise (a `before`) and its `merge_parameters` did not set, each as a difference to report."""
+    """The declared knobs `resolved` by this pm_hf that a saved run record's `merge_knobs` lacks (it kept none, or a
+    knob was added since): those it may have resolved otherwise (a `before`) and its `merge_parameters` did not set,
+    each as a difference to report."""
     unset = [n for n in sorted(resolved) if n in DECLARED and DECLARED[n].before and n not in (saved_parameters or {})]
     return [
         f"merge knob {n} (not recorded by the pm_hf that saved the run): may have been {DECLARED[n].before} -> "
