@@ -136,8 +136,10 @@ def main(argv=None) -> None:
         gc.enable()
         rows.append({"round": r, "epoch": epoch.end - epoch.begin, "merge": total, "faults": faults, **seconds})
     merge_threads = args.merge_threads or torch.get_num_threads()
-    print(f"# {name}, {torch.get_num_threads()} threads ({merge_threads} in the merge), garbage collection "
-          f"{'off' if args.gc_off else 'on'}\n")
+    print(
+        f"# {name}, {torch.get_num_threads()} threads ({merge_threads} in the merge), garbage collection "
+        f"{'off' if args.gc_off else 'on'}\n"
+    )
     labels = [label for *_, label in PARTS]
     print("| round | epoch s | merge ms | merge / epoch | page faults | " + " | ".join(labels) + " |")
     print("|---" * (5 + len(labels)) + "|")
