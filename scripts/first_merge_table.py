@@ -4,8 +4,9 @@ merge's estimate (held-out data of task 2, drift-widened statistics of task 1: w
 says of each first merge: its score at the alpha it chose and its best over the grid scanned, with the best's standard
 error, beside the run's final ACC. Whether the second task's data could choose the first alpha: the first merge whose
 best estimate is higher would be taken. Last, the preset against the greedy oracle from each first merge
-(`oracle-alpha-proto` from 1, `oracle-alpha-proto-first-0.5` from the preset's 0.5): how much of its distance from the
-oracle is the first merge's, and how much the later merges'. Runs nothing.
+(`oracle-alpha-proto` from 1, `oracle-alpha-proto-first-0.5` from a first merge at the preset's 0.5; both train on
+all of each task's data, the preset without the tenth it holds out): how much of its distance from the oracle is the
+first merge's, and how much the later merges' (with that tenth). Runs nothing.
 
     python scripts/first_merge_table.py [--results results]
 """
@@ -88,7 +89,7 @@ def estimate_table(results: Path) -> tuple[list[str], str]:
     return out, summary
 
 
-BOUNDS = {
+COLUMNS = {
     "the preset (`pm-validated`, α_1 = 0.5)": "pm-validated",
     "oracle from α_1 = 1 (`oracle-alpha-proto`)": "oracle-alpha-proto",
     "oracle from α_1 = 0.5 (`oracle-alpha-proto-first-0.5`)": "oracle-alpha-proto-first-0.5",
@@ -98,14 +99,14 @@ BOUNDS = {
 def bound_table(results: Path) -> list[str]:
     """Mean ACC (per-seed values) of the preset and of the greedy oracle from either first merge, per suite; the
     oracles' difference (the first merge's part of the preset's distance) and the oracle from 0.5 less the preset."""
-    head = " | ".join(BOUNDS) + " | oracle from 1 − from 0.5 | oracle from 0.5 − the preset"
+    head = " | ".join(COLUMNS) + " | oracle from 1 − from 0.5 | oracle from 0.5 − the preset"
     out = [f"| suite | {head} |", "|---|---|---|---|---|---|"]
     for suite in SUITES:
-        accs = {m: [100 * r["acc"] for r in load(results, suite, m).values()] for m in BOUNDS.values()}
+        accs = {m: [100 * r["acc"] for r in load(results, suite, m).values()] for m in COLUMNS.values()}
         mean = {m: statistics.fmean(a) if a else None for m, a in accs.items()}
         cells = [" / ".join(f"{v:.1f}" for v in accs[m]) + f": {mean[m]:.1f}" if accs[m] else "—" for m in accs]
         whole, half, preset = mean["oracle-alpha-proto"], mean["oracle-alpha-proto-first-0.5"], mean["pm-validated"]
-        parts = ["—", "—"] if half is None else [f"{whole - half:+.1f}", f"{half - preset:+.1f}"]
+        parts = [f"{a - b:+.1f}" if None not in (a, b) else "—" for a, b in ((whole, half), (half, preset))]
         out.append(f"| {suite} | {' | '.join(cells)} | {' | '.join(p.replace('-', '−') for p in parts)} |")
     return out
 

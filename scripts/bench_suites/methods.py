@@ -122,8 +122,9 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "oracle-alpha", "perturbation": "task_vector", **_PROTO},
         "the oracle alpha (0.1 grid, eval-set accuracy) + the prototype head alignment: the preset's upper bound",
     ),
-    # the same oracle after the preset's first merge (alpha 0.5): what the merges after it could reach, so that the
-    # preset's distance from oracle-alpha-proto splits into the first merge's part and the later merges' part
+    # the oracle from a first merge at the preset's alpha (0.5): what greedy choices of the merges after it reach, so
+    # that the preset's distance from oracle-alpha-proto splits into the first merge's part and the later merges'
+    # (the oracles train on all of each task's data, the preset without the tenth it holds out)
     "oracle-alpha-proto-first-0.5": (
         {
             "merge_method": "oracle-alpha",
@@ -131,7 +132,8 @@ METHODS: dict[str, tuple[dict, str]] = {
             **_PROTO,
             "merge_parameters": {"oracle_first_alpha": 0.5},
         },
-        "oracle-alpha-proto with the first task merged at 0.5 (the preset's): the later merges' upper bound",
+        "oracle-alpha-proto with the first task merged at 0.5 (the preset's first alpha): a greedy per-merge bound of "
+        "the merges after it",
     ),
     # calibrated closed forms (docs/method.md): the Fisher's shape, each task's scale measured
     "pm-secant": ({"merge_method": "pm", "alpha_calibration": "secant", **_LOG}, "P&M, secant-calibrated Fisher"),
