@@ -121,8 +121,10 @@ def test_resume_after_stop_and_after_crash_matches_uninterrupted(model_dir, tmp_
 
 def test_evaluate_run_reproduces_last_row(full_run):
     out, results, _ = full_run
+    before = json.loads((out / "results.json").read_text())
     again = evaluate_run(str(out))
     assert again["last_row"] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-9)
+    assert json.loads((out / "results.json").read_text()) == before  # the run's record, not this process's view
     assert again["acc"] == pytest.approx(results["acc"], abs=1e-9)
 
 

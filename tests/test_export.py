@@ -61,6 +61,18 @@ def test_adapter_export_loads_alone_and_reproduces_the_logits(run, tmp_path, cap
     assert model.config.id2label[1] == "animal"
 
 
+def test_an_export_records_the_run_as_it_trained(run, tmp_path):
+    """The export's results.json is the run's own (its config, output_dir and peak memory as trained), not this
+    process's view of it: two exports of the run write the same bytes, and the run folder is left as it was."""
+    out = run[0]
+    before = (out / "results.json").read_bytes()
+    for name in ("x", "y"):
+        assert cli_main(["export", str(out), "--output", str(tmp_path / name)]) == 0
+    assert (tmp_path / "x" / "results.json").read_bytes() == (tmp_path / "y" / "results.json").read_bytes()
+    assert json.loads((tmp_path / "x" / "results.json").read_text()) == json.loads(before)
+    assert (out / "results.json").read_bytes() == before
+
+
 def test_merged_export_loads_with_the_plain_auto_class(run, tmp_path):
     out, _, batch, logits = run
     assert cli_main(["export", str(out), "--mode", "merged", "--output", str(tmp_path / "m")]) == 0

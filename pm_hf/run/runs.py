@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import filecmp
 import json
@@ -60,13 +61,23 @@ def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training
     groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
     loop = build_loop(RunConfig(*groups), hub=hub)
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
-    loop.config.pop("pm_hf")  # the version that trained it, not this one (an export records its own)
-    loop.config.update({"pm_hf": saved["pm_hf"]} if "pm_hf" in saved else {})
+    # the record stays the run's (how it trained, the pm_hf that trained it, its peak memory), not this call's: an
+    # export (an export records its own version apart) or a re-evaluation writes the same results.json every time
+    loop.config = copy.deepcopy(saved)
+    trained = {"output_dir": str(out), "peak_rss_mb": _recorded_peak(out)}
+    loop.results = lambda: {**ContinualLoop.results(loop), **trained}
     loop.restore(state)
     if view != out:  # the loop reads the view; results.json and the plots are the checkpoint's, naming the run folder
-        loop.results = lambda: {**ContinualLoop.results(loop), "output_dir": str(out)}
         write_outputs(view, loop.results())
     return loop
+
+
+def _recorded_peak(out: Path) -> float | None:
+    """The peak memory the run's own results.json records (its training's), or None where it records none."""
+    try:
+        return json.loads((out / "results.json").read_text()).get("peak_rss_mb")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def evaluate_run(run_dir: str) -> dict:
