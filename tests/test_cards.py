@@ -102,3 +102,30 @@ def test_where_a_base_comes_from(tmp_path):
     assert hub_origin(IN_MEMORY) is None and base_reference(IN_MEMORY) == (IN_MEMORY, None)  # a model object
     (tmp_path / "base").mkdir()
     assert resolve_base(tmp_path, "base") == str(tmp_path / "base") and resolve_base(tmp_path, "gpt2") == "gpt2"
+
+
+def test_the_card_keeps_the_base_models_licence_where_its_card_is_at_hand(tmp_path):
+    """A Hub base's licence from its card in the HF cache (all-MiniLM-L6-v2: Apache-2.0); a local base's from its
+    folder's README.md, 'other' with its name and link; none claimed where the base has no card here."""
+    assert check_card(_export(tmp_path / "hub", HUB_BASE)).data.license == "apache-2.0"
+    local = tmp_path / "my-bert"
+    tiny_bert(num_labels=4).save_pretrained(local)
+    assert "license" not in check_card(_export(tmp_path / "bare", str(local))).data.to_dict()
+    (local / "README.md").write_text("---\nlicense: other\nlicense_name: my-terms\nlicense_link: LICENSE\n---\nhi\n")
+    data = check_card(_export(tmp_path / "other", str(local))).data
+    assert (data.license, data.license_name, data.license_link) == ("other", "my-terms", "LICENSE")
+
+
+@pytest.mark.parametrize(("method", "pm_config", "tagged"), [
+    ("pm", {"perturbation": "none"}, True),  # P&M's rule
+    ("validated-alpha", {"perturbation": "task_vector", "perturb_eps": 0.5}, True),  # the preset: P&M's training
+    ("validated-alpha", {"perturbation": "none", "perturb_eps": 0.5}, False),
+    ("coma", {"perturbation": "task_vector", "perturb_eps": 0.0}, False),
+])  # fmt: skip
+def test_the_perturb_and_merge_tag_follows_what_ran(method, pm_config, tagged):
+    from pm_hf.hub.card import card_data
+
+    results = {**RESULTS, "config": {**RESULTS["config"], "PMConfig": pm_config,
+                                     "MergeArguments": {"merge_method": method}}}  # fmt: skip
+    tags = card_data(results, {"task": "sequence_classification"}, None).tags
+    assert ("perturb-and-merge" in tags) == tagged

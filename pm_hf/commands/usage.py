@@ -22,7 +22,7 @@ commands:
   evaluate  RUN_DIR | EXPORT_DIR_OR_HUB_ID --config DATA.yaml [--revision REV] [--debug]
             re-evaluate a saved run (or score an export or Hub model on a data config) on every task
   export    RUN_DIR --output DIR [--mode adapter|adapter-svd|merged|per-task] [--rank K]
-            write the merged model as a folder that loads alone (AutoPeftModelFor... or AutoModelFor...)
+            write the merged model as a folder that loads alone (pm_hf.load_export; AutoModelFor... when merged)
   push      RUN_DIR --hub_model_id USER/NAME [--private] [--revision BRANCH] [--push_continual_state]
             [--overwrite_hub_state]
             push a finished run's merged adapter, model card and plots to the Hub

@@ -2,8 +2,9 @@
 kind per output: an adapter export gets a PEFT card (`library_name: peft`, loaded on its base), a merged export a
 Transformers card (`library_name: transformers`, loaded with `pipeline` or `AutoModelFor...`), a post-hoc merge
 (`pm-hf merge`) a card naming the merge rule and the adapters it merged. Metadata: the base model's Hub id (only when
-it came from the Hub; a local base is named in the text), the Hub datasets of the run, and a model-index of ACC and
-AAA (the primary metric) and BWT and forgetting (typed as such) when the export was evaluated. The text: the task
+it came from the Hub; a local base is named in the text) and licence (from its own card, where a copy is at hand),
+the Hub datasets of the run, and a model-index of ACC and AAA (the primary metric) and BWT and forgetting (typed as
+such) when the export was evaluated. The text: the task
 sequence and alpha per task, the score matrix and the plots present in the folder, the key settings (none unset),
 how to load it, the framework versions and the paper's citation. Every number comes from results.json."""
 
@@ -13,11 +14,11 @@ import json
 import math
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 
 from .card_text import PIPELINES, SUMMARY, alpha_table, body, is_posthoc, matrix_table, task_body
 
-__all__ = ["alpha_table", "card_data", "matrix_table", "write_card", "write_task_card"]
+__all__ = ["alpha_table", "base_license", "card_data", "matrix_table", "write_card", "write_task_card"]
 
 LOCAL_BUILDERS = {"parquet", "csv", "json", "text", "arrow", "imagefolder", "audiofolder", None}
 
@@ -27,6 +28,27 @@ def datasets_of(config: dict) -> list[str]:
     data = config.get("DataArguments", {})
     names = [data.get("dataset_name")] + [t.get("dataset_name") for t in data.get("task_datasets") or []]
     return sorted({n for n in names if n not in LOCAL_BUILDERS})
+
+
+def base_license(info: dict) -> dict:
+    """The licence fields (`license`, and `license_name`/`license_link` for an 'other' one) of the base model's own
+    card, read from a local copy only: the base's folder, or its snapshot in the HF cache. A fine-tuned model keeps
+    its base's terms; where no card of the base is at hand, none is claimed ({})."""
+    base = info.get("hub_id") or info.get("base_model")
+    if not base or not isinstance(base, str):
+        return {}
+    if Path(base).is_dir():
+        readme = Path(base) / "README.md"
+    else:
+        found = try_to_load_from_cache(base, "README.md", revision=info.get("revision"))
+        readme = Path(found) if isinstance(found, str) else None
+    if readme is None or not readme.is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data.to_dict()
+    except (OSError, ValueError):
+        return {}
+    return {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
 
 
 def _evals(results: dict, info: dict, datasets: list[str]) -> list[EvalResult]:
@@ -52,9 +74,11 @@ def card_data(results: dict, info: dict, repo_id: str | None) -> ModelCardData:
     datasets = datasets_of(results.get("config", {}))
     method = info.get("merge_method") or results.get("config", {}).get("MergeArguments", {}).get("merge_method")
     tags = ["continual-learning", "pm_hf", "lora"] + ([] if merged else ["peft"])
-    tags += (["perturb-and-merge"] if method == "pm" else []) + (["model-merging"] if is_posthoc(info) else [])
+    tags += ["perturb-and-merge"] if _perturbed(method, results) else []
+    tags += ["model-merging"] if is_posthoc(info) else []
     evals = _evals(results, info, datasets)
     return ModelCardData(
+        **base_license(info),
         base_model=info.get("hub_id") or None,
         library_name="transformers" if merged else "peft",
         pipeline_tag=PIPELINES[task],
@@ -63,6 +87,12 @@ def card_data(results: dict, info: dict, repo_id: str | None) -> ModelCardData:
         eval_results=evals or None,
         model_name=(repo_id or "pm_hf continual model") if evals else None,  # the model-index's name
     )
+
+
+def _perturbed(method: str | None, results: dict) -> bool:
+    """P&M's own rule, or any rule over tasks trained with its perturbation (the preset's `validated-alpha`)."""
+    config = results.get("config", {}).get("PMConfig", {})
+    return method == "pm" or (config.get("perturbation", "none") != "none" and bool(config.get("perturb_eps")))
 
 
 def write_card(folder: Path, results: dict, repo_id: str | None = None) -> ModelCard:
@@ -80,7 +110,7 @@ def write_task_card(folder: Path) -> ModelCard:
     """Write the card of one task's adapter (`pm-hf export --mode per-task`) from its pm_hf_export.json."""
     folder = Path(folder)
     info = json.loads((folder / "pm_hf_export.json").read_text())
-    data = ModelCardData(base_model=info.get("hub_id") or None, library_name="peft",
+    data = ModelCardData(**base_license(info), base_model=info.get("hub_id") or None, library_name="peft",
                          pipeline_tag=PIPELINES[info.get("task", "causal_lm")],
                          tags=["continual-learning", "pm_hf", "lora", "peft"])  # fmt: skip
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{task_body(info, folder)}")
