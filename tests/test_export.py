@@ -14,16 +14,16 @@ import pytest
 import torch
 import yaml
 from card_checks import check_card
-from conftest import groups, randomize_lora, tiny_vit
+from conftest import DATA, groups, randomize_lora, tiny_vit
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pm_hf.commands.cli import main as cli_main
 from pm_hf.config.groups import RunConfig
-from pm_hf.continual import build_loop
+from pm_hf.continual import build_loop, run_continual
 from pm_hf.hub.export import ExportSpec, history_delta, load_task_records, task_record, write_export
 from pm_hf.method.adapters import adapter_factors, full_trainable_params
-from pm_hf.run.runs import load_adapter_export, load_export
+from pm_hf.run.runs import evaluate_run, launch_folder, load_adapter_export, load_export
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,27 @@ def test_an_export_moved_elsewhere_loads_with_the_same_logits(model_dir, tmp_pat
     model = AutoPeftModelForSequenceClassification.from_pretrained(".").eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, expected["adapter"], atol=1e-6, rtol=1e-6)
+
+
+def test_a_run_folder_reads_its_relative_paths_from_where_it_was_launched(model_dir, tmp_path, monkeypatch):
+    """A run launched in a project folder with relative data files and output_dir: `evaluate` and `export` of it work
+    from another working directory and after the project has moved (its data read from the run folder less its
+    recorded output_dir), and results.json keeps the run's own record."""
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        shutil.copyfile(DATA / f"{split}.parquet", project / "data" / f"{split}.parquet")
+    monkeypatch.chdir(project)
+    files = {split: f"data/{split}.parquet" for split in ("train", "test")}
+    results = run_continual(*groups(model_dir, "runs/r", data_files=files, class_groups=[[0, 1], [2, 3]]))
+    shutil.move(project, tmp_path / "moved")
+    run_dir = tmp_path / "moved" / "runs" / "r"
+    before = (run_dir / "results.json").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert evaluate_run(str(run_dir))["last_row"] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-9)
+    assert (run_dir / "results.json").read_bytes() == before and results["output_dir"] == "runs/r"
+    assert cli_main(["export", "moved/runs/r", "--output", "x"]) == 0 and (tmp_path / "x" / "README.md").is_file()
+    assert launch_folder(run_dir, "runs/r") == tmp_path / "moved"
+    assert launch_folder(run_dir, "./runs//r/") == tmp_path / "moved"
+    for recorded in ("other/r", str(run_dir), "../r", "r/runs", "moved/runs/r/x"):
+        assert launch_folder(run_dir, recorded) is None, recorded

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import filecmp
 import json
+import os
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,18 +60,33 @@ def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training
     if loaded is None:
         raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
     state, saved = loaded
+    recorded = saved.get("PMConfig", {}).get("output_dir") or str(out)
+    view = view.resolve()  # the build below may read from the launch folder (relative data and model paths)
     groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
-    loop = build_loop(RunConfig(*groups), hub=hub)
+    with contextlib.chdir(launch_folder(out, recorded) or Path.cwd()):
+        loop = build_loop(RunConfig(*groups), hub=hub)
     refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
     # the record stays the run's (how it trained, the pm_hf that trained it, its peak memory), not this call's: an
     # export (an export records its own version apart) or a re-evaluation writes the same results.json every time
     loop.config = copy.deepcopy(saved)
-    trained = {"output_dir": str(out), "peak_rss_mb": _recorded_peak(out)}
+    trained = {"output_dir": recorded, "peak_rss_mb": _recorded_peak(out)}
     loop.results = lambda: {**ContinualLoop.results(loop), **trained}
     loop.restore(state)
-    if view != out:  # the loop reads the view; results.json and the plots are the checkpoint's, naming the run folder
+    if view != out.resolve():  # the loop reads the view; results.json and the plots are the checkpoint's
         write_outputs(view, loop.results())
     return loop
+
+
+def launch_folder(out: Path, recorded: str) -> Path | None:
+    """The folder a run was launched from, where its relative paths (data files, a local model) are read: the run
+    folder's path less its recorded relative `output_dir` (`outputs/demo` of `/home/me/proj/outputs/demo` gives
+    `/home/me/proj`, wherever `pm-hf evaluate` runs now and wherever the project has moved since); None where the
+    recorded path is absolute or does not end the run folder's (the working directory is then used)."""
+    parts = Path(os.path.normpath(recorded)).parts
+    if not parts or Path(recorded).is_absolute() or ".." in parts or parts == (".",):
+        return None
+    here = out.resolve().parts
+    return Path(*here[: -len(parts)]) if len(here) > len(parts) and here[-len(parts) :] == parts else None
 
 
 def _recorded_peak(out: Path) -> float | None:
