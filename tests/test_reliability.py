@@ -330,6 +330,8 @@ def test_a_finished_or_foreign_folder_is_not_overwritten(assets, finished, tmp_p
     (foreign / "notes.txt").write_text("mine")
     code, err = train(assets, foreign)
     assert code == 2 and "holds no pm_hf run" in err and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    code, err = train(assets, foreign, "--resume")  # nothing to continue there: never trained among its files
+    assert code == 2 and "holds no pm_hf run to resume" in err and [p.name for p in foreign.iterdir()] == ["notes.txt"]
     (run / ".checkpoint-task3.tmp-4242").mkdir()  # left by a killed run
     code, _ = train(assets, run, "--overwrite_output_dir", "true", class_groups=[[0, 1], [2, 3]])
     assert code == 0 and not (run / ".checkpoint-task3.tmp-4242").exists()
@@ -360,6 +362,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(assets, referenc
     code, err = train(assets, tmp_path / "lr", merge_method="seq-merge", learning_rate=1e30)
     assert code == 1 and "training diverged in task 0" in err and "Traceback" not in err
     assert not (tmp_path / "lr" / "latest.json").exists()
+    code, _ = train(assets, tmp_path / "lr", merge_method="seq-merge", class_groups=[[0, 1]])  # the rerun it asks for
+    assert code == 0 and json.loads((tmp_path / "lr" / "latest.json").read_text())["completed"] == 1
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(rel.base_config(assets, out)))

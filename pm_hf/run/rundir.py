@@ -97,7 +97,7 @@ def lock_if_idle(out: Path) -> Iterator[bool]:
 
 
 def holds_run(out: Path) -> bool:
-    return any((out / name).exists() for name in OWNED) or any(out.glob("checkpoint-task*"))
+    return any(p.name in OWNED or p.name.startswith("checkpoint-task") for p in _others(out))
 
 
 def remove_stale(out: Path) -> list[str]:
@@ -110,8 +110,11 @@ def remove_stale(out: Path) -> list[str]:
 
 
 def _others(out: Path) -> list[Path]:
+    """What `out` holds besides the lock, a killed run's temporaries and folders of a run's own that hold no file (a
+    run stopped before its first checkpoint, e.g. diverged in its first task, leaves nothing to resume)."""
     is_stale = lambda p: p.name.startswith(".") and (TMP_MARK in p.name or ".old-" in p.name)  # noqa: E731
-    return [p for p in out.iterdir() if p.name != LOCK and not is_stale(p)] if out.is_dir() else []
+    is_bare = lambda p: p.name in OWNED and p.is_dir() and not any(q.is_file() for q in p.rglob("*"))  # noqa: E731
+    return [p for p in out.iterdir() if p.name != LOCK and not is_stale(p) and not is_bare(p)] if out.is_dir() else []
 
 
 def check_writable(out: Path) -> None:
@@ -137,9 +140,11 @@ def check_claim(out: Path, resume: bool, overwrite: bool) -> None:
 
 def _check_contents(out: Path, resume: bool, overwrite: bool) -> None:
     others = _others(out)
-    if resume or overwrite or not others:
+    if overwrite or not others or (resume and holds_run(out)):
         return
-    if holds_run(out):
+    if resume:  # nothing of a run to continue, and files that are not a run's: never written among them
+        fix = f"is not empty and holds no pm_hf run to resume ({sorted(p.name for p in others)[:3]}): check the path."
+    elif holds_run(out):
         fix = "holds a pm_hf run: pass --resume to continue it, or --overwrite_output_dir to replace it."
     else:
         fix = f"is not empty and holds no pm_hf run ({sorted(p.name for p in others)[:3]}): use a new or empty folder."
