@@ -16,13 +16,23 @@ import yaml
 from card_checks import check_card
 from conftest import DATA, groups, randomize_lora, tiny_vit
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pm_hf.commands.cli import main as cli_main
 from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop, run_continual
-from pm_hf.hub.export import ExportSpec, history_delta, load_task_records, task_record, write_export
+from pm_hf.hub.export import (
+    ExportSpec,
+    history_delta,
+    load_task_records,
+    record_digest,
+    task_record,
+    write_export,
+)
 from pm_hf.method.adapters import adapter_factors, full_trainable_params
+from pm_hf.run.checkpoint import load_checkpoint
 from pm_hf.run.runs import evaluate_run, launch_folder, load_adapter_export, load_export
 
 
@@ -71,6 +81,36 @@ def test_an_export_records_the_run_as_it_trained(run, tmp_path):
     assert (tmp_path / "x" / "results.json").read_bytes() == (tmp_path / "y" / "results.json").read_bytes()
     assert json.loads((tmp_path / "x" / "results.json").read_text()) == json.loads(before)
     assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["values", "truncated"])
+def test_a_damaged_adapter_record_is_not_exported(run, tmp_path, caplog, damage):
+    """Each task's record (adapters/task_<t>.safetensors, outside the checkpoint's manifest) is checked against the
+    sha256 of its content that the task's log entry keeps: a record whose values changed, or a truncated one, is
+    named in a warning and the export is factored from the merged weights instead, with the run's logits."""
+    out, _, batch, logits = run
+    state, _ = load_checkpoint(out)
+    records = load_task_records(out, 3)
+    assert [record_digest(r) for r in records] == [e["record_sha256"] for e in state.log]  # the file round trip
+    damaged = tmp_path / "run"
+    shutil.copytree(out, damaged)
+    path = damaged / "adapters" / "task_0.safetensors"
+    if damage == "values":
+        with safe_open(str(path), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        key = next(k for k in tensors if k.startswith("B/"))
+        tensors[key] = tensors[key] + 0.5
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(ValueError, match="is not the record the run wrote for task 0"):
+            load_task_records(damaged, 3, [e["record_sha256"] for e in state.log])
+    else:
+        path.write_bytes(path.read_bytes()[:-100])
+    with caplog.at_level("WARNING", logger="pm_hf.hub.export"):
+        assert cli_main(["export", str(damaged), "--output", str(tmp_path / "a")]) == 0
+    assert "task_0.safetensors" in caplog.text and "factored from the merged weights" in caplog.text
+    model = load_adapter_export(tmp_path / "a", "sequence_classification")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_export_loads_with_the_plain_auto_class(run, tmp_path):

@@ -10,7 +10,9 @@ SVD.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -30,6 +32,7 @@ from ..method.models import quiet_loading
 from .card import write_card, write_task_card
 from .origin import base_reference, framework_versions, hub_origin
 
+logger = logging.getLogger(__name__)
 ADAPTERS_DIR = "adapters"
 EXPORT_DIR = "merged_adapter"
 
@@ -92,8 +95,21 @@ def has_task_records(out_dir: Path, count: int) -> bool:
     return all((Path(out_dir) / ADAPTERS_DIR / f"task_{t}.safetensors").exists() for t in range(count))
 
 
-def load_task_records(out_dir: Path, count: int) -> list[TaskRecord]:
-    """The records of tasks 0..count-1 (files of tasks not yet completed are ignored)."""
+def record_digest(rec: TaskRecord) -> str:
+    """sha256 of a record's content (its factors' keys, dtypes, shapes and values, alpha, scaling and layout), the
+    same for the record in memory and read back from its file: the run's log keeps it, an export checks it."""
+    digest = hashlib.sha256(json.dumps([rec.alpha, rec.scaling, rec.fan_in_fan_out], sort_keys=True).encode())
+    for part, factors in (("A", rec.A), ("B", rec.B)):
+        for key in sorted(factors):
+            value = factors[key].detach().cpu().contiguous()
+            digest.update(f"{part}/{key}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_task_records(out_dir: Path, count: int, digests: Sequence[str | None] = ()) -> list[TaskRecord]:
+    """The records of tasks 0..count-1 (files of tasks not yet completed are ignored), each checked against its
+    digest in `digests` where the run's log gives one (ValueError: a missing, unreadable or changed record)."""
     records = []
     for t in range(count):
         path = Path(out_dir) / ADAPTERS_DIR / f"task_{t}.safetensors"
@@ -101,13 +117,19 @@ def load_task_records(out_dir: Path, count: int) -> list[TaskRecord]:
             raise ValueError(
                 f"{path} is missing: the run's adapter log is incomplete, so it cannot be exported exactly."
             )
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            fan = meta["fan_in_fan_out"] == "True"
+            alpha, scaling = json.loads(meta["alpha"]), json.loads(meta["scaling"])
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:
+            raise ValueError(f"{path} cannot be read ({err}): the run's adapter log is damaged.") from err
         A = {k[2:]: v for k, v in tensors.items() if k.startswith("A/")}
         B = {k[2:]: v for k, v in tensors.items() if k.startswith("B/")}
-        fan = meta["fan_in_fan_out"] == "True"
-        records.append(TaskRecord(json.loads(meta["alpha"]), json.loads(meta["scaling"]), A, B, fan))
+        records.append(TaskRecord(alpha, scaling, A, B, fan))
+        if t < len(digests) and digests[t] is not None and record_digest(records[-1]) != digests[t]:
+            raise ValueError(f"{path} is not the record the run wrote for task {t} (its sha256 is not the log's).")
     return records
 
 
@@ -330,10 +352,22 @@ def _wrapped_name(param_name: str, key: str) -> bool:
     return ".".join(parts[:i] + parts[i + 2 :]) == key
 
 
+def task_records(out_dir: Path, completed: int, digests: Sequence[str | None] = ()) -> list[TaskRecord] | None:
+    """The per-task records of a run's completed tasks, each as the run wrote it; None (with a warning naming why
+    where a record is there but damaged) when any is missing or not the one its log names."""
+    if not has_task_records(out_dir, completed):
+        return None
+    try:
+        return load_task_records(out_dir, completed, digests)
+    except ValueError as err:
+        logger.warning("%s The export is factored from the merged weights instead (exact, one SVD per layer).", err)
+        return None
+
+
 def run_history(out_dir: Path, completed: int, theta0: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
-                fan_in_fan_out: bool = False) -> list[TaskRecord]:  # fmt: skip
-    """The merged delta of a run as records: the per-task records when every task left one (exact, rank sum(r)),
-    else theta_hat - theta_0 of each adapted weight factored exactly by SVD."""
-    if has_task_records(out_dir, completed):
-        return load_task_records(out_dir, completed)
+                fan_in_fan_out: bool = False, records: list[TaskRecord] | None = None) -> list[TaskRecord]:  # fmt: skip
+    """The merged delta of a run as records: the per-task records (`task_records`) when every task left one as the
+    run wrote it (exact, rank sum(r)), else theta_hat - theta_0 of each adapted weight factored exactly by SVD."""
+    if records is not None:
+        return records
     return [dense_record({k: v.float() - theta0[k].float() for k, v in merged.items()}, fan_in_fan_out)]

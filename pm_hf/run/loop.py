@@ -23,6 +23,7 @@ from ..distributed.loading import loading_whole
 from ..distributed.sharding import scalar
 from ..heads.head import find_head
 from ..hub.export import (
+    record_digest,
     save_task_record,
     task_record,
 )
@@ -209,6 +210,8 @@ class ContinualLoop:
             logger.warning(warning)
         self.callbacks.call("on_task_end", t, self.model, entry)
         self.record = task_record(vector.adapter, plan.alpha) if plan.low_rank else None
+        if self.record is not None:  # what an export checks the record's file against (the log is in the manifest)
+            entry["record_sha256"] = record_digest(self.record)
         row, sizes = scores[self.evaluator.primary], [task.eval_size for task in self.stream.tasks[: t + 1]]
         log_evaluation(trainer, {"continual/task": t, "continual/alpha": plan.choice.alpha,  # eval/continual/*
                                  "continual/pre_merge_acc": pre, "continual/acc_seen": seen_accuracy(row, sizes),

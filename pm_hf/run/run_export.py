@@ -19,11 +19,11 @@ from ..hub.export import (
     EXPORT_DIR,
     INFO,
     ExportSpec,
-    has_task_records,
     history_delta,
     merged_record,
     run_history,
     svd_record,
+    task_records,
     write_export,
     write_task_adapters,
 )
@@ -57,17 +57,19 @@ def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int |
     theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
     merged, full = whole or loop.weights.gathered()
     fan = uses_fan_in_fan_out(loop.model)
+    records = task_records(loop.out, len(loop.log), [entry.get("record_sha256") for entry in loop.log])  # checked
     if loop.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
         history = [merged_record(loop.weights, fan)]
         if mode not in ("adapter", "per-task"):
             raise invalid("mode", mode, "a run with a merged adapter exports it as it is: use 'adapter'.")
     else:
-        history = run_history(loop.out, len(loop.log), theta0, merged, fan)
+        history = run_history(loop.out, len(loop.log), theta0, merged, fan, records)
     info = {**(info or {}), "mode": mode}
     out = out or loop.out / EXPORT_DIR
     if mode == "per-task":
-        if loop.stream.modality != "instruction" or not has_task_records(loop.out, len(loop.log)):
+        if loop.stream.modality != "instruction" or records is None:
             fix = "needs a causal LM run of a low-rank strategy (a classifier's head per task is not logged)."
+            fix += " Its adapter log (adapters/) must be whole, as the run wrote it." if records is None else ""
             raise invalid("mode", mode, fix)
         spec = export_spec(loop)
         write_task_adapters(base, history, spec, out)
