@@ -185,3 +185,15 @@ def file_digest(paths: list[Path]) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def tree_digests(folder: Path, skip: str = "") -> dict[str, str]:
+    """sha256 of every file under `folder` but `skip`, by its path relative to `folder` (with '/')."""
+    out = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != skip):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[path.relative_to(folder).as_posix()] = h.hexdigest()
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -21,12 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config.groups import PerturbationArguments
 from ..distributed.launch import BACKEND
 from ..distributed.placement import placement_of
 from ..distributed.sharding import every_process, per_process
 from ..errors import DivergenceError
+from ..fileio import atomic_write_text, tree_digests
 from .adapters import (
     full_trainable_params,
     gaussian_adapter_noise,
@@ -38,6 +41,8 @@ from .adapters import (
 from .perturb import noise_seed, sample_branch
 
 TRAINER_EXTRA = "pm_hf_trainer.safetensors"  # beside a Trainer checkpoint: fully trained parameters, branch counts
+CHECKPOINT_SHA256 = "pm_hf_sha256.json"  # written last into a Trainer checkpoint: the sha256 of each of its files
+logger = logging.getLogger(__name__)
 
 
 class PerturbationMixin:
@@ -185,6 +190,16 @@ class PerturbationMixin:
                 {k: v.detach() for k, v in tensors.items()}, os.path.join(output_dir, TRAINER_EXTRA), metadata=meta
             )
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """`Trainer._save_checkpoint`, then, once every process has written its part, the sha256 of each file the
+        checkpoint holds, written last: a resume takes only a checkpoint whose files match it (`task_checkpoint`)."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir():
+            digests = tree_digests(folder, skip=CHECKPOINT_SHA256)
+            atomic_write_text(folder / CHECKPOINT_SHA256, json.dumps({"sha256": digests}, indent=1))
+
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """`Trainer.train`; a resumed task first gets back the branch counts and late branch losses `save_model` kept
         (here, not in `_load_from_checkpoint`: under DeepSpeed the Trainer loads DeepSpeed's checkpoint instead)."""
@@ -307,12 +322,28 @@ def _loss_uses_num_items(model) -> bool:
 
 
 def task_checkpoint(out: Path, t: int) -> str | None:
-    """The newest complete Trainer checkpoint of task t (its trainer_state.json and pm_hf's file written), if any."""
+    """The newest complete Trainer checkpoint of task t whose files match the sha256 written last into it, if any;
+    a newer one that does not (a save cut short, a damaged file, or one of pm_hf 0.3 or older) is passed over with a
+    warning: the task resumes from the one before it, or from its start, to the same numbers."""
     folder = out / "tasks" / f"task_{t}"
     steps = sorted(
         folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name[11:].isdigit() else -1
     )
     for path in reversed(steps):
-        if (path / "trainer_state.json").is_file() and (path / TRAINER_EXTRA).is_file():
+        problem = _checkpoint_problem(path)
+        if problem is None:
             return str(path)
+        logger.warning("--resume: task %d's %s is not used (%s); it resumes from an earlier point.", t, path, problem)
     return None
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    if not (path / "trainer_state.json").is_file() or not (path / TRAINER_EXTRA).is_file():
+        return "incomplete"
+    try:
+        recorded = json.loads((path / CHECKPOINT_SHA256).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {CHECKPOINT_SHA256}: its save did not finish"
+    found = tree_digests(path, skip=CHECKPOINT_SHA256)
+    changed = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+    return f"{', '.join(changed[:3])} not as saved (sha256)" if changed else None
