@@ -120,6 +120,9 @@ def test_malformed_yaml_fails_clearly(tmp_path, text, match):
         ("merge_method: pm\nfixed_alpha: 1.5\n", "fixed_alpha", "1.5"),  # also when another strategy is chosen
         ("head_align: prototypes\nhead_align_lr: -1\n", "head_align_lr", "-1"),
         ("merge_method: fixed\n", "merge_method", "'fixed'"),  # retired: the same rule as coma
+        ("accumulator_device: cuda:99\n", "accumulator_device", "'cuda:99'"),  # a device this machine lacks
+        ("lr_scheduler_kwargs: 5\n", "lr_scheduler_kwargs", "5"),  # a TypeError deep in the Trainer before
+        ("accelerator_config: 5\n", "accelerator_config", "5"),  # read as a file descriptor before
     ],
 )
 def test_bad_value_names_field_and_value_before_writing(tmp_path, capsys, fake_continual, text, field, value):
@@ -390,3 +393,20 @@ def test_train_refuses_a_resume_from_without_a_checkpoint_before_taking_the_fold
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith(f"pm-hf: error: {invalid('resume_from', str(source), '')}holds")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut"])
+def test_a_model_folder_without_whole_weights_is_an_input_error(model_dir, tmp_path, damage):
+    """Weights missing from a model folder, or cut short: `model_name_or_path = ...`, not the loader's traceback."""
+    import shutil
+
+    from pm_hf.config.groups import ModelArguments
+    from pm_hf.errors import InputError
+    from pm_hf.method.models import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    weights = folder / "model.safetensors"
+    weights.unlink() if damage == "missing" else weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"^model_name_or_path = .*: its weights cannot be read \("):
+        load_model(ModelArguments(model_name_or_path=str(folder)), "text", 4)

@@ -4,6 +4,7 @@ when a tensor that is about to be used or written holds NaN or inf."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import types
@@ -58,13 +59,17 @@ def check_number(
 
 
 def check_device(name: str, value: Any) -> None:
-    """null, or a device string torch understands ('cpu', 'cuda', 'cuda:1', ...)."""
+    """null, or a device string torch understands ('cpu', 'cuda', 'cuda:1', ...) that this machine has (a CUDA
+    device is counted, not initialised)."""
     if value is None:
         return
     try:
-        torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError):
         raise invalid(name, value, "use a device such as 'cpu' or 'cuda:0', or null for the model's device.") from None
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= have:
+        raise invalid(name, value, f"this machine has {have} CUDA device(s): use 'cpu', or null (the model's device).")
 
 
 _SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -193,7 +198,42 @@ def _check_training_numbers(args) -> None:
         check_number(name, getattr(args, name), 0, low_open=True)
 
 
+def _check_trainer_mappings(args) -> None:
+    """TrainingArguments' mapping fields: a mapping, a JSON object as text (or, for accelerator_config, a JSON file's
+    path), or null; anything else fails deep in the Trainer (an int is even read as a file descriptor)."""
+    for name in ("lr_scheduler_kwargs", "accelerator_config"):
+        value = getattr(args, name)
+        if value is None or isinstance(value, dict) or type(value).__name__ == "AcceleratorConfig":
+            continue
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                if isinstance(json.loads(value), dict):
+                    continue
+            except ValueError:
+                pass
+            raise invalid(name, value, "as text, give a JSON object ('{\"key\": 1}'), or a mapping in the YAML file.")
+        if isinstance(value, str) and name == "accelerator_config" and os.path.isfile(value):
+            continue
+        where = " (or the path of a JSON file that holds one)" if name == "accelerator_config" else ""
+        raise invalid(name, value, f"give a mapping{where}, or leave it unset.")
+
+
 def check_training_arguments(args) -> None:
     """The TrainingArguments fields that the Trainer takes on trust, and its string choices."""
     _check_training_numbers(args)
     _check_trainer_choices(args)
+    _check_trainer_mappings(args)
+
+
+def check_loop_training(args) -> None:
+    """What a continual run's task Trainers cannot do: they get no eval split (every seen task is evaluated after
+    each merge instead, `eval/continual/*`), and their batches name the labels 'labels'."""
+    evaluates = {"eval_strategy": lambda v: str(getattr(v, "value", v)) != "no", "eval_on_start": bool,
+                 "load_best_model_at_end": bool}  # fmt: skip
+    for name, on in evaluates.items():
+        value = getattr(args, name, None)
+        if on(value):
+            fix = "a task's Trainer has no eval split: pm_hf evaluates every seen task after each merge instead"
+            raise invalid(name, getattr(value, "value", value), fix + " (eval/continual/*). Leave it unset.")
+    if args.label_names not in (None, ["labels"]):
+        raise invalid("label_names", args.label_names, "pm_hf's batches name their labels 'labels': leave it unset.")

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -120,12 +121,24 @@ def is_causal_lm(model_args: ModelArguments) -> bool:
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
+@contextlib.contextmanager
+def readable_weights(model_args: ModelArguments):
+    """Within: loading the model's weights; a folder without them, or with a cut or damaged file, is an input error
+    naming the model (before: the loader's traceback, once the data had been read)."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fix = f"its weights cannot be read ({reason}): check that the folder holds them whole, or the Hub id."
+        raise invalid("model_name_or_path", model_args.model_name_or_path, fix) from err
+
+
 def load_causal_lm(model_args: ModelArguments):
     """`AutoModelForCausalLM` from a Hub id or a local folder, in `model_args.dtype` (under DeepSpeed ZeRO-3,
     partitioned as it loads, in that dtype)."""
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
     path = resolve_model_path(model_args.model_name_or_path)
-    with loading_in(dtype):
+    with loading_in(dtype), readable_weights(model_args):
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hub_kwargs(model_args, weights=True))
 
 
@@ -156,7 +169,7 @@ def load_model(model_args: ModelArguments, modality: str, num_labels: int, label
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     dtype = torch.bfloat16 if model_args.dtype == "bfloat16" else torch.float32
     kwargs.update(hub_kwargs(model_args, weights=True))
-    with loading_whole():  # ZeRO-3: partitioned once loaded (a new head does not load partitioned)
+    with loading_whole(), readable_weights(model_args):  # ZeRO-3: partitioned once loaded (not a new head)
         model = auto.from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=dtype, **kwargs)
     return distribute_loaded(model)
 

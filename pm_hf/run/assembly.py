@@ -15,7 +15,7 @@ import datasets
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from ..config.checks import invalid
+from ..config.checks import check_loop_training, invalid
 from ..config.groups import DataArguments, MergeArguments, ModelArguments, PMConfig, RunConfig
 from ..data.images import check_image_fit
 from ..data.instruct import MODALITY, build_instruction_stream
@@ -210,6 +210,7 @@ def build_loop(
     strategy = strategy or build_strategy(merge_args)
     HeadAlignment.check_args(merge_args)
     refuse_sharding(training_args)
+    check_loop_training(training_args)
     causal = is_causal(model, model_args)
     model_args = dataclasses.replace(model_args, model_task="causal_lm") if causal else model_args
     processor = processor if processor is not None else load_processor(model_args)
