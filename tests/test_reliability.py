@@ -332,6 +332,8 @@ def test_a_finished_or_foreign_folder_is_not_overwritten(assets, finished, tmp_p
     assert code == 2 and "holds no pm_hf run" in err and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     code, err = train(assets, foreign, "--resume")  # nothing to continue there: never trained among its files
     assert code == 2 and "holds no pm_hf run to resume" in err and [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    code, err = train(assets, foreign, "--overwrite_output_dir", "true")  # it replaces a run's files, no others
+    assert code == 2 and "holds no pm_hf run to replace" in err and [p.name for p in foreign.iterdir()] == ["notes.txt"]
     (run / ".checkpoint-task3.tmp-4242").mkdir()  # left by a killed run
     code, _ = train(assets, run, "--overwrite_output_dir", "true", class_groups=[[0, 1], [2, 3]])
     assert code == 0 and not (run / ".checkpoint-task3.tmp-4242").exists()

@@ -140,14 +140,17 @@ def check_claim(out: Path, resume: bool, overwrite: bool) -> None:
 
 def _check_contents(out: Path, resume: bool, overwrite: bool) -> None:
     others = _others(out)
-    if overwrite or not others or (resume and holds_run(out)):
+    if not others or ((resume or overwrite) and holds_run(out)):
         return
-    if resume:  # nothing of a run to continue, and files that are not a run's: never written among them
-        fix = f"is not empty and holds no pm_hf run to resume ({sorted(p.name for p in others)[:3]}): check the path."
-    elif holds_run(out):
+    names = sorted(p.name for p in others)[:3]
+    if holds_run(out):
         fix = "holds a pm_hf run: pass --resume to continue it, or --overwrite_output_dir to replace it."
+    elif resume:  # nothing of a run to continue, and files that are not a run's: never trained among them
+        fix = f"is not empty and holds no pm_hf run to resume ({names}): check the path."
+    elif overwrite:  # it replaces a run's own files only: a run is never written among other files
+        fix = f"is not empty and holds no pm_hf run to replace ({names}): use a new or empty folder."
     else:
-        fix = f"is not empty and holds no pm_hf run ({sorted(p.name for p in others)[:3]}): use a new or empty folder."
+        fix = f"is not empty and holds no pm_hf run ({names}): use a new or empty folder."
     raise invalid("output_dir", str(out), fix)
 
 
