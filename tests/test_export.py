@@ -181,6 +181,18 @@ def test_bad_export_requests_are_input_errors(run, tmp_path, capsys, argv, messa
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("inside", [".", "merged_adapter", "tasks", "new/folder"])
+def test_an_export_into_the_run_folder_is_refused(run, capsys, inside):
+    """The run folder, or a folder in it (its own merged_adapter/ or tasks/ would be replaced), is no --output."""
+    out = run[0]
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as err:
+        cli_main(["export", str(out), "--output", str(out / inside)])
+    printed = capsys.readouterr().err
+    assert err.value.code == 2 and printed.startswith("pm-hf: error: output = ") and "outside the run folder" in printed
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
 def test_an_image_classifier_export_loads_with_auto_peft_model(tmp_path):
     base = tiny_vit(num_labels=4)
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

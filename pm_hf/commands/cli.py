@@ -19,7 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DivergenceError, InputError, MissingExtraError, NonFiniteError, invalid
-from ..run.inputs import as_run_dir, branch, destination, export_mode, no_new_folders, repo_id, run_folder
+from ..run.inputs import (
+    as_run_dir,
+    branch,
+    destination,
+    export_mode,
+    export_target,
+    no_new_folders,
+    repo_id,
+    run_folder,
+)
 from .usage import CHECK_HELP, USAGE, ArgParser, did_you_mean
 
 # Only the stdlib and pm_hf's light modules at import: torch, transformers, peft, datasets and accelerate load inside
@@ -197,9 +206,7 @@ def _export(argv: list[str]) -> int:
 
         export_mode(args.mode, args.rank)
         run_folder(args.run_dir)
-        if Path(args.output).resolve() == Path(args.run_dir).resolve():
-            raise invalid("output", args.output, "give a new folder, not the run folder itself.")
-        destination(args.output)
+        export_target(args.run_dir, args.output)
         with as_run_dir(), no_new_folders(args.output):
             info = export_run_dir(args.run_dir, args.output, args.mode, args.rank)
     if _is_main_process():

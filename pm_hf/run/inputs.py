@@ -48,6 +48,15 @@ def as_run_dir() -> Iterator[None]:
         raise
 
 
+def export_target(run_dir: str, output: str) -> Path:
+    """`destination(output)` for an export of the run in `run_dir`: never the run folder, nor a folder in it (its own
+    merged_adapter/ or tasks/ would be replaced)."""
+    target, run = Path(output).resolve(), Path(run_dir).resolve()
+    if target == run or run in target.parents:
+        raise invalid("output", output, "give a new folder outside the run folder, not the run folder or one in it.")
+    return destination(output)
+
+
 def destination(value: str, field: str = "output") -> Path:
     """A folder the command may write as a whole: new, empty or a previous export (replaced), with no file in its
     place or above it, and writable."""

@@ -29,7 +29,7 @@ from ..hub.origin import resolve_base
 from ..hub.repository import connect, download_export
 from .assembly import build_loop
 from .checkpoint import LATEST, dataclasses_from_config, load_checkpoint
-from .inputs import branch, destination, export_mode, repo_id, run_folder
+from .inputs import branch, export_mode, export_target, repo_id, run_folder
 from .loop import ContinualLoop
 from .metrics import seen_accuracy
 from .results import write_outputs
@@ -123,10 +123,8 @@ def export_run_dir(run_dir: str | Path, output: str | Path, mode: str = "adapter
     'adapter-svd' (rank `rank`: each module's relative error and the score change are returned) or 'merged'.
     Returns what the folder's pm_hf_export.json records."""
     export_mode(mode, rank)
-    if Path(output).resolve() == Path(run_dir).resolve():
-        raise invalid("output", str(output), "give a new folder, not the run folder itself.")
     run_folder(str(run_dir))
-    destination(str(output))  # never a file, nor a folder of other files (the export replaces what it finds)
+    export_target(str(run_dir), str(output))  # never the run's folder, a file, nor a folder of other files
     with checkpoint_view(run_dir) as view:
         return export_run(load_run(run_dir, view=view), Path(output), mode, rank)
 
