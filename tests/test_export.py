@@ -163,6 +163,14 @@ def test_evaluate_an_export_folder_on_a_data_config(run, tmp_path, capsys):
     for v in results["accuracy_matrix"][-1]:
         assert f"{100 * v:.2f}" in printed
     assert f"{100 * results['acc']:.2f}" in printed
+    labels = len(json.loads((tmp_path / "a" / "base" / "config.json").read_text())["id2label"])
+    twenty = DATA.parent / "wordnet_supersense20"  # 20 classes: 10 the export's head does not have
+    config.update(data_files={s: str(twenty / f"{s}.parquet") for s in ("train", "test")}, class_groups=[[0, 19]])
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as err:
+        cli_main(["evaluate", str(tmp_path / "a"), "--config", str(tmp_path / "more.yaml")])
+    printed = capsys.readouterr().err
+    assert err.value.code == 2 and f"num_labels = {labels}: the data config's tasks hold 20 classes" in printed
 
 
 @pytest.mark.parametrize(

@@ -179,6 +179,15 @@ def load_adapter_export(folder: str | Path, task: str) -> PeftModel:
     return PeftModel.from_pretrained(model, str(folder))
 
 
+def _fits(stream, model) -> None:
+    """A classifier scores only the classes its head has: a data config of more would be scored by rows the head
+    grows at random."""
+    labels = getattr(model.config, "num_labels", None) if stream.modality != "instruction" else None
+    if labels is not None and stream.num_classes > labels:
+        fix = f"the data config's tasks hold {stream.num_classes} classes, more than the model's head scores"
+        raise invalid("num_labels", labels, fix + ": give a data config of the classes the model was trained on.")
+
+
 def evaluate_export(source: str, parsed: RunConfig | tuple, revision: str | None = None) -> dict:
     """Score an export folder or Hub model on every task of a data config (`parsed`: its `RunConfig`, or the six
     argument groups of `pm_hf.commands.parsing.parse_config`). Returns {"tasks", "last_row", "acc", "info"}."""
@@ -188,7 +197,8 @@ def evaluate_export(source: str, parsed: RunConfig | tuple, revision: str | None
     with tempfile.TemporaryDirectory() as tmp:
         quiet = {k: v for k, v in QUIET.items() if k != "hub_token"}
         args = dataclasses.replace(run.training_args, output_dir=tmp, **quiet)
-        loop = build_loop(run.replace(model_args=model_args, training_args=args), model=model, processor=processor)
+        run = run.replace(model_args=model_args, training_args=args)
+        loop = build_loop(run, model=model, processor=processor, check_stream=lambda stream, _: _fits(stream, model))
     tasks = loop.stream.tasks
     row = loop.evaluator.evaluate_seen(tasks)[loop.evaluator.primary]
     names = [task.name for task in tasks]
