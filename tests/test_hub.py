@@ -252,6 +252,21 @@ def test_write_access_is_checked_before_anything_runs(monkeypatch, token, repo, 
     assert not [c for c in fake.calls if c[0] != "whoami"]  # no repository created, asked about or written
 
 
+@pytest.mark.parametrize(
+    ("names", "field"),
+    [({"hub_model_id": "me/x/y"}, "hub_model_id"), ({"hub_model_id": "bad name"}, "hub_model_id"),
+     ({"hub_model_id": None, "output_dir": "runs/my run"}, "hub_model_id"),  # named after output_dir's folder
+     ({"hub_revision": "a..b"}, "hub_revision")],
+)  # fmt: skip
+def test_a_repository_or_branch_the_hub_would_refuse_is_refused_before_asking_it(monkeypatch, names, field):
+    """Before: the token checked and the repository made, then the bad branch refused by the Hub."""
+    fake = FakeHub()
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", fake.api)
+    with pytest.raises(InputError, match=rf"^{field} = .*: not a "):
+        pm_hf.hub.repository.connect(_hub_args("me/seq", GOOD_TOKEN, **names))
+    assert not fake.calls and not fake.repos
+
+
 @pytest.mark.parametrize(("token", "repo"), [(GOOD_TOKEN, "me/seq"), (GOOD_TOKEN, "team/seq"), (FINE_WRITE, "me/seq"),
                                              (FINE_WRITE, "me/new"), (GOOD_TOKEN, "named-after-output")])  # fmt: skip
 def test_a_token_that_can_write_passes_and_the_repository_is_made(monkeypatch, token, repo):

@@ -19,7 +19,7 @@ from ..data.images import check_image_fit
 from ..data.instruct import MODALITY
 from ..distributed.launch import refuse_sharding
 from ..heads.alignment import HeadAlignment
-from ..hub.repository import is_repo_id
+from ..hub.repository import check_hub_names, is_repo_id
 from ..method.models import config_of, is_causal_lm, load_config, load_processor, model_digest, quantization_config
 from ..method.strategies import build_strategy
 from ..run.assembly import (
@@ -125,6 +125,7 @@ def _check_source(args) -> str | None:
 def _hub(args) -> str | None:
     if not args.push_to_hub:
         return None
+    check_hub_names(args)  # as train checks them before it asks the Hub anything
     name = args.hub_model_id or Path(args.output_dir).absolute().name
     repo = name if "/" in name else f"<your user>/{name}"
     when = "after every task's merge" if args.hub_strategy == "every_task" else "once at the end"

@@ -61,6 +61,34 @@ class HubTarget:
     overwrite_state: bool = False  # `overwrite_hub_state`: replace another sequence's continual state
 
 
+BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.|^[-/]|[/.]$|\.lock$")
+
+
+def check_repo_id(value: str, field: str) -> None:
+    """A repository id the Hub accepts (`huggingface_hub`'s own rules: NAME or USER/NAME, 96 characters at most)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        reason = " ".join(str(err).split())[:160]
+        raise invalid(field, value, f"not a repository id ({reason}); give USER/NAME.") from None
+
+
+def check_branch(value: str | None, field: str) -> None:
+    """None, or a branch name git accepts."""
+    if value is not None and (not value or BAD_BRANCH.search(value)):
+        fix = "not a branch name (git's rules: no spaces, '..', '~^:?*[\\', nor a part starting with '.'), e.g. exp-1."
+        raise invalid(field, value, fix)
+
+
+def check_hub_names(args) -> None:
+    """A push's repository (`hub_model_id`, or output_dir's folder name) and branch (`hub_revision`), checked here
+    before the Hub is asked anything."""
+    check_repo_id(args.hub_model_id or Path(args.output_dir).absolute().name, "hub_model_id")
+    check_branch(args.hub_revision, "hub_revision")
+
+
 def is_repo_id(value: str) -> bool:
     return bool(REPO_ID.match(value)) and not Path(value).exists()
 
@@ -78,6 +106,7 @@ def connect(args) -> HubTarget:
     branch `hub_revision`, before anything is trained: `whoami` (the token's role and namespaces), then the Hub's
     own `auth-check/write` on an existing repository; an error names the field to fix. The repository name defaults
     to output_dir's folder name under the token's user, as with the Trainer."""
+    check_hub_names(args)
     name = args.hub_model_id or Path(args.output_dir).absolute().name
     api = _client(args.hub_token, "hub_model_id", name)
     try:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InputError, invalid
+from ..hub.repository import check_branch, check_repo_id
 
 MODES = ("adapter", "adapter-svd", "merged", "per-task")
 EXPORT_INFO = "pm_hf_export.json"  # `pm_hf.hub.export.INFO`: what marks a folder as an export
 # git's rules for a branch name (`git check-ref-format`), which the Hub applies: no control characters, spaces or
 # ~^:?*[\, no '..', '@{' or '//', no part starting with '.', not starting with '-' or '/', not ending with '/', '.'
 # or '.lock'
-BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.|^[-/]|[/.]$|\.lock$")
 
 
 def run_folder(value: str) -> Path:
@@ -94,20 +93,11 @@ def export_mode(mode: str, rank: int | None) -> None:
 
 def repo_id(value: str) -> None:
     """A repository id the Hub accepts (`huggingface_hub`'s own rules: NAME or USER/NAME, 96 characters at most)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(value)
-    except HFValidationError as err:
-        reason = " ".join(str(err).split())[:160]
-        raise invalid("hub_model_id", value, f"not a repository id ({reason}); give USER/NAME.") from None
+    check_repo_id(value, "hub_model_id")
 
 
 def branch(value: str | None) -> None:
-    if value is not None and (not value or BAD_BRANCH.search(value)):
-        fix = "not a branch name (git's rules: no spaces, '..', '~^:?*[\\', nor a part starting with '.'), e.g. exp-1."
-        raise invalid("revision", value, fix)
+    check_branch(value, "revision")
 
 
 @contextlib.contextmanager
