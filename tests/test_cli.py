@@ -208,8 +208,14 @@ def test_flags_override_yaml_and_types_are_converted(tmp_path):
     assert data.data_files == {"train": "x.parquet"} and data.class_groups == [[2], [0, 1]]
     assert merge.alpha_clip is True and fisher.fisher_mode == "batch"
     assert lora.r == 4 and data.num_tasks == 3  # not overridden: the YAML value stays
-    with pytest.raises(ValueError, match="give a YAML/JSON mapping"):
+    with pytest.raises(ValueError, match=re.escape("data_files = '[a.parquet]': give a mapping, e.g. '{train:")):
         parse_config(path, ["--data_files", "[a.parquet]"])
+    with pytest.raises(ValueError, match=re.escape("task_datasets = '{a: 1}': give a list of mappings, e.g.")):
+        parse_config(path, ["--task_datasets", "{a: 1}"])  # before: the example of class_groups
+    with pytest.raises(ValueError, match=re.escape("class_groups = '[[0, 1]': not YAML/JSON (while parsing")):
+        parse_config(path, ["--class_groups", "[[0, 1]"])  # before: `class_groups = None` and a cut reason
+    with pytest.raises(ValueError, match=r"^use_rslora = 'maybe': use one of yes/no, .*1/0\.$"):
+        parse_config(path, ["--use_rslora", "maybe"])  # before: `use_rslora = None` and '..'
 
 
 def test_preset_fills_fields_that_the_file_and_flags_override(tmp_path):

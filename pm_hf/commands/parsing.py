@@ -94,8 +94,23 @@ def _structured_container(tp: Any) -> type | None:
     return None
 
 
-def _yaml_value(name: str, container: type):
-    """argparse `type` reading one YAML/JSON value (a mapping or a list) for a structured field."""
+GIVEN = "\x1f"  # around the text a structured field could not read, in its argparse message (`usage.InputErrors`)
+
+
+def _example(hint: Any) -> str:
+    """A value of a structured field's kind, for its error message."""
+    tp = _strip_optional(hint)
+    if (typing.get_origin(tp) or tp) is dict:
+        return "a mapping, e.g. '{train: a.parquet}'"
+    (item,) = typing.get_args(tp) or (None,)
+    if (typing.get_origin(item) or item) is dict:
+        return "a list of mappings, e.g. '[{dataset_name: parquet, data_files: {train: a.parquet}}]'"
+    return "a list of lists, e.g. '[[0, 1], [2, 3]]'"
+
+
+def _yaml_value(name: str, container: type, example: str = "value"):
+    """argparse `type` reading one YAML/JSON value (a mapping or a list) for a structured field; what it cannot
+    read is reported as `invalid value: <text>: <fix>` (`usage.InputErrors` makes it `<field> = <text>: <fix>`)."""
 
     def parse(text):
         if not isinstance(text, str):
@@ -103,10 +118,12 @@ def _yaml_value(name: str, container: type):
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise argparse.ArgumentTypeError(f"could not read {text!r} as YAML/JSON ({err}).") from None
+            reason = " ".join(str(err).split())
+            raise argparse.ArgumentTypeError(
+                f"invalid value: {GIVEN}{text}{GIVEN}: not YAML/JSON ({reason}); give {example}"
+            ) from None
         if value is not None and not isinstance(value, container):
-            kind = "mapping, e.g. '{train: a.parquet}'" if container is dict else "list, e.g. '[[0, 1], [2, 3]]'"
-            raise argparse.ArgumentTypeError(f"`{name}` = {text!r} is invalid: give a YAML/JSON {kind}.")
+            raise argparse.ArgumentTypeError(f"invalid value: {GIVEN}{text}{GIVEN}: give {example}")
         return value
 
     parse.__name__ = f"YAML/JSON {container.__name__}"
@@ -133,7 +150,7 @@ def build_parser(cli_options: bool = False, prog: str = "pm-hf train") -> HfArgu
                 continue
             for action in parser._actions:
                 if action.dest == name:
-                    action.type, action.nargs = _yaml_value(name, container), None
+                    action.type, action.nargs = _yaml_value(name, container, _example(hint)), None
                     action.metavar = "YAML"
     if cli_options:
         parser.add_argument(

@@ -80,8 +80,16 @@ class InputErrors:
         if not match:
             raise InputError(f"arguments = {message}: {HELP_HINT}.")
         name, problem = match.group(1).replace("-", "_"), match.group(2)
+        given = re.match(r"invalid value: \x1f(.*)\x1f: (.*)$", problem, re.S)  # a structured field's own message
+        if given:
+            raise invalid(name, given.group(1), f"{given.group(2).rstrip('.')}.")
+        truthy = re.match(
+            r"Truthy value expected: got (.*) but expected one of (.*?)( \(case insensitive\))?\.?$", problem
+        )
+        if truthy:  # transformers' `string_to_bool`
+            raise invalid(name, truthy.group(1), f"use one of {truthy.group(2)}.")
         value = re.search(r"value: (.*)$", problem)
-        raise invalid(name, value.group(1).strip("'") if value else None, f"{problem}.")
+        raise invalid(name, value.group(1).strip("'") if value else None, f"{problem.rstrip('.')}.")
 
 
 class ArgParser(InputErrors, argparse.ArgumentParser):
