@@ -5,6 +5,8 @@ stand-in's precondition on `parent_commit`."""
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -94,6 +96,22 @@ def test_a_view_taken_while_a_writer_saves_holds_one_complete_checkpoint(tmp_pat
         thread.join()
     assert len(seen) >= 3 and len(set(seen)) >= 2  # views were taken while the writer moved on
     assert not [p for p in out.iterdir() if p.name.startswith(".view")]  # every view removed
+
+
+def test_a_view_a_killed_reader_left_is_removed_by_the_next_reader(tmp_path):
+    """A reader killed in `export` leaves its view in the run folder, which no finished run's `train` cleans: the next
+    view there removes it; a live reader's view stays."""
+    out = tmp_path / "run"
+    _save(out, 0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = out / f".view.tmp-{dead.pid}-abc"
+    (left / "x").mkdir(parents=True)
+    live = out / f".view.tmp-{os.getppid()}-abc"
+    live.mkdir()
+    with checkpoint_view(out):
+        pass
+    assert not left.exists() and live.exists()
 
 
 def test_a_view_of_a_folder_without_checkpoint_is_the_folder(tmp_path):

@@ -21,7 +21,7 @@ import pyarrow as pa
 from filelock import FileLock, Timeout
 
 from ..config.checks import invalid
-from ..fileio import TMP_MARK
+from ..fileio import TMP_MARK, alive
 from ..method.strategies.knobs import unrecorded_changes
 
 LOCK = ".pm_hf.lock"
@@ -284,7 +284,11 @@ def _take_view(out: Path, view: Path, name: str, completed: int) -> None:
 @contextlib.contextmanager
 def _view_root(out: Path) -> Iterator[Path]:
     """A temporary folder inside `out` (hard links need the same file system; its name marks it as a temporary, so
-    the next `train` there removes one a killed reader left), or the system's where `out` is not writable."""
+    the next `train` or reader there removes one a killed reader left), or the system's where `out` is not writable."""
+    for left in out.glob(f".view{TMP_MARK}*-*"):  # views of readers that were killed: nobody else removes them
+        pid = left.name[len(f".view{TMP_MARK}") :].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
     try:
         root = Path(tempfile.mkdtemp(prefix=f".view{TMP_MARK}{os.getpid()}-", dir=out))
     except OSError:
