@@ -130,7 +130,7 @@ def _bad_data(tmp_path: Path) -> dict[str, str]:
     [("missing data file", "data_files"), ("test class not in train", "eval_split"),
      ("bad learning rate", "learning_rate"), ("output_dir is a file", "output_dir"),
      ("output_dir under a file", "output_dir"), ("unknown field", "learnig_rate"),
-     ("trainer evaluation", "eval_strategy"), ("label names", "label_names")],
+     ("trainer evaluation", "eval_strategy"), ("label names", "label_names"), ("data file a folder", "data_files")],
 )  # fmt: skip
 def test_bad_configs_exit_2_naming_the_field_and_write_nothing(tmp_path, capsys, monkeypatch, case, field):
     monkeypatch.chdir(ROOT)
@@ -153,6 +153,8 @@ def test_bad_configs_exit_2_naming_the_field_and_write_nothing(tmp_path, capsys,
         (inputs / "a-file").write_text("not a folder")
         out = inputs / "a-file" / "run"
         flags = ["--output_dir", str(out)]
+    elif case == "data file a folder":  # before: 'no local dataset of that name', the path existing
+        flags += ["--data_files", f"{{train: {inputs}, test: {inputs}}}"]
     elif case == "trainer evaluation":  # the task Trainers have no eval split: a ValueError once training began
         flags += ["--eval_strategy", "steps"]
     elif case == "label names":  # an IndexError after the first task trained, before

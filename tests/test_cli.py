@@ -416,3 +416,15 @@ def test_a_model_folder_without_whole_weights_is_an_input_error(model_dir, tmp_p
     weights.unlink() if damage == "missing" else weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(InputError, match=r"^model_name_or_path = .*: its weights cannot be read \("):
         load_model(ModelArguments(model_name_or_path=str(folder)), "text", 4)
+
+
+def test_evaluate_names_what_a_run_folder_and_a_local_folder_cannot_take(tmp_path, capsys):
+    """A run folder with --config (it was told 'not a pm_hf export'), a local folder with --revision (ignored)."""
+    (tmp_path / "latest.json").write_text("{}")
+    for argv, message in (
+        (["--config", "data.yaml"], "config = 'data.yaml': "),
+        (["--revision", "task-1"], "revision = 'task-1': "),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", str(tmp_path), *argv])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(f"pm-hf: error: {message}")

@@ -25,6 +25,7 @@ from ..run.inputs import (
     destination,
     export_mode,
     export_target,
+    holds_checkpoint,
     no_new_folders,
     repo_id,
     run_folder,
@@ -166,6 +167,14 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     with _errors("--debug" in argv):
         known, rest = parser.parse_known_args(argv)
+        if known.revision is not None and Path(known.source).exists():
+            fix = "a revision is a Hub model's branch, tag or commit: drop --revision for a local folder."
+            raise invalid("revision", known.revision, fix)
+        if known.config is not None and holds_checkpoint(known.source):
+            fix = (
+                f"{known.source!r} is a run folder: evaluate it without --config (on its own data), or export it first."
+            )
+            raise invalid("config", known.config, fix)
         if known.config is None:
             if rest:
                 raise invalid("options", rest, "only --config (with an export or Hub model) takes data options.")

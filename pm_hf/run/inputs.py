@@ -35,6 +35,13 @@ def run_folder(value: str) -> Path:
     return path
 
 
+def holds_checkpoint(value: str) -> bool:
+    """Whether `value` is a run's folder (its `latest.json` there), not an export or a model."""
+    from .checkpoint import LATEST
+
+    return (Path(value) / LATEST).is_file()
+
+
 @contextlib.contextmanager
 def as_run_dir() -> Iterator[None]:
     """A run folder's errors name the command's argument, `run_dir` (the checkpoint's readers say `output_dir`)."""
