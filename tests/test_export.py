@@ -179,6 +179,7 @@ def test_evaluate_an_export_folder_on_a_data_config(run, tmp_path, capsys):
         (["--mode", "per-task"], "mode = 'per-task': needs a causal LM run"),
         (["--mode", "adapter-svd"], "rank = None: adapter-svd needs the rank"),
         (["--mode", "dense"], "mode = 'dense': use 'adapter'"),
+        (["--mode", "adapter-svd", "--rank", "10000"], "rank = 10000: at most "),  # before: a 10000-rank file
     ],
 )
 def test_bad_export_requests_are_input_errors(run, tmp_path, capsys, argv, message):

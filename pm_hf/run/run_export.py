@@ -75,7 +75,12 @@ def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int |
         write_task_adapters(base, history, spec, out)
         return {"mode": mode, "tasks": spec.info["tasks"], "base_model": spec.base_model}
     if mode == "adapter-svd":
-        record, errors = svd_record(history_delta(history), rank, fan)
+        deltas = history_delta(history)
+        full_rank = max(min(delta.shape) for delta in deltas.values())
+        if rank > full_rank:  # zero columns beyond it: a larger file, the same model
+            fix = f"at most {full_rank}, the adapted layers' full rank (`--mode adapter` is exact at rank sum(r))."
+            raise invalid("rank", rank, fix)
+        record, errors = svd_record(deltas, rank, fan)
         history = [record]
         info.update(rank=rank, relative_error=errors, **score_change(loop, theta0, record))
     elif mode not in ("adapter", "merged"):
