@@ -152,6 +152,18 @@ def test_each_mismatch_names_its_field_and_writes_nothing(adapters, field, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output folder, nothing else
 
 
+def test_an_adapter_folder_without_its_weights_is_named(adapters, tmp_path, capsys):
+    """Before: `its adapter weights cannot be read (HFValidationError)`, the folder taken for a Hub id."""
+    second = shutil.copytree(adapters[None][1], tmp_path / "second")
+    (second / "adapter_model.safetensors").unlink()
+    with pytest.raises(SystemExit) as err:
+        cli_main(["merge", "--adapters", adapters[None][0], str(second), "--merge_method", "ties",
+                  "--output", str(tmp_path / "m")])  # fmt: skip
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and message.startswith(f"pm-hf: error: adapters = '{second}': holds no adapter_model")
+    assert not (tmp_path / "m").exists()
+
+
 def test_adapters_that_do_not_fit_their_base_are_refused_before_loading(adapters, tmp_path, capsys):
     """Two adapters that name another base (hidden size 16, not 32): the first adapted weight's shape is refused."""
     tiny_bert(num_labels=2).save_pretrained(tmp_path / "small")

@@ -6,6 +6,7 @@ in every adapter) and how those fit the model they are merged on. A mismatch is 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig
@@ -77,6 +78,9 @@ def same_model(a: str, b: str) -> bool:
 
 
 def _saved(source: str) -> dict[str, torch.Tensor]:
+    names = ("adapter_model.safetensors", "adapter_model.bin")
+    if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in names):
+        raise invalid("adapters", source, "holds no adapter_model.safetensors: give a folder PEFT saved an adapter to.")
     try:
         weights = load_peft_weights(source)
     except (*HUB_ERRORS, TypeError, SafetensorError) as err:  # a damaged file: SafetensorError
