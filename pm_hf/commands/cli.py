@@ -270,8 +270,8 @@ def _merge(argv: list[str]) -> int:
         from .parsing import parse_config
 
         extra = [] if known.merge_method is None else ["--merge_method", known.merge_method]
-        if known.config is not None:
-            parsed = parse_config(known.config, [*rest, *extra])
+        if known.config is not None:  # its output_dir is not used (the loop runs in a temporary folder): not required
+            parsed = parse_config(known.config, [*rest, *extra, "--output_dir", "pm-hf-merge"])
         else:
             placeholders = ["--output_dir", "pm-hf-merge", "--model_name_or_path", "from-the-adapters"]
             merge_args = parse_config(None, [*rest, *extra, *placeholders])[5]
