@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InputError, invalid
-from ..hub.repository import check_branch, check_repo_id
 
 MODES = ("adapter", "adapter-svd", "merged", "per-task")
 EXPORT_INFO = "pm_hf_export.json"  # `pm_hf.hub.export.INFO`: what marks a folder as an export
@@ -100,10 +99,14 @@ def export_mode(mode: str, rank: int | None) -> None:
 
 def repo_id(value: str) -> None:
     """A repository id the Hub accepts (`huggingface_hub`'s own rules: NAME or USER/NAME, 96 characters at most)."""
+    from ..hub.repository import check_repo_id  # here: `pm-hf --help` loads no Hub client
+
     check_repo_id(value, "hub_model_id")
 
 
 def branch(value: str | None) -> None:
+    from ..hub.repository import check_branch
+
     check_branch(value, "revision")
 
 
