@@ -5,6 +5,7 @@ by hand from the adapter files; adapters that do not belong together and strateg
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,17 @@ def test_a_merge_launched_with_deepspeed_or_fsdp_is_refused(run, llm_dir, tmp_pa
         with pytest.raises(InputError, match=f"^{field} = .*trains nothing"):
             merge_adapters(adapters, tmp_path / "merged", parsed=parsed)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "posthoc_run").exists()
+
+
+def test_a_run_merged_into_an_adapter_exports_each_tasks_own_adapter(run, llm_dir, tmp_path):  # noqa: F811
+    """`merge_into: adapter` keeps the run's model as one merged adapter; `--mode per-task` still writes each task's
+    trained adapter (before: the merged one, as a single `task_0`), the same as a run merged into the base weights."""
+    _, _, adapters = run
+    run_continual(*llm_groups(llm_dir, tmp_path / "run", merge_into="adapter"))
+    assert cli_main(["export", str(tmp_path / "run"), "--mode", "per-task", "--output", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["task_0", "task_1"]
+    for t, folder in enumerate(adapters):  # the same training: the same factors as trained
+        mine, theirs = (
+            load_file(str(Path(f) / "adapter_model.safetensors")) for f in (tmp_path / "a" / f"task_{t}", folder)
+        )
+        assert mine.keys() == theirs.keys() and all(torch.allclose(mine[k], theirs[k], atol=1e-6) for k in mine)

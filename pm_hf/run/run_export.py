@@ -72,7 +72,7 @@ def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int |
             fix += " Its adapter log (adapters/) must be whole, as the run wrote it." if records is None else ""
             raise invalid("mode", mode, fix)
         spec = export_spec(loop)
-        write_task_adapters(base, history, spec, out)
+        write_task_adapters(base, records, spec, out)  # each task's own, also where the run's model holds one adapter
         return {"mode": mode, "tasks": spec.info["tasks"], "base_model": spec.base_model}
     if mode == "adapter-svd":
         deltas = history_delta(history)
