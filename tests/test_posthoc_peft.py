@@ -225,3 +225,22 @@ def test_a_merge_with_data_writes_nothing_outside_its_output(adapters, tmp_path,
     assert cli_main(["merge", "--adapters", *adapters[4], "--config", config, "--output", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["accuracy_matrix"] == results["accuracy_matrix"]
+
+
+def test_merge_adapters_from_python_never_replaces_other_files(adapters, tmp_path):
+    """As `pm-hf merge`: a file at `output`, or a folder of other files, is refused before anything is loaded (it was
+    replaced by the export); a string of adapters is not split into characters."""
+    from pm_hf.config.groups import MergeArguments
+    from pm_hf.errors import InputError
+    from pm_hf.run.posthoc import merge_adapters
+
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    ties = MergeArguments(merge_method="ties")
+    for output in ("a-file", "folder"):
+        with pytest.raises(InputError, match=r"^output = "):
+            merge_adapters(adapters[None], tmp_path / output, ties)
+    assert (tmp_path / "a-file").read_text() == "mine" and (tmp_path / "folder" / "notes.txt").read_text() == "mine"
+    with pytest.raises(InputError, match=r"^adapters = .*: give a list"):
+        merge_adapters(adapters[None][0], tmp_path / "m", ties)

@@ -51,6 +51,7 @@ from ..method.strategies import build_strategy, merge_task
 from ..method.weights import ModelWeights
 from .assembly import build_loop
 from .checkpoint import seeded
+from .inputs import destination
 from .loop import ContinualLoop
 from .run_export import export_run
 from .runs import MODEL_CLASSES
@@ -105,7 +106,8 @@ def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: Merg
     Args:
         adapters: PEFT LoRA adapters (folders or Hub ids) trained from the same base model.
         output: the export folder to write (`pm_hf.hub.export.write_export`: adapter, card, pm_hf_export.json).
-        merge_args: the strategy and its knobs (default: the config's, else `MergeArguments()`).
+        merge_args: the strategy and its knobs (default: the config's with `parsed`; without it, give a data-free
+            strategy such as `MergeArguments(merge_method="ties")`: the default `pm` needs each task's data).
         parsed: the `RunConfig` of a data config with one task per adapter (or its six argument groups, as
             `pm_hf.commands.parsing.parse_config` gives them); its `output_dir` is not used: the loop runs in a
             temporary folder next to `output`, removed at the end (results.json and the plots are written into the
@@ -114,6 +116,9 @@ def merge_adapters(adapters: Sequence[str], output: str | Path, merge_args: Merg
     Returns:
         What the export's pm_hf_export.json records (alpha per task, strategy, ...).
     """
+    if isinstance(adapters, (str, Path)):
+        raise invalid("adapters", str(adapters), "give a list of adapter folders or Hub ids, in task order.")
+    destination(str(output))  # never a file, nor a folder of other files: the export replaces what it finds
     config, modules = adapter_configs(adapters)[0], adapter_modules(adapters)
     if parsed is not None:
         return _merge_with_data(adapters, config, modules, Path(output), RunConfig.of(parsed), merge_args)
