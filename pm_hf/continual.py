@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
 from accelerate import PartialState
-from transformers import PreTrainedModel, TrainerControl, TrainerState
+from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState
 
-from .config.checks import InputError, invalid
+from .config.checks import InputError, check_loop_training, invalid
 from .config.groups import (
     DataArguments,
     FisherArguments,
@@ -34,7 +35,7 @@ from .errors import python_names
 from .heads.alignment import HeadAlignment
 from .hub.export import copy_task_records
 from .hub.repository import BASE_BRANCH, connect, download_state, is_repo_id, push_run
-from .method.callbacks import ContinualTrainOutput, History
+from .method.callbacks import ContinualCallback, ContinualTrainOutput, History
 from .method.strategies import build_strategy
 from .run.assembly import (
     IN_MEMORY,
@@ -98,6 +99,9 @@ class ContinualTrainer:
         model_args: ModelArguments | None = None,
     ):
         args = as_pm_config(args)
+        # what failed deep in the loop, or after the first task trained, named here
+        _check_objects(lora_args, fisher_args, merge_args, data_args, model_args, processing_class, compute_metrics)
+        callbacks = _callback_instances(callbacks)
         self.args, self.lora_args = args, lora_args or LoraArguments()
         self.fisher_args, self.merge_args = fisher_args or FisherArguments(), merge_args or MergeArguments()
         self.data_args = data_args or DataArguments()
@@ -121,6 +125,7 @@ class ContinualTrainer:
         if not isinstance(model, (str, PreTrainedModel)):
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
+        check_loop_training(args)  # the task Trainers' own evaluation, label names: as `pm-hf train` checks them
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
         if main and in_use(Path(args.output_dir)):  # another live process trains there: refused before loading
@@ -195,7 +200,7 @@ class ContinualTrainer:
 
     def add_callback(self, callback) -> None:
         """Add a `ContinualCallback` (a hook of the loop) or a `TrainerCallback` (class or instance), as Trainer's."""
-        callback = callback() if isinstance(callback, type) else callback
+        (callback,) = _callback_instances([callback])
         self._callbacks.append(callback)
         if self.loop is not None:
             self.loop.add_callback(callback)
@@ -327,6 +332,35 @@ class ContinualTrainer:
             export_run(loop, folder, info=info, base_ref=(target.repo_id, BASE_BRANCH))
             state = state_files(loop.out) if a.push_continual_state else None
             return push_run(target, folder, state, message, None)
+
+
+GROUPS = {"lora_args": LoraArguments, "fisher_args": FisherArguments, "merge_args": MergeArguments,
+          "data_args": DataArguments, "model_args": ModelArguments}  # fmt: skip
+
+
+def _check_objects(*values) -> None:
+    """The argument groups are their dataclasses (or None), the processor an object, compute_metrics a function."""
+    *groups, processing_class, compute_metrics = values
+    for (name, kind), value in zip(GROUPS.items(), groups):
+        if value is not None and not isinstance(value, kind):
+            raise invalid(name, type(value).__name__, f"give a `{kind.__name__}` (pm_hf.config.groups), or None.")
+    if isinstance(processing_class, (str, os.PathLike)):
+        fix = "give the tokenizer or image processor object (AutoTokenizer.from_pretrained(...)), or None."
+        raise invalid("processing_class", str(processing_class), fix)
+    if compute_metrics is not None and not callable(compute_metrics):
+        raise invalid("compute_metrics", compute_metrics, "give a function `fn(EvalPrediction) -> dict`, or None.")
+
+
+def _callback_instances(callbacks) -> list:
+    """`ContinualCallback`s and `TrainerCallback`s, a class made an instance (as Trainer takes them)."""
+    out = []
+    for callback in callbacks or []:
+        callback = callback() if isinstance(callback, type) else callback
+        if not isinstance(callback, (ContinualCallback, TrainerCallback)):
+            fix = "give `ContinualCallback`s and `TrainerCallback`s (classes or instances)."
+            raise invalid("callbacks", type(callback).__name__, fix)
+        out.append(callback)
+    return out
 
 
 def run_continual(model_args: ModelArguments, data_args: DataArguments, training_args: PMConfig,

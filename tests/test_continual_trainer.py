@@ -135,6 +135,26 @@ def test_errors_name_python_arguments(model_dir, tmp_path):
         trainer(model_dir, tmp_path / "new2", [task, {1, 2}]).train()
 
 
+@pytest.mark.parametrize(
+    ("given", "match"),
+    [({"lora_args": {"r": 4}}, r"^lora_args = 'dict': give a `LoraArguments`"),
+     ({"compute_metrics": "accuracy"}, r"^compute_metrics = 'accuracy': give a function"),
+     ({"callbacks": ["x"]}, r"^callbacks = 'str': give `ContinualCallback`s"),
+     ({"processing_class": "bert-base-uncased"}, r"^processing_class = 'bert-base-uncased': give the tokenizer"),
+     ({"eval_strategy": "steps"}, r"^args\.eval_strategy = 'steps': a task's Trainer has no eval split"),
+     ({"label_names": ["x"]}, r"^args\.label_names = \['x'\]: ")],
+)  # fmt: skip
+def test_what_failed_after_training_began_is_refused_at_construction(model_dir, tmp_path, given, match):
+    """Before: a TypeError / IndexError / AttributeError from inside the loop, some after the first task had trained
+    and left a folder that refused a plain retry; now an input error before anything is written."""
+    task = {"train": rows("train", 0, 1), "test": rows("test", 0, 1)}
+    objects = {k: given.pop(k) for k in list(given) if k not in PMConfig.__dataclass_fields__}
+    with pytest.raises(InputError, match=match):
+        ContinualTrainer(model_dir, PMConfig(output_dir=str(tmp_path / "out"), use_cpu=True, **given), [task],
+                         **objects).train()  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 class Begins(TrainerCallback):
     def __init__(self):
         self.begins = 0
