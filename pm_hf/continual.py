@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
 from accelerate import PartialState
-from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState
+from transformers import PreTrainedModel, TrainerControl, TrainerState
 
 from .config.checks import InputError, check_loop_training, invalid
 from .config.groups import (
@@ -35,7 +34,7 @@ from .errors import python_names
 from .heads.alignment import HeadAlignment
 from .hub.export import copy_task_records
 from .hub.repository import BASE_BRANCH, connect, download_state, is_repo_id, push_run
-from .method.callbacks import ContinualCallback, ContinualTrainOutput, History
+from .method.callbacks import ContinualTrainOutput, History
 from .method.strategies import build_strategy
 from .run.assembly import (
     IN_MEMORY,
@@ -46,7 +45,7 @@ from .run.assembly import (
 from .run.checkpoint import LATEST, copy_checkpoint, state_files
 from .run.evaluation import evaluation_metrics
 from .run.from_objects import append_tasks, loop_from_objects, resume_check
-from .run.inputs import destination
+from .run.inputs import callback_instances, check_objects, destination, resume_flag
 from .run.loop import ContinualLoop
 from .run.run_export import export_run
 from .run.rundir import IN_USE, check_claim, claim, in_use, output_lock
@@ -100,8 +99,8 @@ class ContinualTrainer:
     ):
         args = as_pm_config(args)
         # what failed deep in the loop, or after the first task trained, named here
-        _check_objects(lora_args, fisher_args, merge_args, data_args, model_args, processing_class, compute_metrics)
-        callbacks = _callback_instances(callbacks)
+        check_objects(lora_args, fisher_args, merge_args, data_args, model_args, processing_class, compute_metrics)
+        callbacks = callback_instances(callbacks)
         self.args, self.lora_args = args, lora_args or LoraArguments()
         self.fisher_args, self.merge_args = fisher_args or FisherArguments(), merge_args or MergeArguments()
         self.data_args = data_args or DataArguments()
@@ -200,7 +199,7 @@ class ContinualTrainer:
 
     def add_callback(self, callback) -> None:
         """Add a `ContinualCallback` (a hook of the loop) or a `TrainerCallback` (class or instance), as Trainer's."""
-        (callback,) = _callback_instances([callback])
+        (callback,) = callback_instances([callback])
         self._callbacks.append(callback)
         if self.loop is not None:
             self.loop.add_callback(callback)
@@ -239,11 +238,12 @@ class ContinualTrainer:
                 for i, entry in enumerate(entries)]  # fmt: skip
 
     # --------------------------------------------------------------------------------------------- training
-    def train(self, resume_from_checkpoint: bool = False, stop_after: int | None = None) -> ContinualTrainOutput:
+    def train(self, resume_from_checkpoint: bool | str = False, stop_after: int | None = None) -> ContinualTrainOutput:
         """Train every task not trained yet (resuming `output_dir`'s run first when asked). Returns
         `TrainOutput(global_step, training_loss, metrics)` as `Trainer.train` does (`.results`: results.json's
         content, also `self.results`); each task's metrics reach the callbacks' `on_evaluate` and `self.state`."""
         with self._python_names():
+            resume_from_checkpoint = resume_flag(resume_from_checkpoint, self.args.output_dir, stop_after)
             if self.args.should_save and not self._claimed:  # before the model is loaded (again under the lock)
                 check_claim(Path(self.args.output_dir), resume_from_checkpoint, self.args.overwrite_output_dir)
         self._resuming = resume_from_checkpoint and not self._claimed
@@ -332,35 +332,6 @@ class ContinualTrainer:
             export_run(loop, folder, info=info, base_ref=(target.repo_id, BASE_BRANCH))
             state = state_files(loop.out) if a.push_continual_state else None
             return push_run(target, folder, state, message, None)
-
-
-GROUPS = {"lora_args": LoraArguments, "fisher_args": FisherArguments, "merge_args": MergeArguments,
-          "data_args": DataArguments, "model_args": ModelArguments}  # fmt: skip
-
-
-def _check_objects(*values) -> None:
-    """The argument groups are their dataclasses (or None), the processor an object, compute_metrics a function."""
-    *groups, processing_class, compute_metrics = values
-    for (name, kind), value in zip(GROUPS.items(), groups):
-        if value is not None and not isinstance(value, kind):
-            raise invalid(name, type(value).__name__, f"give a `{kind.__name__}` (pm_hf.config.groups), or None.")
-    if isinstance(processing_class, (str, os.PathLike)):
-        fix = "give the tokenizer or image processor object (AutoTokenizer.from_pretrained(...)), or None."
-        raise invalid("processing_class", str(processing_class), fix)
-    if compute_metrics is not None and not callable(compute_metrics):
-        raise invalid("compute_metrics", compute_metrics, "give a function `fn(EvalPrediction) -> dict`, or None.")
-
-
-def _callback_instances(callbacks) -> list:
-    """`ContinualCallback`s and `TrainerCallback`s, a class made an instance (as Trainer takes them)."""
-    out = []
-    for callback in callbacks or []:
-        callback = callback() if isinstance(callback, type) else callback
-        if not isinstance(callback, (ContinualCallback, TrainerCallback)):
-            fix = "give `ContinualCallback`s and `TrainerCallback`s (classes or instances)."
-            raise invalid("callbacks", type(callback).__name__, fix)
-        out.append(callback)
-    return out
 
 
 def run_continual(model_args: ModelArguments, data_args: DataArguments, training_args: PMConfig,

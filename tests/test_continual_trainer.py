@@ -155,6 +155,20 @@ def test_what_failed_after_training_began_is_refused_at_construction(model_dir, 
     assert not (tmp_path / "out").exists()
 
 
+def test_train_takes_its_own_folder_to_resume_and_a_count_of_tasks(model_dir, tmp_path):
+    """Trainer's `resume_from_checkpoint` may be a path: here only the run's own folder (another one was ignored and
+    output_dir's run resumed); `stop_after` a count >= 1 (0 and -1 wrote the lock and trained nothing)."""
+    task = {"train": rows("train", 0, 1), "test": rows("test", 0, 1)}
+    seq = trainer(model_dir, tmp_path / "out", [task])
+    cases = [({"resume_from_checkpoint": str(tmp_path / "other")}, r"^resume_from_checkpoint = .*own folder"),
+             ({"resume_from_checkpoint": "yes"}, r"^resume_from_checkpoint = 'yes': "),
+             ({"stop_after": 0}, r"^stop_after = 0: "), ({"stop_after": "1"}, r"^stop_after = '1': ")]  # fmt: skip
+    for kw, match in cases:
+        with pytest.raises(InputError, match=match):
+            seq.train(**kw)
+    assert not (tmp_path / "out").exists()
+
+
 class Begins(TrainerCallback):
     def __init__(self):
         self.begins = 0

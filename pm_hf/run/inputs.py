@@ -122,3 +122,52 @@ def no_new_folders(path: str) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def check_objects(*values) -> None:
+    """`ContinualTrainer`'s objects: the argument groups (lora, fisher, merge, data, model) are their dataclasses (or
+    None), the processor an object, compute_metrics a function."""
+    from ..config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments, ModelArguments
+
+    kinds = {"lora_args": LoraArguments, "fisher_args": FisherArguments, "merge_args": MergeArguments,
+             "data_args": DataArguments, "model_args": ModelArguments}  # fmt: skip
+    *groups, processing_class, compute_metrics = values
+    for (name, kind), value in zip(kinds.items(), groups):
+        if value is not None and not isinstance(value, kind):
+            raise invalid(name, type(value).__name__, f"give a `{kind.__name__}` (pm_hf.config.groups), or None.")
+    if isinstance(processing_class, (str, os.PathLike)):
+        fix = "give the tokenizer or image processor object (AutoTokenizer.from_pretrained(...)), or None."
+        raise invalid("processing_class", str(processing_class), fix)
+    if compute_metrics is not None and not callable(compute_metrics):
+        raise invalid("compute_metrics", compute_metrics, "give a function `fn(EvalPrediction) -> dict`, or None.")
+
+
+def resume_flag(resume, output_dir: str, stop_after) -> bool:
+    """`train`'s arguments: `resume_from_checkpoint` True/False, or output_dir's path (Trainer takes a checkpoint's
+    path; a run resumes from its own folder only); `stop_after` a count of tasks >= 1, or None."""
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise invalid("stop_after", stop_after, "give the number of tasks to have completed (>= 1), or None.")
+    if isinstance(resume, (str, os.PathLike)):
+        if Path(resume).resolve() != Path(output_dir).resolve():
+            fix = "a run resumes from its own folder: pass True (args.output_dir's run), or start a new run from that "
+            raise invalid("resume", str(resume), fix + "one with args.resume_from.")  # train()'s argument, so named
+        return True
+    if not isinstance(resume, bool):
+        raise invalid("resume", resume, "give True (resume args.output_dir's run) or False.")
+    return resume
+
+
+def callback_instances(callbacks) -> list:
+    """`ContinualCallback`s and `TrainerCallback`s, a class made an instance (as Trainer takes them)."""
+    from transformers import TrainerCallback
+
+    from ..method.callbacks import ContinualCallback
+
+    out = []
+    for callback in callbacks or []:
+        callback = callback() if isinstance(callback, type) else callback
+        if not isinstance(callback, (ContinualCallback, TrainerCallback)):
+            fix = "give `ContinualCallback`s and `TrainerCallback`s (classes or instances)."
+            raise invalid("callbacks", type(callback).__name__, fix)
+        out.append(callback)
+    return out
