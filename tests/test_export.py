@@ -33,7 +33,7 @@ from pm_hf.hub.export import (
 )
 from pm_hf.method.adapters import adapter_factors, full_trainable_params
 from pm_hf.run.checkpoint import load_checkpoint
-from pm_hf.run.runs import evaluate_run, launch_folder, load_adapter_export, load_export
+from pm_hf.run.runs import evaluate_run, launch_folders, load_adapter_export, load_export
 
 
 @pytest.fixture(scope="module")
@@ -255,24 +255,30 @@ def test_an_export_moved_elsewhere_loads_with_the_same_logits(model_dir, tmp_pat
 
 
 def test_a_run_folder_reads_its_relative_paths_from_where_it_was_launched(model_dir, tmp_path, monkeypatch):
-    """A run launched in a project folder with relative data files and output_dir: `evaluate` and `export` of it work
-    from another working directory and after the project has moved (its data read from the run folder less its
-    recorded output_dir), and results.json keeps the run's own record."""
-    project = tmp_path / "proj"
+    """A run launched in a project folder with relative data files, model and output_dir (its outputs/ a symlink to
+    another disk, as on clusters): `evaluate` and `export` of it work from the project, from another working
+    directory and after the project has moved, and results.json keeps the run's own record."""
+    project, disk = tmp_path / "proj", tmp_path / "scratch"
     (project / "data").mkdir(parents=True)
+    (disk / "runs").mkdir(parents=True)
+    (project / "runs").symlink_to(disk / "runs")
+    shutil.copytree(model_dir, project / "model")
     for split in ("train", "test"):
         shutil.copyfile(DATA / f"{split}.parquet", project / "data" / f"{split}.parquet")
     monkeypatch.chdir(project)
     files = {split: f"data/{split}.parquet" for split in ("train", "test")}
-    results = run_continual(*groups(model_dir, "runs/r", data_files=files, class_groups=[[0, 1], [2, 3]]))
+    results = run_continual(*groups("model", "runs/r", data_files=files, class_groups=[[0, 1], [2, 3]]))
+    before = (project / "runs" / "r" / "results.json").read_bytes()
+    assert cli_main(["export", "runs/r", "--output", str(tmp_path / "x")]) == 0  # from the project: outputs/ a symlink
     shutil.move(project, tmp_path / "moved")
     run_dir = tmp_path / "moved" / "runs" / "r"
-    before = (run_dir / "results.json").read_bytes()
     monkeypatch.chdir(tmp_path)
     assert evaluate_run(str(run_dir))["last_row"] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-9)
     assert (run_dir / "results.json").read_bytes() == before and results["output_dir"] == "runs/r"
-    assert cli_main(["export", "moved/runs/r", "--output", "x"]) == 0 and (tmp_path / "x" / "README.md").is_file()
-    assert launch_folder(run_dir, "runs/r") == tmp_path / "moved"
-    assert launch_folder(run_dir, "./runs//r/") == tmp_path / "moved"
+    assert cli_main(["export", "moved/runs/r", "--output", "y"]) == 0  # the model read again, from the moved project
+    assert (tmp_path / "x" / "results.json").read_bytes() == (tmp_path / "y" / "results.json").read_bytes()
+    assert launch_folders(run_dir, "runs/r") == [tmp_path / "moved", disk]  # as given first, then resolved
+    assert launch_folders(run_dir, "./runs//r/") == [tmp_path / "moved", disk]
+    assert launch_folders(run_dir, "r") == [run_dir.parent, disk / "runs"]
     for recorded in ("other/r", str(run_dir), "../r", "r/runs", "moved/runs/r/x"):
-        assert launch_folder(run_dir, recorded) is None, recorded
+        assert launch_folders(run_dir, recorded) == [], recorded

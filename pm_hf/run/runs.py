@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import filecmp
+import glob
 import json
 import os
 import tempfile
@@ -61,40 +61,76 @@ def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training
         raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
     state, saved = loaded
     recorded = saved.get("PMConfig", {}).get("output_dir") or str(out)
-    view = view.resolve()  # the build below may read from the launch folder (relative data and model paths)
-    groups = dataclasses_from_config(saved, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
-    with contextlib.chdir(launch_folder(out, recorded) or Path.cwd()):
-        loop = build_loop(RunConfig(*groups), hub=hub)
-    refuse_changes(saved, loop.config, out, training=False)  # the model and the data; not how it was launched
+    source = from_launch_folder(saved, out)  # its relative data and model paths, read where it was launched
+    groups = dataclasses_from_config(source, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
+    loop = build_loop(RunConfig(*groups), hub=hub)
+    refuse_changes(source, loop.config, out, training=False)  # the model and the data; not how it was launched
     # the record stays the run's (how it trained, the pm_hf that trained it, its peak memory), not this call's: an
     # export (an export records its own version apart) or a re-evaluation writes the same results.json every time
     loop.config = copy.deepcopy(saved)
-    trained = {"output_dir": recorded, "peak_rss_mb": _recorded_peak(out)}
+    trained = {"output_dir": recorded, **_recorded(out, ("peak_rss_mb", "distributed"))}
     loop.results = lambda: {**ContinualLoop.results(loop), **trained}
     loop.restore(state)
-    if view != out.resolve():  # the loop reads the view; results.json and the plots are the checkpoint's
+    if view != out:  # the loop reads the view; results.json and the plots are the checkpoint's
         write_outputs(view, loop.results())
     return loop
 
 
-def launch_folder(out: Path, recorded: str) -> Path | None:
-    """The folder a run was launched from, where its relative paths (data files, a local model) are read: the run
-    folder's path less its recorded relative `output_dir` (`outputs/demo` of `/home/me/proj/outputs/demo` gives
-    `/home/me/proj`, wherever `pm-hf evaluate` runs now and wherever the project has moved since); None where the
-    recorded path is absolute or does not end the run folder's (the working directory is then used)."""
+def launch_folders(out: Path, recorded: str) -> list[Path]:
+    """The folders a run may have been launched from: the run folder's path less its recorded relative `output_dir`
+    (`outputs/demo` of `/home/me/proj/outputs/demo` gives `/home/me/proj`, wherever the project has moved since),
+    from the path as given (symlinks kept), then resolved; none where the recorded path is absolute or not its end."""
     parts = Path(os.path.normpath(recorded)).parts
-    if not parts or Path(recorded).is_absolute() or ".." in parts or parts == (".",):
-        return None
-    here = out.resolve().parts
-    return Path(*here[: -len(parts)]) if len(here) > len(parts) and here[-len(parts) :] == parts else None
+    if not parts or Path(recorded).is_absolute() or ".." in parts:
+        return []
+    found = []
+    for here in (Path(os.path.abspath(out)).parts, out.resolve().parts):
+        if len(here) > len(parts) and here[-len(parts) :] == parts and Path(*here[: -len(parts)]) not in found:
+            found.append(Path(*here[: -len(parts)]))
+    return found
 
 
-def _recorded_peak(out: Path) -> float | None:
-    """The peak memory the run's own results.json records (its training's), or None where it records none."""
+def from_launch_folder(saved: dict, out: Path) -> dict:
+    """The run record with its relative local paths (data files, a local dataset folder, a local model) made absolute
+    under the folder it was launched from (the first of `launch_folders` that holds its data files), so that
+    evaluate, export and push read the run's files from any working directory; the record as it is otherwise."""
+    for where in launch_folders(out, saved.get("PMConfig", {}).get("output_dir") or ""):
+        missing, config = [], copy.deepcopy(saved)
+
+        def there(path, required: bool = False, where: Path = where, missing: list = missing):
+            if not isinstance(path, str) or not path or Path(path).expanduser().is_absolute() or "://" in path:
+                return path
+            found = (where / path).exists() or bool(glob.glob(str(where / path)))
+            missing.extend([] if found or not required else [path])
+            return str(where / path) if found else path
+
+        data, model = config.get("DataArguments", {}), config.get("ModelArguments", {})
+        for spec in [data, *(data.get("task_datasets") or [])]:
+            spec["dataset_name"] = there(spec.get("dataset_name"))
+            spec["data_files"] = _map_paths(spec.get("data_files"), lambda p: there(p, required=True))
+        if model:
+            model["model_name_or_path"] = there(model.get("model_name_or_path"))
+        if not missing:
+            return config
+    return saved
+
+
+def _map_paths(files, change):
+    """`data_files` (a path, a list of them, or a split -> path(s) mapping) with each path changed."""
+    if isinstance(files, dict):
+        return {split: _map_paths(value, change) for split, value in files.items()}
+    if isinstance(files, list):
+        return [change(p) for p in files]
+    return change(files) if files is not None else None
+
+
+def _recorded(out: Path, keys: tuple[str, ...]) -> dict:
+    """What the run's own results.json records of `keys` (its training's peak memory and launch), None where not."""
     try:
-        return json.loads((out / "results.json").read_text()).get("peak_rss_mb")
-    except (OSError, ValueError, AttributeError):
-        return None
+        found = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        found = {}
+    return {key: found.get(key) if isinstance(found, dict) else None for key in keys}
 
 
 def evaluate_run(run_dir: str) -> dict:
