@@ -16,7 +16,7 @@ from types import SimpleNamespace
 from accelerate import PartialState
 from transformers import PreTrainedModel, TrainerControl, TrainerState
 
-from .config.checks import InputError, check_loop_training, invalid
+from .config.checks import InputError, check_devices_here, check_loop_training, invalid
 from .config.groups import (
     DataArguments,
     FisherArguments,
@@ -125,6 +125,8 @@ class ContinualTrainer:
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         check_loop_training(args)  # the task Trainers' own evaluation, label names: as `pm-hf train` checks them
+        check_devices_here(fisher_device=self.fisher_args.fisher_device,
+                           accumulator_device=self.merge_args.accumulator_device)  # fmt: skip
         # the Hub before anything is loaded or trained: write access checked, a pushed state downloaded
         main = args.should_save
         if main and in_use(Path(args.output_dir)):  # another live process trains there: refused before loading

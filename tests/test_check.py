@@ -130,7 +130,8 @@ def _bad_data(tmp_path: Path) -> dict[str, str]:
     [("missing data file", "data_files"), ("test class not in train", "eval_split"),
      ("bad learning rate", "learning_rate"), ("output_dir is a file", "output_dir"),
      ("output_dir under a file", "output_dir"), ("unknown field", "learnig_rate"),
-     ("trainer evaluation", "eval_strategy"), ("label names", "label_names"), ("data file a folder", "data_files")],
+     ("trainer evaluation", "eval_strategy"), ("label names", "label_names"), ("data file a folder", "data_files"),
+     ("a CUDA device this machine lacks", "accumulator_device")],
 )  # fmt: skip
 def test_bad_configs_exit_2_naming_the_field_and_write_nothing(tmp_path, capsys, monkeypatch, case, field):
     monkeypatch.chdir(ROOT)
@@ -153,6 +154,8 @@ def test_bad_configs_exit_2_naming_the_field_and_write_nothing(tmp_path, capsys,
         (inputs / "a-file").write_text("not a folder")
         out = inputs / "a-file" / "run"
         flags = ["--output_dir", str(out)]
+    elif case == "a CUDA device this machine lacks":  # before: an AssertionError after the first task trained
+        flags += ["--accumulator_device", "cuda:99"]
     elif case == "data file a folder":  # before: 'no local dataset of that name', the path existing
         flags += ["--data_files", f"{{train: {inputs}, test: {inputs}}}"]
     elif case == "trainer evaluation":  # the task Trainers have no eval split: a ValueError once training began
@@ -232,3 +235,12 @@ def test_train_refuses_an_output_dir_that_is_a_file_too(tmp_path, capsys, monkey
     err = capsys.readouterr().err  # the value is shortened when the path is long
     assert err.startswith("pm-hf: error: output_dir = '") and ": is a file, not a folder" in err
     assert out.read_text() == "not a folder" and sorted(tmp_path.iterdir()) == [out]
+
+
+def test_a_run_trained_on_a_gpu_reads_back_on_a_machine_without_one():
+    """The device fields are checked against this machine where a run starts (`check`, `train`), not where its
+    settings are read back: evaluate and export of a run saved with CUDA devices work on a CPU."""
+    from pm_hf.config.groups import FisherArguments, MergeArguments
+
+    assert FisherArguments(fisher_device="cuda").fisher_device == "cuda"
+    assert MergeArguments(accumulator_device="cuda:99").accumulator_device == "cuda:99"

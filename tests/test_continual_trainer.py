@@ -19,7 +19,7 @@ from transformers.trainer_utils import TrainOutput
 import pm_hf.hub.repository
 from pm_hf import ContinualTrainer, PMConfig
 from pm_hf.config.checks import InputError
-from pm_hf.config.groups import DataArguments, FisherArguments, LoraArguments
+from pm_hf.config.groups import DataArguments, FisherArguments, LoraArguments, MergeArguments
 from pm_hf.data.streams import task_splits
 from pm_hf.run.results import results_dict
 
@@ -142,13 +142,16 @@ def test_errors_name_python_arguments(model_dir, tmp_path):
      ({"callbacks": ["x"]}, r"^callbacks = 'str': give `ContinualCallback`s"),
      ({"processing_class": "bert-base-uncased"}, r"^processing_class = 'bert-base-uncased': give the tokenizer"),
      ({"eval_strategy": "steps"}, r"^args\.eval_strategy = 'steps': a task's Trainer has no eval split"),
-     ({"label_names": ["x"]}, r"^args\.label_names = \['x'\]: ")],
+     ({"label_names": ["x"]}, r"^args\.label_names = \['x'\]: "),
+     ({"merge_args": "cuda:99"}, r"^merge_args\.accumulator_device = 'cuda:99': this machine has")],
 )  # fmt: skip
 def test_what_failed_after_training_began_is_refused_at_construction(model_dir, tmp_path, given, match):
     """Before: a TypeError / IndexError / AttributeError from inside the loop, some after the first task had trained
     and left a folder that refused a plain retry; now an input error before anything is written."""
     task = {"train": rows("train", 0, 1), "test": rows("test", 0, 1)}
     objects = {k: given.pop(k) for k in list(given) if k not in PMConfig.__dataclass_fields__}
+    if "merge_args" in objects:  # a device this machine lacks (an AssertionError at the first merge, before)
+        objects["merge_args"] = MergeArguments(accumulator_device=objects["merge_args"])
     with pytest.raises(InputError, match=match):
         ContinualTrainer(model_dir, PMConfig(output_dir=str(tmp_path / "out"), use_cpu=True, **given), [task],
                          **objects).train()  # fmt: skip

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config.checks import check_loop_training, invalid
+from ..config.checks import check_devices_here, check_loop_training, invalid
 from ..config.groups import RunConfig
 from ..data.images import check_image_fit
 from ..data.instruct import MODALITY
@@ -190,6 +190,7 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
     HeadAlignment.check_args(merge_args)
     refuse_sharding(args)
     check_loop_training(args)
+    check_devices_here(fisher_device=fisher_args.fisher_device, accumulator_device=merge_args.accumulator_device)
     source = _check_source(args)
     output_state = _check_output(args, resume)
     causal = is_causal_lm(model_args)  # reads the model's config (AutoConfig), not its weights

@@ -59,17 +59,26 @@ def check_number(
 
 
 def check_device(name: str, value: Any) -> None:
-    """null, or a device string torch understands ('cpu', 'cuda', 'cuda:1', ...) that this machine has (a CUDA
-    device is counted, not initialised)."""
+    """null, or a device string torch understands ('cpu', 'cuda', 'cuda:1', ...); whether this machine has it is
+    `check_devices_here`'s (a saved run trained on a GPU is still evaluated and exported on a CPU)."""
     if value is None:
         return
     try:
-        device = torch.device(value)
+        torch.device(value)
     except (RuntimeError, TypeError):
         raise invalid(name, value, "use a device such as 'cpu' or 'cuda:0', or null for the model's device.") from None
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cuda" and (device.index or 0) >= have:
-        raise invalid(name, value, f"this machine has {have} CUDA device(s): use 'cpu', or null (the model's device).")
+
+
+def check_devices_here(**devices: Any) -> None:
+    """The devices a run will use (`fisher_device`, `accumulator_device`) exist on this machine: refused before
+    anything trains, not at the first Fisher or merge (CUDA devices are counted only when one is asked for)."""
+    for name, value in devices.items():
+        device = torch.device(value) if value is not None else None
+        if device is None or device.type != "cuda":
+            continue
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= have:
+            raise invalid(name, value, f"this machine has {have} CUDA device(s): use 'cpu', or null (the model's).")
 
 
 _SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
