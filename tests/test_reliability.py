@@ -364,6 +364,8 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(assets, referenc
     code, err = train(assets, tmp_path / "lr", merge_method="seq-merge", learning_rate=1e30)
     assert code == 1 and "training diverged in task 0" in err and "Traceback" not in err
     assert not (tmp_path / "lr" / "latest.json").exists()
+    (tmp_path / "lr" / "runs").mkdir()  # TensorBoard's logs, where report_to asks for them
+    (tmp_path / "lr" / "runs" / "events.out.tfevents.1").write_bytes(b"logs")
     code, _ = train(assets, tmp_path / "lr", merge_method="seq-merge", class_groups=[[0, 1]])  # the rerun it asks for
     assert code == 0 and json.loads((tmp_path / "lr" / "latest.json").read_text())["completed"] == 1
     out = tmp_path / "run"

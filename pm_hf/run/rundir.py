@@ -27,6 +27,7 @@ from ..method.strategies.knobs import unrecorded_changes
 LOCK = ".pm_hf.lock"
 IN_USE = ("in use by another pm_hf process (a run training there); wait for it, or choose another output_dir "
           "(several processes launched on purpose: on a machine without a GPU set `use_cpu: true`).")  # fmt: skip
+LOGS = "runs"  # TensorBoard's logs of the sequence (`report_to`), appended to by a resumed run
 OWNED = ("latest.json", "results.json", "adapters", "merged_adapter", "tasks", "accuracy_matrix.png",
          "accuracy_curve.png")  # fmt: skip
 # Fields that do not change what a run computes: paths, logging, progress bars, evaluation batching, Hub pushes.
@@ -110,10 +111,12 @@ def remove_stale(out: Path) -> list[str]:
 
 
 def _others(out: Path) -> list[Path]:
-    """What `out` holds besides the lock, a killed run's temporaries and folders of a run's own that hold no file (a
-    run stopped before its first checkpoint, e.g. diverged in its first task, leaves nothing to resume)."""
+    """What `out` holds besides the lock, a killed run's temporaries, its TensorBoard logs (`runs/`) and folders of a
+    run's own that hold no file (a run stopped before its first checkpoint, e.g. diverged in its first task, leaves
+    nothing to resume but its logs)."""
     is_stale = lambda p: p.name.startswith(".") and (TMP_MARK in p.name or ".old-" in p.name)  # noqa: E731
-    is_bare = lambda p: p.name in OWNED and p.is_dir() and not any(q.is_file() for q in p.rglob("*"))  # noqa: E731
+    empty = lambda p: not any(q.is_file() for q in p.rglob("*"))  # noqa: E731
+    is_bare = lambda p: p.is_dir() and (p.name == LOGS or (p.name in OWNED and empty(p)))  # noqa: E731
     return [p for p in out.iterdir() if p.name != LOCK and not is_stale(p) and not is_bare(p)] if out.is_dir() else []
 
 
