@@ -114,6 +114,10 @@ def test_the_card_keeps_the_base_models_licence_where_its_card_is_at_hand(tmp_pa
     (local / "README.md").write_text("---\nlicense: other\nlicense_name: my-terms\nlicense_link: LICENSE\n---\nhi\n")
     data = check_card(_export(tmp_path / "other", str(local))).data
     assert (data.license, data.license_name, data.license_link) == ("other", "my-terms", "LICENSE")
+    from pm_hf.hub.card import base_license
+
+    assert base_license({"hub_id": None, "base_model": str(tmp_path / "gone")}) == {}  # a base no longer there
+    assert base_license({"hub_id": "not/a/valid/id", "base_model": "x"}) == {}  # the cache cannot name it
 
 
 @pytest.mark.parametrize(("method", "pm_config", "tagged"), [
@@ -121,11 +125,13 @@ def test_the_card_keeps_the_base_models_licence_where_its_card_is_at_hand(tmp_pa
     ("validated-alpha", {"perturbation": "task_vector", "perturb_eps": 0.5}, True),  # the preset: P&M's training
     ("validated-alpha", {"perturbation": "none", "perturb_eps": 0.5}, False),
     ("coma", {"perturbation": "task_vector", "perturb_eps": 0.0}, False),
+    ("ties", {"perturbation": "task_vector", "perturb_eps": 0.5}, "posthoc"),  # a merge's data config: none ran
 ])  # fmt: skip
 def test_the_perturb_and_merge_tag_follows_what_ran(method, pm_config, tagged):
     from pm_hf.hub.card import card_data
 
     results = {**RESULTS, "config": {**RESULTS["config"], "PMConfig": pm_config,
                                      "MergeArguments": {"merge_method": method}}}  # fmt: skip
-    tags = card_data(results, {"task": "sequence_classification"}, None).tags
-    assert ("perturb-and-merge" in tags) == tagged
+    info = {"task": "sequence_classification", **({"merged_adapters": ["a", "b"]} if tagged == "posthoc" else {})}
+    tags = card_data(results, info, None).tags
+    assert ("perturb-and-merge" in tags) == (tagged is True)

@@ -97,11 +97,11 @@ def _structured_container(tp: Any) -> type | None:
 GIVEN = "\x1f"  # around the text a structured field could not read, in its argparse message (`usage.InputErrors`)
 
 
-def _example(hint: Any) -> str:
+def _example(name: str, hint: Any) -> str:
     """A value of a structured field's kind, for its error message."""
     tp = _strip_optional(hint)
     if (typing.get_origin(tp) or tp) is dict:
-        return "a mapping, e.g. '{train: a.parquet}'"
+        return "a mapping, e.g. '{train: a.parquet}'" if name == "data_files" else "a mapping, e.g. '{key: value}'"
     (item,) = typing.get_args(tp) or (None,)
     if (typing.get_origin(item) or item) is dict:
         return "a list of mappings, e.g. '[{dataset_name: parquet, data_files: {train: a.parquet}}]'"
@@ -150,7 +150,7 @@ def build_parser(cli_options: bool = False, prog: str = "pm-hf train") -> HfArgu
                 continue
             for action in parser._actions:
                 if action.dest == name:
-                    action.type, action.nargs = _yaml_value(name, container, _example(hint)), None
+                    action.type, action.nargs = _yaml_value(name, container, _example(name, hint)), None
                     action.metavar = "YAML"
     if cli_options:
         parser.add_argument(

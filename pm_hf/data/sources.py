@@ -86,7 +86,8 @@ def _check_local_files(name: str, files, builder: str) -> None:
             if not (glob.has_magic(path) and glob.glob(path)) and not Path(path).exists():
                 raise invalid(name, files, f"{pattern!r} does not exist; check the path (relative to {Path.cwd()}).")
             if Path(path).is_dir() and not glob.has_magic(path) and builder not in ("imagefolder", "audiofolder"):
-                fix = f"{pattern!r} is a folder: name its files, e.g. '{pattern}/*.{builder}'."
+                suffix = {"text": "txt", "arrow": "arrow"}.get(builder, builder)
+                fix = f"{pattern!r} is a folder: name its files, e.g. '{pattern}/*.{suffix}'."
                 raise invalid(name, files, fix)
             if Path(path).is_file() and _has_no_rows(Path(path)):
                 raise invalid(name, files, f"{pattern!r} holds no rows: every split needs data.")

@@ -34,14 +34,17 @@ def base_license(info: dict) -> dict:
     """The licence fields (`license`, and `license_name`/`license_link` for an 'other' one) of the base model's own
     card, read from a local copy only: the base's folder, or its snapshot in the HF cache. A fine-tuned model keeps
     its base's terms; where no card of the base is at hand, none is claimed ({})."""
-    base = info.get("hub_id") or info.get("base_model")
-    if not base or not isinstance(base, str):
-        return {}
-    if Path(base).is_dir():
-        readme = Path(base) / "README.md"
-    else:
-        found = try_to_load_from_cache(base, "README.md", revision=info.get("revision"))
+    hub_id, local = info.get("hub_id"), info.get("base_model")
+    if isinstance(local, str) and not hub_id and Path(local).is_dir():
+        readme = Path(local) / "README.md"
+    elif isinstance(hub_id, str) and hub_id:
+        try:  # the Hub's cache only (no download): a base gone from it, or a revision not cached, claims nothing
+            found = try_to_load_from_cache(hub_id, "README.md", revision=info.get("revision"))
+        except ValueError:  # an id or revision the cache cannot name (HFValidationError)
+            found = None
         readme = Path(found) if isinstance(found, str) else None
+    else:
+        return {}
     if readme is None or not readme.is_file():
         return {}
     try:
@@ -74,7 +77,7 @@ def card_data(results: dict, info: dict, repo_id: str | None) -> ModelCardData:
     datasets = datasets_of(results.get("config", {}))
     method = info.get("merge_method") or results.get("config", {}).get("MergeArguments", {}).get("merge_method")
     tags = ["continual-learning", "pm_hf", "lora"] + ([] if merged else ["peft"])
-    tags += ["perturb-and-merge"] if _perturbed(method, results) else []
+    tags += ["perturb-and-merge"] if _perturbed(method, results) and not is_posthoc(info) else []
     tags += ["model-merging"] if is_posthoc(info) else []
     evals = _evals(results, info, datasets)
     return ModelCardData(

@@ -61,6 +61,9 @@ class HubTarget:
     overwrite_state: bool = False  # `overwrite_hub_state`: replace another sequence's continual state
 
 
+# git's rules for a branch name (`git check-ref-format`), which the Hub applies: no control characters, spaces or
+# ~^:?*[\, no '..', '@{' or '//', no part starting with '.', not starting with '-' or '/', not ending with '/', '.'
+# or '.lock'
 BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|(^|/)\.|^[-/]|[/.]$|\.lock$")
 
 

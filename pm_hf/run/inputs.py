@@ -15,9 +15,6 @@ from ..errors import InputError, invalid
 
 MODES = ("adapter", "adapter-svd", "merged", "per-task")
 EXPORT_INFO = "pm_hf_export.json"  # `pm_hf.hub.export.INFO`: what marks a folder as an export
-# git's rules for a branch name (`git check-ref-format`), which the Hub applies: no control characters, spaces or
-# ~^:?*[\, no '..', '@{' or '//', no part starting with '.', not starting with '-' or '/', not ending with '/', '.'
-# or '.lock'
 
 
 def run_folder(value: str) -> Path:

@@ -57,7 +57,9 @@ def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int |
     theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
     merged, full = whole or loop.weights.gathered()
     fan = uses_fan_in_fan_out(loop.model)
-    records = task_records(loop.out, len(loop.log), [entry.get("record_sha256") for entry in loop.log])  # checked
+    needed = not loop.low_rank or mode == "per-task"  # a run merged into an adapter exports that adapter otherwise
+    digests = [entry.get("record_sha256") for entry in loop.log]  # each record checked against its log entry's
+    records = task_records(loop.out, len(loop.log), digests) if needed else None
     if loop.low_rank:  # the run's model is the base plus its merged adapter (compressed or not)
         history = [merged_record(loop.weights, fan)]
         if mode not in ("adapter", "per-task"):
