@@ -27,7 +27,7 @@ from .config.groups import (
     RunConfig,
 )
 from .config.training_args import as_pm_config
-from .data.given import prepare_task, task_list
+from .data.given import check_given_classes, prepare_task, task_list
 from .data.streams import TaskStream
 from .distributed.launch import refuse_sharding
 from .errors import python_names
@@ -231,6 +231,8 @@ class ContinualTrainer:
         tasks, self._pending = self._pending, []  # a refused task is not added
         with quiet_datasets():
             prepared = self._prepare(tasks, self.loop.stream, self.loop.processor)
+        done = self.loop.stream.tasks
+        check_given_classes([*done, *(t for t, _ in prepared)], len(done), self.data_args)
         append_tasks(self.loop, prepared)
 
     def _prepare(self, entries: list, stream: TaskStream, processor) -> list:

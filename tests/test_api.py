@@ -238,3 +238,40 @@ def test_progress_is_one_bar_over_tasks(capsys, tmp_path):
     for noise in ("Map", "Preparing task", "Loading weights", "LOAD REPORT", "{'loss'", "Generating"):
         assert noise not in text, noise
     assert np.isfinite(json.loads((tmp_path / "run" / "results.json").read_text())["acc"])
+
+
+def test_a_model_object_from_a_folder_with_a_wider_head_exports_too(model_dir, tmp_path):
+    """A model object that names its folder, its head wider than the tasks' classes: the export's base is a copy of
+    it (a reload from the folder has the tasks' rows only: the run crashed at its export, after training)."""
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=6, ignore_mismatched_sizes=True)
+    results = trainer(model, tmp_path / "run", [task(0, 1), task(2, 3)]).train().results
+    from pm_hf import load_export
+
+    exported = load_export(str(tmp_path / "run" / "merged_adapter"))[0]
+    assert len(results["accuracy_matrix"]) == 2 and exported.config.num_labels == 6
+
+
+@pytest.mark.parametrize(
+    ("tasks", "match", "added"),
+    [(lambda: [task(0), task(2, 3)], r"^tasks\[0\] = \[0\]: one class", r"^tasks\[1\] = \[0\]: one class"),
+     (lambda: [task(0, 1), task(1, 2)], r"^tasks\[1\] = \[1\]: classes an earlier task trained",
+      r"^tasks\[2\] = \[1\]: classes an earlier task trained")],
+)  # fmt: skip
+def test_tasks_given_as_objects_are_checked_as_class_groups_are(model_dir, tmp_path, tasks, match, added):
+    """One class under the class-incremental mask trained nothing (its loss was 0); a class of an earlier task was
+    taken silently. Both are refused before anything is written, as `class_groups` are; also through add_task."""
+    with pytest.raises(InputError, match=match):
+        trainer(model_dir, tmp_path / "a", tasks()).train()
+    assert not (tmp_path / "a").exists()
+    first, later = tasks()
+    seq = trainer(model_dir, tmp_path / "b", [task(4, 5)])
+    seq.train()
+    with pytest.raises(InputError, match=added):
+        seq.add_task(first).add_task(later).train()
+
+
+def test_a_language_model_made_in_memory_needs_its_tokenizer(tmp_path):
+    """Before: `TypeError: 'NoneType' object is not callable` from inside the tokenization."""
+    with pytest.raises(InputError, match=r"^processing_class = None: a language model made in memory"):
+        trainer(tiny_bert(num_labels=2), tmp_path / "a", [task(0, 1)]).train()
+    assert not (tmp_path / "a").exists()

@@ -69,3 +69,24 @@ def add_label_names(stream: TaskStream, tasks: Sequence[tuple[Task, dict[int, st
     for task, names in tasks:
         if task.classes:
             stream.label_names += [names.get(c, str(c)) for c in range(len(stream.label_names), max(task.classes) + 1)]
+
+
+def check_given_classes(tasks: Sequence[Task], first: int, data_args: DataArguments) -> None:
+    """Tasks `first`.. of a sequence given as objects, as `class_groups` are checked: with a logit mask (class- and
+    task-incremental) two classes or more (one class trains nothing: its masked loss is zero), and in a
+    class-incremental sequence no class of an earlier task."""
+    seen = {c for task in tasks[:first] for c in task.classes}
+    for t in range(first, len(tasks)):
+        classes = list(tasks[t].classes)
+        if not classes:  # an instruction task: no classes
+            continue
+        if data_args.scenario != "domain_incremental" and len(classes) < 2:
+            fix = (
+                f"one class: under the {data_args.scenario} logit mask its loss is zero; give every task >= 2 classes."
+            )
+            raise invalid(f"tasks[{t}]", classes, fix)
+        again = sorted(seen & set(classes))
+        if data_args.scenario == "class_incremental" and again:
+            fix = "classes an earlier task trained: each class belongs to one task (domain_incremental repeats them)."
+            raise invalid(f"tasks[{t}]", again, fix)
+        seen |= set(classes)

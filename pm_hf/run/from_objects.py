@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from ..config.checks import invalid
 from ..config.groups import ModelArguments
-from ..data.given import add_label_names, first_stream
+from ..data.given import add_label_names, check_given_classes, first_stream
 from ..data.images import check_image_fit
 from ..method.models import config_of, load_processor, model_digest
 from .assembly import (
@@ -42,9 +42,13 @@ def loop_from_objects(trainer) -> ContinualLoop:
     processor = trainer._processor
     if processor is None and model_args.model_name_or_path != IN_MEMORY:
         processor = load_processor(model_args)
+    if processor is None and getattr(getattr(model, "config", None), "vocab_size", None):  # a TypeError, before
+        fix = "a language model made in memory has no tokenizer to load: give processing_class=its tokenizer."
+        raise invalid("processing_class", None, fix)
     with quiet_datasets():  # a refused task leaves the pending ones as they were
         stream = first_stream(trainer._pending[0], processor, trainer.data_args, trainer.args.seed, causal)
         prepared = trainer._prepare(trainer._pending[1:], stream, processor)
+        check_given_classes([*stream.tasks, *(t for t, _ in prepared)], 0, trainer.data_args)
     if stream.modality == "image":  # images as they reach the model (no processor): its channels and size
         given = model if isinstance(model, PreTrainedModel) else None
         tasks, column = [*stream.tasks, *(t for t, _ in prepared)], trainer.data_args.image_column
@@ -52,7 +56,11 @@ def loop_from_objects(trainer) -> ContinualLoop:
     trainer._pending = []
     if isinstance(model, PreTrainedModel):
         loaded = lambda: model  # noqa: E731 - the user's model, trained in place
-        if model_args.model_name_or_path == IN_MEMORY:  # no folder to reload it from: a copy for the export's base
+        classes = [c for task in [*stream.tasks, *(t for t, _ in prepared)] for c in task.classes]
+        wider = not causal and getattr(model.config, "num_labels", 0) > 1 + max(classes, default=-1)
+        # no folder to reload it from, or a head wider than the tasks' classes, which a reload would not have (the
+        # export's base crashed at the end of the run): a copy for the export's base
+        if model_args.model_name_or_path == IN_MEMORY or wider:
             pristine = copy.deepcopy(model).cpu()
             loaded_base = lambda: copy.deepcopy(pristine)  # noqa: E731
         else:

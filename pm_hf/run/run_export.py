@@ -51,9 +51,14 @@ def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int |
     records."""
     with seeded(loop.args.seed), loading_whole():  # the main process alone: never partitioned by ZeRO-3
         base = loop.load_base()
-    if loop.stream.label_names and hasattr(base.config, "id2label"):
-        base.config.id2label = dict(enumerate(loop.stream.label_names))
-        base.config.label2id = {n: i for i, n in enumerate(loop.stream.label_names)}
+    if loop.stream.label_names and hasattr(base.config, "id2label"):  # a wider head's other rows keep their names
+        rows = max(len(loop.stream.label_names), getattr(base.config, "num_labels", 0))
+        names = [
+            *loop.stream.label_names,
+            *(base.config.id2label.get(i, f"LABEL_{i}") for i in range(len(loop.stream.label_names), rows)),
+        ]
+        base.config.id2label = dict(enumerate(names))
+        base.config.label2id = {n: i for i, n in enumerate(names)}
     theta0 = {k: p.detach().float().clone() for k, p in base.named_parameters()}
     merged, full = whole or loop.weights.gathered()
     fan = uses_fan_in_fan_out(loop.model)
