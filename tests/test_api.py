@@ -275,3 +275,17 @@ def test_a_language_model_made_in_memory_needs_its_tokenizer(tmp_path):
     with pytest.raises(InputError, match=r"^processing_class = None: a language model made in memory"):
         trainer(tiny_bert(num_labels=2), tmp_path / "a", [task(0, 1)]).train()
     assert not (tmp_path / "a").exists()
+
+
+def test_a_run_trained_on_python_datasets_names_why_its_folder_cannot_be_exported(model_dir, tmp_path):
+    """Its folder records no data to rebuild the tasks from: before, `data_files = None: the 'parquet' builder ...`,
+    a field the user never set; the trainer itself exports it."""
+    from pm_hf.run.runs import evaluate_run, export_run_dir
+
+    seq = trainer(model_dir, tmp_path / "run", [task(0, 1)])
+    seq.train()
+    for call in (lambda: export_run_dir(tmp_path / "run", tmp_path / "x"), lambda: evaluate_run(str(tmp_path / "run"))):
+        with pytest.raises(InputError, match=r"^run_dir = .*: was trained on datasets given in Python"):
+            call()
+    seq.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()

@@ -23,6 +23,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pm_hf.commands.cli import main as cli_main
 from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop, run_continual
+from pm_hf.errors import InputError
 from pm_hf.hub.export import (
     ExportSpec,
     history_delta,
@@ -282,3 +283,10 @@ def test_a_run_folder_reads_its_relative_paths_from_where_it_was_launched(model_
     assert launch_folders(run_dir, "r") == [run_dir.parent, disk / "runs"]
     for recorded in ("other/r", str(run_dir), "../r", "r/runs", "moved/runs/r/x"):
         assert launch_folders(run_dir, recorded) == [], recorded
+
+
+def test_an_export_info_naming_no_task_is_an_input_error(tmp_path):
+    """A damaged pm_hf_export.json (`{}`): `model = ...`, not a KeyError."""
+    (tmp_path / "pm_hf_export.json").write_text("{}")
+    with pytest.raises(InputError, match=r"^model = .*names no task of"):
+        load_export(str(tmp_path))

@@ -24,6 +24,7 @@ from transformers import (
 
 from ..config.checks import invalid
 from ..config.groups import RunConfig
+from ..data.sources import FILE_BUILDERS
 from ..hub.export import INFO
 from ..hub.origin import resolve_base
 from ..hub.repository import connect, download_export
@@ -60,6 +61,10 @@ def load_run(run_dir: str | Path, hub=None, view: Path | None = None, **training
     if loaded is None:
         raise invalid("run_dir", str(run_dir), "holds no checkpoint (latest.json): pass the output_dir of a run.")
     state, saved = loaded
+    data = saved.get("DataArguments", {})
+    if data.get("dataset_name") in FILE_BUILDERS and not data.get("data_files") and not data.get("task_datasets"):
+        fix = "was trained on datasets given in Python, which a run folder does not record: export or push it from "
+        raise invalid("run_dir", str(run_dir), fix + "its ContinualTrainer (save_model, push_to_hub, evaluate).")
     recorded = saved.get("PMConfig", {}).get("output_dir") or str(out)
     source = from_launch_folder(saved, out)  # its relative data and model paths, read where it was launched
     groups = dataclasses_from_config(source, {"PMConfig": {**QUIET, "output_dir": str(view), **training}})
@@ -196,7 +201,10 @@ def load_export(source: str, revision: str | None = None):
     merged. A folder loads wherever it was moved or copied."""
     folder = Path(source) if Path(source).is_dir() else download_export(source, revision)
     info = read_export_info(folder)
-    task = info["task"]
+    task = info.get("task") if isinstance(info, dict) else None
+    if task not in MODEL_CLASSES:  # a KeyError, before
+        fix = f"its {INFO} names no task of {sorted(MODEL_CLASSES)} (damaged, or not written by pm_hf): export again."
+        raise invalid("model", str(source), fix)
     if info.get("format") == "merged":
         model = MODEL_CLASSES[task].from_pretrained(str(folder))
     else:
