@@ -12,6 +12,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from pm_hf.config.groups import LoraArguments  # noqa: E402
+from pm_hf.errors import InputError  # noqa: E402
 from pm_hf.method.adapters import attach_lora, lora_layers  # noqa: E402
 from pm_hf.method.sft import PMSFTConfig, PMSFTTrainer  # noqa: E402
 
@@ -78,8 +79,9 @@ def test_without_perturbation_it_is_trls_sft_trainer_bit_for_bit(tmp_path):
 def test_args_without_the_perturbation_fields_are_refused(tmp_path):
     tok, data, model = _setup(tmp_path)
     args = trl.SFTConfig(output_dir=str(tmp_path / "x"), report_to=[], use_cpu=True, max_length=32)
-    with pytest.raises(TypeError, match="perturbation fields"):
+    with pytest.raises(InputError, match=r"^args = 'SFTConfig': PMSFTTrainer needs the perturbation fields"):
         PMSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    assert not (tmp_path / "x").exists()  # refused before the Trainer made its output_dir
 
 
 @pytest.mark.parametrize("branch, probs", [(-1, [1.0, 0.0, 0.0]), (1, [0.0, 0.0, 1.0])])

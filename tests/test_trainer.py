@@ -212,13 +212,6 @@ def test_config_errors_name_the_field(tmp_path, kw, field):
         make_args(tmp_path, **kw)
 
 
-def test_trainer_requires_pmconfig(tmp_path):
-    from transformers import TrainingArguments
-
-    with pytest.raises(TypeError, match="PMConfig"):
-        PMTrainer(model=make_model(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
-
-
 @pytest.mark.parametrize("head_lr", [None, 0.5])
 def test_head_learning_rate_moves_only_the_head(tmp_path, head_lr):
     """learning_rate 0 with head_learning_rate 0.5: the head trains, LoRA stays put; without a head lr a learning
@@ -255,3 +248,24 @@ def test_late_branch_losses_come_back_per_process_or_with_their_sums_kept():
     three = [own_late_losses(saved, SimpleNamespace(world_size=3, process_index=r)) for r in (0, 1, 2)]
     assert three[0] == one and three[1] == three[2] == {-1: [], 0: [], 1: []}
     assert own_late_losses({"-1": [7.0]}, SimpleNamespace(world_size=1, process_index=0)) == {-1: [7.0], 0: [], 1: []}
+
+
+def test_bad_trainer_arguments_are_input_errors_before_output_dir_is_made(tmp_path):
+    """As the building blocks' other doors: `args` without the perturbation fields, a task index that is no 0-based
+    index (a TypeError / ValueError after the Trainer had made output_dir, before), a model without LoRA."""
+    from transformers import TrainingArguments
+
+    from pm_hf.config.training_args import PMConfig
+    from pm_hf.errors import InputError
+
+    out = tmp_path / "out"
+    plain = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True)
+    with pytest.raises(InputError, match=r"^args = 'TrainingArguments': PMTrainer needs the perturbation fields"):
+        PMTrainer(model=make_model(), args=plain)  # (it was a TypeError)
+    config = PMConfig(output_dir=str(out), report_to=[], use_cpu=True)
+    for index in (-1, "0", True):
+        with pytest.raises(InputError, match=r"^task_index = .*: use the 0-based index"):
+            PMTrainer(model=make_model(), args=config, task_index=index)
+    assert not out.exists()
+    with pytest.raises(InputError, match=r"^model = 'BertForSequenceClassification': has no LoRA layers"):
+        PMTrainer(model=tiny_bert(num_labels=2), args=config)

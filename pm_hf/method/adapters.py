@@ -169,10 +169,11 @@ def active_layers(model: nn.Module) -> tuple[str, dict[str, LoraLayer]]:
     """The active adapter's name and the LoRA layers by merge key, from one walk over the modules."""
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA layers; wrap it with `pm_hf.method.adapters.attach_lora` first.")
+        fix = "has no LoRA layers: wrap it with `pm_hf.method.adapters.attach_lora` (or PEFT's get_peft_model) first."
+        raise invalid("model", type(model).__name__, fix)
     names = next(iter(layers.values())).active_adapters
     if len(names) != 1:
-        raise ValueError(f"P&M trains one adapter at a time, but {names} are active; call `set_adapter` with one.")
+        raise invalid("model", names, "P&M trains one adapter at a time: call `set_adapter` with one of them.")
     return names[0], layers
 
 

@@ -28,9 +28,10 @@ from ..config.groups import PerturbationArguments
 from ..distributed.launch import BACKEND
 from ..distributed.placement import placement_of
 from ..distributed.sharding import every_process, per_process
-from ..errors import DivergenceError
+from ..errors import DivergenceError, invalid
 from ..fileio import atomic_write_text, tree_digests
 from .adapters import (
+    active_layers,
     full_trainable_params,
     gaussian_adapter_noise,
     scale_active_adapter,
@@ -61,14 +62,17 @@ class PerturbationMixin:
     def __init__(self, *args, task_index: int = 0, head_modules: list[str] | None = None, step_offset: int = 0,
                  **kwargs):  # fmt: skip
         self.head_modules, self.step_offset = list(head_modules or []), step_offset
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, PerturbationArguments):
-            raise TypeError(
-                f"{type(self).__name__} needs `args` with the perturbation fields (a PMConfig), "
-                f"got {type(self.args).__name__}."
+        given = kwargs.get("args", args[1] if len(args) > 1 else None)  # checked before the Trainer makes output_dir
+        if not isinstance(given, PerturbationArguments):
+            fix = (
+                f"{type(self).__name__} needs the perturbation fields: give a PMConfig (pm_hf.trl.PMSFTConfig for TRL)."
             )
-        if not isinstance(task_index, int) or task_index < 0:
-            raise ValueError(f"`task_index` = {task_index!r} is invalid: use the 0-based index of the task.")
+            raise invalid("args", type(given).__name__, fix)
+        if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
+            raise invalid("task_index", task_index, "use the 0-based index of the task in the sequence.")
+        super().__init__(*args, **kwargs)
+        if self.args.perturbation != "none":  # its LoRA adapter (TRL's trainers wrap the model in their __init__)
+            active_layers(self.model)
         self.task_index = task_index
         if self.model_accepts_loss_kwargs and not _loss_uses_num_items(self.model):
             # transformers#47688: heads that take **kwargs but compute a plain mean loss (BERT/ViT classifiers)
