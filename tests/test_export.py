@@ -290,3 +290,12 @@ def test_an_export_info_naming_no_task_is_an_input_error(tmp_path):
     (tmp_path / "pm_hf_export.json").write_text("{}")
     with pytest.raises(InputError, match=r"^model = .*names no task of"):
         load_export(str(tmp_path))
+
+
+def test_a_rank_given_as_text_from_python_is_an_input_error(run, tmp_path):
+    """`export_run_dir(..., rank="2")`: before, a TypeError comparing it with 1."""
+    from pm_hf.run.runs import export_run_dir
+
+    with pytest.raises(InputError, match=r"^rank = '2': give an integer rank"):
+        export_run_dir(run[0], tmp_path / "x", mode="adapter-svd", rank="2")
+    assert not (tmp_path / "x").exists()

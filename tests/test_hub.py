@@ -158,7 +158,7 @@ def test_end_pushes_once_without_tags(hub, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("token", "field"), [(None, "hub_model_id"), ("hf_wrong", "hub_token"), (READ_TOKEN, "hub_token")]
+    ("token", "field"), [(None, "hub_token"), ("hf_wrong", "hub_token"), (READ_TOKEN, "hub_token")]
 )
 def test_a_missing_or_refused_token_fails_before_anything_runs(hub, model_dir, tmp_path, token, field):
     out = tmp_path / "run"
@@ -419,3 +419,19 @@ def test_a_repository_with_another_sequences_state_is_pushed_over_only_when_aske
         pushed_state["config"]["fingerprints"]
         == json.loads((out / "results.json").read_text())["config"]["fingerprints"]
     )
+
+
+def test_the_hub_switched_off_is_named_as_such_not_blamed_on_the_token(monkeypatch):
+    """HF_HUB_OFFLINE=1 with a push asked for: before, 'the Hub did not accept the token (OfflineModeIsEnabled)'."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    class Offline:
+        def __init__(self, token=None):
+            pass
+
+        def whoami(self):
+            raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(pm_hf.hub.repository, "HfApi", Offline)
+    with pytest.raises(InputError, match=r"^push_to_hub = True: the Hub is switched off here \(HF_HUB_OFFLINE=1\)"):
+        pm_hf.hub.repository.connect(_hub_args("me/seq", GOOD_TOKEN))

@@ -99,8 +99,8 @@ def is_repo_id(value: str) -> bool:
 def _client(token: str | None, field: str, value) -> HfApi:
     token = token or get_token()
     if not token:
-        fix = "no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass `hub_token`."
-        raise invalid(field, value, fix)
+        fix = "no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass one (`hub_token`, `token=`)."
+        raise invalid("hub_token", None, fix) if field == "hub_model_id" else invalid(field, value, fix)
     return HfApi(token=token)
 
 
@@ -114,6 +114,10 @@ def connect(args) -> HubTarget:
     api = _client(args.hub_token, "hub_model_id", name)
     try:
         identity = api.whoami()
+    except OfflineModeIsEnabled:
+        raise invalid(
+            "push_to_hub", True, "the Hub is switched off here (HF_HUB_OFFLINE=1): unset it to push."
+        ) from None
     except HUB_ERRORS as err:
         raise invalid("hub_token", "<hidden>", f"the Hub did not accept the token ({type(err).__name__}).") from None
     repo_id = name if "/" in name else f"{identity['name']}/{name}"

@@ -90,6 +90,8 @@ def export_mode(mode: str, rank: int | None) -> None:
         raise invalid("mode", mode, "use 'adapter', 'adapter-svd', 'merged' or 'per-task'.")
     if rank is not None and mode != "adapter-svd":
         raise invalid("rank", rank, "only --mode adapter-svd keeps a rank: drop --rank, or use that mode.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):  # a TypeError, before
+        raise invalid("rank", rank, "give an integer rank K >= 1.")
     if mode == "adapter-svd" and (rank is None or rank < 1):
         raise invalid("rank", rank, "adapter-svd needs the rank to keep: give --rank K with K >= 1.")
 

@@ -160,7 +160,9 @@ BAD_CONFIGS = [
         "merged adapter + oracle", {"merge_into": "adapter", "merge_method": "oracle-alpha"}, expect="merge_method"
     ),
     BadConfig("hub_strategy every_save", {"hub_strategy": "every_save"}, expect="hub_strategy"),
-    BadConfig("push without a token", {"push_to_hub": True, "hub_model_id": "me/x"}, expect="hub_model_id"),
+    BadConfig(
+        "push without a token", {"push_to_hub": True, "hub_model_id": "me/x", "hub_token": None}, expect="hub_token"
+    ),
     BadConfig("fsdp", {"fsdp": "full_shard"}, expect="fsdp"),
     BadConfig("load_in_4bit and 8bit", {"load_in_4bit": True, "load_in_8bit": True}, expect="load_in_8bit"),
     BadConfig("load_in_4bit without a GPU", {"load_in_4bit": True}, expect="load_in_4bit"),
