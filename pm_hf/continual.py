@@ -34,6 +34,7 @@ from .errors import python_names
 from .heads.alignment import HeadAlignment
 from .hub.export import copy_task_records
 from .hub.repository import BASE_BRANCH, connect, download_state, is_repo_id, push_run
+from .method.adapters import has_lora
 from .method.callbacks import ContinualTrainOutput, History
 from .method.strategies import build_strategy
 from .run.assembly import (
@@ -121,7 +122,7 @@ class ContinualTrainer:
         args = self.args
         self.strategy = build_strategy(self.merge_args)  # every merge knob checked first
         HeadAlignment.check_args(self.merge_args)
-        if not isinstance(model, (str, PreTrainedModel)):
+        if not isinstance(model, (str, PreTrainedModel)) or (isinstance(model, PreTrainedModel) and has_lora(model)):
             raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         check_loop_training(args)  # the task Trainers' own evaluation, label names: as `pm-hf train` checks them

@@ -289,3 +289,18 @@ def test_a_run_trained_on_python_datasets_names_why_its_folder_cannot_be_exporte
             call()
     seq.save_model(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+
+
+def test_a_model_holding_lora_layers_is_refused(model_dir, tmp_path):
+    """A PEFT model's inner model (LoRA layers inside a PreTrainedModel) was trained as if fresh; attach_lora on an
+    attached model nested two PEFT models."""
+    from peft import LoraConfig, get_peft_model
+
+    from pm_hf.method.adapters import attach_lora
+
+    inner = get_peft_model(tiny_bert(num_labels=2), LoraConfig(r=2, target_modules=["query"])).base_model.model
+    with pytest.raises(InputError, match=r"^model = 'BertForSequenceClassification': give a Hub id"):
+        trainer(inner, tmp_path / "a", [task(0, 1)])
+    attached = attach_lora(tiny_bert(num_labels=2), LoraArguments(r=2, target_modules=["query"]))
+    with pytest.raises(InputError, match=r"^model = 'PeftModel.*': already holds LoRA layers"):
+        attach_lora(attached, LoraArguments(r=2, target_modules=["query"]))

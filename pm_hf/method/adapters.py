@@ -76,12 +76,20 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def has_lora(model: nn.Module) -> bool:
+    """Whether `model` is a PEFT model or holds LoRA layers (a PEFT model's inner model)."""
+    return isinstance(model, PeftModel) or any(isinstance(m, LoraLayer) for m in model.modules())
+
+
 def attach_lora(model: nn.Module, lora_args: LoraArguments, trainable_modules: list[str] | None = None) -> PeftModel:
     """Wrap `model` in a PEFT LoRA model (adapter 'default', B = 0) and make `trainable_modules` fully trainable.
 
     Fully trained modules are handled here rather than by PEFT's `modules_to_save` so that merged values live in
     the base model itself (one copy, no per-task wrapper).
     """
+    if has_lora(model):
+        fix = "already holds LoRA layers (a PEFT model, or one's inner model): give the base model, unwrapped."
+        raise invalid("model", type(model).__name__, fix)
     targets = lora_args.target_modules or detect_target_modules(model)
     config = LoraConfig(
         r=lora_args.r,
