@@ -123,7 +123,8 @@ class ContinualTrainer:
         self.strategy = build_strategy(self.merge_args)  # every merge knob checked first
         HeadAlignment.check_args(self.merge_args)
         if not isinstance(model, (str, PreTrainedModel)) or (isinstance(model, PreTrainedModel) and has_lora(model)):
-            raise invalid("model", type(model).__name__, "give a Hub id, a local folder or a (not LoRA-wrapped) model.")
+            fix = "give a Hub id, a local folder or a model without LoRA (one a ContinualTrainer trained holds it: load"
+            raise invalid("model", type(model).__name__, fix + " it again, or resume with a fresh copy).")
         refuse_sharding(args)  # before anything is loaded: FSDP1, FSDP / DeepSpeed where Accelerate runs DDP
         check_loop_training(args)  # the task Trainers' own evaluation, label names: as `pm-hf train` checks them
         check_devices_here(fisher_device=self.fisher_args.fisher_device,

@@ -166,6 +166,9 @@ def test_train_takes_its_own_folder_to_resume_and_a_count_of_tasks(model_dir, tm
     cases = [({"resume_from_checkpoint": str(tmp_path / "other")}, r"^resume_from_checkpoint = .*own folder"),
              ({"resume_from_checkpoint": "yes"}, r"^resume_from_checkpoint = 'yes': "),
              ({"stop_after": 0}, r"^stop_after = 0: "), ({"stop_after": "1"}, r"^stop_after = '1': ")]  # fmt: skip
+    from pm_hf.run.inputs import resume_flag
+
+    assert resume_flag(None, str(tmp_path / "out"), None) is False  # Trainer.train's default: no resume
     for kw, match in cases:
         with pytest.raises(InputError, match=match):
             seq.train(**kw)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from card_checks import check_card
-from conftest import DATA, groups, randomize_lora, tiny_vit
+from conftest import DATA, groups, randomize_lora, tiny_vit, two_domains
 from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -278,6 +278,9 @@ def test_a_run_folder_reads_its_relative_paths_from_where_it_was_launched(model_
     assert (run_dir / "results.json").read_bytes() == before and results["output_dir"] == "runs/r"
     assert cli_main(["export", "moved/runs/r", "--output", "y"]) == 0  # the model read again, from the moved project
     assert (tmp_path / "x" / "results.json").read_bytes() == (tmp_path / "y" / "results.json").read_bytes()
+    for name, where in (("x", project), ("y", tmp_path / "moved")):  # the base: the local model, not a Hub id
+        info = json.loads((tmp_path / name / "pm_hf_export.json").read_text())
+        assert info["hub_id"] is None and info["base_model"] == str(where / "model"), info
     assert launch_folders(run_dir, "runs/r") == [tmp_path / "moved", disk]  # as given first, then resolved
     assert launch_folders(run_dir, "./runs//r/") == [tmp_path / "moved", disk]
     assert launch_folders(run_dir, "r") == [run_dir.parent, disk / "runs"]
@@ -299,3 +302,17 @@ def test_a_rank_given_as_text_from_python_is_an_input_error(run, tmp_path):
     with pytest.raises(InputError, match=r"^rank = '2': give an integer rank"):
         export_run_dir(run[0], tmp_path / "x", mode="adapter-svd", rank="2")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_domain_run_of_relative_task_datasets_reads_back_from_elsewhere(model_dir, tmp_path, monkeypatch):
+    """`task_datasets` entries that name only their files (their builder the top-level one): evaluate from another
+    folder reads them under the launch folder (before the fix, the rewrite gave them `dataset_name: None`)."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    domains = two_domains("data")  # relative paths
+    results = run_continual(*groups(model_dir, "runs/r", task_datasets=domains, scenario="domain_incremental",
+                                    class_groups=None))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    again = evaluate_run(str(project / "runs" / "r"))
+    assert again["last_row"] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-9)

@@ -219,6 +219,10 @@ def test_a_merge_with_data_writes_nothing_outside_its_output(adapters, tmp_path,
     assert results["output_dir"] == results["config"]["PMConfig"]["output_dir"] == str(out)
     assert len(results["accuracy_matrix"]) == 2 and (out / "adapter_model.safetensors").is_file()
     assert "with each adapter's task data" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit) as err:  # a device this machine lacks: named before anything loads
+        cli_main(["merge", "--adapters", *adapters[4], "--config", config, "--output", str(tmp_path / "gpu"),
+                  "--fisher_device", "cuda:99"])  # fmt: skip
+    assert err.value.code == 2 and "fisher_device = 'cuda:99'" in capsys.readouterr().err
     unused = yaml.safe_load(Path(config).read_text())
     unused.pop("output_dir")  # not used by a merge, so not required (before: `output_dir = None: required`)
     Path(config).write_text(yaml.safe_dump(unused))

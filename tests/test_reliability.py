@@ -366,6 +366,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(assets, referenc
     assert not (tmp_path / "lr" / "latest.json").exists()
     (tmp_path / "lr" / "runs").mkdir()  # TensorBoard's logs, where report_to asks for them
     (tmp_path / "lr" / "runs" / "events.out.tfevents.1").write_bytes(b"logs")
+    (tmp_path / "foreign" / "runs").mkdir(parents=True)  # a runs/ of other files is not a run's logs
+    (tmp_path / "foreign" / "runs" / "notes.txt").write_text("mine")
+    code, err = train(assets, tmp_path / "foreign", merge_method="seq-merge", class_groups=[[0, 1]])
+    assert code == 2 and "holds no pm_hf run" in err
     code, _ = train(assets, tmp_path / "lr", merge_method="seq-merge", class_groups=[[0, 1]])  # the rerun it asks for
     assert code == 0 and json.loads((tmp_path / "lr" / "latest.json").read_text())["completed"] == 1
     out = tmp_path / "run"

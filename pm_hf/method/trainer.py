@@ -64,9 +64,8 @@ class PerturbationMixin:
         self.head_modules, self.step_offset = list(head_modules or []), step_offset
         given = kwargs.get("args", args[1] if len(args) > 1 else None)  # checked before the Trainer makes output_dir
         if not isinstance(given, PerturbationArguments):
-            fix = (
-                f"{type(self).__name__} needs the perturbation fields: give a PMConfig (pm_hf.trl.PMSFTConfig for TRL)."
-            )
+            fix = f"{type(self).__name__} needs the perturbation fields: give a PMConfig"
+            fix += " (PMSFTTrainer: pm_hf.method.sft.PMSFTConfig)."
             raise invalid("args", type(given).__name__, fix)
         if isinstance(task_index, bool) or not isinstance(task_index, int) or task_index < 0:
             raise invalid("task_index", task_index, "use the 0-based index of the task in the sequence.")

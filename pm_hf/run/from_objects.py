@@ -43,7 +43,7 @@ def loop_from_objects(trainer) -> ContinualLoop:
     if processor is None and model_args.model_name_or_path != IN_MEMORY:
         processor = load_processor(model_args)
     if processor is None and getattr(getattr(model, "config", None), "vocab_size", None):  # a TypeError, before
-        fix = "a language model made in memory has no tokenizer to load: give processing_class=its tokenizer."
+        fix = "no tokenizer came with this language model: give processing_class=its tokenizer."
         raise invalid("processing_class", None, fix)
     with quiet_datasets():  # a refused task leaves the pending ones as they were
         stream = first_stream(trainer._pending[0], processor, trainer.data_args, trainer.args.seed, causal)

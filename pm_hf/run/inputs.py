@@ -146,6 +146,8 @@ def resume_flag(resume, output_dir: str, stop_after) -> bool:
     path; a run resumes from its own folder only); `stop_after` a count of tasks >= 1, or None."""
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise invalid("stop_after", stop_after, "give the number of tasks to have completed (>= 1), or None.")
+    if resume is None:  # Trainer.train's default (and PMConfig's resume_from_checkpoint): no resume
+        return False
     if isinstance(resume, (str, os.PathLike)):
         if Path(resume).resolve() != Path(output_dir).resolve():
             fix = "a run resumes from its own folder: pass True (args.output_dir's run), or start a new run from that "

@@ -27,7 +27,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoTokenizer, TrainerState
 
-from ..config.checks import invalid
+from ..config.checks import check_devices_here, invalid
 from ..config.groups import LoraArguments, MergeArguments, RunConfig
 from ..distributed.launch import refuse_any_launch_mode
 from ..fileio import alive
@@ -134,6 +134,11 @@ def _merge_with_data(adapters, config, modules, output: Path, run_config: RunCon
         raise invalid("model_name_or_path", model_args.model_name_or_path, fix)
     fix = "`pm-hf merge` loads saved adapters and trains nothing: run it as one process, without DeepSpeed or FSDP."
     refuse_any_launch_mode(args, fix)  # nothing to train (ZeRO-3 could not even load it)
+    devices = {
+        "fisher_device": run_config.fisher_args.fisher_device,
+        "accumulator_device": merge_args.accumulator_device,
+    }
+    check_devices_here(**devices)
     remove_dead_runs(output)
     run = Path(tempfile.mkdtemp(prefix=f".{output.name}.run-{os.getpid()}-", dir=_parent(output)))
     args.output_dir = str(run)  # the loop's run folder: temporary, next to the output (room for its checkpoint)

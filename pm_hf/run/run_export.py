@@ -34,12 +34,12 @@ from .checkpoint import LATEST, MANIFEST, STATE, seeded, state_files
 
 def export_spec(loop, info: dict | None = None) -> ExportSpec:
     """How this run's model is described in an export folder."""
-    model_args = loop.config.get("ModelArguments", {})
+    model_args = loop.run_config.model_args  # as loaded (a saved run's relative path made absolute where it ran)
     task = {"text": "sequence_classification", "image": "image_classification"}.get(loop.stream.modality)
     info = {"merge_method": loop.strategy.name, "tasks": [e["task"] for e in loop.log],
             "alphas": [e["alpha"] for e in loop.log], **(info or {})}  # fmt: skip
-    base = model_args.get("model_name_or_path", "")
-    return ExportSpec(base, model_args.get("revision"), task or "causal_lm", loop.save_modules, loop.processor, info)
+    base = model_args.model_name_or_path or ""
+    return ExportSpec(base, model_args.revision, task or "causal_lm", loop.save_modules, loop.processor, info)
 
 
 def export_run(loop, out: Path | None = None, mode: str = "adapter", rank: int | None = None, info: dict | None = None,

@@ -116,7 +116,8 @@ def _others(out: Path) -> list[Path]:
     nothing to resume but its logs)."""
     is_stale = lambda p: p.name.startswith(".") and (TMP_MARK in p.name or ".old-" in p.name)  # noqa: E731
     empty = lambda p: not any(q.is_file() for q in p.rglob("*"))  # noqa: E731
-    is_bare = lambda p: p.is_dir() and (p.name == LOGS or (p.name in OWNED and empty(p)))  # noqa: E731
+    logs = lambda p: all(q.is_dir() or q.name.startswith("events.out.tfevents") for q in p.rglob("*"))  # noqa: E731
+    is_bare = lambda p: p.is_dir() and ((p.name == LOGS and logs(p)) or (p.name in OWNED and empty(p)))  # noqa: E731
     return [p for p in out.iterdir() if p.name != LOCK and not is_stale(p) and not is_bare(p)] if out.is_dir() else []
 
 

@@ -96,28 +96,52 @@ def launch_folders(out: Path, recorded: str) -> list[Path]:
 
 
 def from_launch_folder(saved: dict, out: Path) -> dict:
-    """The run record with its relative local paths (data files, a local dataset folder, a local model) made absolute
-    under the folder it was launched from (the first of `launch_folders` that holds its data files), so that
-    evaluate, export and push read the run's files from any working directory; the record as it is otherwise."""
-    for where in launch_folders(out, saved.get("PMConfig", {}).get("output_dir") or ""):
-        missing, config = [], copy.deepcopy(saved)
+    """The run record with its relative local paths made absolute under the folder it was launched from, so that
+    evaluate, export and push read the run's files from any working directory: the data files of a file builder
+    (`parquet`, `json`, ...; the first of `launch_folders` that holds them all), a dataset given as a local folder, and
+    a local model (each where that folder holds it); the record as it is otherwise."""
+    config = copy.deepcopy(saved)
+    folders = launch_folders(out, saved.get("PMConfig", {}).get("output_dir") or "")
+    data, model = config.get("DataArguments", {}), config.get("ModelArguments", {})
+    specs = [data, *(data.get("task_datasets") or [])]
+    builder = lambda spec: spec.get("dataset_name", data.get("dataset_name"))  # noqa: E731 - an entry inherits it
+    local = [s for s in specs if builder(s) in FILE_BUILDERS and s.get("data_files")]
+    for where in folders:  # the data files: all found under one folder, or none rewritten
+        files = _files_under(where, [s["data_files"] for s in local])
+        if files is not None:
+            for spec, changed in zip(local, files):
+                spec["data_files"] = changed
+            break
+    for spec in specs:  # a dataset folder, never a builder's name
+        if spec.get("dataset_name") and spec["dataset_name"] not in FILE_BUILDERS:
+            spec["dataset_name"] = _first_under(folders, spec["dataset_name"])
+    if model.get("model_name_or_path"):
+        model["model_name_or_path"] = _first_under(folders, model["model_name_or_path"])
+    return config
 
-        def there(path, required: bool = False, where: Path = where, missing: list = missing):
-            if not isinstance(path, str) or not path or Path(path).expanduser().is_absolute() or "://" in path:
-                return path
-            found = (where / path).exists() or bool(glob.glob(str(where / path)))
-            missing.extend([] if found or not required else [path])
-            return str(where / path) if found else path
 
-        data, model = config.get("DataArguments", {}), config.get("ModelArguments", {})
-        for spec in [data, *(data.get("task_datasets") or [])]:
-            spec["dataset_name"] = there(spec.get("dataset_name"))
-            spec["data_files"] = _map_paths(spec.get("data_files"), lambda p: there(p, required=True))
-        if model:
-            model["model_name_or_path"] = there(model.get("model_name_or_path"))
-        if not missing:
-            return config
-    return saved
+def _files_under(where: Path, given: list) -> list | None:
+    """Each `data_files` of `given` with its relative paths under `where`; None where one is not there (a glob:
+    matching nothing there)."""
+    missing = []
+
+    def under(path):
+        if not isinstance(path, str) or not path or Path(path).expanduser().is_absolute() or "://" in path:
+            return path
+        if (where / path).exists() or glob.glob(str(where / path), recursive=True):
+            return str(where / path)
+        missing.append(path)
+        return path
+
+    files = [_map_paths(value, under) for value in given]
+    return None if missing else files
+
+
+def _first_under(folders: list[Path], path: str) -> str:
+    """A relative local `path` (a model or dataset folder) under the first of `folders` that holds it, else as is."""
+    if not isinstance(path, str) or Path(path).expanduser().is_absolute() or "://" in path:
+        return path
+    return next((str(w / path) for w in folders if (w / path).exists()), path)
 
 
 def _map_paths(files, change):
