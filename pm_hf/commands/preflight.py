@@ -170,6 +170,15 @@ def _check_stream(stream, processor, run: RunConfig, resume: bool) -> None:
         refuse_changed_resume(run, stream.tasks, model_digest(run.model_args))
 
 
+def _check_settings(args, fisher_args, merge_args) -> None:
+    """What `train` checks of the settings before it reads anything: the head alignment, the launch, the task
+    Trainers' evaluation and label names, the devices this machine has."""
+    HeadAlignment.check_args(merge_args)
+    refuse_sharding(args)
+    check_loop_training(args)
+    check_devices_here(fisher_device=fisher_args.fisher_device, accumulator_device=merge_args.accumulator_device)
+
+
 def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str] = (), resume: bool = False) -> RunPlan:
     """Validate a `pm-hf train` config without loading model weights or writing anything, and plan the run.
 
@@ -187,10 +196,7 @@ def check_config(config_path: str | os.PathLike | None, overrides: Sequence[str]
     parsed: ParsedArgs = parse_config(config, overrides)
     model_args, data_args, args, lora_args, fisher_args, merge_args = parsed
     strategy = build_strategy(merge_args)
-    HeadAlignment.check_args(merge_args)
-    refuse_sharding(args)
-    check_loop_training(args)
-    check_devices_here(fisher_device=fisher_args.fisher_device, accumulator_device=merge_args.accumulator_device)
+    _check_settings(args, fisher_args, merge_args)
     source = _check_source(args)
     output_state = _check_output(args, resume)
     causal = is_causal_lm(model_args)  # reads the model's config (AutoConfig), not its weights
