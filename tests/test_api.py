@@ -272,7 +272,7 @@ def test_tasks_given_as_objects_are_checked_as_class_groups_are(model_dir, tmp_p
 
 def test_a_language_model_made_in_memory_needs_its_tokenizer(tmp_path):
     """Before: `TypeError: 'NoneType' object is not callable` from inside the tokenization."""
-    with pytest.raises(InputError, match=r"^processing_class = None: a language model made in memory"):
+    with pytest.raises(InputError, match=r"^processing_class = None: no tokenizer came with this language model"):
         trainer(tiny_bert(num_labels=2), tmp_path / "a", [task(0, 1)]).train()
     assert not (tmp_path / "a").exists()
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +116,7 @@ def connect(args) -> HubTarget:
         identity = api.whoami()
     except OfflineModeIsEnabled:
         raise invalid(
-            "HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE"), "the Hub is switched off: unset it to push."
+            "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE, "the Hub is switched off: unset it to push."
         ) from None
     except HUB_ERRORS as err:
         raise invalid("hub_token", "<hidden>", f"the Hub did not accept the token ({type(err).__name__}).") from None
