@@ -188,14 +188,8 @@ def file_digest(paths: list[Path]) -> str:
 
 
 def tree_digests(folder: Path, skip: str = "") -> dict[str, str]:
-    """sha256 of every file under `folder` but `skip` and its temporaries (`.<skip>.tmp-<pid>`, another writer's), by
-    its path relative to `folder` (with '/')."""
-    out = {}
+    """`file_digest` of every file under `folder` but `skip` and its temporaries (`.<skip>.tmp-<pid>`, another
+    writer's), by its path relative to `folder` (with '/'), as a checkpoint's manifest records them."""
     mine = lambda p: p.name == skip or (bool(skip) and p.name.startswith(f".{skip}{TMP_MARK}"))  # noqa: E731
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not mine(p)):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        out[path.relative_to(folder).as_posix()] = h.hexdigest()
-    return out
+    paths = sorted(p for p in Path(folder).rglob("*") if p.is_file() and not mine(p))
+    return {path.relative_to(folder).as_posix(): file_digest([path]) for path in paths}
