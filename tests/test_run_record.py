@@ -34,12 +34,15 @@ def test_a_record_without_merge_knobs_differs_where_an_unset_knob_may_have_resol
         "'interpolated' -> 'interpolated'",
         "merge knob validation_first_alpha (not recorded by the pm_hf that saved the run): may have been 1.0 (the "
         "first task merged whole), or 0.5 (at commit 8e53af4) -> 0.5",
+        "merge knob validation_first_move_limit (not recorded by the pm_hf that saved the run): may have been null "
+        "(the first task at validation_first_alpha always, until stop 47) -> 5.0",
         "merge knob validation_patience (not recorded by the pm_hf that saved the run): may have been 0 (the whole "
         "grid), 2 or 1 -> 1",
     ]
     assert config_differences(older, now, training=False) == []
     # set in the old config: compared as merge_parameters (here the same), nothing left to guess
     params = {**params, "validation_features": "exact", "validation_first_alpha": 1.0, "validation_patience": 2}
+    params["validation_first_move_limit"] = None
     assert config_differences(_record(params, knobs=False), _record(params)) == []
     # set in the new config only: a difference of merge_parameters, and the knob's value named as this one resolves it
     diffs = config_differences(_record(None, knobs=False), _record({"validation_first_alpha": 1.0}))

@@ -72,6 +72,16 @@ def calibrated_width(score: Callable[[float], float], target: float, high: float
     return math.exp(top)
 
 
+def move_ratio(before: torch.Tensor, after: torch.Tensor) -> float:
+    """How far features moved for their spread: the root mean square of the per-sample moves (after_i - before_i)
+    over the root mean square distance of `before` from its mean. 1: the samples moved, on average, as far as they
+    lie from their centre; a pure translation by that distance gives 1 as well."""
+    b, a = before.double(), after.double()
+    moved = ((a - b) ** 2).sum(1).mean()
+    spread = ((b - b.mean(0)) ** 2).sum(1).mean()
+    return float((moved / spread.clamp_min(1e-30)) ** 0.5)
+
+
 def seen_estimate(new_accuracy: float, new_classes: int, old_accuracies: dict[int, float]) -> float:
     """Class-balanced accuracy over the seen classes: the new classes' held-out accuracy counts once per new class,
     each old class its own estimate."""

@@ -45,6 +45,7 @@ from .measure import (
     MergeLine,
     alignment_of,
     eval_loss,
+    feature_move,
     hold_out,
     loss_increase,
     reused_features,
@@ -181,6 +182,7 @@ class ContinualLoop:
             probe=lambda: task_probe(line(), self, t, task, trainer),
             validation=lambda: validation_estimate(line(), self, t, task),
             reverted=lambda: reverted_estimate(line(), self, t, task),
+            feature_move=lambda: feature_move(line(), self, task),
         )
         return context, line
 

@@ -18,7 +18,7 @@ import torch
 from ..config.checks import invalid
 from ..data.streams import split_holdout
 from ..heads.alignment import HeadAlignment
-from ..heads.estimate import binomial_se, drift_spread, pooled_covariance, pseudo_accuracy, seen_estimate
+from ..heads.estimate import binomial_se, drift_spread, move_ratio, pooled_covariance, pseudo_accuracy, seen_estimate
 from ..method.adapters import adapter_disabled, base_weights
 from ..method.fisher import fisher_sample
 from ..method.strategies.base import MergePlan, TaskProbe
@@ -245,6 +245,16 @@ def validation_estimate(line: MergeLine, loop, t: int, task, origin: torch.Tenso
         return line.at(alpha, lambda: measure(alpha))
 
     return Validation(estimate, features, adopt, correct)
+
+
+def feature_move(line: MergeLine, loop, task) -> dict:
+    """How far the whole task vector moves the features of the task's held-out rows (never trained on): their
+    `move_ratio` from alpha 0 (theta_hat_{t-1}) to alpha 1 along the merge line, two passes."""
+    align, heldout = alignment_of(loop), getattr(task, "heldout", None)
+    if align is None or heldout is None:
+        raise ValueError("validation_first_move_limit needs the prototype head alignment and the task's held-out part")
+    before, after = (line.at(a, lambda: align.features_of(loop.model, heldout))[0] for a in (0.0, 1.0))
+    return {"move": move_ratio(before.cpu(), after.cpu()), "rows": len(heldout)}
 
 
 def reverted_estimate(home: MergeLine, loop, t: int, task) -> Validation:

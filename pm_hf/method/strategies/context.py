@@ -14,7 +14,7 @@ from ..merge import TaskVector
 
 Fisher = Mapping[str, torch.Tensor]
 Score = Callable[[float], float]
-NEEDS = ("fisher", "score", "probe", "validation", "reverted")
+NEEDS = ("fisher", "score", "probe", "validation", "reverted", "feature_move")
 
 
 class MergeContext:
@@ -25,7 +25,7 @@ class MergeContext:
     def __init__(self, t: int, vector: TaskVector, fisher: Fisher | None = None, score: Score | None = None,
                  probe=None):  # fmt: skip
         self.t, self.vector = t, vector
-        given = {"fisher": fisher, "score": score, "probe": probe, "validation": None, "reverted": None}
+        given = {**dict.fromkeys(NEEDS), "fisher": fisher, "score": score, "probe": probe}
         self._make: dict[str, Callable[[], Any] | None] = {k: (lambda v=v: v) for k, v in given.items()}
         self._made: dict[str, Any] = {}
 
@@ -65,6 +65,12 @@ class MergeContext:
     def reverted(self) -> Callable[[float], dict] | None:
         """The same estimate along theta_0 + alpha Delta_t: the earlier merges undone (`validation_revisit_first`)."""
         return self._get("reverted")
+
+    @property
+    def feature_move(self) -> dict | None:
+        """How far the whole task vector moves the features of the task's held-out rows (`move_ratio` from alpha 0
+        to 1 along the merge line): {"move": ratio, "rows": count}."""
+        return self._get("feature_move")
 
     @property
     def probe(self):

@@ -68,6 +68,11 @@ def _alpha(name, value) -> None:
         raise invalid(name, value, "give an alpha in [0, 1], e.g. 0.5 (half the first task's adapter) or 1 (all).")
 
 
+def _limit(name, value) -> None:
+    if value is not None and (not is_number(value) or value <= 0):
+        raise invalid(name, value, "give a positive ratio, e.g. 5, or null (the first task at validation_first_alpha).")
+
+
 def _count(name, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(name, value, "give a positive number of samples, e.g. 256.")
@@ -153,6 +158,15 @@ class ValidatedAlpha(MergeStrategy):
             before="1.0 (the first task merged whole), or 0.5 (at commit 8e53af4)",
         ),
         Knob(
+            "validation_first_move_limit",
+            5.0,
+            _limit,
+            "the first task merged whole (alpha 1) where the whole adapter moves its held-out rows' features by at "
+            "most this many times their spread under theta_0 (root mean squares), else at `validation_first_alpha`; "
+            "null: always at `validation_first_alpha`",
+            before="null (the first task at validation_first_alpha always, until stop 47)",
+        ),
+        Knob(
             "validation_revisit_first",
             False,
             _flag,
@@ -228,7 +242,7 @@ class ValidatedAlpha(MergeStrategy):
     def merge(self, context) -> MergePlan:
         vector = context.vector
         if context.t == 0 and not self.validation_first_task:  # no seen class to trade off yet, unseen ones to keep
-            return alpha_plan(vector, constant(vector.deltas, float(self.validation_first_alpha)))
+            return self._first(context)
         estimate = context.validation
         if estimate is None:
             raise ValueError("merge strategy 'validated-alpha' needs the loop's validation estimate")
@@ -239,6 +253,19 @@ class ValidatedAlpha(MergeStrategy):
         if context.t == 1 and self.validation_revisit_first:
             return self._revisit(context, alphas, best, info)
         return alpha_plan(vector, constant(vector.deltas, best), calibration=info)
+
+    def _first(self, context) -> MergePlan:
+        """The first merge: whole where the adapter refines the features of data it did not see (it moves them by no
+        more than `validation_first_move_limit` times their spread), else at `validation_first_alpha`."""
+        alpha, limit = float(self.validation_first_alpha), self.validation_first_move_limit
+        if limit is None:
+            return alpha_plan(context.vector, constant(context.vector.deltas, alpha))
+        measured = context.feature_move
+        if measured is None:
+            raise ValueError("validation_first_move_limit needs the loop's feature_move (or set it to null)")
+        alpha = 1.0 if measured["move"] <= float(limit) else alpha
+        info = {"method": self.name, "alpha": alpha, "first_move": measured, "first_move_limit": float(limit)}
+        return alpha_plan(context.vector, constant(context.vector.deltas, alpha), calibration=info)
 
     def _choose(self, estimate) -> tuple[dict[float, dict], float]:
         """The scanned grid and its one-standard-error choice."""
