@@ -116,6 +116,11 @@ def test_strategies_that_need_data_and_foreign_adapters_are_refused(run, tmp_pat
     with pytest.raises(SystemExit) as err:
         cli_main(["merge", "--adapters", *adapters, "--merge_method", "pm", "--output", str(tmp_path / "x")])
     assert err.value.code == 2 and "merge_method = 'pm': needs each adapter's task data" in capsys.readouterr().err
+    validated = ["--merge_method", "validated-alpha", "--head_align", "prototypes", "--head_align_drift", "sdc"]
+    with pytest.raises(SystemExit) as err:  # (its estimate and its first merge's move read held-out task data)
+        cli_main(["merge", "--adapters", *adapters, *validated, "--output", str(tmp_path / "x")])
+    assert "merge_method = 'validated-alpha': needs each adapter's task data" in capsys.readouterr().err
+    assert err.value.code == 2 and not (tmp_path / "x").exists()
     config = json.loads(open(f"{adapters[1]}/adapter_config.json").read())
     other = tmp_path / "other"
     other.mkdir()

@@ -191,7 +191,7 @@ def _parent(output: Path) -> Path:
 
 def _merge_data_free(adapters, config, modules, output: Path, merge_args: MergeArguments) -> dict:
     strategy = build_strategy(merge_args)
-    if strategy.needs_fisher or strategy.needs_score:
+    if strategy.needs_fisher or strategy.needs_score or strategy.needs_probe or strategy.needs_validation:
         fix = "needs each adapter's task data: give a data config with one task per adapter (--config)."
         raise invalid("merge_method", merge_args.merge_method, fix)
     task = PEFT_TASKS.get(config.task_type, "causal_lm")
