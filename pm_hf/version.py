@@ -1,4 +1,4 @@
 """The version of pm_hf, in one place: `pm_hf.__version__`, the installed package's (pyproject.toml reads it) and the
 run record's `pm_hf`."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

@@ -10,8 +10,9 @@
   recommended settings (`pm` with `perturbation: none`, `fisher_normalize: mean`). Measurements: docs/results.md.
 - `pm-validated` (recommended for class-incremental classifiers): `pm-proto`'s training and head, with alpha chosen
   per task by `validated-alpha` (an estimate of the accuracy over all seen classes from the task's held-out training
-  data and the drift-widened class statistics; no eval data, docs/method.md), the first task merged at 0.5. Causal
-  LMs: docs/llm.md.
+  data and the drift-widened class statistics; no eval data, docs/method.md), the first task merged whole where its
+  adapter moves the features of its held-out rows by at most 5 times their spread, else at 0.5. Causal LMs:
+  docs/llm.md.
 """
 
 from __future__ import annotations
