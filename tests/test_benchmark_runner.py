@@ -39,18 +39,21 @@ def test_the_slow_learner_trains_the_backbone_at_a_hundredth_and_the_head_at_the
     assert values["learning_rate"] == pytest.approx(1e-4) and values["head_learning_rate"] == 1e-2  # an override
 
 
-def test_only_the_preset_merges_the_first_task_at_half(bench):
-    """`validation_first_alpha` became 0.5 in stop 44: `pm-validated` (the preset) takes it, and every other
-    validated-alpha method, whose committed runs were made with the first task at 1, resolves to 1 still."""
+def test_only_the_preset_merges_the_first_task_by_its_move(bench):
+    """`validation_first_alpha` became 0.5 in stop 44 and `validation_first_move_limit` 5 in stop 47: `pm-validated`
+    (the preset) takes both, `pm-validated-half` (its runs of stops 44 to 46) the 0.5 without the limit, and every
+    other validated-alpha method, whose committed runs were made with the first task at 1, resolves to 1 still."""
     from pm_hf.commands.parsing import parse_config
     from pm_hf.method.strategies import build_strategy
 
     validated = [name for name, (o, _) in bench.METHODS.items() if o["merge_method"] == "validated-alpha"]
-    assert {"pm-validated", "pm-validated-first-1", "pm-validated-exact", "pm-validated-slow"} <= set(validated)
+    assert {"pm-validated", "pm-validated-half", "pm-validated-first-1", "pm-validated-exact"} <= set(validated)
     for name in validated:
         values = bench._resolve({**bench.METHODS[name][0], "output_dir": "/tmp/x"}, bench.SUITES["text-cil"])
         strategy = build_strategy(parse_config(bench.SUITES["text-cil"], bench._overrides(values))[5])
-        assert strategy.validation_first_alpha == (0.5 if name == "pm-validated" else 1.0), name
+        first = (strategy.validation_first_alpha, strategy.validation_first_move_limit)
+        expected = {"pm-validated": (0.5, 5.0), "pm-validated-half": (0.5, None)}.get(name, (1.0, first[1]))
+        assert first == expected, name
 
 
 def test_the_runner_resolves_osf_and_olora(bench):

@@ -163,7 +163,14 @@ METHODS: dict[str, tuple[dict, str]] = {
     "pm-validated": (
         get_preset("pm-validated"),  # the shipped, recommended preset itself
         "P&M training + the prototype head; alpha per task from an accuracy estimate on held-out training data and "
-        "drift-widened class statistics (no eval data)",
+        "drift-widened class statistics (no eval data); the first task whole where its adapter moves its held-out "
+        "features by at most 5 times their spread, else at 0.5",
+    ),
+    # the preset of stops 44 to 46: the first task merged at 0.5 however far its adapter moves the features
+    # (results/*/runs/pm-validated-half: the runs committed as pm-validated until then, rerun under this name)
+    "pm-validated-half": (
+        {**get_preset("pm-validated"), "merge_parameters": {"validation_first_move_limit": None}},
+        "pm-validated with the first task merged at 0.5 always (the preset of stops 44 to 46)",
     ),
     # the preset before its trials' features were interpolated (results/*/runs/pm-validated-exact: its runs as they
     # were committed under pm-validated): a features pass under each trial's own weights. The variants below were
