@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT))
 from pm_hf.config.presets import RECOMMENDED_PRESET  # noqa: E402
 
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
-METHODS = ("pm", "pm-proto", "pm-validated", "pm-validated-first-1", "pm-validated-exact", "pm-validated-first",
-           "pm-validated-revisit", "pm-validated-paired", "pm-validated-heldout", "pm-validated-calibrated",
-           "pm-validated-slow", "pm-validated-slow-0.1", "pm-secant-proto", "pm-branch-proto", "pm-curve-proto",
-           "coma-proto", "fixed-1-eps-proto", "sqrt-t-proto", "fixed-0.2-proto",
+METHODS = ("pm", "pm-proto", "pm-validated", "pm-validated-half", "pm-validated-first-1", "pm-validated-exact",
+           "pm-validated-first", "pm-validated-revisit", "pm-validated-paired", "pm-validated-heldout",
+           "pm-validated-calibrated", "pm-validated-slow", "pm-validated-slow-0.1", "pm-secant-proto",
+           "pm-branch-proto", "pm-curve-proto", "coma-proto", "fixed-1-eps-proto", "sqrt-t-proto", "fixed-0.2-proto",
            "slow-proto", "seq-proto", "frozen-proto", "osf", "olora", "oracle-alpha-proto",
            "oracle-alpha-proto-first-0.5")  # fmt: skip
 FLOOR = ("coma-proto", "fixed-1-eps-proto", "sqrt-t-proto")  # constants and schedules with the preset's head

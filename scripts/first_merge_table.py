@@ -1,4 +1,4 @@
-"""The first merge at alpha = 0.5 (`pm-validated`) against 1 (`pm-validated-first-1`), from their committed runs
+"""The first merge at alpha = 0.5 (`pm-validated-half`) against 1 (`pm-validated-first-1`), from their committed runs
 (docs/results.md, "The first merge"): ACC per seed and the difference of the means; then, per seed, what the second
 merge's estimate (held-out data of task 2, drift-widened statistics of task 1: what the rule reads, no eval split)
 says of each first merge: its score at the alpha it chose and its best over the grid scanned, with the best's standard
@@ -6,7 +6,9 @@ error, beside the run's final ACC. Whether the second task's data could choose t
 best estimate is higher would be taken. Last, the preset against the greedy oracle from each first merge
 (`oracle-alpha-proto` from 1, `oracle-alpha-proto-first-0.5` from a first merge at the preset's 0.5; both train on
 all of each task's data, the preset without the tenth it holds out): how much of its distance from the oracle is the
-first merge's, and how much the later merges' (with that tenth). Runs nothing.
+first merge's, and how much the later merges' (with that tenth). And the preset's own first merge (`pm-validated`):
+how far the whole first adapter moved its held-out features, per seed, the alpha that took, and the final ACC beside
+the two fixed rules'. Runs nothing.
 
     python scripts/first_merge_table.py [--results results]
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
-RULES = {0.5: "pm-validated", 1.0: "pm-validated-first-1"}
+RULES = {0.5: "pm-validated-half", 1.0: "pm-validated-first-1"}
 
 
 def load(results: Path, suite: str, method: str) -> dict[int, dict]:
@@ -45,7 +47,7 @@ def higher(values: dict[float, float]) -> float | None:
 
 
 def acc_table(results: Path) -> list[str]:
-    out = ["| suite | α_1 = 0.5 (`pm-validated`) | α_1 = 1 (`pm-validated-first-1`) | difference |"]
+    out = ["| suite | α_1 = 0.5 (`pm-validated-half`) | α_1 = 1 (`pm-validated-first-1`) | difference |"]
     out.append("|---|---|---|---|")
     for suite in SUITES:
         accs = {a: [100 * r["acc"] for r in load(results, suite, m).values()] for a, m in RULES.items()}
@@ -90,7 +92,7 @@ def estimate_table(results: Path) -> tuple[list[str], str]:
 
 
 COLUMNS = {
-    "the preset (`pm-validated`, α_1 = 0.5)": "pm-validated",
+    "α_1 = 0.5 (`pm-validated-half`)": "pm-validated-half",
     "oracle from α_1 = 1 (`oracle-alpha-proto`)": "oracle-alpha-proto",
     "oracle from α_1 = 0.5 (`oracle-alpha-proto-first-0.5`)": "oracle-alpha-proto-first-0.5",
 }
@@ -99,23 +101,43 @@ COLUMNS = {
 def bound_table(results: Path) -> list[str]:
     """Mean ACC (per-seed values) of the preset and of the greedy oracle from either first merge, per suite; the
     oracles' difference (the first merge's part of the preset's distance) and the oracle from 0.5 less the preset."""
-    head = " | ".join(COLUMNS) + " | oracle from 1 − from 0.5 | oracle from 0.5 − the preset"
+    head = " | ".join(COLUMNS) + " | oracle from 1 − from 0.5 | oracle from 0.5 − `pm-validated-half`"
     out = [f"| suite | {head} |", "|---|---|---|---|---|---|"]
     for suite in SUITES:
         accs = {m: [100 * r["acc"] for r in load(results, suite, m).values()] for m in COLUMNS.values()}
         mean = {m: statistics.fmean(a) if a else None for m, a in accs.items()}
         cells = [" / ".join(f"{v:.1f}" for v in accs[m]) + f": {mean[m]:.1f}" if accs[m] else "—" for m in accs]
-        whole, half, preset = mean["oracle-alpha-proto"], mean["oracle-alpha-proto-first-0.5"], mean["pm-validated"]
+        whole, half = mean["oracle-alpha-proto"], mean["oracle-alpha-proto-first-0.5"]
+        preset = mean["pm-validated-half"]
         parts = [f"{a - b:+.1f}" if None not in (a, b) else "—" for a, b in ((whole, half), (half, preset))]
         out.append(f"| {suite} | {' | '.join(cells)} | {' | '.join(p.replace('-', '−') for p in parts)} |")
     return out
 
 
-def tables(results: Path) -> tuple[str, str, str]:
-    """The ACC table, the second merge's table with its summary, the bounds (docs/results.md's three figures)."""
+def move_table(results: Path) -> list[str]:
+    """Per suite: the preset's first move per seed (`calibrations[0]["first_move"]`), the alpha it took, and the final
+    ACC per seed of the preset and of the two fixed rules."""
+    out = [
+        "| suite | move of the held-out features (seeds 0 / 1 / 2) | α_1 taken | ACC: the preset | α_1 = 0.5 "
+        "| α_1 = 1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for suite in SUITES:
+        runs = load(results, suite, "pm-validated")
+        moves = " / ".join(f"{r['calibrations'][0]['first_move']['move']:.2f}" for r in runs.values())
+        taken = " / ".join(f"{r['alphas'][0]:g}" for r in runs.values())
+        accs = [[100 * r["acc"] for r in load(results, suite, m).values()] for m in ("pm-validated", *RULES.values())]
+        cells = [" / ".join(f"{v:.1f}" for v in a) + f": {statistics.fmean(a):.1f}" for a in accs]
+        out.append(f"| {suite} | {moves} | {taken} | {' | '.join(cells)} |")
+    return out
+
+
+def tables(results: Path) -> tuple[str, str, str, str]:
+    """The ACC table, the second merge's table with its summary, the bounds, the preset's first moves
+    (docs/results.md's four figures)."""
     table, summary = estimate_table(results)
     acc, bounds = "\n".join(acc_table(results)), "\n".join(bound_table(results))
-    return acc, "\n".join(table) + "\n\n" + summary, bounds
+    return acc, "\n".join(table) + "\n\n" + summary, bounds, "\n".join(move_table(results))
 
 
 def main() -> None:

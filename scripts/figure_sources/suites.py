@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 
@@ -162,7 +163,8 @@ def validation_chord() -> str:
 
 def first_merge(which: int) -> Callable[[], str]:
     """The first merge at 0.5 against 1 (scripts/first_merge_table.py): 0, ACC per seed; 1, the second merge's
-    estimates under each; 2, the preset against the greedy oracle from either first merge."""
+    estimates under each; 2, the rule at 0.5 against the greedy oracle from either first merge; 3, the preset's
+    first move, the alpha it took and its ACC beside the two fixed rules'."""
 
     def write() -> str:
         import first_merge_table
@@ -170,6 +172,14 @@ def first_merge(which: int) -> Callable[[], str]:
         return first_merge_table.tables(RESULTS)[which]
 
     return write
+
+
+def first_merge_features() -> str:
+    """The preset's first move beside the later tasks' effective rank (scripts/first_merge_features.py's JSON)."""
+    import first_merge_features
+
+    rows = json.loads((RESULTS / "first-merge" / "features.json").read_text())
+    return first_merge_features.table(rows)
 
 
 def fisher_traces() -> str:
