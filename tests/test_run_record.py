@@ -35,7 +35,7 @@ def test_a_record_without_merge_knobs_differs_where_an_unset_knob_may_have_resol
         "merge knob validation_first_alpha (not recorded by the pm_hf that saved the run): may have been 1.0 (the "
         "first task merged whole), or 0.5 (at commit 8e53af4) -> 0.5",
         "merge knob validation_first_move_limit (not recorded by the pm_hf that saved the run): may have been null "
-        "(the first task at validation_first_alpha always, until stop 47) -> 5.0",
+        "(pm_hf 0.4.0 and older: the first task at validation_first_alpha always) -> 5.0",
         "merge knob validation_patience (not recorded by the pm_hf that saved the run): may have been 0 (the whole "
         "grid), 2 or 1 -> 1",
     ]

@@ -17,7 +17,7 @@ from pm_hf.config.checks import InputError
 from pm_hf.config.groups import MergeArguments, RunConfig
 from pm_hf.continual import build_loop
 from pm_hf.heads import alignment
-from pm_hf.heads.estimate import binomial_se, drift_spread, move_ratio, pseudo_accuracy, seen_estimate
+from pm_hf.heads.estimate import binomial_se, drift_spread, pseudo_accuracy, seen_estimate
 from pm_hf.method.strategies import build_strategy
 from pm_hf.method.strategies.validated import one_se_choice, paired_choice, paired_errors, scan
 from pm_hf.run import loop as loop_module
@@ -116,45 +116,6 @@ def test_the_scan_stops_after_points_far_below_the_best_by_hand():
 def test_it_needs_the_prototype_head():
     with pytest.raises(InputError, match=r"^head_align = 'none': "):
         build_strategy(MergeArguments(merge_method="validated-alpha"))
-
-
-def test_the_first_alpha_where_it_is_not_chosen():
-    """The first task merges whole where the adapter moves its held-out features by at most
-    `validation_first_move_limit` (5) times their spread, else at `validation_first_alpha` (0.5 unless set), on every
-    key and without an accuracy estimate (there is none to read); with the limit null it reads no move either. What
-    it measured is logged with the choice. Out of range, both knobs are refused by the input contract."""
-    vector = SimpleNamespace(deltas={"a": torch.ones(2, 3), "b": torch.ones(4)})
-    cases = (
-        ({}, 4.9, 1.0),
-        ({}, 5.0, 1.0),
-        ({}, 5.1, 0.5),
-        ({"validation_first_move_limit": 20}, 14.0, 1.0),
-        ({"validation_first_alpha": 0.25}, 9.0, 0.25),
-        ({"validation_first_move_limit": None}, None, 0.5),
-        ({"validation_first_move_limit": None, "validation_first_alpha": 0}, None, 0.0),
-    )
-    for knobs, move, alpha in cases:
-        measured = None if move is None else {"move": move, "rows": 29}
-        first = SimpleNamespace(t=0, vector=vector, validation=None, feature_move=measured)
-        plan = build_strategy(MergeArguments(**VALIDATED, merge_parameters=knobs or None)).merge(first)
-        assert plan.alpha == {"a": alpha, "b": alpha}, (knobs, move)
-        if move is not None:
-            assert plan.calibration["first_move"] == measured and plan.calibration["alpha"] == alpha
-    with pytest.raises(ValueError, match="feature_move"):  # a context that cannot measure it (a post-hoc merge)
-        build_strategy(MergeArguments(**VALIDATED)).merge(SimpleNamespace(t=0, vector=vector, feature_move=None))
-    bad = (("validation_first_alpha", 1.5), ("validation_first_move_limit", 0), ("validation_first_move_limit", "5"))
-    for name, value in bad:
-        with pytest.raises(InputError, match=rf"^{name} = {value!r}: "):
-            build_strategy(MergeArguments(**VALIDATED, merge_parameters={name: value}))
-
-
-def test_move_ratio_by_hand():
-    """Two points 2 apart (each 1 from their centre): a shift by (3, 4) moves each by 5, five times their spread; a
-    swap of the two moves each by 2; no move is 0."""
-    before = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
-    assert move_ratio(before, before + torch.tensor([3.0, 4.0])) == pytest.approx(5.0)
-    assert move_ratio(before, before.flip(0)) == pytest.approx(2.0)
-    assert move_ratio(before, before) == 0.0
 
 
 def _recorded_run(model_dir, out, monkeypatch, **kw):

@@ -5,7 +5,7 @@ the prototype head alignment with drift compensation (the regime of an aligned h
 
 from __future__ import annotations
 
-from ...config.checks import invalid, is_number
+from ...config.checks import check_number, invalid, is_number
 from .base import MergePlan, MergeStrategy, alpha_plan, constant, register
 from .knobs import Knob
 
@@ -69,8 +69,7 @@ def _alpha(name, value) -> None:
 
 
 def _limit(name, value) -> None:
-    if value is not None and (not is_number(value) or value <= 0):
-        raise invalid(name, value, "give a positive ratio, e.g. 5, or null (the first task at validation_first_alpha).")
+    check_number(name, value, 0, low_open=True, optional=True)  # a finite ratio > 0, or null (no limit)
 
 
 def _count(name, value) -> None:
@@ -163,8 +162,8 @@ class ValidatedAlpha(MergeStrategy):
             _limit,
             "the first task merged whole (alpha 1) where the whole adapter moves its held-out rows' features by at "
             "most this many times their spread under theta_0 (root mean squares), else at `validation_first_alpha`; "
-            "null: always at `validation_first_alpha`",
-            before="null (the first task at validation_first_alpha always, until stop 47)",
+            "null: always at `validation_first_alpha` (unread with `validation_first_task: true`)",
+            before="null (pm_hf 0.4.0 and older: the first task at validation_first_alpha always)",
         ),
         Knob(
             "validation_revisit_first",
@@ -262,7 +261,8 @@ class ValidatedAlpha(MergeStrategy):
             return alpha_plan(context.vector, constant(context.vector.deltas, alpha))
         measured = context.feature_move
         if measured is None:
-            raise ValueError("validation_first_move_limit needs the loop's feature_move (or set it to null)")
+            fix = "needs the first task's held-out data (the continual loop or pm-hf merge --config); or set null."
+            raise invalid("validation_first_move_limit", limit, fix)
         alpha = 1.0 if measured["move"] <= float(limit) else alpha
         info = {"method": self.name, "alpha": alpha, "first_move": measured, "first_move_limit": float(limit)}
         return alpha_plan(context.vector, constant(context.vector.deltas, alpha), calibration=info)
