@@ -2,7 +2,7 @@
 and seed, the preset (`pm-validated`) trains its first task as the benchmark runner does and stops at the first
 merge. There, along theta_0 + alpha Delta_1 (alpha 0, 0.5, 1), it takes the head's input features of
 
-- the first task's held-out tenth (what the rule reads: `move_ratio` from alpha 0 to 1, the `first_move` it logs);
+- the first task's held-out tenth (what the rule reads: `feature_move`, the `first_move` the run logs);
 - the eval splits of the tasks still to come (a diagnosis only, never read by the rule): their effective rank
   (exp of the entropy of the covariance's normalised eigenvalues; Roy and Vetterli 2007), how many directions the
   later classes' features spread over.
@@ -37,8 +37,7 @@ from bench_suites.methods import METHODS
 from pm_hf.commands.parsing import parse_config
 from pm_hf.config.groups import RunConfig
 from pm_hf.continual import build_loop
-from pm_hf.heads.estimate import move_ratio
-from pm_hf.run.measure import alignment_of
+from pm_hf.run.measure import alignment_of, feature_move
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = ("vision-cil", "vision-cil-10", "text-cil", "text-cil-10")
@@ -69,11 +68,10 @@ def measure(suite: str, seed: int, work: Path) -> dict:
         context, line = make_context(t, task, *args)
         align, later = alignment_of(loop), loop.stream.tasks[1:]
 
-        def features() -> dict:
-            held = align.features_of(loop.model, task.heldout)[0].cpu()
-            return {"held": held, "later": torch.cat([align.features_of(loop.model, k.eval)[0].cpu() for k in later])}
+        def features() -> torch.Tensor:
+            return torch.cat([align.features_of(loop.model, k.eval)[0].cpu() for k in later])
 
-        taken.update({a: line().at(a, features) for a in ALPHAS})
+        taken.update(feature_move(line(), loop, task), later={a: line().at(a, features) for a in ALPHAS})
         raise FirstMerge
 
     loop.merge_context = merge_context
@@ -83,8 +81,8 @@ def measure(suite: str, seed: int, work: Path) -> dict:
         pass
     return {
         "seed": seed,
-        "move": move_ratio(taken[0.0]["held"], taken[1.0]["held"]),
-        "later_rank": {str(a): effective_rank(taken[a]["later"]) for a in ALPHAS},
+        "move": taken["move"],
+        "later_rank": {str(a): effective_rank(taken["later"][a]) for a in ALPHAS},
     }
 
 

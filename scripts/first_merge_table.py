@@ -3,10 +3,10 @@
 merge's estimate (held-out data of task 2, drift-widened statistics of task 1: what the rule reads, no eval split)
 says of each first merge: its score at the alpha it chose and its best over the grid scanned, with the best's standard
 error, beside the run's final ACC. Whether the second task's data could choose the first alpha: the first merge whose
-best estimate is higher would be taken. Last, the preset against the greedy oracle from each first merge
-(`oracle-alpha-proto` from 1, `oracle-alpha-proto-first-0.5` from a first merge at the preset's 0.5; both train on
-all of each task's data, the preset without the tenth it holds out): how much of its distance from the oracle is the
-first merge's, and how much the later merges' (with that tenth). And the preset's own first merge (`pm-validated`):
+best estimate is higher would be taken. Then the rule at 0.5 against the greedy oracle from each first merge
+(`oracle-alpha-proto` from 1, `oracle-alpha-proto-first-0.5` from a first merge at 0.5; both train on all of each
+task's data, the rule without the tenth it holds out): how much of its distance from the oracle is the first
+merge's, and how much the later merges' (with that tenth). And the preset's own first merge (`pm-validated`):
 how far the whole first adapter moved its held-out features, per seed, the alpha that took, and the final ACC beside
 the two fixed rules'. Runs nothing.
 
@@ -99,8 +99,8 @@ COLUMNS = {
 
 
 def bound_table(results: Path) -> list[str]:
-    """Mean ACC (per-seed values) of the preset and of the greedy oracle from either first merge, per suite; the
-    oracles' difference (the first merge's part of the preset's distance) and the oracle from 0.5 less the preset."""
+    """Mean ACC (per-seed values) of the rule at 0.5 and of the greedy oracle from either first merge, per suite; the
+    oracles' difference (the first merge's part of the rule's distance) and the oracle from 0.5 less the rule."""
     head = " | ".join(COLUMNS) + " | oracle from 1 − from 0.5 | oracle from 0.5 − `pm-validated-half`"
     out = [f"| suite | {head} |", "|---|---|---|---|---|---|"]
     for suite in SUITES:

@@ -13,6 +13,9 @@ SUITES = {
     "vision-cil": ROOT / "configs" / "bench_vision_cil.yaml",
     "text-cil-10": ROOT / "configs" / "bench_text_cil_10.yaml",
     "vision-cil-10": ROOT / "configs" / "bench_vision_cil_10.yaml",
+    # checks of the preset's first-merge limit on sequences it was not set on (docs/results.md, "The first merge")
+    "vision-cil-fashion": ROOT / "configs" / "bench_vision_cil_fashion.yaml",
+    "text-cil-10-order1": ROOT / "configs" / "bench_text_cil_10_order1.yaml",
     "llm-instruct": ROOT / "configs" / "llm_wordnet.yaml",  # needs scripts/convert_smollm2.py once; not in CI
     # the LLM track in a realistic regime (issue 24): 100 optimizer steps per task; needs the same conversion
     "llm-instruct-long": ROOT / "configs" / "llm_wordnet_long.yaml",
@@ -122,9 +125,9 @@ METHODS: dict[str, tuple[dict, str]] = {
         {"merge_method": "oracle-alpha", "perturbation": "task_vector", **_PROTO},
         "the oracle alpha (0.1 grid, eval-set accuracy) + the prototype head alignment: the preset's upper bound",
     ),
-    # the oracle from a first merge at the preset's alpha (0.5): what greedy choices of the merges after it reach, so
-    # that the preset's distance from oracle-alpha-proto splits into the first merge's part and the later merges'
-    # (the oracles train on all of each task's data, the preset without the tenth it holds out)
+    # the oracle from a first merge at 0.5 (pm-validated-half's, and the preset's on the text suites): what greedy
+    # choices of the merges after it reach, so that that rule's distance from oracle-alpha-proto splits into the first
+    # merge's part and the later merges' (the oracles train on all of each task's data, the rule without its tenth)
     "oracle-alpha-proto-first-0.5": (
         {
             "merge_method": "oracle-alpha",

@@ -1,5 +1,6 @@
-"""The accuracy suites' figures: the README's tables, each suite's facts, the α tables, the first merge at 0.5 against
-1, the Fisher traces, the validation truth and the bf16 state."""
+"""The accuracy suites' figures: the README's tables, each suite's facts, the α tables, the first merge (at 0.5
+against 1, and the preset's choice by the features' move), the Fisher traces, the validation truth and the bf16
+state."""
 
 from __future__ import annotations
 
