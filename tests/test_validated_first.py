@@ -8,6 +8,7 @@ from __future__ import annotations
 from math import inf, nan
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from conftest import groups
@@ -17,7 +18,7 @@ from pm_hf.config.groups import MergeArguments, RunConfig
 from pm_hf.continual import build_loop
 from pm_hf.heads.estimate import move_ratio
 from pm_hf.method.strategies import build_strategy
-from pm_hf.run.measure import alignment_of
+from pm_hf.run.measure import alignment_of, hold_out
 
 VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
 
@@ -76,3 +77,12 @@ def test_measuring_the_move_changes_nothing_else(model_dir, tmp_path):
     assert measured["accuracy_matrix"] == fixed["accuracy_matrix"]
     stats, other_stats = alignment_of(loop).stats, alignment_of(other).stats
     assert all(torch.equal(stats[k], other_stats[k]) for k in stats)
+
+
+def test_a_streamed_task_is_refused_under_the_knob_that_holds_out():
+    """A training split that is streamed cannot give a held-out part: the error names the strategy's own knob
+    (`validation_holdout` for validated-alpha, not the calibrations' `calibration_holdout`)."""
+    strategy = build_strategy(MergeArguments(**VALIDATED))
+    streamed = SimpleNamespace(train=datasets.Dataset.from_dict({"x": [1, 2, 3]}).to_iterable_dataset(), heldout=None)
+    with pytest.raises(InputError, match=r"^validation_holdout = 0.1: needs a training split that is not streamed"):
+        hold_out(streamed, strategy.holdout, 0, strategy.holdout_field)

@@ -342,9 +342,12 @@ def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments)
     return Task(name, classes, prepare(train), None if evaluation is None else prepare(evaluation)), modality, names
 
 
-def split_holdout(train, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(the training data without its held-out part, the held-out part): a seeded `fraction` of the rows."""
+def split_holdout(
+    train, fraction: float, seed: int, field: str = "calibration_holdout"
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(the training data without its held-out part, the held-out part): a seeded `fraction` of the rows; `field`
+    names the knob that set the fraction in the error for a streamed split."""
     if isinstance(train, datasets.IterableDataset):
-        raise invalid("calibration_holdout", fraction, "needs a training split that is not streamed.")
+        raise invalid(field, fraction, "needs a training split that is not streamed.")
     parts = train.train_test_split(test_size=fraction, seed=seed)
     return parts["train"], parts["test"]

@@ -134,7 +134,8 @@ class ContinualLoop:
     def prepare_task(self, t: int, task) -> dict:
         """Before training task t: its held-out part, the callbacks' `on_task_begin`, the start point; returns the
         fp32 values the fully trained parameters start from (their theta_hat_{t-1})."""
-        hold_out(task, self.strategy.holdout, self.args.seed + t)  # a strategy's probe data, never trained on
+        strategy = self.strategy
+        hold_out(task, strategy.holdout, self.args.seed + t, strategy.holdout_field)  # probe data, never trained on
         self.callbacks.call("on_task_begin", t, self.model, task)
         self.prepare(t)
         before = {k: p.detach().float().clone() for k, p in self.weights.trained_params().items()}

@@ -101,6 +101,7 @@ class MergeStrategy:
     needs_score: ClassVar[bool] = False  # score(alpha): held-out accuracy of theta_hat_{t-1} + alpha Delta
     needs_probe: ClassVar[bool] = False  # a `TaskProbe` of the trained task (the calibrated closed forms)
     needs_validation: ClassVar[bool] = False  # estimate(alpha) of the seen accuracy from training data only
+    holdout_field: ClassVar[str] = "calibration_holdout"  # the knob that sets `holdout` (named in its errors)
     revisits_first_merge: bool = False  # the head alignment keeps the first task's statistics under theta_0
     old_width: str | None = None  # the head alignment records each class's width factor (`validated-alpha`)
     shards: ClassVar[bool] = False  # its math is elementwise plus global sums: runs on FSDP-sharded weights

@@ -214,6 +214,7 @@ class ValidatedAlpha(MergeStrategy):
         "head_align_drift",
     )
     needs_validation = True
+    holdout_field = "validation_holdout"
 
     @staticmethod
     def check(values) -> None:
