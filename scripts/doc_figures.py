@@ -109,6 +109,8 @@ FIGURES = [
            "results/<suite>/runs/{pm-validated-half,oracle-alpha-proto{,-first-0.5}} (scripts/first_merge_table.py)"),
     Figure("docs/results.md", "figure:first-merge-move", first_merge(3),
            "results/<suite>/runs/pm-validated{,-half,-first-1} (scripts/first_merge_table.py)"),
+    Figure("docs/results.md", "figure:first-merge-checks", first_merge(4),
+           "results/{vision-cil-fashion,text-cil-10-order1}/runs (scripts/first_merge_table.py)"),
     Figure("docs/results.md", "figure:first-merge-features", first_merge_features,
            "results/first-merge/features.json (scripts/first_merge_features.py)"),
     Figure("docs/results.md", "figure:llm-instruct-facts", llm_facts, "results/llm-instruct/runs"),

@@ -43,7 +43,7 @@ def scans(results: Path) -> str:
     point above 0, the preset's as logged with a pass at each knot its points needed above 0."""
     patience, stop_se = DEFAULTS["validation_patience"], DEFAULTS["validation_stop_se"]
     count = {"exact": [0, 0, 0, 0], "interpolated": [0, 0, 0, 0]}  # merges, points, passes, whole grids
-    for path in sorted(results.glob(f"*/runs/{CHORD}/seed*.json")):
+    for path in sorted(p for suite in SUITES for p in (results / suite / "runs" / CHORD).glob("seed*.json")):
         exact_path = path.parent.parent / "pm-validated-exact" / path.name
         for name, run_path in (("interpolated", path), ("exact", exact_path)):
             for record in json.loads(run_path.read_text())["calibrations"]:

@@ -165,7 +165,7 @@ def validation_chord() -> str:
 def first_merge(which: int) -> Callable[[], str]:
     """The first merge at 0.5 against 1 (scripts/first_merge_table.py): 0, ACC per seed; 1, the second merge's
     estimates under each; 2, the rule at 0.5 against the greedy oracle from either first merge; 3, the preset's
-    first move, the alpha it took and its ACC beside the two fixed rules'."""
+    first move, the alpha it took and its ACC beside the two fixed rules'; 4, the same on the check suites."""
 
     def write() -> str:
         import first_merge_table
