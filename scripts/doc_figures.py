@@ -91,6 +91,7 @@ from figure_sources.suites import (  # noqa: E402
     validation_chord,
     validation_truth,
 )
+from first_merge_table import CHECKS as CHECK_SUITES  # noqa: E402 (the first-merge limit's check suites)
 
 FIGURES = [
     Figure("README.md", "figure:readme-acc", readme_acc, "results/<suite>/summary.json"),
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"{f.page}\t{f.name}\t{f.sources}" for f in FIGURES))
         return 0
     if args.check:
-        problems = check_sources() + check()
+        problems = check_sources() + check_sources(CHECK_SUITES) + check()
         print("\n".join(problems) or f"the suites' tables match their runs; all {len(FIGURES)} figure blocks match "
               "their sources")  # fmt: skip
         return 1 if problems else 0

@@ -18,7 +18,8 @@ from pm_hf.config.groups import MergeArguments, RunConfig
 from pm_hf.continual import build_loop
 from pm_hf.heads.estimate import move_ratio
 from pm_hf.method.strategies import build_strategy
-from pm_hf.run.measure import alignment_of, hold_out
+from pm_hf.run.loop import ContinualLoop
+from pm_hf.run.measure import alignment_of
 
 VALIDATED = {"merge_method": "validated-alpha", "head_align": "prototypes", "head_align_drift": "sdc"}
 
@@ -48,6 +49,7 @@ def test_the_first_alpha_where_it_is_not_chosen():
     with pytest.raises(InputError, match=r"^validation_first_move_limit = 5.0: needs the first task's held-out data"):
         build_strategy(MergeArguments(**VALIDATED)).merge(SimpleNamespace(t=0, vector=vector, feature_move=None))
     bad = [("validation_first_alpha", 1.5), *(("validation_first_move_limit", v) for v in (0, -1, "5", nan, inf))]
+    bad += [("validation_stop_se", v) for v in (0.5, nan, inf)]  # (the scan's margin: NaN was taken too)
     for name, value in bad:
         with pytest.raises(InputError, match=rf"^{name} = {value!r}: "):
             build_strategy(MergeArguments(**VALIDATED, merge_parameters={name: value}))
@@ -80,9 +82,10 @@ def test_measuring_the_move_changes_nothing_else(model_dir, tmp_path):
 
 
 def test_a_streamed_task_is_refused_under_the_knob_that_holds_out():
-    """A training split that is streamed cannot give a held-out part: the error names the strategy's own knob
-    (`validation_holdout` for validated-alpha, not the calibrations' `calibration_holdout`)."""
+    """A training split that is streamed cannot give a held-out part: the loop's `prepare_task` refuses it naming the
+    strategy's own knob (`validation_holdout` for validated-alpha, not the calibrations' `calibration_holdout`)."""
     strategy = build_strategy(MergeArguments(**VALIDATED))
     streamed = SimpleNamespace(train=datasets.Dataset.from_dict({"x": [1, 2, 3]}).to_iterable_dataset(), heldout=None)
+    loop = SimpleNamespace(strategy=strategy, args=SimpleNamespace(seed=0))
     with pytest.raises(InputError, match=r"^validation_holdout = 0.1: needs a training split that is not streamed"):
-        hold_out(streamed, strategy.holdout, 0, strategy.holdout_field)
+        ContinualLoop.prepare_task(loop, 0, streamed)

@@ -5,6 +5,8 @@ the prototype head alignment with drift compensation (the regime of an aligned h
 
 from __future__ import annotations
 
+import math
+
 from ...config.checks import check_number, invalid, is_number
 from .base import MergePlan, MergeStrategy, alpha_plan, constant, register
 from .knobs import Knob
@@ -83,7 +85,7 @@ def _patience(name, value) -> None:
 
 
 def _stop_se(name, value) -> None:
-    if not is_number(value) or value < 1:
+    if not is_number(value) or not math.isfinite(value) or value < 1:
         raise invalid(name, value, "give a number of standard errors >= 1 (the choice's own margin), e.g. 2.")
 
 
