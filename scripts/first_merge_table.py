@@ -114,6 +114,12 @@ def bound_table(results: Path) -> list[str]:
     return out
 
 
+def first_moves(runs: dict[int, dict]) -> tuple[str, str]:
+    """The preset's first move and the alpha it took, per seed ("a / b / c")."""
+    moves = " / ".join(f"{r['calibrations'][0]['first_move']['move']:.2f}" for r in runs.values())
+    return moves, " / ".join(f"{r['alphas'][0]:g}" for r in runs.values())
+
+
 def move_table(results: Path) -> list[str]:
     """Per suite: the preset's first move per seed (`calibrations[0]["first_move"]`), the alpha it took, and the final
     ACC per seed of the preset and of the two fixed rules."""
@@ -123,9 +129,7 @@ def move_table(results: Path) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for suite in SUITES:
-        runs = load(results, suite, "pm-validated")
-        moves = " / ".join(f"{r['calibrations'][0]['first_move']['move']:.2f}" for r in runs.values())
-        taken = " / ".join(f"{r['alphas'][0]:g}" for r in runs.values())
+        moves, taken = first_moves(load(results, suite, "pm-validated"))
         accs = [[100 * r["acc"] for r in load(results, suite, m).values()] for m in ("pm-validated", *RULES.values())]
         cells = [" / ".join(f"{v:.1f}" for v in a) + f": {statistics.fmean(a):.1f}" for a in accs]
         out.append(f"| {suite} | {moves} | {taken} | {' | '.join(cells)} |")
@@ -143,9 +147,7 @@ def check_table(results: Path) -> list[str]:
     head = " | ".join(f"`{m}`" for m in CHECK_METHODS)
     out = [f"| suite | move (seeds 0 / 1 / 2) | α_1 taken | {head} |", "|---|---|---|" + "---|" * len(CHECK_METHODS)]
     for suite in CHECKS:
-        runs = load(results, suite, "pm-validated")
-        moves = " / ".join(f"{r['calibrations'][0]['first_move']['move']:.2f}" for r in runs.values())
-        taken = " / ".join(f"{r['alphas'][0]:g}" for r in runs.values())
+        moves, taken = first_moves(load(results, suite, "pm-validated"))
         cells = []
         for method in CHECK_METHODS:
             accs = [100 * r["acc"] for r in load(results, suite, method).values()]

@@ -342,9 +342,7 @@ def task_from_datasets(t: int, entry: dict, processor, data_args: DataArguments)
     return Task(name, classes, prepare(train), None if evaluation is None else prepare(evaluation)), modality, names
 
 
-def split_holdout(
-    train, fraction: float, seed: int, field: str = "calibration_holdout"
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split_holdout(train, fraction: float, seed: int, field: str) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(the training data without its held-out part, the held-out part): a seeded `fraction` of the rows; `field`
     names the knob that set the fraction in the error for a streamed split."""
     if isinstance(train, datasets.IterableDataset):

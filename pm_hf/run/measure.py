@@ -64,7 +64,7 @@ def training_sample(task, cap: int | None, seed: int):
     return fisher_sample(task.train, cap, seed)
 
 
-def hold_out(task, fraction: float, seed: int, field: str = "calibration_holdout") -> None:
+def hold_out(task, fraction: float, seed: int, field: str) -> None:
     """Hold out `fraction` of the task's training data for the probe, once (it is not trained on); `field` is the
     knob that set the fraction, named if the data cannot be split."""
     if fraction > 0 and getattr(task, "heldout", None) is None:
